@@ -1,0 +1,240 @@
+"""Settings for the IdleClaw router.
+
+Everything comes from the environment. With nothing set, the router runs embedded: one daphne
+process, SQLite and the in-memory channel layer. ``DATABASE_URL`` and ``REDIS_URL`` switch to
+PostgreSQL and Redis for many workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+LOCAL_DIR = Path(os.environ.get("IDLECLAW_LOCAL_DIR", BASE_DIR / ".local"))
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), got {value!r}")
+
+
+def envint(name: str, default: int, *, minimum: int = 0) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def envfloat(name: str, default: float, *, minimum: float = 0.0) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def envlist(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def envrate(name: str, default: str) -> str:
+    """A django-ratelimit rate such as ``20/m``."""
+    value = os.environ.get(name) or default
+    if not re.fullmatch(r"\d+/\d*[smhd]", value):
+        raise ImproperlyConfigured(f"{name} must look like 20/m (count/period), got {value!r}")
+    return value
+
+
+def _local_secret_key() -> str:
+    """A key generated once per checkout and kept, so sessions survive restarts."""
+    path = LOCAL_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    # O_EXCL: two workers starting at once agree on the first key written.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+DEBUG = envbool("IDLECLAW_DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
+ALLOWED_HOSTS = envlist("IDLECLAW_ALLOWED_HOSTS", ["*"])
+CSRF_TRUSTED_ORIGINS = envlist("IDLECLAW_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "nodes",
+    "routing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "idleclaw_site.urls"
+ASGI_APPLICATION = "idleclaw_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite embedded, PostgreSQL with DATABASE_URL -------------------------------
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    except Exception as exc:  # dj-database-url raises several types for a bad URL
+        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("IDLECLAW_SQLITE_PATH", str(LOCAL_DIR / "db.sqlite3")),
+            # Writes from the thread pool and the management commands wait instead of failing.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer and cache: in memory embedded, Redis with REDIS_URL --------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
+
+# A token stream is one message per chunk into the consumer's reply channel. The default
+# capacity of 100 messages would drop a fast stream whenever the HTTP side falls behind for a
+# moment, so each channel may hold a whole long answer. Expiry bounds how long an undelivered
+# message (a reply to a consumer that went away) occupies memory.
+CHANNEL_CAPACITY = envint("IDLECLAW_CHANNEL_CAPACITY", 5000, minimum=100)
+CHANNEL_EXPIRY = envint("IDLECLAW_CHANNEL_EXPIRY", 120, minimum=10)
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "capacity": CHANNEL_CAPACITY,
+                "expiry": CHANNEL_EXPIRY,
+                "prefix": "idleclaw",
+            },
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": CHANNEL_CAPACITY, "expiry": CHANNEL_EXPIRY},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# How many router processes the operator runs; only used to catch a single-process setup
+# (SQLite, in-memory layer) deployed as many.
+IDLECLAW_WORKERS = envint("IDLECLAW_WORKERS", 1, minimum=1)
+
+# --- The network's rules ---------------------------------------------------------------------
+IDLECLAW_VERSION = "0.1.0"
+# Node liveness (PROTOCOL §1): heartbeats every 15 s, a node silent for 45 s is gone.
+IDLECLAW_HEARTBEAT_INTERVAL = envint("IDLECLAW_HEARTBEAT_INTERVAL", 15, minimum=1)
+IDLECLAW_NODE_TIMEOUT = envint("IDLECLAW_NODE_TIMEOUT", 45, minimum=2)
+IDLECLAW_REGISTRATION_TIMEOUT = envfloat("IDLECLAW_REGISTRATION_TIMEOUT", 10.0, minimum=0.1)
+IDLECLAW_MAX_NODES_PER_IP = envint("IDLECLAW_MAX_NODES_PER_IP", 3, minimum=1)
+IDLECLAW_RATE_NODE_REGISTER = envrate("IDLECLAW_RATE_NODE_REGISTER", "5/m")
+# Longest silence from a node while a consumer waits for its next chunk.
+IDLECLAW_STALL_TIMEOUT = envfloat("IDLECLAW_STALL_TIMEOUT", 60.0, minimum=0.1)
+# Whole-answer limit.
+IDLECLAW_RESPONSE_TIMEOUT = envfloat("IDLECLAW_RESPONSE_TIMEOUT", 120.0, minimum=0.1)
+# Retry-After for a 503 when no node serves the model.
+IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = LOCAL_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "idleclaw": {
+            "handlers": ["console"],
+            "level": os.environ.get("IDLECLAW_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
+    },
+}
+
+# Router workers refresh a liveness row every IDLECLAW_WORKER_BEAT seconds; one silent for
+# IDLECLAW_WORKER_TIMEOUT is dead, and survivors remove its nodes and end its streams.
+IDLECLAW_WORKER_BEAT = envfloat("IDLECLAW_WORKER_BEAT", 5.0, minimum=0.1)
+IDLECLAW_WORKER_TIMEOUT = envint("IDLECLAW_WORKER_TIMEOUT", 30, minimum=1)

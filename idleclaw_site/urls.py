@@ -1,0 +1,11 @@
+"""URL map of the router: consumer APIs and the operator's admin."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("routing.urls")),
+]

@@ -1,0 +1,240 @@
+"""The node WebSocket (PROTOCOL §1): an adapter between a contributor's socket, the database and
+the channel layer.
+
+Per-connection bookkeeping (which requests were sent down this very socket) lives on the
+instance; that is what makes the connection, not the ``node_id`` in a frame, the identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from nodes import protocol, services, worker
+from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
+
+logger = logging.getLogger("idleclaw.nodes")
+
+# Write last_seen at most this often for frames other than heartbeats.
+TOUCH_INTERVAL = 5.0
+
+
+def client_ip(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    if client:
+        return str(client[0])
+    return None
+
+
+class NodeConsumer(AsyncWebsocketConsumer):
+    """One contributor node's connection."""
+
+    session_id: int | None = None
+
+    async def connect(self) -> None:
+        self.session_id = None
+        self.node_id = ""
+        self.requests: dict[str, str] = {}  # request_id → consumer's reply channel
+        self.last_frame = time.monotonic()
+        self.last_touch = 0.0
+        self.closing = False
+        self.registered = asyncio.Event()
+        await worker.ensure_started()
+        await self.accept()
+        allowed = await database_sync_to_async(services.node_registration_allowed)(
+            client_ip=client_ip(self.scope)
+        )
+        if not allowed:
+            # Accepted first so the node learns why (PROTOCOL §1 close reasons).
+            await self._refuse(ProtocolError(CloseReason.RATE_LIMITED))
+            return
+        self.watchdog = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Close a socket that never registers or falls silent."""
+        try:
+            await asyncio.wait_for(
+                self.registered.wait(), timeout=settings.IDLECLAW_REGISTRATION_TIMEOUT
+            )
+        except TimeoutError:
+            await self._refuse(ProtocolError(CloseReason.REGISTRATION_TIMEOUT))
+            return
+        timeout = settings.IDLECLAW_NODE_TIMEOUT
+        while not self.closing:
+            silent = time.monotonic() - self.last_frame
+            if silent >= timeout:
+                await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
+                return
+            await asyncio.sleep(min(timeout - silent, settings.IDLECLAW_HEARTBEAT_INTERVAL) + 0.05)
+
+    async def _refuse(self, error: ProtocolError) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        logger.info("closing node %s: %s", self.node_id or "(unregistered)", error.reason)
+        await self.close(code=error.code, reason=error.reason)
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing:
+            return
+        self.last_frame = time.monotonic()
+        try:
+            frame = protocol.decode_frame(text_data, bytes_data)
+            if self.session_id is None:
+                await self._register(frame)
+            else:
+                await self._dispatch(frame)
+        except ProtocolError as error:
+            await self._refuse(error)
+
+    async def _register(self, frame: dict[str, Any]) -> None:
+        registration = protocol.parse_register(frame)
+        opened = await database_sync_to_async(services.node_session_open)(
+            registration=registration,
+            channel_name=self.channel_name,
+            client_ip=client_ip(self.scope),
+            worker_id=worker.WORKER_ID,
+        )
+        self.session_id = opened.session_id
+        self.node_id = registration.node_id
+        self.last_touch = time.monotonic()
+        self.registered.set()
+        if opened.evicted_channel:
+            await self.channel_layer.send(opened.evicted_channel, {"type": "node.evict"})
+        await worker.notify_orphans(opened.orphans, "node_disconnected")
+        await self.send_frame(
+            {
+                "type": FrameType.REGISTERED,
+                "node_id": registration.node_id,
+                "heartbeat_interval": settings.IDLECLAW_HEARTBEAT_INTERVAL,
+                "resume_token": opened.resume_token,
+            }
+        )
+        logger.info(
+            "node %s registered: %d models, max_concurrent %d",
+            registration.node_id,
+            len(registration.models),
+            registration.max_concurrent,
+        )
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == FrameType.INFERENCE_CHUNK:
+            await self._relay_chunk(frame)
+        elif kind == FrameType.INFERENCE_ERROR:
+            await self._relay_error(frame)
+        elif kind == FrameType.HEARTBEAT:
+            await self._touch(force=True)
+            return
+        elif kind == FrameType.MODELS_UPDATE:
+            offers = protocol.parse_models(frame.get("models"))
+            await database_sync_to_async(services.node_models_replace)(
+                session_id=self.session_id, offers=offers
+            )
+        elif kind == FrameType.DRAIN:
+            await database_sync_to_async(services.node_session_drain)(session_id=self.session_id)
+        elif kind == FrameType.REGISTER:
+            raise ProtocolError(CloseReason.INVALID_FRAME)
+        # Unknown frame types are ignored (PROTOCOL: unknown fields are never an error).
+        await self._touch(force=False)
+
+    async def _touch(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_touch < TOUCH_INTERVAL:
+            return
+        self.last_touch = now
+        alive = await database_sync_to_async(services.node_session_touch)(
+            session_id=self.session_id
+        )
+        if not alive:
+            # Reaped while this socket lingered: the node must register afresh.
+            await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
+
+    async def _relay_chunk(self, frame: dict[str, Any]) -> None:
+        request_id = protocol.request_id_of(frame)
+        reply_channel = self.requests.get(request_id or "")
+        if reply_channel is None:
+            return  # not a request sent to this connection (PROTOCOL §1 identity)
+        chunk = protocol.clean_chunk(frame.get("chunk"))
+        if chunk is None:
+            await self._fail_request(request_id, "ollama_error", cancel=True)
+            return
+        if chunk["done"]:
+            del self.requests[request_id]
+        try:
+            await self.channel_layer.send(
+                reply_channel,
+                {"type": EventType.STREAM_CHUNK, "request_id": request_id, "chunk": chunk},
+            )
+        except ChannelFull:
+            logger.warning("consumer of %s is not reading; cancelling", request_id)
+            await self._fail_request(request_id, "consumer_stalled", cancel=True)
+
+    async def _relay_error(self, frame: dict[str, Any]) -> None:
+        request_id = protocol.request_id_of(frame)
+        if request_id not in self.requests:
+            return
+        await self._fail_request(request_id, protocol.error_code_of(frame), cancel=False)
+
+    async def _fail_request(self, request_id: str, error: str, *, cancel: bool) -> None:
+        reply_channel = self.requests.pop(request_id, None)
+        if reply_channel is None:
+            return
+        if cancel:
+            await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
+        try:
+            await self.channel_layer.send(
+                reply_channel,
+                {"type": EventType.STREAM_ERROR, "request_id": request_id, "error": error},
+            )
+        except ChannelFull:
+            pass  # the consumer's stream times out on its own
+
+    # --- channel-layer events from the HTTP side -------------------------------------------
+
+    async def node_request(self, event: protocol.NodeRequestEvent) -> None:
+        if self.closing or self.session_id is None:
+            return
+        request_id = event["request_id"]
+        self.requests[request_id] = event["reply_channel"]
+        await self.send_frame(
+            {
+                "type": FrameType.INFERENCE_REQUEST,
+                "request_id": request_id,
+                "ollama_params": event["ollama_params"],
+            }
+        )
+
+    async def node_cancel(self, event: protocol.NodeCancelEvent) -> None:
+        request_id = event["request_id"]
+        if self.requests.pop(request_id, None) is not None and not self.closing:
+            await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
+
+    async def node_evict(self, event: dict[str, Any]) -> None:
+        """Another connection took this node id over with its resume token."""
+        self.session_id = None  # the new session owns the row now
+        self.requests.clear()
+        await self._refuse(ProtocolError(CloseReason.NODE_ID_IN_USE))
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        watchdog = getattr(self, "watchdog", None)
+        if watchdog is not None:
+            watchdog.cancel()
+        if self.session_id is None:
+            return
+        session_id, self.session_id = self.session_id, None
+        orphans = await database_sync_to_async(services.node_session_close)(session_id=session_id)
+        await worker.notify_orphans(orphans, "node_disconnected")
+        logger.info("node %s disconnected (code %s)", self.node_id, code)

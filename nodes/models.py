@@ -1,0 +1,79 @@
+"""Live state of the network: router workers, connected nodes, their models, and bans.
+
+Rows here exist only while the thing they describe is alive; nothing here is chat content.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class RouterWorker(models.Model):
+    """One router process. It refreshes ``last_seen``; survivors reap a worker that stops."""
+
+    worker_id = models.CharField(max_length=64, primary_key=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"
+
+
+class NodeSession(models.Model):
+    """A contributor node's live WebSocket connection to one router worker."""
+
+    node_id = models.CharField(max_length=64, unique=True)
+    channel_name = models.CharField(max_length=255, unique=True)
+    worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="sessions")
+    max_concurrent = models.PositiveSmallIntegerField(default=2)
+    client_ip = models.GenericIPAddressField(null=True, blank=True, db_index=True)
+    ollama_version = models.CharField(max_length=32, blank=True)
+    client = models.CharField(max_length=64, blank=True)
+    protocol = models.PositiveSmallIntegerField(default=1)
+    # Only a hash: whoever can read the admin must not be able to take a session over.
+    resume_token_hash = models.CharField(max_length=64, blank=True)
+    draining = models.BooleanField(default=False)
+    connected_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["connected_at"]
+
+    def __str__(self) -> str:
+        return self.node_id
+
+
+class NodeModel(models.Model):
+    """A model a node serves; one row per (session, model) so selection is an indexed lookup."""
+
+    session = models.ForeignKey(NodeSession, on_delete=models.CASCADE, related_name="models")
+    name = models.CharField(max_length=64, db_index=True)
+    size = models.BigIntegerField(default=0)
+    capabilities = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["session", "name"], name="unique_model_per_session"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NodeBan(models.Model):
+    """An operator's ban of an IP address or a node id; registration is refused while it holds."""
+
+    class Kind(models.TextChoices):
+        IP = "ip", "IP address"
+        NODE_ID = "node_id", "Node id"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    value = models.CharField(max_length=64, db_index=True)
+    reason = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.value}"

@@ -1,0 +1,274 @@
+"""The node protocol (PROTOCOL.md §1): frame types, limits and validation.
+
+Frames from nodes are untrusted. ``parse_register`` turns a first frame into a ``Registration``
+or raises ``ProtocolError`` whose ``reason`` is the exact 1008 close reason of the protocol.
+Channel-layer events between the HTTP side and the node consumer are typed here as well, so both
+sides build them from one definition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypedDict
+
+MAX_FRAME_BYTES = 100_000
+MAX_NODE_ID_CHARS = 64
+MAX_MODELS = 20
+MAX_MODEL_NAME_CHARS = 64
+MAX_CLIENT_CHARS = 64
+MAX_VERSION_CHARS = 32
+MAX_CONCURRENT_DEFAULT = 2
+MAX_CONCURRENT_RANGE = (1, 10)
+KNOWN_CAPABILITIES = ("completion", "tools", "thinking", "vision", "embedding", "insert")
+PROTOCOL_VERSION = 2
+
+# Keys of ollama_params a router may send (PROTOCOL §1).
+OLLAMA_PARAM_KEYS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
+                     "format")
+# Final-chunk stats relayed from Ollama (nanoseconds and counts).
+STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+             "eval_count", "eval_duration")
+ERROR_CODES = ("invalid_request", "ollama_unavailable", "ollama_error")
+
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
+
+class FrameType(StrEnum):
+    REGISTER = "register"
+    REGISTERED = "registered"
+    HEARTBEAT = "heartbeat"
+    INFERENCE_REQUEST = "inference_request"
+    INFERENCE_CHUNK = "inference_chunk"
+    INFERENCE_ERROR = "inference_error"
+    CANCEL_REQUEST = "cancel_request"
+    MODELS_UPDATE = "models_update"
+    DRAIN = "drain"
+
+
+class CloseReason(StrEnum):
+    """The 1008 close reasons of PROTOCOL §1, word for word."""
+
+    REGISTRATION_TIMEOUT = "registration timeout"
+    EXPECTED_REGISTER = "expected register message"
+    INVALID_NODE_ID = "invalid node_id"
+    NO_MODELS = "no models provided"
+    TOO_MANY_MODELS = "too many models"
+    INVALID_MODEL_NAME = "invalid model name"
+    TOO_MANY_NODES = "too many nodes from this IP"
+    RATE_LIMITED = "rate limited"
+    BANNED = "banned"
+    NODE_ID_IN_USE = "node_id in use"
+    FRAME_TOO_LARGE = "frame too large"
+    INVALID_FRAME = "invalid frame"
+    NODE_TIMEOUT = "heartbeat timeout"
+
+
+class EventType(StrEnum):
+    """Channel-layer event types. Channels maps ``node.request`` to ``node_request``."""
+
+    NODE_REQUEST = "node.request"
+    NODE_CANCEL = "node.cancel"
+    STREAM_CHUNK = "stream.chunk"
+    STREAM_ERROR = "stream.error"
+
+
+class NodeRequestEvent(TypedDict):
+    """HTTP side → node consumer: serve this request, reply to ``reply_channel``."""
+
+    type: str
+    request_id: str
+    reply_channel: str
+    ollama_params: dict[str, Any]
+
+
+class NodeCancelEvent(TypedDict):
+    type: str
+    request_id: str
+
+
+class StreamChunkEvent(TypedDict):
+    """Node consumer → HTTP side: one chunk, already reduced to the fields consumers may see."""
+
+    type: str
+    request_id: str
+    chunk: dict[str, Any]
+
+
+class StreamErrorEvent(TypedDict):
+    type: str
+    request_id: str
+    error: str
+
+
+class ProtocolError(Exception):
+    """A frame that breaks the protocol; ``reason`` is the close reason sent to the node."""
+
+    def __init__(self, reason: str, code: int = CLOSE_POLICY) -> None:
+        super().__init__(reason)
+        self.reason = str(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ModelOffer:
+    name: str
+    size: int = 0
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Registration:
+    node_id: str
+    models: tuple[ModelOffer, ...]
+    max_concurrent: int = MAX_CONCURRENT_DEFAULT
+    ollama_version: str = ""
+    protocol: int = 1
+    client: str = ""
+    resume_token: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
+    """Decode a WebSocket frame into a JSON object, enforcing the size limit."""
+    raw = text if text is not None else data
+    if raw is None:
+        raise ProtocolError(CloseReason.INVALID_FRAME)
+    size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(CloseReason.FRAME_TOO_LARGE, CLOSE_TOO_BIG)
+    try:
+        frame = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(CloseReason.INVALID_FRAME) from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        raise ProtocolError(CloseReason.INVALID_FRAME)
+    return frame
+
+
+def _clean_text(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        return ""
+    return value[:limit]
+
+
+def parse_models(raw: Any) -> tuple[ModelOffer, ...]:
+    """Validate a node's model list (register and models_update)."""
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolError(CloseReason.NO_MODELS)
+    if len(raw) > MAX_MODELS:
+        raise ProtocolError(CloseReason.TOO_MANY_MODELS)
+    offers: dict[str, ModelOffer] = {}
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
+        name = entry.get("name")
+        if (
+            not isinstance(name, str)
+            or not name.strip()
+            or len(name) > MAX_MODEL_NAME_CHARS
+            or not name.isprintable()
+        ):
+            raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
+        size = entry.get("size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            size = 0
+        caps = entry.get("capabilities")
+        capabilities: tuple[str, ...] = ()
+        if isinstance(caps, list):
+            capabilities = tuple(c for c in KNOWN_CAPABILITIES if c in caps)
+        offers[name] = ModelOffer(name=name, size=min(size, 2**62), capabilities=capabilities)
+    return tuple(offers.values())
+
+
+def parse_register(frame: dict[str, Any]) -> Registration:
+    """Validate a ``register`` frame (PROTOCOL §1 Handshake)."""
+    if frame.get("type") != FrameType.REGISTER:
+        raise ProtocolError(CloseReason.EXPECTED_REGISTER)
+    node_id = frame.get("node_id")
+    if (
+        not isinstance(node_id, str)
+        or not node_id.strip()
+        or len(node_id) > MAX_NODE_ID_CHARS
+        or not node_id.isprintable()
+    ):
+        raise ProtocolError(CloseReason.INVALID_NODE_ID)
+    models = parse_models(frame.get("models"))
+    max_concurrent = frame.get("max_concurrent", MAX_CONCURRENT_DEFAULT)
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+        max_concurrent = MAX_CONCURRENT_DEFAULT
+    low, high = MAX_CONCURRENT_RANGE
+    protocol = frame.get("protocol", 1)
+    if isinstance(protocol, bool) or not isinstance(protocol, int):
+        protocol = 1
+    return Registration(
+        node_id=node_id,
+        models=models,
+        max_concurrent=max(low, min(high, max_concurrent)),
+        ollama_version=_clean_text(frame.get("ollama_version"), MAX_VERSION_CHARS),
+        protocol=protocol,
+        client=_clean_text(frame.get("client"), MAX_CLIENT_CHARS),
+        resume_token=_clean_text(frame.get("resume_token"), 128),
+    )
+
+
+def request_id_of(frame: dict[str, Any]) -> str | None:
+    request_id = frame.get("request_id")
+    if isinstance(request_id, str) and 0 < len(request_id) <= 64:
+        return request_id
+    return None
+
+
+def clean_chunk(raw: Any) -> dict[str, Any] | None:
+    """Reduce a node's chunk to the fields consumers may see, or None if it is malformed."""
+    if not isinstance(raw, dict):
+        return None
+    message = raw.get("message")
+    if message is None:
+        message = {}
+    if not isinstance(message, dict):
+        return None
+    clean_message: dict[str, Any] = {"role": "assistant"}
+    for key in ("content", "thinking"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            clean_message[key] = value
+    tool_calls = message.get("tool_calls")
+    if isinstance(tool_calls, list) and tool_calls:
+        calls = [c for c in tool_calls if _valid_tool_call(c)]
+        if calls:
+            clean_message["tool_calls"] = calls
+    chunk: dict[str, Any] = {"message": clean_message, "done": raw.get("done") is True}
+    if chunk["done"]:
+        reason = raw.get("done_reason")
+        if isinstance(reason, str) and reason in ("stop", "length", "load", "unload"):
+            chunk["done_reason"] = reason
+        for key in STAT_KEYS:
+            value = raw.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                chunk[key] = value
+    return chunk
+
+
+def _valid_tool_call(call: Any) -> bool:
+    if not isinstance(call, dict):
+        return False
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return False
+    name = function.get("name")
+    arguments = function.get("arguments", {})
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and isinstance(arguments, dict | str)
+    )
+
+
+def error_code_of(frame: dict[str, Any]) -> str:
+    error = frame.get("error")
+    if isinstance(error, str) and error in ERROR_CODES:
+        return error
+    return "ollama_error"

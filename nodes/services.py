@@ -1,0 +1,258 @@
+"""Writes to the node tables. Plain synchronous functions; async callers wrap them with
+``database_sync_to_async`` at the boundary and send channel-layer events after they return
+(that is, after commit)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django_ratelimit.core import get_usage
+
+from nodes.models import NodeBan, NodeModel, NodeSession, RouterWorker
+from nodes.protocol import CloseReason, ModelOffer, ProtocolError, Registration
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A request whose node went away: its consumer must get an error event."""
+
+    request_id: str
+    reply_channel: str
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A request whose consumer's worker died: its node must be told to stop."""
+
+    request_id: str
+    node_channel: str
+
+
+@dataclass
+class Reaped:
+    orphans: list[Orphan] = field(default_factory=list)
+    abandoned: list[Abandoned] = field(default_factory=list)
+
+
+@dataclass
+class SessionOpened:
+    session_id: int
+    resume_token: str
+    evicted_channel: str | None = None
+    orphans: list[Orphan] = field(default_factory=list)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def live_cutoff(now: datetime | None = None) -> datetime:
+    return (now or timezone.now()) - timedelta(seconds=settings.IDLECLAW_NODE_TIMEOUT)
+
+
+def worker_cutoff(now: datetime | None = None) -> datetime:
+    return (now or timezone.now()) - timedelta(seconds=settings.IDLECLAW_WORKER_TIMEOUT)
+
+
+def router_worker_beat(*, worker_id: str, started_at: datetime) -> None:
+    """Create or refresh this process's liveness row."""
+    now = timezone.now()
+    updated = RouterWorker.objects.filter(worker_id=worker_id).update(last_seen=now)
+    if not updated:
+        RouterWorker.objects.create(
+            worker_id=worker_id,
+            hostname=socket.gethostname()[:255],
+            pid=os.getpid(),
+            started_at=started_at,
+            last_seen=now,
+        )
+
+
+def _orphans_of_sessions(session_filter: Q) -> list[Orphan]:
+    from routing.models import InflightRequest
+
+    rows = InflightRequest.objects.filter(session_filter).values_list(
+        "request_id", "reply_channel"
+    )
+    return [Orphan(request_id=rid, reply_channel=channel) for rid, channel in rows]
+
+
+def router_workers_reap(*, worker_id: str, everyone_else: bool = False) -> Reaped:
+    """Remove workers that stopped beating, with their sessions and streams.
+
+    Returns the requests that cross between a dead and a live worker: consumers on live workers
+    whose node was on a dead one (they get an error event), and nodes on live workers serving a
+    consumer whose worker died (they get a cancel). ``everyone_else`` removes all other workers
+    at once: right for the in-memory channel layer, which no other process can share.
+    """
+    from routing.models import InflightRequest
+
+    with transaction.atomic():
+        dead = RouterWorker.objects.exclude(worker_id=worker_id)
+        if not everyone_else:
+            dead = dead.filter(last_seen__lt=worker_cutoff())
+        dead_ids = list(dead.values_list("worker_id", flat=True))
+        if not dead_ids:
+            return Reaped()
+        orphans = _orphans_of_sessions(
+            Q(session__worker_id__in=dead_ids) & ~Q(worker_id__in=dead_ids)
+        )
+        abandoned = [
+            Abandoned(request_id=rid, node_channel=channel)
+            for rid, channel in InflightRequest.objects.filter(worker_id__in=dead_ids)
+            .exclude(session__worker_id__in=dead_ids)
+            .values_list("request_id", "session__channel_name")
+        ]
+        RouterWorker.objects.filter(worker_id__in=dead_ids).delete()
+    return Reaped(orphans=orphans, abandoned=abandoned)
+
+
+def node_sessions_reap() -> list[Orphan]:
+    """Remove sessions not heard from within the node timeout (PROTOCOL §1 liveness)."""
+    with transaction.atomic():
+        stale = list(
+            NodeSession.objects.filter(last_seen__lt=live_cutoff()).values_list("pk", flat=True)
+        )
+        if not stale:
+            return []
+        orphans = _orphans_of_sessions(Q(session_id__in=stale))
+        NodeSession.objects.filter(pk__in=stale).delete()
+    return orphans
+
+
+def node_registration_allowed(*, client_ip: str | None) -> bool:
+    """Count a registration attempt against the IP's rate (shared cache); False when over."""
+    usage = get_usage(
+        None,
+        group="node-register",
+        key=lambda group, request: client_ip or "unknown",
+        rate=settings.IDLECLAW_RATE_NODE_REGISTER,
+        increment=True,
+    )
+    return usage is None or not usage["should_limit"]
+
+
+def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
+    now = timezone.now()
+    match = Q(kind=NodeBan.Kind.NODE_ID, value=node_id)
+    if client_ip:
+        match |= Q(kind=NodeBan.Kind.IP, value=client_ip)
+    return (
+        NodeBan.objects.filter(match)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .first()
+    )
+
+
+def _create_models(session: NodeSession, offers: tuple[ModelOffer, ...]) -> None:
+    NodeModel.objects.bulk_create(
+        NodeModel(
+            session=session,
+            name=offer.name,
+            size=offer.size,
+            capabilities=list(offer.capabilities),
+        )
+        for offer in offers
+    )
+
+
+def node_session_open(
+    *,
+    registration: Registration,
+    channel_name: str,
+    client_ip: str | None,
+    worker_id: str,
+) -> SessionOpened:
+    """Register a node's connection, enforcing bans, the per-IP cap and node-id ownership.
+
+    Raises ``ProtocolError`` with the close reason when the registration is refused. A live
+    session with the same ``node_id`` is replaced only when the registration presents that
+    session's resume token.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        if _active_ban(node_id=registration.node_id, client_ip=client_ip):
+            raise ProtocolError(CloseReason.BANNED)
+        evicted_channel = None
+        orphans: list[Orphan] = []
+        existing = (
+            NodeSession.objects.select_for_update()
+            .filter(node_id=registration.node_id)
+            .first()
+        )
+        if existing is not None:
+            alive = existing.last_seen >= live_cutoff(now) and RouterWorker.objects.filter(
+                pk=existing.worker_id, last_seen__gte=worker_cutoff(now)
+            ).exists()
+            token_ok = bool(registration.resume_token) and hmac.compare_digest(
+                existing.resume_token_hash, _token_hash(registration.resume_token)
+            )
+            if alive and not token_ok:
+                raise ProtocolError(CloseReason.NODE_ID_IN_USE)
+            if alive:
+                evicted_channel = existing.channel_name
+            orphans = _orphans_of_sessions(Q(session_id=existing.pk))
+            existing.delete()
+        if client_ip:
+            same_ip = NodeSession.objects.filter(
+                client_ip=client_ip, last_seen__gte=live_cutoff(now)
+            ).count()
+            if same_ip >= settings.IDLECLAW_MAX_NODES_PER_IP:
+                raise ProtocolError(CloseReason.TOO_MANY_NODES)
+        token = secrets.token_urlsafe(32)
+        session = NodeSession.objects.create(
+            node_id=registration.node_id,
+            channel_name=channel_name,
+            worker_id=worker_id,
+            max_concurrent=registration.max_concurrent,
+            client_ip=client_ip,
+            ollama_version=registration.ollama_version,
+            client=registration.client,
+            protocol=registration.protocol,
+            resume_token_hash=_token_hash(token),
+            connected_at=now,
+            last_seen=now,
+        )
+        _create_models(session, registration.models)
+    return SessionOpened(
+        session_id=session.pk,
+        resume_token=token,
+        evicted_channel=evicted_channel,
+        orphans=orphans,
+    )
+
+
+def node_session_touch(*, session_id: int) -> bool:
+    """Mark the session as heard from now; False when it no longer exists (it was reaped)."""
+    return bool(NodeSession.objects.filter(pk=session_id).update(last_seen=timezone.now()))
+
+
+def node_session_drain(*, session_id: int) -> None:
+    NodeSession.objects.filter(pk=session_id).update(draining=True, last_seen=timezone.now())
+
+
+def node_models_replace(*, session_id: int, offers: tuple[ModelOffer, ...]) -> None:
+    with transaction.atomic():
+        session = NodeSession.objects.select_for_update().filter(pk=session_id).first()
+        if session is None:
+            return
+        session.models.all().delete()
+        _create_models(session, offers)
+
+
+def node_session_close(*, session_id: int) -> list[Orphan]:
+    """Remove a closed connection's session and return the requests it was serving."""
+    with transaction.atomic():
+        orphans = _orphans_of_sessions(Q(session_id=session_id))
+        NodeSession.objects.filter(pk=session_id).delete()
+    return orphans

@@ -1,0 +1,67 @@
+"""Reads of the network's live state for the consumer APIs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from django.db.models import Count, QuerySet
+from django.utils import timezone
+
+from nodes.models import NodeModel, NodeSession
+from nodes.services import live_cutoff, worker_cutoff
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    size: int = 0
+    nodes: int = 0
+    free_slots: int = 0
+    capabilities: set[str] = field(default_factory=set)
+
+
+def live_sessions() -> QuerySet[NodeSession]:
+    """Sessions that may be routed to: heard from recently, on a live worker."""
+    now = timezone.now()
+    return NodeSession.objects.filter(
+        last_seen__gte=live_cutoff(now), worker__last_seen__gte=worker_cutoff(now)
+    )
+
+
+def model_is_served(*, model: str) -> bool:
+    return live_sessions().filter(models__name=model).exists()
+
+
+def network_models() -> list[ModelInfo]:
+    """Models that at least one live node serves, largest first."""
+    sessions = {
+        pk: (max_concurrent, active, draining)
+        for pk, max_concurrent, active, draining in live_sessions()
+        .annotate(active=Count("inflight"))
+        .values_list("pk", "max_concurrent", "active", "draining")
+    }
+    models: dict[str, ModelInfo] = defaultdict(lambda: ModelInfo(name=""))
+    rows = NodeModel.objects.filter(session_id__in=list(sessions)).values_list(
+        "session_id", "name", "size", "capabilities"
+    )
+    for session_id, name, size, capabilities in rows:
+        info = models[name]
+        info.name = name
+        info.size = max(info.size, size)
+        info.nodes += 1
+        max_concurrent, active, draining = sessions[session_id]
+        if not draining:
+            info.free_slots += max(0, max_concurrent - active)
+        info.capabilities.update(capabilities or ())
+    return sorted(models.values(), key=lambda m: (-m.size, m.name))
+
+
+def network_health() -> dict[str, int]:
+    from routing.models import InflightRequest
+
+    live = live_sessions()
+    return {
+        "node_count": live.count(),
+        "active_requests": InflightRequest.objects.filter(session__in=live).count(),
+    }

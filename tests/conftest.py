@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from channels.layers import get_channel_layer
+from django.core.cache import cache
+
+from nodes import worker
+from tests import procs
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """Rate-limit counters live in the cache; each test starts with none."""
+    cache.clear()
+
+
+@pytest.fixture
+async def channel_layer():
+    """The process's channel layer, emptied before and after the test."""
+    layer = get_channel_layer()
+    await layer.flush()
+    yield layer
+    await worker.stop()
+    await layer.flush()
+
+
+@pytest.fixture
+def router_env() -> dict[str, str]:
+    """Environment for a router subprocess: room for several nodes on loopback."""
+    return {"IDLECLAW_MAX_NODES_PER_IP": "50", "IDLECLAW_RATE_NODE_REGISTER": "1000/m"}
+
+
+@pytest.fixture
+def router(tmp_path: Path, router_env: dict[str, str]):
+    """A real daphne serving the router on SQLite and the in-memory layer."""
+    proc, url = procs.start_router(tmp_path / "router.sqlite3", router_env)
+    proc.url = url
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def emulator():
+    proc, url = procs.start_emulator()
+    proc.url = url
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def slow_emulator():
+    """An emulator that streams 200 tokens at 50 ms each: long enough to interrupt."""
+    proc, url = procs.start_emulator("--token-delay", "0.05", "--reply-tokens", "200")
+    proc.url = url
+    yield proc
+    proc.stop()

@@ -1,0 +1,281 @@
+"""The node WebSocket through the real ASGI application (PROTOCOL §1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from nodes.models import NodeBan, NodeSession
+from nodes.protocol import CloseReason, EventType, FrameType
+from tests.scripted_node import ScriptedNode, register_frame
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@sync_to_async
+def sessions() -> list[NodeSession]:
+    return list(NodeSession.objects.prefetch_related("models"))
+
+
+async def refused_with(frame_text: str, *, ip: str = "10.0.0.1") -> tuple[int, str]:
+    node = ScriptedNode(ip=ip)
+    await node.open()
+    await node.communicator.send_to(text_data=frame_text)
+    result = await node.closed()
+    await node.disconnect()
+    return result
+
+
+async def test_register_is_answered_with_registered_and_creates_a_session(channel_layer):
+    node = ScriptedNode()
+    reply = await node.register(node_id="node-a", max_concurrent=4, client="idleclaw-skill/0.3")
+    assert reply["node_id"] == "node-a"
+    assert reply["heartbeat_interval"] == 15
+    assert len(reply["resume_token"]) >= 32
+    [session] = await sessions()
+    assert session.node_id == "node-a"
+    assert session.max_concurrent == 4
+    assert session.client_ip == "10.0.0.1"
+    assert [(m.name, m.size) for m in session.models.all()] == [("llama3.2:3b", 2019393189)]
+    await node.disconnect()
+    assert await sessions() == []
+
+
+async def test_trailing_slash_path_is_accepted(channel_layer):
+    node = ScriptedNode(path="/ws/node/")
+    assert (await node.register())["type"] == "registered"
+    await node.disconnect()
+
+
+@pytest.mark.parametrize("max_concurrent, stored", [(0, 1), (-5, 1), (99, 10), ("x", 2), (7, 7)])
+async def test_max_concurrent_is_clamped(channel_layer, max_concurrent, stored):
+    node = ScriptedNode()
+    await node.register(max_concurrent=max_concurrent)
+    [session] = await sessions()
+    assert session.max_concurrent == stored
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        ({"type": "heartbeat", "node_id": "x"}, CloseReason.EXPECTED_REGISTER),
+        (register_frame(node_id=""), CloseReason.INVALID_NODE_ID),
+        (register_frame(node_id="n" * 65), CloseReason.INVALID_NODE_ID),
+        (register_frame(node_id=123), CloseReason.INVALID_NODE_ID),
+        (register_frame(models=[]), CloseReason.NO_MODELS),
+        ({"type": "register", "node_id": "x"}, CloseReason.NO_MODELS),
+        (register_frame(models=[{"name": f"m{i}"} for i in range(21)]), CloseReason.TOO_MANY_MODELS),
+        (register_frame(models=[{"name": ""}]), CloseReason.INVALID_MODEL_NAME),
+        (register_frame(models=[{"name": "m" * 65}]), CloseReason.INVALID_MODEL_NAME),
+        (register_frame(models=["llama3.2:3b"]), CloseReason.INVALID_MODEL_NAME),
+    ],
+)
+async def test_invalid_registration_is_closed_with_1008_and_the_reason(channel_layer, frame, reason):
+    assert await refused_with(json.dumps(frame)) == (1008, reason)
+    assert await sessions() == []
+
+
+async def test_non_json_first_frame_is_refused(channel_layer):
+    code, reason = await refused_with("not json {")
+    assert code == 1008
+    assert reason == CloseReason.INVALID_FRAME
+
+
+async def test_frame_over_100000_bytes_is_closed_with_1009(channel_layer):
+    frame = register_frame(ollama_version="x" * 100_001)
+    assert await refused_with(json.dumps(frame)) == (1009, CloseReason.FRAME_TOO_LARGE)
+
+
+async def test_twenty_models_are_accepted(channel_layer):
+    node = ScriptedNode()
+    await node.register(models=[{"name": f"m{i}", "size": i} for i in range(20)])
+    [session] = await sessions()
+    assert session.models.count() == 20
+    await node.disconnect()
+
+
+async def test_fourth_node_from_one_ip_is_refused(channel_layer, settings):
+    settings.IDLECLAW_MAX_NODES_PER_IP = 3
+    nodes = [ScriptedNode(ip="10.1.1.1") for _ in range(3)]
+    for node in nodes:
+        await node.register()
+    assert await refused_with(json.dumps(register_frame()), ip="10.1.1.1") == (
+        1008,
+        CloseReason.TOO_MANY_NODES,
+    )
+    other_ip = ScriptedNode(ip="10.1.1.2")
+    await other_ip.register()
+    for node in [*nodes, other_ip]:
+        await node.disconnect()
+
+
+async def test_banned_ip_and_node_id_are_refused(channel_layer):
+    await sync_to_async(NodeBan.objects.create)(kind="ip", value="10.6.6.6", reason="spam")
+    await sync_to_async(NodeBan.objects.create)(kind="node_id", value="bad-node")
+    assert await refused_with(json.dumps(register_frame()), ip="10.6.6.6") == (
+        1008,
+        CloseReason.BANNED,
+    )
+    assert await refused_with(json.dumps(register_frame(node_id="bad-node"))) == (
+        1008,
+        CloseReason.BANNED,
+    )
+
+
+async def test_expired_ban_no_longer_refuses(channel_layer):
+    await sync_to_async(NodeBan.objects.create)(
+        kind="ip", value="10.6.6.7", expires_at=timezone.now() - timezone.timedelta(seconds=1)
+    )
+    node = ScriptedNode(ip="10.6.6.7")
+    await node.register()
+    await node.disconnect()
+
+
+async def test_registrations_over_the_rate_are_refused(channel_layer, settings):
+    settings.IDLECLAW_RATE_NODE_REGISTER = "2/m"
+    ip = "10.9.9.9"
+    first, second = ScriptedNode(ip=ip), ScriptedNode(ip=ip)
+    await first.register()
+    await second.register()
+    third = ScriptedNode(ip=ip)
+    await third.open()
+    assert await third.closed() == (1008, CloseReason.RATE_LIMITED)
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_silent_socket_is_closed_with_registration_timeout(channel_layer, settings):
+    settings.IDLECLAW_REGISTRATION_TIMEOUT = 0.2
+    node = ScriptedNode()
+    await node.open()
+    assert await node.closed() == (1008, CloseReason.REGISTRATION_TIMEOUT)
+
+
+async def test_node_silent_past_the_timeout_is_closed_and_removed(channel_layer, settings):
+    settings.IDLECLAW_NODE_TIMEOUT = 1
+    node = ScriptedNode()
+    await node.register()
+    code, reason = await node.closed(timeout=4)
+    assert (code, reason) == (1008, CloseReason.NODE_TIMEOUT)
+    await node.disconnect()
+    assert await sessions() == []
+
+
+async def test_heartbeats_keep_a_node_alive(channel_layer, settings):
+    settings.IDLECLAW_NODE_TIMEOUT = 1
+    node = ScriptedNode()
+    await node.register(node_id="beating")
+    for _ in range(6):
+        await node.send({"type": "heartbeat", "node_id": "beating", "active_requests": 0})
+        assert await node.nothing_sent(0.3)
+    assert [s.node_id for s in await sessions()] == ["beating"]
+    await node.disconnect()
+
+
+async def test_live_node_id_is_not_taken_over_without_its_resume_token(channel_layer):
+    owner = ScriptedNode()
+    await owner.register(node_id="shared-id")
+    thief = ScriptedNode(ip="10.0.0.2")
+    await thief.open()
+    await thief.send(register_frame(node_id="shared-id", resume_token="guess"))
+    assert await thief.closed() == (1008, CloseReason.NODE_ID_IN_USE)
+    [session] = await sessions()
+    assert session.client_ip == "10.0.0.1"
+    assert await owner.nothing_sent()
+    await owner.disconnect()
+
+
+async def test_resume_token_takes_over_the_live_session(channel_layer):
+    old = ScriptedNode()
+    registered = await old.register(node_id="resumer")
+    new = ScriptedNode(ip="10.0.0.3")
+    await new.register(node_id="resumer", resume_token=registered["resume_token"])
+    assert await old.closed() == (1008, CloseReason.NODE_ID_IN_USE)
+    await old.disconnect()
+    [session] = await sessions()
+    assert session.client_ip == "10.0.0.3"
+    await new.disconnect()
+    assert await sessions() == []
+
+
+async def test_heartbeat_naming_another_node_only_refreshes_the_sender(channel_layer):
+    victim = ScriptedNode()
+    await victim.register(node_id="victim")
+    liar = ScriptedNode(ip="10.0.0.4")
+    await liar.register(node_id="liar")
+    before = {s.node_id: s.last_seen for s in await sessions()}
+    await liar.send({"type": "heartbeat", "node_id": "victim", "available": False})
+    await liar.nothing_sent()
+    after = {s.node_id: s.last_seen for s in await sessions()}
+    assert after["victim"] == before["victim"]
+    assert after["liar"] > before["liar"]
+    await victim.disconnect()
+    await liar.disconnect()
+
+
+async def test_chunks_for_requests_not_sent_to_this_connection_are_dropped(channel_layer):
+    honest = ScriptedNode()
+    await honest.register(node_id="honest")
+    liar = ScriptedNode(ip="10.0.0.5")
+    await liar.register(node_id="liar")
+    reply_channel = await channel_layer.new_channel()
+    [session] = [s for s in await sessions() if s.node_id == "honest"]
+    await channel_layer.send(
+        session.channel_name,
+        {
+            "type": EventType.NODE_REQUEST,
+            "request_id": "r1",
+            "reply_channel": reply_channel,
+            "ollama_params": {"model": "llama3.2:3b", "messages": [], "stream": True},
+        },
+    )
+    request = await honest.recv()
+    assert request["type"] == FrameType.INFERENCE_REQUEST
+    await liar.chunk("r1", "injected", done=True)
+    await honest.chunk("r1", "genuine")
+    event = await channel_layer.receive(reply_channel)
+    assert event["chunk"]["message"]["content"] == "genuine"
+    await honest.disconnect()
+    await liar.disconnect()
+
+
+async def test_cancel_event_sends_cancel_request_to_the_node(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    [session] = await sessions()
+    reply_channel = await channel_layer.new_channel()
+    await channel_layer.send(
+        session.channel_name,
+        {"type": EventType.NODE_REQUEST, "request_id": "r2", "reply_channel": reply_channel,
+         "ollama_params": {}},
+    )
+    await node.recv()
+    await channel_layer.send(session.channel_name, {"type": EventType.NODE_CANCEL,
+                                                    "request_id": "r2"})
+    assert await node.recv() == {"type": "cancel_request", "request_id": "r2"}
+    # After the cancel, late chunks for that request go nowhere.
+    await node.chunk("r2", "late")
+    await node.disconnect()
+
+
+async def test_unknown_frame_types_and_fields_are_ignored(channel_layer):
+    node = ScriptedNode()
+    await node.register(future_field={"x": 1})
+    await node.send({"type": "something_new", "payload": 1})
+    assert await node.nothing_sent()
+    assert len(await sessions()) == 1
+    await node.disconnect()
+
+
+async def test_models_update_replaces_the_models(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    await node.send({"type": "models_update", "models": [{"name": "qwen3:0.6b", "size": 5}]})
+    await node.nothing_sent()
+    [session] = await sessions()
+    assert [m.name for m in session.models.all()] == ["qwen3:0.6b"]
+    await node.disconnect()

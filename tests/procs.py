@@ -1,0 +1,163 @@
+"""Real processes for end-to-end tests: the router under daphne, the Ollama emulator and the
+skill scripts. Each is a subprocess whose output is collected so a test can wait for a line and
+show the logs when it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+class Proc:
+    """A subprocess with its merged stdout/stderr kept in memory."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """Wait until a line matches ``pattern``; fail with the process's output if not."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{self.name}: no line matching {pattern!r} within {timeout}s "
+                        f"(exit code {self.popen.poll()}). Output:\n{self.output}"
+                    )
+                self._changed.wait(min(remaining, 0.2))
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        self._reader.join(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait(5)
+
+
+def http_json(url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def start_emulator(*args: str) -> tuple[Proc, str]:
+    proc = Proc("emulator", [PYTHON, "-m", "bench.emulator", "--port", "0", *args])
+    url = proc.wait_for_line(r"listening on (http://\S+)").group(1)
+    return proc, url
+
+
+def start_router(db_path: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """Migrate a fresh SQLite file and serve the router on a free port."""
+    base_env = {"IDLECLAW_SQLITE_PATH": str(db_path), **(env or {})}
+    if not (env or {}).get("DATABASE_URL"):
+        subprocess.run(
+            [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
+            cwd=ROOT,
+            env={**os.environ, **base_env},
+            check=True,
+        )
+    proc = Proc(
+        "router",
+        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", "0", "idleclaw_site.asgi:application"],
+        env=base_env,
+    )
+    port = proc.wait_for_line(r"Listening on TCP address 127\.0\.0\.1:(\d+)").group(1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_contributor(server: str, ollama: str, *args: str) -> Proc:
+    return Proc(
+        "contribute.py",
+        [PYTHON, "skill_scripts/contribute.py", *args],
+        env={"IDLECLAW_SERVER": server, "OLLAMA_HOST": ollama},
+    )
+
+
+def run_script(script: str, *args: str, server: str, timeout: float = 60.0, **kw: Any):
+    return subprocess.run(
+        [PYTHON, f"skill_scripts/{script}", *args],
+        cwd=ROOT,
+        env={**os.environ, "IDLECLAW_SERVER": server},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )

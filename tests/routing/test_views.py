@@ -1,0 +1,266 @@
+"""The consumer API through the real ASGI application, with a scripted node on the other end."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from asgiref.testing import ApplicationCommunicator
+
+from idleclaw_site.asgi import application
+from routing.models import InflightRequest
+from tests.scripted_node import ScriptedNode
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+class HttpClient:
+    """One HTTP exchange over ASGI, read part by part so streaming and hang-ups are real."""
+
+    def __init__(self, method: str, path: str, body: Any = None) -> None:
+        raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        self.body = raw
+        self.app = ApplicationCommunicator(
+            application,
+            {
+                "type": "http", "http_version": "1.1", "method": method, "path": path,
+                "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+                "client": ("10.2.0.1", 5000), "server": ("testserver", 80),
+            },
+        )
+
+    async def start(self) -> tuple[int, dict[str, str]]:
+        await self.app.send_input({"type": "http.request", "body": self.body})
+        start = await self.app.receive_output(5)
+        assert start["type"] == "http.response.start"
+        headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+        return start["status"], headers
+
+    async def read_part(self, timeout: float = 5) -> bytes:
+        message = await self.app.receive_output(timeout)
+        assert message["type"] == "http.response.body"
+        return message.get("body", b"")
+
+    async def read_all(self) -> bytes:
+        body = b""
+        while True:
+            message = await self.app.receive_output(5)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                return body
+
+    async def hang_up(self) -> None:
+        await self.app.send_input({"type": "http.disconnect"})
+        await self.app.wait(5)
+
+
+def sse_events(body: bytes) -> list[Any]:
+    events = []
+    for block in body.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e != "[DONE]")
+
+
+async def post_chat(body: Any) -> tuple[int, dict[str, str], bytes]:
+    client = HttpClient("POST", "/api/chat", body)
+    status, headers = await client.start()
+    return status, headers, await client.read_all()
+
+
+async def inflight_count() -> int:
+    return await sync_to_async(InflightRequest.objects.count)()
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        (b"not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        ({"messages": MESSAGES}, 422, "model"),
+        ({"model": "m" * 65, "messages": MESSAGES}, 422, "at most 64"),
+        ({"model": "../etc/passwd", "messages": MESSAGES}, 422, "model"),
+        ({"model": "llama3.2:3b"}, 422, "messages"),
+        ({"model": "llama3.2:3b", "messages": []}, 422, "messages"),
+        ({"model": "llama3.2:3b", "messages": MESSAGES * 51}, 422, "at most 50"),
+        ({"model": "llama3.2:3b", "messages": [{"role": "system", "content": "x"}]}, 422, "role"),
+        ({"model": "llama3.2:3b", "messages": [{"role": "user", "content": ""}]}, 422, "content"),
+        ({"model": "llama3.2:3b", "messages": [{"role": "user", "content": 5}]}, 422, "content"),
+        ({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x" * 10_001}]},
+         422, "10000"),
+        ({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x" * 9_000}] * 12},
+         422, "100000"),
+        ({"model": "llama3.2:3b", "messages": MESSAGES, "think": "yes"}, 422, "think"),
+    ],
+)
+async def test_invalid_chat_requests_get_a_json_detail(channel_layer, body, status, fragment):
+    got_status, headers, raw = await post_chat(body)
+    assert got_status == status
+    assert headers["content-type"] == "application/json"
+    assert fragment in json.loads(raw)["detail"]
+
+
+async def test_unknown_model_gets_503_with_retry_after(channel_layer):
+    status, headers, raw = await post_chat({"model": "nobody:1b", "messages": MESSAGES})
+    assert status == 503
+    assert int(headers["retry-after"]) > 0
+    assert "nobody:1b" in json.loads(raw)["detail"]
+
+
+async def test_get_on_chat_is_405(channel_layer):
+    client = HttpClient("GET", "/api/chat")
+    status, _ = await client.start()
+    assert status == 405
+
+
+async def test_chat_streams_the_nodes_chunks_as_sse(channel_layer):
+    node = ScriptedNode()
+    await node.register(models=[{"name": "llama3.2:3b", "size": 5}])
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    status, headers = await client.start()
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    request = await node.recv()
+    assert request["type"] == "inference_request"
+    assert request["ollama_params"] == {
+        "model": "llama3.2:3b", "messages": MESSAGES, "stream": True,
+    }
+    rid = request["request_id"]
+    await node.chunk(rid, "Hel")
+    first = sse_events(await client.read_part())
+    assert text_of(first) == "Hel"
+    await node.send({"type": "inference_chunk", "request_id": rid,
+                     "chunk": {"message": {"role": "assistant", "thinking": "hmm"}, "done": False}})
+    await node.chunk(rid, "lo")
+    await node.chunk(rid, "", done=True, done_reason="stop", prompt_eval_count=7, eval_count=2)
+    events = first + sse_events(await client.read_all())
+    assert events[-1] == "[DONE]"
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas[:3] == [{"content": "Hel"}, {"content": "hmm", "reasoning": True},
+                          {"content": "lo"}]
+    final = events[-2]
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert len({e["id"] for e in events[:-1]}) == 1
+    assert await inflight_count() == 0
+    await node.disconnect()
+
+
+async def test_node_error_ends_the_stream_with_an_error_event(channel_layer):
+    node = ScriptedNode()
+    await node.register(node_id="secret-node-id")
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    await node.chunk(rid, "partial")
+    await node.send({"type": "inference_error", "request_id": rid, "error": "ollama_error"})
+    events = sse_events(await client.read_all())
+    assert events[-1] == "[DONE]"
+    last = events[-2]["choices"][0]
+    assert last["finish_reason"] == "error"
+    assert last["delta"]["content"].startswith("\n\n[Error: ")
+    assert "secret-node-id" not in last["delta"]["content"]
+    assert await inflight_count() == 0
+    await node.disconnect()
+
+
+async def test_node_disconnecting_mid_stream_ends_the_stream_with_an_error(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    await node.chunk(rid, "partial")
+    await node.disconnect()
+    events = sse_events(await client.read_all())
+    assert text_of(events).startswith("partial\n\n[Error: ")
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
+    assert await inflight_count() == 0
+
+
+async def test_consumer_hanging_up_cancels_the_node_and_frees_the_slot(channel_layer):
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    await node.chunk(rid, "tok")
+    await client.read_part()
+    assert await inflight_count() == 1
+    await client.hang_up()
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    assert await inflight_count() == 0
+    # The freed slot serves the next consumer.
+    second = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    status, _ = await second.start()
+    assert status == 200
+    assert (await node.recv())["type"] == "inference_request"
+    await node.disconnect()
+
+
+async def test_stalled_node_is_cancelled_and_the_stream_ends(channel_layer, settings):
+    settings.IDLECLAW_STALL_TIMEOUT = 0.3
+    node = ScriptedNode()
+    await node.register()
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    events = sse_events(await client.read_all())
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
+    assert "stopped responding" in text_of(events)
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    await node.disconnect()
+
+
+async def test_busy_nodes_answer_503_and_say_so(channel_layer):
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    first = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await first.start()
+    status, headers, raw = await post_chat({"model": "llama3.2:3b", "messages": MESSAGES})
+    assert status == 503
+    assert "busy" in json.loads(raw)["detail"]
+    assert "retry-after" in headers
+    await node.disconnect()
+
+
+async def test_health_and_models_describe_live_nodes(channel_layer):
+    small = ScriptedNode()
+    await small.register(models=[{"name": "smollm2:135m", "size": 270898672}])
+    big = ScriptedNode(ip="10.0.0.9")
+    await big.register(
+        max_concurrent=3,
+        models=[
+            {"name": "llama3.2:3b", "size": 2019393189, "capabilities": ["completion", "tools"]},
+            {"name": "qwen3:0.6b", "size": 522653767,
+             "capabilities": ["completion", "tools", "thinking"]},
+        ],
+    )
+    client = HttpClient("GET", "/health")
+    assert (await client.start())[0] == 200
+    health = json.loads(await client.read_all())
+    assert health["status"] == "healthy"
+    assert health["node_count"] == 2
+    assert isinstance(health["uptime_seconds"], int)
+    client = HttpClient("GET", "/api/models")
+    await client.start()
+    models = json.loads(await client.read_all())
+    assert models["models"] == ["llama3.2:3b", "qwen3:0.6b", "smollm2:135m"]
+    assert models["capabilities"]["qwen3:0.6b"] == {"thinking": True, "tool_calls": True}
+    assert models["capabilities"]["smollm2:135m"] == {"thinking": False, "tool_calls": False}
+    assert models["details"]["llama3.2:3b"]["free_slots"] == 3
+    await big.disconnect()
+    client = HttpClient("GET", "/api/models")
+    await client.start()
+    assert json.loads(await client.read_all())["models"] == ["smollm2:135m"]
+    await small.disconnect()
