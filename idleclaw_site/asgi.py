@@ -11,6 +11,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "idleclaw_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from idleclaw_site import daphne_compat  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
@@ -19,7 +20,8 @@ daphne_compat.install()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # The admin's CSS and JS, so a bare `daphne` shows a usable admin without a web server.
+        "http": ASGIStaticFilesHandler(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )

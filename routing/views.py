@@ -60,13 +60,13 @@ async def chat(request: HttpRequest) -> HttpResponse:
             else f"no node is serving {chat_request.model} right now"
         )
         return detail(503, message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+    # think is always explicit: Ollama lets a thinking model think when it is left out.
     params: dict[str, Any] = {
         "model": chat_request.model,
         "messages": chat_request.messages,
         "stream": True,
+        "think": chat_request.think,
     }
-    if chat_request.think:
-        params["think"] = True
     chunks = relay(layer=layer, claim=claim, reply_channel=reply_channel, ollama_params=params)
     response = StreamingHttpResponse(
         sse_chat(chunks, model=chat_request.model), content_type="text/event-stream"

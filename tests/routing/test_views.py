@@ -133,7 +133,7 @@ async def test_chat_streams_the_nodes_chunks_as_sse(channel_layer):
     request = await node.recv()
     assert request["type"] == "inference_request"
     assert request["ollama_params"] == {
-        "model": "llama3.2:3b", "messages": MESSAGES, "stream": True,
+        "model": "llama3.2:3b", "messages": MESSAGES, "stream": True, "think": False,
     }
     rid = request["request_id"]
     await node.chunk(rid, "Hel")
