@@ -70,7 +70,8 @@ class Proc:
                         return match
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                exited = self.popen.poll() is not None and not self._reader.is_alive()
+                if remaining <= 0 or exited:
                     raise AssertionError(
                         f"{self.name}: no line matching {pattern!r} within {timeout}s "
                         f"(exit code {self.popen.poll()}). Output:\n{self.output}"

@@ -68,13 +68,16 @@ async def test_max_concurrent_is_clamped(channel_layer, max_concurrent, stored):
         (register_frame(node_id=123), CloseReason.INVALID_NODE_ID),
         (register_frame(models=[]), CloseReason.NO_MODELS),
         ({"type": "register", "node_id": "x"}, CloseReason.NO_MODELS),
-        (register_frame(models=[{"name": f"m{i}"} for i in range(21)]), CloseReason.TOO_MANY_MODELS),
+        (
+            register_frame(models=[{"name": f"m{i}"} for i in range(21)]),
+            CloseReason.TOO_MANY_MODELS,
+        ),
         (register_frame(models=[{"name": ""}]), CloseReason.INVALID_MODEL_NAME),
         (register_frame(models=[{"name": "m" * 65}]), CloseReason.INVALID_MODEL_NAME),
         (register_frame(models=["llama3.2:3b"]), CloseReason.INVALID_MODEL_NAME),
     ],
 )
-async def test_invalid_registration_is_closed_with_1008_and_the_reason(channel_layer, frame, reason):
+async def test_bad_registration_is_closed_with_1008_and_its_reason(channel_layer, frame, reason):
     assert await refused_with(json.dumps(frame)) == (1008, reason)
     assert await sessions() == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -32,9 +33,8 @@ def make_node(worker: RouterWorker, name: str, *, models=("llama3.2:3b",), max_c
     return session
 
 
-def claim(model="llama3.2:3b", n=[0]):
-    n[0] += 1
-    return inflight_claim(model=model, request_id=f"r{n[0]}", reply_channel="reply",
+def claim(model="llama3.2:3b"):
+    return inflight_claim(model=model, request_id=uuid.uuid4().hex, reply_channel="reply",
                           worker_id="w1")
 
 

@@ -22,8 +22,9 @@ class HttpClient:
     """One HTTP exchange over ASGI, read part by part so streaming and hang-ups are real."""
 
     def __init__(self, method: str, path: str, body: Any = None) -> None:
-        raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        self.body = raw
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        self.body = body or b""
         self.app = ApplicationCommunicator(
             application,
             {

@@ -1,0 +1,944 @@
+"""Share this machine's Ollama models with the IdleClaw network.
+
+Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local models and serves
+``inference_request`` frames by streaming from the local Ollama. The router is untrusted input:
+requests are reduced to the whitelisted parameters of PROTOCOL §4 before they reach Ollama, and
+only the whitelisted answer fields go back.
+
+Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
+never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
+or the router refused this node for good, 2 bad configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import idleclaw_config as config
+import requests
+import urllib3
+import websocket
+
+log = logging.getLogger("idleclaw.contribute")
+
+MAX_FRAME_BYTES = 100_000
+MAX_MODELS = 20
+MAX_MESSAGES = 50
+MAX_CONTENT_CHARS = 10_000
+MAX_REQUEST_ID_CHARS = 64
+MAX_CONCURRENT_RANGE = (1, 10)
+MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool"})
+FORWARDED_PARAMS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
+                    "format")
+# Keys of one message passed on to Ollama; ``images`` and anything else are dropped.
+MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls", "tool_name")
+CHUNK_MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls")
+STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+             "eval_count", "eval_duration")
+# Options that decide how the contributor's hardware runs the model rather than what the answer
+# is; a stranger's request has no business pinning memory or choosing GPUs on this machine.
+HOST_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
+                          "low_vram", "vocab_only"})
+THINK_LEVELS = frozenset({"low", "medium", "high"})
+
+# 1008 close reasons (PROTOCOL §1) that will not change by trying again.
+PERMANENT_REFUSALS = frozenset({"expected register message", "invalid node_id",
+                                "no models provided", "too many models", "invalid model name",
+                                "banned"})
+
+DEFAULT_HEARTBEAT_S = 15.0
+WS_CONNECT_TIMEOUT_S = 10.0
+# Socket timeout while connected: how often the receive loop wakes to check liveness, and how
+# long one send may block before the connection counts as dead.
+WS_POLL_S = 5.0
+REGISTER_WAIT_S = 15.0
+OLLAMA_CONNECT_TIMEOUT_S = 5.0
+# Between two lines of Ollama's stream; loading a large model before the first token is slow.
+OLLAMA_READ_TIMEOUT_S = 300.0
+OLLAMA_INFO_TIMEOUT = (5.0, 15.0)
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 60.0
+BUSY_ERROR = "node busy: max_concurrent reached"
+
+
+class InvalidRequest(ValueError):
+    """An ``inference_request`` this node refuses; answered with ``invalid_request``."""
+
+
+class StartupError(Exception):
+    """Ollama cannot be shared as asked; ``exit_code`` is what the script exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread by the SIGINT/SIGTERM handler.
+
+    A BaseException so that no ``except Exception`` on the way swallows it.
+    """
+
+
+# Set once Ctrl+C or SIGTERM arrived; read by the threads of the running node. A plain flag,
+# not an Event: a second signal may interrupt the handler itself, and Event.set takes a lock.
+_stop_requested = False
+
+
+def stop_requested() -> bool:
+    """Whether Ctrl+C or SIGTERM asked the node to stop."""
+    return _stop_requested
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clean_message(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidRequest("message is not an object")
+    role = raw.get("role")
+    if role not in MESSAGE_ROLES:
+        raise InvalidRequest("message role not allowed")
+    content = raw.get("content")
+    if not isinstance(content, str) or len(content) > MAX_CONTENT_CHARS:
+        raise InvalidRequest("message content missing or too long")
+    message: dict[str, Any] = {"role": role, "content": content}
+    thinking = raw.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, str) or len(thinking) > MAX_CONTENT_CHARS:
+            raise InvalidRequest("message thinking not a string or too long")
+        message["thinking"] = thinking
+    tool_calls = raw.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls):
+            raise InvalidRequest("message tool_calls is not a list of objects")
+        message["tool_calls"] = tool_calls
+    tool_name = raw.get("tool_name")
+    if tool_name is not None:
+        if not isinstance(tool_name, str) or len(tool_name) > 64:
+            raise InvalidRequest("message tool_name invalid")
+        message["tool_name"] = tool_name
+    return message
+
+
+def sanitize_params(params: Any, models: Collection[str]) -> dict[str, Any]:
+    """Reduce a router's ``ollama_params`` to what may be sent to Ollama (PROTOCOL §4).
+
+    Keeps only ``model, messages, stream, think, keep_alive, options, tools, format``, forces
+    ``stream`` to true, and requires a model from ``models`` and 0..50 messages with an allowed
+    role and string content of at most 10,000 chars. Keys set to null count as absent.
+    Raises ``InvalidRequest`` with a short reason (safe to log: it never quotes the prompt).
+    """
+    if not isinstance(params, dict):
+        raise InvalidRequest("ollama_params is not an object")
+    model = params.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise InvalidRequest("model not shared by this node")
+    messages = params.get("messages")
+    if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"messages must be a list of at most {MAX_MESSAGES}")
+    clean: dict[str, Any] = {
+        "model": model,
+        "messages": [_clean_message(m) for m in messages],
+        "stream": True,
+    }
+    think = params.get("think")
+    if think is not None:
+        if not isinstance(think, bool) and think not in THINK_LEVELS:
+            raise InvalidRequest("think must be a boolean or low/medium/high")
+        clean["think"] = think
+    keep_alive = params.get("keep_alive")
+    if keep_alive is not None:
+        valid_number = isinstance(keep_alive, int | float) and not isinstance(keep_alive, bool)
+        if not valid_number and not (isinstance(keep_alive, str) and len(keep_alive) <= 32):
+            raise InvalidRequest("keep_alive must be a number or a duration")
+        clean["keep_alive"] = keep_alive
+    options = params.get("options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest("options is not an object")
+        clean["options"] = {k: v for k, v in options.items() if k not in HOST_OPTIONS}
+    tools = params.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise InvalidRequest("tools is not a list of objects")
+        clean["tools"] = tools
+    fmt = params.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, str | dict):
+            raise InvalidRequest("format must be a string or a JSON schema")
+        clean["format"] = fmt
+    return clean
+
+
+def build_chunk(line: dict[str, Any]) -> dict[str, Any]:
+    """Reduce one line of Ollama's ``/api/chat`` stream to the chunk the router may see.
+
+    ``message`` keeps only ``role, content, thinking, tool_calls``; then ``done``, and
+    ``done_reason`` plus the timing/count stats on the final chunk.
+    """
+    raw_message = line.get("message")
+    message: dict[str, Any] = {}
+    if isinstance(raw_message, dict):
+        message = {k: raw_message[k] for k in CHUNK_MESSAGE_KEYS if k in raw_message}
+    message.setdefault("role", "assistant")
+    message.setdefault("content", "")
+    done = line.get("done") is True
+    chunk: dict[str, Any] = {"message": message, "done": done}
+    done_reason = line.get("done_reason")
+    if isinstance(done_reason, str) and done_reason:
+        chunk["done_reason"] = done_reason
+    if done:
+        for key in STAT_KEYS:
+            if _is_int(line.get(key)):
+                chunk[key] = line[key]
+    return chunk
+
+
+def encode_frame(frame: dict[str, Any]) -> str | None:
+    """JSON text of a frame, or None when it is over the 100,000-byte frame limit."""
+    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode("utf-8")) > MAX_FRAME_BYTES:
+        return None
+    return text
+
+
+def parse_close(data: bytes) -> tuple[int | None, str]:
+    """Status code and reason of a WebSocket close frame's payload."""
+    if len(data) < 2:
+        return None, ""
+    code = int.from_bytes(data[:2], "big")
+    return code, data[2:].decode("utf-8", errors="replace").strip()
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: 1 s doubling to 60 s, each delay drawn from
+    [base/2, base] so that nodes cut off together do not come back together."""
+
+    first: float = BACKOFF_FIRST_S
+    cap: float = BACKOFF_MAX_S
+    rng: Callable[[], float] = random.random
+    _base: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._base = self.first
+
+    def next_delay(self) -> float:
+        """The next delay in seconds; the following one doubles up to ``cap``."""
+        base = self._base
+        self._base = min(self.cap, base * 2)
+        return base / 2 + self.rng() * base / 2
+
+    def reset(self) -> None:
+        """Start from ``first`` again (after a successful registration)."""
+        self._base = self.first
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for a network failure, without a traceback."""
+    if isinstance(exc, websocket.WebSocketBadStatusException):
+        return f"HTTP {exc.status_code} on the WebSocket handshake"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "host not found"
+    if isinstance(exc, TimeoutError | websocket.WebSocketTimeoutException):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        text = str(exc)
+        if "refused" in text.lower():
+            return "connection refused"
+        if "resolve" in text.lower() or "name or service" in text.lower():
+            return "host not found"
+        return "connection failed"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# --------------------------------------------------------------------------- Ollama discovery
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model offered to the network, as sent in ``register``."""
+
+    name: str
+    size: int = 0
+    capabilities: tuple[str, ...] | None = None
+
+    def offer(self) -> dict[str, Any]:
+        """The ``models`` entry of the register frame."""
+        entry: dict[str, Any] = {"name": self.name, "size": self.size}
+        if self.capabilities is not None:
+            entry["capabilities"] = list(self.capabilities)
+        return entry
+
+
+def _get_json(method: str, url: str, **kwargs: Any) -> Any:
+    response = requests.request(method, url, timeout=OLLAMA_INFO_TIMEOUT,
+                                headers={"User-Agent": config.CLIENT_NAME}, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+def select_models(local: Sequence[LocalModel], wanted: Sequence[str] | None) -> list[LocalModel]:
+    """Pick the models to share: those named in ``wanted`` (``name`` matches ``name:latest``)
+    or all, at most 20, largest first. Raises ``StartupError`` (exit 2) for unknown names."""
+    by_name = {m.name: m for m in local}
+    chosen: list[LocalModel] = []
+    if wanted:
+        unknown = []
+        for name in wanted:
+            model = by_name.get(name) or by_name.get(f"{name}:latest")
+            if model is None:
+                unknown.append(name)
+            elif model not in chosen:
+                chosen.append(model)
+        if unknown:
+            raise StartupError(
+                f"not a local model: {', '.join(unknown)} (local models: "
+                f"{', '.join(sorted(by_name)) or 'none'})",
+                exit_code=2,
+            )
+    else:
+        chosen = list(local)
+    chosen.sort(key=lambda m: m.size, reverse=True)
+    return chosen[:MAX_MODELS]
+
+
+def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[LocalModel], str]:
+    """Read the local models and the Ollama version, and choose the models to share.
+
+    Raises ``StartupError`` with a message that says what to do.
+    """
+    try:
+        tags = _get_json("GET", f"{ollama}/api/tags")
+    except requests.ConnectionError as exc:
+        raise StartupError(
+            f"cannot reach Ollama at {ollama} ({_describe(exc)}); start it with `ollama serve` "
+            "or set OLLAMA_HOST to where it runs"
+        ) from None
+    except requests.HTTPError as exc:
+        raise StartupError(
+            f"Ollama at {ollama} answered HTTP {exc.response.status_code} to /api/tags; "
+            "check that OLLAMA_HOST points at Ollama"
+        ) from None
+    except (requests.RequestException, ValueError) as exc:
+        raise StartupError(
+            f"cannot read the model list from Ollama at {ollama} ({_describe(exc)}); "
+            "check that OLLAMA_HOST points at Ollama"
+        ) from None
+    raw_models = tags.get("models") if isinstance(tags, dict) else None
+    local: list[LocalModel] = []
+    for entry in raw_models if isinstance(raw_models, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or entry.get("model")
+        if not config.valid_model_name(name):
+            log.warning("skipping local model with a name the network does not accept: %r",
+                        str(name)[:80])
+            continue
+        size = entry.get("size")
+        local.append(LocalModel(name=name, size=size if _is_int(size) and size > 0 else 0))
+    if not local:
+        raise StartupError(
+            f"Ollama at {ollama} has no models to share; pull one first, "
+            "e.g. `ollama pull llama3.2:3b`"
+        )
+    chosen = select_models(local, wanted)
+    available = len(local) if not wanted else len(set(wanted))
+    if len(chosen) < available:
+        log.warning("the network takes at most %d models: sharing the %d largest of %d",
+                    MAX_MODELS, len(chosen), available)
+    try:
+        version = _get_json("GET", f"{ollama}/api/version").get("version")
+    except (requests.RequestException, ValueError, AttributeError):
+        version = None
+    version = version[:32] if isinstance(version, str) and version else "unknown"
+    return [_with_capabilities(ollama, m) for m in chosen], version
+
+
+def _with_capabilities(ollama: str, model: LocalModel) -> LocalModel:
+    # /api/show reports capabilities since Ollama 0.6.4; older versions just omit the field.
+    try:
+        shown = _get_json("POST", f"{ollama}/api/show", json={"model": model.name})
+    except (requests.RequestException, ValueError):
+        return model
+    caps = shown.get("capabilities") if isinstance(shown, dict) else None
+    if not isinstance(caps, list):
+        return model
+    clean = tuple(c for c in caps if isinstance(c, str) and 0 < len(c) <= 32)[:16]
+    return LocalModel(name=model.name, size=model.size, capabilities=clean)
+
+
+# --------------------------------------------------------------------------- connection state
+
+
+class _Connection:
+    """One WebSocket connection to the router. Sends from any thread go through one lock,
+    because websocket-client's send is not thread-safe."""
+
+    def __init__(self, ws: websocket.WebSocket) -> None:
+        self.ws = ws
+        self.send_lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def send_text(self, text: str) -> bool:
+        """Send one encoded frame; False when the connection is gone."""
+        if self.closed.is_set():
+            return False
+        try:
+            with self.send_lock:
+                self.ws.send(text)
+        # AttributeError: websocket-client racing its own teardown of a socket shut elsewhere.
+        except (websocket.WebSocketException, OSError, AttributeError) as exc:
+            log.debug("send failed: %s", _describe(exc))
+            self.lost()
+            return False
+        return True
+
+    def send(self, frame: dict[str, Any]) -> bool:
+        """Encode and send a frame; frames over the size limit are dropped (False)."""
+        text = encode_frame(frame)
+        if text is None:
+            log.warning("dropped a %s frame over %d bytes", frame.get("type"), MAX_FRAME_BYTES)
+            return False
+        return self.send_text(text)
+
+    def ping(self) -> None:
+        """A WebSocket ping, so that the router's pong proves the link is alive."""
+        if self.closed.is_set():
+            return
+        try:
+            with self.send_lock:
+                self.ws.ping()
+        except (websocket.WebSocketException, OSError, AttributeError):
+            self.lost()
+
+    def lost(self) -> None:
+        """Mark the connection dead and wake the receive loop."""
+        self.closed.set()
+        self.ws.abort()
+
+    def close(self, graceful: bool) -> None:
+        """Close the socket: with a close handshake when stopping, at once otherwise."""
+        self.closed.set()
+        # A worker stuck in a send holds the lock; stopping must not wait for it.
+        if graceful and self.send_lock.acquire(timeout=0.5):
+            try:
+                # close() waits for the router's close frame at most 1 s.
+                self.ws.close(status=websocket.STATUS_NORMAL, timeout=1)
+            except (websocket.WebSocketException, OSError):
+                pass
+            finally:
+                self.send_lock.release()
+        self.ws.shutdown()
+
+
+def _start_thread(target: Callable[..., None], *args: Any, name: str) -> threading.Thread:
+    """Start a daemon thread that never receives SIGINT/SIGTERM."""
+
+    def run() -> None:
+        # The kernel hands a process signal to any thread that does not block it. Python runs
+        # the handler in the main thread only once that thread wakes up, so a signal landing
+        # here would wait for the main thread's next socket timeout: block them in workers.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        target(*args)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _close_response(response: requests.Response) -> None:
+    # response.close() alone leaves a worker blocked in recv() until Ollama sends its next bytes
+    # (closing a socket does not wake a reader blocked on it), and the kernel keeps the TCP
+    # connection open until then. shutdown() wakes the reader and sends FIN now, so Ollama
+    # notices the disconnect and stops generating.
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    try:
+        response.close()
+    except Exception:  # noqa: BLE001 - best effort while another thread may be reading
+        pass
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One request being served. ``lock`` orders sends against ``cancel`` so that nothing is
+    sent for a request after its cancel_request has been handled."""
+
+    request_id: str
+    model: str
+    conn: _Connection
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: bool = False
+    response: requests.Response | None = None
+    thread: threading.Thread | None = None
+
+    def send(self, frame: dict[str, Any]) -> bool:
+        with self.lock:
+            return not self.cancelled and self.conn.send(frame)
+
+    def send_text(self, text: str) -> bool:
+        with self.lock:
+            return not self.cancelled and self.conn.send_text(text)
+
+    def attach(self, response: requests.Response) -> bool:
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.response = response
+            return True
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            response = self.response
+        if response is not None:
+            _close_response(response)
+
+
+@dataclass
+class _SessionEnd:
+    message: str
+    fatal: bool = False
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class Contributor:
+    """A contributor node: one process-lifetime ``node_id``, reconnecting until stopped."""
+
+    def __init__(self, *, server: str, ollama: str, models: Sequence[LocalModel],
+                 max_concurrent: int, ollama_version: str) -> None:
+        self.server = server
+        self.url = config.ws_url(server)
+        self.ollama = ollama
+        self.models = list(models)
+        self.model_names = frozenset(m.name for m in models)
+        self.max_concurrent = max_concurrent
+        self.ollama_version = ollama_version
+        self.node_id = str(uuid.uuid4())
+        self.resume_token: str | None = None
+        self.heartbeat_interval = DEFAULT_HEARTBEAT_S
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _InFlight] = {}
+        self._conn: _Connection | None = None
+
+    # ---- frames
+
+    def register_frame(self) -> dict[str, Any]:
+        """The ``register`` frame, with the resume token of the previous session if any."""
+        frame: dict[str, Any] = {
+            "type": "register",
+            "node_id": self.node_id,
+            "models": [m.offer() for m in self.models],
+            "max_concurrent": self.max_concurrent,
+            "ollama_version": self.ollama_version,
+            "protocol": config.PROTOCOL_VERSION,
+            "client": config.CLIENT_NAME,
+        }
+        if self.resume_token:
+            frame["resume_token"] = self.resume_token
+        return frame
+
+    def active_requests(self) -> int:
+        """How many requests this node is serving now."""
+        with self._lock:
+            return len(self._inflight)
+
+    # ---- main loop
+
+    def run(self) -> int:
+        """Connect, register and serve until stopped; the process exit code."""
+        try:
+            return self._run()
+        except StopRequested:
+            self._shutdown()
+            log.info("stopped; goodbye")
+            return 0
+
+    def _run(self) -> int:
+        backoff = Backoff()
+        announce = True  # one "connecting" line per outage, not one per attempt
+        while True:
+            if announce:
+                log.info("connecting to %s", self.url)
+            try:
+                ws = websocket.create_connection(
+                    self.url, timeout=WS_CONNECT_TIMEOUT_S, enable_multithread=True,
+                    header=[f"User-Agent: {config.CLIENT_NAME}"],
+                )
+            except (websocket.WebSocketException, OSError) as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot reach the router at %s (%s); retrying in %.1f s",
+                            self.url, _describe(exc), delay)
+                announce = False
+                time.sleep(delay)
+                continue
+            announce = True
+            conn = _Connection(ws)
+            self._conn = conn
+            try:
+                end = self._session(conn, backoff)
+            finally:
+                self._end_connection(conn)
+            if end.fatal:
+                log.error("%s", end.message)
+                return 1
+            delay = backoff.next_delay()
+            log.warning("%s; reconnecting in %.1f s", end.message, delay)
+            time.sleep(delay)
+
+    def _session(self, conn: _Connection, backoff: Backoff) -> _SessionEnd:
+        ws = conn.ws
+        ws.settimeout(WS_POLL_S)
+        if not conn.send(self.register_frame()):
+            return _SessionEnd("connection lost while registering")
+        registered = False
+        started = last_seen = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not registered and now - started > REGISTER_WAIT_S:
+                return _SessionEnd(f"no answer to register within {REGISTER_WAIT_S:.0f} s")
+            silent = now - last_seen
+            if registered and silent > 3 * self.heartbeat_interval:
+                return _SessionEnd(f"nothing from the router for {silent:.0f} s")
+            try:
+                opcode, frame = ws.recv_data_frame(True)
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketException, OSError) as exc:
+                return _SessionEnd(f"connection lost ({_describe(exc)})")
+            last_seen = time.monotonic()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return self._closed_by_router(frame.data, registered)
+            if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                continue  # ping/pong: only proof of life
+            message = self._decode(frame.data)
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind == "registered" and not registered:
+                registered = True
+                backoff.reset()
+                self._on_registered(conn, message)
+            elif not registered:
+                continue
+            elif kind == "inference_request":
+                self._on_request(conn, message)
+            elif kind == "cancel_request":
+                self._on_cancel(conn, message)
+            # Other frame types are from newer routers: ignore them (PROTOCOL: unknown → ignore).
+
+    def _decode(self, data: bytes | str) -> dict[str, Any] | None:
+        size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+        if size > MAX_FRAME_BYTES:
+            log.warning("dropped a frame of %d bytes from the router (limit %d)",
+                        size, MAX_FRAME_BYTES)
+            return None
+        try:
+            message = json.loads(data)
+        except ValueError:
+            log.warning("ignored a frame from the router that is not JSON")
+            return None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return None
+        return message
+
+    def _closed_by_router(self, data: bytes, registered: bool) -> _SessionEnd:
+        code, reason = parse_close(data)
+        text = reason[:200] or "no reason given"
+        if code == 1008 and reason in PERMANENT_REFUSALS and not registered:
+            return _SessionEnd(f"the router refused this node: {text}", fatal=True)
+        if code == 1008:
+            return _SessionEnd(f"the router closed the connection: {text}")
+        return _SessionEnd(f"the router closed the connection (code {code}, {text})")
+
+    def _on_registered(self, conn: _Connection, message: dict[str, Any]) -> None:
+        interval = message.get("heartbeat_interval")
+        if isinstance(interval, int | float) and not isinstance(interval, bool):
+            self.heartbeat_interval = float(min(300.0, max(1.0, interval)))
+        token = message.get("resume_token")
+        if isinstance(token, str) and 0 < len(token) <= 256:
+            self.resume_token = token
+        log.info("registered with %s as node %s: %d models (%s), max_concurrent %d, "
+                 "heartbeat %g s", self.server, self.node_id, len(self.models),
+                 ", ".join(m.name for m in self.models), self.max_concurrent,
+                 self.heartbeat_interval)
+        _start_thread(self._heartbeat_loop, conn, name="heartbeat")
+
+    def _heartbeat_loop(self, conn: _Connection) -> None:
+        while not conn.closed.wait(self.heartbeat_interval):
+            active = self.active_requests()
+            conn.send({
+                "type": "heartbeat",
+                "node_id": self.node_id,
+                "active_requests": active,
+                "available": active < self.max_concurrent and not stop_requested(),
+            })
+            conn.ping()
+
+    # ---- requests
+
+    def _on_request(self, conn: _Connection, message: dict[str, Any]) -> None:
+        request_id = message.get("request_id")
+        if (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+                or not request_id.isprintable()):  # it goes into the log
+            log.warning("ignored an inference_request without a valid request_id")
+            return
+        try:
+            params = sanitize_params(message.get("ollama_params"), self.model_names)
+        except InvalidRequest as exc:
+            log.warning("request %s refused: %s", request_id, exc)
+            conn.send(self._error(request_id, "invalid_request"))
+            return
+        with self._lock:
+            if request_id in self._inflight:
+                log.warning("ignored a second inference_request %s", request_id)
+                return
+            busy = len(self._inflight) >= self.max_concurrent
+            if not busy:
+                inflight = _InFlight(request_id=request_id, model=params["model"], conn=conn)
+                self._inflight[request_id] = inflight
+        if busy:
+            log.warning("request %s refused: already serving %d (max_concurrent)",
+                        request_id, self.max_concurrent)
+            conn.send(self._error(request_id, BUSY_ERROR))
+            return
+        log.info("request %s started: model=%s messages=%d", request_id, params["model"],
+                 len(params["messages"]))
+        inflight.thread = _start_thread(self._serve, inflight, params,
+                                        name=f"request-{request_id[:12]}")
+
+    def _on_cancel(self, conn: _Connection, message: dict[str, Any]) -> None:
+        request_id = message.get("request_id")
+        with self._lock:
+            inflight = self._inflight.get(request_id) if isinstance(request_id, str) else None
+        if inflight is None or inflight.conn is not conn:
+            return
+        log.info("request %s cancelled by the router", request_id)
+        inflight.cancel()
+
+    @staticmethod
+    def _error(request_id: str, error: str) -> dict[str, Any]:
+        return {"type": "inference_error", "request_id": request_id, "error": error}
+
+    def _serve(self, inflight: _InFlight, params: dict[str, Any]) -> None:
+        """Worker thread: stream one request from Ollama to the router."""
+        started = time.monotonic()
+        tokens = 0
+        outcome = "failed"
+        response: requests.Response | None = None
+        rid = inflight.request_id
+
+        def fail(error: str, why: str) -> None:
+            nonlocal outcome
+            if inflight.send(self._error(rid, error)):
+                log.warning("request %s failed: %s (%s)", rid, error, why)
+            outcome = "reported"
+
+        try:
+            try:
+                response = requests.post(
+                    f"{self.ollama}/api/chat", json=params, stream=True,
+                    timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
+                    headers={"User-Agent": config.CLIENT_NAME},
+                )
+            except requests.ConnectionError as exc:
+                fail("ollama_unavailable", _describe(exc))
+                return
+            if not inflight.attach(response):
+                return
+            if response.status_code >= 400:
+                fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
+                     f"{_ollama_error_text(response)}")
+                return
+            for raw_line in config.iter_lines(response):
+                if not raw_line.strip():
+                    continue
+                line = json.loads(raw_line)
+                if not isinstance(line, dict):
+                    fail("ollama_error", "Ollama sent a line that is not an object")
+                    return
+                if "error" in line:
+                    fail("ollama_error", f"Ollama: {str(line['error'])[:120]}")
+                    return
+                chunk = build_chunk(line)
+                if chunk["message"].get("content") or chunk["message"].get("thinking"):
+                    tokens += 1
+                text = encode_frame({"type": "inference_chunk", "request_id": rid,
+                                     "chunk": chunk})
+                if text is None:
+                    if chunk["done"]:
+                        fail("ollama_error", "final chunk over the frame size limit")
+                        return
+                    log.warning("request %s: dropped a chunk over %d bytes", rid,
+                                MAX_FRAME_BYTES)
+                    continue
+                if not inflight.send_text(text):
+                    if not inflight.cancelled:
+                        log.warning("request %s abandoned: connection to the router lost", rid)
+                    return
+                if chunk["done"]:
+                    if _is_int(chunk.get("eval_count")):
+                        tokens = chunk["eval_count"]
+                    outcome = "finished"
+                    return
+            fail("ollama_error", "Ollama's stream ended before done")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                ValueError) as exc:
+            if not inflight.cancelled:
+                fail("ollama_error", _describe(exc))
+        except Exception:  # a worker must never die silently with its slot taken
+            if not inflight.cancelled:
+                log.exception("request %s: unexpected error", rid)
+                fail("ollama_error", "internal error")
+        finally:
+            if response is not None:
+                _close_response(response)
+            with self._lock:
+                if self._inflight.get(rid) is inflight:
+                    del self._inflight[rid]
+            elapsed = time.monotonic() - started
+            if outcome == "finished":
+                log.info("request %s finished: model=%s tokens=%d in %.1f s", rid,
+                         inflight.model, tokens, elapsed)
+            elif inflight.cancelled:
+                log.info("request %s stopped after %.1f s", rid, elapsed)
+
+    # ---- teardown
+
+    def _end_connection(self, conn: _Connection) -> None:
+        conn.close(graceful=stop_requested())
+        with self._lock:
+            orphans = [r for r in self._inflight.values() if r.conn is conn]
+        for inflight in orphans:
+            inflight.cancel()
+
+    def _shutdown(self) -> None:
+        if self._conn is not None:
+            self._conn.close(graceful=True)
+        with self._lock:
+            inflight = list(self._inflight.values())
+        for request in inflight:
+            request.cancel()
+        deadline = time.monotonic() + 1.0
+        for request in inflight:
+            if request.thread is not None:
+                request.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _ollama_error_text(response: requests.Response) -> str:
+    try:
+        body = response.raw.read(2048, decode_content=True)
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, OSError, urllib3.exceptions.HTTPError):
+        return ""
+    return f": {str(error)[:120]}" if error else ""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _max_concurrent(value: str) -> int:
+    low, high = MAX_CONCURRENT_RANGE
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+    return number
+
+
+def _model_list(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one model name")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="contribute.py",
+        description="Share your local Ollama models with the IdleClaw network. "
+        "Runs until Ctrl+C. Uses IDLECLAW_SERVER (default https://api.idleclaw.com) and "
+        "OLLAMA_HOST (default http://localhost:11434).",
+    )
+    parser.add_argument("--models", type=_model_list, metavar="A,B",
+                        help="share only these local models (comma separated; default: all, "
+                        f"at most the {MAX_MODELS} largest)")
+    parser.add_argument("--max-concurrent", type=_max_concurrent, default=2, metavar="N",
+                        help="requests served at the same time, 1..10 (default 2)")
+    return parser
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # A second signal while stopping is ignored: the cleanup is short and bounded.
+    global _stop_requested
+    if _stop_requested:
+        return
+    _stop_requested = True
+    raise StopRequested
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the contributor; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    for name in ("urllib3", "websocket"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        server = config.server_from_env()
+        ollama = config.ollama_host_from_env()
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        try:
+            models, version = discover_models(ollama, args.models)
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        log.info("Ollama %s at %s: sharing %d models: %s", version, ollama, len(models),
+                 ", ".join(m.name for m in models))
+        node = Contributor(server=server, ollama=ollama, models=models,
+                           max_concurrent=args.max_concurrent, ollama_version=version)
+    except StopRequested:
+        log.info("stopped; goodbye")
+        return 0
+    return node.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
