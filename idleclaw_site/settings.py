@@ -209,6 +209,21 @@ IDLECLAW_RATE_NODE_REGISTER = envrate("IDLECLAW_RATE_NODE_REGISTER", "5/m")
 IDLECLAW_STALL_TIMEOUT = envfloat("IDLECLAW_STALL_TIMEOUT", 60.0, minimum=0.1)
 # Whole-answer limit.
 IDLECLAW_RESPONSE_TIMEOUT = envfloat("IDLECLAW_RESPONSE_TIMEOUT", 120.0, minimum=0.1)
+# Roles the OpenAI- and Ollama-compatible APIs accept (the network's /api/chat keeps to user and
+# assistant). An operator may narrow this, e.g. to "user,assistant,system".
+IDLECLAW_COMPAT_ROLES = tuple(
+    envlist("IDLECLAW_COMPAT_ROLES", ["system", "user", "assistant", "tool"])
+)
+if not set(IDLECLAW_COMPAT_ROLES) <= {"system", "user", "assistant", "tool"} or not (
+    {"user"} <= set(IDLECLAW_COMPAT_ROLES)
+):
+    raise ImproperlyConfigured(
+        "IDLECLAW_COMPAT_ROLES must include user and name only system, user, assistant, tool"
+    )
+# The operator's own system prompt, put first in every request on every API; empty for none.
+IDLECLAW_SYSTEM_PROMPT = os.environ.get("IDLECLAW_SYSTEM_PROMPT", "")
+# The Ollama version the /ollama API reports to clients.
+IDLECLAW_OLLAMA_VERSION = os.environ.get("IDLECLAW_OLLAMA_VERSION", "0.12.3")
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
+handler404 = "routing.views.not_found"
+handler500 = "routing.views.server_error"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("routing.urls")),

@@ -18,6 +18,7 @@ class ModelInfo:
     size: int = 0
     nodes: int = 0
     free_slots: int = 0
+    active: int = 0
     capabilities: set[str] = field(default_factory=set)
 
 
@@ -54,7 +55,21 @@ def network_models() -> list[ModelInfo]:
         if not draining:
             info.free_slots += max(0, max_concurrent - active)
         info.capabilities.update(capabilities or ())
+    from routing.models import InflightRequest
+
+    for model, count in (
+        InflightRequest.objects.filter(session_id__in=list(sessions))
+        .values("model")
+        .annotate(count=Count("pk"))
+        .values_list("model", "count")
+    ):
+        if model in models:
+            models[model].active = count
     return sorted(models.values(), key=lambda m: (-m.size, m.name))
+
+
+def model_info(*, model: str) -> ModelInfo | None:
+    return next((info for info in network_models() if info.name == model), None)
 
 
 def network_health() -> dict[str, int]:

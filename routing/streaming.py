@@ -15,14 +15,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.layers import BaseChannelLayer
+from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from nodes.protocol import EventType
-from routing.services import Claim, inflight_finish
+from nodes import worker
+from nodes.protocol import STAT_KEYS, EventType
+from routing import selectors
+from routing.services import Claim, inflight_claim, inflight_finish
 
 logger = logging.getLogger("idleclaw.routing")
 
@@ -46,6 +49,51 @@ class RelayError(Exception):
     @property
     def message(self) -> str:
         return ERROR_MESSAGES.get(self.code, "the request failed")
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """No node could take the request; ``served`` tells "all busy" from "nobody has it"."""
+
+    model: str
+    served: bool
+
+    @property
+    def message(self) -> str:
+        if self.served:
+            return f"all nodes serving {self.model} are busy"
+        return f"no node is serving {self.model} right now"
+
+
+async def open_relay(
+    *, model: str, ollama_params: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]] | Unavailable:
+    """Claim a node's slot for ``model`` and return the relay of its answer.
+
+    The one entry point every front end (``/api/chat``, ``/v1``, ``/ollama``) uses, so routing,
+    limits and clean-up behave the same on all of them.
+    """
+    await worker.ensure_started()
+    layer = get_channel_layer()
+    reply_channel = await layer.new_channel()
+    claim = await database_sync_to_async(inflight_claim)(
+        model=model,
+        request_id=uuid.uuid4().hex,
+        reply_channel=reply_channel,
+        worker_id=worker.WORKER_ID,
+    )
+    if claim is None:
+        served = await database_sync_to_async(selectors.model_is_served)(model=model)
+        return Unavailable(model=model, served=served)
+    if settings.IDLECLAW_SYSTEM_PROMPT:
+        ollama_params = {
+            **ollama_params,
+            "messages": [
+                {"role": "system", "content": settings.IDLECLAW_SYSTEM_PROMPT},
+                *ollama_params["messages"],
+            ],
+        }
+    return relay(layer=layer, claim=claim, reply_channel=reply_channel, ollama_params=ollama_params)
 
 
 async def relay(
@@ -102,6 +150,35 @@ async def _release(layer: BaseChannelLayer, claim: Claim, finished: bool) -> Non
             claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
         )
     await database_sync_to_async(inflight_finish)(request_id=claim.request_id)
+
+
+@dataclass
+class Answer:
+    """A whole answer gathered from a relay, for the non-streaming APIs."""
+
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    done_reason: str = "stop"
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+async def collect(chunks: AsyncIterator[dict[str, Any]]) -> Answer:
+    """Read a relay to its end; raises ``RelayError`` like the relay."""
+    content: list[str] = []
+    thinking: list[str] = []
+    answer = Answer()
+    async for chunk in chunks:
+        message = chunk["message"]
+        content.append(message.get("content", ""))
+        thinking.append(message.get("thinking", ""))
+        answer.tool_calls.extend(message.get("tool_calls", ()))
+        if chunk["done"]:
+            answer.done_reason = chunk.get("done_reason", "stop")
+            answer.stats = {key: chunk[key] for key in STAT_KEYS if key in chunk}
+    answer.content = "".join(content)
+    answer.thinking = "".join(thinking)
+    return answer
 
 
 def finish_reason_of(chunk: dict[str, Any], saw_tool_calls: bool) -> str:

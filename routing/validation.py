@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 MAX_MODEL_CHARS = 64
 MAX_MESSAGES = 50
@@ -15,6 +17,12 @@ MAX_CONTENT_CHARS = 10_000
 MAX_TOTAL_CHARS = 100_000
 MAX_BODY_BYTES = 1_000_000
 CHAT_ROLES = ("user", "assistant")
+
+
+def message_limit() -> int:
+    """Messages a consumer may send: the operator's system prompt, if any, takes one of the
+    50 a node accepts."""
+    return MAX_MESSAGES - (1 if settings.IDLECLAW_SYSTEM_PROMPT else 0)
 
 
 class BadRequest(Exception):
@@ -58,8 +66,8 @@ def check_model(value: Any) -> str:
 def check_messages(value: Any, *, roles: tuple[str, ...]) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise BadRequest("messages: a non-empty list is required")
-    if len(value) > MAX_MESSAGES:
-        raise BadRequest(f"messages: at most {MAX_MESSAGES} messages")
+    if len(value) > message_limit():
+        raise BadRequest(f"messages: at most {message_limit()} messages")
     total = 0
     clean: list[dict[str, str]] = []
     for index, message in enumerate(value):
@@ -92,3 +100,146 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not isinstance(think, bool):
         raise BadRequest("think: must be true or false")
     return ChatRequest(model=model, messages=messages, think=think)
+
+
+# --- The compatible APIs (OpenAI, Ollama) ----------------------------------------------------
+
+MAX_TOOLS = 32
+MAX_TOOLS_JSON_CHARS = 32_000
+MAX_STOP_SEQUENCES = 4
+# Ollama options a consumer may set; the rest (GPU placement, threads, memory mapping) are the
+# contributor's business.
+OPTION_KEYS = (
+    "num_predict", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty",
+    "repeat_last_n", "frequency_penalty", "presence_penalty", "num_ctx", "typical_p", "mirostat",
+    "mirostat_eta", "mirostat_tau", "tfs_z", "num_keep", "penalize_newline",
+)
+
+
+def compat_roles() -> tuple[str, ...]:
+    return settings.IDLECLAW_COMPAT_ROLES
+
+
+def check_tools(value: Any, *, param: str = "tools") -> list[dict[str, Any]] | None:
+    """Function tools in OpenAI's (and Ollama's) shape: ``{"type": "function", "function":
+    {"name", "description"?, "parameters"?}}``."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest(f"{param}: must be a list", 400)
+    if len(value) > MAX_TOOLS:
+        raise BadRequest(f"{param}: at most {MAX_TOOLS} tools", 400)
+    tools = []
+    for index, tool in enumerate(value):
+        where = f"{param}[{index}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise BadRequest(f"{where}: only function tools are supported", 400)
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise BadRequest(f"{where}.function: an object is required", 400)
+        name = function.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise BadRequest(f"{where}.function.name: 1-64 letters, digits, _ . or -", 400)
+        clean = {"name": name}
+        if isinstance(function.get("description"), str):
+            clean["description"] = function["description"]
+        parameters = function.get("parameters")
+        if parameters is not None:
+            if not isinstance(parameters, dict):
+                raise BadRequest(f"{where}.function.parameters: must be a JSON schema object", 400)
+            clean["parameters"] = parameters
+        tools.append({"type": "function", "function": clean})
+    if len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
+        raise BadRequest(f"{param}: at most {MAX_TOOLS_JSON_CHARS} characters of JSON", 400)
+    return tools or None
+
+
+def check_compat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Limits and role rules for messages already converted to Ollama's shape.
+
+    ``system`` and ``tool`` are allowed because standard clients send them (unless the operator
+    narrowed ``IDLECLAW_COMPAT_ROLES``); a ``tool`` message must answer a ``tool_calls`` of an
+    earlier assistant message in the same request.
+    """
+    roles = compat_roles()
+    if not messages:
+        raise BadRequest("messages: a non-empty list is required", 400)
+    limit = message_limit()
+    if len(messages) > limit:
+        raise BadRequest(f"messages: at most {limit} messages", 400)
+    total = 0
+    calls_seen: set[str] = set()
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        role = message.get("role")
+        if role not in roles:
+            raise BadRequest(
+                f"{where}.role: {role!r} is not accepted; this network accepts "
+                f"{', '.join(roles)}",
+                400,
+            )
+        content = message.get("content", "")
+        if len(content) > MAX_CONTENT_CHARS:
+            raise BadRequest(f"{where}.content: at most {MAX_CONTENT_CHARS} characters", 400)
+        total += len(content)
+        if role == "assistant":
+            for call in message.get("tool_calls", ()):
+                calls_seen.add(call["function"]["name"])
+        elif role == "tool":
+            if not calls_seen:
+                raise BadRequest(
+                    f"{where}: a tool message must answer an earlier assistant tool_calls", 400
+                )
+            name = message.get("tool_name")
+            if name is not None and name not in calls_seen:
+                raise BadRequest(f"{where}: no earlier tool call named {name!r}", 400)
+        elif not content and role != "assistant":
+            raise BadRequest(f"{where}.content: a non-empty string is required", 400)
+    if total > MAX_TOTAL_CHARS:
+        raise BadRequest(f"messages: at most {MAX_TOTAL_CHARS} characters of content in all", 400)
+    return messages
+
+
+def check_options(value: Any, *, param: str = "options") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{param}: must be an object", 400)
+    clean = {}
+    for key in OPTION_KEYS:
+        if key in value:
+            option = value[key]
+            if key == "stop":
+                clean[key] = check_stop(option, param=f"{param}.stop")
+            elif isinstance(option, bool) or not isinstance(option, int | float):
+                if key == "penalize_newline" and isinstance(option, bool):
+                    clean[key] = option
+                    continue
+                raise BadRequest(f"{param}.{key}: must be a number", 400)
+            else:
+                clean[key] = option
+    return clean
+
+
+def check_stop(value: Any, *, param: str = "stop") -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_SEQUENCES
+        or not all(isinstance(s, str) and 0 < len(s) <= 100 for s in value)
+    ):
+        raise BadRequest(
+            f"{param}: a string or a list of up to {MAX_STOP_SEQUENCES} strings", 400
+        )
+    return value
+
+
+def check_format(value: Any, *, param: str = "format") -> str | dict[str, Any] | None:
+    if value is None or value == "":
+        return None
+    if value == "json" or isinstance(value, dict):
+        if isinstance(value, dict) and len(json.dumps(value)) > MAX_TOOLS_JSON_CHARS:
+            raise BadRequest(f"{param}: schema too large", 400)
+        return value
+    raise BadRequest(f'{param}: must be "json" or a JSON schema object', 400)

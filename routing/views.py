@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from nodes import worker
-from routing import selectors
-from routing.services import inflight_claim
-from routing.streaming import relay, sse_chat
-from routing.validation import BadRequest, parse_chat_request
+from routing import ollama_api, openai_api, selectors
+from routing.streaming import RelayError, Unavailable, collect, open_relay, sse_chat
+from routing.validation import BadRequest, check_model, parse_chat_request, parse_json_object
 
 STARTED = time.monotonic()
+STARTED_WALL = time.time()
+
+
+def event_stream(body: AsyncIterator[bytes], content_type: str = "text/event-stream"):
+    response = StreamingHttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response
 
 
 def detail(status: int, message: str, **headers: str) -> JsonResponse:
@@ -43,23 +49,6 @@ async def chat(request: HttpRequest) -> HttpResponse:
         chat_request = parse_chat_request(request.body)
     except BadRequest as error:
         return detail(error.status, error.detail)
-    await worker.ensure_started()
-    layer = get_channel_layer()
-    reply_channel = await layer.new_channel()
-    claim = await database_sync_to_async(inflight_claim)(
-        model=chat_request.model,
-        request_id=uuid.uuid4().hex,
-        reply_channel=reply_channel,
-        worker_id=worker.WORKER_ID,
-    )
-    if claim is None:
-        served = await database_sync_to_async(selectors.model_is_served)(model=chat_request.model)
-        message = (
-            f"all nodes serving {chat_request.model} are busy"
-            if served
-            else f"no node is serving {chat_request.model} right now"
-        )
-        return detail(503, message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     # think is always explicit: Ollama lets a thinking model think when it is left out.
     params: dict[str, Any] = {
         "model": chat_request.model,
@@ -67,13 +56,10 @@ async def chat(request: HttpRequest) -> HttpResponse:
         "stream": True,
         "think": chat_request.think,
     }
-    chunks = relay(layer=layer, claim=claim, reply_channel=reply_channel, ollama_params=params)
-    response = StreamingHttpResponse(
-        sse_chat(chunks, model=chat_request.model), content_type="text/event-stream"
-    )
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-    return response
+    chunks = await open_relay(model=chat_request.model, ollama_params=params)
+    if isinstance(chunks, Unavailable):
+        return detail(503, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+    return event_stream(sse_chat(chunks, model=chat_request.model))
 
 
 async def health(request: HttpRequest) -> HttpResponse:
@@ -114,3 +100,192 @@ async def models(request: HttpRequest) -> HttpResponse:
             },
         }
     )
+
+
+# --- OpenAI-compatible API (/v1) -------------------------------------------------------------
+
+
+def openai_error(error: openai_api.OpenAIError, **headers: str) -> JsonResponse:
+    response = JsonResponse(error.body(), status=error.status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+@csrf_exempt
+async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/chat/completions``, streaming or not. ``Authorization`` is accepted and
+    ignored: the network has no keys."""
+    if request.method != "POST":
+        return openai_error(openai_api.OpenAIError("use POST", status=405))
+    try:
+        completion = openai_api.parse_completion_request(request.body)
+    except openai_api.OpenAIError as error:
+        return openai_error(error)
+    chunks = await open_relay(model=completion.model, ollama_params=completion.ollama_params)
+    if isinstance(chunks, Unavailable):
+        error = openai_api.OpenAIError(
+            chunks.message, status=503, param="model", code="model_unavailable",
+            kind="service_unavailable",
+        )
+        return openai_error(error, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+    if completion.stream:
+        return event_stream(
+            openai_api.completion_stream(
+                chunks, model=completion.model, include_usage=completion.include_usage
+            )
+        )
+    try:
+        answer = await collect(chunks)
+    except RelayError as error:
+        failure = openai_api.OpenAIError(
+            error.message, status=502, code=error.code, kind="server_error"
+        )
+        return openai_error(failure)
+    return JsonResponse(openai_api.completion_body(answer, model=completion.model))
+
+
+def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
+    return {
+        "id": info.name, "object": "model", "created": int(STARTED_WALL), "owned_by": "idleclaw",
+    }
+
+
+async def openai_models(request: HttpRequest) -> HttpResponse:
+    """``GET /v1/models``: models live nodes serve."""
+    if request.method not in ("GET", "HEAD"):
+        return openai_error(openai_api.OpenAIError("use GET", status=405))
+    await worker.ensure_started()
+    infos = await database_sync_to_async(selectors.network_models)()
+    return JsonResponse({"object": "list", "data": [_openai_model(info) for info in infos]})
+
+
+async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
+    """``GET /v1/models/{id}``."""
+    if request.method not in ("GET", "HEAD"):
+        return openai_error(openai_api.OpenAIError("use GET", status=405))
+    await worker.ensure_started()
+    info = await database_sync_to_async(selectors.model_info)(model=model)
+    if info is None:
+        return openai_error(openai_api.OpenAIError(
+            f"The model '{model}' is not served by any node right now", status=404,
+            param="model", code="model_not_found",
+        ))
+    return JsonResponse(_openai_model(info))
+
+
+# --- Ollama-compatible API (/ollama) ---------------------------------------------------------
+
+
+def ollama_error(status: int, message: str, **headers: str) -> JsonResponse:
+    response = JsonResponse({"error": message}, status=status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+async def ollama_root(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("Ollama is running", content_type="text/plain; charset=utf-8")
+
+
+async def ollama_version(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"version": settings.IDLECLAW_OLLAMA_VERSION})
+
+
+async def ollama_tags(request: HttpRequest) -> HttpResponse:
+    await worker.ensure_started()
+    infos = await database_sync_to_async(selectors.network_models)()
+    return JsonResponse(ollama_api.tags_body(infos))
+
+
+async def ollama_ps(request: HttpRequest) -> HttpResponse:
+    await worker.ensure_started()
+    infos = await database_sync_to_async(selectors.network_models)()
+    return JsonResponse(ollama_api.ps_body(infos))
+
+
+@csrf_exempt
+async def ollama_show(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return ollama_error(405, "method not allowed")
+    try:
+        data = parse_json_object(request.body)
+        model = check_model(data.get("model") or data.get("name"))
+    except BadRequest as error:
+        return ollama_error(400, error.detail)
+    await worker.ensure_started()
+    info = await database_sync_to_async(selectors.model_info)(model=model)
+    if info is None:
+        return ollama_error(404, f"model '{model}' not found")
+    return JsonResponse(ollama_api.show_body(info))
+
+
+async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
+    if request.method != "POST":
+        return ollama_error(405, "method not allowed")
+    parse = ollama_api.parse_chat if chat else ollama_api.parse_generate
+    try:
+        parsed = parse(request.body)
+    except BadRequest as error:
+        return ollama_error(400, error.detail)
+    if parsed.load_only:
+        await worker.ensure_started()
+        if await database_sync_to_async(selectors.model_info)(model=parsed.model) is None:
+            return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
+        return JsonResponse(ollama_api.load_body(parsed.model, chat=chat))
+    chunks = await open_relay(model=parsed.model, ollama_params=parsed.ollama_params)
+    if isinstance(chunks, Unavailable):
+        if not chunks.served:
+            return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
+        # Ollama's own answer when its queue is full.
+        return ollama_error(503, "server busy, please try again. maximum pending requests "
+                            "exceeded", Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+    if parsed.stream:
+        lines = ollama_api.ndjson_chat if chat else ollama_api.ndjson_generate
+        return event_stream(lines(chunks, model=parsed.model), "application/x-ndjson")
+    try:
+        answer = await collect(chunks)
+    except RelayError as error:
+        return ollama_error(502, error.message)
+    body = ollama_api.chat_body if chat else ollama_api.generate_body
+    return JsonResponse(body(answer, model=parsed.model))
+
+
+@csrf_exempt
+async def ollama_chat(request: HttpRequest) -> HttpResponse:
+    return await _ollama_answer(request, chat=True)
+
+
+@csrf_exempt
+async def ollama_generate(request: HttpRequest) -> HttpResponse:
+    return await _ollama_answer(request, chat=False)
+
+
+@csrf_exempt
+async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
+    """Model management belongs to each contributor's own Ollama, not to the network."""
+    return ollama_error(501, f"{request.path.removeprefix('/ollama')} is not supported by the "
+                        "IdleClaw network; models are managed by each contributor")
+
+
+# --- Errors outside any view -----------------------------------------------------------------
+
+
+def _error_for_path(path: str, status: int, message: str) -> JsonResponse:
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JsonResponse(
+            {"error": {"message": message, "type": kind, "param": None, "code": None}},
+            status=status,
+        )
+    if path.startswith("/ollama/"):
+        return JsonResponse({"error": message}, status=status)
+    return JsonResponse({"detail": message}, status=status)
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return _error_for_path(request.path, 404, f"no such endpoint: {request.path}")
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    return _error_for_path(request.path, 500, "internal error; it has been logged")

@@ -265,3 +265,97 @@ async def test_health_and_models_describe_live_nodes(channel_layer):
     await client.start()
     assert json.loads(await client.read_all())["models"] == ["smollm2:135m"]
     await small.disconnect()
+
+
+async def test_ollama_ps_lists_models_with_requests_in_flight(channel_layer):
+    node = ScriptedNode()
+    await node.register(models=[{"name": "llama3.2:3b", "size": 5}, {"name": "qwen3:0.6b"}])
+    client = HttpClient("GET", "/ollama/api/ps")
+    await client.start()
+    assert json.loads(await client.read_all()) == {"models": []}
+    chat = HttpClient("POST", "/ollama/api/chat",
+                      {"model": "llama3.2:3b", "messages": MESSAGES})
+    status, headers = await chat.start()
+    assert status == 200 and headers["content-type"] == "application/x-ndjson"
+    await node.recv()
+    client = HttpClient("GET", "/ollama/api/ps")
+    await client.start()
+    running = json.loads(await client.read_all())["models"]
+    assert [m["model"] for m in running] == ["llama3.2:3b"]
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "path, shape",
+    [("/v1/nothing", "error.message"), ("/ollama/api/nothing", "error"), ("/nothing", "detail")],
+)
+async def test_unknown_paths_get_json_404_in_each_apis_shape(channel_layer, path, shape):
+    client = HttpClient("GET", path)
+    status, headers = await client.start()
+    assert status == 404
+    body = json.loads(await client.read_all())
+    for key in shape.split("."):
+        body = body[key]
+    assert "no such endpoint" in body
+
+
+async def test_operator_system_prompt_comes_before_the_clients_own(channel_layer, settings):
+    settings.IDLECLAW_SYSTEM_PROMPT = "You are served by IdleClaw."
+    node = ScriptedNode()
+    await node.register()
+    body = {"model": "llama3.2:3b", "messages": [
+        {"role": "system", "content": "client rules"}, {"role": "user", "content": "hi"}]}
+    client = HttpClient("POST", "/v1/chat/completions", {**body, "stream": True})
+    assert (await client.start())[0] == 200
+    request = await node.recv()
+    assert [m["role"] for m in request["ollama_params"]["messages"]] == ["system", "system",
+                                                                         "user"]
+    assert request["ollama_params"]["messages"][0]["content"] == "You are served by IdleClaw."
+    assert request["ollama_params"]["messages"][1]["content"] == "client rules"
+    await node.disconnect()
+
+
+async def test_operator_can_narrow_the_compatible_roles(channel_layer, settings):
+    settings.IDLECLAW_COMPAT_ROLES = ("user", "assistant")
+    body = {"model": "llama3.2:3b", "messages": [
+        {"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]}
+    client = HttpClient("POST", "/v1/chat/completions", body)
+    status, _ = await client.start()
+    assert status == 400
+    error = json.loads(await client.read_all())["error"]
+    assert "accepts user, assistant" in error["message"]
+    client = HttpClient("POST", "/ollama/api/chat", body)
+    status, _ = await client.start()
+    assert status == 400
+    assert "accepts user, assistant" in json.loads(await client.read_all())["error"]
+
+
+async def test_node_failure_after_the_start_is_an_error_on_every_front_end(channel_layer):
+    node = ScriptedNode()
+    await node.register(max_concurrent=3)
+    openai_stream = HttpClient("POST", "/v1/chat/completions",
+                               {"model": "llama3.2:3b", "messages": MESSAGES, "stream": True})
+    ollama_stream = HttpClient("POST", "/ollama/api/chat",
+                               {"model": "llama3.2:3b", "messages": MESSAGES})
+    ollama_whole = HttpClient("POST", "/ollama/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "hi", "stream": False})
+    for client in (openai_stream, ollama_stream):
+        assert (await client.start())[0] == 200
+        rid = (await node.recv())["request_id"]
+        await node.chunk(rid, "partial")
+        await node.send({"type": "inference_error", "request_id": rid, "error": "ollama_error"})
+    await ollama_whole.app.send_input({"type": "http.request", "body": ollama_whole.body})
+    rid = (await node.recv())["request_id"]
+    await node.send({"type": "inference_error", "request_id": rid, "error": "ollama_error"})
+
+    events = sse_events(await openai_stream.read_all())
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "server_error"
+    lines = [json.loads(line) for line in (await ollama_stream.read_all()).splitlines()]
+    assert lines[0]["message"]["content"] == "partial"
+    assert lines[-1] == {"error": "the node's model server failed"}
+    start = await ollama_whole.app.receive_output(5)
+    assert start["status"] == 502
+    assert json.loads(await ollama_whole.read_all()) == {
+        "error": "the node's model server failed"}
+    await node.disconnect()

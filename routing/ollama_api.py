@@ -1,0 +1,246 @@
+"""Ollama's own API over the network (``OLLAMA_HOST=http://<router>/ollama``): request checks
+and the NDJSON and JSON shapes the official ``ollama`` client reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from routing.selectors import ModelInfo
+from routing.streaming import Answer, RelayError
+from routing.validation import (
+    BadRequest,
+    check_compat_messages,
+    check_format,
+    check_model,
+    check_options,
+    check_tools,
+    parse_json_object,
+)
+
+THINK_LEVELS = ("low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class OllamaRequest:
+    model: str
+    ollama_params: dict[str, Any]
+    stream: bool
+    # /api/generate with no prompt only loads the model, as in Ollama.
+    load_only: bool = False
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise BadRequest(f"{where}: must be a list", 400)
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"{where}[{index}].function: needs a name", 400)
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise BadRequest(f"{where}[{index}].function.arguments: must be an object", 400)
+        calls.append({"function": {"name": function["name"], "arguments": arguments}})
+    return calls
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("messages: must be a list", 400)
+    messages = []
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where}: must be an object", 400)
+        if message.get("images"):
+            raise BadRequest(f"{where}.images: images are not supported by this network", 400)
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content: must be a string", 400)
+        converted: dict[str, Any] = {"role": message.get("role"), "content": content}
+        if message.get("tool_calls"):
+            converted["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        if isinstance(message.get("tool_name"), str):
+            converted["tool_name"] = message["tool_name"]
+        messages.append(converted)
+    return messages
+
+
+def _common(data: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    model = check_model(data.get("model") or data.get("name"))
+    params: dict[str, Any] = {"model": model, "stream": True}
+    think = data.get("think")
+    if think is not None:
+        if not isinstance(think, bool) and think not in THINK_LEVELS:
+            raise BadRequest('think: true, false, or one of "low", "medium", "high"', 400)
+        params["think"] = think
+    options = check_options(data.get("options"))
+    if options:
+        params["options"] = options
+    output_format = check_format(data.get("format"))
+    if output_format is not None:
+        params["format"] = output_format
+    keep_alive = data.get("keep_alive")
+    if isinstance(keep_alive, str | int | float) and not isinstance(keep_alive, bool):
+        params["keep_alive"] = keep_alive
+    stream = data.get("stream", True)
+    if stream is None:
+        stream = True
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: must be true or false", 400)
+    return model, params, stream
+
+
+def parse_chat(body: bytes) -> OllamaRequest:
+    """Check an Ollama ``/api/chat`` body."""
+    data = parse_json_object(body)
+    model, params, stream = _common(data)
+    messages = _messages(data.get("messages"))
+    if not messages:
+        return OllamaRequest(model=model, ollama_params=params, stream=stream, load_only=True)
+    params["messages"] = check_compat_messages(messages)
+    tools = check_tools(data.get("tools"))
+    if tools:
+        params["tools"] = tools
+    return OllamaRequest(model=model, ollama_params=params, stream=stream)
+
+
+def parse_generate(body: bytes) -> OllamaRequest:
+    """Check an Ollama ``/api/generate`` body; the node answers it as a chat."""
+    data = parse_json_object(body)
+    model, params, stream = _common(data)
+    if data.get("images"):
+        raise BadRequest("images: images are not supported by this network", 400)
+    prompt = data.get("prompt") or ""
+    system = data.get("system") or ""
+    if not isinstance(prompt, str) or not isinstance(system, str):
+        raise BadRequest("prompt and system: must be strings", 400)
+    if not prompt:
+        return OllamaRequest(model=model, ollama_params=params, stream=stream, load_only=True)
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    params["messages"] = check_compat_messages(messages)
+    return OllamaRequest(model=model, ollama_params=params, stream=stream)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _final_fields(chunk: dict[str, Any]) -> dict[str, Any]:
+    fields = {"done_reason": chunk.get("done_reason", "stop")}
+    for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+                "eval_count", "eval_duration"):
+        if key in chunk:
+            fields[key] = chunk[key]
+    return fields
+
+
+async def ndjson_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str
+                      ) -> AsyncIterator[bytes]:
+    """Ollama's streaming ``/api/chat`` lines; an error after the start is a last ``error``
+    line, as Ollama writes it."""
+    try:
+        async for chunk in chunks:
+            line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
+                                    "message": chunk["message"], "done": chunk["done"]}
+            if chunk["done"]:
+                line["message"] = {"role": "assistant", "content": "", **{
+                    k: v for k, v in chunk["message"].items() if k not in ("role", "content")}}
+                line.update(_final_fields(chunk))
+            else:
+                line["message"] = {"content": "", **chunk["message"]}
+            yield (_dumps(line) + "\n").encode()
+    except RelayError as error:
+        yield (_dumps({"error": error.message}) + "\n").encode()
+
+
+async def ndjson_generate(chunks: AsyncIterator[dict[str, Any]], *, model: str
+                          ) -> AsyncIterator[bytes]:
+    """Ollama's streaming ``/api/generate`` lines, made from the node's chat chunks."""
+    try:
+        async for chunk in chunks:
+            message = chunk["message"]
+            line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
+                                    "response": message.get("content", "")}
+            if "thinking" in message:
+                line["thinking"] = message["thinking"]
+            line["done"] = chunk["done"]
+            if chunk["done"]:
+                line.update(_final_fields(chunk))
+            yield (_dumps(line) + "\n").encode()
+    except RelayError as error:
+        yield (_dumps({"error": error.message}) + "\n").encode()
+
+
+def chat_body(answer: Answer, *, model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if answer.thinking:
+        message["thinking"] = answer.thinking
+    if answer.tool_calls:
+        message["tool_calls"] = answer.tool_calls
+    return {"model": model, "created_at": now_rfc3339(), "message": message, "done": True,
+            **_final_fields({"done_reason": answer.done_reason, **answer.stats})}
+
+
+def generate_body(answer: Answer, *, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
+                            "response": answer.content}
+    if answer.thinking:
+        body["thinking"] = answer.thinking
+    body["done"] = True
+    body.update(_final_fields({"done_reason": answer.done_reason, **answer.stats}))
+    return body
+
+
+def load_body(model: str, *, chat: bool) -> dict[str, Any]:
+    """What Ollama answers to a request with no messages or prompt: the model is loaded."""
+    body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
+    if chat:
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return {**body, "done": True, "done_reason": "load"}
+
+
+def _details(info: ModelInfo) -> dict[str, Any]:
+    family = info.name.split(":", 1)[0].rstrip("0123456789.")
+    return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+            "parameter_size": "", "quantization_level": ""}
+
+
+def _digest(name: str) -> str:
+    # The router does not know the node's blob digest; a stable stand-in per name.
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def tags_body(infos: list[ModelInfo]) -> dict[str, Any]:
+    now = now_rfc3339()
+    return {"models": [{"name": info.name, "model": info.name, "modified_at": now,
+                        "size": info.size, "digest": _digest(info.name),
+                        "details": _details(info)} for info in infos]}
+
+
+def ps_body(infos: list[ModelInfo]) -> dict[str, Any]:
+    return {"models": [{"name": info.name, "model": info.name, "size": info.size,
+                        "digest": _digest(info.name), "details": _details(info),
+                        "expires_at": now_rfc3339(), "size_vram": info.size}
+                       for info in infos if info.active]}
+
+
+def show_body(info: ModelInfo) -> dict[str, Any]:
+    capabilities = ["completion", *sorted(c for c in info.capabilities if c != "completion")]
+    return {"modelfile": "", "parameters": "", "template": "", "details": _details(info),
+            "model_info": {}, "capabilities": capabilities, "modified_at": now_rfc3339()}

@@ -1,0 +1,342 @@
+"""OpenAI's chat completions API over the network: request mapping to Ollama parameters and the
+response shapes the official ``openai`` client expects.
+
+Field mapping (OpenAI → Ollama): ``max_tokens``/``max_completion_tokens`` → ``options.num_predict``;
+``temperature, top_p, seed, stop, frequency_penalty, presence_penalty`` → ``options``;
+``response_format`` → ``format``; ``tools`` pass through; ``reasoning_effort`` → ``think``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from routing.streaming import Answer, RelayError, finish_reason_of, usage_of
+from routing.validation import (
+    BadRequest,
+    check_compat_messages,
+    check_format,
+    check_model,
+    check_stop,
+    check_tools,
+    parse_json_object,
+)
+
+NUMBER_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
+
+
+class OpenAIError(BadRequest):
+    """A request error in OpenAI's shape; ``param`` names the offending field."""
+
+    def __init__(self, detail: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(detail, status)
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.detail, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    ollama_params: dict[str, Any]
+    stream: bool
+    include_usage: bool
+
+
+def _param_of(detail: str) -> str | None:
+    head = detail.split(":", 1)[0]
+    return head if head and " " not in head else None
+
+
+def _text_of(content: Any, where: str) -> str:
+    """OpenAI content: a string, null, or a list of parts of which only text is supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise OpenAIError(f"{where}: only text content parts are supported",
+                                  param=where)
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise OpenAIError(f"{where}: a text part needs a string text", param=where)
+            texts.append(text)
+        return "".join(texts)
+    raise OpenAIError(f"{where}: must be a string or a list of text parts", param=where)
+
+
+def _tool_calls_to_ollama(calls: Any, where: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    if not isinstance(calls, list):
+        raise OpenAIError(f"{where}: must be a list", param=where)
+    converted, names = [], {}
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise OpenAIError(f"{where}[{index}].function: needs a name", param=where)
+        arguments = function.get("arguments") or "{}"
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise OpenAIError(f"{where}[{index}].function.arguments: not valid JSON",
+                                  param=where) from None
+        if not isinstance(arguments, dict):
+            raise OpenAIError(f"{where}[{index}].function.arguments: must be a JSON object",
+                              param=where)
+        converted.append({"function": {"name": function["name"], "arguments": arguments}})
+        if isinstance(call.get("id"), str):
+            names[call["id"]] = function["name"]
+    return converted, names
+
+
+def _messages_to_ollama(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise OpenAIError("messages: a non-empty list is required", param="messages")
+    messages: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise OpenAIError(f"{where}: must be an object", param=where)
+        role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for system
+            role = "system"
+        converted: dict[str, Any] = {
+            "role": role,
+            "content": _text_of(message.get("content"), f"{where}.content"),
+        }
+        if role == "assistant" and message.get("tool_calls"):
+            calls, names = _tool_calls_to_ollama(message["tool_calls"], f"{where}.tool_calls")
+            converted["tool_calls"] = calls
+            call_names.update(names)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if isinstance(call_id, str) and call_id in call_names:
+                converted["tool_name"] = call_names[call_id]
+            elif isinstance(call_id, str) and call_names:
+                raise OpenAIError(f"{where}.tool_call_id: no earlier tool call {call_id!r}",
+                                  param=f"{where}.tool_call_id")
+        messages.append(converted)
+    return messages
+
+
+def _number(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OpenAIError(f"{key}: must be a number", param=key)
+    low, high = NUMBER_RANGES[key]
+    if not low <= value <= high:
+        raise OpenAIError(f"{key}: must be between {low:g} and {high:g}", param=key)
+    return value
+
+
+def _integer(data: dict[str, Any], key: str, minimum: int | None = None) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OpenAIError(f"{key}: must be an integer", param=key)
+    if minimum is not None and value < minimum:
+        raise OpenAIError(f"{key}: must be at least {minimum}", param=key)
+    return value
+
+
+def _format_of(value: Any) -> str | dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise OpenAIError("response_format: must be an object", param="response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise OpenAIError("response_format.json_schema.schema: a JSON schema is required",
+                              param="response_format")
+        return check_format(schema, param="response_format")
+    raise OpenAIError("response_format.type: one of text, json_object, json_schema",
+                      param="response_format")
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    """Check an OpenAI ``/v1/chat/completions`` body and map it to Ollama's parameters."""
+    try:
+        data = parse_json_object(body)
+        model = check_model(data.get("model"))
+        messages = _messages_to_ollama(data.get("messages"))
+        messages = check_compat_messages(messages)
+        tools = check_tools(data.get("tools"))
+        stop = data.get("stop")
+        stop = check_stop(stop) if stop is not None else None
+    except OpenAIError:
+        raise
+    except BadRequest as error:
+        raise OpenAIError(error.detail, status=400, param=_param_of(error.detail)) from None
+    n = _integer(data, "n", minimum=1)
+    if n is not None and n != 1:
+        raise OpenAIError("n: only 1 choice is supported", param="n")
+    options: dict[str, Any] = {}
+    max_tokens = _integer(data, "max_completion_tokens", 1) or _integer(data, "max_tokens", 1)
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    for key in NUMBER_RANGES:
+        value = _number(data, key)
+        if value is not None:
+            options[key] = value
+    seed = _integer(data, "seed")
+    if seed is not None:
+        options["seed"] = seed
+    if stop:
+        options["stop"] = stop
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise OpenAIError("stream: must be true or false", param="stream")
+    stream_options = data.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise OpenAIError("stream_options: must be an object", param="stream_options")
+    params: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if options:
+        params["options"] = options
+    if tools and data.get("tool_choice") != "none":
+        params["tools"] = tools
+    output_format = _format_of(data.get("response_format"))
+    if output_format is not None:
+        params["format"] = output_format
+    effort = data.get("reasoning_effort")
+    if effort is not None:
+        if effort not in ("none", "minimal", "low", "medium", "high"):
+            raise OpenAIError("reasoning_effort: one of none, minimal, low, medium, high",
+                              param="reasoning_effort")
+        params["think"] = effort != "none"
+    return CompletionRequest(
+        model=model,
+        ollama_params=params,
+        stream=stream,
+        include_usage=stream_options.get("include_usage") is True,
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _openai_tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:
+    converted = []
+    for index, call in enumerate(calls):
+        function = call["function"]
+        arguments = function.get("arguments", {})
+        entry: dict[str, Any] = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {
+                "name": function["name"],
+                "arguments": arguments if isinstance(arguments, str) else _dumps(arguments),
+            },
+        }
+        if indexed:
+            entry = {"index": index, **entry}
+        converted.append(entry)
+    return converted
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(answer: Answer, *, model: str) -> dict[str, Any]:
+    """A ``chat.completion`` object for a non-streaming request."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
+        message["reasoning"] = answer.thinking
+    if answer.tool_calls:
+        message["tool_calls"] = _openai_tool_calls(answer.tool_calls, indexed=False)
+    elif message["content"] is None:
+        message["content"] = ""
+    final = {"done_reason": answer.done_reason, **answer.stats}
+    usage = usage_of(final) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_idleclaw",
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason_of(final, bool(answer.tool_calls)),
+            }
+        ],
+        "usage": usage,
+    }
+
+
+async def completion_stream(
+    chunks: AsyncIterator[dict[str, Any]], *, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """``chat.completion.chunk`` events: the role first, then deltas, ``finish_reason`` on the
+    last choice chunk, an optional usage chunk, then ``[DONE]``."""
+    head = (
+        f'{{"id":"{completion_id()}","object":"chat.completion.chunk",'
+        f'"created":{int(time.time())},"model":{_dumps(model)},'
+        f'"system_fingerprint":"fp_idleclaw","choices":'
+    )
+    usage_tail = ',"usage":null}' if include_usage else "}"
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = f'[{{"index":0,"delta":{_dumps(delta)},"logprobs":null,"finish_reason":' \
+                 f"{_dumps(finish)}}}]"
+        return f"data: {head}{choice}{usage_tail}\n\n".encode()
+
+    yield event({"role": "assistant", "content": ""})
+    saw_tool_calls = False
+    try:
+        async for chunk in chunks:
+            message = chunk["message"]
+            if "thinking" in message:
+                thinking = message["thinking"]
+                yield event({"reasoning_content": thinking, "reasoning": thinking})
+            if "content" in message:
+                yield event({"content": message["content"]})
+            if "tool_calls" in message:
+                saw_tool_calls = True
+                yield event({"tool_calls": _openai_tool_calls(message["tool_calls"],
+                                                              indexed=True)})
+            if chunk["done"]:
+                yield event({}, finish_reason_of(chunk, saw_tool_calls))
+                if include_usage:
+                    usage = usage_of(chunk) or {
+                        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                    }
+                    yield f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+    except RelayError as error:
+        # The openai client raises APIError on an event that carries "error".
+        body = {"error": {"message": error.message, "type": "server_error", "param": None,
+                          "code": error.code}}
+        yield f"data: {_dumps(body)}\n\n".encode()
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,320 @@
+"""The OpenAI- and Ollama-compatible APIs, driven by the official ``openai`` and ``ollama``
+clients against a live router, a real contribute.py and the emulator."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import ollama
+import openai
+import pytest
+import requests
+
+from tests import procs
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "llama3.2:3b"
+THINKER = "qwen3:0.6b"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    """One router, one emulator and one contributor shared by this module's tests."""
+    db = tmp_path_factory.mktemp("compat") / "router.sqlite3"
+    router, router_url = procs.start_router(
+        db, {"IDLECLAW_MAX_NODES_PER_IP": "50", "IDLECLAW_RATE_NODE_REGISTER": "1000/m"}
+    )
+    emulator, emulator_url = procs.start_emulator()
+    node = procs.start_contributor(router_url, emulator_url, "--max-concurrent", "4")
+    try:
+        node.wait_for_line("registered")
+        procs.wait_until(
+            lambda: MODEL in requests.get(f"{router_url}/api/models", timeout=5).json()["models"],
+            what="the node's models",
+        )
+        yield router_url, emulator_url
+    finally:
+        node.stop()
+        emulator.stop()
+        router.stop()
+
+
+@pytest.fixture
+def oai(network):
+    client = openai.OpenAI(base_url=f"{network[0]}/v1", api_key="ignored", max_retries=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def olc(network):
+    client = ollama.Client(host=f"{network[0]}/ollama")
+    with contextlib.closing(client):
+        yield client
+
+
+@pytest.fixture
+def direct(network):
+    """The emulator itself through the official client: what Ollama answers without us."""
+    client = ollama.Client(host=network[1])
+    with contextlib.closing(client):
+        yield client
+
+
+def ask(direct, model=MODEL, messages=None, **kwargs):
+    messages = messages or [{"role": "user", "content": "hello"}]
+    return direct.chat(model=model, messages=messages, **kwargs)
+
+
+# --- OpenAI ---------------------------------------------------------------------------------
+
+
+def test_openai_non_streaming_answer_and_usage_match_ollama(oai, direct):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    completion = oai.chat.completions.create(model=MODEL, messages=messages)
+    expected = ask(direct, messages=messages, think=None)
+    assert completion.object == "chat.completion"
+    assert completion.model == MODEL
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.message.content
+    assert choice.finish_reason == "stop"
+    assert completion.usage.prompt_tokens == expected.prompt_eval_count
+    assert completion.usage.completion_tokens == expected.eval_count
+    assert completion.usage.total_tokens == expected.prompt_eval_count + expected.eval_count
+
+
+def test_openai_stream_has_role_first_one_id_and_usage_chunk(oai, direct):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stream it"}], stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    expected = ask(direct, messages=[{"role": "user", "content": "stream it"}])
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    assert len({c.created for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == expected.eval_count
+    assert chunks[-1].usage.prompt_tokens == expected.prompt_eval_count
+
+
+def test_openai_max_tokens_cuts_the_answer_with_finish_reason_length(oai):
+    completion = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=5,
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert len(completion.choices[0].message.content.split()) == 5
+    assert completion.usage.completion_tokens == 5
+
+
+def test_openai_options_reach_ollama_mapped(oai, network):
+    requests.post(f"{network[1]}/_emulator/reset", timeout=5)
+    oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "opts"}], temperature=0.3,
+        top_p=0.9, seed=42, stop=["END"], frequency_penalty=0.5, presence_penalty=0.25,
+        max_tokens=7, response_format={"type": "json_object"},
+    )
+    [body] = requests.get(f"{network[1]}/_emulator/stats", timeout=5).json()["requests"]
+    assert body["options"] == {
+        "num_predict": 7, "temperature": 0.3, "top_p": 0.9, "seed": 42, "stop": ["END"],
+        "frequency_penalty": 0.5, "presence_penalty": 0.25,
+    }
+    assert body["format"] == "json"
+
+
+def test_openai_json_schema_response_format_gives_json(oai):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}},
+              "required": ["name"]}
+    completion = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "json"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+def test_openai_tool_calls_round_trip(oai, direct):
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    completion = oai.chat.completions.create(model=MODEL, messages=messages,
+                                             tools=[WEATHER_TOOL])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    expected = ask(direct, messages=messages, tools=[WEATHER_TOOL])
+    assert json.loads(call.function.arguments) == dict(
+        expected.message.tool_calls[0].function.arguments
+    )
+    # Answer the call: the tool message is accepted and the model replies with content.
+    follow_up = messages + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
+    final = oai.chat.completions.create(model=MODEL, messages=follow_up, tools=[WEATHER_TOOL])
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content
+
+
+def test_openai_streamed_tool_calls(oai):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL],
+        stream=True,
+    )
+    chunks = list(stream)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_openai_reasoning_arrives_as_reasoning_content(oai, direct):
+    messages = [{"role": "user", "content": "think first"}]
+    completion = oai.chat.completions.create(model=THINKER, messages=messages,
+                                             reasoning_effort="medium")
+    expected = ask(direct, model=THINKER, messages=messages, think=True)
+    message = completion.choices[0].message.model_dump()
+    assert message["reasoning_content"] == expected.message.thinking
+    assert message["content"] == expected.message.content
+    stream = oai.chat.completions.create(model=THINKER, messages=messages, stream=True,
+                                         reasoning_effort="medium")
+    deltas = [c.choices[0].delta.model_dump() for c in stream if c.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == expected.message.thinking
+
+
+def test_openai_models_list_and_retrieve(oai):
+    ids = [m.id for m in oai.models.list()]
+    assert ids[:3] == [MODEL, THINKER, "smollm2:135m"]
+    assert oai.models.retrieve(THINKER).id == THINKER
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.models.retrieve("nobody:1b")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]}, None),
+        ({"messages": []}, "messages"),
+        ({"model": "../x"}, "model"),
+    ],
+)
+def test_openai_bad_requests_get_openai_error_shape(oai, kwargs, param):
+    arguments = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **kwargs}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(**arguments)
+    error = caught.value.body
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    if param:
+        assert error["param"] == param
+
+
+def test_openai_refused_role_names_the_accepted_roles(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
+    assert "system, user, assistant, tool" in caught.value.body["message"]
+
+
+def test_openai_unserved_model_is_503_in_openai_shape(network):
+    reply = requests.post(f"{network[0]}/v1/chat/completions", timeout=10, json={
+        "model": "nobody:1b", "messages": [{"role": "user", "content": "x"}]})
+    assert reply.status_code == 503
+    assert reply.headers["Retry-After"]
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_openai_accepts_and_ignores_an_authorization_header(network):
+    reply = requests.get(f"{network[0]}/v1/models", timeout=10,
+                         headers={"Authorization": "Bearer sk-anything"})
+    assert reply.status_code == 200
+
+
+# --- Ollama ---------------------------------------------------------------------------------
+
+
+def test_ollama_root_and_version(network):
+    root = requests.get(f"{network[0]}/ollama/", timeout=5)
+    assert root.text == "Ollama is running"
+    assert requests.get(f"{network[0]}/ollama/api/version", timeout=5).json()["version"]
+
+
+def test_ollama_tags_list_live_models_with_size(olc):
+    models = {m.model: m for m in olc.list().models}
+    assert set(models) == {MODEL, THINKER, "smollm2:135m"}
+    assert models[MODEL].size == 2019393189
+    assert models[MODEL].details.format == "gguf"
+
+
+def test_ollama_show_and_404(olc):
+    shown = olc.show(THINKER)
+    assert "thinking" in shown.capabilities and "completion" in shown.capabilities
+    with pytest.raises(ollama.ResponseError) as caught:
+        olc.show("nobody:1b")
+    assert caught.value.status_code == 404
+
+
+def test_ollama_chat_streaming_matches_direct_with_final_stats(olc, direct):
+    messages = [{"role": "user", "content": "hi ollama"}]
+    parts = list(olc.chat(model=MODEL, messages=messages, stream=True))
+    expected = ask(direct, messages=messages)
+    assert "".join(p.message.content for p in parts) == expected.message.content
+    final = parts[-1]
+    assert final.done and final.done_reason == "stop"
+    assert final.eval_count == expected.eval_count
+    assert final.prompt_eval_count == expected.prompt_eval_count
+    assert final.total_duration > 0
+    assert all(not p.done for p in parts[:-1])
+
+
+def test_ollama_chat_non_streaming_thinking_and_tools(olc, direct):
+    messages = [{"role": "user", "content": "think"}]
+    thought = olc.chat(model=THINKER, messages=messages, think=True)
+    expected = ask(direct, model=THINKER, messages=messages, think=True)
+    assert thought.message.thinking == expected.message.thinking
+    assert thought.message.content == expected.message.content
+    called = olc.chat(model=MODEL, messages=[{"role": "user", "content": "weather"}],
+                      tools=[WEATHER_TOOL])
+    assert called.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_ollama_generate_both_ways(olc, direct):
+    streamed = list(olc.generate(model=MODEL, prompt="a poem", stream=True))
+    whole = olc.generate(model=MODEL, prompt="a poem")
+    assert "".join(p.response for p in streamed) == whole.response
+    expected = ask(direct, messages=[{"role": "user", "content": "a poem"}])
+    assert whole.response == expected.message.content
+    assert whole.done_reason == "stop" and whole.eval_count == expected.eval_count
+    loaded = olc.generate(model=MODEL, prompt="")
+    assert loaded.done_reason == "load"
+
+
+def test_ollama_errors_use_ollamas_shape(olc, network):
+    with pytest.raises(ollama.ResponseError) as caught:
+        olc.chat(model="nobody:1b", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 404
+    reply = requests.post(f"{network[0]}/ollama/api/chat", data=b"{bad", timeout=5)
+    assert reply.status_code == 400 and "error" in reply.json()
+    reply = requests.post(f"{network[0]}/ollama/api/pull", json={"model": MODEL}, timeout=5)
+    assert reply.status_code == 501 and "error" in reply.json()
