@@ -151,6 +151,9 @@ else:
             "NAME": os.environ.get("IDLECLAW_SQLITE_PATH", str(LOCAL_DIR / "db.sqlite3")),
             # Writes from the thread pool and the management commands wait instead of failing.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            # A file, not SQLite's shared in-memory database: that one fails with "table is
+            # locked" instead of waiting when the router's thread and a test touch it at once.
+            "TEST": {"NAME": str(LOCAL_DIR / f"test-{os.getpid()}.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -160,24 +163,55 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
     raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
 
-# A token stream is one message per chunk into the consumer's reply channel. The default
-# capacity of 100 messages would drop a fast stream whenever the HTTP side falls behind for a
-# moment, so each channel may hold a whole long answer. Expiry bounds how long an undelivered
-# message (a reply to a consumer that went away) occupies memory.
+# Every chunk of an answer is one channel-layer message from the node's worker to the
+# consumer's, so the layer is tuned for token streams rather than chat-room defaults.
+#
+# Capacity. channels-redis keeps all messages for one worker process in a single Redis sorted
+# set (every node socket and every stream on that worker share it: process-local "specific"
+# channels), and refuses a send once the set holds ``capacity`` undelivered messages; the node
+# side then cancels that request ("stream was not read fast enough"). The same number bounds
+# each channel's buffer inside the receiving process, where an overflow silently drops the
+# oldest chunk. The default of 100 is far too small: one 2,000-token answer from a fast node
+# piled up close to 400 undelivered messages on a busy 2-core test machine
+# (tests/scaleout/test_across_workers.py). 5000 absorbs bursts from many fast streams at once
+# while still bounding a worker's backlog to a few seconds of its receive rate and about 1 MB of
+# Redis memory; a worker further behind than that is overloaded, and failing the streams it
+# cannot keep up with is better than growing the lag without limit.
 CHANNEL_CAPACITY = envint("IDLECLAW_CHANNEL_CAPACITY", 5000, minimum=100)
+# Expiry. Undelivered messages older than this are pruned at the next send to the same worker,
+# judged by the senders' clocks, and a worker's set disappears this long after its last
+# message. A live worker drains its set within moments, so what expires is mostly mail for
+# streams that already ended or workers that died; 120 s (the default whole-answer limit,
+# IDLECLAW_RESPONSE_TIMEOUT) is far beyond any backlog a live request can survive, and
+# tolerates clocks of different hosts being seconds apart. The default of 60 s would also do,
+# but leaves less room for skew.
 CHANNEL_EXPIRY = envint("IDLECLAW_CHANNEL_EXPIRY", 120, minimum=10)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # redis-py 8 gives up on a read after 5 s by default, exactly as long
+                        # as channels-redis blocks in BZPOPMIN waiting for a message, so every
+                        # channel that stayed quiet for 5 s raised TimeoutError and closed its
+                        # node's socket (redis/redis-py#4091). Reads may now take longer than
+                        # that wait; only a dead connection runs into this timeout. Options in
+                        # the URL (?socket_timeout=...) still take precedence.
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                        "socket_keepalive": True,
+                    }
+                ],
                 "capacity": CHANNEL_CAPACITY,
                 "expiry": CHANNEL_EXPIRY,
                 "prefix": "idleclaw",
             },
         }
     }
+    # Shared by all workers: the per-IP registration rate limits count across the network.
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -224,6 +258,19 @@ if not set(IDLECLAW_COMPAT_ROLES) <= {"system", "user", "assistant", "tool"} or 
 IDLECLAW_SYSTEM_PROMPT = os.environ.get("IDLECLAW_SYSTEM_PROMPT", "")
 # The Ollama version the /ollama API reports to clients.
 IDLECLAW_OLLAMA_VERSION = os.environ.get("IDLECLAW_OLLAMA_VERSION", "0.12.3")
+# Queue (per model, first in first out across workers) when every node's slots are taken.
+IDLECLAW_QUEUE_TIMEOUT = envfloat("IDLECLAW_QUEUE_TIMEOUT", 30.0, minimum=0.0)
+IDLECLAW_MAX_QUEUE = envint("IDLECLAW_MAX_QUEUE", 100, minimum=0)
+# How often a waiting stream gets a `: queued position=N` line. A request that waits less than
+# this is answered with its first token or a plain 503; one that waits longer has its stream
+# opened, so it ends with an error event instead of a 503.
+IDLECLAW_QUEUE_NOTICE_INTERVAL = envfloat("IDLECLAW_QUEUE_NOTICE_INTERVAL", 3.0, minimum=0.1)
+# Failover: attempts on different nodes before the first token.
+IDLECLAW_MAX_ATTEMPTS = envint("IDLECLAW_MAX_ATTEMPTS", 3, minimum=1)
+# Answers are cut (finish_reason "length") at this many characters of content and reasoning.
+IDLECLAW_MAX_RESPONSE_CHARS = envint("IDLECLAW_MAX_RESPONSE_CHARS", 16_000, minimum=1)
+# A node failing 3 times in a row is not routed to for this long, then gets one trial request.
+IDLECLAW_NODE_COOLDOWN = envfloat("IDLECLAW_NODE_COOLDOWN", 30.0, minimum=0.0)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
 

@@ -113,6 +113,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if opened.evicted_channel:
             await self.channel_layer.send(opened.evicted_channel, {"type": "node.evict"})
         await worker.notify_orphans(opened.orphans, "node_disconnected")
+        await self._wake_queues([offer.name for offer in registration.models])
         await self.send_frame(
             {
                 "type": FrameType.REGISTERED,
@@ -142,12 +143,20 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await database_sync_to_async(services.node_models_replace)(
                 session_id=self.session_id, offers=offers
             )
+            await self._wake_queues([offer.name for offer in offers])
         elif kind == FrameType.DRAIN:
             await database_sync_to_async(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
         # Unknown frame types are ignored (PROTOCOL: unknown fields are never an error).
         await self._touch(force=False)
+
+    async def _wake_queues(self, models: list[str]) -> None:
+        """New capacity: the requests waiting longest for these models may take it."""
+        from routing.services import queue_heads
+
+        for channel in await database_sync_to_async(queue_heads)(models=models):
+            await self.channel_layer.send(channel, {"type": "queue.wake"})
 
     async def _touch(self, *, force: bool) -> None:
         now = time.monotonic()

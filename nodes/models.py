@@ -37,6 +37,15 @@ class NodeSession(models.Model):
     draining = models.BooleanField(default=False)
     connected_at = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
+    # Measured from this session's real traffic (moving averages), never from what it claims.
+    ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token, ms")
+    tokens_per_s = models.FloatField(null=True, blank=True)
+    completed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    timed_out = models.PositiveIntegerField(default=0)
+    consecutive_failures = models.PositiveSmallIntegerField(default=0)
+    # Not routed to until then; afterwards it gets one trial request.
+    cooldown_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["connected_at"]

@@ -94,16 +94,29 @@ def router_workers_reap(*, worker_id: str, everyone_else: bool = False) -> Reape
     whose node was on a dead one (they get an error event), and nodes on live workers serving a
     consumer whose worker died (they get a cancel). ``everyone_else`` removes all other workers
     at once: right for the in-memory channel layer, which no other process can share.
+
+    Survivors reap concurrently: each dead worker is taken by exactly one of them (rows another
+    survivor holds are skipped), so a consumer gets one error event, not one per survivor.
     """
     from routing.models import InflightRequest
 
     with transaction.atomic():
-        dead = RouterWorker.objects.exclude(worker_id=worker_id)
+        dead = RouterWorker.objects.select_for_update(skip_locked=True).exclude(
+            worker_id=worker_id
+        )
         if not everyone_else:
             dead = dead.filter(last_seen__lt=worker_cutoff())
         dead_ids = list(dead.values_list("worker_id", flat=True))
         if not dead_ids:
             return Reaped()
+        # A claim locks its session row before adding a request to it. Holding these locks
+        # while the orphans are read means a claim racing with the reap either committed first
+        # (its consumer is among the orphans) or finds the session gone afterwards.
+        list(
+            NodeSession.objects.select_for_update()
+            .filter(worker_id__in=dead_ids)
+            .values_list("pk", flat=True)
+        )
         orphans = _orphans_of_sessions(
             Q(session__worker_id__in=dead_ids) & ~Q(worker_id__in=dead_ids)
         )
@@ -118,10 +131,16 @@ def router_workers_reap(*, worker_id: str, everyone_else: bool = False) -> Reape
 
 
 def node_sessions_reap() -> list[Orphan]:
-    """Remove sessions not heard from within the node timeout (PROTOCOL §1 liveness)."""
+    """Remove sessions not heard from within the node timeout (PROTOCOL §1 liveness).
+
+    Like ``router_workers_reap``, each stale session is taken by one reaping worker only, and
+    its row stays locked until its requests are read.
+    """
     with transaction.atomic():
         stale = list(
-            NodeSession.objects.filter(last_seen__lt=live_cutoff()).values_list("pk", flat=True)
+            NodeSession.objects.select_for_update(skip_locked=True)
+            .filter(last_seen__lt=live_cutoff())
+            .values_list("pk", flat=True)
         )
         if not stale:
             return []

@@ -20,3 +20,21 @@ class InflightRequest(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class QueuedRequest(models.Model):
+    """A consumer's request waiting for a free slot. The queue is per model and first in, first
+    out across all workers: ``arrived_at`` (then ``request_id``) orders it."""
+
+    request_id = models.CharField(max_length=64, primary_key=True)
+    model = models.CharField(max_length=64, db_index=True)
+    worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="queued")
+    # Where a wake-up is sent when a slot frees.
+    reply_channel = models.CharField(max_length=255)
+    arrived_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["arrived_at", "request_id"]
+
+    def __str__(self) -> str:
+        return self.request_id

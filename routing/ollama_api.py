@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routing.selectors import ModelInfo
-from routing.streaming import Answer, RelayError
+from routing.streaming import Answer, Queued, RelayError
 from routing.validation import (
     BadRequest,
     check_compat_messages,
@@ -154,6 +154,8 @@ async def ndjson_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str
     line, as Ollama writes it."""
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Queued):
+                continue  # NDJSON has no comment lines; Ollama clients would choke
             line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
                                     "message": chunk["message"], "done": chunk["done"]}
             if chunk["done"]:
@@ -172,6 +174,8 @@ async def ndjson_generate(chunks: AsyncIterator[dict[str, Any]], *, model: str
     """Ollama's streaming ``/api/generate`` lines, made from the node's chat chunks."""
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Queued):
+                continue
             message = chunk["message"]
             line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
                                     "response": message.get("content", "")}

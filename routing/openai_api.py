@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from routing.streaming import Answer, RelayError, finish_reason_of, usage_of
+from routing.streaming import Answer, Queued, RelayError, finish_reason_of, usage_of
 from routing.validation import (
     BadRequest,
     check_compat_messages,
@@ -317,6 +317,9 @@ async def completion_stream(
     saw_tool_calls = False
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Queued):
+                yield f": queued position={chunk.position}\n\n".encode()
+                continue
             message = chunk["message"]
             if "thinking" in message:
                 thinking = message["thinking"]

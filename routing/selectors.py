@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession
@@ -76,7 +76,32 @@ def network_health() -> dict[str, int]:
     from routing.models import InflightRequest
 
     live = live_sessions()
+    from routing.models import QueuedRequest
+
     return {
         "node_count": live.count(),
         "active_requests": InflightRequest.objects.filter(session__in=live).count(),
+        "queued_requests": QueuedRequest.objects.count(),
     }
+
+
+def queue_position(*, request_id: str) -> int:
+    """1 for the next request to be served; 0 when the request is no longer queued."""
+    from routing.models import QueuedRequest
+
+    row = QueuedRequest.objects.filter(request_id=request_id).values("model", "arrived_at").first()
+    if row is None:
+        return 0
+    ahead = QueuedRequest.objects.filter(model=row["model"]).filter(
+        Q(arrived_at__lt=row["arrived_at"])
+        | Q(arrived_at=row["arrived_at"], request_id__lt=request_id)
+    )
+    return ahead.count() + 1
+
+
+def queue_lengths() -> dict[str, int]:
+    from routing.models import QueuedRequest
+
+    return dict(
+        QueuedRequest.objects.values("model").annotate(n=Count("pk")).values_list("model", "n")
+    )

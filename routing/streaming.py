@@ -21,11 +21,12 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
+from django.utils import timezone
 
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
-from routing import selectors
-from routing.services import Claim, inflight_claim, inflight_finish
+from routing import selectors, services
+from routing.services import Claim, NoSlot, Outcome
 
 logger = logging.getLogger("idleclaw.routing")
 
@@ -38,6 +39,8 @@ ERROR_MESSAGES = {
     "ollama_unavailable": "the node's model server is unavailable",
     "ollama_error": "the node's model server failed",
     "consumer_stalled": "the stream was not read fast enough",
+    "queue_timeout": "no node became free in time; try again later",
+    "no_node": "no node is serving this model right now",
 }
 
 
@@ -53,103 +56,333 @@ class RelayError(Exception):
 
 @dataclass(frozen=True)
 class Unavailable:
-    """No node could take the request; ``served`` tells "all busy" from "nobody has it"."""
+    """No slot could be had before the stream started: the answer is a 503."""
 
     model: str
     served: bool
+    queue_full: bool = False
 
     @property
     def message(self) -> str:
-        if self.served:
-            return f"all nodes serving {self.model} are busy"
-        return f"no node is serving {self.model} right now"
+        if not self.served:
+            return f"no node is serving {self.model} right now"
+        if self.queue_full:
+            return f"too many requests are waiting for {self.model}; try again later"
+        return f"all nodes serving {self.model} are busy; no slot became free in time"
 
 
-async def open_relay(
-    *, model: str, ollama_params: dict[str, Any]
-) -> AsyncIterator[dict[str, Any]] | Unavailable:
-    """Claim a node's slot for ``model`` and return the relay of its answer.
+@dataclass(frozen=True)
+class Queued:
+    """The request is waiting for a slot; ``position`` 1 is next."""
 
-    The one entry point every front end (``/api/chat``, ``/v1``, ``/ollama``) uses, so routing,
-    limits and clean-up behave the same on all of them.
+    position: int
+
+
+class _Failover(Exception):
+    """An attempt failed before its first chunk; another node may take the request."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# How often a queued request looks for a slot on its own, in case a wake-up was lost (a worker
+# died, or a node came back from its cooldown). Wake-ups come through the channel layer.
+QUEUE_RECHECK = 2.0
+WAKE = "queue.wake"
+
+
+class Relay:
+    """One consumer request through the network: claim a slot (or wait in the model's queue),
+    send the request to the node, pass its chunks on, fail over to another node if it fails
+    before its first chunk, and always give the slot back.
+
+    Every front end (``/api/chat``, ``/v1``, ``/ollama``) drives this same object, so queueing,
+    failover, limits and clean-up behave the same on all of them.
     """
-    await worker.ensure_started()
-    layer = get_channel_layer()
-    reply_channel = await layer.new_channel()
-    claim = await database_sync_to_async(inflight_claim)(
-        model=model,
-        request_id=uuid.uuid4().hex,
-        reply_channel=reply_channel,
-        worker_id=worker.WORKER_ID,
-    )
-    if claim is None:
-        served = await database_sync_to_async(selectors.model_is_served)(model=model)
-        return Unavailable(model=model, served=served)
-    if settings.IDLECLAW_SYSTEM_PROMPT:
-        ollama_params = {
-            **ollama_params,
-            "messages": [
-                {"role": "system", "content": settings.IDLECLAW_SYSTEM_PROMPT},
-                *ollama_params["messages"],
-            ],
-        }
-    return relay(layer=layer, claim=claim, reply_channel=reply_channel, ollama_params=ollama_params)
 
+    def __init__(self, *, model: str, ollama_params: dict[str, Any]) -> None:
+        self.model = model
+        if settings.IDLECLAW_SYSTEM_PROMPT:
+            ollama_params = {
+                **ollama_params,
+                "messages": [
+                    {"role": "system", "content": settings.IDLECLAW_SYSTEM_PROMPT},
+                    *ollama_params["messages"],
+                ],
+            }
+        self.params = ollama_params
+        self.queue_id = uuid.uuid4().hex
+        self.arrived_at = timezone.now()
+        self.loop = asyncio.get_running_loop()
+        self.claim: Claim | None = None
+        self.queued = False
+        self.tried: set[int] = set()
+        self.attempts = 0
+        self.layer: BaseChannelLayer | None = None
+        self.reply_channel = ""
 
-async def relay(
-    *,
-    layer: BaseChannelLayer,
-    claim: Claim,
-    reply_channel: str,
-    ollama_params: dict[str, Any],
-) -> AsyncIterator[dict[str, Any]]:
-    """Yield the node's chunks for ``claim``; the last one has ``done: True``."""
-    request_id = claim.request_id
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.IDLECLAW_RESPONSE_TIMEOUT
-    stall = settings.IDLECLAW_STALL_TIMEOUT
-    finished = False
-    try:
-        await layer.send(
+    # --- getting a slot ----------------------------------------------------------------------
+
+    async def start(self, *, hold: float) -> Unavailable | None:
+        """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
+        (the request has a slot or is still queued); ``Unavailable``: answer 503."""
+        await worker.ensure_started()
+        self.layer = get_channel_layer()
+        self.reply_channel = await self.layer.new_channel()
+        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+        result = await self._try_claim()
+        if result is None:
+            return None
+        if not result.served:
+            return Unavailable(model=self.model, served=False)
+        joined = await database_sync_to_async(services.queue_join)(
+            request_id=self.queue_id,
+            model=self.model,
+            reply_channel=self.reply_channel,
+            worker_id=worker.WORKER_ID,
+            arrived_at=self.arrived_at,
+        )
+        if not joined:
+            return Unavailable(model=self.model, served=True, queue_full=True)
+        self.queued = True
+        until = min(self.queue_deadline, self.loop.time() + hold)
+        while self.loop.time() < until:
+            await self._wait_for_wake(until)
+            result = await self._try_claim()
+            if result is None:
+                return None
+            if not result.served:
+                await self._leave_queue()
+                return Unavailable(model=self.model, served=False)
+        if self.loop.time() >= self.queue_deadline:
+            await self._leave_queue()
+            return Unavailable(model=self.model, served=True)
+        return None
+
+    async def _try_claim(self) -> NoSlot | None:
+        """Claim a slot now; None on success."""
+        self.attempts += 1
+        attempt_id = uuid.uuid4().hex
+        result = await database_sync_to_async(services.inflight_claim)(
+            model=self.model,
+            request_id=attempt_id,
+            reply_channel=self.reply_channel,
+            worker_id=worker.WORKER_ID,
+            arrived_at=self.arrived_at,
+            queued_as=self.queue_id if self.queued else None,
+            exclude=self.tried,
+        )
+        if isinstance(result, Claim):
+            self.claim = result
+            if self.queued:
+                self.queued = False  # the claim removed the queue row
+                await self._wake(
+                    await database_sync_to_async(services.queue_heads)(models=[self.model])
+                )
+            return None
+        self.attempts -= 1
+        return result
+
+    async def _wait_for_wake(self, until: float) -> None:
+        timeout = max(0.0, min(until - self.loop.time(), QUEUE_RECHECK))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = await self.layer.receive(self.reply_channel)
+                    if event.get("type") == WAKE:
+                        return
+        except TimeoutError:
+            return
+
+    async def _wait_in_queue(self) -> AsyncIterator[Queued]:
+        """Wait for a slot, telling the consumer where it stands; raises ``RelayError``."""
+        interval = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL
+        next_notice = self.loop.time()
+        while self.claim is None:
+            now = self.loop.time()
+            if now >= self.queue_deadline:
+                raise RelayError("queue_timeout")
+            if now >= next_notice:
+                position = await database_sync_to_async(selectors.queue_position)(
+                    request_id=self.queue_id
+                )
+                yield Queued(position=position)
+                next_notice = now + interval
+            await self._wait_for_wake(min(self.queue_deadline, next_notice))
+            result = await self._try_claim()
+            if result is not None and not result.served:
+                raise RelayError("node_disconnected" if self.tried else "no_node")
+
+    async def _leave_queue(self) -> None:
+        if self.queued:
+            self.queued = False
+            await database_sync_to_async(services.queue_leave)(request_id=self.queue_id)
+
+    async def _wake(self, channels: list[str]) -> None:
+        for channel in channels:
+            if channel != self.reply_channel:
+                await self.layer.send(channel, {"type": WAKE})
+
+    # --- the answer --------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Queued | dict[str, Any]]:
+        """``Queued`` notices while waiting, then the node's chunks; the last chunk has
+        ``done: True``. Raises ``RelayError`` when the request fails."""
+        try:
+            while True:
+                if self.claim is None:
+                    async for notice in self._wait_in_queue():
+                        yield notice
+                try:
+                    async for chunk in self._attempt():
+                        yield chunk
+                    return
+                except _Failover as failure:
+                    if self.attempts >= settings.IDLECLAW_MAX_ATTEMPTS:
+                        raise RelayError(failure.code) from None
+                    logger.info("request for %s fails over after %s", self.model, failure.code)
+                    result = await self._try_claim()
+                    if result is not None:
+                        if not result.served:
+                            raise RelayError(failure.code) from None
+                        await self._requeue()
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _requeue(self) -> None:
+        # The wait starts afresh: the consumer already waited for a node that then failed.
+        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+        self.queued = await database_sync_to_async(services.queue_join)(
+            request_id=self.queue_id,
+            model=self.model,
+            reply_channel=self.reply_channel,
+            worker_id=worker.WORKER_ID,
+            arrived_at=self.arrived_at,
+        )
+        if not self.queued:
+            raise RelayError("queue_timeout")
+
+    async def _attempt(self) -> AsyncIterator[dict[str, Any]]:
+        """Serve the request on the claimed node. Raises ``_Failover`` when the node fails
+        before its first chunk, ``RelayError`` after it."""
+        claim = self.claim
+        assert claim is not None
+        sent_at = self.loop.time()
+        deadline = sent_at + settings.IDLECLAW_RESPONSE_TIMEOUT
+        stall = settings.IDLECLAW_STALL_TIMEOUT
+        char_budget = settings.IDLECLAW_MAX_RESPONSE_CHARS
+        first_at: float | None = None
+        chunks = 0
+        outcome = Outcome(kind="cancelled")
+        node_done = False
+        await self.layer.send(
             claim.node_channel,
             {
                 "type": EventType.NODE_REQUEST,
-                "request_id": request_id,
-                "reply_channel": reply_channel,
-                "ollama_params": ollama_params,
+                "request_id": claim.request_id,
+                "reply_channel": self.reply_channel,
+                "ollama_params": self.params,
             },
         )
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise RelayError("timeout")
-            try:
-                event = await asyncio.wait_for(
-                    layer.receive(reply_channel), timeout=min(stall, remaining)
-                )
-            except TimeoutError:
-                raise RelayError("stalled" if remaining > stall else "timeout") from None
-            if event.get("request_id") != request_id:
-                continue
-            if event.get("type") == EventType.STREAM_ERROR:
-                finished = True  # the node side already dropped the request
-                raise RelayError(str(event.get("error")))
-            chunk = event["chunk"]
-            if chunk["done"]:
-                finished = True
-            yield chunk
-            if finished:
-                return
-    finally:
-        await asyncio.shield(_release(layer, claim, finished))
+        try:
+            while True:
+                remaining = deadline - self.loop.time()
+                try:
+                    async with asyncio.timeout(min(stall, max(remaining, 0.0))):
+                        event = await self.layer.receive(self.reply_channel)
+                except TimeoutError:
+                    code = "timeout" if remaining <= stall else "stalled"
+                    outcome = Outcome(kind="timed_out")
+                    if first_at is None:
+                        raise _Failover(code) from None
+                    raise RelayError(code) from None
+                if event.get("request_id") != claim.request_id:
+                    continue  # a wake-up, or a late event of an earlier attempt
+                if event.get("type") == EventType.STREAM_ERROR:
+                    node_done = True
+                    code = str(event.get("error"))
+                    outcome = Outcome(kind="failed")
+                    if first_at is None:
+                        raise _Failover(code)
+                    raise RelayError(code)
+                chunk = event["chunk"]
+                chunks += 1
+                if first_at is None:
+                    first_at = self.loop.time()
+                message = chunk["message"]
+                size = len(message.get("content", "")) + len(message.get("thinking", ""))
+                if size >= char_budget and not chunk["done"]:
+                    yield _truncated(chunk, char_budget)
+                    outcome = _measured("completed", sent_at, first_at, chunks, None)
+                    yield {"message": {"role": "assistant"}, "done": True,
+                           "done_reason": "length"}
+                    return
+                char_budget -= size
+                if chunk["done"]:
+                    node_done = True
+                    outcome = _measured("completed", sent_at, first_at, chunks, chunk)
+                yield chunk
+                if node_done:
+                    return
+        finally:
+            self.claim = None
+            self.tried.add(claim.session_id)
+            await asyncio.shield(self._release(claim, outcome, cancel=not node_done))
 
-
-async def _release(layer: BaseChannelLayer, claim: Claim, finished: bool) -> None:
-    if not finished:
-        await layer.send(
-            claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
+    async def _release(self, claim: Claim, outcome: Outcome, *, cancel: bool) -> None:
+        if cancel:
+            await self.layer.send(
+                claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
+            )
+        wake = await database_sync_to_async(services.inflight_finish)(
+            request_id=claim.request_id, outcome=outcome
         )
-    await database_sync_to_async(inflight_finish)(request_id=claim.request_id)
+        await self._wake(wake)
+
+    async def _close(self) -> None:
+        await self._leave_queue()
+
+
+def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The part of a chunk that fits the remaining character budget (reasoning first)."""
+    message = dict(chunk["message"])
+    thinking = message.pop("thinking", "")[:budget]
+    content = message.pop("content", "")[: max(0, budget - len(thinking))]
+    if thinking:
+        message["thinking"] = thinking
+    if content:
+        message["content"] = content
+    return {"message": message, "done": False}
+
+
+def _measured(
+    kind: str, sent_at: float, first_at: float, chunks: int, final: dict[str, Any] | None
+) -> Outcome:
+    loop = asyncio.get_running_loop()
+    ttft_ms = (first_at - sent_at) * 1000
+    tokens_per_s = None
+    if final and final.get("eval_count") and final.get("eval_duration"):
+        tokens_per_s = final["eval_count"] / (final["eval_duration"] / 1e9)
+    elif chunks > 1 and loop.time() > first_at:
+        tokens_per_s = (chunks - 1) / (loop.time() - first_at)
+    return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
+
+
+async def open_relay(
+    *, model: str, ollama_params: dict[str, Any], stream: bool = True
+) -> AsyncIterator[Queued | dict[str, Any]] | Unavailable:
+    """Start a ``Relay`` and return its events, or why it cannot start (a 503).
+
+    A streaming request waits for a slot up to the queue notice interval before its response
+    starts; a non-streaming one up to the whole queue timeout.
+    """
+    relay = Relay(model=model, ollama_params=ollama_params)
+    hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
+    unavailable = await relay.start(hold=hold)
+    if unavailable is not None:
+        return unavailable
+    return relay.events()
 
 
 @dataclass
@@ -169,6 +402,8 @@ async def collect(chunks: AsyncIterator[dict[str, Any]]) -> Answer:
     thinking: list[str] = []
     answer = Answer()
     async for chunk in chunks:
+        if isinstance(chunk, Queued):
+            continue
         message = chunk["message"]
         content.append(message.get("content", ""))
         thinking.append(message.get("thinking", ""))
@@ -222,6 +457,9 @@ async def sse_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str) -> Asyn
     saw_tool_calls = False
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Queued):
+                yield f": queued position={chunk.position}\n\n".encode()
+                continue
             message = chunk["message"]
             if "thinking" in message:
                 yield event({"content": message["thinking"], "reasoning": True})

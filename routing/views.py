@@ -84,6 +84,7 @@ async def models(request: HttpRequest) -> HttpResponse:
         return _method_not_allowed("GET")
     await worker.ensure_started()
     infos = await database_sync_to_async(selectors.network_models)()
+    queues = await database_sync_to_async(selectors.queue_lengths)()
     return JsonResponse(
         {
             "models": [info.name for info in infos],
@@ -95,7 +96,12 @@ async def models(request: HttpRequest) -> HttpResponse:
                 for info in infos
             },
             "details": {
-                info.name: {"size": info.size, "nodes": info.nodes, "free_slots": info.free_slots}
+                info.name: {
+                    "size": info.size,
+                    "nodes": info.nodes,
+                    "free_slots": info.free_slots,
+                    "queued": queues.get(info.name, 0),
+                }
                 for info in infos
             },
         }
@@ -122,7 +128,9 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         completion = openai_api.parse_completion_request(request.body)
     except openai_api.OpenAIError as error:
         return openai_error(error)
-    chunks = await open_relay(model=completion.model, ollama_params=completion.ollama_params)
+    chunks = await open_relay(
+        model=completion.model, ollama_params=completion.ollama_params, stream=completion.stream
+    )
     if isinstance(chunks, Unavailable):
         error = openai_api.OpenAIError(
             chunks.message, status=503, param="model", code="model_unavailable",
@@ -233,12 +241,14 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         if await database_sync_to_async(selectors.model_info)(model=parsed.model) is None:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
         return JsonResponse(ollama_api.load_body(parsed.model, chat=chat))
-    chunks = await open_relay(model=parsed.model, ollama_params=parsed.ollama_params)
+    chunks = await open_relay(
+        model=parsed.model, ollama_params=parsed.ollama_params, stream=parsed.stream
+    )
     if isinstance(chunks, Unavailable):
         if not chunks.served:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
-        # Ollama's own answer when its queue is full.
-        return ollama_error(503, "server busy, please try again. maximum pending requests "
+        # Ollama's own words when its queue is full.
+        return ollama_error(503, "server busy, please try again.  maximum pending requests "
                             "exceeded", Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     if parsed.stream:
         lines = ollama_api.ndjson_chat if chat else ollama_api.ndjson_generate

@@ -22,8 +22,28 @@ async def channel_layer():
     layer = get_channel_layer()
     await layer.flush()
     yield layer
+    await _end_open_exchanges()
     await worker.stop()
     await layer.flush()
+
+
+async def _end_open_exchanges() -> None:
+    """Hang up every HTTP exchange and socket a test left open, and wait for the router's side
+    to finish, so nothing runs on into the next test's database."""
+    from tests.scripted_node import OPEN
+
+    for communicator in OPEN:
+        if communicator.future.done():
+            continue
+        scope_type = communicator.scope["type"]
+        kind = "http.disconnect" if scope_type == "http" else "websocket.disconnect"
+        message = {"type": kind} if scope_type == "http" else {"type": kind, "code": 1000}
+        await communicator.send_input(message)
+        try:
+            await communicator.wait(5)
+        except Exception:  # the test already failed if its exchange hangs
+            pass
+    OPEN.clear()
 
 
 @pytest.fixture

@@ -25,10 +25,15 @@ def register_frame(node_id: Any = None, **overrides: Any) -> dict[str, Any]:
     return frame
 
 
+# Every ASGI exchange a test opened, so teardown can end the ones the test left running.
+OPEN: list[Any] = []
+
+
 class ScriptedNode:
     def __init__(self, ip: str = "10.0.0.1", path: str = "/ws/node") -> None:
         self.communicator = WebsocketCommunicator(application, path)
         self.communicator.scope["client"] = (ip, 40000)
+        OPEN.append(self.communicator)
 
     async def open(self) -> None:
         connected, _ = await self.communicator.connect()

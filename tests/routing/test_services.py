@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
 from routing.models import InflightRequest
-from routing.services import inflight_claim, inflight_finish
+from routing.services import Claim, inflight_claim, inflight_finish
 
 pytestmark = pytest.mark.django_db
 
@@ -33,9 +33,11 @@ def make_node(worker: RouterWorker, name: str, *, models=("llama3.2:3b",), max_c
     return session
 
 
-def claim(model="llama3.2:3b"):
-    return inflight_claim(model=model, request_id=uuid.uuid4().hex, reply_channel="reply",
-                          worker_id="w1")
+def claim(model="llama3.2:3b", **kwargs):
+    """A claim's node, or None when no slot was taken."""
+    result = inflight_claim(model=model, request_id=uuid.uuid4().hex, reply_channel="reply",
+                            worker_id="w1", arrived_at=timezone.now(), **kwargs)
+    return result if isinstance(result, Claim) else None
 
 
 def test_claim_takes_a_slot_on_a_node_serving_the_model(router_worker):
