@@ -742,6 +742,15 @@ class Contributor:
         if inflight is None or inflight.conn is not conn:
             return
         log.info("request %s cancelled by the router", request_id)
+        self._cancel(inflight)
+
+    def _cancel(self, inflight: _InFlight) -> None:
+        # Free the slot now, not when the worker ends: a worker waiting for Ollama to load the
+        # model only sees the cancel once Ollama sends its first line, possibly a minute later,
+        # and the router already counts the slot as free.
+        with self._lock:
+            if self._inflight.get(inflight.request_id) is inflight:
+                del self._inflight[inflight.request_id]
         inflight.cancel()
 
     @staticmethod
@@ -838,7 +847,7 @@ class Contributor:
         with self._lock:
             orphans = [r for r in self._inflight.values() if r.conn is conn]
         for inflight in orphans:
-            inflight.cancel()
+            self._cancel(inflight)
 
     def _shutdown(self) -> None:
         if self._conn is not None:
@@ -846,7 +855,7 @@ class Contributor:
         with self._lock:
             inflight = list(self._inflight.values())
         for request in inflight:
-            request.cancel()
+            self._cancel(request)
         deadline = time.monotonic() + 1.0
         for request in inflight:
             if request.thread is not None:

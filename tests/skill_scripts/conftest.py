@@ -1,4 +1,5 @@
-"""Helpers for the skill-script tests: import the scripts, run them as the user would."""
+"""Helpers for the skill-script tests: import the scripts, run them as the user would, and
+give them the Ollama emulator (``bench/emulator.py``) as their Ollama."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.procs import http_json, start_emulator, wait_until
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "skill_scripts"
 # The scripts import their shared module as ``idleclaw_config`` from their own folder.
@@ -94,3 +98,72 @@ def started_scripts():
     yield procs
     for proc in procs:
         proc.kill()
+
+
+# The emulator's models, as ``ollama pull`` would have left them on a contributor's machine.
+THINKING_MODEL = "qwen3:0.6b"
+THINKING_MODEL_SIZE = 522_653_767
+PLAIN_MODEL = "smollm2:135m"
+PLAIN_MODEL_SIZE = 270_898_672
+SLOW_MODEL = "llama3.2:3b"
+OLLAMA_VERSION = "0.12.3"
+
+
+class Emulator:
+    """The Ollama emulator as a subprocess, and what it reports about the requests it got."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc, self.url = start_emulator("--version", OLLAMA_VERSION, *args)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts (``chat_started``, ``chat_cancelled``, ``active``, ...) and ``requests``,
+        the bodies received on /api/chat, oldest first."""
+        status, stats = http_json(f"{self.url}/_emulator/stats", timeout=5)
+        assert status == 200, stats
+        return stats
+
+    def reset(self) -> None:
+        """Forget earlier requests, once the streams of earlier tests have ended."""
+        wait_until(lambda: self.stats()["active"] == 0, timeout=5,
+                   what="the emulator's streams from an earlier test to end")
+        status, _ = http_json(f"{self.url}/_emulator/reset", {}, timeout=5)
+        assert status == 200
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What Ollama answers to a chat ``body`` asked directly, without streaming."""
+        status, reply = http_json(f"{self.url}/api/chat", {**body, "stream": False}, timeout=20)
+        assert status == 200, reply
+        return reply
+
+
+@pytest.fixture(scope="module")
+def _ollama_process():
+    emulator = Emulator(
+        "--model", f"{THINKING_MODEL},size={THINKING_MODEL_SIZE},caps=completion+tools+thinking",
+        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion",
+    )
+    yield emulator
+    emulator.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def _slow_ollama_process():
+    emulator = Emulator("--token-delay", "0.05", "--reply-tokens", "200",
+                        "--model", f"{SLOW_MODEL},size=2019393189,caps=completion+tools")
+    yield emulator
+    emulator.proc.stop()
+
+
+@pytest.fixture
+def ollama(_ollama_process: Emulator) -> Emulator:
+    """A fast emulator serving a thinking and a plain model, with no requests logged yet."""
+    _ollama_process.reset()
+    return _ollama_process
+
+
+@pytest.fixture
+def slow_ollama(_slow_ollama_process: Emulator) -> Emulator:
+    """An emulator whose answers take 10 s (200 tokens, 50 ms apart): long enough to
+    interrupt. No requests logged yet."""
+    _slow_ollama_process.reset()
+    return _slow_ollama_process

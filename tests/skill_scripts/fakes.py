@@ -1,7 +1,8 @@
-"""Small fakes for the skill-script tests: an HTTP server, Ollama's API, a node WebSocket.
+"""Small fakes for the skill-script tests: an HTTP server and a router's node WebSocket.
 
-They speak the real wire formats (HTTP/1.1 with chunked NDJSON as Ollama does, RFC 6455 frames)
-with the standard library only, so the scripts run against them unchanged.
+They speak the real wire formats (HTTP/1.1 with chunked bodies, RFC 6455 frames) with the
+standard library only, so the scripts run against them unchanged. Ollama is never faked here:
+the tests run the Ollama emulator (``bench/emulator.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ Handler = Callable[[BaseHTTPRequestHandler], None]
 
 
 class FakeHTTPServer:
-    """A threaded HTTP server on 127.0.0.1 whose every request goes to ``handle``."""
+    """A threaded HTTP server on 127.0.0.1 whose every request goes to ``handle``.
+
+    It exists for router answers a real router will not give on cue but a script must handle (a
+    stream that ends without ``[DONE]``, a body that is not JSON, a chosen ``Retry-After``);
+    tests/e2e runs consume.py and status.py against the real router."""
 
     def __init__(self, handle: Handler) -> None:
         outer = self
@@ -88,73 +93,16 @@ def write_chunk(handler: BaseHTTPRequestHandler, data: bytes) -> None:
     handler.wfile.flush()
 
 
-class FakeOllama:
-    """Ollama's API for the models ``tiny:1b`` (a short answer) and ``slow:1b`` (a chunk every
-    50 ms for 10 s). Records chat bodies and whether a streaming client went away."""
-
-    def __init__(self) -> None:
-        self.chat_bodies: list[dict[str, Any]] = []
-        self.disconnected = threading.Event()
-        self.http = FakeHTTPServer(self._handle)
-        self.url = self.http.url
-
-    def __enter__(self) -> FakeOllama:
-        self.http.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.http.__exit__(*exc)
-
-    def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        if h.path == "/api/tags":
-            send_json(h, 200, {"models": [
-                {"name": "tiny:1b", "model": "tiny:1b", "size": 1000, "digest": "x"},
-                {"name": "slow:1b", "model": "slow:1b", "size": 2000, "digest": "y"},
-            ]})
-        elif h.path == "/api/version":
-            send_json(h, 200, {"version": "0.12.3"})
-        elif h.path == "/api/show":
-            send_json(h, 200, {"capabilities": ["completion", "thinking"], "license": "..."})
-        elif h.path == "/api/chat":
-            self.chat_bodies.append(h.body)
-            self._chat(h)
-        else:
-            send_json(h, 404, {"error": "not found"})
-
-    def _chat(self, h: BaseHTTPRequestHandler) -> None:
-        model = h.body["model"]
-        start_chunked(h, "application/x-ndjson")
-
-        def line(data: dict[str, Any]) -> None:
-            data = {"model": model, "created_at": "2025-01-01T00:00:00Z", **data}
-            write_chunk(h, json.dumps(data).encode() + b"\n")
-
-        try:
-            if model == "slow:1b":
-                for _ in range(200):
-                    line({"message": {"role": "assistant", "content": "x"}, "done": False})
-                    time.sleep(0.05)
-            else:
-                line({"message": {"role": "assistant", "content": "", "thinking": "hmm"},
-                      "done": False})
-                for word in ("Hello", " world"):
-                    line({"message": {"role": "assistant", "content": word, "images": None},
-                          "done": False, "secret": "x"})
-            line({"message": {"role": "assistant", "content": ""}, "done": True,
-                  "done_reason": "stop", "total_duration": 5, "load_duration": 1,
-                  "prompt_eval_count": 3, "prompt_eval_duration": 1, "eval_count": 2,
-                  "eval_duration": 2, "context": [1, 2, 3]})
-            write_chunk(h, b"")
-        except OSError:
-            self.disconnected.set()
-
-
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class FakeRouter:
     """A node WebSocket endpoint (``/ws/node``): records every frame a node sends and lets the
-    test send frames to the current connection. One connection at a time, like one node."""
+    test send frames to the current connection. One connection at a time, like one node.
+
+    It exists to check contribute.py against the base protocol (PROTOCOL §1) frame by frame,
+    with frames a test chooses and the real router will not send on cue (a given
+    ``resume_token``, a 1008 refusal, an unknown frame type)."""
 
     def __init__(self) -> None:
         self.frames: queue.Queue[dict[str, Any]] = queue.Queue()

@@ -1,4 +1,5 @@
-"""contribute.py: the request/answer whitelists, and the node against a fake router and Ollama."""
+"""contribute.py: the request/answer whitelists, and the node against a fake router and the
+Ollama emulator."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ import uuid
 import contribute
 import pytest
 
-from .conftest import ScriptProcess, closed_port, run_script, script_env
-from .fakes import FakeOllama, FakeRouter
+from tests.procs import wait_until
+
+from .conftest import (
+    OLLAMA_VERSION,
+    PLAIN_MODEL,
+    PLAIN_MODEL_SIZE,
+    SLOW_MODEL,
+    THINKING_MODEL,
+    THINKING_MODEL_SIZE,
+    Emulator,
+    ScriptProcess,
+    closed_port,
+    run_script,
+    script_env,
+)
+from .fakes import FakeRouter
 
 MODELS = frozenset({"tiny:1b"})
 
@@ -170,18 +185,15 @@ def test_exits_2_for_a_server_that_is_not_http():
     assert "IDLECLAW_SERVER must be an http" in result.stderr
 
 
-def test_exits_2_for_a_model_that_is_not_local():
-    with FakeOllama() as ollama:
-        env = script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER="http://127.0.0.1:1")
-        result = run_script("contribute.py", "--models", "tiny:1b,huge:70b", env=env)
+def test_exits_2_for_a_model_that_is_not_local(ollama):
+    env = script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER="http://127.0.0.1:1")
+    result = run_script("contribute.py", "--models", f"{PLAIN_MODEL},huge:70b", env=env)
     assert result.returncode == 2
     assert "not a local model: huge:70b" in result.stderr
 
 
-@pytest.fixture
-def node(started_scripts):
-    """A contributor connected to a fake router and a fake Ollama, registered."""
-    with FakeOllama() as ollama, FakeRouter() as router:
+def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator):
+    with FakeRouter() as router:
         proc = ScriptProcess("contribute.py", "--max-concurrent", "1",
                              env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
         started_scripts.append(proc)
@@ -193,17 +205,49 @@ def node(started_scripts):
         yield proc, router, ollama, register
 
 
+@pytest.fixture
+def node(started_scripts, ollama):
+    """A contributor connected to a fake router and the emulator, registered."""
+    yield from _registered_node(started_scripts, ollama)
+
+
+@pytest.fixture
+def slow_node(started_scripts, slow_ollama):
+    """A registered contributor whose Ollama takes 10 s to answer."""
+    yield from _registered_node(started_scripts, slow_ollama)
+
+
+def _answer(router: FakeRouter, request_id: str) -> list[dict]:
+    """The chunks of one request, up to the one with ``done``."""
+    chunks: list[dict] = []
+    while not chunks or not chunks[-1]["done"]:
+        frame = router.recv()
+        assert frame["type"] == "inference_chunk" and frame["request_id"] == request_id, frame
+        chunks.append(frame["chunk"])
+    return chunks
+
+
+def _late_frames(router: FakeRouter) -> list[dict]:
+    frames = []
+    while not router.frames.empty():
+        frame = router.frames.get()
+        if frame.get("type") != "heartbeat":
+            frames.append(frame)
+    return frames
+
+
 def test_node_registers_its_models_with_capabilities(node):
     _, router, _, register = node
     assert router.paths == ["/ws/node"]
     assert register["type"] == "register"
     uuid.UUID(register["node_id"])
     assert register["models"] == [
-        {"name": "slow:1b", "size": 2000, "capabilities": ["completion", "thinking"]},
-        {"name": "tiny:1b", "size": 1000, "capabilities": ["completion", "thinking"]},
+        {"name": THINKING_MODEL, "size": THINKING_MODEL_SIZE,
+         "capabilities": ["completion", "tools", "thinking"]},
+        {"name": PLAIN_MODEL, "size": PLAIN_MODEL_SIZE, "capabilities": ["completion"]},
     ]
     assert register["max_concurrent"] == 1
-    assert register["ollama_version"] == "0.12.3"
+    assert register["ollama_version"] == OLLAMA_VERSION
     assert register["protocol"] == 2
     assert register["client"] == "idleclaw-skill/0.3"
     assert "resume_token" not in register
@@ -211,25 +255,51 @@ def test_node_registers_its_models_with_capabilities(node):
 
 def test_node_streams_whitelisted_chunks_and_logs_no_text(node):
     proc, router, ollama, _ = node
+    messages = [{"role": "user", "content": "secret prompt"}]
     router.send({"type": "inference_request", "request_id": "req-1", "ollama_params": {
-        "model": "tiny:1b", "messages": [{"role": "user", "content": "secret prompt"}],
-        "stream": False, "raw": True, "options": {"num_gpu": 1, "seed": 7}}})
-    chunks = []
-    while not chunks or not chunks[-1]["done"]:
-        frame = router.recv()
-        assert frame["type"] == "inference_chunk" and frame["request_id"] == "req-1"
-        chunks.append(frame["chunk"])
-    assert ollama.chat_bodies == [{
-        "model": "tiny:1b", "messages": [{"role": "user", "content": "secret prompt"}],
-        "stream": True, "options": {"seed": 7}}]
-    assert "".join(c["message"]["content"] for c in chunks) == "Hello world"
-    assert chunks[0]["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
-    assert set(chunks[1]) == {"message", "done"}
-    assert chunks[-1]["eval_count"] == 2 and chunks[-1]["done_reason"] == "stop"
-    assert "context" not in chunks[-1]
+        "model": THINKING_MODEL, "messages": messages, "stream": False, "raw": True,
+        "options": {"num_gpu": 1, "seed": 7}}})
+    chunks = _answer(router, "req-1")
+    assert ollama.stats()["requests"] == [{
+        "model": THINKING_MODEL, "messages": messages, "stream": True, "options": {"seed": 7}}]
+    expected = ollama.answer({"model": THINKING_MODEL, "messages": messages,
+                              "options": {"seed": 7}})
+    assert expected["message"]["thinking"] and expected["message"]["content"]
+    assert "".join(c["message"]["content"] for c in chunks) == expected["message"]["content"]
+    assert "".join(c["message"].get("thinking", "") for c in chunks) == (
+        expected["message"]["thinking"])
+    # Ollama's model and created_at stay on this machine.
+    assert all(set(c) == {"message", "done"} for c in chunks[:-1])
+    assert all(set(c["message"]) <= {"role", "content", "thinking"} for c in chunks)
+    assert set(chunks[-1]) == {"message", "done", "done_reason", "total_duration",
+                               "load_duration", "prompt_eval_count", "prompt_eval_duration",
+                               "eval_count", "eval_duration"}
+    assert chunks[-1]["done_reason"] == "stop"
+    assert chunks[-1]["eval_count"] == expected["eval_count"]
     finished = proc.wait_for("request req-1 finished")
-    assert "model=tiny:1b tokens=2" in finished
-    assert not any("secret" in line or "Hello" in line for line in proc.lines)
+    assert f"model={THINKING_MODEL} tokens={expected['eval_count']}" in finished
+    words = [piece.strip() for c in chunks
+             for piece in (c["message"]["content"], c["message"].get("thinking", ""))
+             if piece.strip()]
+    assert not any("secret" in line or any(w in line for w in words) for line in proc.lines)
+
+
+def test_node_forwards_tool_calls_and_logs_ollamas_token_count(node):
+    proc, router, ollama, _ = node
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    params = {"model": THINKING_MODEL, "think": False, "tools": [tool],
+              "messages": [{"role": "user", "content": "weather in Oslo?"}]}
+    router.send({"type": "inference_request", "request_id": "req-5", "ollama_params": params})
+    chunks = _answer(router, "req-5")
+    expected = ollama.answer(params)
+    calls = [c["message"]["tool_calls"] for c in chunks if "tool_calls" in c["message"]]
+    assert calls == [expected["message"]["tool_calls"]]
+    # A tool call is no text chunk, yet Ollama counts its tokens: the log shows Ollama's count.
+    finished = proc.wait_for("request req-5 finished")
+    assert f"tokens={expected['eval_count']} " in finished
 
 
 def test_node_refuses_a_model_it_did_not_register(node):
@@ -238,7 +308,18 @@ def test_node_refuses_a_model_it_did_not_register(node):
                  "ollama_params": {"model": "huge:70b", "messages": []}})
     assert router.recv() == {"type": "inference_error", "request_id": "req-2",
                              "error": "invalid_request"}
-    assert ollama.chat_bodies == []
+    assert ollama.stats()["requests"] == []
+
+
+def test_node_reports_ollama_error_when_ollama_rejects_the_request(node):
+    proc, router, ollama, _ = node
+    router.send({"type": "inference_request", "request_id": "req-4", "ollama_params": {
+        "model": PLAIN_MODEL, "messages": [{"role": "user", "content": "hi"}], "think": True}})
+    assert router.recv() == {"type": "inference_error", "request_id": "req-4",
+                             "error": "ollama_error"}
+    assert ollama.stats()["rejected"] == 1
+    failed = proc.wait_for("request req-4 failed")
+    assert "HTTP 400" in failed and "does not support thinking" in failed
 
 
 def test_node_sends_heartbeats_and_ignores_unknown_frames(node):
@@ -249,34 +330,61 @@ def test_node_sends_heartbeats_and_ignores_unknown_frames(node):
                          "active_requests": 0, "available": True}
 
 
-def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(node):
-    proc, router, ollama, _ = node
-    params = {"model": "slow:1b", "messages": [{"role": "user", "content": "go"}]}
+def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(slow_node):
+    proc, router, ollama, _ = slow_node
+    params = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}
     router.send({"type": "inference_request", "request_id": "slow-1", "ollama_params": params})
     assert router.recv()["request_id"] == "slow-1"
     # max_concurrent is 1: a second request is refused while the first runs.
     router.send({"type": "inference_request", "request_id": "slow-2", "ollama_params": params})
     refused = router.recv(skip=("heartbeat", "inference_chunk"))
     assert refused["type"] == "inference_error" and refused["request_id"] == "slow-2"
+    assert ollama.stats()["chat_started"] == 1
     router.send({"type": "cancel_request", "request_id": "slow-1"})
-    assert ollama.disconnected.wait(3), "Ollama's stream was not closed"
+    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=3,
+               what="Ollama to see its stream closed")
     proc.wait_for("request slow-1 stopped")
     time.sleep(0.3)
-    late = []
-    while not router.frames.empty():
-        frame = router.frames.get()
-        if frame.get("type") != "heartbeat":
-            late.append(frame)
     # Chunks already on the wire when the cancel was sent may arrive, but no error, and
     # nothing at all once the node has stopped the request.
+    late = _late_frames(router)
     assert all(f.get("request_id") == "slow-1" and f["type"] == "inference_chunk" for f in late)
     time.sleep(0.5)
-    assert [f for f in list(router.frames.queue) if f.get("type") != "heartbeat"] == []
+    assert _late_frames(router) == []
     # The slot is free again.
-    router.send({"type": "inference_request", "request_id": "tiny-3", "ollama_params": {
-        "model": "tiny:1b", "messages": [{"role": "user", "content": "hi"}]}})
-    frame = router.recv()
-    assert frame["request_id"] == "tiny-3" and frame["type"] == "inference_chunk"
+    router.send({"type": "inference_request", "request_id": "slow-3", "ollama_params": {
+        **params, "options": {"num_predict": 2}}})
+    assert _answer(router, "slow-3")[-1]["done_reason"] == "length"
+    stats = ollama.stats()
+    assert (stats["chat_started"], stats["chat_completed"]) == (2, 1)
+
+
+@pytest.fixture
+def loading_node(started_scripts):
+    """A registered contributor whose Ollama spends 1 s loading the model for each request."""
+    ollama = Emulator("--load-delay", "1", "--token-delay", "0.05",
+                      "--model", f"{SLOW_MODEL},caps=completion")
+    try:
+        yield from _registered_node(started_scripts, ollama)
+    finally:
+        ollama.proc.stop()
+
+
+def test_cancel_while_ollama_loads_the_model_frees_the_slot_at_once(loading_node):
+    proc, router, ollama, _ = loading_node
+    params = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}
+    router.send({"type": "inference_request", "request_id": "load-1", "ollama_params": params})
+    wait_until(lambda: ollama.stats()["chat_started"] == 1, timeout=3,
+               what="the request to reach Ollama")
+    router.send({"type": "cancel_request", "request_id": "load-1"})
+    proc.wait_for("request load-1 cancelled")
+    # Ollama has sent nothing yet, but the router counts the slot as free: so does the node.
+    router.send({"type": "inference_request", "request_id": "load-2", "ollama_params": {
+        **params, "options": {"num_predict": 2}}})
+    assert _answer(router, "load-2")[-1]["done_reason"] == "length"
+    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=3,
+               what="Ollama to see the cancelled stream closed")
+    assert _late_frames(router) == []
 
 
 def test_node_reconnects_with_its_resume_token(node):
@@ -291,21 +399,22 @@ def test_node_reconnects_with_its_resume_token(node):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_node_promptly_during_a_request(node, sig):
-    proc, router, ollama, _ = node
+def test_signal_stops_the_node_promptly_during_a_request(slow_node, sig):
+    proc, router, ollama, _ = slow_node
     router.send({"type": "inference_request", "request_id": "slow-9", "ollama_params": {
-        "model": "slow:1b", "messages": [{"role": "user", "content": "go"}]}})
+        "model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}})
     router.recv()
     code, took = proc.stop(sig)
     assert code == 0
     assert took < 2.5
-    assert ollama.disconnected.wait(2)
+    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=2,
+               what="Ollama to see its stream closed")
     proc.wait_for("stopped; goodbye", timeout=2)
     assert not any("Traceback" in line for line in proc.lines)
 
 
-def test_permanent_refusal_exits_1_with_the_reason(started_scripts):
-    with FakeOllama() as ollama, FakeRouter() as router:
+def test_permanent_refusal_exits_1_with_the_reason(started_scripts, ollama):
+    with FakeRouter() as router:
         proc = ScriptProcess("contribute.py",
                              env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
         started_scripts.append(proc)
