@@ -7,6 +7,7 @@ PostgreSQL and Redis for many workers.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -238,7 +239,25 @@ IDLECLAW_HEARTBEAT_INTERVAL = envint("IDLECLAW_HEARTBEAT_INTERVAL", 15, minimum=
 IDLECLAW_NODE_TIMEOUT = envint("IDLECLAW_NODE_TIMEOUT", 45, minimum=2)
 IDLECLAW_REGISTRATION_TIMEOUT = envfloat("IDLECLAW_REGISTRATION_TIMEOUT", 10.0, minimum=0.1)
 IDLECLAW_MAX_NODES_PER_IP = envint("IDLECLAW_MAX_NODES_PER_IP", 3, minimum=1)
+# Per client address, on the shared cache (django-ratelimit).
 IDLECLAW_RATE_NODE_REGISTER = envrate("IDLECLAW_RATE_NODE_REGISTER", "5/m")
+IDLECLAW_RATE_CHAT = envrate("IDLECLAW_RATE_CHAT", "20/m")
+IDLECLAW_RATE_DEFAULT = envrate("IDLECLAW_RATE_DEFAULT", "60/m")
+IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = envint("IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP", 3, minimum=1)
+# Reverse proxies whose X-Forwarded-For is believed (comma-separated CIDRs); none by default.
+IDLECLAW_TRUSTED_PROXIES = envlist("IDLECLAW_TRUSTED_PROXIES", [])
+for _cidr in IDLECLAW_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_cidr, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"IDLECLAW_TRUSTED_PROXIES: {_cidr!r} is not an IP network"
+        ) from None
+# Frames a node may send per second (sustained; bursts of twice that are allowed). A fast model
+# on ten slots sends a few hundred a second.
+IDLECLAW_NODE_MAX_FRAMES_PER_S = envint("IDLECLAW_NODE_MAX_FRAMES_PER_S", 1000, minimum=1)
+# Frames about requests a node was never sent (or malformed chunks) before it is disconnected.
+IDLECLAW_NODE_MAX_STRIKES = envint("IDLECLAW_NODE_MAX_STRIKES", 20, minimum=1)
 # Longest silence from a node while a consumer waits for its next chunk.
 IDLECLAW_STALL_TIMEOUT = envfloat("IDLECLAW_STALL_TIMEOUT", 60.0, minimum=0.1)
 # Whole-answer limit.

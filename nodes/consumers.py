@@ -18,20 +18,16 @@ from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from idleclaw_site.net import scope_client_ip
 from nodes import protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
 
 logger = logging.getLogger("idleclaw.nodes")
 
-# Write last_seen at most this often for frames other than heartbeats.
+# Write last_seen at most this often for frames other than heartbeats, and for heartbeats (a
+# node cannot turn a heartbeat flood into database writes).
 TOUCH_INTERVAL = 5.0
-
-
-def client_ip(scope: dict[str, Any]) -> str | None:
-    client = scope.get("client")
-    if client:
-        return str(client[0])
-    return None
+HEARTBEAT_TOUCH_INTERVAL = 1.0
 
 
 class NodeConsumer(AsyncWebsocketConsumer):
@@ -45,12 +41,15 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.requests: dict[str, str] = {}  # request_id → consumer's reply channel
         self.last_frame = time.monotonic()
         self.last_touch = 0.0
+        self.allowance = 2.0 * settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
+        self.allowance_at = self.last_frame
+        self.strikes = 0
         self.closing = False
         self.registered = asyncio.Event()
         await worker.ensure_started()
         await self.accept()
         allowed = await database_sync_to_async(services.node_registration_allowed)(
-            client_ip=client_ip(self.scope)
+            client_ip=scope_client_ip(self.scope)
         )
         if not allowed:
             # Accepted first so the node learns why (PROTOCOL §1 close reasons).
@@ -88,22 +87,41 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing:
             return
-        self.last_frame = time.monotonic()
+        now = time.monotonic()
+        self.last_frame = now
         try:
+            self._spend_frame_allowance(now)
             frame = protocol.decode_frame(text_data, bytes_data)
             if self.session_id is None:
                 await self._register(frame)
             else:
+                protocol.check_node_frame(frame)
                 await self._dispatch(frame)
         except ProtocolError as error:
             await self._refuse(error)
+
+    def _spend_frame_allowance(self, now: float) -> None:
+        """A token bucket: a node may send IDLECLAW_NODE_MAX_FRAMES_PER_S frames a second,
+        in bursts of twice that, so no node can flood the router."""
+        rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
+        self.allowance = min(2.0 * rate, self.allowance + (now - self.allowance_at) * rate)
+        self.allowance_at = now
+        if self.allowance < 1.0:
+            raise ProtocolError(CloseReason.RATE_LIMITED)
+        self.allowance -= 1.0
+
+    def _strike(self) -> None:
+        """A frame about a request this connection was never sent: dropped, and counted."""
+        self.strikes += 1
+        if self.strikes > settings.IDLECLAW_NODE_MAX_STRIKES:
+            raise ProtocolError(CloseReason.TOO_MANY_STRIKES)
 
     async def _register(self, frame: dict[str, Any]) -> None:
         registration = protocol.parse_register(frame)
         opened = await database_sync_to_async(services.node_session_open)(
             registration=registration,
             channel_name=self.channel_name,
-            client_ip=client_ip(self.scope),
+            client_ip=scope_client_ip(self.scope),
             worker_id=worker.WORKER_ID,
         )
         self.session_id = opened.session_id
@@ -136,7 +154,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.INFERENCE_ERROR:
             await self._relay_error(frame)
         elif kind == FrameType.HEARTBEAT:
-            await self._touch(force=True)
+            await self._touch(interval=HEARTBEAT_TOUCH_INTERVAL)
             return
         elif kind == FrameType.MODELS_UPDATE:
             offers = protocol.parse_models(frame.get("models"))
@@ -148,8 +166,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await database_sync_to_async(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
-        # Unknown frame types are ignored (PROTOCOL: unknown fields are never an error).
-        await self._touch(force=False)
+        await self._touch(interval=TOUCH_INTERVAL)
 
     async def _wake_queues(self, models: list[str]) -> None:
         """New capacity: the requests waiting longest for these models may take it."""
@@ -158,9 +175,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         for channel in await database_sync_to_async(queue_heads)(models=models):
             await self.channel_layer.send(channel, {"type": "queue.wake"})
 
-    async def _touch(self, *, force: bool) -> None:
+    async def _touch(self, *, interval: float) -> None:
         now = time.monotonic()
-        if not force and now - self.last_touch < TOUCH_INTERVAL:
+        if now - self.last_touch < interval:
             return
         self.last_touch = now
         alive = await database_sync_to_async(services.node_session_touch)(
@@ -174,7 +191,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         request_id = protocol.request_id_of(frame)
         reply_channel = self.requests.get(request_id or "")
         if reply_channel is None:
-            return  # not a request sent to this connection (PROTOCOL §1 identity)
+            self._strike()  # not a request sent to this connection (PROTOCOL §1 identity)
+            return
         chunk = protocol.clean_chunk(frame.get("chunk"))
         if chunk is None:
             await self._fail_request(request_id, "ollama_error", cancel=True)
@@ -193,6 +211,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def _relay_error(self, frame: dict[str, Any]) -> None:
         request_id = protocol.request_id_of(frame)
         if request_id not in self.requests:
+            self._strike()
             return
         await self._fail_request(request_id, protocol.error_code_of(frame), cancel=False)
 

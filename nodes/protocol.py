@@ -9,6 +9,7 @@ sides build them from one definition.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypedDict
@@ -63,6 +64,8 @@ class CloseReason(StrEnum):
     NODE_ID_IN_USE = "node_id in use"
     FRAME_TOO_LARGE = "frame too large"
     INVALID_FRAME = "invalid frame"
+    UNKNOWN_FRAME_TYPE = "unknown frame type"
+    TOO_MANY_STRIKES = "too many frames for unknown requests"
     NODE_TIMEOUT = "heartbeat timeout"
 
 
@@ -214,6 +217,49 @@ def parse_register(frame: dict[str, Any]) -> Registration:
     )
 
 
+NODE_FRAME_TYPES = frozenset(
+    {
+        FrameType.HEARTBEAT,
+        FrameType.INFERENCE_CHUNK,
+        FrameType.INFERENCE_ERROR,
+        FrameType.MODELS_UPDATE,
+        FrameType.DRAIN,
+        FrameType.REGISTER,
+    }
+)
+MAX_TOOL_CALLS = 16
+MAX_TOOL_CALL_JSON_CHARS = 20_000
+
+
+def check_node_frame(frame: dict[str, Any]) -> None:
+    """Refuse a frame from a registered node whose type is unknown or whose fields have the
+    wrong types (PROTOCOL §1 says what each carries). Unknown extra fields are fine."""
+    kind = frame["type"]
+    if kind not in NODE_FRAME_TYPES:
+        raise ProtocolError(CloseReason.UNKNOWN_FRAME_TYPE)
+    if kind == FrameType.HEARTBEAT:
+        active = frame.get("active_requests", 0)
+        available = frame.get("available", True)
+        if (
+            isinstance(active, bool)
+            or not isinstance(active, int)
+            or not isinstance(available, bool)
+            or not isinstance(frame.get("node_id", ""), str)
+        ):
+            raise ProtocolError(CloseReason.INVALID_FRAME)
+    elif kind in (FrameType.INFERENCE_CHUNK, FrameType.INFERENCE_ERROR):
+        if request_id_of(frame) is None:
+            raise ProtocolError(CloseReason.INVALID_FRAME)
+        if kind == FrameType.INFERENCE_CHUNK:
+            chunk = frame.get("chunk")
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("done", False), bool):
+                raise ProtocolError(CloseReason.INVALID_FRAME)
+            if not isinstance(chunk.get("message", {}), dict):
+                raise ProtocolError(CloseReason.INVALID_FRAME)
+        elif not isinstance(frame.get("error"), str):
+            raise ProtocolError(CloseReason.INVALID_FRAME)
+
+
 def request_id_of(frame: dict[str, Any]) -> str | None:
     request_id = frame.get("request_id")
     if isinstance(request_id, str) and 0 < len(request_id) <= 64:
@@ -237,7 +283,8 @@ def clean_chunk(raw: Any) -> dict[str, Any] | None:
             clean_message[key] = value
     tool_calls = message.get("tool_calls")
     if isinstance(tool_calls, list) and tool_calls:
-        calls = [c for c in tool_calls if _valid_tool_call(c)]
+        calls = [_clean_tool_call(c) for c in tool_calls[:MAX_TOOL_CALLS]]
+        calls = [c for c in calls if c is not None]
         if calls:
             clean_message["tool_calls"] = calls
     chunk: dict[str, Any] = {"message": clean_message, "done": raw.get("done") is True}
@@ -252,19 +299,31 @@ def clean_chunk(raw: Any) -> dict[str, Any] | None:
     return chunk
 
 
-def _valid_tool_call(call: Any) -> bool:
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _clean_tool_call(call: Any) -> dict[str, Any] | None:
+    """A tool call in Ollama's shape with only its name and arguments, or None if it is not
+    one: the name is a plain identifier, the arguments an object of bounded size."""
     if not isinstance(call, dict):
-        return False
+        return None
     function = call.get("function")
     if not isinstance(function, dict):
-        return False
+        return None
     name = function.get("name")
     arguments = function.get("arguments", {})
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 64
-        and isinstance(arguments, dict | str)
-    )
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    if len(json.dumps(arguments)) > MAX_TOOL_CALL_JSON_CHARS:
+        return None
+    return {"function": {"name": name, "arguments": arguments}}
 
 
 def error_code_of(frame: dict[str, Any]) -> str:

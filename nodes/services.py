@@ -223,6 +223,9 @@ def node_session_open(
             orphans = _orphans_of_sessions(Q(session_id=existing.pk))
             existing.delete()
         if client_ip:
+            from routing.services import serialize_on
+
+            serialize_on(f"node-ip:{client_ip}")
             same_ip = NodeSession.objects.filter(
                 client_ip=client_ip, last_seen__gte=live_cutoff(now)
             ).count()

@@ -38,3 +38,16 @@ class QueuedRequest(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class ConsumerStream(models.Model):
+    """A consumer's request from the moment it is accepted until its answer ends (queued, in
+    flight, or between failover attempts): counts concurrent requests per client address."""
+
+    request_id = models.CharField(max_length=64, primary_key=True)
+    client_ip = models.GenericIPAddressField(null=True, blank=True, db_index=True)
+    worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="consumers")
+    started_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.request_id

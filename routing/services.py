@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Case, Count, F, FloatField, IntegerField, Q, Value, When
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession
 from nodes.services import live_cutoff, worker_cutoff
-from routing.models import InflightRequest, QueuedRequest
+from routing.models import ConsumerStream, InflightRequest, QueuedRequest
 
 # How many of the best candidates a claim tries before giving up on a race.
 CANDIDATES = 8
@@ -234,6 +234,7 @@ def queue_join(
 ) -> bool:
     """Put a request in its model's queue; False when the queue is full."""
     with transaction.atomic():
+        serialize_on(f"queue:{model}")
         if QueuedRequest.objects.filter(model=model).count() >= settings.IDLECLAW_MAX_QUEUE:
             return False
         QueuedRequest.objects.create(
@@ -263,3 +264,34 @@ def queue_heads(*, models: Iterable[str]) -> list[str]:
         if head is not None:
             channels.append(head)
     return channels
+
+
+def serialize_on(key: str) -> None:
+    """Serialise transactions that count rows before inserting one (per-address limits, queue
+    length). SQLite already runs one writer at a time; PostgreSQL takes a transaction-scoped
+    advisory lock on the key, since row locks cannot cover rows not yet inserted."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
+
+
+def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: str) -> bool:
+    """Count a consumer's request against its address; False when the address already has
+    ``IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP`` requests open."""
+    with transaction.atomic():
+        if client_ip is not None:
+            serialize_on(f"consumer:{client_ip}")
+            open_now = ConsumerStream.objects.filter(client_ip=client_ip).count()
+            if open_now >= settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP:
+                return False
+        ConsumerStream.objects.create(
+            request_id=request_id,
+            client_ip=client_ip,
+            worker_id=worker_id,
+            started_at=timezone.now(),
+        )
+    return True
+
+
+def consumer_stream_close(*, request_id: str) -> None:
+    ConsumerStream.objects.filter(request_id=request_id).delete()

@@ -26,6 +26,7 @@ from django.utils import timezone
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
+from routing.sanitize import TagStripper
 from routing.services import Claim, NoSlot, Outcome
 
 logger = logging.getLogger("idleclaw.routing")
@@ -72,6 +73,17 @@ class Unavailable:
 
 
 @dataclass(frozen=True)
+class TooMany:
+    """The client already has as many requests open as it may: the answer is a 429."""
+
+    limit: int
+
+    @property
+    def message(self) -> str:
+        return f"at most {self.limit} requests at once per client; wait for one to finish"
+
+
+@dataclass(frozen=True)
 class Queued:
     """The request is waiting for a slot; ``position`` 1 is next."""
 
@@ -101,8 +113,12 @@ class Relay:
     failover, limits and clean-up behave the same on all of them.
     """
 
-    def __init__(self, *, model: str, ollama_params: dict[str, Any]) -> None:
+    def __init__(
+        self, *, model: str, ollama_params: dict[str, Any], client_ip: str | None = None
+    ) -> None:
         self.model = model
+        self.client_ip = client_ip
+        self.counted = False
         if settings.IDLECLAW_SYSTEM_PROMPT:
             ollama_params = {
                 **ollama_params,
@@ -124,10 +140,25 @@ class Relay:
 
     # --- getting a slot ----------------------------------------------------------------------
 
-    async def start(self, *, hold: float) -> Unavailable | None:
+    async def start(self, *, hold: float) -> Unavailable | TooMany | None:
         """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
-        (the request has a slot or is still queued); ``Unavailable``: answer 503."""
+        (the request has a slot or is still queued); otherwise why it cannot (503 or 429)."""
         await worker.ensure_started()
+        self.counted = await database_sync_to_async(services.consumer_stream_open)(
+            request_id=self.queue_id, client_ip=self.client_ip, worker_id=worker.WORKER_ID
+        )
+        if not self.counted:
+            return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
+        try:
+            refusal = await self._first_slot(hold)
+        except BaseException:
+            await asyncio.shield(self._close())
+            raise
+        if refusal is not None:
+            await self._close()
+        return refusal
+
+    async def _first_slot(self, hold: float) -> Unavailable | None:
         self.layer = get_channel_layer()
         self.reply_channel = await self.layer.new_channel()
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
@@ -153,10 +184,8 @@ class Relay:
             if result is None:
                 return None
             if not result.served:
-                await self._leave_queue()
                 return Unavailable(model=self.model, served=False)
         if self.loop.time() >= self.queue_deadline:
-            await self._leave_queue()
             return Unavailable(model=self.model, served=True)
         return None
 
@@ -276,6 +305,7 @@ class Relay:
         chunks = 0
         outcome = Outcome(kind="cancelled")
         node_done = False
+        sanitizer = ChunkSanitizer()
         await self.layer.send(
             claim.node_channel,
             {
@@ -306,10 +336,12 @@ class Relay:
                     if first_at is None:
                         raise _Failover(code)
                     raise RelayError(code)
-                chunk = event["chunk"]
                 chunks += 1
                 if first_at is None:
                     first_at = self.loop.time()
+                chunk = sanitizer.clean(event["chunk"])
+                if chunk is None:
+                    continue  # nothing left to show yet (a tag may be arriving)
                 message = chunk["message"]
                 size = len(message.get("content", "")) + len(message.get("thinking", ""))
                 if size >= char_budget and not chunk["done"]:
@@ -342,6 +374,34 @@ class Relay:
 
     async def _close(self) -> None:
         await self._leave_queue()
+        if self.counted:
+            self.counted = False
+            await database_sync_to_async(services.consumer_stream_close)(
+                request_id=self.queue_id
+            )
+
+
+class ChunkSanitizer:
+    """Strips markup from a node's chunks, across chunk boundaries (``routing.sanitize``)."""
+
+    def __init__(self) -> None:
+        self.content = TagStripper()
+        self.thinking = TagStripper()
+
+    def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk with markup removed, or None when nothing of it can be shown yet."""
+        message = dict(chunk["message"])
+        for key, stripper in (("content", self.content), ("thinking", self.thinking)):
+            text = stripper.feed(message.get(key, ""))
+            if chunk["done"]:
+                text += stripper.flush()
+            if text:
+                message[key] = text
+            else:
+                message.pop(key, None)
+        if not chunk["done"] and not ({"content", "thinking", "tool_calls"} & message.keys()):
+            return None
+        return {**chunk, "message": message}
 
 
 def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
@@ -370,18 +430,22 @@ def _measured(
 
 
 async def open_relay(
-    *, model: str, ollama_params: dict[str, Any], stream: bool = True
-) -> AsyncIterator[Queued | dict[str, Any]] | Unavailable:
+    *,
+    model: str,
+    ollama_params: dict[str, Any],
+    client_ip: str | None,
+    stream: bool = True,
+) -> AsyncIterator[Queued | dict[str, Any]] | Unavailable | TooMany:
     """Start a ``Relay`` and return its events, or why it cannot start (a 503).
 
     A streaming request waits for a slot up to the queue notice interval before its response
     starts; a non-streaming one up to the whole queue timeout.
     """
-    relay = Relay(model=model, ollama_params=ollama_params)
+    relay = Relay(model=model, ollama_params=ollama_params, client_ip=client_ip)
     hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
-    unavailable = await relay.start(hold=hold)
-    if unavailable is not None:
-        return unavailable
+    refusal = await relay.start(hold=hold)
+    if refusal is not None:
+        return refusal
     return relay.events()
 
 

@@ -13,7 +13,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from nodes import worker
 from routing import ollama_api, openai_api, selectors
-from routing.streaming import RelayError, Unavailable, collect, open_relay, sse_chat
+from routing.limits import rate_limited, request_ip
+from routing.streaming import RelayError, TooMany, Unavailable, collect, open_relay, sse_chat
 from routing.validation import BadRequest, check_model, parse_chat_request, parse_json_object
 
 STARTED = time.monotonic()
@@ -41,6 +42,7 @@ def _method_not_allowed(allowed: str) -> JsonResponse:
 
 
 @csrf_exempt
+@rate_limited("chat")
 async def chat(request: HttpRequest) -> HttpResponse:
     """``POST /api/chat``: stream an answer from a node as Server-Sent Events."""
     if request.method != "POST":
@@ -56,12 +58,17 @@ async def chat(request: HttpRequest) -> HttpResponse:
         "stream": True,
         "think": chat_request.think,
     }
-    chunks = await open_relay(model=chat_request.model, ollama_params=params)
+    chunks = await open_relay(
+        model=chat_request.model, ollama_params=params, client_ip=request_ip(request)
+    )
+    if isinstance(chunks, TooMany):
+        return detail(429, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     if isinstance(chunks, Unavailable):
         return detail(503, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     return event_stream(sse_chat(chunks, model=chat_request.model))
 
 
+@rate_limited("default")
 async def health(request: HttpRequest) -> HttpResponse:
     """``GET /health``: liveness and the size of the network."""
     if request.method not in ("GET", "HEAD"):
@@ -78,6 +85,7 @@ async def health(request: HttpRequest) -> HttpResponse:
     )
 
 
+@rate_limited("default")
 async def models(request: HttpRequest) -> HttpResponse:
     """``GET /api/models``: models at least one live node serves, largest first."""
     if request.method not in ("GET", "HEAD"):
@@ -119,6 +127,7 @@ def openai_error(error: openai_api.OpenAIError, **headers: str) -> JsonResponse:
 
 
 @csrf_exempt
+@rate_limited("chat")
 async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     """``POST /v1/chat/completions``, streaming or not. ``Authorization`` is accepted and
     ignored: the network has no keys."""
@@ -129,8 +138,16 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     except openai_api.OpenAIError as error:
         return openai_error(error)
     chunks = await open_relay(
-        model=completion.model, ollama_params=completion.ollama_params, stream=completion.stream
+        model=completion.model,
+        ollama_params=completion.ollama_params,
+        client_ip=request_ip(request),
+        stream=completion.stream,
     )
+    if isinstance(chunks, TooMany):
+        error = openai_api.OpenAIError(
+            chunks.message, status=429, code="too_many_requests", kind="rate_limit_error"
+        )
+        return openai_error(error, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     if isinstance(chunks, Unavailable):
         error = openai_api.OpenAIError(
             chunks.message, status=503, param="model", code="model_unavailable",
@@ -159,6 +176,7 @@ def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
     }
 
 
+@rate_limited("default")
 async def openai_models(request: HttpRequest) -> HttpResponse:
     """``GET /v1/models``: models live nodes serve."""
     if request.method not in ("GET", "HEAD"):
@@ -168,6 +186,7 @@ async def openai_models(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"object": "list", "data": [_openai_model(info) for info in infos]})
 
 
+@rate_limited("default")
 async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
     """``GET /v1/models/{id}``."""
     if request.method not in ("GET", "HEAD"):
@@ -192,20 +211,24 @@ def ollama_error(status: int, message: str, **headers: str) -> JsonResponse:
     return response
 
 
+@rate_limited("default")
 async def ollama_root(request: HttpRequest) -> HttpResponse:
     return HttpResponse("Ollama is running", content_type="text/plain; charset=utf-8")
 
 
+@rate_limited("default")
 async def ollama_version(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"version": settings.IDLECLAW_OLLAMA_VERSION})
 
 
+@rate_limited("default")
 async def ollama_tags(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
     infos = await database_sync_to_async(selectors.network_models)()
     return JsonResponse(ollama_api.tags_body(infos))
 
 
+@rate_limited("default")
 async def ollama_ps(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
     infos = await database_sync_to_async(selectors.network_models)()
@@ -213,6 +236,7 @@ async def ollama_ps(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt
+@rate_limited("default")
 async def ollama_show(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return ollama_error(405, "method not allowed")
@@ -242,8 +266,13 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
         return JsonResponse(ollama_api.load_body(parsed.model, chat=chat))
     chunks = await open_relay(
-        model=parsed.model, ollama_params=parsed.ollama_params, stream=parsed.stream
+        model=parsed.model,
+        ollama_params=parsed.ollama_params,
+        client_ip=request_ip(request),
+        stream=parsed.stream,
     )
+    if isinstance(chunks, TooMany):
+        return ollama_error(429, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
     if isinstance(chunks, Unavailable):
         if not chunks.served:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
@@ -262,11 +291,13 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
 
 
 @csrf_exempt
+@rate_limited("chat")
 async def ollama_chat(request: HttpRequest) -> HttpResponse:
     return await _ollama_answer(request, chat=True)
 
 
 @csrf_exempt
+@rate_limited("chat")
 async def ollama_generate(request: HttpRequest) -> HttpResponse:
     return await _ollama_answer(request, chat=False)
 
@@ -281,7 +312,7 @@ async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
 # --- Errors outside any view -----------------------------------------------------------------
 
 
-def _error_for_path(path: str, status: int, message: str) -> JsonResponse:
+def error_for_path(path: str, status: int, message: str) -> JsonResponse:
     if path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
         return JsonResponse(
@@ -294,8 +325,8 @@ def _error_for_path(path: str, status: int, message: str) -> JsonResponse:
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    return _error_for_path(request.path, 404, f"no such endpoint: {request.path}")
+    return error_for_path(request.path, 404, f"no such endpoint: {request.path}")
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    return _error_for_path(request.path, 500, "internal error; it has been logged")
+    return error_for_path(request.path, 500, "internal error; it has been logged")

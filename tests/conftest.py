@@ -9,11 +9,29 @@ from django.core.cache import cache
 from nodes import worker
 from tests import procs
 
+# Limits loose enough for tests that run many nodes and consumers on 127.0.0.1.
+ROOMY_ENV = {
+    "IDLECLAW_MAX_NODES_PER_IP": "1000",
+    "IDLECLAW_RATE_NODE_REGISTER": "10000/m",
+    "IDLECLAW_RATE_CHAT": "10000/m",
+    "IDLECLAW_RATE_DEFAULT": "10000/m",
+    "IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP": "1000",
+}
+
 
 @pytest.fixture(autouse=True)
 def _empty_cache():
     """Rate-limit counters live in the cache; each test starts with none."""
     cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _roomy_limits(settings):
+    """In-process tests send many requests from one address; the tests of the limits
+    themselves set them back."""
+    settings.IDLECLAW_RATE_CHAT = "10000/m"
+    settings.IDLECLAW_RATE_DEFAULT = "10000/m"
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 1000
 
 
 @pytest.fixture
@@ -49,7 +67,7 @@ async def _end_open_exchanges() -> None:
 @pytest.fixture
 def router_env() -> dict[str, str]:
     """Environment for a router subprocess: room for several nodes on loopback."""
-    return {"IDLECLAW_MAX_NODES_PER_IP": "50", "IDLECLAW_RATE_NODE_REGISTER": "1000/m"}
+    return dict(ROOMY_ENV)
 
 
 @pytest.fixture

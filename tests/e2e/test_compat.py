@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests import procs
+from tests.conftest import ROOMY_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +36,7 @@ WEATHER_TOOL = {
 def network(tmp_path_factory):
     """One router, one emulator and one contributor shared by this module's tests."""
     db = tmp_path_factory.mktemp("compat") / "router.sqlite3"
-    router, router_url = procs.start_router(
-        db, {"IDLECLAW_MAX_NODES_PER_IP": "50", "IDLECLAW_RATE_NODE_REGISTER": "1000/m"}
-    )
+    router, router_url = procs.start_router(db, ROOMY_ENV)
     emulator, emulator_url = procs.start_emulator()
     node = procs.start_contributor(router_url, emulator_url, "--max-concurrent", "4")
     try:

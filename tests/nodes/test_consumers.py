@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -211,6 +212,7 @@ async def test_heartbeat_naming_another_node_only_refreshes_the_sender(channel_l
     liar = ScriptedNode(ip="10.0.0.4")
     await liar.register(node_id="liar")
     before = {s.node_id: s.last_seen for s in await sessions()}
+    await asyncio.sleep(1.05)  # heartbeats are written at most once a second
     await liar.send({"type": "heartbeat", "node_id": "victim", "available": False})
     await liar.nothing_sent()
     after = {s.node_id: s.last_seen for s in await sessions()}
@@ -265,12 +267,63 @@ async def test_cancel_event_sends_cancel_request_to_the_node(channel_layer):
     await node.disconnect()
 
 
-async def test_unknown_frame_types_and_fields_are_ignored(channel_layer):
+async def test_unknown_fields_are_ignored(channel_layer):
     node = ScriptedNode()
     await node.register(future_field={"x": 1})
-    await node.send({"type": "something_new", "payload": 1})
+    await node.send({"type": "heartbeat", "node_id": "x", "active_requests": 0, "gpu": "big"})
     assert await node.nothing_sent()
     assert len(await sessions()) == 1
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        ({"type": "something_new"}, CloseReason.UNKNOWN_FRAME_TYPE),
+        ({"type": "heartbeat", "active_requests": "many"}, CloseReason.INVALID_FRAME),
+        ({"type": "heartbeat", "available": "yes"}, CloseReason.INVALID_FRAME),
+        ({"type": "inference_chunk", "request_id": 5, "chunk": {}}, CloseReason.INVALID_FRAME),
+        ({"type": "inference_chunk", "request_id": "r", "chunk": "text"},
+         CloseReason.INVALID_FRAME),
+        ({"type": "inference_chunk", "request_id": "r", "chunk": {"message": []}},
+         CloseReason.INVALID_FRAME),
+        ({"type": "inference_error", "request_id": "r", "error": {"x": 1}},
+         CloseReason.INVALID_FRAME),
+        ({"type": "models_update", "models": []}, CloseReason.NO_MODELS),
+        (register_frame(), CloseReason.INVALID_FRAME),
+        ([1, 2], CloseReason.INVALID_FRAME),
+    ],
+)
+async def test_malformed_frames_after_registration_close_with_1008(channel_layer, frame, reason):
+    node = ScriptedNode()
+    await node.register()
+    await node.communicator.send_to(text_data=json.dumps(frame))
+    assert await node.closed() == (1008, reason)
+    await node.disconnect()
+    assert await sessions() == []
+
+
+async def test_frames_for_unknown_requests_are_dropped_then_the_node_is_closed(
+    channel_layer, settings
+):
+    settings.IDLECLAW_NODE_MAX_STRIKES = 3
+    node = ScriptedNode()
+    await node.register()
+    for i in range(3):
+        await node.chunk(f"never-sent-{i}", "spam")
+        assert await node.nothing_sent(0.05)
+    await node.send({"type": "inference_error", "request_id": "never-sent", "error": "x"})
+    assert await node.closed() == (1008, CloseReason.TOO_MANY_STRIKES)
+    await node.disconnect()
+
+
+async def test_a_node_flooding_frames_is_closed(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    node = ScriptedNode()
+    await node.register()
+    for _ in range(25):
+        await node.send({"type": "heartbeat", "node_id": "x"})
+    assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
     await node.disconnect()
 
 

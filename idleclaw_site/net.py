@@ -1,0 +1,57 @@
+"""Who is on the other end of a connection.
+
+The client address is the socket peer, unless that peer is one of the operator's reverse proxies
+(``IDLECLAW_TRUSTED_PROXIES``, CIDRs); then it is the right-most ``X-Forwarded-For`` entry that
+is not itself a trusted proxy. A header from anyone else is ignored, so it cannot be forged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from functools import lru_cache
+
+from django.conf import settings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def _trusted(address: str, networks: Iterable[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_ip(peer: str | None, forwarded_for: str | None) -> str | None:
+    """The client's address from the socket peer and an ``X-Forwarded-For`` header value."""
+    networks = _networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))
+    if not peer or not networks or not _trusted(peer, networks):
+        return peer
+    hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, networks):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # garbage in the header: fall back to the proxy itself
+    return peer
+
+
+def scope_client_ip(scope: dict) -> str | None:
+    """The client address of an ASGI connection (HTTP or WebSocket)."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else None
+    # Several headers are several proxies appending: read them as one list, in order.
+    hops = [
+        value.decode("latin-1")
+        for name, value in scope.get("headers", ())
+        if name.lower() == b"x-forwarded-for"
+    ]
+    return client_ip(peer, ",".join(hops) or None)

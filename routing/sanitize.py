@@ -1,0 +1,48 @@
+"""Markup is stripped from what nodes write before any consumer sees it.
+
+Nodes are untrusted, and an answer rendered by a web client must not carry tags a node slipped
+in. A tag may arrive split over several chunks, so stripping is stateful: text from a ``<`` that
+may still become a tag is held back until the tag closes (dropped) or proves to be plain text
+(released). Only what looks like a tag is removed: ``a < b`` stays.
+"""
+
+from __future__ import annotations
+
+import re
+
+# <name ...>, </name>, <!-- ... -->, <!DOCTYPE ...>, <?xml ...?>
+TAG = re.compile(r"<(?:/?[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]*)?|![^<>]*|\?[^<>]*)>")
+# The start of something that may still become a TAG.
+TAG_START = re.compile(r"<(?:/?(?:[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]*)?)?|![^<>]*|\?[^<>]*)\Z")
+# Longest text held back waiting for a ``>``; past this it is plain text.
+MAX_TAG_CHARS = 1024
+
+
+def strip_tags(text: str) -> str:
+    """Remove every tag, including ones that removing another tag brings together."""
+    while True:
+        cleaned = TAG.sub("", text)
+        if cleaned == text:
+            return cleaned
+        text = cleaned
+
+
+class TagStripper:
+    """Strips tags from a stream of text pieces."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        text = strip_tags(self.held + piece)
+        self.held = ""
+        start = text.rfind("<")
+        if start != -1 and len(text) - start <= MAX_TAG_CHARS and TAG_START.match(text, start):
+            self.held = text[start:]
+            text = text[:start]
+        return text
+
+    def flush(self) -> str:
+        """The held text at the end of the stream: it never became a tag, so it is text."""
+        held, self.held = self.held, ""
+        return held

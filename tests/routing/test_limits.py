@@ -1,0 +1,110 @@
+"""Per-address limits on consumers, and who the address is behind a proxy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from idleclaw_site.net import client_ip
+from tests.routing.test_views import HttpClient
+from tests.scripted_node import ScriptedNode
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+MODEL = "llama3.2:3b"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def client(path: str, body=BODY, ip: str = "10.2.0.1", method: str = "POST",
+           forwarded: str | None = None) -> HttpClient:
+    exchange = HttpClient(method, path, body if method == "POST" else None)
+    exchange.app.scope["client"] = (ip, 5000)
+    if forwarded:
+        exchange.app.scope["headers"].append((b"x-forwarded-for", forwarded.encode()))
+    return exchange
+
+
+@pytest.mark.parametrize(
+    "path, shape",
+    [
+        ("/api/chat", "detail"),
+        ("/v1/chat/completions", "error.message"),
+        ("/ollama/api/chat", "error"),
+        ("/ollama/api/generate", "error"),
+    ],
+)
+async def test_chat_over_the_rate_gets_429_with_retry_after(channel_layer, settings, path, shape):
+    settings.IDLECLAW_RATE_CHAT = "2/m"
+    body = {**BODY, "prompt": "hi"}
+    for _ in range(2):
+        status, _ = await client(path, body).start()
+        assert status in (404, 503)  # no node serves it (Ollama's API says 404); still counted
+    status, headers = await (exchange := client(path, body)).start()
+    assert status == 429
+    assert 1 <= int(headers["retry-after"]) <= 60
+    answer = json.loads(await exchange.read_all())
+    for key in shape.split("."):
+        answer = answer[key]
+    assert "rate limit" in answer
+    # Another address is not affected.
+    assert (await client(path, body, ip="10.2.0.2").start())[0] in (404, 503)
+
+
+async def test_other_endpoints_have_the_default_rate(channel_layer, settings):
+    settings.IDLECLAW_RATE_DEFAULT = "3/m"
+    statuses = [(await client("/health", method="GET").start())[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_concurrent_chats_per_address_are_capped(channel_layer, settings):
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 2
+    node = ScriptedNode()
+    await node.register(max_concurrent=10)
+    first, second = client("/api/chat"), client("/v1/chat/completions", {**BODY, "stream": True})
+    assert (await first.start())[0] == 200
+    assert (await second.start())[0] == 200
+    third = client("/ollama/api/chat")
+    status, headers = await third.start()
+    assert status == 429 and headers["retry-after"]
+    assert "at most 2 requests at once" in json.loads(await third.read_all())["error"]
+    assert (await client("/api/chat", ip="10.2.0.9").start())[0] == 200
+    # When one finishes, the address may start another.
+    request = await node.recv()
+    await node.chunk(request["request_id"], "", done=True)
+    await first.read_all()
+    assert (await client("/api/chat").start())[0] == 200
+    await node.disconnect()
+
+
+async def test_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(
+    channel_layer, settings
+):
+    settings.IDLECLAW_RATE_CHAT = "1/m"
+    assert (await client("/api/chat", forwarded="1.1.1.1").start())[0] == 503
+    assert (await client("/api/chat", forwarded="2.2.2.2").start())[0] == 429
+
+
+async def test_trusted_proxy_passes_the_client_address(channel_layer, settings):
+    settings.IDLECLAW_RATE_CHAT = "1/m"
+    settings.IDLECLAW_TRUSTED_PROXIES = ["10.2.0.0/24"]
+    assert (await client("/api/chat", forwarded="1.1.1.1").start())[0] == 503
+    assert (await client("/api/chat", forwarded="2.2.2.2").start())[0] == 503
+    assert (await client("/api/chat", forwarded="2.2.2.2").start())[0] == 429
+
+
+@pytest.mark.parametrize(
+    "peer, header, trusted, expected",
+    [
+        ("203.0.113.5", "1.2.3.4", [], "203.0.113.5"),
+        ("10.0.0.2", "1.2.3.4", ["10.0.0.0/8"], "1.2.3.4"),
+        ("10.0.0.2", "6.6.6.6, 1.2.3.4", ["10.0.0.0/8"], "1.2.3.4"),
+        ("10.0.0.2", "1.2.3.4, 10.0.0.7", ["10.0.0.0/8"], "1.2.3.4"),
+        ("10.0.0.2", "not-an-ip", ["10.0.0.0/8"], "10.0.0.2"),
+        ("10.0.0.2", None, ["10.0.0.0/8"], "10.0.0.2"),
+        ("203.0.113.5", "1.2.3.4", ["10.0.0.0/8"], "203.0.113.5"),
+    ],
+)
+def test_client_ip_is_the_rightmost_untrusted_hop(settings, peer, header, trusted, expected):
+    settings.IDLECLAW_TRUSTED_PROXIES = trusted
+    assert client_ip(peer, header) == expected
