@@ -35,13 +35,15 @@ class NodeModelInline(admin.TabularInline):
 class NodeSessionAdmin(ReadOnlyAdmin):
     list_display = (
         "node_id", "client_ip", "model_names", "active_requests", "max_concurrent", "draining",
+        "tokens_per_s", "ttft_ms", "completed", "failed", "timed_out", "cooldown_until",
         "ollama_version", "client", "connected_at", "last_seen",
     )
     list_filter = ("draining", "worker")
     search_fields = ("node_id", "client_ip", "models__name")
     readonly_fields = (
         "node_id", "channel_name", "worker", "max_concurrent", "client_ip", "ollama_version",
-        "client", "protocol", "draining", "connected_at", "last_seen",
+        "client", "protocol", "draining", "connected_at", "last_seen", "ttft_ms", "tokens_per_s",
+        "completed", "failed", "timed_out", "consecutive_failures", "cooldown_until",
     )
     exclude = ("resume_token_hash",)
     inlines = [NodeModelInline]

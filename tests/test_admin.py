@@ -1,0 +1,57 @@
+"""The operator's admin shows the live network."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from nodes.models import NodeModel, NodeSession, RouterWorker
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def live_node():
+    now = timezone.now()
+    worker = RouterWorker.objects.create(worker_id="w", started_at=now, last_seen=now)
+    session = NodeSession.objects.create(
+        node_id="node-shown", channel_name="c", worker=worker, connected_at=now, last_seen=now,
+        client_ip="10.0.0.1", tokens_per_s=42.0,
+    )
+    NodeModel.objects.create(session=session, name="llama3.2:3b", size=1)
+    return session
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/nodes/nodesession/",
+        "/admin/nodes/routerworker/",
+        "/admin/nodes/nodeban/",
+        "/admin/routing/inflightrequest/",
+        "/admin/routing/queuedrequest/",
+        "/admin/routing/consumerstream/",
+    ],
+)
+def test_admin_lists_render(admin_client, live_node, url):
+    response = admin_client.get(url)
+    assert response.status_code == 200
+
+
+def test_admin_shows_the_node_and_does_not_let_it_be_edited(admin_client, live_node):
+    listing = admin_client.get("/admin/nodes/nodesession/").content.decode()
+    assert "node-shown" in listing and "llama3.2:3b" in listing
+    page = admin_client.get(f"/admin/nodes/nodesession/{live_node.pk}/change/")
+    assert page.status_code == 200
+    assert b'name="_save"' not in page.content
+    assert admin_client.get("/admin/nodes/nodesession/add/").status_code == 403
+
+
+def test_operator_can_add_a_ban(admin_client):
+    response = admin_client.post(
+        "/admin/nodes/nodeban/add/", {"kind": "ip", "value": "10.6.6.6", "reason": "spam"}
+    )
+    assert response.status_code == 302
+    from nodes.models import NodeBan
+
+    assert NodeBan.objects.get().value == "10.6.6.6"
