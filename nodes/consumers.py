@@ -39,6 +39,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.session_id = None
         self.node_id = ""
         self.requests: dict[str, str] = {}  # request_id → consumer's reply channel
+        self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
         self.last_frame = time.monotonic()
         self.last_touch = 0.0
         self.allowance = 2.0 * settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
@@ -197,12 +198,20 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if chunk is None:
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
+        seq = self.next_seq.get(request_id, 0)
+        self.next_seq[request_id] = seq + 1
         if chunk["done"]:
             del self.requests[request_id]
+            self.next_seq.pop(request_id, None)
         try:
             await self.channel_layer.send(
                 reply_channel,
-                {"type": EventType.STREAM_CHUNK, "request_id": request_id, "chunk": chunk},
+                {
+                    "type": EventType.STREAM_CHUNK,
+                    "request_id": request_id,
+                    "seq": seq,
+                    "chunk": chunk,
+                },
             )
         except ChannelFull:
             logger.warning("consumer of %s is not reading; cancelling", request_id)
@@ -217,6 +226,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def _fail_request(self, request_id: str, error: str, *, cancel: bool) -> None:
         reply_channel = self.requests.pop(request_id, None)
+        self.next_seq.pop(request_id, None)
         if reply_channel is None:
             return
         if cancel:
@@ -246,6 +256,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def node_cancel(self, event: protocol.NodeCancelEvent) -> None:
         request_id = event["request_id"]
+        self.next_seq.pop(request_id, None)
         if self.requests.pop(request_id, None) is not None and not self.closing:
             await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
 
@@ -253,6 +264,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """Another connection took this node id over with its resume token."""
         self.session_id = None  # the new session owns the row now
         self.requests.clear()
+        self.next_seq.clear()
         await self._refuse(ProtocolError(CloseReason.NODE_ID_IN_USE))
 
     async def disconnect(self, code: int) -> None:

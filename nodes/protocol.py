@@ -93,10 +93,12 @@ class NodeCancelEvent(TypedDict):
 
 
 class StreamChunkEvent(TypedDict):
-    """Node consumer → HTTP side: one chunk, already reduced to the fields consumers may see."""
+    """Node consumer → HTTP side: one chunk, already reduced to the fields consumers may see.
+    ``seq`` counts a request's chunks from 0, so a chunk lost on the way shows as a gap."""
 
     type: str
     request_id: str
+    seq: int
     chunk: dict[str, Any]
 
 

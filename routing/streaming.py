@@ -41,6 +41,7 @@ ERROR_MESSAGES = {
     "ollama_error": "the node's model server failed",
     "consumer_stalled": "the stream was not read fast enough",
     "queue_timeout": "no node became free in time; try again later",
+    "lost_chunks": "part of the answer was lost in the router; try again",
     "no_node": "no node is serving this model right now",
 }
 
@@ -336,6 +337,11 @@ class Relay:
                     if first_at is None:
                         raise _Failover(code)
                     raise RelayError(code)
+                if event.get("seq", chunks) != chunks:
+                    # A channel layer may drop a message when a buffer overflows; never pass
+                    # an answer on with a hole in it.
+                    outcome = Outcome(kind="cancelled")
+                    raise RelayError("lost_chunks")
                 chunks += 1
                 if first_at is None:
                     first_at = self.loop.time()

@@ -367,3 +367,25 @@ async def test_models_and_health_report_slots_and_queue(channel_layer, fast_queu
     health = json.loads(await client.read_all())
     assert health["active_requests"] == 1 and health["queued_requests"] == 1
     await node.disconnect()
+
+
+async def test_a_chunk_lost_between_workers_ends_the_stream_with_an_error(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = chat()
+    await client.start()
+    request = await node.recv()
+    await node.chunk(request["request_id"], "one ")
+    first = sse_events(await client.read_part())
+    row = await sync_to_async(InflightRequest.objects.get)()
+    # As if the channel layer had dropped chunks 1 to 4 on the way (a buffer overflow).
+    await channel_layer.send(row.reply_channel, {
+        "type": "stream.chunk", "request_id": row.request_id, "seq": 5,
+        "chunk": {"message": {"role": "assistant", "content": "six"}, "done": False}})
+    events = first + sse_events(await client.read_all())
+    assert text_of(events) == (
+        "one \n\n[Error: part of the answer was lost in the router; try again]"
+    )
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
+    assert await node.recv() == {"type": "cancel_request", "request_id": request["request_id"]}
+    await node.disconnect()
