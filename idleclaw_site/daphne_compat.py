@@ -26,9 +26,12 @@ def install() -> None:
             and reason
             and self.state != self.STATE_CONNECTING
         ):
-            # RFC 6455 caps the reason at 123 bytes.
+            # RFC 6455 caps the reason at 123 bytes. sendCloseFrame, not sendClose: autobahn's
+            # sendClose only takes 1000 and 3000-4999, and raises for the 1008/1009 we send.
             text = str(reason).encode("utf-8")[:123].decode("utf-8", "ignore")
-            self.sendClose(code=message.get("code") or 1000, reason=text)
+            self.sendCloseFrame(
+                code=message.get("code") or 1000, reasonUtf8=text.encode("utf-8"), isReply=False
+            )
             return
         original(self, message)
 

@@ -172,9 +172,9 @@ if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 # channels), and refuses a send once the set holds ``capacity`` undelivered messages; the node
 # side then cancels that request ("stream was not read fast enough"). The same number bounds
 # each channel's buffer inside the receiving process, where an overflow silently drops the
-# oldest chunk. The default of 100 is far too small: one 2,000-token answer from a fast node
-# piled up close to 400 undelivered messages on a busy 2-core test machine
-# (tests/scaleout/test_across_workers.py). 5000 absorbs bursts from many fast streams at once
+# oldest chunk. The default of 100 is far too small: a 2,000-token answer sent with no pause
+# between tokens piled up 200 to 400 undelivered messages for the consumer's worker on a busy
+# 2-core machine, six such answers at once up to 850. 5000 absorbs bursts from many fast streams
 # while still bounding a worker's backlog to a few seconds of its receive rate and about 1 MB of
 # Redis memory; a worker further behind than that is overloaded, and failing the streams it
 # cannot keep up with is better than growing the lag without limit.

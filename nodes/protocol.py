@@ -146,7 +146,7 @@ def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
         raise ProtocolError(CloseReason.FRAME_TOO_LARGE, CLOSE_TOO_BIG)
     try:
         frame = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ProtocolError(CloseReason.INVALID_FRAME) from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise ProtocolError(CloseReason.INVALID_FRAME)
@@ -156,7 +156,33 @@ def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
 def _clean_text(value: Any, limit: int) -> str:
     if not isinstance(value, str):
         return ""
-    return value[:limit]
+    return valid_unicode(value[:limit])
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (which JSON's ``\\ud800`` escapes can carry) replaced, so
+    that it can always be encoded as UTF-8 on the way to a consumer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def depth_of(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def parse_models(raw: Any) -> tuple[ModelOffer, ...]:
@@ -231,6 +257,8 @@ NODE_FRAME_TYPES = frozenset(
 )
 MAX_TOOL_CALLS = 16
 MAX_TOOL_CALL_JSON_CHARS = 20_000
+# Deepest JSON nesting accepted in tool arguments and schemas; real ones are a few levels deep.
+MAX_JSON_DEPTH = 32
 
 
 def check_node_frame(frame: dict[str, Any]) -> None:
@@ -282,7 +310,7 @@ def clean_chunk(raw: Any) -> dict[str, Any] | None:
     for key in ("content", "thinking"):
         value = message.get(key)
         if isinstance(value, str) and value:
-            clean_message[key] = value
+            clean_message[key] = valid_unicode(value)
     tool_calls = message.get("tool_calls")
     if isinstance(tool_calls, list) and tool_calls:
         calls = [_clean_tool_call(c) for c in tool_calls[:MAX_TOOL_CALLS]]
@@ -317,14 +345,19 @@ def _clean_tool_call(call: Any) -> dict[str, Any] | None:
     if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         return None
     if isinstance(arguments, str):
+        if len(arguments) > MAX_TOOL_CALL_JSON_CHARS:
+            return None
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
-    if not isinstance(arguments, dict):
+    if not isinstance(arguments, dict) or depth_of(arguments, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         return None
-    if len(json.dumps(arguments)) > MAX_TOOL_CALL_JSON_CHARS:
+    text = json.dumps(arguments, ensure_ascii=False)
+    if len(text) > MAX_TOOL_CALL_JSON_CHARS:
         return None
+    # Lone surrogates inside the arguments become U+FFFD, like in content.
+    arguments = json.loads(valid_unicode(text))
     return {"function": {"name": name, "arguments": arguments}}
 
 

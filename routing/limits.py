@@ -51,6 +51,27 @@ def rate_limited(group: str) -> Callable[[View], View]:
                 return response
             return await view(request, *args, **kwargs)
 
+        # API views take no cookies, so CSRF has nothing to protect; exempting them lets a wrong
+        # method get the API's JSON 405 instead of Django's HTML 403.
+        wrapper.csrf_exempt = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+def admin_login(request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
+    """The admin's login, with password attempts held to the default rate per address."""
+    from django.contrib import admin
+
+    if request.method == "POST":
+        usage = _usage("admin-login", settings.IDLECLAW_RATE_DEFAULT, request_ip(request))
+        if usage is not None and usage["should_limit"]:
+            retry_after = max(1, int(usage["time_left"]))
+            response = HttpResponse(
+                f"Too many login attempts; try again in {retry_after} s.",
+                status=429,
+                content_type="text/plain; charset=utf-8",
+            )
+            response["Retry-After"] = str(retry_after)
+            return response
+    return admin.site.login(request, extra_context)

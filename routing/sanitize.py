@@ -37,9 +37,13 @@ class TagStripper:
         text = strip_tags(self.held + piece)
         self.held = ""
         start = text.rfind("<")
-        if start != -1 and len(text) - start <= MAX_TAG_CHARS and TAG_START.match(text, start):
-            self.held = text[start:]
-            text = text[:start]
+        if start != -1 and TAG_START.match(text, start):
+            if len(text) - start <= MAX_TAG_CHARS:
+                self.held = text[start:]
+                return text[:start]
+            # Too long to wait for: drop the "<" so that whatever follows can never close into
+            # a tag, and release the rest as text.
+            text = text[:start] + text[start + 1 :]
         return text
 
     def flush(self) -> str:

@@ -307,16 +307,16 @@ class Relay:
         outcome = Outcome(kind="cancelled")
         node_done = False
         sanitizer = ChunkSanitizer()
-        await self.layer.send(
-            claim.node_channel,
-            {
-                "type": EventType.NODE_REQUEST,
-                "request_id": claim.request_id,
-                "reply_channel": self.reply_channel,
-                "ollama_params": self.params,
-            },
-        )
         try:
+            await self.layer.send(
+                claim.node_channel,
+                {
+                    "type": EventType.NODE_REQUEST,
+                    "request_id": claim.request_id,
+                    "reply_channel": self.reply_channel,
+                    "ollama_params": self.params,
+                },
+            )
             while True:
                 remaining = deadline - self.loop.time()
                 try:
@@ -350,6 +350,10 @@ class Relay:
                     continue  # nothing left to show yet (a tag may be arriving)
                 message = chunk["message"]
                 size = len(message.get("content", "")) + len(message.get("thinking", ""))
+                if "tool_calls" in message:
+                    # Tool calls count against the same budget: a node cannot grow an answer
+                    # without bound through them.
+                    size += len(json.dumps(message["tool_calls"]))
                 if size >= char_budget and not chunk["done"]:
                     yield _truncated(chunk, char_budget)
                     outcome = _measured("completed", sent_at, first_at, chunks, None)
@@ -425,13 +429,16 @@ def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
 def _measured(
     kind: str, sent_at: float, first_at: float, chunks: int, final: dict[str, Any] | None
 ) -> Outcome:
-    loop = asyncio.get_running_loop()
+    now = asyncio.get_running_loop().time()
     ttft_ms = (first_at - sent_at) * 1000
-    tokens_per_s = None
+    # What the router itself saw: chunks over the time they took (a floor of 10 ms keeps a burst
+    # of chunks from reading as infinitely fast).
+    seen = chunks / max(now - first_at, 0.01)
+    tokens_per_s = seen
     if final and final.get("eval_count") and final.get("eval_duration"):
-        tokens_per_s = final["eval_count"] / (final["eval_duration"] / 1e9)
-    elif chunks > 1 and loop.time() > first_at:
-        tokens_per_s = (chunks - 1) / (loop.time() - first_at)
+        # Ollama's own figure is more exact, but only believed as far as the router's timing
+        # supports it: a node cannot rank itself first by claiming to be fast.
+        tokens_per_s = min(final["eval_count"] / (final["eval_duration"] / 1e9), seen)
     return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
 
 

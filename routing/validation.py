@@ -10,6 +10,8 @@ from typing import Any
 
 from django.conf import settings
 
+from nodes.protocol import MAX_JSON_DEPTH, depth_of
+
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 MAX_MODEL_CHARS = 64
 MAX_MESSAGES = 50
@@ -46,8 +48,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest("request body is empty; expected a JSON object", 400)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", 400) from None
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON (or nested too deeply)", 400) from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", 400)
     return data
@@ -58,7 +60,7 @@ def check_model(value: Any) -> str:
         raise BadRequest("model: a non-empty string is required")
     if len(value) > MAX_MODEL_CHARS:
         raise BadRequest(f"model: at most {MAX_MODEL_CHARS} characters")
-    if not MODEL_NAME.match(value) or ".." in value:
+    if not MODEL_NAME.fullmatch(value) or ".." in value:
         raise BadRequest("model: only letters, digits and . _ : / - are allowed")
     return value
 
@@ -147,6 +149,7 @@ def check_tools(value: Any, *, param: str = "tools") -> list[dict[str, Any]] | N
         if parameters is not None:
             if not isinstance(parameters, dict):
                 raise BadRequest(f"{where}.function.parameters: must be a JSON schema object", 400)
+            check_depth(parameters, f"{where}.function.parameters")
             clean["parameters"] = parameters
         tools.append({"type": "function", "function": clean})
     if len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
@@ -221,6 +224,11 @@ def check_options(value: Any, *, param: str = "options") -> dict[str, Any]:
     return clean
 
 
+def check_depth(value: Any, param: str) -> None:
+    if depth_of(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BadRequest(f"{param}: nested more than {MAX_JSON_DEPTH} levels deep", 400)
+
+
 def check_stop(value: Any, *, param: str = "stop") -> list[str]:
     if isinstance(value, str):
         value = [value]
@@ -239,7 +247,9 @@ def check_format(value: Any, *, param: str = "format") -> str | dict[str, Any] |
     if value is None or value == "":
         return None
     if value == "json" or isinstance(value, dict):
-        if isinstance(value, dict) and len(json.dumps(value)) > MAX_TOOLS_JSON_CHARS:
-            raise BadRequest(f"{param}: schema too large", 400)
+        if isinstance(value, dict):
+            check_depth(value, param)
+            if len(json.dumps(value)) > MAX_TOOLS_JSON_CHARS:
+                raise BadRequest(f"{param}: schema too large", 400)
         return value
     raise BadRequest(f'{param}: must be "json" or a JSON schema object', 400)

@@ -8,6 +8,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -322,6 +323,12 @@ def error_for_path(path: str, status: int, message: str) -> JsonResponse:
     if path.startswith("/ollama/"):
         return JsonResponse({"error": message}, status=status)
     return JsonResponse({"detail": message}, status=status)
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if isinstance(exception, RequestDataTooBig):
+        return error_for_path(request.path, 413, "request body is too large")
+    return error_for_path(request.path, 400, "bad request")
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -49,10 +49,6 @@ async def test_body_over_the_limit_is_refused_in_the_apis_shape(channel_layer, p
     assert "larger than 1000000 bytes" in error_message(path, body)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bodies over Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB) raise "
-                   "RequestDataTooBig before the view; with no handler400 the answer is Django's "
-                   "HTML 'Bad Request (400)' page instead of a JSON error")
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/ollama/api/chat"])
 async def test_body_over_two_and_a_half_megabytes_still_gets_a_json_error(channel_layer, path):
     status, headers, body = await exchange("POST", path, b'{"model": "' + b"m" * 3_000_000
@@ -62,9 +58,6 @@ async def test_body_over_two_and_a_half_megabytes_still_gets_a_json_error(channe
     assert error_message(path, body)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="parse_json_object catches ValueError and UnicodeDecodeError but "
-                   "json.loads raises RecursionError on deep nesting: a 500")
 @pytest.mark.parametrize("path", CHAT_PATHS)
 async def test_deeply_nested_json_body_is_a_400_not_a_500(channel_layer, path):
     status, headers, body = await exchange("POST", path, b"[" * 100_000)
@@ -89,11 +82,6 @@ DEEP_REQUESTS = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Relay._attempt sends node.request before its try/finally; the "
-                   "in-memory layer's deepcopy raises RecursionError on a deep schema, so the "
-                   "consumer gets a 500 (or a cut stream) and the claimed slot is never freed: "
-                   "a few such requests take every slot of every node")
 @pytest.mark.parametrize("name", list(DEEP_REQUESTS))
 async def test_deeply_nested_schema_never_leaks_a_node_slot(channel_layer, name):
     node = await honest_node(max_concurrent=1)
@@ -114,10 +102,6 @@ async def test_deeply_nested_schema_never_leaks_a_node_slot(channel_layer, name)
     await node.disconnect()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="CsrfViewMiddleware refuses unsafe methods on the views that are not "
-                   "csrf_exempt (the read-only ones) with Django's HTML 403 page, before the "
-                   "view can answer its JSON 405")
 @pytest.mark.parametrize("method, path", [("POST", "/health"), ("POST", "/api/models"),
                                           ("POST", "/v1/models"), ("DELETE", "/v1/models/x")])
 async def test_wrong_method_on_a_read_endpoint_is_a_json_405(channel_layer, method, path):
@@ -126,9 +110,6 @@ async def test_wrong_method_on_a_read_endpoint_is_a_json_405(channel_layer, meth
     assert error_message(path, body)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="routing.validation.MODEL_NAME ends in $, which also matches before a "
-                   "trailing newline; check_model should use fullmatch (PROTOCOL §4)")
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/ollama/api/chat"])
 async def test_model_name_with_a_trailing_newline_is_refused(channel_layer, path):
     status, _, body = await exchange("POST", path, chat_body(model=MODEL + "\n"))

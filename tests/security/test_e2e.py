@@ -124,7 +124,7 @@ def test_hostile_node_next_to_a_real_contributor_changes_nothing(network):
         thief = RawNode(network.url)
         thief.send({"type": "register", "node_id": network.contributor_id,
                     "models": [{"name": MODEL}], "resume_token": "guess"})
-        thief.close_frame()  # refused (the code is checked by the xfail test below)
+        thief.close_frame()  # refused; the code is checked below
         thief.close()
         hostile.send("x" * (MAX_FRAME_BYTES + 1))
         hostile.close_frame()
@@ -143,19 +143,6 @@ def test_hostile_node_next_to_a_real_contributor_changes_nothing(network):
     assert chat_text(network.url, "and now?") == direct_answer(network.emulator_url, "and now?")
 
 
-# autobahn's public sendClose only takes 1000 or 3000-4999, and daphne_compat calls it with 1008
-# and 1009; the exception kills the node consumer, daphne sends 1011 without a reason, and the
-# consumer's disconnect() never runs. Fix: call ``self.sendCloseFrame(code=code,
-# reasonUtf8=reason_bytes, isReply=False)`` in daphne_compat.handle_reply, as daphne's own
-# handle_exception does for 1011.
-CLOSE_CRASH = ("idleclaw_site.daphne_compat.handle_reply passes 1008/1009 to autobahn's "
-               "sendClose, which only accepts 1000 or 3000-4999 and raises: the node consumer "
-               "crashes and daphne closes with 1011 and no reason")
-GHOST = ("the node consumer dies on the way out, so disconnect() never removes its session: it "
-         "stays live and routable until the 45 s reaper, and requests sent to it stall")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CLOSE_CRASH)
 @pytest.mark.parametrize("breach", ["takeover", "oversize", "non-json"])
 def test_refusals_reach_the_node_with_their_close_code_and_reason(network, breach):
     node = RawNode(network.url)
@@ -177,13 +164,7 @@ def _deep_frame() -> str:
     return '{"type": "heartbeat", "x": ' + "[" * depth + "]" * depth + "}"
 
 
-@pytest.mark.parametrize("breach", [
-    pytest.param("oversize", marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                     reason=f"{CLOSE_CRASH}; {GHOST}")),
-    pytest.param("deep", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason=f"decode_frame lets json.loads' RecursionError escape; {GHOST}")),
-])
+@pytest.mark.parametrize("breach", ["oversize", "deep"])
 def test_node_closed_for_a_protocol_breach_leaves_no_ghost_session(network, breach):
     model = f"ghost-{breach}:1b"
     ghost = RawNode(network.url)
@@ -276,7 +257,6 @@ def test_chat_rate_holds_through_real_daphne(limited_router):
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CLOSE_CRASH)
 def test_registration_over_the_rate_is_closed_1008_rate_limited(limited_router):
     nodes = [RawNode(limited_router) for _ in range(2)]
     try:

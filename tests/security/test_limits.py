@@ -117,9 +117,6 @@ async def test_registration_rate_counts_refused_attempts_too(channel_layer, sett
     await owner.disconnect()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the admin login is outside every rate limit (no ratelimit on "
-                   "admin.site.urls), so the operator's password can be guessed at network speed")
 def test_admin_login_attempts_are_rate_limited(client, settings):
     settings.IDLECLAW_RATE_DEFAULT = "3/m"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed
