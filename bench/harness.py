@@ -1,0 +1,934 @@
+"""The benchmark run: start everything on loopback, measure, report.
+
+Processes (all started here, all on 127.0.0.1, all stopped at the end):
+
+* two Ollama emulators: ``bench-fast:1b`` answers with no per-token delay (the relay's
+  ceiling), ``bench-30tps:1b`` at 30 tokens/s (a realistic small model on a consumer GPU);
+* the router: one daphne on SQLite and the in-memory channel layer (the embedded default), or
+  ``--workers K`` daphnes on PostgreSQL and Redis;
+* pools of simulated nodes (``bench.nodesim``), one process per pool, every node offering both
+  models;
+* the consumers, in this process (``bench.load``).
+
+Phases, in order: warm-up; the node sweep (for each node count: connect the pool, measure the
+router's memory and CPU while the nodes sit idle, then TTFT through the router at low
+concurrency); then with one pool of ample slots: the throughput phase (zero-delay model,
+direct then router) and the concurrency sweep (30 tokens/s model, direct then router, for each
+concurrency). See ``bench/README.md`` for how to read the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from bench import profile, report
+from bench.emulator import ModelSpec, OllamaEmulator
+from bench.load import Consumers, LoadResult, Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+FAST_MODEL = "bench-fast:1b"
+REAL_MODEL = "bench-30tps:1b"
+MODEL_SIZE = 1_300_000_000
+T = TypeVar("T")
+
+
+class BenchError(Exception):
+    """The run cannot go on (a process did not start, nodes did not register, ...)."""
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """Everything that shapes a run; written to the JSON as ``parameters``."""
+
+    mode: str
+    workers: int = 1
+    node_counts: list[int] = field(default_factory=lambda: [10, 100, 300, 1000, 2000])
+    node_sweep_concurrency: int = 10
+    node_sweep_requests: int = 50
+    node_max_concurrent: int = 2
+    idle_window_s: float = 5.0
+    concurrencies: list[int] = field(default_factory=lambda: [1, 10, 25, 50, 100, 200])
+    headline_concurrency: int = 50
+    sweep_rounds: int = 5
+    headline_rounds: int = 10
+    min_requests: int = 10
+    max_requests: int = 2000
+    realistic_tokens: int = 100
+    token_delay_s: float = 1 / 30
+    throughput_concurrency: int = 50
+    throughput_tokens: int = 500
+    throughput_requests: int = 200
+    pool_max_concurrent: int = 10
+    warmup_requests: int = 20
+    profile: bool = False
+
+    @property
+    def pool_nodes(self) -> int:
+        """Nodes in the load pool: slots for the highest concurrency, plus a fifth to spare."""
+        most = max([*self.concurrencies, self.throughput_concurrency, 1])
+        return max(1, math.ceil(most * 1.2 / self.pool_max_concurrent))
+
+    def realistic_requests(self, concurrency: int) -> int:
+        headline = concurrency == self.headline_concurrency
+        rounds = self.headline_rounds if headline else self.sweep_rounds
+        return min(self.max_requests, max(self.min_requests, concurrency * rounds))
+
+
+def plan_for(mode: str) -> Plan:
+    if mode == "full":
+        return Plan(mode="full")
+    if mode == "quick":
+        return Plan(
+            mode="quick",
+            node_counts=[10, 100, 1000],
+            node_sweep_requests=30,
+            idle_window_s=2.0,
+            concurrencies=[1, 10, 50, 200],
+            sweep_rounds=2,
+            headline_rounds=4,
+            min_requests=4,
+            max_requests=200,
+            realistic_tokens=20,
+            throughput_tokens=100,
+            throughput_requests=100,
+            warmup_requests=10,
+        )
+    if mode == "smoke":
+        return Plan(
+            mode="smoke",
+            node_counts=[3],
+            node_sweep_concurrency=2,
+            node_sweep_requests=4,
+            idle_window_s=0.5,
+            concurrencies=[2],
+            headline_concurrency=2,
+            sweep_rounds=2,
+            headline_rounds=2,
+            min_requests=4,
+            realistic_tokens=5,
+            token_delay_s=0.01,
+            throughput_concurrency=2,
+            throughput_tokens=20,
+            throughput_requests=6,
+            pool_max_concurrent=4,
+            warmup_requests=2,
+        )
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Service:
+    """A subprocess of this run, its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("w")
+        self._offset = 0
+        self._text = ""
+        self.popen = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def output(self) -> str:
+        with self.log_path.open() as handle:
+            handle.seek(self._offset)
+            self._text += handle.read()
+            self._offset = handle.tell()
+        return self._text
+
+    def tail(self, lines: int = 25) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    async def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                match = regex.search(self.output())
+                if match:
+                    return match
+                raise BenchError(
+                    f"{self.name} exited with {self.popen.returncode} before printing "
+                    f"{pattern!r}:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: no {pattern!r} within {timeout} s:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            # Our own child leads its own process group (start_new_session).
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+    async def astop(self, timeout: float = 30.0) -> int | None:
+        return await asyncio.to_thread(self.stop, timeout)
+
+
+def http_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _raise_open_files_limit() -> None:
+    """1,000 nodes are 1,000 sockets on each side; children inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(PYTHON).with_name("py-spy"))
+    if not Path(found).exists():
+        raise BenchError("--profile needs py-spy (pip install py-spy==0.4.3)")
+    return found
+
+
+def _keep_logs(work_dir: Path, keep_dir: Path) -> None:
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    for item in work_dir.iterdir():
+        if item.is_dir() and item.name == "profiles":
+            shutil.copytree(item, keep_dir / item.name, dirs_exist_ok=True)
+        elif item.suffix == ".log":
+            shutil.copy2(item, keep_dir / item.name)
+
+
+@dataclass
+class Pool:
+    service: Service
+    count: int
+    registered: int
+    seconds: float
+
+
+class Cluster:
+    """The processes of one run."""
+
+    def __init__(
+        self, plan: Plan, work_dir: Path, router_env: dict[str, str], router_tree: Path
+    ) -> None:
+        self.plan = plan
+        self.router_tree = router_tree
+        self.work_dir = work_dir
+        self.router_env = router_env
+        self.emulators: dict[str, Service] = {}
+        self.emulator_urls: dict[str, str] = {}
+        self.routers: list[Service] = []
+        self.router_urls: list[str] = []
+        self.pools: list[Pool] = []
+        self.servers: Any = None  # bench.servers handle in --workers mode
+        self.profilers: list[tuple[Service, Path]] = []
+        self._pool_serial = 0
+
+    # ----- emulators
+
+    def expectations(self) -> Callable[[dict[str, Any]], Sequence[str]]:
+        """What the emulators must send for a request body (their own validation and defaults)."""
+        local = {
+            FAST_MODEL: OllamaEmulator(
+                models=[ModelSpec(FAST_MODEL, MODEL_SIZE)],
+                reply_tokens=self.plan.throughput_tokens,
+            ),
+            REAL_MODEL: OllamaEmulator(
+                models=[ModelSpec(REAL_MODEL, MODEL_SIZE)],
+                reply_tokens=self.plan.realistic_tokens,
+            ),
+        }
+
+        def expected(body: dict[str, Any]) -> Sequence[str]:
+            reply = local[body["model"]].expected_reply("/api/chat", body)
+            assert reply is not None
+            return reply.content
+
+        return expected
+
+    async def start_emulators(self) -> None:
+        specs = {
+            FAST_MODEL: ("0", self.plan.throughput_tokens),
+            REAL_MODEL: (repr(self.plan.token_delay_s), self.plan.realistic_tokens),
+        }
+        for model, (delay, tokens) in specs.items():
+            name = "emulator-fast" if model == FAST_MODEL else "emulator-30tps"
+            self.emulators[model] = Service(
+                name,
+                [
+                    PYTHON,
+                    "-m",
+                    "bench.emulator",
+                    "--port",
+                    "0",
+                    "--token-delay",
+                    delay,
+                    "--reply-tokens",
+                    str(tokens),
+                    "--model",
+                    f"{model},size={MODEL_SIZE}",
+                ],
+                log_dir=self.work_dir,
+            )
+        for model, service in self.emulators.items():
+            match = await service.wait_for(r"listening on (http://\S+)", timeout=30)
+            self.emulator_urls[model] = match.group(1)
+
+    # ----- routers
+
+    async def start_routers(self) -> None:
+        env = {
+            "IDLECLAW_LOCAL_DIR": str(self.work_dir / "local"),
+            # Every node and consumer of the run comes from 127.0.0.1: lift the per-IP limits
+            # meant for the internet, and the per-node frame rate (a zero-delay model streams
+            # far faster than any real one).
+            "IDLECLAW_MAX_NODES_PER_IP": "100000",
+            "IDLECLAW_RATE_NODE_REGISTER": "100000/m",
+            "IDLECLAW_RATE_CHAT": "10000000/m",
+            "IDLECLAW_RATE_DEFAULT": "10000000/m",
+            "IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP": "100000",
+            "IDLECLAW_NODE_MAX_FRAMES_PER_S": "1000000",
+            "IDLECLAW_WORKERS": str(self.plan.workers),
+            "SECRET_KEY": "bench-only-" + os.urandom(16).hex(),
+            "PYTHONPATH": str(self.router_tree),
+        }
+        if self.plan.workers > 1:
+            env.update(await self._start_backing_servers())
+        else:
+            env["IDLECLAW_SQLITE_PATH"] = str(self.work_dir / "router.sqlite3")
+        env.update(self.router_env)
+        migrate = await asyncio.to_thread(
+            subprocess.run,
+            [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
+            cwd=self.router_tree,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
+        if migrate.returncode != 0:
+            raise BenchError(f"migrate failed:\n{migrate.stdout}{migrate.stderr}")
+        for index in range(self.plan.workers):
+            self.routers.append(
+                Service(
+                    f"router-{index}",
+                    [
+                        PYTHON,
+                        "-m",
+                        "daphne",
+                        "-b",
+                        "127.0.0.1",
+                        "-p",
+                        "0",
+                        "idleclaw_site.asgi:application",
+                    ],
+                    log_dir=self.work_dir,
+                    env=env,
+                    cwd=self.router_tree,
+                )
+            )
+        for router in self.routers:
+            match = await router.wait_for(
+                r"Listening on TCP address 127\.0\.0\.1:(\d+)", timeout=60
+            )
+            self.router_urls.append(f"http://127.0.0.1:{match.group(1)}")
+        for url in self.router_urls:
+            health = await asyncio.to_thread(http_json, f"{url}/health")
+            if health.get("status") != "healthy":
+                raise BenchError(f"router at {url} is not healthy: {health}")
+
+    async def _start_backing_servers(self) -> dict[str, str]:
+        from bench import servers  # real Redis and PostgreSQL from pip packages
+
+        self.servers = servers
+        # From the main thread, so the servers die with this process however it ends
+        # (PR_SET_PDEATHSIG, see bench/servers.py); startup takes a few seconds, once.
+        try:
+            return servers.start_for_bench(self.work_dir)
+        except servers.ServerError as exc:
+            raise BenchError(str(exc)) from exc
+
+    def backing_pids(self) -> list[int]:
+        if self.servers is None:
+            return []
+        pids = []
+        for server in self.servers._bench_servers:
+            pids.append(server.pid)
+            with contextlib.suppress(psutil.Error):
+                pids += [child.pid for child in psutil.Process(server.pid).children(True)]
+        return pids
+
+    def router_pids(self) -> list[int]:
+        return [router.pid for router in self.routers]
+
+    async def node_count(self) -> int:
+        health = await asyncio.to_thread(http_json, f"{self.router_urls[0]}/health")
+        return int(health.get("node_count", 0))
+
+    # ----- node pools
+
+    async def start_pool(self, count: int, max_concurrent: int, timeout: float = 180.0) -> Pool:
+        self._pool_serial += 1
+        argv = [
+            PYTHON,
+            "-m",
+            "bench.nodesim",
+            "--count",
+            str(count),
+            "--max-concurrent",
+            str(max_concurrent),
+            "--register-timeout",
+            str(timeout),
+        ]
+        for url in self.router_urls:
+            argv += ["--router", url]
+        for model, url in self.emulator_urls.items():
+            argv += ["--model", f"{model}={url}"]
+        service = Service(f"nodes-{self._pool_serial}-{count}", argv, log_dir=self.work_dir)
+        match = await service.wait_for(
+            r"registered (\d+) of (\d+) in ([\d.]+) s", timeout=timeout + 30
+        )
+        pool = Pool(service, count, int(match.group(1)), float(match.group(3)))
+        self.pools.append(pool)
+        return pool
+
+    async def stop_pool(self, pool: Pool) -> dict[str, Any]:
+        await pool.service.astop()
+        self.pools.remove(pool)
+        match = re.search(r"^stats (\{.*\})$", pool.service.output(), re.MULTILINE)
+        return json.loads(match.group(1)) if match else {}
+
+    async def wait_for_nodes(self, expected: int, timeout: float = 120.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            count = await self.node_count()
+            if count == expected or time.monotonic() > deadline:
+                return count
+            await asyncio.sleep(0.2)
+
+    # ----- profiling
+
+    async def start_profiler(self, name: str) -> None:
+        py_spy = _py_spy()
+        (self.work_dir / "profiles").mkdir(exist_ok=True)  # noqa: ASYNC240 (instant)
+        for index, pid in enumerate(self.router_pids()):
+            out = self.work_dir / "profiles" / f"{name}-router{index}.txt"
+            service = Service(
+                f"py-spy-{name}-{index}",
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "100",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                ],
+                log_dir=self.work_dir,
+            )
+            self.profilers.append((service, out))
+        await asyncio.sleep(0.5)  # let py-spy attach before the load starts
+
+    async def stop_profiler(self) -> list[Path]:
+        outputs = []
+        for service, out in self.profilers:
+            service.signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(service.popen.wait, 60)
+            await asyncio.to_thread(service.stop)
+            outputs.append(out)
+        self.profilers = []
+        return outputs
+
+    # ----- roles for CPU accounting
+
+    def roles(self) -> dict[str, list[int]]:
+        return {
+            "router": self.router_pids(),
+            "nodes": [pool.service.pid for pool in self.pools],
+            "emulators": [service.pid for service in self.emulators.values()],
+            "consumers": [os.getpid()],
+            "profiler": [service.pid for service, _ in self.profilers],
+            "redis+postgres": self.backing_pids(),
+        }
+
+    async def stop(self) -> None:
+        for service, _ in self.profilers:
+            service.stop()
+        for pool in list(self.pools):
+            await pool.service.astop()
+        for router in self.routers:
+            await router.astop()
+        for service in self.emulators.values():
+            await service.astop()
+        if self.servers is not None:
+            self.servers.stop_for_bench()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _proc(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    proc = _proc(pid)
+    if proc is None:
+        return 0.0
+    try:
+        times = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
+def rss_mb(pid: int) -> float:
+    proc = _proc(pid)
+    try:
+        return proc.memory_info().rss / 2**20 if proc else 0.0
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The kernel's high-water mark of the process's resident set (VmHWM)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def system_busy_seconds() -> float:
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return sum(times) - idle
+
+
+@dataclass
+class Usage:
+    """Resources spent during one measured stretch."""
+
+    wall_s: float
+    cpu_s: dict[str, float]
+    other_cpu_s: float  # busy CPU of processes that are not part of this run
+    router_rss_mb_peak: float
+    router_threads_peak: int  # OS threads of the router process(es): its thread pools show here
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": {role: round(value, 3) for role, value in self.cpu_s.items()},
+            "other_cpu_s": round(self.other_cpu_s, 3),
+            "router_rss_mb_peak": round(self.router_rss_mb_peak, 1),
+            "router_threads_peak": self.router_threads_peak,
+        }
+
+
+class Meter:
+    """CPU by role and the router's resident memory, sampled in the background."""
+
+    def __init__(self, cluster: Cluster, interval: float = 0.1) -> None:
+        self.cluster = cluster
+        self.interval = interval
+        self._peak = 0.0
+        self._threads = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def router_rss_mb(self) -> float:
+        return sum(rss_mb(pid) for pid in self.cluster.router_pids())
+
+    def router_threads(self) -> int:
+        total = 0
+        for pid in self.cluster.router_pids():
+            with contextlib.suppress(psutil.Error):
+                total += psutil.Process(pid).num_threads()
+        return total
+
+    async def _sample(self) -> None:
+        while True:
+            rss, threads = await asyncio.to_thread(
+                lambda: (self.router_rss_mb(), self.router_threads())
+            )
+            self._peak = max(self._peak, rss)
+            self._threads = max(self._threads, threads)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _snapshot(self) -> tuple[float, dict[str, float], float]:
+        cpu = {
+            role: sum(cpu_seconds(pid) for pid in pids)
+            for role, pids in self.cluster.roles().items()
+        }
+        return time.perf_counter(), cpu, system_busy_seconds()
+
+    async def measure(self, work: Awaitable[T]) -> tuple[T, Usage]:
+        began, cpu_before, busy_before = self._snapshot()
+        self._peak = self.router_rss_mb()
+        self._threads = self.router_threads()
+        result = await work
+        ended, cpu_after, busy_after = self._snapshot()
+        cpu = {
+            role: max(0.0, cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0))
+            for role in cpu_after
+        }
+        other = max(0.0, (busy_after - busy_before) - sum(cpu.values()))
+        peak = max(self._peak, self.router_rss_mb())
+        threads = max(self._threads, self.router_threads())
+        return result, Usage(ended - began, cpu, other, peak, threads)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Phase:
+    """One measured stretch: a workload on one path, or an idle window."""
+
+    name: str
+    kind: str  # warmup, idle, nodes, throughput, realistic
+    path: str  # direct, router, idle
+    model: str
+    concurrency: int
+    nodes: int
+    summary: dict[str, Any]
+    usage: Usage
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": self.path,
+            "model": self.model,
+            "concurrency": self.concurrency,
+            "nodes": self.nodes,
+            **self.summary,
+            **self.usage.as_dict(),
+        }
+
+
+class Run:
+    def __init__(self, plan: Plan, cluster: Cluster, log: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self.meter = Meter(cluster)
+        self.log = log
+        self.phases: list[Phase] = []
+        self.node_sweep: list[dict[str, Any]] = []
+        self.profiles: dict[str, Any] = {}
+        self.load_pool_stats: dict[str, Any] = {}
+        self.baseline_rss_mb = 0.0
+        self.expected = cluster.expectations()
+
+    def consumers(self, path: str, model: str) -> Consumers:
+        if path == "direct":
+            # The same workload straight to the emulator that serves its model.
+            targets = [self.cluster.emulator_urls[model]]
+        else:
+            targets = self.cluster.router_urls
+        return Consumers(path=path, targets=targets, expected=self.expected)
+
+    async def workload(
+        self,
+        *,
+        name: str,
+        kind: str,
+        path: str,
+        workload: Workload,
+        nodes: int,
+        profile_as: str | None = None,
+    ) -> Phase:
+        consumers = self.consumers(path, workload.model)
+        if profile_as and self.plan.profile:
+            await self.cluster.start_profiler(profile_as)
+        result: LoadResult
+        result, usage = await self.meter.measure(consumers.run(workload))
+        if profile_as and self.plan.profile:
+            outputs = await self.cluster.stop_profiler()
+            self.profiles[profile_as] = [
+                {"file": str(path_), **profile.summarize(path_)} for path_ in outputs
+            ]
+        phase = Phase(
+            name=name,
+            kind=kind,
+            path=path,
+            model=workload.model,
+            concurrency=workload.concurrency,
+            nodes=nodes,
+            summary=result.summary(),
+            usage=usage,
+        )
+        self.phases.append(phase)
+        s = phase.summary
+        self.log(
+            f"  {name:<28} {path:<6} C={workload.concurrency:<4} ok {s['ok']}/{s['requests']} "
+            f"TTFT p50 {s['ttft_ms_p50']} ms p99 {s['ttft_ms_p99']} ms, "
+            f"{s['tokens_per_s']} tok/s, router CPU {usage.cpu_s.get('router', 0):.2f} s"
+            + (f", errors {s['error_kinds']}" if s["errors"] else "")
+        )
+        return phase
+
+    async def warmup(self) -> None:
+        self.log("warm-up")
+        pool = await self.cluster.start_pool(1, 4)
+        if pool.registered != 1:
+            raise BenchError(f"warm-up node did not register:\n{pool.service.tail()}")
+        for path in ("direct", "router"):
+            workload = Workload("warmup", FAST_MODEL, 2, self.plan.warmup_requests)
+            phase = await self.workload(
+                name="warm-up", kind="warmup", path=path, workload=workload, nodes=1
+            )
+            if phase.summary["ok"] == 0:
+                raise BenchError(
+                    f"warm-up: no request succeeded on the {path} path "
+                    f"({phase.summary['error_kinds']}). Router log:\n"
+                    + "\n".join(r.tail() for r in self.cluster.routers)
+                )
+        await self.cluster.stop_pool(pool)
+        await self.cluster.wait_for_nodes(0)
+        await asyncio.sleep(0.5)
+        self.baseline_rss_mb = self.meter.router_rss_mb()
+
+    def realistic(self, name: str, concurrency: int, requests: int) -> Workload:
+        # Spread the first requests over one answer's duration, as independent consumers would.
+        ramp = self.plan.realistic_tokens * self.plan.token_delay_s
+        return Workload(name, REAL_MODEL, concurrency, requests, ramp=ramp)
+
+    async def sweep_nodes(self) -> None:
+        plan = self.plan
+        c = plan.node_sweep_concurrency
+        self.log(f"node sweep: {plan.node_counts} nodes, TTFT at C={c} ({REAL_MODEL})")
+        reference = await self.workload(
+            name=f"nodes reference C={c}",
+            kind="nodes",
+            path="direct",
+            workload=self.realistic("nodes-direct", c, plan.node_sweep_requests),
+            nodes=0,
+        )
+        for count in plan.node_counts:
+            rss_before = self.meter.router_rss_mb()
+            pool, usage = await self.meter.measure(
+                self.cluster.start_pool(count, plan.node_max_concurrent)
+            )
+            held = await self.cluster.wait_for_nodes(pool.registered, timeout=30)
+            _, idle = await self.meter.measure(asyncio.sleep(plan.idle_window_s))
+            rss_idle = self.meter.router_rss_mb()
+            self.phases.append(Phase(f"{count} idle nodes", "idle", "idle", "", 0, count, {}, idle))
+            self.log(
+                f"  {count} nodes: {pool.registered} registered in {pool.seconds:.1f} s, "
+                f"router says {held}; RSS {rss_before:.0f} -> {rss_idle:.0f} MB; idle CPU "
+                f"{100 * idle.cpu_s['router'] / idle.wall_s:.1f} %"
+            )
+            phase = None
+            if pool.registered * plan.node_max_concurrent >= c:
+                phase = await self.workload(
+                    name=f"{count} nodes",
+                    kind="nodes",
+                    path="router",
+                    workload=self.realistic(f"nodes-{count}", c, plan.node_sweep_requests),
+                    nodes=count,
+                )
+            stats = await self.cluster.stop_pool(pool)
+            left = await self.cluster.wait_for_nodes(0)
+            self.node_sweep.append(
+                {
+                    "nodes": count,
+                    "registered": pool.registered,
+                    "held": held,
+                    "register_s": round(pool.seconds, 2),
+                    "register_router_cpu_s": round(usage.cpu_s["router"], 3),
+                    "rss_mb_before": round(rss_before, 1),
+                    "rss_mb_idle": round(rss_idle, 1),
+                    "rss_kb_per_node": round(
+                        (rss_idle - self.baseline_rss_mb) * 1024 / max(1, held), 1
+                    ),
+                    "idle_router_cpu_pct": round(100 * idle.cpu_s["router"] / idle.wall_s, 2),
+                    "direct_ttft_ms_p50": reference.summary["ttft_ms_p50"],
+                    "router_ttft_ms_p50": phase.summary["ttft_ms_p50"] if phase else None,
+                    "router_ttft_ms_p95": phase.summary["ttft_ms_p95"] if phase else None,
+                    "router_ttft_ms_p99": phase.summary["ttft_ms_p99"] if phase else None,
+                    "errors": phase.summary["errors"] if phase else None,
+                    "node_stats": stats,
+                    "left_after_stop": left,
+                }
+            )
+
+    async def load_phases(self) -> None:
+        plan = self.plan
+        self.log(f"load pool: {plan.pool_nodes} nodes x {plan.pool_max_concurrent} slots")
+        pool = await self.cluster.start_pool(plan.pool_nodes, plan.pool_max_concurrent)
+        if pool.registered != plan.pool_nodes:
+            raise BenchError(f"only {pool.registered} of {plan.pool_nodes} nodes registered")
+        await self.cluster.wait_for_nodes(pool.registered, timeout=30)
+        self.log(f"throughput: {FAST_MODEL}, {plan.throughput_tokens} tokens per answer, no delay")
+        for path in ("direct", "router"):
+            await self.workload(
+                name="throughput",
+                kind="throughput",
+                path=path,
+                workload=Workload(
+                    "throughput", FAST_MODEL, plan.throughput_concurrency, plan.throughput_requests
+                ),
+                nodes=pool.registered,
+                profile_as="throughput" if path == "router" else None,
+            )
+        self.log(
+            f"concurrency sweep: {REAL_MODEL}, {plan.realistic_tokens} tokens at "
+            f"{1 / plan.token_delay_s:.0f} tokens/s, concurrency {plan.concurrencies}"
+        )
+        for concurrency in plan.concurrencies:
+            for path in ("direct", "router"):
+                headline = concurrency == plan.headline_concurrency
+                await self.workload(
+                    name=f"realistic C={concurrency}",
+                    kind="realistic",
+                    path=path,
+                    workload=self.realistic(
+                        f"realistic-{concurrency}",
+                        concurrency,
+                        plan.realistic_requests(concurrency),
+                    ),
+                    nodes=pool.registered,
+                    profile_as="realistic" if headline and path == "router" else None,
+                )
+        self.load_pool_stats = await self.cluster.stop_pool(pool)
+
+
+def machine_info(router_tree: Path) -> dict[str, Any]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu_model = match.group(1) if match else ""
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if router_tree != ROOT:
+        commit = f"{router_tree} (harness at {commit})"
+    return {
+        "cpu": cpu_model or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": commit,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+async def run(
+    plan: Plan,
+    *,
+    router_env: dict[str, str],
+    log: Callable[[str], None],
+    keep_dir: Path | None,
+    router_tree: Path = ROOT,
+) -> dict[str, Any]:
+    """Run the whole benchmark and return the results (the JSON document).
+
+    ``router_tree`` is the checkout whose router is measured (default: this one), so the same
+    harness can compare two versions, e.g. a ``git archive`` of the last commit.
+    """
+    _raise_open_files_limit()
+    machine = machine_info(router_tree)
+    began = time.monotonic()
+    work_dir = Path(tempfile.mkdtemp(prefix="idleclaw-bench-"))
+    cluster = Cluster(plan, work_dir, router_env, router_tree)
+    bench_run = Run(plan, cluster, log)
+    try:
+        log(f"work dir {work_dir}")
+        await cluster.start_emulators()
+        await cluster.start_routers()
+        log(f"router(s) {' '.join(cluster.router_urls)} pid(s) {cluster.router_pids()}")
+        bench_run.meter.start()
+        await bench_run.warmup()
+        await bench_run.sweep_nodes()
+        await bench_run.load_phases()
+        await bench_run.meter.stop()
+        router_peaks = [peak_rss_mb(pid) or 0.0 for pid in cluster.router_pids()]
+        router_logs = {r.name: r.tail(40) for r in cluster.routers}
+    finally:
+        await bench_run.meter.stop()
+        await cluster.stop()
+        if keep_dir is not None:
+            await asyncio.to_thread(_keep_logs, work_dir, keep_dir)
+        await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results = report.results(
+        plan=asdict(plan),
+        machine=machine,
+        phases=[phase.as_dict() for phase in bench_run.phases],
+        node_sweep=bench_run.node_sweep,
+        baseline_rss_mb=bench_run.baseline_rss_mb,
+        router_peak_rss_mb=sum(router_peaks),
+        profiles=bench_run.profiles,
+        duration_s=time.monotonic() - began,
+    )
+    results["load_pool_node_stats"] = bench_run.load_pool_stats
+    results["router_log_tail"] = router_logs
+    return results

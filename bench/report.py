@@ -1,0 +1,388 @@
+"""The benchmark's results: the JSON document and its Markdown rendering.
+
+Headline figures (the flat keys issue 7 asks for):
+
+* ``direct_ttft_ms_p50``, ``router_ttft_ms_p50``, ``router_ttft_ms_p99``: time to first token
+  at the headline concurrency (50) on the 30 tokens/s model, direct and through the router;
+* ``direct_tokens_per_s``, ``router_tokens_per_s``: tokens delivered per second, all streams
+  together, in the throughput phase (zero-delay model): the relay's ceiling on this machine;
+* ``router_rss_mb``: the router's peak resident memory over the whole run (kernel VmHWM);
+* ``nodes_held``: the most nodes the router reported live at once in the node sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import profile
+
+TARGET_OVERHEAD_P50_MS = 2.0
+TARGET_OVERHEAD_P99_MS = 10.0
+TARGET_TOKENS_PER_S = 50_000
+TARGET_RATIO = 0.9
+TARGET_IDLE_NODES = 1000
+TARGET_IDLE_RSS_MB = 300
+# "Flat" selection: TTFT p50 at the most nodes within this much of the fewest nodes.
+FLAT_SELECTION_MS = 2.0
+
+
+def _find(phases: list[dict[str, Any]], kind: str, path: str, concurrency: int | None = None):
+    for phase in phases:
+        if phase["kind"] == kind and phase["path"] == path:
+            if concurrency is None or phase["concurrency"] == concurrency:
+                return phase
+    return None
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 2)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 3)
+
+
+def results(
+    *,
+    plan: dict[str, Any],
+    machine: dict[str, Any],
+    phases: list[dict[str, Any]],
+    node_sweep: list[dict[str, Any]],
+    baseline_rss_mb: float,
+    router_peak_rss_mb: float,
+    profiles: dict[str, Any],
+    duration_s: float,
+) -> dict[str, Any]:
+    headline = plan["headline_concurrency"]
+    direct_h = _find(phases, "realistic", "direct", headline) or {}
+    router_h = _find(phases, "realistic", "router", headline) or {}
+    direct_t = _find(phases, "throughput", "direct") or {}
+    router_t = _find(phases, "throughput", "router") or {}
+    router_cpu_t = (router_t.get("cpu_s") or {}).get("router")
+
+    concurrency_sweep = []
+    for concurrency in plan["concurrencies"]:
+        direct = _find(phases, "realistic", "direct", concurrency) or {}
+        router = _find(phases, "realistic", "router", concurrency) or {}
+        router_cpu = (router.get("cpu_s") or {}).get("router", 0.0)
+        concurrency_sweep.append(
+            {
+                "concurrency": concurrency,
+                "requests": router.get("requests"),
+                "direct_ttft_ms_p50": direct.get("ttft_ms_p50"),
+                "router_ttft_ms_p50": router.get("ttft_ms_p50"),
+                "overhead_ms_p50": _sub(router.get("ttft_ms_p50"), direct.get("ttft_ms_p50")),
+                "direct_ttft_ms_p99": direct.get("ttft_ms_p99"),
+                "router_ttft_ms_p99": router.get("ttft_ms_p99"),
+                "overhead_ms_p99": _sub(router.get("ttft_ms_p99"), direct.get("ttft_ms_p99")),
+                "direct_tokens_per_s": direct.get("tokens_per_s"),
+                "router_tokens_per_s": router.get("tokens_per_s"),
+                "tokens_ratio": _ratio(router.get("tokens_per_s"), direct.get("tokens_per_s")),
+                "stream_ratio": _ratio(
+                    router.get("stream_tokens_per_s_p50"), direct.get("stream_tokens_per_s_p50")
+                ),
+                "router_cpu_pct": round(100 * router_cpu / router["wall_s"], 1)
+                if router.get("wall_s")
+                else None,
+                "errors": (router.get("errors") or 0) + (direct.get("errors") or 0),
+            }
+        )
+
+    held = max((entry["held"] for entry in node_sweep), default=0)
+    largest = max(node_sweep, key=lambda e: e["nodes"], default=None)
+    at_target = next((e for e in node_sweep if e["nodes"] == TARGET_IDLE_NODES), None)
+    with_ttft = [e for e in node_sweep if e.get("router_ttft_ms_p50") is not None]
+    growth = (
+        _sub(with_ttft[-1]["router_ttft_ms_p50"], with_ttft[0]["router_ttft_ms_p50"])
+        if len(with_ttft) >= 2
+        else None
+    )
+    measured = [p for p in phases if p["kind"] not in ("warmup", "idle")]
+    errors = sum(p.get("errors", 0) for p in measured)
+    token_errors = sum(p.get("token_errors", 0) for p in measured)
+
+    out: dict[str, Any] = {
+        "direct_ttft_ms_p50": direct_h.get("ttft_ms_p50"),
+        "direct_ttft_ms_p99": direct_h.get("ttft_ms_p99"),
+        "router_ttft_ms_p50": router_h.get("ttft_ms_p50"),
+        "router_ttft_ms_p95": router_h.get("ttft_ms_p95"),
+        "router_ttft_ms_p99": router_h.get("ttft_ms_p99"),
+        "ttft_overhead_ms_p50": _sub(router_h.get("ttft_ms_p50"), direct_h.get("ttft_ms_p50")),
+        "ttft_overhead_ms_p99": _sub(router_h.get("ttft_ms_p99"), direct_h.get("ttft_ms_p99")),
+        "direct_tokens_per_s": direct_t.get("tokens_per_s"),
+        "router_tokens_per_s": router_t.get("tokens_per_s"),
+        "router_tokens_per_cpu_s": round(router_t["tokens"] / router_cpu_t, 1)
+        if router_cpu_t
+        else None,
+        "direct_requests_per_s": direct_t.get("requests_per_s"),
+        "router_requests_per_s": router_t.get("requests_per_s"),
+        "realistic_direct_tokens_per_s": direct_h.get("tokens_per_s"),
+        "realistic_router_tokens_per_s": router_h.get("tokens_per_s"),
+        "realistic_tokens_ratio": _ratio(
+            router_h.get("tokens_per_s"), direct_h.get("tokens_per_s")
+        ),
+        "router_rss_mb": round(router_peak_rss_mb, 1),
+        "router_rss_mb_baseline": round(baseline_rss_mb, 1),
+        "router_rss_mb_idle_1000": at_target["rss_mb_idle"] if at_target else None,
+        "rss_kb_per_node": largest["rss_kb_per_node"] if largest else None,
+        "nodes_held": held,
+        "selection_ttft_growth_ms": growth,
+        "errors": errors,
+        "token_errors": token_errors,
+        "duration_s": round(duration_s, 1),
+        "parameters": plan,
+        "machine": machine,
+        "node_sweep": node_sweep,
+        "concurrency_sweep": concurrency_sweep,
+        "phases": phases,
+        "profiles": profiles,
+    }
+    out["targets"] = targets(out, headline, round(1 / plan["token_delay_s"]))
+    return out
+
+
+def targets(r: dict[str, Any], headline: int, rate: int) -> list[dict[str, Any]]:
+    def row(name: str, goal: str, value: Any, met: bool | None) -> dict[str, Any]:
+        return {"target": name, "goal": goal, "measured": value, "met": met}
+
+    def at_most(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    def at_least(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value >= limit
+
+    idle = r["router_rss_mb_idle_1000"]
+    return [
+        row(
+            f"TTFT overhead p50 at {headline} streams",
+            f"<= {TARGET_OVERHEAD_P50_MS} ms",
+            r["ttft_overhead_ms_p50"],
+            at_most(r["ttft_overhead_ms_p50"], TARGET_OVERHEAD_P50_MS),
+        ),
+        row(
+            f"TTFT overhead p99 at {headline} streams",
+            f"<= {TARGET_OVERHEAD_P99_MS} ms",
+            r["ttft_overhead_ms_p99"],
+            at_most(r["ttft_overhead_ms_p99"], TARGET_OVERHEAD_P99_MS),
+        ),
+        row(
+            "relay throughput (tokens/s delivered)",
+            f">= {TARGET_TOKENS_PER_S:,}",
+            r["router_tokens_per_s"],
+            at_least(r["router_tokens_per_s"], TARGET_TOKENS_PER_S),
+        ),
+        row(
+            "relay capacity (tokens per router CPU-second)",
+            f">= {TARGET_TOKENS_PER_S:,}",
+            r["router_tokens_per_cpu_s"],
+            at_least(r["router_tokens_per_cpu_s"], TARGET_TOKENS_PER_S),
+        ),
+        row(
+            "no token lost, duplicated or reordered",
+            "0 token errors",
+            r["token_errors"],
+            r["token_errors"] == 0,
+        ),
+        row(
+            f"router / direct tokens/s at {headline} streams of {rate} tokens/s",
+            f">= {TARGET_RATIO}",
+            r["realistic_tokens_ratio"],
+            at_least(r["realistic_tokens_ratio"], TARGET_RATIO),
+        ),
+        row(
+            f"RSS with {TARGET_IDLE_NODES} idle nodes",
+            f"<= {TARGET_IDLE_RSS_MB} MB",
+            idle,
+            at_most(idle, TARGET_IDLE_RSS_MB),
+        ),
+        row(
+            "node selection flat (TTFT p50 growth, fewest to most nodes)",
+            f"<= {FLAT_SELECTION_MS} ms",
+            r["selection_ttft_growth_ms"],
+            at_most(r["selection_ttft_growth_ms"], FLAT_SELECTION_MS),
+        ),
+    ]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _digits(value: Any) -> int:
+    """Ratios need three decimals to be compared with 0.9; milliseconds and rates one."""
+    return 3 if isinstance(value, float) and abs(value) < 10 else 1
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines[1] = "|---|" + "|".join("---:" for _ in header[1:]) + "|"
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
+    plan = r["parameters"]
+    machine = r["machine"]
+    lines = [
+        f"## IdleClaw router benchmark ({plan['mode']}, {plan['workers']} router process"
+        f"{'es' if plan['workers'] > 1 else ''})",
+        "",
+        f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gb']} GB, Python "
+        f"{machine['python']}, commit {machine['commit']}; load average "
+        f"{machine['loadavg_start']} at start, {machine.get('loadavg_end')} at end; "
+        f"{r['duration_s']} s.",
+        "",
+        "### Targets (issue 7)",
+        "",
+    ]
+    lines += _table(
+        ["target", "goal", "measured", "met"],
+        [
+            [t["target"], t["goal"], _fmt(t["measured"], _digits(t["measured"])), t["met"]]
+            for t in r["targets"]
+        ],
+    )
+    lines += ["", "### Direct vs router, same workload", ""]
+    rows = []
+    for p in r["phases"]:
+        if p["kind"] not in ("throughput", "realistic"):
+            continue
+        cpu = p["cpu_s"]
+        rows.append(
+            [
+                p["name"],
+                p["path"],
+                p["requests"],
+                p["errors"],
+                p["ttft_ms_p50"],
+                p["ttft_ms_p95"],
+                p["ttft_ms_p99"],
+                p["tokens_per_s"],
+                p["requests_per_s"],
+                p["stream_tokens_per_s_p50"],
+                cpu.get("router"),
+                p["router_rss_mb_peak"],
+                p["router_threads_peak"],
+                cpu.get("nodes"),
+                cpu.get("emulators"),
+                cpu.get("consumers"),
+                *([cpu.get("redis+postgres")] if plan["workers"] > 1 else []),
+                p["other_cpu_s"],
+            ]
+        )
+    lines += _table(
+        [
+            "workload",
+            "path",
+            "requests",
+            "errors",
+            "TTFT p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "tokens/s",
+            "req/s",
+            "stream tok/s p50",
+            "router CPU s",
+            "router RSS MB",
+            "router threads",
+            "nodes CPU s",
+            "emulator CPU s",
+            "consumers CPU s",
+            *(["redis+pg CPU s"] if plan["workers"] > 1 else []),
+            "other CPU s",
+        ],
+        rows,
+    )
+    rate = round(1 / plan["token_delay_s"])
+    lines += ["", f"### TTFT vs concurrency ({rate} tokens/s model)", ""]
+    lines += _table(
+        [
+            "streams",
+            "direct p50",
+            "router p50",
+            "overhead p50",
+            "direct p99",
+            "router p99",
+            "overhead p99",
+            "router/direct tokens/s",
+            "router/direct per stream",
+            "router CPU %",
+            "errors",
+        ],
+        [
+            [
+                c["concurrency"],
+                c["direct_ttft_ms_p50"],
+                c["router_ttft_ms_p50"],
+                c["overhead_ms_p50"],
+                c["direct_ttft_ms_p99"],
+                c["router_ttft_ms_p99"],
+                c["overhead_ms_p99"],
+                _fmt(c["tokens_ratio"], 3),
+                _fmt(c["stream_ratio"], 3),
+                c["router_cpu_pct"],
+                c["errors"],
+            ]
+            for c in r["concurrency_sweep"]
+        ],
+    )
+    lines += [
+        "",
+        f"### Nodes: memory, idle cost and TTFT (router, {plan['node_sweep_concurrency']} "
+        f"streams, {rate} tokens/s model)",
+        "",
+    ]
+    lines += _table(
+        [
+            "nodes",
+            "held",
+            "register s",
+            "register CPU ms/node",
+            "RSS MB idle",
+            "KB/node",
+            "idle router CPU %",
+            "direct TTFT p50",
+            "router TTFT p50",
+            "p95",
+            "p99",
+            "errors",
+        ],
+        [
+            [
+                e["nodes"],
+                e["held"],
+                e["register_s"],
+                round(1000 * e["register_router_cpu_s"] / max(1, e["registered"]), 2),
+                e["rss_mb_idle"],
+                e["rss_kb_per_node"],
+                e["idle_router_cpu_pct"],
+                e["direct_ttft_ms_p50"],
+                e["router_ttft_ms_p50"],
+                e["router_ttft_ms_p95"],
+                e["router_ttft_ms_p99"],
+                e["errors"],
+            ]
+            for e in r["node_sweep"]
+        ],
+    )
+    lines += [
+        "",
+        f"Router RSS: {_fmt(r['router_rss_mb_baseline'])} MB after warm-up, peak "
+        f"{_fmt(r['router_rss_mb'])} MB. Relay capacity: "
+        f"{_fmt(r['router_tokens_per_cpu_s'])} tokens per router CPU-second. Errors: "
+        f"{r['errors']} ({r['token_errors']} token errors).",
+    ]
+    for name, summaries in (r.get("profiles") or {}).items():
+        for index, summary in enumerate(summaries):
+            lines += ["", profile.markdown(summary, f"profile: router {index}, {name} phase")]
+    return "\n".join(lines) + "\n"
