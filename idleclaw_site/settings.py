@@ -151,13 +151,21 @@ else:
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("IDLECLAW_SQLITE_PATH", str(LOCAL_DIR / "db.sqlite3")),
             # Writes from the thread pool and the management commands wait instead of failing.
-            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            # WAL with synchronous=NORMAL: readers never wait for the writer, and a commit does
+            # not wait for the disk (what is lost in a power cut is live state anyway).
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
             # A file, not SQLite's shared in-memory database: that one fails with "table is
             # locked" instead of waiting when the router's thread and a test touch it at once.
             "TEST": {"NAME": str(LOCAL_DIR / f"test-{os.getpid()}.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Threads that run the router's ORM work (idleclaw_site/db.py); SQLite always uses one.
+IDLECLAW_DB_THREADS = envint("IDLECLAW_DB_THREADS", 4, minimum=1)
 
 # --- Channel layer and cache: in memory embedded, Redis with REDIS_URL --------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")

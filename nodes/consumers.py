@@ -13,11 +13,12 @@ import logging
 import time
 from typing import Any
 
-from channels.db import database_sync_to_async
+from channels.consumer import get_handler_name
 from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from idleclaw_site.db import db
 from idleclaw_site.net import scope_client_ip
 from nodes import protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
@@ -35,6 +36,15 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     session_id: int | None = None
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels closes stale database connections before every message, a round trip to a
+        database thread for each token; this consumer's database work goes through
+        ``idleclaw_site.db``, whose connections stay open, so it skips that."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     async def connect(self) -> None:
         self.session_id = None
         self.node_id = ""
@@ -49,7 +59,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.registered = asyncio.Event()
         await worker.ensure_started()
         await self.accept()
-        allowed = await database_sync_to_async(services.node_registration_allowed)(
+        allowed = await db(services.node_registration_allowed)(
             client_ip=scope_client_ip(self.scope)
         )
         if not allowed:
@@ -119,7 +129,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def _register(self, frame: dict[str, Any]) -> None:
         registration = protocol.parse_register(frame)
-        opened = await database_sync_to_async(services.node_session_open)(
+        opened = await db(services.node_session_open)(
             registration=registration,
             channel_name=self.channel_name,
             client_ip=scope_client_ip(self.scope),
@@ -159,12 +169,12 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         elif kind == FrameType.MODELS_UPDATE:
             offers = protocol.parse_models(frame.get("models"))
-            await database_sync_to_async(services.node_models_replace)(
+            await db(services.node_models_replace)(
                 session_id=self.session_id, offers=offers
             )
             await self._wake_queues([offer.name for offer in offers])
         elif kind == FrameType.DRAIN:
-            await database_sync_to_async(services.node_session_drain)(session_id=self.session_id)
+            await db(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
         await self._touch(interval=TOUCH_INTERVAL)
@@ -173,7 +183,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """New capacity: the requests waiting longest for these models may take it."""
         from routing.services import queue_heads
 
-        for channel in await database_sync_to_async(queue_heads)(models=models):
+        for channel in await db(queue_heads)(models=models):
             await self.channel_layer.send(channel, {"type": "queue.wake"})
 
     async def _touch(self, *, interval: float) -> None:
@@ -181,7 +191,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if now - self.last_touch < interval:
             return
         self.last_touch = now
-        alive = await database_sync_to_async(services.node_session_touch)(
+        alive = await db(services.node_session_touch)(
             session_id=self.session_id
         )
         if not alive:
@@ -275,6 +285,6 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
-        orphans = await database_sync_to_async(services.node_session_close)(session_id=session_id)
+        orphans = await db(services.node_session_close)(session_id=session_id)
         await worker.notify_orphans(orphans, "node_disconnected")
         logger.info("node %s disconnected (code %s)", self.node_id, code)

@@ -1,5 +1,5 @@
 """Writes to the node tables. Plain synchronous functions; async callers wrap them with
-``database_sync_to_async`` at the boundary and send channel-layer events after they return
+``idleclaw_site.db.db`` at the boundary and send channel-layer events after they return
 (that is, after commit)."""
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ import asyncio
 import logging
 import uuid
 
-from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
+from idleclaw_site.db import db
 from nodes import services
 from nodes.protocol import EventType
 
@@ -39,16 +39,16 @@ async def notify_orphans(orphans: list[services.Orphan], error: str) -> None:
 
 
 async def _housekeeping_once(first: bool) -> None:
-    await database_sync_to_async(services.router_worker_beat)(
+    await db(services.router_worker_beat)(
         worker_id=WORKER_ID, started_at=STARTED_AT
     )
     # The in-memory layer lives in this process only: any other worker row is a leftover of a
     # previous run and its nodes' channels are gone.
     single = isinstance(get_channel_layer(), InMemoryChannelLayer)
-    reaped = await database_sync_to_async(services.router_workers_reap)(
+    reaped = await db(services.router_workers_reap)(
         worker_id=WORKER_ID, everyone_else=single and first
     )
-    orphans = reaped.orphans + await database_sync_to_async(services.node_sessions_reap)()
+    orphans = reaped.orphans + await db(services.node_sessions_reap)()
     await notify_orphans(orphans, "node_disconnected")
     layer = get_channel_layer()
     for item in reaped.abandoned:

@@ -15,11 +15,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, Count, F, FloatField, IntegerField, Q, Value, When
-from django.db.models.functions import Cast, Coalesce
+from django.db.models import Q
 from django.utils import timezone
 
-from nodes.models import NodeModel, NodeSession
+from nodes.models import NodeModel, NodeSession, RouterWorker
 from nodes.services import live_cutoff, worker_cutoff
 from routing.models import ConsumerStream, InflightRequest, QueuedRequest
 
@@ -64,41 +63,61 @@ def _routable(model: str, now: datetime) -> Q:
     )
 
 
+_CANDIDATES_SQL = """
+SELECT id, CAST(active AS REAL) / max_concurrent AS load,
+       CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
+FROM (
+    SELECT s.id AS id, s.max_concurrent AS max_concurrent,
+           s.consecutive_failures AS failures, s.cooldown_until AS cooldown_until,
+           (SELECT COUNT(*) FROM {inflight} i WHERE i.session_id = s.id) AS active,
+           COALESCE(s.tokens_per_s, %(unmeasured)s) AS speed
+    FROM {session} s
+    JOIN {model} m ON m.session_id = s.id AND m.name = %(model)s
+    JOIN {worker} w ON w.worker_id = s.worker_id
+    WHERE NOT s.draining AND s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+) c
+WHERE active < max_concurrent
+  AND (failures < %(cooldown_after)s OR (cooldown_until <= %(now)s AND active = 0))
+ORDER BY load, penalty, speed DESC, max_concurrent DESC
+LIMIT %(limit)s
+"""
+
+
 def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int]:
     """Live nodes with a free slot, best first: the least loaded, then the most reliable and
     fastest. A cooled-down node is skipped; once its cooldown is over it gets one trial request
-    at a time until it succeeds."""
-    rows = (
-        NodeSession.objects.filter(_routable(model, now))
-        .exclude(pk__in=list(exclude))
-        .annotate(active=Count("inflight", distinct=True))
-        .filter(active__lt=F("max_concurrent"))
-        .filter(
-            Q(consecutive_failures__lt=COOLDOWN_AFTER)
-            | (Q(cooldown_until__lte=now) & Q(active=0))
-        )
-        .annotate(
-            load=Cast(F("active"), FloatField()) / F("max_concurrent"),
-            speed=Coalesce("tokens_per_s", Value(UNMEASURED_TOKENS_PER_S)),
-            # Recent failures count against a node; one back from its cooldown is ranked like
-            # a fresh node so that its trial request really happens.
-            penalty=Case(
-                When(consecutive_failures__gte=COOLDOWN_AFTER, then=Value(0)),
-                default=F("consecutive_failures"),
-                output_field=IntegerField(),
-            ),
-        )
-        .order_by("load", "penalty", "-speed", "-max_concurrent")
-        .values_list("pk", "load", "penalty", "speed")[:CANDIDATES]
+    at a time until it succeeds, ranked like a fresh node so that the trial really happens.
+
+    Hand-written SQL: this runs for every request, and the ORM's version (a GROUP BY over every
+    column of the session) cost ten times as much (bench/RESULTS.md).
+    """
+    sql = _CANDIDATES_SQL.format(
+        inflight=InflightRequest._meta.db_table,
+        session=NodeSession._meta.db_table,
+        model=NodeModel._meta.db_table,
+        worker=RouterWorker._meta.db_table,
     )
-    candidates = list(rows)
+    adapt = connection.ops.adapt_datetimefield_value
+    params = {
+        "unmeasured": UNMEASURED_TOKENS_PER_S,
+        "model": model,
+        "node_cutoff": adapt(live_cutoff(now)),
+        "worker_cutoff": adapt(worker_cutoff(now)),
+        "cooldown_after": COOLDOWN_AFTER,
+        "now": adapt(now),
+        # Sessions this request already failed on are dropped here rather than in SQL.
+        "limit": CANDIDATES + len(exclude),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = [row for row in cursor.fetchall() if row[0] not in exclude][:CANDIDATES]
     # Spread exact ties instead of always picking the oldest connection.
-    if candidates:
-        best = candidates[0][1:]
-        ties = [c for c in candidates if c[1:] == best]
+    if rows:
+        best = rows[0][1:]
+        ties = [row for row in rows if row[1:] == best]
         random.shuffle(ties)
-        candidates = ties + [c for c in candidates if c[1:] != best]
-    return [pk for pk, *_ in candidates]
+        rows = ties + [row for row in rows if row[1:] != best]
+    return [row[0] for row in rows]
 
 
 def inflight_claim(
@@ -201,9 +220,7 @@ def inflight_finish(*, request_id: str, outcome: Outcome | None = None) -> list[
             return []
         if outcome is not None and outcome.kind != "cancelled":
             _record(session, outcome)
-    return queue_heads(models=NodeModel.objects.filter(session_id=session_id).values_list(
-        "name", flat=True
-    ))
+    return queue_heads(session_id=session_id)
 
 
 def _record(session: NodeSession, outcome: Outcome) -> None:
@@ -251,19 +268,22 @@ def queue_leave(*, request_id: str) -> None:
     QueuedRequest.objects.filter(request_id=request_id).delete()
 
 
-def queue_heads(*, models: Iterable[str]) -> list[str]:
-    """Reply channels of the oldest waiting request of each model: the only ones allowed to
-    claim next."""
-    channels = []
-    for model in set(models):
-        head = (
-            QueuedRequest.objects.filter(model=model)
-            .values_list("reply_channel", flat=True)
-            .first()
+def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
+    """Reply channels of the oldest waiting request of each model (given, or served by the
+    session): the only ones allowed to claim next. One query."""
+    waiting = QueuedRequest.objects.all()
+    if session_id is not None:
+        waiting = waiting.filter(
+            model__in=NodeModel.objects.filter(session_id=session_id).values("name")
         )
-        if head is not None:
-            channels.append(head)
-    return channels
+    else:
+        waiting = waiting.filter(model__in=list(models))
+    heads: dict[str, str] = {}
+    for model, channel in waiting.order_by("arrived_at", "request_id").values_list(
+        "model", "reply_channel"
+    ):
+        heads.setdefault(model, channel)
+    return list(heads.values())
 
 
 def serialize_on(key: str) -> None:
@@ -295,3 +315,39 @@ def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: s
 
 def consumer_stream_close(*, request_id: str) -> None:
     ConsumerStream.objects.filter(request_id=request_id).delete()
+
+
+def request_admit(
+    *,
+    request_id: str,
+    client_ip: str | None,
+    worker_id: str,
+    model: str,
+    attempt_id: str,
+    reply_channel: str,
+    arrived_at: datetime,
+) -> Claim | NoSlot | None:
+    """A consumer's request arrives: count it against its address and try for a slot, in one
+    trip to the database thread. None when the address has too many requests open."""
+    with transaction.atomic():
+        if not consumer_stream_open(
+            request_id=request_id, client_ip=client_ip, worker_id=worker_id
+        ):
+            return None
+        return inflight_claim(
+            model=model,
+            request_id=attempt_id,
+            reply_channel=reply_channel,
+            worker_id=worker_id,
+            arrived_at=arrived_at,
+        )
+
+
+def request_end(*, request_id: str, attempt_id: str | None, outcome: Outcome | None) -> list[str]:
+    """A consumer's request is over: free its slot, its queue place and its count, in one trip.
+    Returns the reply channels of queued requests that may now take the slot."""
+    with transaction.atomic():
+        wake = inflight_finish(request_id=attempt_id, outcome=outcome) if attempt_id else []
+        QueuedRequest.objects.filter(request_id=request_id).delete()
+        ConsumerStream.objects.filter(request_id=request_id).delete()
+    return wake

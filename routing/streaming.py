@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
+from idleclaw_site.db import db
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
@@ -145,13 +145,28 @@ class Relay:
         """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
         (the request has a slot or is still queued); otherwise why it cannot (503 or 429)."""
         await worker.ensure_started()
-        self.counted = await database_sync_to_async(services.consumer_stream_open)(
-            request_id=self.queue_id, client_ip=self.client_ip, worker_id=worker.WORKER_ID
+        self.layer = get_channel_layer()
+        self.reply_channel = await self.layer.new_channel()
+        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+        self.attempts += 1
+        admitted = await db(services.request_admit)(
+            request_id=self.queue_id,
+            client_ip=self.client_ip,
+            worker_id=worker.WORKER_ID,
+            model=self.model,
+            attempt_id=uuid.uuid4().hex,
+            reply_channel=self.reply_channel,
+            arrived_at=self.arrived_at,
         )
-        if not self.counted:
+        if admitted is None:
             return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
+        self.counted = True
+        if isinstance(admitted, Claim):
+            self.claim = admitted
+            return None
+        self.attempts -= 1
         try:
-            refusal = await self._first_slot(hold)
+            refusal = await self._first_slot(admitted, hold)
         except BaseException:
             await asyncio.shield(self._close())
             raise
@@ -159,16 +174,11 @@ class Relay:
             await self._close()
         return refusal
 
-    async def _first_slot(self, hold: float) -> Unavailable | None:
-        self.layer = get_channel_layer()
-        self.reply_channel = await self.layer.new_channel()
-        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
-        result = await self._try_claim()
-        if result is None:
-            return None
+    async def _first_slot(self, result: NoSlot, hold: float) -> Unavailable | None:
+        """No slot was free on arrival: join the queue and wait up to ``hold``."""
         if not result.served:
             return Unavailable(model=self.model, served=False)
-        joined = await database_sync_to_async(services.queue_join)(
+        joined = await db(services.queue_join)(
             request_id=self.queue_id,
             model=self.model,
             reply_channel=self.reply_channel,
@@ -194,7 +204,7 @@ class Relay:
         """Claim a slot now; None on success."""
         self.attempts += 1
         attempt_id = uuid.uuid4().hex
-        result = await database_sync_to_async(services.inflight_claim)(
+        result = await db(services.inflight_claim)(
             model=self.model,
             request_id=attempt_id,
             reply_channel=self.reply_channel,
@@ -208,7 +218,7 @@ class Relay:
             if self.queued:
                 self.queued = False  # the claim removed the queue row
                 await self._wake(
-                    await database_sync_to_async(services.queue_heads)(models=[self.model])
+                    await db(services.queue_heads)(models=[self.model])
                 )
             return None
         self.attempts -= 1
@@ -234,7 +244,7 @@ class Relay:
             if now >= self.queue_deadline:
                 raise RelayError("queue_timeout")
             if now >= next_notice:
-                position = await database_sync_to_async(selectors.queue_position)(
+                position = await db(selectors.queue_position)(
                     request_id=self.queue_id
                 )
                 yield Queued(position=position)
@@ -247,7 +257,7 @@ class Relay:
     async def _leave_queue(self) -> None:
         if self.queued:
             self.queued = False
-            await database_sync_to_async(services.queue_leave)(request_id=self.queue_id)
+            await db(services.queue_leave)(request_id=self.queue_id)
 
     async def _wake(self, channels: list[str]) -> None:
         for channel in channels:
@@ -283,7 +293,7 @@ class Relay:
     async def _requeue(self) -> None:
         # The wait starts afresh: the consumer already waited for a node that then failed.
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
-        self.queued = await database_sync_to_async(services.queue_join)(
+        self.queued = await db(services.queue_join)(
             request_id=self.queue_id,
             model=self.model,
             reply_channel=self.reply_channel,
@@ -306,6 +316,7 @@ class Relay:
         chunks = 0
         outcome = Outcome(kind="cancelled")
         node_done = False
+        failing_over = False
         sanitizer = ChunkSanitizer()
         try:
             await self.layer.send(
@@ -367,28 +378,39 @@ class Relay:
                 yield chunk
                 if node_done:
                     return
+        except _Failover:
+            failing_over = True
+            raise
         finally:
             self.claim = None
             self.tried.add(claim.session_id)
-            await asyncio.shield(self._release(claim, outcome, cancel=not node_done))
+            await asyncio.shield(
+                self._release(claim, outcome, cancel=not node_done, final=not failing_over)
+            )
 
-    async def _release(self, claim: Claim, outcome: Outcome, *, cancel: bool) -> None:
+    async def _release(
+        self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool
+    ) -> None:
         if cancel:
             await self.layer.send(
                 claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
             )
-        wake = await database_sync_to_async(services.inflight_finish)(
-            request_id=claim.request_id, outcome=outcome
-        )
+        if final:
+            # The request is over: everything it held goes in one trip.
+            wake = await db(services.request_end)(
+                request_id=self.queue_id, attempt_id=claim.request_id, outcome=outcome
+            )
+            self.queued = self.counted = False
+        else:
+            wake = await db(services.inflight_finish)(
+                request_id=claim.request_id, outcome=outcome
+            )
         await self._wake(wake)
 
     async def _close(self) -> None:
-        await self._leave_queue()
-        if self.counted:
-            self.counted = False
-            await database_sync_to_async(services.consumer_stream_close)(
-                request_id=self.queue_id
-            )
+        if self.queued or self.counted:
+            self.queued = self.counted = False
+            await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
 
 
 class ChunkSanitizer:

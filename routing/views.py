@@ -6,12 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from idleclaw_site.db import db
 from nodes import worker
 from routing import ollama_api, openai_api, selectors
 from routing.limits import rate_limited, request_ip
@@ -75,7 +75,7 @@ async def health(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed("GET")
     await worker.ensure_started()
-    numbers = await database_sync_to_async(selectors.network_health)()
+    numbers = await db(selectors.network_health)()
     return JsonResponse(
         {
             "status": "healthy",
@@ -92,8 +92,8 @@ async def models(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return _method_not_allowed("GET")
     await worker.ensure_started()
-    infos = await database_sync_to_async(selectors.network_models)()
-    queues = await database_sync_to_async(selectors.queue_lengths)()
+    infos = await db(selectors.network_models)()
+    queues = await db(selectors.queue_lengths)()
     return JsonResponse(
         {
             "models": [info.name for info in infos],
@@ -183,7 +183,7 @@ async def openai_models(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return openai_error(openai_api.OpenAIError("use GET", status=405))
     await worker.ensure_started()
-    infos = await database_sync_to_async(selectors.network_models)()
+    infos = await db(selectors.network_models)()
     return JsonResponse({"object": "list", "data": [_openai_model(info) for info in infos]})
 
 
@@ -193,7 +193,7 @@ async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return openai_error(openai_api.OpenAIError("use GET", status=405))
     await worker.ensure_started()
-    info = await database_sync_to_async(selectors.model_info)(model=model)
+    info = await db(selectors.model_info)(model=model)
     if info is None:
         return openai_error(openai_api.OpenAIError(
             f"The model '{model}' is not served by any node right now", status=404,
@@ -225,14 +225,14 @@ async def ollama_version(request: HttpRequest) -> HttpResponse:
 @rate_limited("default")
 async def ollama_tags(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
-    infos = await database_sync_to_async(selectors.network_models)()
+    infos = await db(selectors.network_models)()
     return JsonResponse(ollama_api.tags_body(infos))
 
 
 @rate_limited("default")
 async def ollama_ps(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
-    infos = await database_sync_to_async(selectors.network_models)()
+    infos = await db(selectors.network_models)()
     return JsonResponse(ollama_api.ps_body(infos))
 
 
@@ -247,7 +247,7 @@ async def ollama_show(request: HttpRequest) -> HttpResponse:
     except BadRequest as error:
         return ollama_error(400, error.detail)
     await worker.ensure_started()
-    info = await database_sync_to_async(selectors.model_info)(model=model)
+    info = await db(selectors.model_info)(model=model)
     if info is None:
         return ollama_error(404, f"model '{model}' not found")
     return JsonResponse(ollama_api.show_body(info))
@@ -263,7 +263,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         return ollama_error(400, error.detail)
     if parsed.load_only:
         await worker.ensure_started()
-        if await database_sync_to_async(selectors.model_info)(model=parsed.model) is None:
+        if await db(selectors.model_info)(model=parsed.model) is None:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
         return JsonResponse(ollama_api.load_body(parsed.model, chat=chat))
     chunks = await open_relay(
