@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 
 import dj_database_url
@@ -195,6 +196,13 @@ CHANNEL_CAPACITY = envint("IDLECLAW_CHANNEL_CAPACITY", 5000, minimum=100)
 # tolerates clocks of different hosts being seconds apart. The default of 60 s would also do,
 # but leaves less room for skew.
 CHANNEL_EXPIRY = envint("IDLECLAW_CHANNEL_EXPIRY", 120, minimum=10)
+# Probe an idle Redis connection after 10 s, every 5 s, and give up after 3 unanswered probes:
+# a silently dead link fails within about 25 s instead of the kernel's default two hours.
+REDIS_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -203,15 +211,18 @@ if REDIS_URL:
                 "hosts": [
                     {
                         "address": REDIS_URL,
-                        # redis-py 8 gives up on a read after 5 s by default, exactly as long
-                        # as channels-redis blocks in BZPOPMIN waiting for a message, so every
-                        # channel that stayed quiet for 5 s raised TimeoutError and closed its
-                        # node's socket (redis/redis-py#4091). Reads may now take longer than
-                        # that wait; only a dead connection runs into this timeout. Options in
-                        # the URL (?socket_timeout=...) still take precedence.
-                        "socket_timeout": 15,
+                        # No read or write timeout. redis-py 8 times reads out after 5 s by
+                        # default, exactly as long as channels-redis blocks in BZPOPMIN, so every
+                        # channel quiet for 5 s raised TimeoutError and closed its node's socket
+                        # (redis/redis-py#4091). Any timeout is worse on Python 3.11: redis-py
+                        # then sends through asyncio.wait_for, which swallows a cancellation that
+                        # lands as the send completes (CPython gh-86296, fixed in 3.12), so a
+                        # consumer's hang-up or a stall timeout was lost and the node generated
+                        # on for nobody. A dead connection is found by TCP keepalive instead.
+                        "socket_timeout": None,
                         "socket_connect_timeout": 5,
                         "socket_keepalive": True,
+                        "socket_keepalive_options": REDIS_KEEPALIVE,
                     }
                 ],
                 "capacity": CHANNEL_CAPACITY,

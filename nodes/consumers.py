@@ -71,9 +71,10 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def _watch(self) -> None:
         """Close a socket that never registers or falls silent."""
         try:
-            await asyncio.wait_for(
-                self.registered.wait(), timeout=settings.IDLECLAW_REGISTRATION_TIMEOUT
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # (CPython gh-86296).
+            async with asyncio.timeout(settings.IDLECLAW_REGISTRATION_TIMEOUT):
+                await self.registered.wait()
         except TimeoutError:
             await self._refuse(ProtocolError(CloseReason.REGISTRATION_TIMEOUT))
             return

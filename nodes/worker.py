@@ -81,7 +81,8 @@ async def ensure_started() -> None:
         _loop_task = loop.create_task(_housekeeping_loop())
     assert _ready is not None
     if not _ready.is_set():
-        await asyncio.wait_for(_ready.wait(), timeout=30)
+        async with asyncio.timeout(30):  # not wait_for: CPython gh-86296 on 3.11
+            await _ready.wait()
 
 
 async def stop() -> None:
