@@ -50,8 +50,11 @@ async def _housekeeping_once(first: bool) -> None:
     )
     orphans = reaped.orphans + await db(services.node_sessions_reap)()
     await notify_orphans(orphans, "node_disconnected")
+    from routing.services import stale_requests_reap
+
+    leftovers = await db(stale_requests_reap)(worker_id=WORKER_ID)
     layer = get_channel_layer()
-    for item in reaped.abandoned:
+    for item in [*reaped.abandoned, *leftovers]:
         await layer.send(
             item.node_channel, {"type": EventType.NODE_CANCEL, "request_id": item.request_id}
         )

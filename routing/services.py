@@ -351,3 +351,42 @@ def request_end(*, request_id: str, attempt_id: str | None, outcome: Outcome | N
         QueuedRequest.objects.filter(request_id=request_id).delete()
         ConsumerStream.objects.filter(request_id=request_id).delete()
     return wake
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A slot held past any possible request's lifetime: its node is told to stop."""
+
+    request_id: str
+    node_channel: str
+
+
+def stale_requests_reap(*, worker_id: str) -> list[Leftover]:
+    """Free what this worker's requests still hold long after they must have ended.
+
+    A relay frees its rows itself however it ends, except when its response was never started
+    (the consumer hung up between the view returning and the first byte): then nothing runs its
+    clean-up. No request outlives the bounds used here.
+    """
+    now = timezone.now()
+    attempt_life = timedelta(seconds=settings.IDLECLAW_RESPONSE_TIMEOUT + 60)
+    request_life = timedelta(
+        seconds=(settings.IDLECLAW_QUEUE_TIMEOUT + settings.IDLECLAW_RESPONSE_TIMEOUT)
+        * settings.IDLECLAW_MAX_ATTEMPTS
+        + 60
+    )
+    with transaction.atomic():
+        stale = InflightRequest.objects.filter(
+            worker_id=worker_id, created_at__lt=now - attempt_life
+        )
+        leftovers = [
+            Leftover(request_id=rid, node_channel=channel)
+            for rid, channel in stale.values_list("request_id", "session__channel_name")
+        ]
+        stale.delete()
+        old_streams = ConsumerStream.objects.filter(
+            worker_id=worker_id, started_at__lt=now - request_life
+        )
+        QueuedRequest.objects.filter(request_id__in=old_streams.values("request_id")).delete()
+        old_streams.delete()
+    return leftovers

@@ -103,3 +103,22 @@ def test_stale_draining_and_dead_worker_nodes_are_not_chosen(router_worker):
 def test_no_node_for_an_unknown_model(router_worker):
     make_node(router_worker, "n")
     assert claim(model="nonexistent:1b") is None
+
+
+def test_rows_left_by_a_response_that_never_started_are_reaped(router_worker, settings):
+    from routing.models import ConsumerStream
+    from routing.services import consumer_stream_open, stale_requests_reap
+
+    node = make_node(router_worker, "n", max_concurrent=1)
+    claimed = claim()
+    consumer_stream_open(request_id="stream-1", client_ip="10.0.0.1", worker_id="w1")
+    assert claim() is None  # the only slot is held
+    assert stale_requests_reap(worker_id="w1") == []  # young rows are left alone
+    long_ago = timezone.now() - timedelta(hours=1)
+    InflightRequest.objects.update(created_at=long_ago)
+    ConsumerStream.objects.update(started_at=long_ago)
+    [leftover] = stale_requests_reap(worker_id="w1")
+    assert leftover.request_id == claimed.request_id
+    assert leftover.node_channel == node.channel_name
+    assert ConsumerStream.objects.count() == 0
+    assert claim() is not None  # the slot serves again
