@@ -54,15 +54,6 @@ def _older_than(arrived_at: datetime, request_id: str) -> Q:
     return Q(arrived_at__lt=arrived_at) | Q(arrived_at=arrived_at, request_id__lt=request_id)
 
 
-def _routable(model: str, now: datetime) -> Q:
-    return Q(
-        models__name=model,
-        draining=False,
-        last_seen__gte=live_cutoff(now),
-        worker__last_seen__gte=worker_cutoff(now),
-    )
-
-
 _CANDIDATES_SQL = """
 SELECT id, CAST(active AS REAL) / max_concurrent AS load,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
@@ -264,10 +255,6 @@ def queue_join(
     return True
 
 
-def queue_leave(*, request_id: str) -> None:
-    QueuedRequest.objects.filter(request_id=request_id).delete()
-
-
 def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
     """Reply channels of the oldest waiting request of each model (given, or served by the
     session): the only ones allowed to claim next. One query."""
@@ -311,10 +298,6 @@ def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: s
             started_at=timezone.now(),
         )
     return True
-
-
-def consumer_stream_close(*, request_id: str) -> None:
-    ConsumerStream.objects.filter(request_id=request_id).delete()
 
 
 def request_admit(

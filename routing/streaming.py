@@ -254,11 +254,6 @@ class Relay:
             if result is not None and not result.served:
                 raise RelayError("node_disconnected" if self.tried else "no_node")
 
-    async def _leave_queue(self) -> None:
-        if self.queued:
-            self.queued = False
-            await db(services.queue_leave)(request_id=self.queue_id)
-
     async def _wake(self, channels: list[str]) -> None:
         for channel in channels:
             if channel != self.reply_channel:
