@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -29,6 +30,17 @@ logger = logging.getLogger("idleclaw.nodes")
 # node cannot turn a heartbeat flood into database writes).
 TOUCH_INTERVAL = 5.0
 HEARTBEAT_TOUCH_INTERVAL = 1.0
+
+
+@dataclass(eq=False)
+class _Outbox:
+    """One request's chunks on their way to its consumer; ``seq`` numbers the first."""
+
+    reply_channel: str
+    seq: int
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    sender: asyncio.Task[None] = field(init=False)
 
 
 class NodeConsumer(AsyncWebsocketConsumer):
@@ -50,6 +62,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.node_id = ""
         self.requests: dict[str, str] = {}  # request_id → consumer's reply channel
         self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
+        self.outboxes: dict[str, _Outbox] = {}  # request_id → chunks not yet sent on
         self.last_frame = time.monotonic()
         self.last_touch = 0.0
         self.allowance = 2.0 * settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
@@ -214,19 +227,42 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if chunk["done"]:
             del self.requests[request_id]
             self.next_seq.pop(request_id, None)
+        outbox = self.outboxes.get(request_id)
+        if outbox is None:
+            outbox = self.outboxes[request_id] = _Outbox(reply_channel=reply_channel, seq=seq)
+            outbox.sender = asyncio.create_task(self._drain(request_id, outbox))
+        outbox.chunks.append(chunk)
+
+    async def _drain(self, request_id: str, outbox: _Outbox) -> None:
+        """Send a request's waiting chunks to its consumer, as few messages as possible: the
+        chunks that arrive while one send is under way go together in the next."""
         try:
-            await self.channel_layer.send(
-                reply_channel,
-                {
+            await asyncio.sleep(0)  # let the frames that came in with this one join it
+            while outbox.chunks:
+                chunks, outbox.chunks = outbox.chunks, []
+                event = {
                     "type": EventType.STREAM_CHUNK,
                     "request_id": request_id,
-                    "seq": seq,
-                    "chunk": chunk,
-                },
-            )
-        except ChannelFull:
-            logger.warning("consumer of %s is not reading; cancelling", request_id)
-            await self._fail_request(request_id, "consumer_stalled", cancel=True)
+                    "seq": outbox.seq,
+                    "chunks": chunks,
+                }
+                outbox.seq += len(chunks)
+                try:
+                    await self.channel_layer.send(outbox.reply_channel, event)
+                except ChannelFull:
+                    logger.warning("consumer of %s is not reading; cancelling", request_id)
+                    self.next_seq.pop(request_id, None)
+                    if self.requests.pop(request_id, None) is not None and not self.closing:
+                        await self.send_frame(
+                            {"type": FrameType.CANCEL_REQUEST, "request_id": request_id}
+                        )
+                    await self._send_error(outbox.reply_channel, request_id, "consumer_stalled")
+                    return
+            if outbox.error is not None:
+                await self._send_error(outbox.reply_channel, request_id, outbox.error)
+        finally:
+            if self.outboxes.get(request_id) is outbox:
+                del self.outboxes[request_id]
 
     async def _relay_error(self, frame: dict[str, Any]) -> None:
         request_id = protocol.request_id_of(frame)
@@ -242,6 +278,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         if cancel:
             await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
+        outbox = self.outboxes.get(request_id)
+        if outbox is not None and not outbox.sender.done():
+            outbox.error = error  # after the chunks still on their way, in order
+            return
+        await self._send_error(reply_channel, request_id, error)
+
+    async def _send_error(self, reply_channel: str, request_id: str, error: str) -> None:
         try:
             await self.channel_layer.send(
                 reply_channel,

@@ -93,13 +93,14 @@ class NodeCancelEvent(TypedDict):
 
 
 class StreamChunkEvent(TypedDict):
-    """Node consumer → HTTP side: one chunk, already reduced to the fields consumers may see.
-    ``seq`` counts a request's chunks from 0, so a chunk lost on the way shows as a gap."""
+    """Node consumer → HTTP side: chunks that arrived together, already reduced to the fields
+    consumers may see. ``seq`` numbers the first; a request's chunks count from 0, so a
+    message lost on the way shows as a gap."""
 
     type: str
     request_id: str
     seq: int
-    chunk: dict[str, Any]
+    chunks: list[dict[str, Any]]
 
 
 class StreamErrorEvent(TypedDict):

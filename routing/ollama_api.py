@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from routing.selectors import ModelInfo
-from routing.streaming import Answer, Queued, RelayError
+from routing.streaming import Answer, Events, Queued, RelayError
 from routing.validation import (
     BadRequest,
     check_compat_messages,
@@ -148,45 +148,61 @@ def _final_fields(chunk: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-async def ndjson_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str
-                      ) -> AsyncIterator[bytes]:
-    """Ollama's streaming ``/api/chat`` lines; an error after the start is a last ``error``
-    line, as Ollama writes it."""
+def _chat_lines(chunk: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    message = chunk["message"]
+    if not chunk["done"]:
+        return [{"model": model, "created_at": now_rfc3339(),
+                 "message": {"content": "", **message}, "done": False}]
+    lines = []
+    if message.get("content") or message.get("thinking"):
+        # Ollama's final line carries no text; text that came with the node's last chunk
+        # goes on a line of its own first.
+        text = {k: v for k, v in message.items() if k in ("role", "content", "thinking")}
+        lines.append({"model": model, "created_at": now_rfc3339(),
+                      "message": {"content": "", **text}, "done": False})
+    final_message = {"role": "assistant", "content": "", **{
+        k: v for k, v in message.items() if k not in ("role", "content", "thinking")}}
+    lines.append({"model": model, "created_at": now_rfc3339(), "message": final_message,
+                  "done": True, **_final_fields(chunk)})
+    return lines
+
+
+def _generate_lines(chunk: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    message = chunk["message"]
+    line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
+                            "response": message.get("content", "")}
+    if "thinking" in message:
+        line["thinking"] = message["thinking"]
+    line["done"] = chunk["done"]
+    if chunk["done"]:
+        line.update(_final_fields(chunk))
+    return [line]
+
+
+async def _ndjson(
+    chunks: Events, model: str, lines_of: Callable[[dict[str, Any], str], list[dict[str, Any]]]
+) -> AsyncIterator[bytes]:
     try:
-        async for chunk in chunks:
-            if isinstance(chunk, Queued):
+        async for batch in chunks:
+            if isinstance(batch, Queued):
                 continue  # NDJSON has no comment lines; Ollama clients would choke
-            line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
-                                    "message": chunk["message"], "done": chunk["done"]}
-            if chunk["done"]:
-                line["message"] = {"role": "assistant", "content": "", **{
-                    k: v for k, v in chunk["message"].items() if k not in ("role", "content")}}
-                line.update(_final_fields(chunk))
-            else:
-                line["message"] = {"content": "", **chunk["message"]}
-            yield (_dumps(line) + "\n").encode()
+            # One write for all the chunks that arrived together.
+            yield "".join(
+                _dumps(line) + "\n" for chunk in batch for line in lines_of(chunk, model)
+            ).encode()
     except RelayError as error:
+        # An error after the stream started is a last line of its own, as Ollama writes it.
         yield (_dumps({"error": error.message}) + "\n").encode()
 
 
-async def ndjson_generate(chunks: AsyncIterator[dict[str, Any]], *, model: str
-                          ) -> AsyncIterator[bytes]:
+def ndjson_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
+    """Ollama's streaming ``/api/chat`` lines."""
+    return _ndjson(chunks, model, _chat_lines)
+
+
+def ndjson_generate(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
     """Ollama's streaming ``/api/generate`` lines, made from the node's chat chunks."""
-    try:
-        async for chunk in chunks:
-            if isinstance(chunk, Queued):
-                continue
-            message = chunk["message"]
-            line: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
-                                    "response": message.get("content", "")}
-            if "thinking" in message:
-                line["thinking"] = message["thinking"]
-            line["done"] = chunk["done"]
-            if chunk["done"]:
-                line.update(_final_fields(chunk))
-            yield (_dumps(line) + "\n").encode()
-    except RelayError as error:
-        yield (_dumps({"error": error.message}) + "\n").encode()
+    return _ndjson(chunks, model, _generate_lines)
 
 
 def chat_body(answer: Answer, *, model: str) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from routing.streaming import Answer, Queued, RelayError, finish_reason_of, usage_of
+from routing.streaming import (
+    Answer,
+    Events,
+    Queued,
+    RelayError,
+    finish_reason_of,
+    usage_of,
+)
 from routing.validation import (
     BadRequest,
     check_compat_messages,
@@ -297,7 +304,7 @@ def completion_body(answer: Answer, *, model: str) -> dict[str, Any]:
 
 
 async def completion_stream(
-    chunks: AsyncIterator[dict[str, Any]], *, model: str, include_usage: bool
+    chunks: Events, *, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` events: the role first, then deltas, ``finish_reason`` on the
     last choice chunk, an optional usage chunk, then ``[DONE]``."""
@@ -316,27 +323,33 @@ async def completion_stream(
     yield event({"role": "assistant", "content": ""})
     saw_tool_calls = False
     try:
-        async for chunk in chunks:
-            if isinstance(chunk, Queued):
-                yield f": queued position={chunk.position}\n\n".encode()
+        async for batch in chunks:
+            if isinstance(batch, Queued):
+                yield f": queued position={batch.position}\n\n".encode()
                 continue
-            message = chunk["message"]
-            if "thinking" in message:
-                thinking = message["thinking"]
-                yield event({"reasoning_content": thinking, "reasoning": thinking})
-            if "content" in message:
-                yield event({"content": message["content"]})
-            if "tool_calls" in message:
-                saw_tool_calls = True
-                yield event({"tool_calls": _openai_tool_calls(message["tool_calls"],
-                                                              indexed=True)})
-            if chunk["done"]:
-                yield event({}, finish_reason_of(chunk, saw_tool_calls))
-                if include_usage:
-                    usage = usage_of(chunk) or {
-                        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                    }
-                    yield f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+            # One write for all the chunks that arrived together.
+            parts: list[bytes] = []
+            for chunk in batch:
+                message = chunk["message"]
+                if "thinking" in message:
+                    thinking = message["thinking"]
+                    parts.append(event({"reasoning_content": thinking, "reasoning": thinking}))
+                if "content" in message:
+                    parts.append(event({"content": message["content"]}))
+                if "tool_calls" in message:
+                    saw_tool_calls = True
+                    calls = _openai_tool_calls(message["tool_calls"], indexed=True)
+                    parts.append(event({"tool_calls": calls}))
+                if chunk["done"]:
+                    parts.append(event({}, finish_reason_of(chunk, saw_tool_calls)))
+                    if include_usage:
+                        usage = usage_of(chunk) or {
+                            "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                        }
+                        parts.append(
+                            f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+                        )
+            yield b"".join(parts)
     except RelayError as error:
         # The openai client raises APIError on an event that carries "error".
         body = {"error": {"message": error.message, "type": "server_error", "param": None,

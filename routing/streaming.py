@@ -261,17 +261,18 @@ class Relay:
 
     # --- the answer --------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[Queued | dict[str, Any]]:
-        """``Queued`` notices while waiting, then the node's chunks; the last chunk has
-        ``done: True``. Raises ``RelayError`` when the request fails."""
+    async def events(self) -> AsyncIterator[Queued | list[dict[str, Any]]]:
+        """``Queued`` notices while waiting, then the node's chunks in lists of those that
+        arrived together; the last chunk has ``done: True``. Raises ``RelayError`` when the
+        request fails."""
         try:
             while True:
                 if self.claim is None:
                     async for notice in self._wait_in_queue():
                         yield notice
                 try:
-                    async for chunk in self._attempt():
-                        yield chunk
+                    async for batch in self._attempt():
+                        yield batch
                     return
                 except _Failover as failure:
                     if self.attempts >= settings.IDLECLAW_MAX_ATTEMPTS:
@@ -298,7 +299,7 @@ class Relay:
         if not self.queued:
             raise RelayError("queue_timeout")
 
-    async def _attempt(self) -> AsyncIterator[dict[str, Any]]:
+    async def _attempt(self) -> AsyncIterator[list[dict[str, Any]]]:
         """Serve the request on the claimed node. Raises ``_Failover`` when the node fails
         before its first chunk, ``RelayError`` after it."""
         claim = self.claim
@@ -343,34 +344,41 @@ class Relay:
                     if first_at is None:
                         raise _Failover(code)
                     raise RelayError(code)
+                batch = event["chunks"]
                 if event.get("seq", chunks) != chunks:
                     # A channel layer may drop a message when a buffer overflows; never pass
                     # an answer on with a hole in it.
                     outcome = Outcome(kind="cancelled")
                     raise RelayError("lost_chunks")
-                chunks += 1
                 if first_at is None:
                     first_at = self.loop.time()
-                chunk = sanitizer.clean(event["chunk"])
-                if chunk is None:
-                    continue  # nothing left to show yet (a tag may be arriving)
-                message = chunk["message"]
-                size = len(message.get("content", "")) + len(message.get("thinking", ""))
-                if "tool_calls" in message:
-                    # Tool calls count against the same budget: a node cannot grow an answer
-                    # without bound through them.
-                    size += len(json.dumps(message["tool_calls"]))
-                if size >= char_budget and not chunk["done"]:
-                    yield _truncated(chunk, char_budget)
-                    outcome = _measured("completed", sent_at, first_at, chunks, None)
-                    yield {"message": {"role": "assistant"}, "done": True,
-                           "done_reason": "length"}
-                    return
-                char_budget -= size
-                if chunk["done"]:
-                    node_done = True
-                    outcome = _measured("completed", sent_at, first_at, chunks, chunk)
-                yield chunk
+                out: list[dict[str, Any]] = []
+                for raw in batch:
+                    chunks += 1
+                    chunk = sanitizer.clean(raw)
+                    if chunk is None:
+                        continue  # nothing left to show yet (a tag may be arriving)
+                    message = chunk["message"]
+                    size = len(message.get("content", "")) + len(message.get("thinking", ""))
+                    if "tool_calls" in message:
+                        # Tool calls count against the same budget: a node cannot grow an
+                        # answer without bound through them.
+                        size += len(json.dumps(message["tool_calls"]))
+                    if size >= char_budget and not chunk["done"]:
+                        out.append(_truncated(chunk, char_budget))
+                        out.append({"message": {"role": "assistant"}, "done": True,
+                                    "done_reason": "length"})
+                        outcome = _measured("completed", sent_at, first_at, chunks, None)
+                        yield out
+                        return
+                    char_budget -= size
+                    out.append(chunk)
+                    if chunk["done"]:
+                        node_done = True
+                        outcome = _measured("completed", sent_at, first_at, chunks, chunk)
+                        break
+                if out:
+                    yield out
                 if node_done:
                     return
         except _Failover:
@@ -465,7 +473,7 @@ async def open_relay(
     ollama_params: dict[str, Any],
     client_ip: str | None,
     stream: bool = True,
-) -> AsyncIterator[Queued | dict[str, Any]] | Unavailable | TooMany:
+) -> Events | Unavailable | TooMany:
     """Start a ``Relay`` and return its events, or why it cannot start (a 503).
 
     A streaming request waits for a slot up to the queue notice interval before its response
@@ -490,14 +498,23 @@ class Answer:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-async def collect(chunks: AsyncIterator[dict[str, Any]]) -> Answer:
+Events = AsyncIterator[Queued | list[dict[str, Any]]]
+
+
+async def each_chunk(events: Events) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a relay one by one, without the queue notices."""
+    async for batch in events:
+        if not isinstance(batch, Queued):
+            for chunk in batch:
+                yield chunk
+
+
+async def collect(chunks: Events) -> Answer:
     """Read a relay to its end; raises ``RelayError`` like the relay."""
     content: list[str] = []
     thinking: list[str] = []
     answer = Answer()
-    async for chunk in chunks:
-        if isinstance(chunk, Queued):
-            continue
+    async for chunk in each_chunk(chunks):
         message = chunk["message"]
         content.append(message.get("content", ""))
         thinking.append(message.get("thinking", ""))
@@ -536,7 +553,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-async def sse_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str) -> AsyncIterator[bytes]:
+async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
     """The network's own ``/api/chat`` stream (PROTOCOL §2)."""
     head = (
         f'{{"id":"chatcmpl-{uuid.uuid4().hex[:24]}","object":"chat.completion.chunk",'
@@ -550,24 +567,28 @@ async def sse_chat(chunks: AsyncIterator[dict[str, Any]], *, model: str) -> Asyn
 
     saw_tool_calls = False
     try:
-        async for chunk in chunks:
-            if isinstance(chunk, Queued):
-                yield f": queued position={chunk.position}\n\n".encode()
+        async for batch in chunks:
+            if isinstance(batch, Queued):
+                yield f": queued position={batch.position}\n\n".encode()
                 continue
-            message = chunk["message"]
-            if "thinking" in message:
-                yield event({"content": message["thinking"], "reasoning": True})
-            if "content" in message:
-                yield event({"content": message["content"]})
-            if "tool_calls" in message:
-                saw_tool_calls = True
-                yield event({"tool_calls": message["tool_calls"]})
-            if chunk["done"]:
-                extra: dict[str, Any] = {}
-                usage = usage_of(chunk)
-                if usage is not None:
-                    extra["usage"] = usage
-                yield event({}, finish_reason_of(chunk, saw_tool_calls), **extra)
+            # One write for all the chunks that arrived together.
+            parts: list[bytes] = []
+            for chunk in batch:
+                message = chunk["message"]
+                if "thinking" in message:
+                    parts.append(event({"content": message["thinking"], "reasoning": True}))
+                if "content" in message:
+                    parts.append(event({"content": message["content"]}))
+                if "tool_calls" in message:
+                    saw_tool_calls = True
+                    parts.append(event({"tool_calls": message["tool_calls"]}))
+                if chunk["done"]:
+                    extra: dict[str, Any] = {}
+                    usage = usage_of(chunk)
+                    if usage is not None:
+                        extra["usage"] = usage
+                    parts.append(event({}, finish_reason_of(chunk, saw_tool_calls), **extra))
+            yield b"".join(parts)
     except RelayError as error:
         logger.info("stream for %s ended with error %s", model, error.code)
         yield event({"content": f"\n\n[Error: {error.message}]"}, "error")

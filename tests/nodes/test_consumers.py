@@ -243,7 +243,7 @@ async def test_chunks_for_requests_not_sent_to_this_connection_are_dropped(chann
     await liar.chunk("r1", "injected", done=True)
     await honest.chunk("r1", "genuine")
     event = await channel_layer.receive(reply_channel)
-    assert event["chunk"]["message"]["content"] == "genuine"
+    assert [c["message"]["content"] for c in event["chunks"]] == ["genuine"]
     await honest.disconnect()
     await liar.disconnect()
 

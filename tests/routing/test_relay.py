@@ -381,7 +381,7 @@ async def test_a_chunk_lost_between_workers_ends_the_stream_with_an_error(channe
     # As if the channel layer had dropped chunks 1 to 4 on the way (a buffer overflow).
     await channel_layer.send(row.reply_channel, {
         "type": "stream.chunk", "request_id": row.request_id, "seq": 5,
-        "chunk": {"message": {"role": "assistant", "content": "six"}, "done": False}})
+        "chunks": [{"message": {"role": "assistant", "content": "six"}, "done": False}]})
     events = first + sse_events(await client.read_all())
     assert text_of(events) == (
         "one \n\n[Error: part of the answer was lost in the router; try again]"

@@ -348,3 +348,18 @@ async def test_node_failure_after_the_start_is_an_error_on_every_front_end(chann
     assert json.loads(await ollama_whole.read_all()) == {
         "error": "the node's model server failed"}
     await node.disconnect()
+
+
+async def test_text_in_the_nodes_last_chunk_reaches_ollama_clients(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = HttpClient("POST", "/ollama/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    await node.chunk(rid, "first ")
+    await node.chunk(rid, "last", done=True, done_reason="stop", eval_count=2)
+    lines = [json.loads(line) for line in (await client.read_all()).splitlines()]
+    assert "".join(line["message"]["content"] for line in lines) == "first last"
+    assert [line["done"] for line in lines][-1] is True
+    assert lines[-1]["eval_count"] == 2 and lines[-1]["message"]["content"] == ""
+    await node.disconnect()
