@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from routing.streaming import (
     Answer,
     Events,
-    Queued,
     RelayError,
     finish_reason_of,
+    sse_writes,
     usage_of,
 )
 from routing.validation import (
@@ -322,34 +322,29 @@ async def completion_stream(
 
     yield event({"role": "assistant", "content": ""})
     saw_tool_calls = False
+
+    def render(chunk: dict[str, Any]) -> Iterator[bytes]:
+        nonlocal saw_tool_calls
+        message = chunk["message"]
+        if "thinking" in message:
+            thinking = message["thinking"]
+            yield event({"reasoning_content": thinking, "reasoning": thinking})
+        if "content" in message:
+            yield event({"content": message["content"]})
+        if "tool_calls" in message:
+            saw_tool_calls = True
+            yield event({"tool_calls": _openai_tool_calls(message["tool_calls"], indexed=True)})
+        if chunk["done"]:
+            yield event({}, finish_reason_of(chunk, saw_tool_calls))
+            if include_usage:
+                usage = usage_of(chunk) or {
+                    "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                }
+                yield f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+
     try:
-        async for batch in chunks:
-            if isinstance(batch, Queued):
-                yield f": queued position={batch.position}\n\n".encode()
-                continue
-            # One write for all the chunks that arrived together.
-            parts: list[bytes] = []
-            for chunk in batch:
-                message = chunk["message"]
-                if "thinking" in message:
-                    thinking = message["thinking"]
-                    parts.append(event({"reasoning_content": thinking, "reasoning": thinking}))
-                if "content" in message:
-                    parts.append(event({"content": message["content"]}))
-                if "tool_calls" in message:
-                    saw_tool_calls = True
-                    calls = _openai_tool_calls(message["tool_calls"], indexed=True)
-                    parts.append(event({"tool_calls": calls}))
-                if chunk["done"]:
-                    parts.append(event({}, finish_reason_of(chunk, saw_tool_calls)))
-                    if include_usage:
-                        usage = usage_of(chunk) or {
-                            "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                        }
-                        parts.append(
-                            f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
-                        )
-            yield b"".join(parts)
+        async for part in sse_writes(chunks, render):
+            yield part
     except RelayError as error:
         # The openai client raises APIError on an event that carries "error".
         body = {"error": {"message": error.message, "type": "server_error", "param": None,

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -553,6 +553,18 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+async def sse_writes(
+    events: Events, render: Callable[[dict[str, Any]], Iterable[bytes]]
+) -> AsyncIterator[bytes]:
+    """Server-sent events from a relay: a queue notice as a comment line, and each group of
+    chunks that arrived together rendered into one write."""
+    async for batch in events:
+        if isinstance(batch, Queued):
+            yield f": queued position={batch.position}\n\n".encode()
+        else:
+            yield b"".join(part for chunk in batch for part in render(chunk))
+
+
 async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
     """The network's own ``/api/chat`` stream (PROTOCOL §2)."""
     head = (
@@ -566,29 +578,25 @@ async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
         return f"data: {body}\n\n".encode()
 
     saw_tool_calls = False
+
+    def render(chunk: dict[str, Any]) -> Iterator[bytes]:
+        nonlocal saw_tool_calls
+        message = chunk["message"]
+        if "thinking" in message:
+            yield event({"content": message["thinking"], "reasoning": True})
+        if "content" in message:
+            yield event({"content": message["content"]})
+        if "tool_calls" in message:
+            saw_tool_calls = True
+            yield event({"tool_calls": message["tool_calls"]})
+        if chunk["done"]:
+            usage = usage_of(chunk)
+            extra = {"usage": usage} if usage is not None else {}
+            yield event({}, finish_reason_of(chunk, saw_tool_calls), **extra)
+
     try:
-        async for batch in chunks:
-            if isinstance(batch, Queued):
-                yield f": queued position={batch.position}\n\n".encode()
-                continue
-            # One write for all the chunks that arrived together.
-            parts: list[bytes] = []
-            for chunk in batch:
-                message = chunk["message"]
-                if "thinking" in message:
-                    parts.append(event({"content": message["thinking"], "reasoning": True}))
-                if "content" in message:
-                    parts.append(event({"content": message["content"]}))
-                if "tool_calls" in message:
-                    saw_tool_calls = True
-                    parts.append(event({"tool_calls": message["tool_calls"]}))
-                if chunk["done"]:
-                    extra: dict[str, Any] = {}
-                    usage = usage_of(chunk)
-                    if usage is not None:
-                        extra["usage"] = usage
-                    parts.append(event({}, finish_reason_of(chunk, saw_tool_calls), **extra))
-            yield b"".join(parts)
+        async for part in sse_writes(chunks, render):
+            yield part
     except RelayError as error:
         logger.info("stream for %s ended with error %s", model, error.code)
         yield event({"content": f"\n\n[Error: {error.message}]"}, "error")
