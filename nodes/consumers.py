@@ -314,6 +314,10 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if self.requests.pop(request_id, None) is not None and not self.closing:
             await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
 
+    async def node_banned(self, event: dict[str, Any]) -> None:
+        """An operator banned this node (or its address) while it was connected."""
+        await self._refuse(ProtocolError(CloseReason.BANNED))
+
     async def node_evict(self, event: dict[str, Any]) -> None:
         """Another connection took this node id over with its resume token."""
         self.session_id = None  # the new session owns the row now

@@ -278,3 +278,17 @@ def node_session_close(*, session_id: int) -> list[Orphan]:
         orphans = _orphans_of_sessions(Q(session_id=session_id))
         NodeSession.objects.filter(pk=session_id).delete()
     return orphans
+
+
+def banned_sessions(*, worker_id: str) -> list[str]:
+    """Channels of this worker's live sessions that an operator's ban now covers, so that a
+    ban added in the admin also cuts a node already connected."""
+    now = timezone.now()
+    bans = NodeBan.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    banned_ips = bans.filter(kind=NodeBan.Kind.IP).values("value")
+    banned_ids = bans.filter(kind=NodeBan.Kind.NODE_ID).values("value")
+    return list(
+        NodeSession.objects.filter(worker_id=worker_id)
+        .filter(Q(client_ip__in=banned_ips) | Q(node_id__in=banned_ids))
+        .values_list("channel_name", flat=True)
+    )

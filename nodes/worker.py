@@ -53,6 +53,8 @@ async def _housekeeping_once(first: bool) -> None:
     from routing.services import stale_requests_reap
 
     leftovers = await db(stale_requests_reap)(worker_id=WORKER_ID)
+    for channel in await db(services.banned_sessions)(worker_id=WORKER_ID):
+        await get_channel_layer().send(channel, {"type": "node.banned"})
     layer = get_channel_layer()
     for item in [*reaped.abandoned, *leftovers]:
         await layer.send(

@@ -304,6 +304,7 @@ async def ollama_generate(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt
+@rate_limited("default")
 async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
     """Model management belongs to each contributor's own Ollama, not to the network."""
     return ollama_error(501, f"{request.path.removeprefix('/ollama')} is not supported by the "

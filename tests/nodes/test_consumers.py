@@ -335,3 +335,19 @@ async def test_models_update_replaces_the_models(channel_layer):
     [session] = await sessions()
     assert [m.name for m in session.models.all()] == ["qwen3:0.6b"]
     await node.disconnect()
+
+
+async def test_a_ban_added_while_a_node_is_connected_closes_it(channel_layer):
+    from nodes import worker
+
+    node = ScriptedNode(ip="10.7.7.7")
+    await node.register(node_id="soon-banned")
+    bystander = ScriptedNode(ip="10.7.7.8")
+    await bystander.register(node_id="bystander")
+    await sync_to_async(NodeBan.objects.create)(kind="ip", value="10.7.7.7", reason="abuse")
+    await worker._housekeeping_once(first=False)
+    assert await node.closed() == (1008, CloseReason.BANNED)
+    await node.disconnect()
+    assert await bystander.nothing_sent()
+    assert [s.node_id for s in await sessions()] == ["bystander"]
+    await bystander.disconnect()
