@@ -86,3 +86,13 @@ class NodeBan(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} {self.value}"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+        from django.core.validators import validate_ipv46_address
+
+        if self.kind == self.Kind.IP:
+            try:
+                validate_ipv46_address(self.value)
+            except ValidationError:
+                raise ValidationError({"value": "Enter a valid IPv4 or IPv6 address."}) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import socket
@@ -280,13 +281,28 @@ def node_session_close(*, session_id: int) -> list[Orphan]:
     return orphans
 
 
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def banned_sessions(*, worker_id: str) -> list[str]:
     """Channels of this worker's live sessions that an operator's ban now covers, so that a
     ban added in the admin also cuts a node already connected."""
     now = timezone.now()
-    bans = NodeBan.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-    banned_ips = bans.filter(kind=NodeBan.Kind.IP).values("value")
-    banned_ids = bans.filter(kind=NodeBan.Kind.NODE_ID).values("value")
+    bans = list(
+        NodeBan.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).values_list(
+            "kind", "value"
+        )
+    )
+    if not bans:
+        return []
+    # Plain lists, not subqueries: on PostgreSQL client_ip is inet and a ban's value is text.
+    banned_ips = [value for kind, value in bans if kind == NodeBan.Kind.IP and _is_ip(value)]
+    banned_ids = [value for kind, value in bans if kind == NodeBan.Kind.NODE_ID]
     return list(
         NodeSession.objects.filter(worker_id=worker_id)
         .filter(Q(client_ip__in=banned_ips) | Q(node_id__in=banned_ids))

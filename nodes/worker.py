@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Any
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
@@ -39,24 +40,37 @@ async def notify_orphans(orphans: list[services.Orphan], error: str) -> None:
 
 
 async def _housekeeping_once(first: bool) -> None:
-    await db(services.router_worker_beat)(
-        worker_id=WORKER_ID, started_at=STARTED_AT
-    )
+    """One beat: keep this worker alive, then tidy what dead or silent peers left."""
+    await _beat(first)
+    await _tidy()
+
+
+async def _beat(first: bool) -> None:
+    await db(services.router_worker_beat)(worker_id=WORKER_ID, started_at=STARTED_AT)
     # The in-memory layer lives in this process only: any other worker row is a leftover of a
     # previous run and its nodes' channels are gone.
     single = isinstance(get_channel_layer(), InMemoryChannelLayer)
     reaped = await db(services.router_workers_reap)(
         worker_id=WORKER_ID, everyone_else=single and first
     )
-    orphans = reaped.orphans + await db(services.node_sessions_reap)()
-    await notify_orphans(orphans, "node_disconnected")
+    await notify_orphans(reaped.orphans, "node_disconnected")
+    await _cancel_on_nodes(reaped.abandoned)
+
+
+async def _tidy() -> None:
     from routing.services import stale_requests_reap
 
-    leftovers = await db(stale_requests_reap)(worker_id=WORKER_ID)
-    for channel in await db(services.banned_sessions)(worker_id=WORKER_ID):
-        await get_channel_layer().send(channel, {"type": "node.banned"})
+    await notify_orphans(await db(services.node_sessions_reap)(), "node_disconnected")
+    await _cancel_on_nodes(await db(stale_requests_reap)(worker_id=WORKER_ID))
     layer = get_channel_layer()
-    for item in [*reaped.abandoned, *leftovers]:
+    for channel in await db(services.banned_sessions)(worker_id=WORKER_ID):
+        await layer.send(channel, {"type": "node.banned"})
+
+
+async def _cancel_on_nodes(requests: list[Any]) -> None:
+    """Tell nodes to stop requests nobody waits for any more (``request_id``, ``node_channel``)."""
+    layer = get_channel_layer()
+    for item in requests:
         await layer.send(
             item.node_channel, {"type": EventType.NODE_CANCEL, "request_id": item.request_id}
         )
@@ -67,9 +81,12 @@ async def _housekeeping_loop() -> None:
     first = True
     while True:
         try:
-            await _housekeeping_once(first)
+            await _beat(first)
             first = False
+            # Ready once this worker is known alive: the tidying below must not hold up nodes
+            # and consumers if one of its steps fails.
             _ready.set()
+            await _tidy()
         except asyncio.CancelledError:
             raise
         except Exception:

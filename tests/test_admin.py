@@ -55,3 +55,11 @@ def test_operator_can_add_a_ban(admin_client):
     from nodes.models import NodeBan
 
     assert NodeBan.objects.get().value == "10.6.6.6"
+
+
+def test_an_ip_ban_must_name_an_ip_address(admin_client):
+    response = admin_client.post(
+        "/admin/nodes/nodeban/add/", {"kind": "ip", "value": "not-an-ip", "reason": "typo"}
+    )
+    assert response.status_code == 200  # the form again, with the error
+    assert b"valid IPv4 or IPv6 address" in response.content
