@@ -30,10 +30,6 @@ def live_sessions() -> QuerySet[NodeSession]:
     )
 
 
-def model_is_served(*, model: str) -> bool:
-    return live_sessions().filter(models__name=model).exists()
-
-
 def network_models() -> list[ModelInfo]:
     """Models that at least one live node serves, largest first."""
     sessions = {

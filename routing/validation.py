@@ -118,10 +118,6 @@ OPTION_KEYS = (
 )
 
 
-def compat_roles() -> tuple[str, ...]:
-    return settings.IDLECLAW_COMPAT_ROLES
-
-
 def check_tools(value: Any, *, param: str = "tools") -> list[dict[str, Any]] | None:
     """Function tools in OpenAI's (and Ollama's) shape: ``{"type": "function", "function":
     {"name", "description"?, "parameters"?}}``."""
@@ -164,7 +160,7 @@ def check_compat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     narrowed ``IDLECLAW_COMPAT_ROLES``); a ``tool`` message must answer a ``tool_calls`` of an
     earlier assistant message in the same request.
     """
-    roles = compat_roles()
+    roles = settings.IDLECLAW_COMPAT_ROLES
     if not messages:
         raise BadRequest("messages: a non-empty list is required", 400)
     limit = message_limit()

@@ -29,11 +29,17 @@ def event_stream(body: AsyncIterator[bytes], content_type: str = "text/event-str
     return response
 
 
-def detail(status: int, message: str, **headers: str) -> JsonResponse:
-    response = JsonResponse({"detail": message}, status=status)
-    for name, value in headers.items():
-        response[name.replace("_", "-")] = value
+def json_error(body: dict[str, Any], status: int, *, retry: bool = False) -> JsonResponse:
+    """An error answer; ``retry`` adds the operator's ``Retry-After`` (busy, limited)."""
+    response = JsonResponse(body, status=status)
+    if retry:
+        response["Retry-After"] = str(settings.IDLECLAW_RETRY_AFTER)
     return response
+
+
+def detail(status: int, message: str, *, retry: bool = False) -> JsonResponse:
+    """The network's own error shape (PROTOCOL §2)."""
+    return json_error({"detail": message}, status, retry=retry)
 
 
 def _method_not_allowed(allowed: str) -> JsonResponse:
@@ -63,9 +69,9 @@ async def chat(request: HttpRequest) -> HttpResponse:
         model=chat_request.model, ollama_params=params, client_ip=request_ip(request)
     )
     if isinstance(chunks, TooMany):
-        return detail(429, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+        return detail(429, chunks.message, retry=True)
     if isinstance(chunks, Unavailable):
-        return detail(503, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+        return detail(503, chunks.message, retry=True)
     return event_stream(sse_chat(chunks, model=chat_request.model))
 
 
@@ -120,11 +126,8 @@ async def models(request: HttpRequest) -> HttpResponse:
 # --- OpenAI-compatible API (/v1) -------------------------------------------------------------
 
 
-def openai_error(error: openai_api.OpenAIError, **headers: str) -> JsonResponse:
-    response = JsonResponse(error.body(), status=error.status)
-    for name, value in headers.items():
-        response[name.replace("_", "-")] = value
-    return response
+def openai_error(error: openai_api.OpenAIError, *, retry: bool = False) -> JsonResponse:
+    return json_error(error.body(), error.status, retry=retry)
 
 
 @csrf_exempt
@@ -148,13 +151,13 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         error = openai_api.OpenAIError(
             chunks.message, status=429, code="too_many_requests", kind="rate_limit_error"
         )
-        return openai_error(error, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+        return openai_error(error, retry=True)
     if isinstance(chunks, Unavailable):
         error = openai_api.OpenAIError(
             chunks.message, status=503, param="model", code="model_unavailable",
             kind="service_unavailable",
         )
-        return openai_error(error, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+        return openai_error(error, retry=True)
     if completion.stream:
         return event_stream(
             openai_api.completion_stream(
@@ -205,11 +208,8 @@ async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
 # --- Ollama-compatible API (/ollama) ---------------------------------------------------------
 
 
-def ollama_error(status: int, message: str, **headers: str) -> JsonResponse:
-    response = JsonResponse({"error": message}, status=status)
-    for name, value in headers.items():
-        response[name.replace("_", "-")] = value
-    return response
+def ollama_error(status: int, message: str, *, retry: bool = False) -> JsonResponse:
+    return json_error({"error": message}, status, retry=retry)
 
 
 @rate_limited("default")
@@ -273,13 +273,13 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         stream=parsed.stream,
     )
     if isinstance(chunks, TooMany):
-        return ollama_error(429, chunks.message, Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+        return ollama_error(429, chunks.message, retry=True)
     if isinstance(chunks, Unavailable):
         if not chunks.served:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
         # Ollama's own words when its queue is full.
         return ollama_error(503, "server busy, please try again.  maximum pending requests "
-                            "exceeded", Retry_After=str(settings.IDLECLAW_RETRY_AFTER))
+                            "exceeded", retry=True)
     if parsed.stream:
         lines = ollama_api.ndjson_chat if chat else ollama_api.ndjson_generate
         return event_stream(lines(chunks, model=parsed.model), "application/x-ndjson")
@@ -315,15 +315,13 @@ async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
 
 
 def error_for_path(path: str, status: int, message: str) -> JsonResponse:
+    """An error in the shape of the API that ``path`` belongs to."""
     if path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        return JsonResponse(
-            {"error": {"message": message, "type": kind, "param": None, "code": None}},
-            status=status,
-        )
+        return openai_error(openai_api.OpenAIError(message, status=status, kind=kind))
     if path.startswith("/ollama/"):
-        return JsonResponse({"error": message}, status=status)
-    return JsonResponse({"detail": message}, status=status)
+        return ollama_error(status, message)
+    return detail(status, message)
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

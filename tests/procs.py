@@ -152,6 +152,15 @@ def start_contributor(server: str, ollama: str, *args: str) -> Proc:
     )
 
 
+def start_consumer(server: str, model: str, prompt: str) -> Proc:
+    """consume.py asking ``model`` through ``server``, left running so a test can interrupt."""
+    return Proc(
+        "consume.py",
+        [PYTHON, "skill_scripts/consume.py", "--model", model, "--prompt", prompt],
+        env={"IDLECLAW_SERVER": server},
+    )
+
+
 def run_script(script: str, *args: str, server: str, timeout: float = 60.0, **kw: Any):
     return subprocess.run(
         [PYTHON, f"skill_scripts/{script}", *args],

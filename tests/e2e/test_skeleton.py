@@ -155,11 +155,7 @@ def test_killing_the_contributor_mid_stream_ends_the_consumer_with_an_error(
     node = procs.start_contributor(router.url, slow_emulator.url)
     node.wait_for_line("registered")
     wait_for_model(router.url)
-    consumer = procs.Proc(
-        "consume.py",
-        [procs.PYTHON, "skill_scripts/consume.py", "--model", MODEL, "--prompt", "long story"],
-        env={"IDLECLAW_SERVER": router.url},
-    )
+    consumer = procs.start_consumer(router.url, MODEL, "long story")
     try:
         node.wait_for_line("request .* started")
         time.sleep(0.5)  # a few tokens are on their way

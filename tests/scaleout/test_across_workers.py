@@ -71,11 +71,7 @@ def test_node_leaving_a_ends_the_stream_on_b_with_an_error(workers, slow_emulato
     consumer = None
     try:
         cluster.wait_for_nodes(b.url, 1)
-        consumer = procs.Proc(
-            "consume.py",
-            [procs.PYTHON, "skill_scripts/consume.py", "--model", MODEL, "--prompt", "story"],
-            env={"IDLECLAW_SERVER": b.url},
-        )
+        consumer = procs.start_consumer(b.url, MODEL, "story")
         node.wait_for_line("request .* started")
         time.sleep(0.5)  # a few tokens are on their way
         node.kill()

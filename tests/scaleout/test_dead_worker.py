@@ -33,11 +33,7 @@ def test_killed_worker_is_forgotten_and_its_streams_end_with_an_error(
     consumer = fresh_node = None
     try:
         cluster.wait_for_nodes(b.url, 1)
-        consumer = procs.Proc(
-            "consume.py",
-            [procs.PYTHON, "skill_scripts/consume.py", "--model", MODEL, "--prompt", "story"],
-            env={"IDLECLAW_SERVER": b.url},
-        )
+        consumer = procs.start_consumer(b.url, MODEL, "story")
         node_on_a.wait_for_line("request .* started")
         time.sleep(0.5)  # a few tokens are on their way from A to B
         dead_id = cluster.worker_id_of(database_url, a.popen.pid)
