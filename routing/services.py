@@ -4,6 +4,10 @@ A slot is an ``InflightRequest`` row; a node's load is the count of its rows, so
 counter to drift. A waiting request is a ``QueuedRequest`` row; a claim is refused while an
 older request for the same model still waits, which makes the queue first in, first out across
 every worker.
+
+The statements that run for every consumer request (admitting it, ending it) are hand-written
+SQL: Django compiles each ORM query afresh, which cost about 2 ms of the single database thread
+per request and per end (bench/RESULTS.md). The SQL is plain enough for SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
@@ -50,28 +53,59 @@ class NoSlot:
     blocked: bool = False
 
 
-def _older_than(arrived_at: datetime, request_id: str) -> Q:
-    return Q(arrived_at__lt=arrived_at) | Q(arrived_at=arrived_at, request_id__lt=request_id)
+class _Tables:
+    """Table names for the hand-written SQL, read from the models."""
+
+    inflight = InflightRequest._meta.db_table
+    queued = QueuedRequest._meta.db_table
+    stream = ConsumerStream._meta.db_table
+    session = NodeSession._meta.db_table
+    model = NodeModel._meta.db_table
+    worker = RouterWorker._meta.db_table
 
 
-_CANDIDATES_SQL = """
+T = _Tables
+
+
+def _sql(template: str) -> str:
+    return template.format(T=T)
+
+
+def _at(value: datetime | None) -> object:
+    """A datetime as the database backend stores it."""
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _run(sql: str, params: dict[str, object]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _rows(sql: str, params: dict[str, object]) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+_CANDIDATES_SQL = _sql("""
 SELECT id, CAST(active AS REAL) / max_concurrent AS load,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
 FROM (
     SELECT s.id AS id, s.max_concurrent AS max_concurrent,
            s.consecutive_failures AS failures, s.cooldown_until AS cooldown_until,
-           (SELECT COUNT(*) FROM {inflight} i WHERE i.session_id = s.id) AS active,
+           (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) AS active,
            COALESCE(s.tokens_per_s, %(unmeasured)s) AS speed
-    FROM {session} s
-    JOIN {model} m ON m.session_id = s.id AND m.name = %(model)s
-    JOIN {worker} w ON w.worker_id = s.worker_id
+    FROM {T.session} s
+    JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
+    JOIN {T.worker} w ON w.worker_id = s.worker_id
     WHERE NOT s.draining AND s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
 ) c
 WHERE active < max_concurrent
   AND (failures < %(cooldown_after)s OR (cooldown_until <= %(now)s AND active = 0))
 ORDER BY load, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
-"""
+""")
 
 
 def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int]:
@@ -82,26 +116,18 @@ def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int
     Hand-written SQL: this runs for every request, and the ORM's version (a GROUP BY over every
     column of the session) cost ten times as much (bench/RESULTS.md).
     """
-    sql = _CANDIDATES_SQL.format(
-        inflight=InflightRequest._meta.db_table,
-        session=NodeSession._meta.db_table,
-        model=NodeModel._meta.db_table,
-        worker=RouterWorker._meta.db_table,
-    )
-    adapt = connection.ops.adapt_datetimefield_value
     params = {
         "unmeasured": UNMEASURED_TOKENS_PER_S,
         "model": model,
-        "node_cutoff": adapt(live_cutoff(now)),
-        "worker_cutoff": adapt(worker_cutoff(now)),
+        "node_cutoff": _at(live_cutoff(now)),
+        "worker_cutoff": _at(worker_cutoff(now)),
         "cooldown_after": COOLDOWN_AFTER,
-        "now": adapt(now),
+        "now": _at(now),
         # Sessions this request already failed on are dropped here rather than in SQL.
         "limit": CANDIDATES + len(exclude),
     }
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = [row for row in cursor.fetchall() if row[0] not in exclude][:CANDIDATES]
+    found = _rows(_CANDIDATES_SQL, params)
+    rows = [row for row in found if row[0] not in exclude][:CANDIDATES]
     # Spread exact ties instead of always picking the oldest connection.
     if rows:
         best = rows[0][1:]
@@ -109,6 +135,34 @@ def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int
         random.shuffle(ties)
         rows = ties + [row for row in rows if row[1:] != best]
     return [row[0] for row in rows]
+
+
+_OLDER_WAITING_SQL = _sql("""
+SELECT 1 FROM {T.queued}
+WHERE model = %(model)s AND request_id <> %(own)s
+  AND (arrived_at < %(arrived_at)s OR (arrived_at = %(arrived_at)s AND request_id < %(own)s))
+LIMIT 1
+""")
+
+_LOCK_SESSION_SQL = _sql("""
+SELECT channel_name, node_id, max_concurrent FROM {T.session}
+WHERE id = %(session)s AND NOT draining
+""")
+
+# Inserts the slot only while the node has one free: the check and the insert are one statement.
+_TAKE_SLOT_SQL = _sql("""
+INSERT INTO {T.inflight} (request_id, session_id, worker_id, model, reply_channel, created_at)
+SELECT %(request_id)s, %(session)s, %(worker)s, %(model)s, %(reply_channel)s, %(now)s
+WHERE (SELECT COUNT(*) FROM {T.inflight} WHERE session_id = %(session)s) < %(max_concurrent)s
+""")
+
+_SERVED_SQL = _sql("""
+SELECT s.id FROM {T.session} s
+JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
+JOIN {T.worker} w ON w.worker_id = s.worker_id
+WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+LIMIT %(limit)s
+""")
 
 
 def inflight_claim(
@@ -125,55 +179,56 @@ def inflight_claim(
 
     ``arrived_at`` is when the consumer's request arrived: a claim is refused while an older
     request for the model waits in the queue (``queued_as`` is the caller's own queue row).
-    ``exclude`` lists sessions that already failed this request. The node's row is locked while
-    its slots are counted, so two workers never both take the last slot.
+    ``exclude`` lists sessions that already failed this request. On PostgreSQL the node's row
+    is locked while its slots are counted, so two workers never both take the last slot;
+    SQLite runs one writer at a time anyway.
     """
     now = timezone.now()
-    waiting = QueuedRequest.objects.filter(model=model).filter(
-        _older_than(arrived_at, queued_as or "")
-    )
-    if queued_as is not None:
-        waiting = waiting.exclude(request_id=queued_as)
-    if waiting.exists():
-        return NoSlot(served=True, blocked=True)
-    for session_pk in _candidates(model, exclude, now):
-        with transaction.atomic():
-            session = (
-                NodeSession.objects.select_for_update()
-                .filter(pk=session_pk, draining=False)
-                .only("pk", "channel_name", "node_id", "max_concurrent")
-                .first()
-            )
-            if session is None:
+    with transaction.atomic():
+        waiting = _rows(
+            _OLDER_WAITING_SQL,
+            {"model": model, "own": queued_as or "", "arrived_at": _at(arrived_at)},
+        )
+        if waiting:
+            return NoSlot(served=True, blocked=True)
+        lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
+        for session_pk in _candidates(model, exclude, now):
+            found = _rows(_LOCK_SESSION_SQL + lock, {"session": session_pk})
+            if not found:
                 continue
-            active = InflightRequest.objects.filter(session_id=session.pk).count()
-            if active >= session.max_concurrent:
-                continue
-            InflightRequest.objects.create(
-                request_id=request_id,
-                session_id=session.pk,
-                worker_id=worker_id,
-                model=model,
-                reply_channel=reply_channel,
-                created_at=now,
+            channel_name, node_id, max_concurrent = found[0]
+            taken = _run(
+                _TAKE_SLOT_SQL,
+                {
+                    "request_id": request_id,
+                    "session": session_pk,
+                    "worker": worker_id,
+                    "model": model,
+                    "reply_channel": reply_channel,
+                    "now": _at(now),
+                    "max_concurrent": max_concurrent,
+                },
             )
+            if not taken:
+                continue
             if queued_as is not None:
-                QueuedRequest.objects.filter(request_id=queued_as).delete()
+                _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": queued_as})
             return Claim(
                 request_id=request_id,
-                session_id=session.pk,
-                node_channel=session.channel_name,
-                node_id=session.node_id,
+                session_id=session_pk,
+                node_channel=channel_name,
+                node_id=node_id,
             )
-    served = (
-        NodeSession.objects.filter(
-            models__name=model, last_seen__gte=live_cutoff(now),
-            worker__last_seen__gte=worker_cutoff(now),
+        serving = _rows(
+            _SERVED_SQL,
+            {
+                "model": model,
+                "node_cutoff": _at(live_cutoff(now)),
+                "worker_cutoff": _at(worker_cutoff(now)),
+                "limit": len(exclude) + 1,
+            },
         )
-        .exclude(pk__in=list(exclude))
-        .exists()
-    )
-    return NoSlot(served=served)
+    return NoSlot(served=any(row[0] not in exclude for row in serving))
 
 
 @dataclass(frozen=True)
@@ -185,56 +240,60 @@ class Outcome:
     tokens_per_s: float | None = None
 
 
-def _ema(old: float | None, new: float | None) -> float | None:
-    if new is None:
-        return old
-    if old is None:
-        return new
-    return old + EMA_WEIGHT * (new - old)
+# One statement folds an outcome into the node's measurements. In an UPDATE every column on the
+# right-hand side is the row's old value, in SQLite and PostgreSQL alike. The moving averages
+# keep the old value when nothing was measured and start at the first measurement.
+_RECORD_SQL = _sql("""
+UPDATE {T.session} SET
+    ttft_ms = CASE WHEN %(ttft)s IS NULL THEN ttft_ms WHEN ttft_ms IS NULL THEN %(ttft)s
+                   ELSE ttft_ms + %(weight)s * (%(ttft)s - ttft_ms) END,
+    tokens_per_s = CASE WHEN %(speed)s IS NULL THEN tokens_per_s
+                        WHEN tokens_per_s IS NULL THEN %(speed)s
+                        ELSE tokens_per_s + %(weight)s * (%(speed)s - tokens_per_s) END,
+    completed = completed + %(completed)s,
+    failed = failed + %(failed)s,
+    timed_out = timed_out + %(timed_out)s,
+    consecutive_failures = CASE WHEN %(completed)s = 1 THEN 0 ELSE consecutive_failures + 1 END,
+    cooldown_until = CASE WHEN %(completed)s = 1 THEN NULL
+                          WHEN consecutive_failures + 1 >= %(cooldown_after)s THEN %(cool_until)s
+                          ELSE cooldown_until END
+WHERE id = %(session)s
+""")
 
 
 def inflight_finish(*, request_id: str, outcome: Outcome | None = None) -> list[str]:
     """Free the request's slot (idempotent), fold the outcome into the node's measurements,
     and return the reply channels of queued requests that may now take a slot."""
     with transaction.atomic():
-        row = (
-            InflightRequest.objects.filter(request_id=request_id)
-            .values_list("session_id", flat=True)
-            .first()
+        freed = _rows(
+            _sql("DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id"),
+            {"id": request_id},
         )
-        if row is None:
+        if not freed:
             return []
-        session_id = row
-        InflightRequest.objects.filter(request_id=request_id).delete()
-        session = NodeSession.objects.select_for_update().filter(pk=session_id).first()
-        if session is None:
-            return []
+        session_id = freed[0][0]
         if outcome is not None and outcome.kind != "cancelled":
-            _record(session, outcome)
+            _record(session_id, outcome)
     return queue_heads(session_id=session_id)
 
 
-def _record(session: NodeSession, outcome: Outcome) -> None:
-    now = timezone.now()
-    fields = ["ttft_ms", "tokens_per_s", "consecutive_failures", "cooldown_until"]
-    session.ttft_ms = _ema(session.ttft_ms, outcome.ttft_ms)
-    session.tokens_per_s = _ema(session.tokens_per_s, outcome.tokens_per_s)
-    if outcome.kind == "completed":
-        session.completed += 1
-        session.consecutive_failures = 0
-        session.cooldown_until = None
-        fields.append("completed")
-    else:
-        if outcome.kind == "timed_out":
-            session.timed_out += 1
-            fields.append("timed_out")
-        else:
-            session.failed += 1
-            fields.append("failed")
-        session.consecutive_failures += 1
-        if session.consecutive_failures >= COOLDOWN_AFTER:
-            session.cooldown_until = now + timedelta(seconds=settings.IDLECLAW_NODE_COOLDOWN)
-    session.save(update_fields=fields)
+def _record(session_id: int, outcome: Outcome) -> None:
+    cool_until = timezone.now() + timedelta(seconds=settings.IDLECLAW_NODE_COOLDOWN)
+    _run(
+        _RECORD_SQL,
+        {
+            "session": session_id,
+            # Typed for PostgreSQL, which cannot infer the type of a bare NULL parameter.
+            "ttft": None if outcome.ttft_ms is None else float(outcome.ttft_ms),
+            "speed": None if outcome.tokens_per_s is None else float(outcome.tokens_per_s),
+            "weight": EMA_WEIGHT,
+            "completed": int(outcome.kind == "completed"),
+            "failed": int(outcome.kind not in ("completed", "timed_out")),
+            "timed_out": int(outcome.kind == "timed_out"),
+            "cooldown_after": COOLDOWN_AFTER,
+            "cool_until": _at(cool_until),
+        },
+    )
 
 
 def queue_join(
@@ -255,22 +314,31 @@ def queue_join(
     return True
 
 
+_HEADS_SQL = _sql("""
+SELECT q.reply_channel FROM {T.queued} q
+WHERE q.model IN ({{models}})
+  AND NOT EXISTS (
+      SELECT 1 FROM {T.queued} o
+      WHERE o.model = q.model
+        AND (o.arrived_at < q.arrived_at
+             OR (o.arrived_at = q.arrived_at AND o.request_id < q.request_id))
+  )
+""")
+
+
 def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
     """Reply channels of the oldest waiting request of each model (given, or served by the
     session): the only ones allowed to claim next. One query."""
-    waiting = QueuedRequest.objects.all()
     if session_id is not None:
-        waiting = waiting.filter(
-            model__in=NodeModel.objects.filter(session_id=session_id).values("name")
-        )
+        which = _sql("SELECT name FROM {T.model} WHERE session_id = %(session)s")
+        params: dict[str, object] = {"session": session_id}
     else:
-        waiting = waiting.filter(model__in=list(models))
-    heads: dict[str, str] = {}
-    for model, channel in waiting.order_by("arrived_at", "request_id").values_list(
-        "model", "reply_channel"
-    ):
-        heads.setdefault(model, channel)
-    return list(heads.values())
+        names = list(models)
+        if not names:
+            return []
+        params = {f"m{i}": name for i, name in enumerate(names)}
+        which = ", ".join(f"%({key})s" for key in params)
+    return [row[0] for row in _rows(_HEADS_SQL.replace("{models}", which), params)]
 
 
 def serialize_on(key: str) -> None:
@@ -288,14 +356,18 @@ def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: s
     with transaction.atomic():
         if client_ip is not None:
             serialize_on(f"consumer:{client_ip}")
-            open_now = ConsumerStream.objects.filter(client_ip=client_ip).count()
+            open_now = _rows(
+                _sql("SELECT COUNT(*) FROM {T.stream} WHERE client_ip = %(ip)s"),
+                {"ip": client_ip},
+            )[0][0]
             if open_now >= settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP:
                 return False
-        ConsumerStream.objects.create(
-            request_id=request_id,
-            client_ip=client_ip,
-            worker_id=worker_id,
-            started_at=timezone.now(),
+        _run(
+            _sql(
+                "INSERT INTO {T.stream} (request_id, client_ip, worker_id, started_at)"
+                " VALUES (%(id)s, %(ip)s, %(worker)s, %(now)s)"
+            ),
+            {"id": request_id, "ip": client_ip, "worker": worker_id, "now": _at(timezone.now())},
         )
     return True
 
@@ -331,8 +403,8 @@ def request_end(*, request_id: str, attempt_id: str | None, outcome: Outcome | N
     Returns the reply channels of queued requests that may now take the slot."""
     with transaction.atomic():
         wake = inflight_finish(request_id=attempt_id, outcome=outcome) if attempt_id else []
-        QueuedRequest.objects.filter(request_id=request_id).delete()
-        ConsumerStream.objects.filter(request_id=request_id).delete()
+        _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": request_id})
+        _run(_sql("DELETE FROM {T.stream} WHERE request_id = %(id)s"), {"id": request_id})
     return wake
 
 

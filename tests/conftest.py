@@ -19,6 +19,12 @@ ROOMY_ENV = {
 }
 
 
+
+def pytest_report_header(config) -> str:
+    from django.conf import settings
+
+    return f"database: {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}"
+
 @pytest.fixture(autouse=True)
 def _empty_cache():
     """Rate-limit counters live in the cache; each test starts with none."""

@@ -122,3 +122,86 @@ def test_rows_left_by_a_response_that_never_started_are_reaped(router_worker, se
     assert leftover.node_channel == node.channel_name
     assert ConsumerStream.objects.count() == 0
     assert claim() is not None  # the slot serves again
+
+
+def finish(claimed, kind, *, ttft_ms=None, tokens_per_s=None):
+    from routing.services import Outcome
+
+    return inflight_finish(request_id=claimed.request_id,
+                           outcome=Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s))
+
+
+def test_outcomes_become_moving_averages_and_counts(router_worker):
+    node = make_node(router_worker, "n")
+    finish(claim(), "completed", ttft_ms=100.0, tokens_per_s=20.0)
+    node.refresh_from_db()
+    assert (node.ttft_ms, node.tokens_per_s, node.completed) == (100.0, 20.0, 1)
+    # Later measurements move the averages by 0.3 of the difference; a missing one keeps it.
+    finish(claim(), "completed", ttft_ms=200.0, tokens_per_s=None)
+    node.refresh_from_db()
+    assert node.ttft_ms == pytest.approx(130.0)
+    assert node.tokens_per_s == pytest.approx(20.0)
+    finish(claim(), "timed_out")
+    finish(claim(), "failed")
+    finish(claim(), "cancelled")  # the consumer's doing: not counted against the node
+    node.refresh_from_db()
+    assert (node.completed, node.timed_out, node.failed) == (2, 1, 1)
+    assert node.consecutive_failures == 2
+    assert node.cooldown_until is None
+
+
+def test_three_failures_in_a_row_cool_a_node_down_until_it_succeeds(router_worker, settings):
+    settings.IDLECLAW_NODE_COOLDOWN = 60
+    node = make_node(router_worker, "flaky", max_concurrent=1)
+    for _ in range(3):
+        finish(claim(), "failed")
+    node.refresh_from_db()
+    assert node.consecutive_failures == 3
+    assert node.cooldown_until > timezone.now() + timedelta(seconds=50)
+    assert claim() is None  # skipped while cooling down
+    NodeSession.objects.filter(pk=node.pk).update(cooldown_until=timezone.now())
+    trial = claim()  # the cooldown is over: one trial request
+    assert trial is not None
+    finish(trial, "completed", ttft_ms=5.0)
+    node.refresh_from_db()
+    assert (node.consecutive_failures, node.cooldown_until) == (0, None)
+
+
+def test_finishing_twice_frees_one_slot_and_records_once(router_worker):
+    node = make_node(router_worker, "n")
+    claimed = claim()
+    finish(claimed, "completed")
+    assert finish(claimed, "completed") == []
+    node.refresh_from_db()
+    assert node.completed == 1
+
+
+def test_queue_heads_are_the_oldest_waiting_request_of_each_model(router_worker):
+    from routing.models import QueuedRequest
+    from routing.services import queue_heads
+
+    node = make_node(router_worker, "n", models=("a:1b", "b:1b"))
+    start = timezone.now()
+    for i, (rid, model) in enumerate([("a2", "a:1b"), ("a1", "a:1b"), ("b1", "b:1b"),
+                                      ("c1", "c:1b")]):
+        arrived = start + timedelta(seconds=1 if rid == "a2" else 0)
+        QueuedRequest.objects.create(request_id=rid, model=model, worker=router_worker,
+                                     reply_channel=f"reply.{rid}", arrived_at=arrived)
+    assert sorted(queue_heads(session_id=node.pk)) == ["reply.a1", "reply.b1"]
+    assert queue_heads(models=["c:1b"]) == ["reply.c1"]
+    assert queue_heads(models=[]) == []
+    # A claim is refused while an older request for the model waits.
+    assert claim(model="a:1b") is None
+    assert claim(model="a:1b", queued_as="a1") is not None
+    assert not QueuedRequest.objects.filter(request_id="a1").exists()
+
+
+def test_an_address_has_a_bounded_number_of_open_requests(router_worker, settings):
+    from routing.services import consumer_stream_open
+
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 2
+    opened = [consumer_stream_open(request_id=f"s{i}", client_ip="10.0.0.9", worker_id="w1")
+              for i in range(3)]
+    assert opened == [True, True, False]
+    assert consumer_stream_open(request_id="other", client_ip="10.0.0.10", worker_id="w1")
+    assert consumer_stream_open(request_id="unknown", client_ip=None, worker_id="w1")
