@@ -2,11 +2,13 @@
 
 The consumer APIs are served by a Django handler without middleware: sessions, auth, CSRF and
 messages serve only the operator's admin, and each sync middleware costs every API request a
-hop to a fresh thread (bench/RESULTS.md). The admin and its static files keep the full stack.
+hop to a fresh thread (bench/RESULTS.md). The same handler keeps Django's request signals off
+threads too. The admin and its static files keep the full stack.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from django.core.asgi import get_asgi_application
@@ -18,8 +20,12 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core import signals  # noqa: E402
+from django.core.exceptions import RequestAborted  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.http import HttpResponseBase  # noqa: E402
+from django.urls import set_script_prefix  # noqa: E402
 
 from idleclaw_site import daphne_compat  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
@@ -28,7 +34,15 @@ daphne_compat.install()
 
 
 class APIHandler(ASGIHandler):
-    """Django's ASGI handler with no middleware, for the consumer APIs."""
+    """Django's ASGI handler for the consumer APIs: no middleware, and no thread per request.
+
+    Django's handler gives each request a ``ThreadSensitiveContext`` (a thread of its own) and
+    sends ``request_started``/``request_finished`` and closes the response from that thread: two
+    or three thread hops and a thread start per request, about 1 ms of time to first token
+    (bench/RESULTS.md). The API views run no thread-sensitive sync code (their database work
+    goes to ``idleclaw_site.db``), and the signals' receivers (closing this thread's database
+    connections, of which the event loop has none) are quick, so here they run in place.
+    """
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []
@@ -36,6 +50,47 @@ class APIHandler(ASGIHandler):
         self._exception_middleware = []
         get_response = self._get_response_async if is_async else self._get_response
         self._middleware_chain = convert_exception_to_response(get_response)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            body = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            await self._serve(scope, body, receive, send)
+        finally:
+            body.close()
+
+    async def _serve(self, scope, body, receive, send) -> None:
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, refusal = self.create_request(scope, body)
+        if request is None:
+            await self.send_response(refusal, send)
+            refusal.close()
+            return
+        responses: list[HttpResponseBase] = []
+        # As in Django's handler: a client that hangs up cancels the view or its streaming
+        # response, which is how a consumer's hang-up reaches the node.
+        responding = asyncio.create_task(self._respond(request, send, responses))
+        hangup = asyncio.create_task(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((responding, hangup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            responding.cancel()
+            hangup.cancel()
+            await asyncio.gather(responding, hangup, return_exceptions=True)
+            for response in responses:
+                response.close()  # sends request_finished
+            if not responses:
+                signals.request_finished.send(sender=self.__class__)
+        if not responding.cancelled() and responding.exception() is not None:
+            raise responding.exception()
+
+    async def _respond(self, request, send, responses: list[HttpResponseBase]) -> None:
+        response = await self.run_get_response(request)
+        responses.append(response)
+        await self.send_response(response, send)
 
 
 # The admin's CSS and JS, so a bare `daphne` shows a usable admin without a web server.

@@ -26,6 +26,10 @@ def _usage(group: str, rate: str, ip: str | None) -> dict | None:
     )
 
 
+def _cache_in_process() -> bool:
+    return settings.CACHES["default"]["BACKEND"].endswith(".LocMemCache")
+
+
 def rate_limited(group: str) -> Callable[[View], View]:
     """Count each call against the client's ``chat`` or ``default`` rate; over it, answer 429
     with ``Retry-After`` in the API's own error shape."""
@@ -38,10 +42,13 @@ def rate_limited(group: str) -> Callable[[View], View]:
             rate = (
                 settings.IDLECLAW_RATE_CHAT if group == "chat" else settings.IDLECLAW_RATE_DEFAULT
             )
-            # The cache may be Redis: not on the event loop, and not queued behind the ORM.
-            usage = await sync_to_async(_usage, thread_sensitive=False)(
-                group, rate, request_ip(request)
-            )
+            if _cache_in_process():
+                usage = _usage(group, rate, request_ip(request))  # a dict lookup: no I/O
+            else:
+                # Redis: not on the event loop, and not queued behind the ORM.
+                usage = await sync_to_async(_usage, thread_sensitive=False)(
+                    group, rate, request_ip(request)
+                )
             if usage is not None and usage["should_limit"]:
                 retry_after = max(1, int(usage["time_left"]))
                 response = error_for_path(
