@@ -4,8 +4,11 @@
 per request; the benchmark needs 10 to thousands of nodes on a 2-core machine. Each simulated
 node speaks PROTOCOL §1 like the real one: it registers, sends a heartbeat at the interval the
 router asks for, and serves each ``inference_request`` by streaming Ollama's (here the
-emulator's) ``/api/chat`` and forwarding every line as an ``inference_chunk`` reduced to the
-fields a contributor may forward. A ``cancel_request`` closes the HTTP stream to Ollama.
+emulator's) ``/api/chat`` and forwarding every line as a chunk reduced to the fields a
+contributor may forward. When the router lists ``inference_chunks`` in ``registered.features``
+(docs/node-protocol-extensions.md), the lines of one read from Ollama go in one
+``inference_chunks`` frame; otherwise each goes in its own ``inference_chunk`` frame. A
+``cancel_request`` closes the HTTP stream to Ollama.
 
 Run it with ``python -m bench.nodesim --router URL --count N --model NAME=OLLAMA_URL``. It
 prints ``registered K of N`` once every node has registered (or the wait timed out), ``lost
@@ -42,6 +45,9 @@ STAT_KEYS = (
     "eval_duration",
 )
 OLLAMA_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=120)
+MAX_FRAME_BYTES = 100_000
+MAX_CHUNKS_PER_FRAME = 256
+INFERENCE_CHUNKS = "inference_chunks"
 
 
 def _dumps(value: Any) -> str:
@@ -65,6 +71,35 @@ def build_chunk(line: dict[str, Any]) -> dict[str, Any]:
             if isinstance(line.get(key), int):
                 chunk[key] = line[key]
     return chunk
+
+
+def chunk_frames(request_id: str, chunks: list[dict[str, Any]], *, batched: bool) -> list[str]:
+    """The frames that carry ``chunks`` in order: ``inference_chunks`` frames of at most 256
+    chunks and 100,000 bytes when ``batched``, else one ``inference_chunk`` frame per chunk. A
+    chunk too big for any frame is left out, as a contributor does."""
+    rid = _dumps(request_id)
+    if not batched:
+        frames = [f'{{"type":"inference_chunk","request_id":{rid},"chunk":{_dumps(c)}}}'
+                  for c in chunks]
+        return [f for f in frames if len(f.encode()) <= MAX_FRAME_BYTES]
+    head = f'{{"type":"inference_chunks","request_id":{rid},"chunks":['
+    room = MAX_FRAME_BYTES - len(head.encode()) - 2
+    frames = []
+    pieces: list[str] = []
+    used = 0
+    for chunk in chunks:
+        piece = _dumps(chunk)
+        size = len(piece.encode())
+        if size > room:
+            continue
+        if pieces and (used + 1 + size > room or len(pieces) == MAX_CHUNKS_PER_FRAME):
+            frames.append(head + ",".join(pieces) + "]}")
+            pieces, used = [], 0
+        used += size + (1 if pieces else 0)
+        pieces.append(piece)
+    if pieces:
+        frames.append(head + ",".join(pieces) + "]}")
+    return frames
 
 
 def _describe_close(msg: aiohttp.WSMessage) -> str:
@@ -91,6 +126,7 @@ class Stats:
     cancelled: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     chunks: int = 0
+    frames: int = 0
     heartbeats: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -103,6 +139,7 @@ class Stats:
             "cancelled": self.cancelled,
             "failed": dict(self.failed),
             "chunks": self.chunks,
+            "frames": self.frames,
             "heartbeats": self.heartbeats,
         }
 
@@ -127,6 +164,7 @@ class SimulatedNode:
         self.serving: dict[str, asyncio.Task[None]] = {}
         self.registered = asyncio.Event()
         self.stopping = False
+        self.batched = False  # the router takes inference_chunks
 
     def register_frame(self) -> dict[str, Any]:
         return {
@@ -162,6 +200,8 @@ class SimulatedNode:
                 stats.refused[str(reply.get("type"))] += 1
                 return
             stats.registered += 1
+            features = reply.get("features")
+            self.batched = isinstance(features, list) and INFERENCE_CHUNKS in features
             self.registered.set()
             self.sim.on_registered()
             interval = reply.get("heartbeat_interval")
@@ -235,7 +275,6 @@ class SimulatedNode:
 
     async def _serve(self, request_id: str, params: dict[str, Any]) -> None:
         stats = self.sim.stats
-        head = f'{{"type":"inference_chunk","request_id":{_dumps(request_id)},"chunk":'
         try:
             backend = self.sim.backends.get(params.get("model"))
             if backend is None:
@@ -250,20 +289,27 @@ class SimulatedNode:
                     await self._error(request_id, "ollama_error")
                     return
                 buffer = b""
+                # One read: the lines that have arrived, sent together and at once.
                 async for data in response.content.iter_any():
                     buffer += data
                     *lines, buffer = buffer.split(b"\n")
+                    chunks = []
                     for line in lines:
-                        if not line.strip():
-                            continue
-                        chunk = build_chunk(json.loads(line))
+                        if line.strip():
+                            chunks.append(build_chunk(json.loads(line)))
+                            if chunks[-1]["done"]:
+                                break
+                    if not chunks:
+                        continue
+                    for text in chunk_frames(request_id, chunks, batched=self.batched):
                         if self.ws is None or self.ws.closed:
                             return
-                        await self.ws.send_str(f"{head}{_dumps(chunk)}}}")
-                        stats.chunks += 1
-                        if chunk["done"]:
-                            stats.completed += 1
-                            return
+                        await self.ws.send_str(text)
+                        stats.frames += 1
+                    stats.chunks += len(chunks)
+                    if chunks[-1]["done"]:
+                        stats.completed += 1
+                        return
             stats.failed["stream_ended"] += 1
             await self._error(request_id, "ollama_error")
         except asyncio.CancelledError:

@@ -163,6 +163,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 "node_id": registration.node_id,
                 "heartbeat_interval": settings.IDLECLAW_HEARTBEAT_INTERVAL,
                 "resume_token": opened.resume_token,
+                "features": list(protocol.ROUTER_FEATURES),
             }
         )
         logger.info(
@@ -174,7 +175,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
-        if kind == FrameType.INFERENCE_CHUNK:
+        if kind == FrameType.INFERENCE_CHUNKS:
+            await self._relay_chunks(frame)
+        elif kind == FrameType.INFERENCE_CHUNK:
             await self._relay_chunk(frame)
         elif kind == FrameType.INFERENCE_ERROR:
             await self._relay_error(frame)
@@ -222,16 +225,35 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if chunk is None:
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
+        self._enqueue(request_id, reply_channel, [chunk])
+
+    async def _relay_chunks(self, frame: dict[str, Any]) -> None:
+        """An ``inference_chunks`` frame (docs/node-protocol-extensions.md): its chunks go on
+        as one, in order. A malformed batch fails the request like a malformed chunk: none of
+        its chunks is relayed, the consumer gets ``ollama_error`` and the node a cancel."""
+        request_id = protocol.request_id_of(frame)
+        reply_channel = self.requests.get(request_id or "")
+        if reply_channel is None:
+            self._strike()
+            return
+        chunks = protocol.clean_chunks(frame.get("chunks"))
+        if chunks is None:
+            await self._fail_request(request_id, "ollama_error", cancel=True)
+            return
+        self._enqueue(request_id, reply_channel, chunks)
+
+    def _enqueue(self, request_id: str, reply_channel: str, chunks: list[dict[str, Any]]) -> None:
+        """Put a request's next chunks in its outbox; only the last may be ``done``."""
         seq = self.next_seq.get(request_id, 0)
-        self.next_seq[request_id] = seq + 1
-        if chunk["done"]:
+        self.next_seq[request_id] = seq + len(chunks)
+        if chunks[-1]["done"]:
             del self.requests[request_id]
             self.next_seq.pop(request_id, None)
         outbox = self.outboxes.get(request_id)
         if outbox is None:
             outbox = self.outboxes[request_id] = _Outbox(reply_channel=reply_channel, seq=seq)
             outbox.sender = asyncio.create_task(self._drain(request_id, outbox))
-        outbox.chunks.append(chunk)
+        outbox.chunks.extend(chunks)
 
     async def _drain(self, request_id: str, outbox: _Outbox) -> None:
         """Send a request's waiting chunks to its consumer, as few messages as possible: the

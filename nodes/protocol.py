@@ -32,6 +32,8 @@ OLLAMA_PARAM_KEYS = ("model", "messages", "stream", "think", "keep_alive", "opti
 STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
              "eval_count", "eval_duration")
 ERROR_CODES = ("invalid_request", "ollama_unavailable", "ollama_error")
+# Most chunks one ``inference_chunks`` frame may carry (docs/node-protocol-extensions.md).
+MAX_CHUNKS_PER_FRAME = 256
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -43,10 +45,21 @@ class FrameType(StrEnum):
     HEARTBEAT = "heartbeat"
     INFERENCE_REQUEST = "inference_request"
     INFERENCE_CHUNK = "inference_chunk"
+    INFERENCE_CHUNKS = "inference_chunks"
     INFERENCE_ERROR = "inference_error"
     CANCEL_REQUEST = "cancel_request"
     MODELS_UPDATE = "models_update"
     DRAIN = "drain"
+
+
+class Feature(StrEnum):
+    """Protocol extensions this router offers in ``registered.features``: a node uses one only
+    when the router listed it (docs/node-protocol-extensions.md)."""
+
+    INFERENCE_CHUNKS = "inference_chunks"
+
+
+ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS,)
 
 
 class CloseReason(StrEnum):
@@ -250,11 +263,16 @@ NODE_FRAME_TYPES = frozenset(
     {
         FrameType.HEARTBEAT,
         FrameType.INFERENCE_CHUNK,
+        FrameType.INFERENCE_CHUNKS,
         FrameType.INFERENCE_ERROR,
         FrameType.MODELS_UPDATE,
         FrameType.DRAIN,
         FrameType.REGISTER,
     }
+)
+# Frames about one request: they need a valid ``request_id``.
+REQUEST_FRAME_TYPES = frozenset(
+    {FrameType.INFERENCE_CHUNK, FrameType.INFERENCE_CHUNKS, FrameType.INFERENCE_ERROR}
 )
 MAX_TOOL_CALLS = 16
 MAX_TOOL_CALL_JSON_CHARS = 20_000
@@ -278,7 +296,7 @@ def check_node_frame(frame: dict[str, Any]) -> None:
             or not isinstance(frame.get("node_id", ""), str)
         ):
             raise ProtocolError(CloseReason.INVALID_FRAME)
-    elif kind in (FrameType.INFERENCE_CHUNK, FrameType.INFERENCE_ERROR):
+    elif kind in REQUEST_FRAME_TYPES:
         if request_id_of(frame) is None:
             raise ProtocolError(CloseReason.INVALID_FRAME)
         if kind == FrameType.INFERENCE_CHUNK:
@@ -287,8 +305,11 @@ def check_node_frame(frame: dict[str, Any]) -> None:
                 raise ProtocolError(CloseReason.INVALID_FRAME)
             if not isinstance(chunk.get("message", {}), dict):
                 raise ProtocolError(CloseReason.INVALID_FRAME)
-        elif not isinstance(frame.get("error"), str):
+        elif kind == FrameType.INFERENCE_ERROR and not isinstance(frame.get("error"), str):
             raise ProtocolError(CloseReason.INVALID_FRAME)
+        # The chunks of an ``inference_chunks`` frame are checked by ``clean_chunks`` when they
+        # are relayed: a bad batch fails its request, like a chunk ``clean_chunk`` refuses,
+        # rather than the connection.
 
 
 def request_id_of(frame: dict[str, Any]) -> str | None:
@@ -328,6 +349,27 @@ def clean_chunk(raw: Any) -> dict[str, Any] | None:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 chunk[key] = value
     return chunk
+
+
+def clean_chunks(raw: Any) -> list[dict[str, Any]] | None:
+    """The chunks of an ``inference_chunks`` frame reduced like ``clean_chunk``, or None if the
+    batch is malformed: not a list of 1..MAX_CHUNKS_PER_FRAME chunks, a chunk that is not one
+    (``done`` must be a boolean, as in ``inference_chunk``), or a chunk with ``done`` true before
+    the last. One bad chunk refuses the whole frame."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_CHUNKS_PER_FRAME:
+        return None
+    chunks = []
+    last = len(raw) - 1
+    for index, item in enumerate(raw):
+        chunk = clean_chunk(item)
+        if (
+            chunk is None
+            or not isinstance(item.get("done", False), bool)
+            or (chunk["done"] and index != last)
+        ):
+            return None
+        chunks.append(chunk)
+    return chunks
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -1,9 +1,11 @@
 """Share this machine's Ollama models with the IdleClaw network.
 
 Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local models and serves
-``inference_request`` frames by streaming from the local Ollama. The router is untrusted input:
-requests are reduced to the whitelisted parameters of PROTOCOL §4 before they reach Ollama, and
-only the whitelisted answer fields go back.
+``inference_request`` frames by streaming from the local Ollama; to a router that offers the
+``inference_chunks`` extension it sends the chunks that arrived together in one frame
+(docs/node-protocol-extensions.md). The router is untrusted input: requests are reduced to the
+whitelisted parameters of PROTOCOL §4 before they reach Ollama, and only the whitelisted answer
+fields go back.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
 never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import random
 import signal
 import socket
@@ -22,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,10 @@ import websocket
 log = logging.getLogger("idleclaw.contribute")
 
 MAX_FRAME_BYTES = 100_000
+# Most chunks in one inference_chunks frame (docs/node-protocol-extensions.md).
+MAX_CHUNKS_PER_FRAME = 256
+# The extension a router lists in ``registered.features`` when it takes inference_chunks.
+INFERENCE_CHUNKS = "inference_chunks"
 MAX_MODELS = 20
 MAX_MESSAGES = 50
 MAX_CONTENT_CHARS = 10_000
@@ -219,6 +226,68 @@ def encode_frame(frame: dict[str, Any]) -> str | None:
     return text
 
 
+def pack_chunks(request_id: str, chunks: Sequence[dict[str, Any]], *,
+                batched: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """Encode a request's chunks, in order, as frames of at most 100,000 bytes.
+
+    ``batched``: as few ``inference_chunks`` frames as the size limit and the 256 chunks per
+    frame allow; otherwise one classic ``inference_chunk`` frame per chunk. Returns the frames
+    and the chunks too big for any frame, which are left out.
+    """
+    frames: list[str] = []
+    oversized: list[dict[str, Any]] = []
+    if not batched:
+        for chunk in chunks:
+            text = encode_frame({"type": "inference_chunk", "request_id": request_id,
+                                 "chunk": chunk})
+            if text is None:
+                oversized.append(chunk)
+            else:
+                frames.append(text)
+        return frames, oversized
+    head = ('{"type":"inference_chunks","request_id":'
+            + json.dumps(request_id, ensure_ascii=False) + ',"chunks":[')
+    tail = "]}"
+    room = MAX_FRAME_BYTES - len(head.encode("utf-8")) - len(tail)
+    pieces: list[str] = []
+    used = 0
+    for chunk in chunks:
+        piece = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+        size = len(piece.encode("utf-8"))
+        if size > room:
+            oversized.append(chunk)
+            continue
+        # ``used`` counts a comma before every piece but the first.
+        if pieces and (used + 1 + size > room or len(pieces) == MAX_CHUNKS_PER_FRAME):
+            frames.append(head + ",".join(pieces) + tail)
+            pieces, used = [], 0
+        used += size + (1 if pieces else 0)
+        pieces.append(piece)
+    if pieces:
+        frames.append(head + ",".join(pieces) + tail)
+    return frames, oversized
+
+
+def chunks_of_lines(lines: Sequence[bytes]) -> tuple[list[dict[str, Any]], str | None]:
+    """The chunks of lines of Ollama's stream, up to the one with ``done``, and why the stream
+    is broken if a line is not a chunk (the chunks before that line are good)."""
+    chunks: list[dict[str, Any]] = []
+    for raw_line in lines:
+        try:
+            line = json.loads(raw_line)
+        except ValueError:
+            return chunks, "Ollama sent a line that is not JSON"
+        if not isinstance(line, dict):
+            return chunks, "Ollama sent a line that is not an object"
+        if "error" in line:
+            return chunks, f"Ollama: {str(line['error'])[:120]}"
+        chunk = build_chunk(line)
+        chunks.append(chunk)
+        if chunk["done"]:
+            break
+    return chunks, None
+
+
 def parse_close(data: bytes) -> tuple[int | None, str]:
     """Status code and reason of a WebSocket close frame's payload."""
     if len(data) < 2:
@@ -399,6 +468,8 @@ class _Connection:
         self.ws = ws
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
+        # Extensions the router listed in ``registered``; set before any request arrives.
+        self.features: frozenset[str] = frozenset()
 
     def send_text(self, text: str) -> bool:
         """Send one encoded frame; False when the connection is gone."""
@@ -483,6 +554,54 @@ def _close_response(response: requests.Response) -> None:
         response.close()
     except Exception:  # noqa: BLE001 - best effort while another thread may be reading
         pass
+
+
+class _LineReader:
+    """Ollama's stream read on a thread of its own, so that the request's thread can send all
+    the lines that have already arrived in one frame, and never waits for one that has not.
+
+    A plain read cannot tell which lines arrived together: Ollama sends each line as an HTTP
+    chunk of its own, and on a chunk-encoded body ``read1`` stops at the end of the current
+    chunk (http.client's ``_read1_chunked``, under urllib3 2.8.0), so it returns one line per
+    call however many are waiting.
+    """
+
+    def __init__(self, response: requests.Response, *, name: str) -> None:
+        # Lines, then None at the end of the body or the exception that ended the reading.
+        self._items: queue.SimpleQueue[bytes | Exception | None] = queue.SimpleQueue()
+        _start_thread(self._read, response, name=name)
+
+    def _read(self, response: requests.Response) -> None:
+        end: Exception | None = None
+        try:
+            for line in config.iter_lines(response):
+                if line.strip():
+                    self._items.put(line)
+        except Exception as exc:  # noqa: BLE001 - the request's thread reports it
+            end = exc
+        finally:
+            self._items.put(end)
+
+    def batches(self) -> Iterator[list[bytes]]:
+        """The lines in order, in lists of those already there when the previous list was
+        taken; waits only when none is. Raises what ended the reading, after the lines before
+        it."""
+        while True:
+            items = [self._items.get()]
+            while True:
+                try:
+                    items.append(self._items.get_nowait())
+                except queue.Empty:
+                    break
+            end = items[-1]
+            if isinstance(end, bytes):
+                yield items
+                continue
+            if len(items) > 1:
+                yield items[:-1]
+            if end is None:
+                return
+            raise end
 
 
 @dataclass(eq=False)
@@ -686,6 +805,9 @@ class Contributor:
         token = message.get("resume_token")
         if isinstance(token, str) and 0 < len(token) <= 256:
             self.resume_token = token
+        features = message.get("features")
+        if isinstance(features, list):
+            conn.features = frozenset(f for f in features if isinstance(f, str))
         log.info("registered with %s as node %s: %d models (%s), max_concurrent %d, "
                  "heartbeat %g s", self.server, self.node_id, len(self.models),
                  ", ".join(m.name for m in self.models), self.max_concurrent,
@@ -760,7 +882,7 @@ class Contributor:
     def _serve(self, inflight: _InFlight, params: dict[str, Any]) -> None:
         """Worker thread: stream one request from Ollama to the router."""
         started = time.monotonic()
-        tokens = 0
+        tokens = sent_chunks = sent_frames = 0
         outcome = "failed"
         response: requests.Response | None = None
         rid = inflight.request_id
@@ -787,35 +909,37 @@ class Contributor:
                 fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
                      f"{_ollama_error_text(response)}")
                 return
-            for raw_line in config.iter_lines(response):
-                if not raw_line.strip():
-                    continue
-                line = json.loads(raw_line)
-                if not isinstance(line, dict):
-                    fail("ollama_error", "Ollama sent a line that is not an object")
+            # Several chunks per frame only for a router that takes them (PROTOCOL: a node
+            # uses an extension only when the router listed it).
+            batched = INFERENCE_CHUNKS in inflight.conn.features
+            reader = _LineReader(response, name=f"ollama-{rid[:12]}")
+            for lines in reader.batches():
+                chunks, problem = chunks_of_lines(lines)
+                tokens += sum(1 for c in chunks
+                              if c["message"].get("content") or c["message"].get("thinking"))
+                frames, oversized = pack_chunks(rid, chunks, batched=batched)
+                for text in frames:
+                    if not inflight.send_text(text):
+                        if not inflight.cancelled:
+                            log.warning("request %s abandoned: connection to the router lost",
+                                        rid)
+                        return
+                sent_chunks += len(chunks) - len(oversized)
+                sent_frames += len(frames)
+                final = chunks[-1] if chunks and chunks[-1]["done"] else None
+                for chunk in oversized:
+                    if chunk is not final:
+                        log.warning("request %s: dropped a chunk over %d bytes", rid,
+                                    MAX_FRAME_BYTES)
+                if problem is not None:
+                    fail("ollama_error", problem)
                     return
-                if "error" in line:
-                    fail("ollama_error", f"Ollama: {str(line['error'])[:120]}")
-                    return
-                chunk = build_chunk(line)
-                if chunk["message"].get("content") or chunk["message"].get("thinking"):
-                    tokens += 1
-                text = encode_frame({"type": "inference_chunk", "request_id": rid,
-                                     "chunk": chunk})
-                if text is None:
-                    if chunk["done"]:
+                if final is not None:
+                    if oversized and oversized[-1] is final:
                         fail("ollama_error", "final chunk over the frame size limit")
                         return
-                    log.warning("request %s: dropped a chunk over %d bytes", rid,
-                                MAX_FRAME_BYTES)
-                    continue
-                if not inflight.send_text(text):
-                    if not inflight.cancelled:
-                        log.warning("request %s abandoned: connection to the router lost", rid)
-                    return
-                if chunk["done"]:
-                    if _is_int(chunk.get("eval_count")):
-                        tokens = chunk["eval_count"]
+                    if _is_int(final.get("eval_count")):
+                        tokens = final["eval_count"]
                     outcome = "finished"
                     return
             fail("ollama_error", "Ollama's stream ended before done")
@@ -835,8 +959,9 @@ class Contributor:
                     del self._inflight[rid]
             elapsed = time.monotonic() - started
             if outcome == "finished":
-                log.info("request %s finished: model=%s tokens=%d in %.1f s", rid,
-                         inflight.model, tokens, elapsed)
+                log.info("request %s finished: model=%s tokens=%d in %.1f s (%d chunks in %d "
+                         "frames)", rid, inflight.model, tokens, elapsed, sent_chunks,
+                         sent_frames)
             elif inflight.cancelled:
                 log.info("request %s stopped after %.1f s", rid, elapsed)
 

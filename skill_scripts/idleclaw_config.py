@@ -125,8 +125,9 @@ def iter_lines(response: Any, max_line: int = MAX_LINE_BYTES) -> Iterator[bytes]
 
     ``Response.iter_lines`` reads fixed-size blocks, and on a body that is not chunk-encoded
     urllib3 waits for the whole block, which would hold tokens back. ``read1`` returns whatever
-    has arrived. Lines are yielded without their ``\\n``/``\\r\\n``. Raises ``ValueError`` when a
-    line grows past ``max_line`` bytes.
+    has arrived (on a chunk-encoded body, no further than the end of the current HTTP chunk:
+    http.client's ``_read1_chunked``). Lines are yielded without their ``\\n``/``\\r\\n``.
+    Raises ``ValueError`` when a line grows past ``max_line`` bytes.
     """
     pending = b""
     for data in _read_chunks(response):

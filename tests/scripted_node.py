@@ -25,6 +25,11 @@ def register_frame(node_id: Any = None, **overrides: Any) -> dict[str, Any]:
     return frame
 
 
+def text_chunk(content: str = "", done: bool = False, **extra: Any) -> dict[str, Any]:
+    """A chunk as a node forwards it from Ollama (PROTOCOL §1)."""
+    return {"message": {"role": "assistant", "content": content}, "done": done, **extra}
+
+
 # Every ASGI exchange a test opened, so teardown can end the ones the test left running.
 OPEN: list[Any] = []
 
@@ -65,9 +70,19 @@ class ScriptedNode:
         return await self.communicator.receive_nothing(timeout)
 
     async def chunk(self, request_id: str, content: str = "", done: bool = False, **extra: Any):
-        chunk = {"message": {"role": "assistant", "content": content}, "done": done, **extra}
         await self.send(
-            {"type": FrameType.INFERENCE_CHUNK, "request_id": request_id, "chunk": chunk}
+            {
+                "type": FrameType.INFERENCE_CHUNK,
+                "request_id": request_id,
+                "chunk": text_chunk(content, done, **extra),
+            }
+        )
+
+    async def chunks(self, request_id: str, chunks: Any) -> None:
+        """One ``inference_chunks`` frame (docs/node-protocol-extensions.md); ``chunks`` is
+        sent as given, so a test can send a malformed batch."""
+        await self.send(
+            {"type": FrameType.INFERENCE_CHUNKS, "request_id": request_id, "chunks": chunks}
         )
 
     async def disconnect(self) -> None:

@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from nodes.models import NodeBan, NodeSession
-from nodes.protocol import CloseReason, EventType, FrameType
-from tests.scripted_node import ScriptedNode, register_frame
+from nodes.protocol import MAX_CHUNKS_PER_FRAME, CloseReason, EventType, FrameType
+from tests.scripted_node import ScriptedNode, register_frame, text_chunk
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -289,6 +289,9 @@ async def test_unknown_fields_are_ignored(channel_layer):
          CloseReason.INVALID_FRAME),
         ({"type": "inference_error", "request_id": "r", "error": {"x": 1}},
          CloseReason.INVALID_FRAME),
+        ({"type": "inference_chunks", "request_id": 5, "chunks": [text_chunk("x")]},
+         CloseReason.INVALID_FRAME),
+        ({"type": "inference_chunks", "chunks": [text_chunk("x")]}, CloseReason.INVALID_FRAME),
         ({"type": "models_update", "models": []}, CloseReason.NO_MODELS),
         (register_frame(), CloseReason.INVALID_FRAME),
         ([1, 2], CloseReason.INVALID_FRAME),
@@ -351,3 +354,182 @@ async def test_a_ban_added_while_a_node_is_connected_closes_it(channel_layer):
     assert await bystander.nothing_sent()
     assert [s.node_id for s in await sessions()] == ["bystander"]
     await bystander.disconnect()
+
+
+# --- the inference_chunks extension (docs/node-protocol-extensions.md) -----------------------
+
+
+async def serving(channel_layer, node: ScriptedNode, request_id: str = "r1") -> str:
+    """Send ``request_id`` to the node as the HTTP side does; return the reply channel."""
+    reply_channel = await channel_layer.new_channel()
+    [session] = [s for s in await sessions() if s.node_id == node.node_id]
+    await channel_layer.send(
+        session.channel_name,
+        {
+            "type": EventType.NODE_REQUEST,
+            "request_id": request_id,
+            "reply_channel": reply_channel,
+            "ollama_params": {"model": "llama3.2:3b", "messages": [], "stream": True},
+        },
+    )
+    request = await node.recv()
+    assert request["type"] == FrameType.INFERENCE_REQUEST
+    return reply_channel
+
+
+async def received(
+    channel_layer, reply_channel: str, *, seen: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Events on ``reply_channel`` up to the final chunk or an error, after ``seen`` chunks
+    already received: (events, chunks)."""
+    events: list[dict] = []
+    chunks: list[dict] = []
+    while True:
+        async with asyncio.timeout(3):
+            event = await channel_layer.receive(reply_channel)
+        events.append(event)
+        if event["type"] == EventType.STREAM_ERROR:
+            return events, chunks
+        assert event["seq"] == seen + len(chunks), "a gap in the chunks"
+        chunks.extend(event["chunks"])
+        if chunks[-1]["done"]:
+            return events, chunks
+
+
+async def registered_node(node_id: str, **register) -> ScriptedNode:
+    node = ScriptedNode()
+    await node.register(node_id=node_id, **register)
+    node.node_id = node_id
+    return node
+
+
+async def test_registered_offers_the_inference_chunks_feature(channel_layer):
+    node = ScriptedNode()
+    reply = await node.register()
+    assert reply["features"] == ["inference_chunks"]
+    await node.disconnect()
+
+
+async def test_batched_chunks_reach_the_consumer_in_order_one_message_per_frame(channel_layer):
+    node = await registered_node("batcher")
+    reply_channel = await serving(channel_layer, node)
+    words = [f"w{i} " for i in range(12)]
+    await node.chunks("r1", [text_chunk(w) for w in words[:5]])
+    first = await channel_layer.receive(reply_channel)
+    assert (first["seq"], len(first["chunks"])) == (0, 5)
+    await node.chunk("r1", words[5])  # classic frames still count in the same sequence
+    await node.chunks("r1", [text_chunk(w) for w in words[6:]]
+                      + [text_chunk("", done=True, done_reason="stop", eval_count=12)])
+    events, chunks = await received(channel_layer, reply_channel, seen=5)
+    assert [c["message"]["content"] for c in first["chunks"] + chunks[:-1]] == words
+    assert chunks[-1] == {"message": {"role": "assistant"}, "done": True, "done_reason": "stop",
+                          "eval_count": 12}
+    assert len(events) <= 2
+    # The request is over: a later batch for it is dropped, not relayed.
+    await node.chunks("r1", [text_chunk("late")])
+    assert await node.nothing_sent()
+    await node.disconnect()
+
+
+async def test_a_batch_of_the_most_chunks_allowed_is_relayed(channel_layer):
+    node = await registered_node("full-batch")
+    reply_channel = await serving(channel_layer, node)
+    batch = [text_chunk(str(i)) for i in range(MAX_CHUNKS_PER_FRAME - 1)]
+    await node.chunks("r1", [*batch, text_chunk("", done=True)])
+    _, chunks = await received(channel_layer, reply_channel)
+    assert len(chunks) == MAX_CHUNKS_PER_FRAME
+    assert [c["message"].get("content") for c in chunks[:-1]] == [
+        str(i) for i in range(MAX_CHUNKS_PER_FRAME - 1)
+    ]
+    await node.disconnect()
+
+
+async def test_a_batch_costs_one_frame_of_the_rate_allowance(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    node = await registered_node("fast-batcher")
+    reply_channel = await serving(channel_layer, node)
+    # 15 frames fit in the burst of 20 frames although they carry 600 chunks.
+    for frame in range(15):
+        await node.chunks("r1", [text_chunk(f"{frame}.{i} ") for i in range(40)])
+    await node.chunks("r1", [text_chunk("", done=True)])
+    _, chunks = await received(channel_layer, reply_channel)
+    assert len(chunks) == 601
+    assert chunks[40]["message"]["content"] == "1.0 "
+    assert await node.nothing_sent()
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param([], id="empty"),
+        pytest.param("text", id="not-a-list"),
+        pytest.param({"message": {"content": "x"}, "done": False}, id="a-chunk-not-a-list"),
+        pytest.param(None, id="missing"),
+        pytest.param([text_chunk("x")] * (MAX_CHUNKS_PER_FRAME + 1), id="257-chunks"),
+        pytest.param([text_chunk("x", done=True), text_chunk("y")], id="done-not-last"),
+        pytest.param([text_chunk("x"), "y", text_chunk("z")], id="chunk-not-an-object"),
+        pytest.param([text_chunk("x"), {"message": ["y"], "done": False}],
+                     id="message-not-an-object"),
+        pytest.param([text_chunk("x"), {"message": {"content": "y"}, "done": "yes"}],
+                     id="done-not-a-boolean"),
+    ],
+)
+async def test_a_malformed_batch_fails_the_request_and_keeps_the_node(channel_layer, batch):
+    node = await registered_node("clumsy")
+    reply_channel = await serving(channel_layer, node)
+    await node.chunk("r1", "before ")
+    await node.chunks("r1", batch)
+    assert await node.recv() == {"type": "cancel_request", "request_id": "r1"}
+    events, chunks = await received(channel_layer, reply_channel)
+    # What came before the bad frame reaches the consumer, nothing of the frame, then the error.
+    assert [c["message"]["content"] for c in chunks] == ["before "]
+    assert events[-1] == {"type": EventType.STREAM_ERROR, "request_id": "r1",
+                          "error": "ollama_error"}
+    # The connection is fine and serves the next request.
+    await node.send({"type": "heartbeat", "node_id": "clumsy"})
+    reply_channel = await serving(channel_layer, node, "r2")
+    await node.chunks("r2", [text_chunk("ok"), text_chunk("", done=True)])
+    _, chunks = await received(channel_layer, reply_channel)
+    assert [c["message"].get("content") for c in chunks] == ["ok", None]
+    await node.disconnect()
+
+
+async def test_batches_for_requests_not_sent_to_this_connection_are_strikes(
+    channel_layer, settings
+):
+    settings.IDLECLAW_NODE_MAX_STRIKES = 3
+    honest = await registered_node("honest")
+    reply_channel = await serving(channel_layer, honest)
+    liar = ScriptedNode(ip="10.0.0.5")
+    await liar.register(node_id="liar")
+    for _ in range(3):
+        await liar.chunks("r1", [text_chunk("injected"), text_chunk("", done=True)])
+        assert await liar.nothing_sent(0.05)
+    await liar.chunks("never-sent", [])
+    assert await liar.closed() == (1008, CloseReason.TOO_MANY_STRIKES)
+    await liar.disconnect()
+    await honest.chunks("r1", [text_chunk("genuine"), text_chunk("", done=True)])
+    _, chunks = await received(channel_layer, reply_channel)
+    assert [c["message"].get("content") for c in chunks] == ["genuine", None]
+    await honest.disconnect()
+
+
+async def test_a_batched_answer_reaches_an_sse_consumer_token_by_token(channel_layer):
+    from tests.routing.test_views import HttpClient, sse_events
+
+    node = await registered_node("sse-batcher")
+    client = HttpClient("POST", "/api/chat", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "count"}]})
+    assert (await client.start())[0] == 200
+    request = await node.recv()
+    words = [f"{i} " for i in range(30)]
+    for start in range(0, 30, 7):
+        await node.chunks(request["request_id"], [text_chunk(w) for w in words[start:start + 7]])
+    await node.chunks(request["request_id"], [text_chunk("", done=True, done_reason="stop")])
+    events = sse_events(await client.read_all())
+    deltas = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert [d for d in deltas if d] == words
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1] == "[DONE]"
+    await node.disconnect()

@@ -154,6 +154,22 @@ def _slow_ollama_process():
     emulator.proc.stop()
 
 
+@pytest.fixture(scope="module")
+def _long_ollama_process():
+    emulator = Emulator("--reply-tokens", "300",
+                        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion")
+    yield emulator
+    emulator.proc.stop()
+
+
+@pytest.fixture
+def long_ollama(_long_ollama_process: Emulator) -> Emulator:
+    """A zero-delay emulator whose answers are 300 tokens: its lines arrive faster than a
+    node sends them. No requests logged yet."""
+    _long_ollama_process.reset()
+    return _long_ollama_process
+
+
 @pytest.fixture
 def ollama(_ollama_process: Emulator) -> Emulator:
     """A fast emulator serving a thinking and a plain model, with no requests logged yet."""

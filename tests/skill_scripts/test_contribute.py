@@ -4,12 +4,14 @@ Ollama emulator."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import uuid
 
 import contribute
 import pytest
+import requests
 
 from tests.procs import wait_until
 
@@ -124,6 +126,55 @@ def test_final_chunk_carries_done_reason_and_stats_only():
                      "eval_duration": 5}
 
 
+def _text_chunk(content: str, done: bool = False) -> dict:
+    return {"message": {"role": "assistant", "content": content}, "done": done}
+
+
+def test_chunks_are_packed_in_order_into_frames_of_at_most_256_chunks():
+    chunks = [_text_chunk(f"{i} ") for i in range(600)] + [_text_chunk("", done=True)]
+    frames, oversized = contribute.pack_chunks("r-1", chunks, batched=True)
+    decoded = [json.loads(frame) for frame in frames]
+    assert [len(frame["chunks"]) for frame in decoded] == [256, 256, 89]
+    assert {(frame["type"], frame["request_id"]) for frame in decoded} == {
+        ("inference_chunks", "r-1")}
+    assert [chunk for frame in decoded for chunk in frame["chunks"]] == chunks
+    assert oversized == []
+
+
+def test_a_batch_over_100000_bytes_is_split_and_a_chunk_too_big_for_any_frame_is_left_out():
+    big = [_text_chunk("é" * 15_000 + str(i)) for i in range(5)]  # 30 kB each in UTF-8
+    huge = _text_chunk("x" * 100_000)
+    chunks = [*big[:3], huge, *big[3:]]
+    frames, oversized = contribute.pack_chunks("r", chunks, batched=True)
+    assert [len(json.loads(frame)["chunks"]) for frame in frames] == [3, 2]
+    assert all(len(frame.encode("utf-8")) <= 100_000 for frame in frames)
+    assert [chunk for frame in frames for chunk in json.loads(frame)["chunks"]] == big
+    assert oversized == [huge]
+
+
+def test_a_batch_of_exactly_100000_bytes_is_one_frame():
+    def frames_for(extra: int) -> list[str]:
+        empty = len(contribute.pack_chunks("r", [_text_chunk("")], batched=True)[0][0])
+        # Two chunks of equal size whose frame is 100,000 bytes plus ``extra``.
+        filler = (100_000 - 2 * empty + len('{"type":"inference_chunks","request_id":"r",'
+                                            '"chunks":[]}') - 1 + extra)
+        chunks = [_text_chunk("a" * (filler // 2)), _text_chunk("b" * (filler - filler // 2))]
+        return contribute.pack_chunks("r", chunks, batched=True)[0]
+
+    assert [len(frame.encode()) for frame in frames_for(0)] == [100_000]
+    assert len(frames_for(1)) == 2
+
+
+def test_without_batching_each_chunk_is_its_own_inference_chunk_frame():
+    chunks = [_text_chunk("a"), _text_chunk("x" * 100_000), _text_chunk("", done=True)]
+    frames, oversized = contribute.pack_chunks("r", chunks, batched=False)
+    assert [json.loads(frame) for frame in frames] == [
+        {"type": "inference_chunk", "request_id": "r", "chunk": chunks[0]},
+        {"type": "inference_chunk", "request_id": "r", "chunk": chunks[2]},
+    ]
+    assert oversized == [chunks[1]]
+
+
 def test_frames_over_100000_bytes_are_not_encoded():
     small = {"type": "inference_chunk", "request_id": "r", "chunk": {"message": {}}}
     big = {"type": "inference_chunk", "request_id": "r", "chunk": {"message": {
@@ -192,7 +243,7 @@ def test_exits_2_for_a_model_that_is_not_local(ollama):
     assert "not a local model: huge:70b" in result.stderr
 
 
-def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator):
+def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator, **registered):
     with FakeRouter() as router:
         proc = ScriptProcess("contribute.py", "--max-concurrent", "1",
                              env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
@@ -200,7 +251,7 @@ def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator):
         router.accept()
         register = router.recv()
         router.send({"type": "registered", "node_id": register["node_id"],
-                     "heartbeat_interval": 1, "resume_token": "tok-1"})
+                     "heartbeat_interval": 1, "resume_token": "tok-1", **registered})
         proc.wait_for("registered")
         yield proc, router, ollama, register
 
@@ -215,6 +266,68 @@ def node(started_scripts, ollama):
 def slow_node(started_scripts, slow_ollama):
     """A registered contributor whose Ollama takes 10 s to answer."""
     yield from _registered_node(started_scripts, slow_ollama)
+
+
+@pytest.fixture
+def batching_node(started_scripts, long_ollama):
+    """A registered contributor whose router offers inference_chunks, and whose Ollama answers
+    300 tokens at once."""
+    yield from _registered_node(started_scripts, long_ollama, features=["inference_chunks"])
+
+
+def _direct_chunks(ollama: Emulator, params: dict) -> list[dict]:
+    """What Ollama streams for ``params``, asked directly, reduced as a node reduces it, without
+    the timings of the last chunk (they differ from run to run)."""
+    with requests.post(f"{ollama.url}/api/chat", json={**params, "stream": True}, stream=True,
+                       timeout=20) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    return [(chunk["message"], chunk["done"]) for chunk in map(contribute.build_chunk, lines)]
+
+
+def _frames(router: FakeRouter, request_id: str) -> list[dict]:
+    """The frames of one request, up to the one that ends it."""
+    frames: list[dict] = []
+    while True:
+        frame = router.recv()
+        assert frame["request_id"] == request_id, frame
+        frames.append(frame)
+        chunks = frame["chunks"] if frame["type"] == "inference_chunks" else [frame["chunk"]]
+        if chunks[-1]["done"]:
+            return frames
+
+
+def test_node_sends_the_chunks_that_arrived_together_in_one_frame(batching_node):
+    proc, router, ollama, _ = batching_node
+    params = {"model": PLAIN_MODEL, "messages": [{"role": "user", "content": "a long one"}]}
+    router.send({"type": "inference_request", "request_id": "long-1", "ollama_params": params})
+    frames = _frames(router, "long-1")
+    assert {frame["type"] for frame in frames} == {"inference_chunks"}
+    chunks = [chunk for frame in frames for chunk in frame["chunks"]]
+    # Every token, in order, each its own chunk, as Ollama sent them.
+    assert [(chunk["message"], chunk["done"]) for chunk in chunks] == _direct_chunks(
+        ollama, params)
+    assert len(chunks) == 301
+    assert len(frames) < len(chunks)
+    assert all(1 <= len(frame["chunks"]) <= 256 for frame in frames)
+    proc.wait_for(f"({len(chunks)} chunks in {len(frames)} frames)")
+
+
+@pytest.mark.parametrize("registered", [
+    pytest.param({}, id="no-features"),
+    pytest.param({"features": ["some_other_extension"]}, id="other-features"),
+    pytest.param({"features": "inference_chunks"}, id="features-not-a-list"),
+])
+def test_node_sends_only_inference_chunk_to_a_router_without_the_feature(
+    started_scripts, long_ollama, registered
+):
+    proc, router, ollama, _ = next(_registered_node(started_scripts, long_ollama, **registered))
+    params = {"model": PLAIN_MODEL, "messages": [{"role": "user", "content": "a long one"}]}
+    router.send({"type": "inference_request", "request_id": "old-1", "ollama_params": params})
+    frames = _frames(router, "old-1")
+    assert {frame["type"] for frame in frames} == {"inference_chunk"}
+    assert [(f["chunk"]["message"], f["chunk"]["done"]) for f in frames] == _direct_chunks(
+        ollama, params)
+    proc.wait_for("(301 chunks in 301 frames)")
 
 
 def _answer(router: FakeRouter, request_id: str) -> list[dict]:
@@ -423,3 +536,31 @@ def test_permanent_refusal_exits_1_with_the_reason(started_scripts, ollama):
         router.close(1008, "banned")
         assert proc.proc.wait(timeout=5) == 1
         proc.wait_for("the router refused this node: banned")
+
+
+@pytest.mark.e2e
+def test_batched_answer_reaches_the_consumer_through_the_real_router_token_by_token(
+    router, long_ollama, started_scripts
+):
+    proc = ScriptProcess("contribute.py",
+                         env=script_env(OLLAMA_HOST=long_ollama.url, IDLECLAW_SERVER=router.url))
+    started_scripts.append(proc)
+    proc.wait_for("registered")
+    messages = [{"role": "user", "content": "tell me everything"}]
+    expected = [message["content"] for message, done in
+                _direct_chunks(long_ollama, {"model": PLAIN_MODEL, "messages": messages})
+                if message["content"]]
+    assert len(expected) == 300
+    with requests.post(f"{router.url}/api/chat", json={"model": PLAIN_MODEL,
+                       "messages": messages}, stream=True, timeout=30) as response:
+        assert response.status_code == 200, router.output
+        events = [line[len(b"data: "):] for line in response.iter_lines()
+                  if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    deltas = [json.loads(event)["choices"][0] for event in events[:-1]]
+    assert [d["delta"]["content"] for d in deltas if d["delta"].get("content")] == expected
+    assert deltas[-1]["finish_reason"] == "stop"
+    finished = proc.wait_for("finished")
+    chunks, frames = map(int, re.search(r"\((\d+) chunks in (\d+) frames\)", finished).groups())
+    assert chunks == 301
+    assert frames < chunks, finished
