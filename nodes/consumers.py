@@ -26,11 +26,6 @@ from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
 
 logger = logging.getLogger("idleclaw.nodes")
 
-# Write last_seen at most this often for frames other than heartbeats, and for heartbeats (a
-# node cannot turn a heartbeat flood into database writes).
-TOUCH_INTERVAL = 5.0
-HEARTBEAT_TOUCH_INTERVAL = 1.0
-
 
 @dataclass(eq=False)
 class _Outbox:
@@ -64,7 +59,6 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
         self.outboxes: dict[str, _Outbox] = {}  # request_id → chunks not yet sent on
         self.last_frame = time.monotonic()
-        self.last_touch = 0.0
         self.allowance = 2.0 * settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
         self.allowance_at = self.last_frame
         self.strikes = 0
@@ -151,7 +145,6 @@ class NodeConsumer(AsyncWebsocketConsumer):
         )
         self.session_id = opened.session_id
         self.node_id = registration.node_id
-        self.last_touch = time.monotonic()
         self.registered.set()
         if opened.evicted_channel:
             await self.channel_layer.send(opened.evicted_channel, {"type": "node.evict"})
@@ -175,6 +168,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
+        # Any frame proves the node alive; the worker writes last_seen for all of this
+        # process's sessions at once, about every second.
+        worker.session_seen(self.session_id, self.channel_name)
         if kind == FrameType.INFERENCE_CHUNKS:
             await self._relay_chunks(frame)
         elif kind == FrameType.INFERENCE_CHUNK:
@@ -182,8 +178,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.INFERENCE_ERROR:
             await self._relay_error(frame)
         elif kind == FrameType.HEARTBEAT:
-            await self._touch(interval=HEARTBEAT_TOUCH_INTERVAL)
-            return
+            pass  # proof of life only, recorded above
         elif kind == FrameType.MODELS_UPDATE:
             offers = protocol.parse_models(frame.get("models"))
             await db(services.node_models_replace)(
@@ -194,7 +189,6 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await db(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
-        await self._touch(interval=TOUCH_INTERVAL)
 
     async def _wake_queues(self, models: list[str]) -> None:
         """New capacity: the requests waiting longest for these models may take it."""
@@ -202,18 +196,6 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
         for channel in await db(queue_heads)(models=models):
             await self.channel_layer.send(channel, {"type": "queue.wake"})
-
-    async def _touch(self, *, interval: float) -> None:
-        now = time.monotonic()
-        if now - self.last_touch < interval:
-            return
-        self.last_touch = now
-        alive = await db(services.node_session_touch)(
-            session_id=self.session_id
-        )
-        if not alive:
-            # Reaped while this socket lingered: the node must register afresh.
-            await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
 
     async def _relay_chunk(self, frame: dict[str, Any]) -> None:
         request_id = protocol.request_id_of(frame)
@@ -340,8 +322,15 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """An operator banned this node (or its address) while it was connected."""
         await self._refuse(ProtocolError(CloseReason.BANNED))
 
+    async def node_gone(self, event: dict[str, Any]) -> None:
+        """This connection's session row no longer exists (it was reaped while the socket
+        lingered): the node must register afresh."""
+        await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
+
     async def node_evict(self, event: dict[str, Any]) -> None:
         """Another connection took this node id over with its resume token."""
+        if self.session_id is not None:
+            worker.session_forget(self.session_id)
         self.session_id = None  # the new session owns the row now
         self.requests.clear()
         self.next_seq.clear()
@@ -355,6 +344,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
+        worker.session_forget(session_id)
         orphans = await db(services.node_session_close)(session_id=session_id)
         await worker.notify_orphans(orphans, "node_disconnected")
         logger.info("node %s disconnected (code %s)", self.node_id, code)

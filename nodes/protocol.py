@@ -87,6 +87,7 @@ class EventType(StrEnum):
 
     NODE_REQUEST = "node.request"
     NODE_CANCEL = "node.cancel"
+    NODE_GONE = "node.gone"
     STREAM_CHUNK = "stream.chunk"
     STREAM_ERROR = "stream.error"
 

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import secrets
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -255,9 +256,28 @@ def node_session_open(
     )
 
 
-def node_session_touch(*, session_id: int) -> bool:
-    """Mark the session as heard from now; False when it no longer exists (it was reaped)."""
-    return bool(NodeSession.objects.filter(pk=session_id).update(last_seen=timezone.now()))
+# Ids per UPDATE statement: well under SQLite's 999 bound parameters of old builds.
+TOUCH_BATCH = 500
+
+
+def node_sessions_touch(*, session_ids: Collection[int]) -> set[int]:
+    """Mark these sessions as heard from now, with one ``UPDATE`` per ``TOUCH_BATCH`` ids in one
+    transaction; return the ids that matched no row (sessions reaped or closed meanwhile)."""
+    ids = sorted(set(session_ids))
+    if not ids:
+        return set()
+    now = timezone.now()
+    gone: set[int] = set()
+    with transaction.atomic():
+        for start in range(0, len(ids), TOUCH_BATCH):
+            batch = ids[start : start + TOUCH_BATCH]
+            updated = NodeSession.objects.filter(pk__in=batch).update(last_seen=now)
+            if updated < len(batch):
+                present = set(
+                    NodeSession.objects.filter(pk__in=batch).values_list("pk", flat=True)
+                )
+                gone.update(pk for pk in batch if pk not in present)
+    return gone
 
 
 def node_session_drain(*, session_id: int) -> None:

@@ -1,7 +1,8 @@
-"""This router process: its identity, liveness row and housekeeping loop.
+"""This router process: its identity, liveness row and housekeeping loops.
 
-The only per-process state is the worker's own id and its loop; everything other workers need
-to know lives in the database. The loop starts with the first node connection or API request
+The per-process state is the worker's own id, its loops, and the sessions of its own node
+connections heard from since the last write of ``last_seen``; everything other workers need to
+know lives in the database. The loops start with the first node connection or API request
 (daphne has no ASGI lifespan events).
 """
 
@@ -25,8 +26,46 @@ logger = logging.getLogger("idleclaw.worker")
 WORKER_ID = uuid.uuid4().hex
 STARTED_AT = timezone.now()
 
+# How often the node sessions heard from are written as one batch; the node timeout (45 s)
+# leaves room for a write this late.
+SEEN_FLUSH_INTERVAL = 1.0
+
 _loop_task: asyncio.Task[None] | None = None
+_flush_task: asyncio.Task[None] | None = None
 _ready: asyncio.Event | None = None
+# Session id → its consumer's channel, for sessions of this process heard from since the last
+# flush. Only this process's consumers add to it, about their own connections, and the database
+# stays the truth: a lost entry delays one session's last_seen by a second, nothing more.
+_seen: dict[int, str] = {}
+
+
+def session_seen(session_id: int, channel_name: str) -> None:
+    """A node connection of this process sent a frame; its ``last_seen`` is written at the next
+    flush. A dictionary write: cheap enough for every frame."""
+    _seen[session_id] = channel_name
+
+
+def session_forget(session_id: int) -> None:
+    """The session is over on this process; do not write it again."""
+    _seen.pop(session_id, None)
+
+
+async def flush_seen_sessions() -> None:
+    """Write ``last_seen`` of every session heard from since the last flush in one batch, and
+    close the connections whose session row is gone (reaped while their socket lingered)."""
+    global _seen
+    if not _seen:
+        return
+    batch, _seen = _seen, {}
+    try:
+        gone = await db(services.node_sessions_touch)(session_ids=list(batch))
+    except BaseException:
+        for session_id, channel in batch.items():  # written at the next flush instead
+            _seen.setdefault(session_id, channel)
+        raise
+    layer = get_channel_layer()
+    for session_id in gone:
+        await layer.send(batch[session_id], {"type": EventType.NODE_GONE})
 
 
 async def notify_orphans(orphans: list[services.Orphan], error: str) -> None:
@@ -94,13 +133,31 @@ async def _housekeeping_loop() -> None:
         await asyncio.sleep(settings.IDLECLAW_WORKER_BEAT)
 
 
+async def _flush_loop() -> None:
+    # Its own task, so that a slow housekeeping step never holds back the liveness writes.
+    while True:
+        try:
+            await flush_seen_sessions()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("writing node last_seen failed; retrying")
+        await asyncio.sleep(SEEN_FLUSH_INTERVAL)
+
+
+def _stale(task: asyncio.Task[None] | None, loop: asyncio.AbstractEventLoop) -> bool:
+    return task is None or task.done() or task.get_loop() is not loop
+
+
 async def ensure_started() -> None:
-    """Start this worker's loop if it is not running, and wait for its first beat."""
-    global _loop_task, _ready
+    """Start this worker's loops if they are not running, and wait for its first beat."""
+    global _loop_task, _flush_task, _ready
     loop = asyncio.get_running_loop()
-    if _loop_task is None or _loop_task.done() or _loop_task.get_loop() is not loop:
+    if _stale(_loop_task, loop):
         _ready = asyncio.Event()
         _loop_task = loop.create_task(_housekeeping_loop())
+    if _stale(_flush_task, loop):
+        _flush_task = loop.create_task(_flush_loop())
     assert _ready is not None
     if not _ready.is_set():
         async with asyncio.timeout(30):  # not wait_for: CPython gh-86296 on 3.11
@@ -108,12 +165,15 @@ async def ensure_started() -> None:
 
 
 async def stop() -> None:
-    """Stop this worker's loop (tests, and a clean shutdown)."""
-    global _loop_task
-    task, _loop_task = _loop_task, None
-    if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+    """Stop this worker's loops (tests, and a clean shutdown)."""
+    global _loop_task, _flush_task
+    tasks = (_loop_task, _flush_task)
+    _loop_task = _flush_task = None
+    for task in tasks:
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    _seen.clear()

@@ -9,6 +9,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
+from nodes import worker
 from nodes.models import NodeBan, NodeSession
 from nodes.protocol import MAX_CHUNKS_PER_FRAME, CloseReason, EventType, FrameType
 from tests.scripted_node import ScriptedNode, register_frame, text_chunk
@@ -212,9 +213,9 @@ async def test_heartbeat_naming_another_node_only_refreshes_the_sender(channel_l
     liar = ScriptedNode(ip="10.0.0.4")
     await liar.register(node_id="liar")
     before = {s.node_id: s.last_seen for s in await sessions()}
-    await asyncio.sleep(1.05)  # heartbeats are written at most once a second
     await liar.send({"type": "heartbeat", "node_id": "victim", "available": False})
     await liar.nothing_sent()
+    await worker.flush_seen_sessions()  # heartbeats are written in batches, about every second
     after = {s.node_id: s.last_seen for s in await sessions()}
     assert after["victim"] == before["victim"]
     assert after["liar"] > before["liar"]
@@ -350,6 +351,42 @@ async def test_a_ban_added_while_a_node_is_connected_closes_it(channel_layer):
     await sync_to_async(NodeBan.objects.create)(kind="ip", value="10.7.7.7", reason="abuse")
     await worker._housekeeping_once(first=False)
     assert await node.closed() == (1008, CloseReason.BANNED)
+    await node.disconnect()
+    assert await bystander.nothing_sent()
+    assert [s.node_id for s in await sessions()] == ["bystander"]
+    await bystander.disconnect()
+
+
+async def test_heartbeats_of_many_nodes_are_written_together(channel_layer):
+    nodes = [ScriptedNode(ip=f"10.3.0.{i}") for i in range(3)]
+    for i, node in enumerate(nodes):
+        await node.register(node_id=f"beat-{i}")
+    before = {s.node_id: s.last_seen for s in await sessions()}
+    for i, node in enumerate(nodes[:2]):
+        await node.send({"type": "heartbeat", "node_id": f"beat-{i}"})
+    await nodes[0].nothing_sent()
+    await worker.flush_seen_sessions()
+    after = {s.node_id: s.last_seen for s in await sessions()}
+    assert after["beat-0"] == after["beat-1"] > before["beat-0"]
+    assert after["beat-2"] == before["beat-2"]
+    for node in nodes:
+        await node.disconnect()
+
+
+async def test_a_node_whose_session_was_removed_is_closed_after_its_next_heartbeat(
+    channel_layer,
+):
+    node = ScriptedNode()
+    await node.register(node_id="reaped")
+    bystander = ScriptedNode(ip="10.0.0.9")
+    await bystander.register(node_id="bystander")
+    # As a reaping worker does when it saw no heartbeat in time.
+    await sync_to_async(NodeSession.objects.filter(node_id="reaped").delete)()
+    assert await node.nothing_sent()
+    await node.send({"type": "heartbeat", "node_id": "reaped"})
+    await bystander.send({"type": "heartbeat", "node_id": "bystander"})
+    # No explicit flush: the worker's own loop writes the heartbeats within about a second.
+    assert await node.closed(timeout=3) == (1008, CloseReason.NODE_TIMEOUT)
     await node.disconnect()
     assert await bystander.nothing_sent()
     assert [s.node_id for s in await sessions()] == ["bystander"]
