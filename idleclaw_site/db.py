@@ -9,12 +9,12 @@ keeps its connections open: one thread on SQLite, which takes one writer at a ti
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import connection
@@ -49,5 +49,17 @@ def _guarded(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def db(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """``await db(service)(**kwargs)``: run a synchronous ORM function off the event loop."""
-    return sync_to_async(_guarded(func), thread_sensitive=False, executor=_pool())
+    """``await db(service)(**kwargs)``: run a synchronous ORM function off the event loop.
+
+    A plain ``run_in_executor`` rather than asgiref's ``sync_to_async``, whose context
+    bookkeeping the database functions do not need and which doubled the cost of the hop. As with
+    ``sync_to_async``, a cancelled caller stops waiting while the function runs to its end.
+    """
+    guarded = _guarded(func)
+
+    @functools.wraps(func)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_pool(), functools.partial(guarded, *args, **kwargs))
+
+    return call

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from channels.layers import InMemoryChannelLayer
 from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
+
+
+def _in_process_layer(backend: str) -> bool:
+    try:
+        return issubclass(import_string(backend), InMemoryChannelLayer)
+    except ImportError:
+        return False  # channels reports a backend it cannot import on its own
 
 
 @checks.register(checks.Tags.compatibility)
@@ -16,7 +25,7 @@ def check_single_process_backends(
     if settings.DEBUG or settings.IDLECLAW_WORKERS <= 1:
         return []
     problems = []
-    if settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer"):
+    if _in_process_layer(settings.CHANNEL_LAYERS["default"]["BACKEND"]):
         problems.append(
             checks.Warning(
                 "IDLECLAW_WORKERS > 1 with the in-memory channel layer: a node connected to "

@@ -8,6 +8,9 @@ every worker.
 The statements that run for every consumer request (admitting it, ending it) are hand-written
 SQL: Django compiles each ORM query afresh, which cost about 2 ms of the single database thread
 per request and per end (bench/RESULTS.md). The SQL is plain enough for SQLite and PostgreSQL.
+Functions that also run inside ``request_admit`` and ``request_end`` open their transaction
+without a savepoint: a savepoint is two more statements, and no caller recovers from a failure
+halfway.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def inflight_claim(
     SQLite runs one writer at a time anyway.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         waiting = _rows(
             _OLDER_WAITING_SQL,
             {"model": model, "own": queued_as or "", "arrived_at": _at(arrived_at)},
@@ -264,7 +267,7 @@ WHERE id = %(session)s
 def inflight_finish(*, request_id: str, outcome: Outcome | None = None) -> list[str]:
     """Free the request's slot (idempotent), fold the outcome into the node's measurements,
     and return the reply channels of queued requests that may now take a slot."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         freed = _rows(
             _sql("DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id"),
             {"id": request_id},
@@ -353,7 +356,7 @@ def serialize_on(key: str) -> None:
 def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: str) -> bool:
     """Count a consumer's request against its address; False when the address already has
     ``IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP`` requests open."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         if client_ip is not None:
             serialize_on(f"consumer:{client_ip}")
             open_now = _rows(

@@ -63,7 +63,7 @@ def test_channel_layer_holds_long_answers_and_outlives_a_stall(monkeypatch):
     # timeout without a chunk, so its newest undelivered message is never older than that.
     assert config["expiry"] > loaded["IDLECLAW_STALL_TIMEOUT"]
     embedded = load_settings(monkeypatch)["CHANNEL_LAYERS"]["default"]
-    assert embedded["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+    assert embedded["BACKEND"] == "idleclaw_site.layers.InProcessChannelLayer"
     assert embedded["CONFIG"] == {"capacity": config["capacity"], "expiry": config["expiry"]}
 
 
