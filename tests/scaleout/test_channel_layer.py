@@ -7,7 +7,9 @@ import random
 import uuid
 
 import pytest
-from channels_redis.core import RedisChannelLayer
+from channels.exceptions import ChannelFull
+
+from idleclaw_site.layers import RedisChannelLayer
 
 from tests.scaleout.cluster import load_settings
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.scaleout
 @pytest.fixture
 async def layer(monkeypatch, redis_url):
     config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    assert config["BACKEND"] == "idleclaw_site.layers.RedisChannelLayer"
     layer = RedisChannelLayer(**config["CONFIG"])
     yield layer
     await layer.flush()
@@ -45,3 +48,36 @@ async def test_cancelling_a_send_is_never_swallowed(layer):
             task.cancel()
             await asyncio.sleep(0.001)
     assert swallowed == 0
+
+
+async def test_messages_cross_between_layers_in_order(layer, monkeypatch, redis_url):
+    config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    other = RedisChannelLayer(**config["CONFIG"])  # another worker
+    try:
+        channel = await other.new_channel()
+        for seq in range(50):
+            await layer.send(channel, {"type": "stream.chunk", "seq": seq})
+        received = [await asyncio.wait_for(other.receive(channel), 5) for _ in range(50)]
+        assert [message["seq"] for message in received] == list(range(50))
+        await layer.send("node.shared", {"type": "node.request", "request_id": "r1"})
+        message = await asyncio.wait_for(other.receive("node.shared"), 5)
+        assert message == {"type": "node.request", "request_id": "r1"}
+    finally:
+        await other.flush()
+
+
+async def test_a_full_channel_refuses_the_send_and_expired_messages_make_room(
+    monkeypatch, redis_url
+):
+    config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    layer = RedisChannelLayer(**{**config["CONFIG"], "capacity": 3, "expiry": 1})
+    try:
+        for _ in range(3):
+            await layer.send("slow.reader", {"type": "x"})
+        with pytest.raises(ChannelFull):
+            await layer.send("slow.reader", {"type": "x"})
+        await asyncio.sleep(2.1)  # past the expiry, judged in whole seconds
+        await layer.send("slow.reader", {"type": "fresh"})
+        assert await asyncio.wait_for(layer.receive("slow.reader"), 5) == {"type": "fresh"}
+    finally:
+        await layer.flush()

@@ -33,7 +33,7 @@ def test_by_default_a_dead_worker_is_forgotten_within_60_seconds(monkeypatch):
 def test_redis_url_puts_the_channel_layer_and_the_cache_on_redis(monkeypatch):
     loaded = load_settings(monkeypatch, REDIS_URL="redis://redis.internal:6379/2")
     layer = loaded["CHANNEL_LAYERS"]["default"]
-    assert layer["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert layer["BACKEND"] == "idleclaw_site.layers.RedisChannelLayer"
     [host] = layer["CONFIG"]["hosts"]
     assert host["address"] == "redis://redis.internal:6379/2"
     cache = loaded["CACHES"]["default"]
