@@ -41,6 +41,9 @@ MAX_FRAME_BYTES = 100_000
 MAX_CHUNKS_PER_FRAME = 256
 # The extension a router lists in ``registered.features`` when it takes inference_chunks.
 INFERENCE_CHUNKS = "inference_chunks"
+# Lines read from Ollama but not yet sent on: past this the reader stops reading, so a slow link
+# to the router slows Ollama down instead of piling a whole answer up in memory.
+MAX_WAITING_LINES = 1024
 MAX_MODELS = 20
 MAX_MESSAGES = 50
 MAX_CONTENT_CHARS = 10_000
@@ -568,40 +571,54 @@ class _LineReader:
 
     def __init__(self, response: requests.Response, *, name: str) -> None:
         # Lines, then None at the end of the body or the exception that ended the reading.
-        self._items: queue.SimpleQueue[bytes | Exception | None] = queue.SimpleQueue()
+        self._items: queue.Queue[bytes | Exception | None] = queue.Queue(MAX_WAITING_LINES)
+        self._stopped = threading.Event()
         _start_thread(self._read, response, name=name)
+
+    def _put(self, item: bytes | Exception | None) -> bool:
+        """Queue an item, waiting while the queue is full; False once nobody takes them."""
+        while not self._stopped.is_set():
+            try:
+                self._items.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _read(self, response: requests.Response) -> None:
         end: Exception | None = None
         try:
             for line in config.iter_lines(response):
-                if line.strip():
-                    self._items.put(line)
+                if line.strip() and not self._put(line):
+                    return
         except Exception as exc:  # noqa: BLE001 - the request's thread reports it
             end = exc
         finally:
-            self._items.put(end)
+            self._put(end)
 
     def batches(self) -> Iterator[list[bytes]]:
         """The lines in order, in lists of those already there when the previous list was
         taken; waits only when none is. Raises what ended the reading, after the lines before
-        it."""
-        while True:
-            items = [self._items.get()]
+        it. Leaving the loop early releases a reader waiting on a full queue."""
+        try:
             while True:
-                try:
-                    items.append(self._items.get_nowait())
-                except queue.Empty:
-                    break
-            end = items[-1]
-            if isinstance(end, bytes):
-                yield items
-                continue
-            if len(items) > 1:
-                yield items[:-1]
-            if end is None:
-                return
-            raise end
+                items = [self._items.get()]
+                while True:
+                    try:
+                        items.append(self._items.get_nowait())
+                    except queue.Empty:
+                        break
+                end = items[-1]
+                if isinstance(end, bytes):
+                    yield items
+                    continue
+                if len(items) > 1:
+                    yield items[:-1]
+                if end is None:
+                    return
+                raise end
+        finally:
+            self._stopped.set()
 
 
 @dataclass(eq=False)

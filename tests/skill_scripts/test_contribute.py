@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import time
 import uuid
 
@@ -564,3 +565,43 @@ def test_batched_answer_reaches_the_consumer_through_the_real_router_token_by_to
     chunks, frames = map(int, re.search(r"\((\d+) chunks in (\d+) frames\)", finished).groups())
     assert chunks == 301
     assert frames < chunks, finished
+
+
+def test_a_node_reads_at_most_a_bounded_number_of_lines_ahead_of_the_router(monkeypatch):
+    from tests import procs
+
+    monkeypatch.setattr(contribute, "MAX_WAITING_LINES", 50)
+    proc, url = procs.start_emulator("--reply-tokens", "400", "--model", "m:1b")
+    try:
+        response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
+            "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        reader = contribute._LineReader(response, name="test-reader")
+        batches = reader.batches()
+        first = next(batches)
+        time.sleep(0.5)  # the router is slow: nothing is taken for a while
+        assert reader._items.qsize() <= 50
+        lines = first + [line for batch in batches for line in batch]
+        # Nothing was lost while the reader waited.
+        assert json.loads(lines[-1])["done"] is True
+        assert sum(1 for line in lines if json.loads(line)["message"]["content"]) == 400
+    finally:
+        proc.stop()
+
+
+def test_a_request_that_stops_early_releases_its_reader(monkeypatch):
+    from tests import procs
+
+    monkeypatch.setattr(contribute, "MAX_WAITING_LINES", 5)
+    proc, url = procs.start_emulator("--reply-tokens", "400", "--model", "m:1b")
+    try:
+        response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
+            "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        reader = contribute._LineReader(response, name="test-reader-stop")
+        batches = reader.batches()
+        next(batches)
+        batches.close()  # the request ended (cancelled, or the router went away)
+        wait_until(lambda: not any(t.name == "test-reader-stop" for t in threading.enumerate()),
+                   timeout=5)
+        response.close()
+    finally:
+        proc.stop()
