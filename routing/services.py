@@ -92,10 +92,12 @@ def _rows(sql: str, params: dict[str, object]) -> list[tuple]:
 
 
 _CANDIDATES_SQL = _sql("""
-SELECT id, CAST(active AS REAL) / max_concurrent AS load,
+SELECT id, channel_name, node_id, max_concurrent,
+       CAST(active AS REAL) / max_concurrent AS load,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
 FROM (
-    SELECT s.id AS id, s.max_concurrent AS max_concurrent,
+    SELECT s.id AS id, s.channel_name AS channel_name, s.node_id AS node_id,
+           s.max_concurrent AS max_concurrent,
            s.consecutive_failures AS failures, s.cooldown_until AS cooldown_until,
            (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) AS active,
            COALESCE(s.tokens_per_s, %(unmeasured)s) AS speed
@@ -106,15 +108,33 @@ FROM (
 ) c
 WHERE active < max_concurrent
   AND (failures < %(cooldown_after)s OR (cooldown_until <= %(now)s AND active = 0))
+  AND NOT EXISTS (
+      SELECT 1 FROM {T.queued} q
+      WHERE q.model = %(model)s AND q.request_id <> %(own)s
+        AND (q.arrived_at < %(arrived_at)s
+             OR (q.arrived_at = %(arrived_at)s AND q.request_id < %(own)s))
+  )
 ORDER BY load, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
 """)
 
 
-def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int]:
+@dataclass(frozen=True)
+class _Candidate:
+    session_id: int
+    channel_name: str
+    node_id: str
+    max_concurrent: int
+
+
+def _candidates(
+    model: str, exclude: Collection[int], now: datetime, *, own: str, arrived_at: datetime
+) -> list[_Candidate]:
     """Live nodes with a free slot, best first: the least loaded, then the most reliable and
     fastest. A cooled-down node is skipped; once its cooldown is over it gets one trial request
     at a time until it succeeds, ranked like a fresh node so that the trial really happens.
+    None at all while a request for the model that arrived before ``arrived_at`` waits in the
+    queue (``own`` is the caller's own place in it, if any).
 
     Hand-written SQL: this runs for every request, and the ORM's version (a GROUP BY over every
     column of the session) cost ten times as much (bench/RESULTS.md).
@@ -126,6 +146,8 @@ def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int
         "worker_cutoff": _at(worker_cutoff(now)),
         "cooldown_after": COOLDOWN_AFTER,
         "now": _at(now),
+        "own": own,
+        "arrived_at": _at(arrived_at),
         # Sessions this request already failed on are dropped here rather than in SQL.
         "limit": CANDIDATES + len(exclude),
     }
@@ -133,11 +155,11 @@ def _candidates(model: str, exclude: Collection[int], now: datetime) -> list[int
     rows = [row for row in found if row[0] not in exclude][:CANDIDATES]
     # Spread exact ties instead of always picking the oldest connection.
     if rows:
-        best = rows[0][1:]
-        ties = [row for row in rows if row[1:] == best]
+        best = rows[0][4:]
+        ties = [row for row in rows if row[4:] == best]
         random.shuffle(ties)
-        rows = ties + [row for row in rows if row[1:] != best]
-    return [row[0] for row in rows]
+        rows = ties + [row for row in rows if row[4:] != best]
+    return [_Candidate(*row[:4]) for row in rows]
 
 
 _OLDER_WAITING_SQL = _sql("""
@@ -148,8 +170,7 @@ LIMIT 1
 """)
 
 _LOCK_SESSION_SQL = _sql("""
-SELECT channel_name, node_id, max_concurrent FROM {T.session}
-WHERE id = %(session)s AND NOT draining
+SELECT max_concurrent FROM {T.session} WHERE id = %(session)s AND NOT draining FOR UPDATE
 """)
 
 # Inserts the slot only while the node has one free: the check and the insert are one statement.
@@ -188,23 +209,21 @@ def inflight_claim(
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
-        waiting = _rows(
-            _OLDER_WAITING_SQL,
-            {"model": model, "own": queued_as or "", "arrived_at": _at(arrived_at)},
-        )
-        if waiting:
-            return NoSlot(served=True, blocked=True)
-        lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
-        for session_pk in _candidates(model, exclude, now):
-            found = _rows(_LOCK_SESSION_SQL + lock, {"session": session_pk})
-            if not found:
-                continue
-            channel_name, node_id, max_concurrent = found[0]
+        own = queued_as or ""
+        for candidate in _candidates(model, exclude, now, own=own, arrived_at=arrived_at):
+            max_concurrent = candidate.max_concurrent
+            if connection.vendor == "postgresql":
+                # Lock the node's row, then count its slots: two workers never both take the
+                # last one. (SQLite runs one writer at a time anyway.)
+                found = _rows(_LOCK_SESSION_SQL, {"session": candidate.session_id})
+                if not found:
+                    continue  # gone or draining since it was chosen
+                max_concurrent = found[0][0]
             taken = _run(
                 _TAKE_SLOT_SQL,
                 {
                     "request_id": request_id,
-                    "session": session_pk,
+                    "session": candidate.session_id,
                     "worker": worker_id,
                     "model": model,
                     "reply_channel": reply_channel,
@@ -218,10 +237,15 @@ def inflight_claim(
                 _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": queued_as})
             return Claim(
                 request_id=request_id,
-                session_id=session_pk,
-                node_channel=channel_name,
-                node_id=node_id,
+                session_id=candidate.session_id,
+                node_channel=candidate.channel_name,
+                node_id=candidate.node_id,
             )
+        waiting = _rows(
+            _OLDER_WAITING_SQL, {"model": model, "own": own, "arrived_at": _at(arrived_at)}
+        )
+        if waiting:
+            return NoSlot(served=True, blocked=True)
         serving = _rows(
             _SERVED_SQL,
             {
