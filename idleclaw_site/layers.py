@@ -85,14 +85,23 @@ return 1
 
 
 class RedisChannelLayer(ChannelsRedisLayer):
-    """channels-redis with a send of one round trip to Redis instead of four.
+    """channels-redis with one round trip to Redis per message sent and one per message
+    received, instead of four and three.
 
     ``send`` in channels-redis awaits ZREMRANGEBYSCORE, ZCOUNT, ZADD and EXPIRE one after the
-    other; every chunk that crosses workers, and every request sent to a node on another
-    worker, paid four round trips in a row before the receiving worker could see it
-    (bench/RESULTS.md). The script does the same in one, atomically, so the capacity check
-    cannot race another sender either. Storage, receiving, capacity and expiry are
-    channels-redis's own.
+    other: every chunk and every request sent to a node paid four round trips in a row before
+    the receiving worker could see it (bench/RESULTS.md). The script does the same in one,
+    atomically, so the capacity check cannot race another sender either.
+
+    Receiving, channels-redis runs a clean-up script, BZPOPMIN, then copies the popped message
+    to a backup set, and after delivery a task removes it from there. The backup is restored
+    only if the receiver is cancelled while writing it; a cancellation during BZPOPMIN itself
+    (redis-py then drops the connection and the reply) loses the message with or without it.
+    Here a receive is the BZPOPMIN alone, and nothing waits between the pop and the delivery.
+    A message lost on the way is still caught: chunks are numbered (a gap ends the answer with
+    an error) and a request a node never got runs into the stall timeout and fails over.
+
+    Storage, capacity, expiry and the receive loop are channels-redis's own.
     """
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
@@ -122,3 +131,10 @@ class RedisChannelLayer(ChannelsRedisLayer):
         )
         if not added:
             raise ChannelFull()
+
+    async def _brpop_with_clean(self, index: int, channel: str, timeout: int) -> bytes | None:
+        popped = await self.connection(index).bzpopmin(channel, timeout=timeout)
+        return None if popped is None else popped[1]
+
+    async def _clean_receive_backup(self, index: int, channel: str) -> None:
+        return  # nothing was backed up
