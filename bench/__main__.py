@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="K",
-        help="K router processes on PostgreSQL and Redis (default 1: embedded SQLite)",
+        help="K router processes on PostgreSQL and Redis (default 1: embedded SQLite); "
+        "K >= 2 also measures what crossing workers adds to TTFT (issue 3)",
     )
     parser.add_argument("--nodes", type=_counts, help="node counts of the node sweep, e.g. 10,1000")
     parser.add_argument(

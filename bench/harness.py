@@ -12,9 +12,11 @@ Processes (all started here, all on 127.0.0.1, all stopped at the end):
 
 Phases, in order: warm-up; the node sweep (for each node count: connect the pool, measure the
 router's memory and CPU while the nodes sit idle, then TTFT through the router at low
-concurrency); then with one pool of ample slots: the throughput phase (zero-delay model,
-direct then router) and the concurrency sweep (30 tokens/s model, direct then router, for each
-concurrency). See ``bench/README.md`` for how to read the output.
+concurrency); with ``--workers K`` (K >= 2) the crossing phase (nodes on worker 0 only, the
+30 tokens/s model direct, through worker 0 and through worker 1, interleaved); then with one
+pool of ample slots: the throughput phase (zero-delay model, direct then router) and the
+concurrency sweep (30 tokens/s model, direct then router, for each concurrency). See
+``bench/README.md`` for how to read the output.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import psutil
 
 from bench import profile, report
 from bench.emulator import ModelSpec, OllamaEmulator
-from bench.load import Consumers, LoadResult, Workload
+from bench.load import Consumers, LoadResult, Outcome, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -51,6 +53,26 @@ FAST_MODEL = "bench-fast:1b"
 REAL_MODEL = "bench-30tps:1b"
 MODEL_SIZE = 1_300_000_000
 T = TypeVar("T")
+
+# The paths of the crossing phase (issue 3): the nodes hold sockets to worker 0 only.
+DIRECT = "direct"
+SAME_WORKER = "router-same"  # consumers -> worker 0: the request is served where its node is
+ACROSS_WORKERS = "router-across"  # consumers -> worker 1: request and chunks cross workers
+# Request n takes the path at n mod 10. Each router path follows the other three times in ten
+# and direct once, so neither inherits more of the other's end-of-request work; direct, only a
+# reference, gets half as many requests.
+CROSSING_CYCLE = (
+    SAME_WORKER,
+    ACROSS_WORKERS,
+    DIRECT,
+    ACROSS_WORKERS,
+    SAME_WORKER,
+    ACROSS_WORKERS,
+    SAME_WORKER,
+    DIRECT,
+    SAME_WORKER,
+    ACROSS_WORKERS,
+)
 
 
 class BenchError(Exception):
@@ -84,6 +106,11 @@ class Plan:
     throughput_requests: int = 200
     pool_max_concurrent: int = 10
     warmup_requests: int = 20
+    # The crossing phase (--workers K >= 2): requests of the 30 tokens/s model at each
+    # concurrency, max(crossing_requests, concurrency * crossing_rounds), all paths together.
+    crossing_concurrencies: list[int] = field(default_factory=lambda: [1, 10])
+    crossing_requests: int = 80
+    crossing_rounds: int = 15
     profile: bool = False
 
     @property
@@ -96,6 +123,17 @@ class Plan:
         headline = concurrency == self.headline_concurrency
         rounds = self.headline_rounds if headline else self.sweep_rounds
         return min(self.max_requests, max(self.min_requests, concurrency * rounds))
+
+    @property
+    def crossing_nodes(self) -> int:
+        """Nodes for the crossing phase: slots for its highest concurrency, plus a fifth."""
+        most = max([*self.crossing_concurrencies, 1])
+        return max(1, math.ceil(most * 1.2 / self.pool_max_concurrent))
+
+    def crossing_total(self, concurrency: int) -> int:
+        """Requests of the crossing phase at ``concurrency``, whole cycles of its paths."""
+        wanted = max(self.crossing_requests, concurrency * self.crossing_rounds)
+        return len(CROSSING_CYCLE) * math.ceil(wanted / len(CROSSING_CYCLE))
 
 
 def plan_for(mode: str) -> Plan:
@@ -116,6 +154,8 @@ def plan_for(mode: str) -> Plan:
             throughput_tokens=100,
             throughput_requests=100,
             warmup_requests=10,
+            crossing_requests=50,
+            crossing_rounds=8,
         )
     if mode == "smoke":
         return Plan(
@@ -136,6 +176,9 @@ def plan_for(mode: str) -> Plan:
             throughput_requests=6,
             pool_max_concurrent=4,
             warmup_requests=2,
+            crossing_concurrencies=[1, 2],
+            crossing_requests=10,
+            crossing_rounds=5,
         )
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -416,7 +459,15 @@ class Cluster:
 
     # ----- node pools
 
-    async def start_pool(self, count: int, max_concurrent: int, timeout: float = 180.0) -> Pool:
+    async def start_pool(
+        self,
+        count: int,
+        max_concurrent: int,
+        timeout: float = 180.0,
+        *,
+        routers: Sequence[str] | None = None,
+    ) -> Pool:
+        """Start ``count`` simulated nodes, spread over ``routers`` (default: every worker)."""
         self._pool_serial += 1
         argv = [
             PYTHON,
@@ -429,7 +480,7 @@ class Cluster:
             "--register-timeout",
             str(timeout),
         ]
-        for url in self.router_urls:
+        for url in routers or self.router_urls:
             argv += ["--router", url]
         for model, url in self.emulator_urls.items():
             argv += ["--model", f"{model}={url}"]
@@ -647,13 +698,48 @@ class Meter:
 # --------------------------------------------------------------------------- the run
 
 
+class Lanes(Consumers):
+    """Consumers that send request ``n`` down the path at ``cycle[n % len(cycle)]``, so the
+    paths share one run (and whatever else the machine does meanwhile), and keep each path's
+    outcomes apart."""
+
+    def __init__(self, paths: dict[str, Consumers], cycle: Sequence[str]) -> None:
+        first = next(iter(paths.values()))
+        super().__init__(path=first.path, targets=first.targets, expected=first.expected)
+        self.paths = paths
+        self.cycle = list(cycle)
+        self.outcomes: dict[str, list[Outcome]] = {name: [] for name in paths}
+
+    async def one(self, http: Any, workload: Workload, number: int) -> Outcome:
+        name = self.cycle[number % len(self.cycle)]
+        outcome = await self.paths[name].one(http, workload, number)
+        self.outcomes[name].append(outcome)
+        return outcome
+
+    def split(self, result: LoadResult) -> dict[str, LoadResult]:
+        """One result per path. The wall time is shared out in proportion to the time each
+        path's requests took, so tokens/s reads as if the path had run alone."""
+        busy = {name: sum(o.duration for o in outcomes) for name, outcomes in self.outcomes.items()}
+        total = sum(busy.values()) or 1.0
+        return {
+            name: LoadResult(
+                result.workload,
+                name,
+                result.started,
+                result.started + result.wall * busy[name] / total,
+                outcomes,
+            )
+            for name, outcomes in self.outcomes.items()
+        }
+
+
 @dataclass
 class Phase:
     """One measured stretch: a workload on one path, or an idle window."""
 
     name: str
-    kind: str  # warmup, idle, nodes, throughput, realistic
-    path: str  # direct, router, idle
+    kind: str  # warmup, idle, nodes, throughput, realistic, crossing
+    path: str  # direct, router, idle; router-same, router-across (crossing)
     model: str
     concurrency: int
     nodes: int
@@ -724,15 +810,19 @@ class Run:
             summary=result.summary(),
             usage=usage,
         )
+        self.record(phase)
+        return phase
+
+    def record(self, phase: Phase) -> None:
         self.phases.append(phase)
         s = phase.summary
         self.log(
-            f"  {name:<28} {path:<6} C={workload.concurrency:<4} ok {s['ok']}/{s['requests']} "
+            f"  {phase.name:<28} {phase.path:<13} C={phase.concurrency:<4} "
+            f"ok {s['ok']}/{s['requests']} "
             f"TTFT p50 {s['ttft_ms_p50']} ms p99 {s['ttft_ms_p99']} ms, "
-            f"{s['tokens_per_s']} tok/s, router CPU {usage.cpu_s.get('router', 0):.2f} s"
+            f"{s['tokens_per_s']} tok/s, router CPU {phase.usage.cpu_s.get('router', 0):.2f} s"
             + (f", errors {s['error_kinds']}" if s["errors"] else "")
         )
-        return phase
 
     async def warmup(self) -> None:
         self.log("warm-up")
@@ -818,6 +908,68 @@ class Run:
                     "left_after_stop": left,
                 }
             )
+
+    def crossing_lanes(self, model: str) -> Lanes:
+        worker_0, worker_1 = self.cluster.router_urls[:2]
+        paths = {
+            DIRECT: self.consumers("direct", model),
+            SAME_WORKER: Consumers(path="router", targets=[worker_0], expected=self.expected),
+            ACROSS_WORKERS: Consumers(path="router", targets=[worker_1], expected=self.expected),
+        }
+        return Lanes(paths, CROSSING_CYCLE)
+
+    async def crossing(self) -> None:
+        """Issue 3: what crossing workers through Redis adds to TTFT. The nodes connect to
+        worker 0 only; consumers send the same workload direct, to worker 0 (the request is
+        served where its node is) and to worker 1 (the request and every chunk cross to worker
+        0 and back), interleaved request by request."""
+        plan = self.plan
+        if plan.workers < 2:
+            return
+        nodes = plan.crossing_nodes
+        self.log(
+            f"crossing workers: {nodes} node(s) x {plan.pool_max_concurrent} slots on worker 0; "
+            f"{REAL_MODEL} direct / same worker / across workers, concurrency "
+            f"{plan.crossing_concurrencies}"
+        )
+        pool = await self.cluster.start_pool(
+            nodes, plan.pool_max_concurrent, routers=self.cluster.router_urls[:1]
+        )
+        if pool.registered != nodes:
+            raise BenchError(f"only {pool.registered} of {nodes} nodes registered on worker 0")
+        await self.cluster.wait_for_nodes(pool.registered, timeout=30)
+        # Every path's connections opened before anything is measured.
+        most = max(plan.crossing_concurrencies)
+        warm = Workload("crossing-warmup", REAL_MODEL, most, len(CROSSING_CYCLE) * 2)
+        lanes = self.crossing_lanes(REAL_MODEL)
+        warmed = await lanes.run(warm)
+        if warmed.errors():
+            self.log(f"  crossing warm-up errors: {dict(warmed.errors())}")
+        for concurrency in plan.crossing_concurrencies:
+            lanes = self.crossing_lanes(REAL_MODEL)
+            workload = self.realistic(
+                f"crossing-{concurrency}", concurrency, plan.crossing_total(concurrency)
+            )
+            result, usage = await self.meter.measure(lanes.run(workload))
+            for path, part in lanes.split(result).items():
+                summary = part.summary()
+                # wall_s and CPU (usage) are the interleaved run's, shared by its paths.
+                summary["path_wall_s"] = summary["wall_s"]  # the path's share, for tokens/s
+                summary["interleaved_with"] = [p for p in lanes.paths if p != path]
+                self.record(
+                    Phase(
+                        name=f"crossing C={concurrency}",
+                        kind="crossing",
+                        path=path,
+                        model=REAL_MODEL,
+                        concurrency=concurrency,
+                        nodes=pool.registered,
+                        summary=summary,
+                        usage=usage,
+                    )
+                )
+        await self.cluster.stop_pool(pool)
+        await self.cluster.wait_for_nodes(0)
 
     async def load_phases(self) -> None:
         plan = self.plan
@@ -908,6 +1060,7 @@ async def run(
         bench_run.meter.start()
         await bench_run.warmup()
         await bench_run.sweep_nodes()
+        await bench_run.crossing()
         await bench_run.load_phases()
         await bench_run.meter.stop()
         router_peaks = [peak_rss_mb(pid) or 0.0 for pid in cluster.router_pids()]

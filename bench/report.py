@@ -7,7 +7,10 @@ Headline figures (the flat keys issue 7 asks for):
 * ``direct_tokens_per_s``, ``router_tokens_per_s``: tokens delivered per second, all streams
   together, in the throughput phase (zero-delay model): the relay's ceiling on this machine;
 * ``router_rss_mb``: the router's peak resident memory over the whole run (kernel VmHWM);
-* ``nodes_held``: the most nodes the router reported live at once in the node sweep.
+* ``nodes_held``: the most nodes the router reported live at once in the node sweep;
+* ``cross_worker_ttft_ms_p50``, ``cross_worker_ttft_ms_p99`` (``--workers K``, K >= 2, issue
+  3): what a request served by another worker than its node's adds to TTFT, across workers
+  minus same worker, at the crossing phase's lowest concurrency.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ TARGET_IDLE_NODES = 1000
 TARGET_IDLE_RSS_MB = 300
 # "Flat" selection: TTFT p50 at the most nodes within this much of the fewest nodes.
 FLAT_SELECTION_MS = 2.0
+TARGET_CROSSING_P50_MS = 3.0  # issue 3
+CROSSING_PATHS = {
+    "direct": "direct",
+    "router-same": "same worker",
+    "router-across": "across workers",
+}
 
 
 def _find(phases: list[dict[str, Any]], kind: str, path: str, concurrency: int | None = None):
@@ -97,6 +106,8 @@ def results(
         if len(with_ttft) >= 2
         else None
     )
+    crossing = _crossing(phases, plan.get("crossing_concurrencies") or [])
+    first = min(crossing, key=lambda c: c["concurrency"], default={})
     measured = [p for p in phases if p["kind"] not in ("warmup", "idle")]
     errors = sum(p.get("errors", 0) for p in measured)
     token_errors = sum(p.get("token_errors", 0) for p in measured)
@@ -127,6 +138,12 @@ def results(
         "rss_kb_per_node": largest["rss_kb_per_node"] if largest else None,
         "nodes_held": held,
         "selection_ttft_growth_ms": growth,
+        "cross_worker_ttft_ms_p50": first.get("added_ms_p50"),
+        "cross_worker_ttft_ms_p99": first.get("added_ms_p99"),
+        "same_worker_ttft_ms_p50": first.get("same_ttft_ms_p50"),
+        "across_workers_ttft_ms_p50": first.get("across_ttft_ms_p50"),
+        "crossing_direct_ttft_ms_p50": first.get("direct_ttft_ms_p50"),
+        "crossing_concurrency": first.get("concurrency"),
         "errors": errors,
         "token_errors": token_errors,
         "duration_s": round(duration_s, 1),
@@ -134,10 +151,38 @@ def results(
         "machine": machine,
         "node_sweep": node_sweep,
         "concurrency_sweep": concurrency_sweep,
+        "crossing": crossing,
         "phases": phases,
         "profiles": profiles,
     }
     out["targets"] = targets(out, headline, round(1 / plan["token_delay_s"]))
+    return out
+
+
+def _crossing(phases: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
+    """Per concurrency of the crossing phase: each path's TTFT and what crossing adds."""
+    out = []
+    for concurrency in concurrencies:
+        direct = _find(phases, "crossing", "direct", concurrency) or {}
+        same = _find(phases, "crossing", "router-same", concurrency)
+        across = _find(phases, "crossing", "router-across", concurrency)
+        if same is None or across is None:
+            continue
+        out.append(
+            {
+                "concurrency": concurrency,
+                "direct_ttft_ms_p50": direct.get("ttft_ms_p50"),
+                "same_ttft_ms_p50": same.get("ttft_ms_p50"),
+                "across_ttft_ms_p50": across.get("ttft_ms_p50"),
+                "added_ms_p50": _sub(across.get("ttft_ms_p50"), same.get("ttft_ms_p50")),
+                "direct_ttft_ms_p99": direct.get("ttft_ms_p99"),
+                "same_ttft_ms_p99": same.get("ttft_ms_p99"),
+                "across_ttft_ms_p99": across.get("ttft_ms_p99"),
+                "added_ms_p99": _sub(across.get("ttft_ms_p99"), same.get("ttft_ms_p99")),
+                "same_overhead_ms_p50": _sub(same.get("ttft_ms_p50"), direct.get("ttft_ms_p50")),
+                "errors": sum(p.get("errors", 0) for p in (direct, same, across)),
+            }
+        )
     return out
 
 
@@ -152,6 +197,17 @@ def targets(r: dict[str, Any], headline: int, rate: int) -> list[dict[str, Any]]
         return None if value is None else value >= limit
 
     idle = r["router_rss_mb_idle_1000"]
+    crossing = []
+    if r["crossing_concurrency"] is not None:
+        crossing.append(
+            row(
+                f"TTFT added by crossing workers (issue 3), p50 at {r['crossing_concurrency']} "
+                f"stream{'s' if r['crossing_concurrency'] > 1 else ''}",
+                f"<= {TARGET_CROSSING_P50_MS:g} ms",
+                r["cross_worker_ttft_ms_p50"],
+                at_most(r["cross_worker_ttft_ms_p50"], TARGET_CROSSING_P50_MS),
+            )
+        )
     return [
         row(
             f"TTFT overhead p50 at {headline} streams",
@@ -201,6 +257,7 @@ def targets(r: dict[str, Any], headline: int, rate: int) -> list[dict[str, Any]]
             r["selection_ttft_growth_ms"],
             at_most(r["selection_ttft_growth_ms"], FLAT_SELECTION_MS),
         ),
+        *crossing,
     ]
 
 
@@ -242,7 +299,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{machine['loadavg_start']} at start, {machine.get('loadavg_end')} at end; "
         f"{r['duration_s']} s.",
         "",
-        "### Targets (issue 7)",
+        "### Targets (issue 7; issue 3 with several workers)",
         "",
     ]
     lines += _table(
@@ -375,6 +432,7 @@ def markdown(r: dict[str, Any]) -> str:
             for e in r["node_sweep"]
         ],
     )
+    lines += _crossing_markdown(r, rate)
     lines += [
         "",
         f"Router RSS: {_fmt(r['router_rss_mb_baseline'])} MB after warm-up, peak "
@@ -386,3 +444,64 @@ def markdown(r: dict[str, Any]) -> str:
         for index, summary in enumerate(summaries):
             lines += ["", profile.markdown(summary, f"profile: router {index}, {name} phase")]
     return "\n".join(lines) + "\n"
+
+
+def _crossing_markdown(r: dict[str, Any], rate: int) -> list[str]:
+    if not r.get("crossing"):
+        return []
+    lines = [
+        "",
+        f"### Crossing workers (issue 3): nodes on worker 0, {rate} tokens/s model, the paths "
+        "interleaved",
+        "",
+    ]
+    rows = [
+        [
+            p["concurrency"],
+            CROSSING_PATHS[p["path"]],
+            p["requests"],
+            p["errors"],
+            p["ttft_ms_p50"],
+            p["ttft_ms_p95"],
+            p["ttft_ms_p99"],
+            p["tokens_per_s"],
+            p["stream_tokens_per_s_p50"],
+        ]
+        for p in r["phases"]
+        if p["kind"] == "crossing"
+    ]
+    lines += _table(
+        [
+            "streams",
+            "path",
+            "requests",
+            "errors",
+            "TTFT p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "tokens/s",
+            "stream tok/s p50",
+        ],
+        rows,
+    )
+    lines.append("")
+    lines += _table(
+        [
+            "streams",
+            "same worker − direct p50",
+            "added by crossing p50",
+            "added by crossing p99",
+            "errors",
+        ],
+        [
+            [
+                c["concurrency"],
+                c["same_overhead_ms_p50"],
+                _fmt(c["added_ms_p50"], 2),
+                _fmt(c["added_ms_p99"], 2),
+                c["errors"],
+            ]
+            for c in r["crossing"]
+        ],
+    )
+    return lines
