@@ -66,6 +66,8 @@ class NodeModel(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["session", "name"], name="unique_model_per_session"),
         ]
+        # Node selection reads a window of a model's rows in id order from a random point.
+        indexes = [models.Index(fields=["name", "id"], name="model_name_id")]
 
     def __str__(self) -> str:
         return self.name

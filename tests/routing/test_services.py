@@ -205,3 +205,34 @@ def test_an_address_has_a_bounded_number_of_open_requests(router_worker, setting
     assert opened == [True, True, False]
     assert consumer_stream_open(request_id="other", client_ip="10.0.0.10", worker_id="w1")
     assert consumer_stream_open(request_id="unknown", client_ip=None, worker_id="w1")
+
+
+def test_a_pool_larger_than_the_selection_window_still_finds_its_one_free_node(router_worker):
+    from routing.services import WINDOW
+
+    nodes = [make_node(router_worker, f"n{i}", max_concurrent=1) for i in range(3 * WINDOW)]
+    free = nodes[len(nodes) // 2]
+    for node in nodes:
+        if node is not free:
+            InflightRequest.objects.create(request_id=f"busy-{node.pk}", session=node,
+                                           worker=router_worker, model="llama3.2:3b",
+                                           reply_channel="r", created_at=timezone.now())
+    for _ in range(5):  # wherever the window starts
+        claimed = claim()
+        assert claimed.node_id == free.node_id
+        inflight_finish(request_id=claimed.request_id)
+
+
+def test_a_large_pool_spreads_requests_evenly(router_worker):
+    from collections import Counter
+
+    from routing.services import WINDOW
+
+    size = 4 * WINDOW
+    for i in range(size):
+        make_node(router_worker, f"n{i}", max_concurrent=10)
+    per_node = Counter(claim().node_id for _ in range(size))
+    # Selection compares a random sample of the free nodes, not all of them: as many requests
+    # as nodes leave almost every node with one, and none with more than two.
+    assert max(per_node.values()) <= 2
+    assert len(per_node) >= 0.75 * size
