@@ -53,7 +53,9 @@ def db(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
 
     A plain ``run_in_executor`` rather than asgiref's ``sync_to_async``, whose context
     bookkeeping the database functions do not need and which doubled the cost of the hop. As with
-    ``sync_to_async``, a cancelled caller stops waiting while the function runs to its end.
+    ``sync_to_async``, a cancelled caller stops waiting: a function already running runs to its
+    end, one still queued does not run at all. Clean-up calls that must happen are shielded
+    (``asyncio.shield``) by their callers.
     """
     guarded = _guarded(func)
 

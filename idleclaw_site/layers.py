@@ -104,6 +104,8 @@ class RedisChannelLayer(ChannelsRedisLayer):
     Storage, capacity, expiry and the receive loop are channels-redis's own.
     """
 
+    _send_script: Any = None
+
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         assert isinstance(message, dict), "message is not a dict"
         assert self.require_valid_channel_name(channel), "Channel name not valid"
@@ -118,16 +120,20 @@ class RedisChannelLayer(ChannelsRedisLayer):
         else:
             index = next(self._send_index_generator)
         connection = self.connection(index)
+        if self._send_script is None:
+            # EVALSHA with the script's digest, not the script text with every message.
+            self._send_script = connection.register_script(_SEND_SCRIPT)
         now = time.time()
-        added = await connection.eval(
-            _SEND_SCRIPT,
-            1,
-            self.prefix + key_name,
-            int(now) - int(self.expiry),
-            self.get_capacity(channel),
-            now,
-            self.serialize(message),
-            int(self.expiry),
+        added = await self._send_script(
+            keys=[self.prefix + key_name],
+            args=[
+                int(now) - int(self.expiry),
+                self.get_capacity(channel),
+                now,
+                self.serialize(message),
+                int(self.expiry),
+            ],
+            client=connection,
         )
         if not added:
             raise ChannelFull()

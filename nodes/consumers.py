@@ -27,6 +27,10 @@ from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
 logger = logging.getLogger("idleclaw.nodes")
 
 
+# Chunks that together cost as much of a node's frame allowance as one frame.
+CHUNKS_PER_UNIT = 8
+
+
 @dataclass(eq=False)
 class _Outbox:
     """One request's chunks on their way to its consumer; ``seq`` numbers the first."""
@@ -224,8 +228,21 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         self._enqueue(request_id, reply_channel, chunks)
 
+    def _charge(self, chunks: list[dict[str, Any]]) -> None:
+        """What a frame's chunks cost beyond the frame itself: an eighth of a frame per chunk
+        and a frame per tool call. Without it an ``inference_chunks`` frame of 256 chunks, or of
+        hundreds of tool calls, would cost the frame allowance one unit and the event loop up to
+        a hundred times a plain frame's work, and a node could stall its worker."""
+        cost = len(chunks) / CHUNKS_PER_UNIT
+        for chunk in chunks:
+            cost += len(chunk["message"].get("tool_calls", ()))
+        self.allowance -= cost
+        if self.allowance < 0:
+            raise ProtocolError(CloseReason.RATE_LIMITED)
+
     def _enqueue(self, request_id: str, reply_channel: str, chunks: list[dict[str, Any]]) -> None:
         """Put a request's next chunks in its outbox; only the last may be ``done``."""
+        self._charge(chunks)
         seq = self.next_seq.get(request_id, 0)
         self.next_seq[request_id] = seq + len(chunks)
         if chunks[-1]["done"]:

@@ -202,6 +202,10 @@ LIMIT 1
 _LOCK_SESSION_SQL = _sql("""
 SELECT max_concurrent FROM {T.session} WHERE id = %(session)s AND NOT draining FOR UPDATE
 """)
+# A claim that already holds a node's row never waits for another's: two claims each holding
+# one node and waiting for the other's would deadlock. A node locked by another claim is
+# skipped instead.
+_LOCK_NEXT_SESSION_SQL = _LOCK_SESSION_SQL.rstrip() + " SKIP LOCKED\n"
 
 # Inserts the slot only while the node has one free: the check and the insert are one statement.
 _TAKE_SLOT_SQL = _sql("""
@@ -240,12 +244,14 @@ def inflight_claim(
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         own = queued_as or ""
-        for candidate in _candidates(model, exclude, now, own=own, arrived_at=arrived_at):
+        candidates = _candidates(model, exclude, now, own=own, arrived_at=arrived_at)
+        for tried, candidate in enumerate(candidates):
             max_concurrent = candidate.max_concurrent
             if connection.vendor == "postgresql":
                 # Lock the node's row, then count its slots: two workers never both take the
                 # last one. (SQLite runs one writer at a time anyway.)
-                found = _rows(_LOCK_SESSION_SQL, {"session": candidate.session_id})
+                lock = _LOCK_NEXT_SESSION_SQL if tried else _LOCK_SESSION_SQL
+                found = _rows(lock, {"session": candidate.session_id})
                 if not found:
                     continue  # gone or draining since it was chosen
                 max_concurrent = found[0][0]

@@ -52,3 +52,6 @@ async def test_expired_messages_are_swept_within_a_second():
     await layer.send("fresh", {"type": "new"})
     assert await layer.receive("fresh") == {"type": "new"}
     assert "stale" not in layer.channels
+    with pytest.raises(TimeoutError):  # the expired message is never delivered
+        async with asyncio.timeout(0.2):
+            await layer.receive("stale")

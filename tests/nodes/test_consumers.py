@@ -361,6 +361,8 @@ async def test_heartbeats_of_many_nodes_are_written_together(channel_layer):
     nodes = [ScriptedNode(ip=f"10.3.0.{i}") for i in range(3)]
     for i, node in enumerate(nodes):
         await node.register(node_id=f"beat-{i}")
+    # Only the flush below may write, not the worker's own flush running in between.
+    worker._flush_task.cancel()
     before = {s.node_id: s.last_seen for s in await sessions()}
     for i, node in enumerate(nodes[:2]):
         await node.send({"type": "heartbeat", "node_id": f"beat-{i}"})
@@ -481,19 +483,29 @@ async def test_a_batch_of_the_most_chunks_allowed_is_relayed(channel_layer):
     await node.disconnect()
 
 
-async def test_a_batch_costs_one_frame_of_the_rate_allowance(channel_layer, settings):
-    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+async def test_a_batch_costs_a_frame_plus_an_eighth_of_one_per_chunk(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 100
     node = await registered_node("fast-batcher")
     reply_channel = await serving(channel_layer, node)
-    # 15 frames fit in the burst of 20 frames although they carry 600 chunks.
-    for frame in range(15):
+    # 20 frames of 40 chunks cost 20 * (1 + 40 / 8) = 120 of the burst of 200: 800 chunks in
+    # frames of their own would have been refused.
+    for frame in range(20):
         await node.chunks("r1", [text_chunk(f"{frame}.{i} ") for i in range(40)])
     await node.chunks("r1", [text_chunk("", done=True)])
     _, chunks = await received(channel_layer, reply_channel)
-    assert len(chunks) == 601
+    assert len(chunks) == 801
     assert chunks[40]["message"]["content"] == "1.0 "
     assert await node.nothing_sent()
     await node.disconnect()
+
+
+async def test_big_batches_cannot_flood_the_router(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    node = await registered_node("flooder")
+    await serving(channel_layer, node)
+    # One frame of 256 empty chunks costs 33 frames: more than the whole burst of 20.
+    await node.chunks("r1", [text_chunk("") for _ in range(MAX_CHUNKS_PER_FRAME)])
+    assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
 
 
 @pytest.mark.parametrize(
@@ -570,3 +582,15 @@ async def test_a_batched_answer_reaches_an_sse_consumer_token_by_token(channel_l
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     assert events[-1] == "[DONE]"
     await node.disconnect()
+
+
+async def test_tool_calls_in_a_batch_cost_a_frame_each(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    node = await registered_node("tool-flooder")
+    await serving(channel_layer, node)
+    call = {"function": {"name": "f", "arguments": {}}}
+    chunk = {"message": {"role": "assistant", "content": "", "tool_calls": [call] * 16},
+             "done": False}
+    # 2 chunks of 16 tool calls: 32 frames' worth, more than the burst of 20.
+    await node.chunks("r1", [chunk, chunk])
+    assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
