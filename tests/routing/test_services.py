@@ -182,8 +182,7 @@ def test_queue_heads_are_the_oldest_waiting_request_of_each_model(router_worker)
 
     node = make_node(router_worker, "n", models=("a:1b", "b:1b"))
     start = timezone.now()
-    for i, (rid, model) in enumerate([("a2", "a:1b"), ("a1", "a:1b"), ("b1", "b:1b"),
-                                      ("c1", "c:1b")]):
+    for rid, model in [("a2", "a:1b"), ("a1", "a:1b"), ("b1", "b:1b"), ("c1", "c:1b")]:
         arrived = start + timedelta(seconds=1 if rid == "a2" else 0)
         QueuedRequest.objects.create(request_id=rid, model=model, worker=router_worker,
                                      reply_channel=f"reply.{rid}", arrived_at=arrived)

@@ -10,7 +10,6 @@ import pytest
 from channels.exceptions import ChannelFull
 
 from idleclaw_site.layers import RedisChannelLayer
-
 from tests.scaleout.cluster import load_settings
 
 pytestmark = pytest.mark.scaleout
