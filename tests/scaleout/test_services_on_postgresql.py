@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -23,3 +24,19 @@ def test_routing_services_pass_their_tests_on_postgresql(database_url):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "database: postgresql" in result.stdout
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_racing_claims_never_take_more_slots_than_a_node_has(database_url):
+    result = subprocess.run(
+        [procs.PYTHON, "-m", "tests.scaleout.claim_probe"],
+        cwd=procs.ROOT, env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout)
+    assert not [r for r in seen["results"] if r.startswith("error")], seen
+    # Twelve claims at once for three slots: no node is ever over its slots and nothing
+    # deadlocks. (A claim may find a free node locked by a rival and skip it; it then queues.)
+    assert seen["held"]["small"] <= 2 and seen["held"]["tiny"] <= 1
+    winners = [r for r in seen["results"] if r != "none"]
+    assert len(winners) == sum(seen["held"].values()) >= 2
