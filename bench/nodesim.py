@@ -30,76 +30,21 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+# What a simulated node forwards and how it frames it are the real contributor's own code.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "skill_scripts"))
+from contribute import INFERENCE_CHUNKS, build_chunk, pack_chunks  # noqa: E402
+
 CLIENT = "idleclaw-bench-nodesim/0.1"
-CHUNK_MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls")
-STAT_KEYS = (
-    "total_duration",
-    "load_duration",
-    "prompt_eval_count",
-    "prompt_eval_duration",
-    "eval_count",
-    "eval_duration",
-)
 OLLAMA_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=120)
-MAX_FRAME_BYTES = 100_000
-MAX_CHUNKS_PER_FRAME = 256
-INFERENCE_CHUNKS = "inference_chunks"
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def build_chunk(line: dict[str, Any]) -> dict[str, Any]:
-    """Reduce one line of Ollama's ``/api/chat`` stream to what a node forwards (PROTOCOL §4)."""
-    raw_message = line.get("message")
-    message: dict[str, Any] = {}
-    if isinstance(raw_message, dict):
-        message = {k: raw_message[k] for k in CHUNK_MESSAGE_KEYS if k in raw_message}
-    message.setdefault("role", "assistant")
-    message.setdefault("content", "")
-    done = line.get("done") is True
-    chunk: dict[str, Any] = {"message": message, "done": done}
-    if done:
-        if isinstance(line.get("done_reason"), str):
-            chunk["done_reason"] = line["done_reason"]
-        for key in STAT_KEYS:
-            if isinstance(line.get(key), int):
-                chunk[key] = line[key]
-    return chunk
-
-
-def chunk_frames(request_id: str, chunks: list[dict[str, Any]], *, batched: bool) -> list[str]:
-    """The frames that carry ``chunks`` in order: ``inference_chunks`` frames of at most 256
-    chunks and 100,000 bytes when ``batched``, else one ``inference_chunk`` frame per chunk. A
-    chunk too big for any frame is left out, as a contributor does."""
-    rid = _dumps(request_id)
-    if not batched:
-        frames = [f'{{"type":"inference_chunk","request_id":{rid},"chunk":{_dumps(c)}}}'
-                  for c in chunks]
-        return [f for f in frames if len(f.encode()) <= MAX_FRAME_BYTES]
-    head = f'{{"type":"inference_chunks","request_id":{rid},"chunks":['
-    room = MAX_FRAME_BYTES - len(head.encode()) - 2
-    frames = []
-    pieces: list[str] = []
-    used = 0
-    for chunk in chunks:
-        piece = _dumps(chunk)
-        size = len(piece.encode())
-        if size > room:
-            continue
-        if pieces and (used + 1 + size > room or len(pieces) == MAX_CHUNKS_PER_FRAME):
-            frames.append(head + ",".join(pieces) + "]}")
-            pieces, used = [], 0
-        used += size + (1 if pieces else 0)
-        pieces.append(piece)
-    if pieces:
-        frames.append(head + ",".join(pieces) + "]}")
-    return frames
 
 
 def _describe_close(msg: aiohttp.WSMessage) -> str:
@@ -301,7 +246,7 @@ class SimulatedNode:
                                 break
                     if not chunks:
                         continue
-                    for text in chunk_frames(request_id, chunks, batched=self.batched):
+                    for text in pack_chunks(request_id, chunks, batched=self.batched)[0]:
                         if self.ws is None or self.ws.closed:
                             return
                         await self.ws.send_str(text)

@@ -93,6 +93,15 @@ def _rows(sql: str, params: dict[str, object]) -> list[tuple]:
         return cursor.fetchall()
 
 
+# A request for the model that arrived before this one and still waits in the queue (``own`` is
+# this request's own place in it, if any): while there is one, this request may not claim.
+_OLDER_WAITING = """
+SELECT 1 FROM {T.queued} q
+WHERE q.model = %(model)s AND q.request_id <> %(own)s
+  AND (q.arrived_at < %(arrived_at)s
+       OR (q.arrived_at = %(arrived_at)s AND q.request_id < %(own)s))
+"""
+
 # A window of live nodes with a free slot, in id order from a random point of the model's rows
 # (and from its first row, for a window that runs past the last one). Every predicate sits
 # before the LIMIT, so busy, dead or cooling nodes never use up the window.
@@ -125,12 +134,9 @@ FROM ("""
     + " UNION ALL "
     + _WINDOW_SQL.replace("{bound}", "<").replace("{alias}", "behind")
     + """) c
-WHERE NOT EXISTS (
-    SELECT 1 FROM {T.queued} q
-    WHERE q.model = %(model)s AND q.request_id <> %(own)s
-      AND (q.arrived_at < %(arrived_at)s
-           OR (q.arrived_at = %(arrived_at)s AND q.request_id < %(own)s))
-)
+WHERE NOT EXISTS ("""
+    + _OLDER_WAITING
+    + """)
 ORDER BY load, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
 """)
@@ -192,12 +198,7 @@ def _candidates(
     return [_Candidate(*row[:4]) for row in rows]
 
 
-_OLDER_WAITING_SQL = _sql("""
-SELECT 1 FROM {T.queued}
-WHERE model = %(model)s AND request_id <> %(own)s
-  AND (arrived_at < %(arrived_at)s OR (arrived_at = %(arrived_at)s AND request_id < %(own)s))
-LIMIT 1
-""")
+_OLDER_WAITING_SQL = _sql(_OLDER_WAITING + " LIMIT 1")
 
 _LOCK_SESSION_SQL = _sql("""
 SELECT max_concurrent FROM {T.session} WHERE id = %(session)s AND NOT draining FOR UPDATE

@@ -567,6 +567,13 @@ def test_batched_answer_reaches_the_consumer_through_the_real_router_token_by_to
     assert frames < chunks, finished
 
 
+def _read_answer(url: str, *, name: str):
+    """A streamed answer from the emulator at ``url``, read by a contributor's line reader."""
+    response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
+        "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    return response, contribute._LineReader(response, name=name).batches()
+
+
 def test_a_node_reads_at_most_a_bounded_number_of_lines_ahead_of_the_router(monkeypatch):
     from tests import procs
 
@@ -582,10 +589,7 @@ def test_a_node_reads_at_most_a_bounded_number_of_lines_ahead_of_the_router(monk
     monkeypatch.setattr(contribute.config, "iter_lines", counting_iter_lines)
     proc, url = procs.start_emulator("--reply-tokens", "400", "--model", "m:1b")
     try:
-        response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
-            "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
-        reader = contribute._LineReader(response, name="test-reader")
-        batches = reader.batches()
+        response, batches = _read_answer(url, name="test-reader")
         first = next(batches)
         time.sleep(0.5)  # the router is slow: nothing is taken for a while
         # The reader stopped reading Ollama: what it read is the first batch, a full queue and
@@ -605,10 +609,7 @@ def test_a_request_that_stops_early_releases_its_reader(monkeypatch):
     monkeypatch.setattr(contribute, "MAX_WAITING_LINES", 5)
     proc, url = procs.start_emulator("--reply-tokens", "400", "--model", "m:1b")
     try:
-        response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
-            "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
-        reader = contribute._LineReader(response, name="test-reader-stop")
-        batches = reader.batches()
+        response, batches = _read_answer(url, name="test-reader-stop")
         next(batches)
         batches.close()  # the request ended (cancelled, or the router went away)
         wait_until(lambda: not any(t.name == "test-reader-stop" for t in threading.enumerate()),
