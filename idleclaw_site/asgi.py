@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from contextlib import aclosing
 
 from django.core.asgi import get_asgi_application
 
@@ -29,6 +30,7 @@ from django.urls import set_script_prefix  # noqa: E402
 
 from idleclaw_site import daphne_compat  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
+from routing.views import EventStream  # noqa: E402
 
 daphne_compat.install()
 
@@ -90,7 +92,21 @@ class APIHandler(ASGIHandler):
     async def _respond(self, request, send, responses: list[HttpResponseBase]) -> None:
         response = await self.run_get_response(request)
         responses.append(response)
-        await self.send_response(response, send)
+        if isinstance(response, EventStream):
+            await self._send_stream(response, send)
+        else:
+            await self.send_response(response, send)
+
+    async def _send_stream(self, response: EventStream, send) -> None:
+        """Django's ``send_response`` for a streamed answer, minus its per-part wrappers: each
+        token's write would otherwise pass three more generators (bench/RESULTS.md)."""
+        headers = [(key.encode("ascii"), value.encode("latin1")) for key, value in response.items()]
+        start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        await send(start)
+        async with aclosing(response.parts) as parts:
+            async for part in parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body"})
 
 
 # The admin's CSS and JS, so a bare `daphne` shows a usable admin without a web server.

@@ -44,6 +44,12 @@ class InProcessChannelLayer(InMemoryChannelLayer):
         return queue
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
+        self.send_now(channel, message)
+
+    def send_now(self, channel: str, message: dict[str, Any]) -> None:
+        """``send`` as a plain call. This layer never waits to deliver, so a sender on the event
+        loop can skip the coroutine (and a task to await it in): the node consumer does, for
+        every frame of chunks."""
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_channel_name(channel)
         assert "__asgi_channel__" not in message

@@ -42,6 +42,10 @@ class _Outbox:
     sender: asyncio.Task[None] = field(init=False)
 
 
+def _chunk_event(request_id: str, seq: int, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": EventType.STREAM_CHUNK, "request_id": request_id, "seq": seq, "chunks": chunks}
+
+
 class NodeConsumer(AsyncWebsocketConsumer):
     """One contributor node's connection."""
 
@@ -211,7 +215,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if chunk is None:
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
-        self._enqueue(request_id, reply_channel, [chunk])
+        await self._enqueue(request_id, reply_channel, [chunk])
 
     async def _relay_chunks(self, frame: dict[str, Any]) -> None:
         """An ``inference_chunks`` frame (docs/node-protocol-extensions.md): its chunks go on
@@ -226,7 +230,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if chunks is None:
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
-        self._enqueue(request_id, reply_channel, chunks)
+        await self._enqueue(request_id, reply_channel, chunks)
 
     def _charge(self, chunks: list[dict[str, Any]]) -> None:
         """What a frame's chunks cost beyond the frame itself: an eighth of a frame per chunk
@@ -240,8 +244,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if self.allowance < 0:
             raise ProtocolError(CloseReason.RATE_LIMITED)
 
-    def _enqueue(self, request_id: str, reply_channel: str, chunks: list[dict[str, Any]]) -> None:
-        """Put a request's next chunks in its outbox; only the last may be ``done``."""
+    async def _enqueue(
+        self, request_id: str, reply_channel: str, chunks: list[dict[str, Any]]
+    ) -> None:
+        """Pass a request's next chunks on to its consumer; only the last may be ``done``.
+
+        A layer that delivers without waiting (``send_now``, the embedded default) gets them at
+        once. Otherwise they go to the request's outbox, whose sender task sends them, so that
+        this socket's next frames need not wait for the layer."""
         self._charge(chunks)
         seq = self.next_seq.get(request_id, 0)
         self.next_seq[request_id] = seq + len(chunks)
@@ -249,6 +259,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
             del self.requests[request_id]
             self.next_seq.pop(request_id, None)
         outbox = self.outboxes.get(request_id)
+        send_now = getattr(self.channel_layer, "send_now", None)
+        if outbox is None and send_now is not None:
+            try:
+                send_now(reply_channel, _chunk_event(request_id, seq, chunks))
+            except ChannelFull:
+                await self._consumer_stalled(request_id, reply_channel)
+            return
         if outbox is None:
             outbox = self.outboxes[request_id] = _Outbox(reply_channel=reply_channel, seq=seq)
             outbox.sender = asyncio.create_task(self._drain(request_id, outbox))
@@ -261,29 +278,26 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(0)  # let the frames that came in with this one join it
             while outbox.chunks:
                 chunks, outbox.chunks = outbox.chunks, []
-                event = {
-                    "type": EventType.STREAM_CHUNK,
-                    "request_id": request_id,
-                    "seq": outbox.seq,
-                    "chunks": chunks,
-                }
+                event = _chunk_event(request_id, outbox.seq, chunks)
                 outbox.seq += len(chunks)
                 try:
                     await self.channel_layer.send(outbox.reply_channel, event)
                 except ChannelFull:
-                    logger.warning("consumer of %s is not reading; cancelling", request_id)
-                    self.next_seq.pop(request_id, None)
-                    if self.requests.pop(request_id, None) is not None and not self.closing:
-                        await self.send_frame(
-                            {"type": FrameType.CANCEL_REQUEST, "request_id": request_id}
-                        )
-                    await self._send_error(outbox.reply_channel, request_id, "consumer_stalled")
+                    await self._consumer_stalled(request_id, outbox.reply_channel)
                     return
             if outbox.error is not None:
                 await self._send_error(outbox.reply_channel, request_id, outbox.error)
         finally:
             if self.outboxes.get(request_id) is outbox:
                 del self.outboxes[request_id]
+
+    async def _consumer_stalled(self, request_id: str, reply_channel: str) -> None:
+        """The consumer's channel is full: it stopped reading. The node stops, it gets an error."""
+        logger.warning("consumer of %s is not reading; cancelling", request_id)
+        self.next_seq.pop(request_id, None)
+        if self.requests.pop(request_id, None) is not None and not self.closing:
+            await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
+        await self._send_error(reply_channel, request_id, "consumer_stalled")
 
     async def _relay_error(self, frame: dict[str, Any]) -> None:
         request_id = protocol.request_id_of(frame)

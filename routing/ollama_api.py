@@ -4,14 +4,13 @@ and the NDJSON and JSON shapes the official ``ollama`` client reads."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from routing.selectors import ModelInfo
-from routing.streaming import Answer, Events, Queued, RelayError
+from routing.streaming import Answer, Events, Queued, RelayError, dumps
 from routing.validation import (
     BadRequest,
     check_compat_messages,
@@ -135,10 +134,6 @@ def parse_generate(body: bytes) -> OllamaRequest:
     return OllamaRequest(model=model, ollama_params=params, stream=stream)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def _final_fields(chunk: dict[str, Any]) -> dict[str, Any]:
     fields = {"done_reason": chunk.get("done_reason", "stop")}
     for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
@@ -188,11 +183,11 @@ async def _ndjson(
                 continue  # NDJSON has no comment lines; Ollama clients would choke
             # One write for all the chunks that arrived together.
             yield "".join(
-                _dumps(line) + "\n" for chunk in batch for line in lines_of(chunk, model)
+                dumps(line) + "\n" for chunk in batch for line in lines_of(chunk, model)
             ).encode()
     except RelayError as error:
         # An error after the stream started is a last line of its own, as Ollama writes it.
-        yield (_dumps({"error": error.message}) + "\n").encode()
+        yield (dumps({"error": error.message}) + "\n").encode()
 
 
 def ndjson_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:

@@ -19,6 +19,7 @@ from routing.streaming import (
     Answer,
     Events,
     RelayError,
+    dumps,
     finish_reason_of,
     sse_writes,
     usage_of,
@@ -246,10 +247,6 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     )
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def _openai_tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:
     converted = []
     for index, call in enumerate(calls):
@@ -260,7 +257,7 @@ def _openai_tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[di
             "type": "function",
             "function": {
                 "name": function["name"],
-                "arguments": arguments if isinstance(arguments, str) else _dumps(arguments),
+                "arguments": arguments if isinstance(arguments, str) else dumps(arguments),
             },
         }
         if indexed:
@@ -310,15 +307,19 @@ async def completion_stream(
     last choice chunk, an optional usage chunk, then ``[DONE]``."""
     head = (
         f'{{"id":"{completion_id()}","object":"chat.completion.chunk",'
-        f'"created":{int(time.time())},"model":{_dumps(model)},'
+        f'"created":{int(time.time())},"model":{dumps(model)},'
         f'"system_fingerprint":"fp_idleclaw","choices":'
     )
     usage_tail = ',"usage":null}' if include_usage else "}"
 
     def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = f'[{{"index":0,"delta":{_dumps(delta)},"logprobs":null,"finish_reason":' \
-                 f"{_dumps(finish)}}}]"
+        choice = f'[{{"index":0,"delta":{dumps(delta)},"logprobs":null,"finish_reason":' \
+                 f"{dumps(finish)}}}]"
         return f"data: {head}{choice}{usage_tail}\n\n".encode()
+
+    # The event of most tokens, event({"content": text}), assembled around the text alone.
+    content_open = f'data: {head}[{{"index":0,"delta":{{"content":'.encode()
+    content_close = f'}},"logprobs":null,"finish_reason":null}}]{usage_tail}\n\n'.encode()
 
     yield event({"role": "assistant", "content": ""})
     saw_tool_calls = False
@@ -330,7 +331,7 @@ async def completion_stream(
             thinking = message["thinking"]
             yield event({"reasoning_content": thinking, "reasoning": thinking})
         if "content" in message:
-            yield event({"content": message["content"]})
+            yield content_open + dumps(message["content"]).encode() + content_close
         if "tool_calls" in message:
             saw_tool_calls = True
             yield event({"tool_calls": _openai_tool_calls(message["tool_calls"], indexed=True)})
@@ -340,7 +341,7 @@ async def completion_stream(
                 usage = usage_of(chunk) or {
                     "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                 }
-                yield f"data: {head}[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+                yield f"data: {head}[],\"usage\":{dumps(usage)}}}\n\n".encode()
 
     try:
         async for part in sse_writes(chunks, render):
@@ -349,5 +350,5 @@ async def completion_stream(
         # The openai client raises APIError on an event that carries "error".
         body = {"error": {"message": error.message, "type": "server_error", "param": None,
                           "code": error.code}}
-        yield f"data: {_dumps(body)}\n\n".encode()
+        yield f"data: {dumps(body)}\n\n".encode()
     yield b"data: [DONE]\n\n"

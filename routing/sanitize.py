@@ -34,6 +34,8 @@ class TagStripper:
         self.held = ""
 
     def feed(self, piece: str) -> str:
+        if not self.held and "<" not in piece:
+            return piece  # no tag can start or end in it
         text = strip_tags(self.held + piece)
         self.held = ""
         start = text.rfind("<")

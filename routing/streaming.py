@@ -425,7 +425,17 @@ class ChunkSanitizer:
 
     def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk with markup removed, or None when nothing of it can be shown yet."""
-        message = dict(chunk["message"])
+        message = chunk["message"]
+        if (
+            not chunk["done"]
+            and not self.content.held
+            and not self.thinking.held
+            and "<" not in message.get("content", "")
+            and "<" not in message.get("thinking", "")
+            and ("content" in message or "thinking" in message or "tool_calls" in message)
+        ):
+            return chunk  # most chunks: nothing held, nothing to strip, something to show
+        message = dict(message)
         for key, stripper in (("content", self.content), ("thinking", self.thinking)):
             text = stripper.feed(message.get(key, ""))
             if chunk["done"]:
@@ -549,8 +559,9 @@ def usage_of(chunk: dict[str, Any]) -> dict[str, int] | None:
     }
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# Compact JSON as every stream writes it. One encoder for all: ``json.dumps`` with arguments
+# builds a new encoder on every call, and the streams call it for every token.
+dumps: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 async def sse_writes(
@@ -569,13 +580,17 @@ async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
     """The network's own ``/api/chat`` stream (PROTOCOL §2)."""
     head = (
         f'{{"id":"chatcmpl-{uuid.uuid4().hex[:24]}","object":"chat.completion.chunk",'
-        f'"created":{int(time.time())},"model":{_dumps(model)},"choices":[{{"index":0,"delta":'
+        f'"created":{int(time.time())},"model":{dumps(model)},"choices":[{{"index":0,"delta":'
     )
 
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        tail = "}]" + "".join(f",{_dumps(k)}:{_dumps(v)}" for k, v in extra.items()) + "}"
-        body = f'{head}{_dumps(delta)},"finish_reason":{_dumps(finish)}{tail}'
+        tail = "}]" + "".join(f",{dumps(k)}:{dumps(v)}" for k, v in extra.items()) + "}"
+        body = f'{head}{dumps(delta)},"finish_reason":{dumps(finish)}{tail}'
         return f"data: {body}\n\n".encode()
+
+    # The event of most tokens, event({"content": text}), assembled around the text alone.
+    content_open = f'data: {head}{{"content":'.encode()
+    content_close = b'},"finish_reason":null}]}\n\n'
 
     saw_tool_calls = False
 
@@ -585,7 +600,7 @@ async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
         if "thinking" in message:
             yield event({"content": message["thinking"], "reasoning": True})
         if "content" in message:
-            yield event({"content": message["content"]})
+            yield content_open + dumps(message["content"]).encode() + content_close
         if "tool_calls" in message:
             saw_tool_calls = True
             yield event({"tool_calls": message["tool_calls"]})

@@ -22,8 +22,18 @@ STARTED = time.monotonic()
 STARTED_WALL = time.time()
 
 
+class EventStream(StreamingHttpResponse):
+    """A streamed answer whose parts are bytes ready to write. ``idleclaw_site.asgi.APIHandler``
+    sends each part as it is, without Django's three generator layers per part; anything else
+    that serves it (the test client) reads it as a ``StreamingHttpResponse``."""
+
+    def __init__(self, parts: AsyncIterator[bytes], content_type: str) -> None:
+        super().__init__(parts, content_type=content_type)
+        self.parts = parts
+
+
 def event_stream(body: AsyncIterator[bytes], content_type: str = "text/event-stream"):
-    response = StreamingHttpResponse(body, content_type=content_type)
+    response = EventStream(body, content_type)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
