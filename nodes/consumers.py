@@ -67,7 +67,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
         self.outboxes: dict[str, _Outbox] = {}  # request_id → chunks not yet sent on
         self.last_frame = time.monotonic()
-        self.allowance = 2.0 * settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
+        self.frame_rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S  # read once: used per frame
+        self.allowance = 2.0 * self.frame_rate
         self.allowance_at = self.last_frame
         self.strikes = 0
         self.closing = False
@@ -130,7 +131,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
     def _spend_frame_allowance(self, now: float) -> None:
         """A token bucket: a node may send IDLECLAW_NODE_MAX_FRAMES_PER_S frames a second,
         in bursts of twice that, so no node can flood the router."""
-        rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
+        rate = self.frame_rate
         self.allowance = min(2.0 * rate, self.allowance + (now - self.allowance_at) * rate)
         self.allowance_at = now
         if self.allowance < 1.0:

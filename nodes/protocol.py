@@ -177,6 +177,8 @@ def _clean_text(value: Any, limit: int) -> str:
 def valid_unicode(text: str) -> str:
     """``text`` with lone surrogates (which JSON's ``\\ud800`` escapes can carry) replaced, so
     that it can always be encoded as UTF-8 on the way to a consumer."""
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
