@@ -8,15 +8,19 @@ instance; that is what makes the connection, not the ``node_id`` in a frame, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.consumer import get_handler_name
-from channels.exceptions import ChannelFull
+from channels.exceptions import ChannelFull, StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from idleclaw_site.db import db
@@ -46,10 +50,56 @@ def _chunk_event(request_id: str, seq: int, chunks: list[dict[str, Any]]) -> dic
     return {"type": EventType.STREAM_CHUNK, "request_id": request_id, "seq": seq, "chunks": chunks}
 
 
+async def _dispatch_from(
+    sources: list[Callable[[], Awaitable[dict[str, Any]]]],
+    dispatch: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """Channels' ``await_many_dispatch``, paid once per connection instead of once per message.
+
+    Channels waits for the next message with ``asyncio.wait`` over one fresh task per source,
+    every message: a task, a wait and two more turns of the event loop for each token a node
+    sends (bench/RESULTS.md). Here each source has one reader task for the whole connection,
+    which hands its messages over through a queue of one, so a source still waits while its
+    last message is unhandled."""
+    inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue(maxsize=1)
+
+    async def read(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        while True:
+            try:
+                message = await source()
+            except Exception as error:  # the dispatcher raises it, as channels would
+                await inbox.put(error)
+                return
+            await inbox.put(message)
+
+    readers = [asyncio.create_task(read(source)) for source in sources]
+    try:
+        while True:
+            item = await inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            await dispatch(item)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
 class NodeConsumer(AsyncWebsocketConsumer):
     """One contributor node's connection."""
 
     session_id: int | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        """``AsyncConsumer.__call__`` with a cheaper wait for the next message
+        (``_dispatch_from``)."""
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = send
+        with contextlib.suppress(StopConsumer):
+            await _dispatch_from([receive, self.channel_receive], self.dispatch)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels closes stale database connections before every message, a round trip to a
