@@ -14,7 +14,8 @@ per token), and builds a throwaway ``asyncio.Queue`` on every call (bench/RESULT
   changes;
 - expired messages are swept at most once a second, which keeps the expiry meaningful (a
   message is dropped between ``expiry`` and ``expiry`` + 1 s after it was sent);
-- a channel's queue is created only when it is missing.
+- a channel's queue is created only when it is missing;
+- a channel name is checked once, not on every message.
 
 Capacity, ``ChannelFull``, expiry, groups and flush behave as in the parent class.
 """
@@ -30,12 +31,25 @@ from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer as ChannelsRedisLayer
 
 SWEEP_INTERVAL = 1.0
+VALID_NAMES_REMEMBERED = 4096
 
 
 class InProcessChannelLayer(InMemoryChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._next_sweep = 0.0
+        self._valid_names: set[str] = set()
+
+    def require_valid_channel_name(self, name: str, receive: bool = False) -> bool:
+        """Channels' check (a regular expression) once per name rather than on every send and
+        receive of every token; the names of a few thousand recent channels are remembered."""
+        if name in self._valid_names and not receive:
+            return True
+        super().require_valid_channel_name(name, receive)
+        if len(self._valid_names) >= VALID_NAMES_REMEMBERED:
+            self._valid_names.clear()
+        self._valid_names.add(name)
+        return True
 
     def _queue(self, channel: str) -> asyncio.Queue:
         queue = self.channels.get(channel)

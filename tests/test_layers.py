@@ -55,3 +55,18 @@ async def test_expired_messages_are_swept_within_a_second():
     with pytest.raises(TimeoutError):  # the expired message is never delivered
         async with asyncio.timeout(0.2):
             await layer.receive("stale")
+
+
+async def test_invalid_channel_names_are_refused_every_time():
+    layer = InProcessChannelLayer(capacity=10, expiry=60)
+    for _ in range(2):
+        for name in ("has space", "x" * 200, "bad!name!"):
+            with pytest.raises(TypeError):
+                await layer.send(name, {"type": "stream.chunk"})
+    # A valid name, once remembered, stays valid; an invalid one never becomes so.
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "stream.chunk"})
+    await layer.send(channel, {"type": "stream.chunk"})
+    assert len([await layer.receive(channel) for _ in range(2)]) == 2
+    with pytest.raises(TypeError):
+        await layer.receive("has space")
