@@ -6,7 +6,8 @@ router sends a node) that is two ``epoll_ctl`` calls, one more loop turn and one
 reactor's bookkeeping, before the one ``send`` that does the work (bench/RESULTS.md). Here a
 write to a connection with an empty buffer tries ``send`` at once; whatever the kernel does not
 take, and every write while something is still buffered, goes the usual way, so order and
-back-pressure are Twisted's own.
+back-pressure are Twisted's own. So do connections where Twisted does more than ``send``:
+TLS started on the connection, a pull producer, file descriptors queued on a Unix socket.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def install() -> None:
             and not self._tempDataLen
             and self.offset == len(self.dataBuffer)
             and type(data) is bytes
+            # A pull producer is asked for more only when a buffered write drains.
+            and (self.producer is None or self.streamingProducer)
+            # Unix sockets may have file descriptors waiting to go with the next bytes.
+            and not getattr(self, "_sendmsgQueue", None)
         ):
             try:
                 sent = self.socket.send(data)
