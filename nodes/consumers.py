@@ -58,27 +58,23 @@ async def _dispatch_from(
 
     Channels waits for the next message with ``asyncio.wait`` over one fresh task per source,
     every message: a task, a wait and two more turns of the event loop for each token a node
-    sends (bench/RESULTS.md). Here each source has one reader task for the whole connection,
-    which hands its messages over through a queue of one, so a source still waits while its
-    last message is unhandled."""
-    inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue(maxsize=1)
+    sends (bench/RESULTS.md). Here each source has one reader task for the whole connection that
+    handles its own messages, one message of any source at a time (a lock), so a source still
+    waits while its last message is unhandled. The first error of any reader ends them all and
+    is raised here, as channels would raise it."""
+    lock = asyncio.Lock()
 
     async def read(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         while True:
-            try:
-                message = await source()
-            except Exception as error:  # the dispatcher raises it, as channels would
-                await inbox.put(error)
-                return
-            await inbox.put(message)
+            message = await source()
+            async with lock:
+                await dispatch(message)
 
     readers = [asyncio.create_task(read(source)) for source in sources]
     try:
-        while True:
-            item = await inbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            await dispatch(item)
+        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
+        for reader in done:
+            reader.result()
     finally:
         for reader in readers:
             reader.cancel()
