@@ -86,6 +86,19 @@ class InProcessChannelLayer(InMemoryChannelLayer):
                 del self.channels[channel]
         return message
 
+    def receive_now(self, channel: str) -> dict[str, Any] | None:
+        """The channel's next message if one is already waiting, else None, without waiting: a
+        receiver just handed one message can take those queued behind it in the same step (the
+        relay writes them to its consumer together)."""
+        self.require_valid_channel_name(channel)
+        queue = self.channels.get(channel)
+        if queue is None or queue.empty():
+            return None
+        _, message = queue.get_nowait()
+        if queue.empty() and self.channels.get(channel) is queue:
+            del self.channels[channel]
+        return message
+
     async def flush(self) -> None:
         await super().flush()
         self._next_sweep = 0.0

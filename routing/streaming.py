@@ -314,6 +314,9 @@ class Relay:
         node_done = False
         failing_over = False
         sanitizer = ChunkSanitizer()
+        # A layer that can say what is already queued (the in-process one) lets the chunks that
+        # arrived together leave together.
+        poll = getattr(self.layer, "receive_now", None)
         try:
             await self.layer.send(
                 claim.node_channel,
@@ -335,48 +338,56 @@ class Relay:
                     if first_at is None:
                         raise _Failover(code) from None
                     raise RelayError(code) from None
-                if event.get("request_id") != claim.request_id:
-                    continue  # a wake-up, or a late event of an earlier attempt
-                if event.get("type") == EventType.STREAM_ERROR:
-                    node_done = True
-                    code = str(event.get("error"))
-                    outcome = Outcome(kind="failed")
-                    if first_at is None:
-                        raise _Failover(code)
-                    raise RelayError(code)
-                batch = event["chunks"]
-                if event.get("seq", chunks) != chunks:
-                    # A channel layer may drop a message when a buffer overflows; never pass
-                    # an answer on with a hole in it.
-                    outcome = Outcome(kind="cancelled")
-                    raise RelayError("lost_chunks")
-                if first_at is None:
-                    first_at = self.loop.time()
+                # The chunks of this event and of any queued behind it go out as one write.
                 out: list[dict[str, Any]] = []
-                for raw in batch:
-                    chunks += 1
-                    chunk = sanitizer.clean(raw)
-                    if chunk is None:
-                        continue  # nothing left to show yet (a tag may be arriving)
-                    message = chunk["message"]
-                    size = len(message.get("content", "")) + len(message.get("thinking", ""))
-                    if "tool_calls" in message:
-                        # Tool calls count against the same budget: a node cannot grow an
-                        # answer without bound through them.
-                        size += len(json.dumps(message["tool_calls"]))
-                    if size >= char_budget and not chunk["done"]:
-                        out.append(_truncated(chunk, char_budget))
-                        out.append({"message": {"role": "assistant"}, "done": True,
-                                    "done_reason": "length"})
-                        outcome = _measured("completed", sent_at, first_at, chunks, None)
-                        yield out
-                        return
-                    char_budget -= size
-                    out.append(chunk)
-                    if chunk["done"]:
+                while event is not None and not node_done:
+                    if event.get("request_id") != claim.request_id:
+                        event = poll(self.reply_channel) if poll else None
+                        continue  # a wake-up, or a late event of an earlier attempt
+                    if event.get("type") == EventType.STREAM_ERROR:
                         node_done = True
-                        outcome = _measured("completed", sent_at, first_at, chunks, chunk)
-                        break
+                        code = str(event.get("error"))
+                        outcome = Outcome(kind="failed")
+                        if first_at is None:
+                            raise _Failover(code)
+                        if out:
+                            yield out  # what came before the error, as it came
+                        raise RelayError(code)
+                    batch = event["chunks"]
+                    if event.get("seq", chunks) != chunks:
+                        # A channel layer may drop a message when a buffer overflows; never
+                        # pass an answer on with a hole in it.
+                        outcome = Outcome(kind="cancelled")
+                        if out:
+                            yield out
+                        raise RelayError("lost_chunks")
+                    if first_at is None:
+                        first_at = self.loop.time()
+                    for raw in batch:
+                        chunks += 1
+                        chunk = sanitizer.clean(raw)
+                        if chunk is None:
+                            continue  # nothing left to show yet (a tag may be arriving)
+                        message = chunk["message"]
+                        size = len(message.get("content", "")) + len(message.get("thinking", ""))
+                        if "tool_calls" in message:
+                            # Tool calls count against the same budget: a node cannot grow an
+                            # answer without bound through them.
+                            size += len(json.dumps(message["tool_calls"]))
+                        if size >= char_budget and not chunk["done"]:
+                            out.append(_truncated(chunk, char_budget))
+                            out.append({"message": {"role": "assistant"}, "done": True,
+                                        "done_reason": "length"})
+                            outcome = _measured("completed", sent_at, first_at, chunks, None)
+                            yield out
+                            return
+                        char_budget -= size
+                        out.append(chunk)
+                        if chunk["done"]:
+                            node_done = True
+                            outcome = _measured("completed", sent_at, first_at, chunks, chunk)
+                            break
+                    event = poll(self.reply_channel) if poll and not node_done else None
                 if out:
                     yield out
                 if node_done:

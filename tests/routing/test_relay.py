@@ -221,6 +221,63 @@ async def test_failure_after_the_first_token_is_an_error_not_a_retry(channel_lay
     await spare.disconnect()
 
 
+# --- chunks that arrive together ------------------------------------------------------------
+
+
+async def test_chunks_queued_together_reach_the_consumer_in_one_write(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = chat()
+    await client.start()
+    request = await node.recv()
+    # Three frames in a row, before the router has run: they queue up for the relay together.
+    for word in ("one", " two", " three"):
+        await node.chunk(request["request_id"], word)
+    assert text_of(sse_events(await client.read_part())) == "one two three"
+    await node.chunk(request["request_id"], "", done=True, done_reason="stop")
+    events = sse_events(await client.read_all())
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert await leftovers() == (0, 0)
+    await node.disconnect()
+
+
+async def test_chunks_queued_ahead_of_an_error_are_delivered_before_it(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = chat()
+    await client.start()
+    request = await node.recv()
+    await node.chunk(request["request_id"], "one")
+    await node.chunk(request["request_id"], " two")
+    await node.send({"type": "inference_error", "request_id": request["request_id"],
+                     "error": "ollama_error"})
+    events = sse_events(await client.read_all())
+    assert text_of(events) == "one two\n\n[Error: the node's model server failed]"
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
+    assert await leftovers() == (0, 0)
+    await node.disconnect()
+
+
+async def test_a_hole_in_the_chunks_ends_the_answer_after_what_came_before_it(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    client = chat()
+    await client.start()
+    request = await node.recv()
+    slot = await sync_to_async(InflightRequest.objects.get)()
+    # As a channel layer that dropped a message would deliver them: chunk 1 never arrives.
+    for seq, word in ((0, "one"), (2, " three")):
+        await channel_layer.send(slot.reply_channel, {
+            "type": "stream.chunk", "request_id": request["request_id"], "seq": seq,
+            "chunks": [{"message": {"role": "assistant", "content": word}, "done": False}],
+        })
+    events = sse_events(await client.read_all())
+    assert text_of(events) == "one\n\n[Error: part of the answer was lost in the router; try again]"
+    assert await node.recv() == {"type": "cancel_request", "request_id": request["request_id"]}
+    assert await leftovers() == (0, 0)
+    await node.disconnect()
+
+
 # --- stalls and limits ----------------------------------------------------------------------
 
 
