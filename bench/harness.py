@@ -151,7 +151,6 @@ def plan_for(mode: str) -> Plan:
             min_requests=4,
             max_requests=200,
             realistic_tokens=20,
-            throughput_tokens=100,
             throughput_requests=100,
             warmup_requests=10,
             crossing_requests=50,
