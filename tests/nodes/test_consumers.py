@@ -141,7 +141,7 @@ async def test_expired_ban_no_longer_refuses(channel_layer):
 
 
 async def test_registrations_over_the_rate_are_refused(channel_layer, settings):
-    settings.IDLECLAW_RATE_NODE_REGISTER = "2/m"
+    settings.IDLECLAW_RATE_NODE_REGISTER = "2/h"
     ip = "10.9.9.9"
     first, second = ScriptedNode(ip=ip), ScriptedNode(ip=ip)
     await first.register()

@@ -236,12 +236,12 @@ def test_prompts_and_answers_reach_no_log_and_no_database_row(network):
 
 @pytest.fixture(scope="module")
 def limited_router(tmp_path_factory) -> Iterator[str]:
-    """A router with tight rates: 2 registrations a minute and 2 chats an hour per address.
+    """A router with tight rates: 2 registrations and 2 chats an hour per address.
 
-    The chat window is an hour so that the test's three requests do not straddle the start of a
-    new window (django-ratelimit's windows are fixed): with a minute, a full run once let the
-    third through."""
-    env = {**ROOMY_ENV, "IDLECLAW_RATE_NODE_REGISTER": "2/m", "IDLECLAW_RATE_CHAT": "2/h"}
+    The windows are an hour so that a test's requests do not straddle the start of a new window
+    (django-ratelimit's windows are fixed): with a minute, a full run once let the third
+    through."""
+    env = {**ROOMY_ENV, "IDLECLAW_RATE_NODE_REGISTER": "2/h", "IDLECLAW_RATE_CHAT": "2/h"}
     router, url = procs.start_router(tmp_path_factory.mktemp("limited") / "router.sqlite3", env)
     yield url
     router.stop()

@@ -32,7 +32,7 @@ async def status_and_message(client: HttpClient) -> tuple[int, str, dict[str, st
 
 async def test_chat_rate_is_one_budget_across_every_chat_front_end(channel_layer, settings):
     """Switching API does not buy a client more requests."""
-    settings.IDLECLAW_RATE_CHAT = "3/m"
+    settings.IDLECLAW_RATE_CHAT = "3/h"
     generate = {"model": MODEL, "prompt": "hi"}
     for path, body in (("/api/chat", chat_body()), ("/v1/chat/completions", chat_body()),
                        ("/ollama/api/chat", chat_body())):
@@ -47,7 +47,7 @@ async def test_chat_rate_is_one_budget_across_every_chat_front_end(channel_layer
 
 
 async def test_default_rate_is_one_budget_across_every_read_endpoint(channel_layer, settings):
-    settings.IDLECLAW_RATE_DEFAULT = "4/m"
+    settings.IDLECLAW_RATE_DEFAULT = "4/h"
     for path in ("/health", "/api/models", "/v1/models", "/ollama/api/tags"):
         assert (await status_and_message(from_ip("GET", path)))[0] == 200
     for path in ("/ollama/api/version", "/v1/models/x", "/ollama/api/ps"):
@@ -101,7 +101,7 @@ async def test_nodes_behind_a_trusted_proxy_are_capped_by_their_own_address(
 
 async def test_registration_rate_counts_refused_attempts_too(channel_layer, settings):
     """A node cannot probe for a free node id (or a ban's end) faster than the rate."""
-    settings.IDLECLAW_RATE_NODE_REGISTER = "3/m"
+    settings.IDLECLAW_RATE_NODE_REGISTER = "3/h"
     owner = ScriptedNode(ip="10.8.0.1")
     await owner.register(node_id="taken")
     for _ in range(3):
@@ -118,7 +118,7 @@ async def test_registration_rate_counts_refused_attempts_too(channel_layer, sett
 
 
 def test_admin_login_attempts_are_rate_limited(client, settings):
-    settings.IDLECLAW_RATE_DEFAULT = "3/m"
+    settings.IDLECLAW_RATE_DEFAULT = "3/h"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed
     statuses = [
         client.post("/admin/login/", {"username": "operator", "password": f"guess{i}"},
