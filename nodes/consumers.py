@@ -91,11 +91,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
         (``_dispatch_from``)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = await self.channel_layer.new_channel()
-        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        sources = [receive]
+        if self.channel_layer is not None:
+            self.channel_name = await self.channel_layer.new_channel()
+            self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+            sources.append(self.channel_receive)
         self.base_send = send
         with contextlib.suppress(StopConsumer):
-            await _dispatch_from([receive, self.channel_receive], self.dispatch)
+            await _dispatch_from(sources, self.dispatch)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels closes stale database connections before every message, a round trip to a
