@@ -36,6 +36,15 @@ async def answer(node: ScriptedNode, request: dict, words: list[str], **final) -
     await node.chunk(request["request_id"], "", done=True, done_reason="stop", **final)
 
 
+async def serving() -> tuple[ScriptedNode, HttpClient, dict]:
+    """One node, one consumer's chat, and the request as the node received it."""
+    node = ScriptedNode()
+    await node.register()
+    client = chat()
+    await client.start()
+    return node, client, await node.recv()
+
+
 @pytest.fixture
 def fast_queue(settings):
     settings.IDLECLAW_QUEUE_NOTICE_INTERVAL = 0.2
@@ -225,11 +234,7 @@ async def test_failure_after_the_first_token_is_an_error_not_a_retry(channel_lay
 
 
 async def test_chunks_queued_together_reach_the_consumer_in_one_write(channel_layer):
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     # Three frames in a row, before the router has run: they queue up for the relay together.
     for word in ("one", " two", " three"):
         await node.chunk(request["request_id"], word)
@@ -242,11 +247,7 @@ async def test_chunks_queued_together_reach_the_consumer_in_one_write(channel_la
 
 
 async def test_chunks_queued_ahead_of_an_error_are_delivered_before_it(channel_layer):
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     await node.chunk(request["request_id"], "one")
     await node.chunk(request["request_id"], " two")
     await node.send({"type": "inference_error", "request_id": request["request_id"],
@@ -259,11 +260,7 @@ async def test_chunks_queued_ahead_of_an_error_are_delivered_before_it(channel_l
 
 
 async def test_a_hole_in_the_chunks_ends_the_answer_after_what_came_before_it(channel_layer):
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     slot = await sync_to_async(InflightRequest.objects.get)()
     # As a channel layer that dropped a message would deliver them: chunk 1 never arrives.
     for seq, word in ((0, "one"), (2, " three")):
@@ -285,11 +282,7 @@ async def test_stall_after_the_first_chunk_cancels_the_node_and_ends_with_error(
     channel_layer, settings
 ):
     settings.IDLECLAW_STALL_TIMEOUT = 0.3
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     await node.chunk(request["request_id"], "one")
     events = sse_events(await client.read_all())
     assert text_of(events) == "one\n\n[Error: the node stopped responding]"
@@ -301,11 +294,7 @@ async def test_stall_after_the_first_chunk_cancels_the_node_and_ends_with_error(
 
 async def test_response_timeout_bounds_the_whole_answer(channel_layer, settings):
     settings.IDLECLAW_RESPONSE_TIMEOUT = 0.6
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     for _ in range(5):
         await node.chunk(request["request_id"], "tick ")
         await asyncio.sleep(0.2)
@@ -341,11 +330,7 @@ async def test_answer_is_cut_at_max_response_chars_with_finish_reason_length(
 
 
 async def test_completed_requests_are_measured(channel_layer):
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     await answer(node, request, ["a", "b"], eval_count=50, eval_duration=1_000_000_000,
                  prompt_eval_count=3)
     await client.read_all()
@@ -427,11 +412,7 @@ async def test_models_and_health_report_slots_and_queue(channel_layer, fast_queu
 
 
 async def test_a_chunk_lost_between_workers_ends_the_stream_with_an_error(channel_layer):
-    node = ScriptedNode()
-    await node.register()
-    client = chat()
-    await client.start()
-    request = await node.recv()
+    node, client, request = await serving()
     await node.chunk(request["request_id"], "one ")
     first = sse_events(await client.read_part())
     row = await sync_to_async(InflightRequest.objects.get)()
