@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from idleclaw_site.db import db
+from idleclaw_site.dispatch import dispatch_from
 from idleclaw_site.net import scope_client_ip
 from nodes import protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
@@ -50,37 +50,6 @@ def _chunk_event(request_id: str, seq: int, chunks: list[dict[str, Any]]) -> dic
     return {"type": EventType.STREAM_CHUNK, "request_id": request_id, "seq": seq, "chunks": chunks}
 
 
-async def _dispatch_from(
-    sources: list[Callable[[], Awaitable[dict[str, Any]]]],
-    dispatch: Callable[[dict[str, Any]], Awaitable[None]],
-) -> None:
-    """Channels' ``await_many_dispatch``, paid once per connection instead of once per message.
-
-    Channels waits for the next message with ``asyncio.wait`` over one fresh task per source,
-    every message: a task, a wait and two more turns of the event loop for each token a node
-    sends (bench/RESULTS.md). Here each source has one reader task for the whole connection that
-    handles its own messages, one message of any source at a time (a lock), so a source still
-    waits while its last message is unhandled. The first error of any reader ends them all and
-    is raised here, as channels would raise it."""
-    lock = asyncio.Lock()
-
-    async def read(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        while True:
-            message = await source()
-            async with lock:
-                await dispatch(message)
-
-    readers = [asyncio.create_task(read(source)) for source in sources]
-    try:
-        done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_EXCEPTION)
-        for reader in done:
-            reader.result()
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-
-
 class NodeConsumer(AsyncWebsocketConsumer):
     """One contributor node's connection."""
 
@@ -88,7 +57,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def __call__(self, scope, receive, send) -> None:
         """``AsyncConsumer.__call__`` with a cheaper wait for the next message
-        (``_dispatch_from``)."""
+        (``idleclaw_site.dispatch``)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         sources = [receive]
@@ -98,7 +67,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             sources.append(self.channel_receive)
         self.base_send = send
         with contextlib.suppress(StopConsumer):
-            await _dispatch_from(sources, self.dispatch)
+            await dispatch_from(sources, self.dispatch)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels closes stale database connections before every message, a round trip to a

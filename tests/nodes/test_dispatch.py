@@ -1,4 +1,4 @@
-"""The node consumer's message loop (``nodes.consumers._dispatch_from``) keeps the guarantees of
+"""The node consumer's message loop (``idleclaw_site.dispatch``) keeps the guarantees of
 channels' own: each source's messages in order, one message handled at a time, and the first
 error ends the loop and is raised."""
 
@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from channels.exceptions import StopConsumer
 
-from nodes.consumers import _dispatch_from
+from idleclaw_site.dispatch import dispatch_from
 
 
 def source_of(messages: list[dict]) -> tuple[asyncio.Queue, Callable[[], Awaitable[dict]]]:
@@ -37,7 +37,7 @@ async def test_messages_are_handled_one_at_a_time_each_source_in_order():
             raise StopConsumer
 
     with pytest.raises(StopConsumer):
-        await asyncio.wait_for(_dispatch_from([socket, layer], dispatch), 5)
+        await asyncio.wait_for(dispatch_from([socket, layer], dispatch), 5)
     assert [n for n in handled if n[0] == "s"] == [f"s{i}" for i in range(5)]
     assert [n for n in handled if n[0] == "l"] == [f"l{i}" for i in range(5)]
 
@@ -54,7 +54,7 @@ async def test_an_error_in_a_source_ends_the_loop_and_stops_the_other_reader():
     async def dispatch(message: dict) -> None:
         raise AssertionError("nothing to handle")
 
-    loop = asyncio.create_task(_dispatch_from([idle, broken], dispatch))
+    loop = asyncio.create_task(dispatch_from([idle, broken], dispatch))
     await asyncio.sleep(0.01)
     waiting.set()
     with pytest.raises(RuntimeError, match="layer gone"):
