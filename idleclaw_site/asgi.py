@@ -89,6 +89,10 @@ class APIHandler(ASGIHandler):
                 signals.request_finished.send(sender=self.__class__)
         if not responding.cancelled() and responding.exception() is not None:
             raise responding.exception()
+        if not hangup.cancelled() and isinstance(hangup.exception(), AssertionError):
+            # The server sent something other than a disconnect after the body: an ASGI
+            # violation Django's handler raises too, rather than pass over.
+            raise hangup.exception()
 
     async def _respond(self, request, send, responses: list[HttpResponseBase]) -> None:
         response = await self.run_get_response(request)

@@ -210,6 +210,21 @@ async def test_consumer_hanging_up_cancels_the_node_and_frees_the_slot(channel_l
     await node.disconnect()
 
 
+async def test_a_server_breaking_asgi_mid_stream_is_an_error_and_frees_the_slot(channel_layer):
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await client.start()
+    rid = (await node.recv())["request_id"]
+    # After the whole body only a disconnect may come; Django's handler raises on anything else.
+    await client.app.send_input({"type": "http.request", "body": b"more"})
+    with pytest.raises(AssertionError, match="Invalid ASGI message"):
+        await client.app.wait(5)
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    assert await inflight_count() == 0
+    await node.disconnect()
+
+
 async def test_stalled_node_is_cancelled_and_the_stream_ends(channel_layer, settings):
     settings.IDLECLAW_STALL_TIMEOUT = 0.3
     node = ScriptedNode()
