@@ -275,6 +275,25 @@ async def test_a_hole_in_the_chunks_ends_the_answer_after_what_came_before_it(ch
     await node.disconnect()
 
 
+async def test_a_consumer_whose_channel_fills_up_ends_and_its_node_is_told_to_stop(
+    channel_layer, settings, monkeypatch
+):
+    settings.IDLECLAW_STALL_TIMEOUT = 2.0
+    monkeypatch.setattr(channel_layer, "capacity", 20)
+    node, client, request = await serving()
+    # 25 frames in one go, before the relay runs: the consumer's channel takes 20 of them.
+    for i in range(25):
+        await node.chunk(request["request_id"], f"w{i} ")
+    # The node is stopped at once, not when the relay's stall timeout would stop it.
+    cancel = await node.recv(timeout=0.5)
+    assert cancel == {"type": "cancel_request", "request_id": request["request_id"]}
+    events = sse_events(await client.read_all())
+    kept = "".join(f"w{i} " for i in range(20))
+    assert text_of(events) == kept + "\n\n[Error: the node stopped responding]"
+    assert await leftovers() == (0, 0)
+    await node.disconnect()
+
+
 # --- stalls and limits ----------------------------------------------------------------------
 
 
