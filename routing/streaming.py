@@ -316,7 +316,7 @@ class Relay:
         sanitizer = ChunkSanitizer()
         # A layer that can say what is already queued (the in-process one) lets the chunks that
         # arrived together leave together.
-        poll = getattr(self.layer, "receive_now", None)
+        queued = getattr(self.layer, "receive_now", None) or _nothing_queued
         try:
             await self.layer.send(
                 claim.node_channel,
@@ -340,9 +340,9 @@ class Relay:
                     raise RelayError(code) from None
                 # The chunks of this event and of any queued behind it go out as one write.
                 out: list[dict[str, Any]] = []
-                while event is not None and not node_done:
+                while event is not None:
                     if event.get("request_id") != claim.request_id:
-                        event = poll(self.reply_channel) if poll else None
+                        event = queued(self.reply_channel)
                         continue  # a wake-up, or a late event of an earlier attempt
                     if event.get("type") == EventType.STREAM_ERROR:
                         node_done = True
@@ -387,7 +387,7 @@ class Relay:
                             node_done = True
                             outcome = _measured("completed", sent_at, first_at, chunks, chunk)
                             break
-                    event = poll(self.reply_channel) if poll and not node_done else None
+                    event = None if node_done else queued(self.reply_channel)
                 if out:
                     yield out
                 if node_done:
@@ -427,6 +427,15 @@ class Relay:
             await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
 
 
+def _nothing_queued(channel: str) -> None:
+    """For a layer that cannot tell what is queued: as if nothing were."""
+    return None
+
+
+# The parts of a message a consumer sees; a chunk without any of them shows nothing.
+_SHOWN = ("content", "thinking", "tool_calls")
+
+
 class ChunkSanitizer:
     """Strips markup from a node's chunks, across chunk boundaries (``routing.sanitize``)."""
 
@@ -443,7 +452,7 @@ class ChunkSanitizer:
             and not self.thinking.held
             and "<" not in message.get("content", "")
             and "<" not in message.get("thinking", "")
-            and ("content" in message or "thinking" in message or "tool_calls" in message)
+            and any(key in message for key in _SHOWN)
         ):
             return chunk  # most chunks: nothing held, nothing to strip, something to show
         message = dict(message)
@@ -455,7 +464,7 @@ class ChunkSanitizer:
                 message[key] = text
             else:
                 message.pop(key, None)
-        if not chunk["done"] and not ({"content", "thinking", "tool_calls"} & message.keys()):
+        if not chunk["done"] and not any(key in message for key in _SHOWN):
             return None
         return {**chunk, "message": message}
 

@@ -61,6 +61,10 @@ class HttpClient:
         await self.app.wait(5)
 
 
+def chat_client() -> HttpClient:
+    return HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+
+
 def sse_events(body: bytes) -> list[Any]:
     events = []
     for block in body.decode().split("\n\n"):
@@ -128,7 +132,7 @@ async def test_get_on_chat_is_405(channel_layer):
 async def test_chat_streams_the_nodes_chunks_as_sse(channel_layer):
     node = ScriptedNode()
     await node.register(models=[{"name": "llama3.2:3b", "size": 5}])
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     status, headers = await client.start()
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
@@ -161,7 +165,7 @@ async def test_chat_streams_the_nodes_chunks_as_sse(channel_layer):
 async def test_node_error_ends_the_stream_with_an_error_event(channel_layer):
     node = ScriptedNode()
     await node.register(node_id="secret-node-id")
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     await client.start()
     rid = (await node.recv())["request_id"]
     await node.chunk(rid, "partial")
@@ -179,7 +183,7 @@ async def test_node_error_ends_the_stream_with_an_error_event(channel_layer):
 async def test_node_disconnecting_mid_stream_ends_the_stream_with_an_error(channel_layer):
     node = ScriptedNode()
     await node.register()
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     await client.start()
     rid = (await node.recv())["request_id"]
     await node.chunk(rid, "partial")
@@ -193,7 +197,7 @@ async def test_node_disconnecting_mid_stream_ends_the_stream_with_an_error(chann
 async def test_consumer_hanging_up_cancels_the_node_and_frees_the_slot(channel_layer):
     node = ScriptedNode()
     await node.register(max_concurrent=1)
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     await client.start()
     rid = (await node.recv())["request_id"]
     await node.chunk(rid, "tok")
@@ -203,7 +207,7 @@ async def test_consumer_hanging_up_cancels_the_node_and_frees_the_slot(channel_l
     assert await node.recv() == {"type": "cancel_request", "request_id": rid}
     assert await inflight_count() == 0
     # The freed slot serves the next consumer.
-    second = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    second = chat_client()
     status, _ = await second.start()
     assert status == 200
     assert (await node.recv())["type"] == "inference_request"
@@ -213,7 +217,7 @@ async def test_consumer_hanging_up_cancels_the_node_and_frees_the_slot(channel_l
 async def test_a_server_breaking_asgi_mid_stream_is_an_error_and_frees_the_slot(channel_layer):
     node = ScriptedNode()
     await node.register(max_concurrent=1)
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     await client.start()
     rid = (await node.recv())["request_id"]
     # After the whole body only a disconnect may come; Django's handler raises on anything else.
@@ -229,7 +233,7 @@ async def test_stalled_node_is_cancelled_and_the_stream_ends(channel_layer, sett
     settings.IDLECLAW_STALL_TIMEOUT = 0.3
     node = ScriptedNode()
     await node.register()
-    client = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    client = chat_client()
     await client.start()
     rid = (await node.recv())["request_id"]
     events = sse_events(await client.read_all())
