@@ -452,7 +452,7 @@ class ChunkSanitizer:
             and not self.thinking.held
             and "<" not in message.get("content", "")
             and "<" not in message.get("thinking", "")
-            and any(key in message for key in _SHOWN)
+            and not message.keys().isdisjoint(_SHOWN)
         ):
             return chunk  # most chunks: nothing held, nothing to strip, something to show
         message = dict(message)
@@ -464,7 +464,7 @@ class ChunkSanitizer:
                 message[key] = text
             else:
                 message.pop(key, None)
-        if not chunk["done"] and not any(key in message for key in _SHOWN):
+        if not chunk["done"] and message.keys().isdisjoint(_SHOWN):
             return None
         return {**chunk, "message": message}
 
