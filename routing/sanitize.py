@@ -9,6 +9,7 @@ may still become a tag is held back until the tag closes (dropped) or proves to 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # <name ...>, </name>, <!-- ... -->, <!DOCTYPE ...>, <?xml ...?>
 TAG = re.compile(r"<(?:/?[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]*)?|![^<>]*|\?[^<>]*)>")
@@ -52,3 +53,40 @@ class TagStripper:
         """The held text at the end of the stream: it never became a tag, so it is text."""
         held, self.held = self.held, ""
         return held
+
+
+# The parts of a message a consumer sees; a chunk without any of them shows nothing.
+_SHOWN = ("content", "thinking", "tool_calls")
+
+
+class ChunkSanitizer:
+    """Strips markup from a node's chunks, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self.content = TagStripper()
+        self.thinking = TagStripper()
+
+    def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk with markup removed, or None when nothing of it can be shown yet."""
+        message = chunk["message"]
+        if (
+            not chunk["done"]
+            and not self.content.held
+            and not self.thinking.held
+            and "<" not in message.get("content", "")
+            and "<" not in message.get("thinking", "")
+            and not message.keys().isdisjoint(_SHOWN)
+        ):
+            return chunk  # most chunks: nothing held, nothing to strip, something to show
+        message = dict(message)
+        for key, stripper in (("content", self.content), ("thinking", self.thinking)):
+            text = stripper.feed(message.get(key, ""))
+            if chunk["done"]:
+                text += stripper.flush()
+            if text:
+                message[key] = text
+            else:
+                message.pop(key, None)
+        if not chunk["done"] and message.keys().isdisjoint(_SHOWN):
+            return None
+        return {**chunk, "message": message}

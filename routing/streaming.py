@@ -26,7 +26,7 @@ from idleclaw_site.db import db
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
-from routing.sanitize import TagStripper
+from routing.sanitize import ChunkSanitizer
 from routing.services import Claim, NoSlot, Outcome
 
 logger = logging.getLogger("idleclaw.routing")
@@ -430,43 +430,6 @@ class Relay:
 def _nothing_queued(channel: str) -> None:
     """For a layer that cannot tell what is queued: as if nothing were."""
     return None
-
-
-# The parts of a message a consumer sees; a chunk without any of them shows nothing.
-_SHOWN = ("content", "thinking", "tool_calls")
-
-
-class ChunkSanitizer:
-    """Strips markup from a node's chunks, across chunk boundaries (``routing.sanitize``)."""
-
-    def __init__(self) -> None:
-        self.content = TagStripper()
-        self.thinking = TagStripper()
-
-    def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        """The chunk with markup removed, or None when nothing of it can be shown yet."""
-        message = chunk["message"]
-        if (
-            not chunk["done"]
-            and not self.content.held
-            and not self.thinking.held
-            and "<" not in message.get("content", "")
-            and "<" not in message.get("thinking", "")
-            and not message.keys().isdisjoint(_SHOWN)
-        ):
-            return chunk  # most chunks: nothing held, nothing to strip, something to show
-        message = dict(message)
-        for key, stripper in (("content", self.content), ("thinking", self.thinking)):
-            text = stripper.feed(message.get(key, ""))
-            if chunk["done"]:
-                text += stripper.flush()
-            if text:
-                message[key] = text
-            else:
-                message.pop(key, None)
-        if not chunk["done"] and message.keys().isdisjoint(_SHOWN):
-            return None
-        return {**chunk, "message": message}
 
 
 def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
