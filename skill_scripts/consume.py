@@ -2,8 +2,10 @@
 
 POSTs to the router's ``/api/chat`` (PROTOCOL.md §2) and prints the answer as it arrives.
 Waiting notices, reasoning (with ``--show-thinking``) and errors go to stderr, so stdout holds
-the answer only. Exit codes: 0 answered, 1 the network could not answer (HTTP error, no node,
-connection failure, error in the stream), 2 bad configuration or arguments.
+the answer only. Control characters and escape sequences in what the network sends are removed
+before anything is printed (``idleclaw_config.TerminalFilter``); ``--raw`` prints the answer and
+reasoning exactly as received. Exit codes: 0 answered, 1 the network could not answer (HTTP
+error, no node, connection failure, error in the stream), 2 bad configuration or arguments.
 """
 
 from __future__ import annotations
@@ -91,12 +93,19 @@ class SseReader:
 
 
 class AnswerPrinter:
-    """Writes answer deltas to stdout and reasoning to stderr (or nowhere)."""
+    """Writes answer deltas to stdout and reasoning to stderr (or nowhere).
 
-    def __init__(self, out: TextIO, err: TextIO, show_thinking: bool) -> None:
+    Unless ``raw``, each of the two streams passes its own ``TerminalFilter``: an escape
+    sequence split over deltas of one stream is removed whole.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO, show_thinking: bool, raw: bool = False) -> None:
         self.out = out
         self.err = err
         self.show_thinking = show_thinking
+        self.raw = raw
+        self.answer_filter = config.TerminalFilter()
+        self.thinking_filter = config.TerminalFilter()
         self.wrote_answer = False
         self.wrote_thinking = False
         self.queue_notice = ""
@@ -106,20 +115,21 @@ class AnswerPrinter:
         if text.startswith("queued") and text != self.queue_notice:
             self.queue_notice = text
             position = text.partition("position=")[2].split()[0] if "position=" in text else ""
+            position = config.printable_line(position)
             where = f" (position {position})" if position else ""
             print(f"waiting for a free node{where}...", file=self.err, flush=True)
 
     def delta(self, content: str, reasoning: bool) -> None:
         if reasoning:
             if self.show_thinking:
-                self.err.write(content)
+                self.err.write(content if self.raw else self.thinking_filter.feed(content))
                 self.err.flush()
                 self.wrote_thinking = True
             return
         if self.wrote_thinking and not self.wrote_answer:
             self.err.write("\n")
             self.err.flush()
-        self.out.write(content)
+        self.out.write(content if self.raw else self.answer_filter.feed(content))
         self.out.flush()
         self.wrote_answer = True
 
@@ -192,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--show-thinking", action="store_true",
                         help="implies --think; print the reasoning to stderr as it streams, "
                         "so stdout still holds only the answer")
+    parser.add_argument("--raw", action="store_true",
+                        help="print the answer and reasoning exactly as the network sent them; "
+                        "by default control characters and terminal escape sequences (which "
+                        "could retitle, clear or recolour your terminal or plant links), \\r "
+                        "and bidi overrides are removed. Messages about errors are always "
+                        "cleaned")
     return parser
 
 
@@ -229,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body: dict[str, Any] = {"model": args.model,
                             "messages": [{"role": "user", "content": prompt}],
                             "think": think}
-    printer = AnswerPrinter(sys.stdout, err, show_thinking=args.show_thinking)
+    printer = AnswerPrinter(sys.stdout, err, show_thinking=args.show_thinking, raw=args.raw)
     response: requests.Response | None = None
     try:
         response = requests.post(
@@ -238,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             headers={"Accept": "text/event-stream", "User-Agent": config.CLIENT_NAME},
         )
         if response.status_code != 200:
-            print(f"error: {http_error_message(response, args.model)}", file=err)
+            message = config.printable_line(http_error_message(response, args.model))
+            print(f"error: {message}", file=err)
             return 1
         stream_answer(response, printer)
         printer.finish()
@@ -247,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if printer.wrote_answer:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        print(f"error: {exc}", file=err)
+        print(f"error: {config.printable_line(str(exc))}", file=err)
         return 1
     except requests.ConnectionError as exc:
         reason = "connection refused" if "refused" in str(exc).lower() else "connection failed"

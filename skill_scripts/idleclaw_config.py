@@ -28,6 +28,12 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 MAX_LINE_BYTES = 1_000_000
 
 
+# Longest escape sequence the terminal filter swallows. Real ones are a few dozen characters (a
+# hyperlink's URL a few hundred); past this an unfinished sequence is abandoned and what follows
+# is shown again as text, so a node cannot hide the rest of an answer behind one opening ESC ].
+MAX_SEQUENCE_CHARS = 4096
+
+
 class ConfigError(ValueError):
     """A setting from the environment that the scripts cannot use; the message says which."""
 
@@ -152,3 +158,137 @@ def _read_chunks(response: Any) -> Iterator[bytes]:
         if not data:  # b"" at the end of the body, None once the response is closed
             return
         yield data
+
+
+# ---- Terminal safety ------------------------------------------------------------------------
+#
+# Text from a node or a router must not drive the user's terminal: set its title, clear it,
+# plant a hyperlink, colour it, or move the cursor to overwrite what was shown. Everything the
+# scripts print from the network passes a TerminalFilter (``--raw`` turns it off).
+
+ESC = "\x1b"
+# Characters never printed: C0 controls except \t and \n, DEL, the C1 controls U+0080-U+009F,
+# and the bidi embeddings, overrides and isolates that reorder what a terminal shows (Trojan
+# Source, CVE-2021-42574). \r goes too: a lone one returns the cursor so that what follows
+# overwrites the line, and without it \r\n is just \n.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What ends a control string (OSC, DCS, SOS, PM, APC): BEL, ST as ESC \ or U+009C; CAN and SUB
+# cancel it (ECMA-48 and xterm's ctlseqs).
+_STRING_END = re.compile("[\x07\x18\x1a\x1b\x9c]")
+_CSI_BODY = re.compile("[\x20-\x3f]*")  # parameter and intermediate bytes
+_INTERMEDIATES = re.compile("[\x20-\x2f]*")
+# 8-bit forms of the introducers: U+009B CSI; U+0090 DCS, U+0098 SOS, U+009D OSC, U+009E PM and
+# U+009F APC open a control string.
+_C1_CSI = "\x9b"
+_C1_STRINGS = "\x90\x98\x9d\x9e\x9f"
+_ESC_STRINGS = "P]X^_"  # ESC P (DCS), ESC ] (OSC), ESC X (SOS), ESC ^ (PM), ESC _ (APC)
+
+_TEXT, _ESC, _NF, _CSI, _STRING, _STRING_ESC = range(6)
+
+
+class TerminalFilter:
+    """Removes control characters and whole escape sequences from a stream of text pieces.
+
+    A sequence may be split over pieces (an ESC ending one SSE event, its ``]0;title`` in the
+    next), so the filter keeps its state between calls to ``feed``: use one per output stream.
+    It holds no text, only where it is in a sequence; a sequence longer than
+    ``MAX_SEQUENCE_CHARS`` is abandoned and the text after that point is shown.
+    """
+
+    def __init__(self) -> None:
+        self._state = _TEXT
+        self._length = 0  # characters of the current sequence so far
+
+    def feed(self, text: str) -> str:
+        """The printable part of ``text``, given everything fed before."""
+        if self._state == _TEXT and _UNSAFE.search(text) is None:
+            return text  # nearly every piece of a real answer
+        shown: list[str] = []
+        i, end = 0, len(text)
+        while i < end:
+            state = self._state
+            if state == _TEXT:
+                match = _UNSAFE.search(text, i)
+                if match is None:
+                    shown.append(text[i:])
+                    break
+                shown.append(text[i:match.start()])
+                i = match.end()
+                char = match.group()
+                if char == ESC:
+                    self._begin(_ESC)
+                elif char == _C1_CSI:
+                    self._begin(_CSI)
+                elif char in _C1_STRINGS:
+                    self._begin(_STRING)
+                continue  # any other control character is dropped alone
+            if state == _STRING:
+                match = _STRING_END.search(text, i)
+                stop = match.start() if match else end
+                if self._grow(stop - i):
+                    i = stop - (self._length - MAX_SEQUENCE_CHARS)
+                    self._state = _TEXT
+                    continue
+                if match is None:
+                    break
+                i = match.end()
+                self._state = _STRING_ESC if match.group() == ESC else _TEXT
+                continue
+            char = text[i]
+            if state == _STRING_ESC:
+                if char == "\\":  # ESC \ is ST: the string is over
+                    self._state = _TEXT
+                    i += 1
+                else:  # an ESC that is not ST cancels the string and starts a new sequence
+                    self._begin(_ESC)
+                continue
+            if state == _ESC:
+                i += 1
+                if char == "[":
+                    self._begin(_CSI)
+                elif char in _ESC_STRINGS:
+                    self._begin(_STRING)
+                elif "\x20" <= char <= "\x2f":  # ESC ( B and the like: intermediates, then a final
+                    self._begin(_NF)
+                elif "\x30" <= char <= "\x7e":  # two-character sequences: ESC c, ESC 7, ESC =
+                    self._state = _TEXT
+                elif char != ESC:  # not a sequence: drop the ESC, look at the character again
+                    self._state = _TEXT
+                    i -= 1
+                continue
+            # _CSI and _NF: bytes of the body, then one final byte.
+            body = _CSI_BODY if state == _CSI else _INTERMEDIATES
+            stop = body.match(text, i).end()
+            if self._grow(stop - i):
+                i = stop - (self._length - MAX_SEQUENCE_CHARS)
+                self._state = _TEXT
+                continue
+            i = stop
+            if i == end:
+                break
+            self._state = _TEXT
+            final_low = "\x40" if state == _CSI else "\x30"
+            if final_low <= text[i] <= "\x7e":
+                i += 1
+            # anything else ends the sequence unfinished and is looked at again as text
+        return "".join(shown)
+
+    def _begin(self, state: int) -> None:
+        self._state = state
+        self._length = 0
+
+    def _grow(self, count: int) -> bool:
+        """Count ``count`` more characters of the sequence; True when it is now too long."""
+        self._length += count
+        return self._length > MAX_SEQUENCE_CHARS
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters and escape sequences (see ``TerminalFilter``)."""
+    return TerminalFilter().feed(text)
+
+
+def printable_line(text: str) -> str:
+    """``printable(text)`` on one line: runs of whitespace, newlines included, become a space,
+    so a field from the network cannot start lines of its own in a report."""
+    return " ".join(printable(text).split())

@@ -1,7 +1,9 @@
 """Show the status of the IdleClaw network: health, uptime, nodes and the models on offer.
 
-Reads the router's ``/health`` and ``/api/models`` (PROTOCOL.md §2). Exit codes: 0 shown,
-1 the router is unreachable or answered with something other than a 200 JSON object,
+Reads the router's ``/health`` and ``/api/models`` (PROTOCOL.md §2). Every field shown comes
+from the router (model names from its nodes), so control characters and escape sequences are
+removed from each, and each stays on its line (``--raw`` shows them as received). Exit codes:
+0 shown, 1 the router is unreachable or answered with something other than a 200 JSON object,
 2 bad configuration.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import idleclaw_config as config
@@ -114,13 +116,19 @@ def model_rows(models: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def render(server: str, health: dict[str, Any], models: dict[str, Any]) -> str:
-    """The human-readable status report."""
-    rows = model_rows(models)
+def _as_received(text: str) -> str:
+    return text
+
+
+def render(server: str, health: dict[str, Any], models: dict[str, Any], raw: bool = False) -> str:
+    """The human-readable status report; unless ``raw``, every field from the router is made
+    printable and kept to one line."""
+    shown: Callable[[str], str] = _as_received if raw else config.printable_line
+    rows = [(shown(name), shown(details)) for name, details in model_rows(models)]
     nodes = _count(health.get("node_count"))
     lines = [
         f"IdleClaw router {server}",
-        f"status:  {health.get('status', 'unknown')}",
+        f"status:  {shown(str(health.get('status', 'unknown')))}",
         f"uptime:  {format_uptime(health.get('uptime_seconds'))}",
         f"nodes:   {nodes if nodes is not None else 'unknown'}",
     ]
@@ -142,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Uses IDLECLAW_SERVER (default https://api.idleclaw.com).",
     )
     parser.add_argument("--json", action="store_true",
-                        help='print {"server", "health", "models"} as raw JSON')
+                        help='print {"server", "health", "models"} as raw JSON (non-ASCII and '
+                        "control characters are \\u-escaped)")
+    parser.add_argument("--raw", action="store_true",
+                        help="show the router's fields exactly as received; by default control "
+                        "characters, terminal escape sequences and bidi overrides are removed "
+                        "and each field is kept on its line")
     return parser
 
 
@@ -158,12 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         health = fetch_json(server, "/health")
         models = fetch_json(server, "/api/models")
     except StatusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {config.printable_line(str(exc))}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"server": server, "health": health, "models": models}, indent=2))
     else:
-        print(render(server, health, models))
+        print(render(server, health, models, raw=args.raw))
     return 0
 
 
