@@ -274,9 +274,14 @@ for _cidr in IDLECLAW_TRUSTED_PROXIES:
         raise ImproperlyConfigured(
             f"IDLECLAW_TRUSTED_PROXIES: {_cidr!r} is not an IP network"
         ) from None
-# Frames a node may send per second (sustained; bursts of twice that are allowed). A fast model
-# on ten slots sends a few hundred a second.
-IDLECLAW_NODE_MAX_FRAMES_PER_S = envint("IDLECLAW_NODE_MAX_FRAMES_PER_S", 1000, minimum=1)
+# Frames a node may send per second (sustained; bursts of two seconds' worth): a small budget of
+# its own (heartbeats, model updates) plus one for each request it is serving. The network's
+# nodes send one frame per token, so a node streaming 500 tokens/s on each of ten slots sends
+# 5,000 frames a second, and is within its allowance.
+IDLECLAW_NODE_MAX_FRAMES_PER_S = envint("IDLECLAW_NODE_MAX_FRAMES_PER_S", 100, minimum=1)
+IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = envint(
+    "IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST", 1000, minimum=0
+)
 # Frames about requests a node was never sent (or malformed chunks) before it is disconnected.
 IDLECLAW_NODE_MAX_STRIKES = envint("IDLECLAW_NODE_MAX_STRIKES", 20, minimum=1)
 # Longest silence from a node while a consumer waits for its next chunk.

@@ -33,6 +33,9 @@ logger = logging.getLogger("idleclaw.nodes")
 
 # Chunks that together cost as much of a node's frame allowance as one frame.
 CHUNKS_PER_UNIT = 8
+# What one tool call costs of it, in frames: each is parsed, measured and may be checked against
+# a schema (routing.tool_calls), many times a token's work. Real answers make a handful.
+FRAMES_PER_TOOL_CALL = 8
 
 
 @dataclass(eq=False)
@@ -85,7 +88,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
         self.outboxes: dict[str, _Outbox] = {}  # request_id → chunks not yet sent on
         self.last_frame = time.monotonic()
-        self.frame_rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S  # read once: used per frame
+        # Read once: used on every frame.
+        self.frame_rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
+        self.request_frame_rate = settings.IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST
         self.allowance = 2.0 * self.frame_rate
         self.allowance_at = self.last_frame
         self.strikes = 0
@@ -147,9 +152,12 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await self._refuse(error)
 
     def _spend_frame_allowance(self, now: float) -> None:
-        """A token bucket: a node may send IDLECLAW_NODE_MAX_FRAMES_PER_S frames a second,
-        in bursts of twice that, so no node can flood the router."""
-        rate = self.frame_rate
+        """A token bucket, so no node can flood the router: a node may send
+        IDLECLAW_NODE_MAX_FRAMES_PER_S frames a second, plus
+        IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST for each request it is serving, in bursts of two
+        seconds' worth. Existing nodes send one frame per token; one serving all its slots at
+        full speed needs that allowance, one sending frames no request explains does not."""
+        rate = self.frame_rate + self.request_frame_rate * len(self.requests)
         self.allowance = min(2.0 * rate, self.allowance + (now - self.allowance_at) * rate)
         self.allowance_at = now
         if self.allowance < 1.0:
@@ -184,12 +192,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 "heartbeat_interval": settings.IDLECLAW_HEARTBEAT_INTERVAL,
                 "resume_token": opened.resume_token,
                 "features": list(protocol.ROUTER_FEATURES),
+                **({"warnings": list(registration.warnings)} if registration.warnings else {}),
             }
         )
         logger.info(
-            "node %s registered: %d models, max_concurrent %d",
+            "node %s registered: %d models (%d dropped for invalid names), max_concurrent %d",
             registration.node_id,
             len(registration.models),
+            len(registration.warnings),
             registration.max_concurrent,
         )
 
@@ -207,7 +217,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.HEARTBEAT:
             pass  # proof of life only, recorded above
         elif kind == FrameType.MODELS_UPDATE:
-            offers = protocol.parse_models(frame.get("models"))
+            offers, warnings = protocol.parse_models(frame.get("models"))
+            if warnings:
+                logger.warning(
+                    "node %s: %d models dropped from models_update for invalid names",
+                    self.node_id,
+                    len(warnings),
+                )
             await db(services.node_models_replace)(
                 session_id=self.session_id, offers=offers
             )
@@ -253,12 +269,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     def _charge(self, chunks: list[dict[str, Any]]) -> None:
         """What a frame's chunks cost beyond the frame itself: an eighth of a frame per chunk
-        and a frame per tool call. Without it an ``inference_chunks`` frame of 256 chunks, or of
-        hundreds of tool calls, would cost the frame allowance one unit and the event loop up to
-        a hundred times a plain frame's work, and a node could stall its worker."""
+        and FRAMES_PER_TOOL_CALL per tool call. Without it an ``inference_chunks`` frame of 256
+        chunks, or of hundreds of tool calls, would cost the frame allowance one unit and the
+        event loop up to a hundred times a plain frame's work, and a node could stall its
+        worker."""
         cost = len(chunks) / CHUNKS_PER_UNIT
         for chunk in chunks:
-            cost += len(chunk["message"].get("tool_calls", ()))
+            cost += FRAMES_PER_TOOL_CALL * len(chunk["message"].get("tool_calls", ()))
         self.allowance -= cost
         if self.allowance < 0:
             raise ProtocolError(CloseReason.RATE_LIMITED)

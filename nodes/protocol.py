@@ -9,6 +9,7 @@ sides build them from one definition.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -18,6 +19,13 @@ MAX_FRAME_BYTES = 100_000
 MAX_NODE_ID_CHARS = 64
 MAX_MODELS = 20
 MAX_MODEL_NAME_CHARS = 64
+# One rule for model names, from nodes and consumers alike: ASCII letters, digits and ``._:/-``,
+# starting with a letter or digit, no ``..``. Anything else (markup, look-alike letters,
+# spaces) could be shown to consumers in the model lists, or impersonate another model.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# Integers a node reports (stats, sizes) are believed only in 0..2**53: beyond that they are not
+# exact in a JavaScript client, and absurd ones (thousands of digits) break arithmetic.
+MAX_SAFE_INTEGER = 2**53
 MAX_CLIENT_CHARS = 64
 MAX_VERSION_CHARS = 32
 MAX_CONCURRENT_DEFAULT = 2
@@ -149,6 +157,42 @@ class Registration:
     client: str = ""
     resume_token: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the router dropped from the frame and tells the node in ``registered.warnings``.
+    warnings: tuple[str, ...] = ()
+
+
+def valid_model_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_MODEL_NAME_CHARS
+        and MODEL_NAME.fullmatch(name) is not None
+        and ".." not in name
+    )
+
+
+def safe_int(value: Any) -> int | None:
+    """An integer in 0..2**53, or None for anything else (booleans included)."""
+    if type(value) is int and 0 <= value <= MAX_SAFE_INTEGER:
+        return value
+    return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON syntax, but Infinity once parsed
+        raise ValueError("number out of range")
+    return value
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses what is not strict JSON: Python's parser accepts ``NaN`` and
+    ``Infinity``, and turns ``1e999`` into infinity, and none of them can be written back out as
+    JSON a browser parses. Raises ``ValueError`` (or ``RecursionError`` when absurdly deep)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
@@ -160,7 +204,7 @@ def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
     if size > MAX_FRAME_BYTES:
         raise ProtocolError(CloseReason.FRAME_TOO_LARGE, CLOSE_TOO_BIG)
     try:
-        frame = json.loads(raw)
+        frame = strict_loads(raw)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ProtocolError(CloseReason.INVALID_FRAME) from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
@@ -202,33 +246,34 @@ def depth_of(value: Any, limit: int) -> int:
     return deepest
 
 
-def parse_models(raw: Any) -> tuple[ModelOffer, ...]:
-    """Validate a node's model list (register and models_update)."""
+def parse_models(raw: Any) -> tuple[tuple[ModelOffer, ...], tuple[str, ...]]:
+    """Validate a node's model list (register and models_update): the models it may serve,
+    and a warning for each entry dropped for an invalid name. Raises ``ProtocolError`` when the
+    list itself is wrong or no valid model is left."""
     if not isinstance(raw, list) or not raw:
         raise ProtocolError(CloseReason.NO_MODELS)
     if len(raw) > MAX_MODELS:
         raise ProtocolError(CloseReason.TOO_MANY_MODELS)
     offers: dict[str, ModelOffer] = {}
+    warnings: list[str] = []
     for entry in raw:
-        if not isinstance(entry, dict):
-            raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
-        name = entry.get("name")
-        if (
-            not isinstance(name, str)
-            or not name.strip()
-            or len(name) > MAX_MODEL_NAME_CHARS
-            or not name.isprintable()
-        ):
-            raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
-        size = entry.get("size", 0)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            size = 0
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not valid_model_name(name):
+            shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+            warnings.append(
+                f"model {shown} dropped: a model name is 1-{MAX_MODEL_NAME_CHARS} ASCII letters, "
+                "digits and . _ : / -"
+            )
+            continue
+        size = safe_int(entry.get("size", 0)) or 0
         caps = entry.get("capabilities")
         capabilities: tuple[str, ...] = ()
         if isinstance(caps, list):
             capabilities = tuple(c for c in KNOWN_CAPABILITIES if c in caps)
-        offers[name] = ModelOffer(name=name, size=min(size, 2**62), capabilities=capabilities)
-    return tuple(offers.values())
+        offers[name] = ModelOffer(name=name, size=size, capabilities=capabilities)
+    if not offers:
+        raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
+    return tuple(offers.values()), tuple(warnings)
 
 
 def parse_register(frame: dict[str, Any]) -> Registration:
@@ -243,14 +288,14 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         or not node_id.isprintable()
     ):
         raise ProtocolError(CloseReason.INVALID_NODE_ID)
-    models = parse_models(frame.get("models"))
+    models, warnings = parse_models(frame.get("models"))
     max_concurrent = frame.get("max_concurrent", MAX_CONCURRENT_DEFAULT)
     if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
         max_concurrent = MAX_CONCURRENT_DEFAULT
     low, high = MAX_CONCURRENT_RANGE
-    protocol = frame.get("protocol", 1)
-    if isinstance(protocol, bool) or not isinstance(protocol, int):
-        protocol = 1
+    protocol = safe_int(frame.get("protocol", 1))
+    if protocol is None or not 1 <= protocol <= 1000:
+        protocol = 1  # stored in a small integer column: an absurd version must not reach it
     return Registration(
         node_id=node_id,
         models=models,
@@ -259,6 +304,7 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         protocol=protocol,
         client=_clean_text(frame.get("client"), MAX_CLIENT_CHARS),
         resume_token=_clean_text(frame.get("resume_token"), 128),
+        warnings=warnings,
     )
 
 
@@ -348,8 +394,8 @@ def clean_chunk(raw: Any) -> dict[str, Any] | None:
         if isinstance(reason, str) and reason in ("stop", "length", "load", "unload"):
             chunk["done_reason"] = reason
         for key in STAT_KEYS:
-            value = raw.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = safe_int(raw.get(key))
+            if value is not None:
                 chunk[key] = value
     return chunk
 
@@ -394,7 +440,7 @@ def _clean_tool_call(call: Any) -> dict[str, Any] | None:
         if len(arguments) > MAX_TOOL_CALL_JSON_CHARS:
             return None
         try:
-            arguments = json.loads(arguments)
+            arguments = strict_loads(arguments)
         except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict) or depth_of(arguments, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:

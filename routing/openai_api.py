@@ -8,13 +8,13 @@ Field mapping (OpenAI → Ollama): ``max_tokens``/``max_completion_tokens`` → 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from nodes.protocol import strict_loads
 from routing.streaming import (
     Answer,
     Events,
@@ -101,8 +101,8 @@ def _tool_calls_to_ollama(calls: Any, where: str) -> tuple[list[dict[str, Any]],
         arguments = function.get("arguments") or "{}"
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments)
-            except ValueError:
+                arguments = strict_loads(arguments)
+            except (ValueError, RecursionError):
                 raise OpenAIError(f"{where}[{index}].function.arguments: not valid JSON",
                                   param=where) from None
         if not isinstance(arguments, dict):

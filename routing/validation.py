@@ -10,10 +10,15 @@ from typing import Any
 
 from django.conf import settings
 
-from nodes.protocol import MAX_JSON_DEPTH, depth_of
+from nodes.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_MODEL_NAME_CHARS,
+    depth_of,
+    strict_loads,
+    valid_model_name,
+)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-MAX_MODEL_CHARS = 64
+MAX_MODEL_CHARS = MAX_MODEL_NAME_CHARS
 MAX_MESSAGES = 50
 MAX_CONTENT_CHARS = 10_000
 MAX_TOTAL_CHARS = 100_000
@@ -47,7 +52,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise BadRequest("request body is empty; expected a JSON object", 400)
     try:
-        data = json.loads(body)
+        data = strict_loads(body)
     except (ValueError, RecursionError):
         raise BadRequest("request body is not valid JSON (or nested too deeply)", 400) from None
     if not isinstance(data, dict):
@@ -60,7 +65,7 @@ def check_model(value: Any) -> str:
         raise BadRequest("model: a non-empty string is required")
     if len(value) > MAX_MODEL_CHARS:
         raise BadRequest(f"model: at most {MAX_MODEL_CHARS} characters")
-    if not MODEL_NAME.fullmatch(value) or ".." in value:
+    if not valid_model_name(value):
         raise BadRequest("model: only letters, digits and . _ : / - are allowed")
     return value
 
@@ -147,6 +152,10 @@ def check_tools(value: Any, *, param: str = "tools") -> list[dict[str, Any]] | N
                 raise BadRequest(f"{where}.function.parameters: must be a JSON schema object", 400)
             check_depth(parameters, f"{where}.function.parameters")
             clean["parameters"] = parameters
+        if function.get("strict") is True:
+            # The router holds the node's calls to this schema (routing.tool_calls); the node's
+            # Ollama never sees the flag.
+            clean["strict"] = True
         tools.append({"type": "function", "function": clean})
     if len(json.dumps(tools)) > MAX_TOOLS_JSON_CHARS:
         raise BadRequest(f"{param}: at most {MAX_TOOLS_JSON_CHARS} characters of JSON", 400)

@@ -485,6 +485,7 @@ async def test_a_batch_of_the_most_chunks_allowed_is_relayed(channel_layer):
 
 async def test_a_batch_costs_a_frame_plus_an_eighth_of_one_per_chunk(channel_layer, settings):
     settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 100
+    settings.IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = 0  # the idle budget alone
     node = await registered_node("fast-batcher")
     reply_channel = await serving(channel_layer, node)
     # 20 frames of 40 chunks cost 20 * (1 + 40 / 8) = 120 of the burst of 200: 800 chunks in
@@ -501,6 +502,7 @@ async def test_a_batch_costs_a_frame_plus_an_eighth_of_one_per_chunk(channel_lay
 
 async def test_big_batches_cannot_flood_the_router(channel_layer, settings):
     settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    settings.IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = 0  # the idle budget alone
     node = await registered_node("flooder")
     await serving(channel_layer, node)
     # One frame of 256 empty chunks costs 33 frames: more than the whole burst of 20.
@@ -584,13 +586,14 @@ async def test_a_batched_answer_reaches_an_sse_consumer_token_by_token(channel_l
     await node.disconnect()
 
 
-async def test_tool_calls_in_a_batch_cost_a_frame_each(channel_layer, settings):
+async def test_tool_calls_in_a_batch_cost_eight_frames_each(channel_layer, settings):
     settings.IDLECLAW_NODE_MAX_FRAMES_PER_S = 10
+    settings.IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = 0  # the idle budget alone
     node = await registered_node("tool-flooder")
     await serving(channel_layer, node)
     call = {"function": {"name": "f", "arguments": {}}}
-    chunk = {"message": {"role": "assistant", "content": "", "tool_calls": [call] * 16},
+    chunk = {"message": {"role": "assistant", "content": "", "tool_calls": [call] * 3},
              "done": False}
-    # 2 chunks of 16 tool calls: 32 frames' worth, more than the burst of 20.
-    await node.chunks("r1", [chunk, chunk])
+    # One chunk of 3 tool calls: 25 frames' worth, more than the burst of 20.
+    await node.chunks("r1", [chunk])
     assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
