@@ -43,7 +43,8 @@ class NodeSessionAdmin(ReadOnlyAdmin):
     readonly_fields = (
         "node_id", "channel_name", "worker", "max_concurrent", "client_ip", "ollama_version",
         "client", "protocol", "draining", "connected_at", "last_seen", "ttft_ms", "tokens_per_s",
-        "completed", "failed", "timed_out", "consecutive_failures", "cooldown_until",
+        "completed", "failed", "timed_out", "dropped_tool_calls", "consecutive_failures",
+        "cooldown_until",
     )
     exclude = ("resume_token_hash",)
     inlines = [NodeModelInline]

@@ -43,6 +43,9 @@ class NodeSession(models.Model):
     completed = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     timed_out = models.PositiveIntegerField(default=0)
+    # Tool calls it sent that the request never offered, or that broke a strict schema: dropped
+    # before any consumer saw them, and each such answer counted as a failure.
+    dropped_tool_calls = models.PositiveIntegerField(default=0)
     consecutive_failures = models.PositiveSmallIntegerField(default=0)
     # Not routed to until then; afterwards it gets one trial request.
     cooldown_until = models.DateTimeField(null=True, blank=True)

@@ -302,6 +302,8 @@ class Outcome:
     kind: str  # completed, failed, timed_out, cancelled (by the consumer: not the node's fault)
     ttft_ms: float | None = None
     tokens_per_s: float | None = None
+    # Tool calls the node made that the request never offered (or that broke a strict schema).
+    dropped_tool_calls: int = 0
 
 
 # One statement folds an outcome into the node's measurements. In an UPDATE every column on the
@@ -317,6 +319,7 @@ UPDATE {T.session} SET
     completed = completed + %(completed)s,
     failed = failed + %(failed)s,
     timed_out = timed_out + %(timed_out)s,
+    dropped_tool_calls = dropped_tool_calls + %(dropped)s,
     consecutive_failures = CASE WHEN %(completed)s = 1 THEN 0 ELSE consecutive_failures + 1 END,
     cooldown_until = CASE WHEN %(completed)s = 1 THEN NULL
                           WHEN consecutive_failures + 1 >= %(cooldown_after)s THEN %(cool_until)s
@@ -354,6 +357,7 @@ def _record(session_id: int, outcome: Outcome) -> None:
             "completed": int(outcome.kind == "completed"),
             "failed": int(outcome.kind not in ("completed", "timed_out")),
             "timed_out": int(outcome.kind == "timed_out"),
+            "dropped": int(outcome.dropped_tool_calls),
             "cooldown_after": COOLDOWN_AFTER,
             "cool_until": _at(cool_until),
         },

@@ -10,6 +10,7 @@ it frees the slot and, unless the node finished, tells the node to stop. The for
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
 from routing.sanitize import ChunkSanitizer
 from routing.services import Claim, NoSlot, Outcome
+from routing.tool_calls import ToolPolicy
 
 logger = logging.getLogger("idleclaw.routing")
 
@@ -43,6 +45,7 @@ ERROR_MESSAGES = {
     "queue_timeout": "no node became free in time; try again later",
     "lost_chunks": "part of the answer was lost in the router; try again",
     "no_node": "no node is serving this model right now",
+    "internal": "the router failed while relaying this answer; try again",
 }
 
 
@@ -126,6 +129,17 @@ class Relay:
                 "messages": [
                     {"role": "system", "content": settings.IDLECLAW_SYSTEM_PROMPT},
                     *ollama_params["messages"],
+                ],
+            }
+        # Only calls to the functions offered here reach the consumer; the node gets the tools
+        # without our ``strict`` flag, which Ollama does not know.
+        self.tools = ToolPolicy.of(ollama_params.get("tools"))
+        if self.tools.strict:
+            ollama_params = {
+                **ollama_params,
+                "tools": [
+                    {**tool, "function": _without(tool["function"], "strict")}
+                    for tool in ollama_params["tools"]
                 ],
             }
         self.params = ollama_params
@@ -274,6 +288,8 @@ class Relay:
                     async for batch in self._attempt():
                         yield batch
                     return
+                except (RelayError, asyncio.CancelledError, GeneratorExit):
+                    raise
                 except _Failover as failure:
                     if self.attempts >= settings.IDLECLAW_MAX_ATTEMPTS:
                         raise RelayError(failure.code) from None
@@ -283,6 +299,13 @@ class Relay:
                         if not result.served:
                             raise RelayError(failure.code) from None
                         await self._requeue()
+        except (RelayError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            # Whatever went wrong in here, the consumer still gets its final error event and
+            # the end of its stream (the front ends turn a RelayError into both), never a hang.
+            logger.exception("relaying a request for %s failed", self.model)
+            raise RelayError("internal") from None
         finally:
             await asyncio.shield(self._close())
 
@@ -314,6 +337,7 @@ class Relay:
         node_done = False
         failing_over = False
         sanitizer = ChunkSanitizer()
+        dropped_before = self.tools.dropped
         # A layer that can say what is already queued (the in-process one) lets the chunks that
         # arrived together leave together.
         queued = getattr(self.layer, "receive_now", None) or _nothing_queued
@@ -366,6 +390,8 @@ class Relay:
                     for raw in batch:
                         chunks += 1
                         chunk = sanitizer.clean(raw)
+                        if chunk is not None and "tool_calls" in chunk["message"]:
+                            chunk = self._offered_calls_only(chunk)
                         if chunk is None:
                             continue  # nothing left to show yet (a tag may be arriving)
                         message = chunk["message"]
@@ -398,9 +424,38 @@ class Relay:
         finally:
             self.claim = None
             self.tried.add(claim.session_id)
+            if self.tools.dropped != dropped_before:
+                outcome = self._with_dropped_calls(outcome, dropped_before, claim)
             await asyncio.shield(
                 self._release(claim, outcome, cancel=not node_done, final=not failing_over)
             )
+
+    def _offered_calls_only(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk without the tool calls this request did not offer; None if nothing of it
+        is left to show."""
+        message = chunk["message"]
+        calls = self.tools.filter(message["tool_calls"])
+        if len(calls) == len(message["tool_calls"]):
+            return chunk
+        message = _without(message, "tool_calls")
+        if calls:
+            message["tool_calls"] = calls
+        elif not chunk["done"] and "content" not in message and "thinking" not in message:
+            return None
+        return {**chunk, "message": message}
+
+    def _with_dropped_calls(self, outcome: Outcome, dropped_before: int, claim: Claim) -> Outcome:
+        """A node that sends tool calls nobody offered is counted, and the answer costs it as a
+        failure would. Never logged: what the calls said."""
+        dropped = self.tools.dropped - dropped_before
+        logger.warning(
+            "node %s sent %d tool calls the request did not offer (or that broke its schema); "
+            "dropped",
+            claim.node_id,
+            dropped,
+        )
+        kind = "failed" if outcome.kind == "completed" else outcome.kind
+        return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
     async def _release(
         self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool
@@ -425,6 +480,10 @@ class Relay:
         if self.queued or self.counted:
             self.queued = self.counted = False
             await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
+
+
+def _without(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k != key}
 
 
 def _nothing_queued(channel: str) -> None:

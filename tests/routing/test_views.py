@@ -65,12 +65,21 @@ def chat_client() -> HttpClient:
     return HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON: a browser's JSON.parse would fail here")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as a browser's ``JSON.parse`` does: ``NaN`` and ``Infinity`` are errors."""
+    return json.loads(text, parse_constant=_not_json)
+
+
 def sse_events(body: bytes) -> list[Any]:
     events = []
     for block in body.decode().split("\n\n"):
         if block.startswith("data: "):
             data = block[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
+            events.append(data if data == "[DONE]" else strict_json(data))
     return events
 
 

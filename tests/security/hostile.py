@@ -6,7 +6,6 @@ NDJSON, JSON) into the text, reasoning, tool calls and finish reason a consumer 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ from asgiref.sync import sync_to_async
 
 from nodes.protocol import FrameType
 from routing.models import ConsumerStream, InflightRequest, QueuedRequest
-from tests.routing.test_views import HttpClient, sse_events
+from tests.routing.test_views import HttpClient, sse_events, strict_json
 from tests.scripted_node import ScriptedNode
 
 MODEL = "llama3.2:3b"
@@ -156,8 +155,9 @@ FRONT_ENDS = {
 }
 
 
-def front_end_request(name: str) -> HttpClient:
+def front_end_request(name: str, **more: Any) -> HttpClient:
     path, extra = FRONT_ENDS[name]
+    extra = {**extra, **more}
     if "generate" in path:
         body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, **extra}
     else:
@@ -170,7 +170,7 @@ def _ollama_calls(calls: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
 
 
 def _openai_calls(calls: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    return [(c["function"]["name"], strict_json(c["function"]["arguments"])) for c in calls]
 
 
 def read_answer(name: str, status: int, body: bytes) -> Seen:
@@ -202,15 +202,15 @@ def read_answer(name: str, status: int, body: bytes) -> Seen:
                 seen.tool_calls += _openai_calls(delta.get("tool_calls", []))
                 seen.finish = choice["finish_reason"] or seen.finish
     elif name == "v1-json":
-        answer = json.loads(body)
+        answer = strict_json(body)
         message = answer["choices"][0]["message"]
         seen.content = message["content"] or ""
         seen.reasoning = message.get("reasoning_content", "")
         seen.tool_calls = _openai_calls(message.get("tool_calls", []))
         seen.finish = answer["choices"][0]["finish_reason"]
     elif name.startswith("ollama"):
-        lines = [json.loads(line) for line in body.splitlines()] if "ndjson" in name else [
-            json.loads(body)]
+        lines = [strict_json(line) for line in body.splitlines()] if "ndjson" in name else [
+            strict_json(body)]
         for line in lines:
             if "error" in line:
                 seen.error = line["error"]
