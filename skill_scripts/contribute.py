@@ -825,6 +825,12 @@ class Contributor:
         features = message.get("features")
         if isinstance(features, list):
             conn.features = frozenset(f for f in features if isinstance(f, str))
+        warnings = message.get("warnings")
+        if isinstance(warnings, list):
+            for warning in warnings[:20]:
+                if isinstance(warning, str):
+                    # The router's words, escaped: no control character reaches the terminal.
+                    log.warning("the router says: %s", ascii(warning[:300])[1:-1])
         log.info("registered with %s as node %s: %d models (%s), max_concurrent %d, "
                  "heartbeat %g s", self.server, self.node_id, len(self.models),
                  ", ".join(m.name for m in self.models), self.max_concurrent,

@@ -617,3 +617,18 @@ def test_a_request_that_stops_early_releases_its_reader(monkeypatch):
         response.close()
     finally:
         proc.stop()
+
+
+def test_the_routers_registration_warnings_are_shown_escaped(started_scripts, ollama):
+    with FakeRouter() as router:
+        proc = ScriptProcess("contribute.py", "--max-concurrent", "1",
+                             env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
+        started_scripts.append(proc)
+        router.accept()
+        register = router.recv()
+        router.send({"type": "registered", "node_id": register["node_id"],
+                     "heartbeat_interval": 1,
+                     "warnings": ["model 'bad name\x1b]0;title\x07' dropped"]})
+        line = proc.wait_for("the router says")
+        assert "model 'bad name\\x1b]0;title\\x07' dropped" in line
+        assert "\x1b" not in line and "\x07" not in line
