@@ -20,7 +20,6 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core import signals  # noqa: E402
 from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
@@ -29,6 +28,7 @@ from django.http import HttpResponseBase  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
 
 from idleclaw_site import daphne_compat, prompt_writes  # noqa: E402
+from idleclaw_site.static_files import OperatorStaticFilesHandler  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
 from routing.views import EventStream  # noqa: E402
 
@@ -115,7 +115,7 @@ class APIHandler(ASGIHandler):
 
 
 # The admin's CSS and JS, so a bare `daphne` shows a usable admin without a web server.
-operator_app = ASGIStaticFilesHandler(django_asgi_app)
+operator_app = OperatorStaticFilesHandler(django_asgi_app)
 api_app = APIHandler()
 OPERATOR_PATHS = ("/admin", "/" + settings.STATIC_URL.lstrip("/"))
 

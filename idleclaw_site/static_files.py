@@ -1,0 +1,32 @@
+"""The admin's static files, served by the router itself so a bare ``daphne`` shows a usable
+admin without a web server.
+
+Django 5.2's ``ASGIStaticFilesHandler`` turns only ``Http404`` into a response. A path that
+climbs out of the static directories (``/static/../../etc/passwd``, or the same with ``%2f`` or
+``%2e%2e``, which daphne decodes into the path) makes ``safe_join`` raise
+``SuspiciousFileOperation``, which escaped to daphne: nothing was disclosed, but the client got
+no answer until daphne's application checker noticed the exception, and then a 500 (issue 12,
+defect 11). Here a suspicious path gets Django's answer to any ``SuspiciousOperation``: a 400,
+from the project's ``handler400`` (JSON), logged on ``django.security``.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.exceptions import SuspiciousOperation
+from django.core.handlers.exception import response_for_exception
+from django.http import HttpRequest, HttpResponseBase
+
+
+class OperatorStaticFilesHandler(ASGIStaticFilesHandler):
+    """``ASGIStaticFilesHandler`` answering a path outside the static files with a 400."""
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            return await super().get_response_async(request)
+        except SuspiciousOperation as exc:
+            # As Django's own handler does for a view: the same logging, the same 400 page.
+            return await sync_to_async(response_for_exception, thread_sensitive=False)(
+                request, exc
+            )
