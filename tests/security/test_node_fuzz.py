@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -142,10 +143,8 @@ async def timed_health() -> float:
 
 
 async def send_raw(node: ScriptedNode, frame: str | bytes) -> None:
-    if isinstance(frame, bytes):
-        await node.communicator.send_to(bytes_data=frame)
-    else:
-        await node.communicator.send_to(text_data=frame)
+    key = "bytes" if isinstance(frame, bytes) else "text"
+    await node.communicator.send_input({"type": "websocket.receive", key: frame})
 
 
 def check_ended(front_end: str, status: int, body: bytes) -> None:
@@ -170,7 +169,7 @@ async def test_whatever_a_node_sends_every_stream_ends_and_the_router_keeps_serv
     front_end, offer, frames = session
     caplog.clear()
     node = ScriptedNode(ip="10.9.0.1")
-    await node.register(node_id="fuzzed-node", max_concurrent=4,
+    await node.register(node_id=f"fuzzed-{uuid.uuid4()}", max_concurrent=4,
                         models=[{"name": MODEL, "capabilities": ["tools", "thinking"]}])
     client = front_end_request(front_end, **({"tools": OFFERED} if offer else {}))
     await client.app.send_input({"type": "http.request", "body": client.body})
