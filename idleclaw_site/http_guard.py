@@ -40,8 +40,8 @@ How it hooks in, without rewriting Twisted's parser:
   ``gotLength`` (called once the head is complete, with the declared length or ``None`` for a
   chunked body), ``handleContentChunk`` (each piece of body), ``requestReceived`` and
   ``finish``.
-- The 413 is shaped after the request's path, which ``HTTPChannel`` keeps in ``_path`` from the
-  request line on (``tests/security/test_http_intake.py`` fails if any of this changes).
+- A refusal is shaped after the request's path, which ``HTTPChannel`` keeps in ``_path`` from
+  the request line on (``tests/security/test_http_intake.py`` fails if any of this changes).
 """
 
 from __future__ import annotations
