@@ -17,6 +17,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from idleclaw_site import local_files
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 LOCAL_DIR = Path(os.environ.get("IDLECLAW_LOCAL_DIR", BASE_DIR / ".local"))
 
@@ -81,7 +83,7 @@ def _local_secret_key() -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    local_files.make_private_dir(LOCAL_DIR)
     key = secrets.token_urlsafe(50)
     # O_EXCL: two workers starting at once agree on the first key written.
     try:
@@ -97,6 +99,25 @@ DEBUG = envbool("IDLECLAW_DEBUG", False)
 SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
 ALLOWED_HOSTS = envlist("IDLECLAW_ALLOWED_HOSTS", ["*"])
 CSRF_TRUSTED_ORIGINS = envlist("IDLECLAW_CSRF_TRUSTED_ORIGINS", [])
+# Served over HTTPS: by a TLS-terminating proxy listed in IDLECLAW_TRUSTED_PROXIES (only its
+# X-Forwarded-Proto is believed: idleclaw_site/https.py), or by daphne's own TLS endpoint. Only
+# the admin passes this middleware; the APIs set no cookies.
+IDLECLAW_HTTPS = envbool("IDLECLAW_HTTPS", False)
+if IDLECLAW_HTTPS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # The proxy should redirect port 80 itself; this catches an admin page that still arrives
+    # over plain HTTP (via the proxy, which says so, or straight at daphne).
+    SECURE_SSL_REDIRECT = envbool("IDLECLAW_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = envint("IDLECLAW_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("IDLECLAW_HSTS_INCLUDE_SUBDOMAINS", True)
+    # Off unless asked: with `preload` in the header anyone may submit the domain to the
+    # browsers' preload lists, which is slow to undo. Django warns (security.W021) whenever it
+    # is off; that is the operator's decision, so the warning is silenced until they make it.
+    SECURE_HSTS_PRELOAD = envbool("IDLECLAW_HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -109,9 +130,11 @@ INSTALLED_APPS = [
     "channels",
     "nodes",
     "routing",
+    "idleclaw_site",
 ]
 
 MIDDLEWARE = [
+    "idleclaw_site.https.forwarded_proto_from_trusted_proxies",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -165,6 +188,8 @@ else:
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# The local folder and the database files readable by their owner only, repaired now if not.
+local_files.repair_at_start(LOCAL_DIR, None if DATABASE_URL else DATABASES["default"]["NAME"])
 # Threads that run the router's ORM work (idleclaw_site/db.py); SQLite always uses one.
 IDLECLAW_DB_THREADS = envint("IDLECLAW_DB_THREADS", 4, minimum=1)
 
@@ -274,6 +299,16 @@ for _cidr in IDLECLAW_TRUSTED_PROXIES:
         raise ImproperlyConfigured(
             f"IDLECLAW_TRUSTED_PROXIES: {_cidr!r} is not an IP network"
         ) from None
+# HTTP intake under daphne (idleclaw_site/http_guard.py): a connection must send a whole request
+# head within this many seconds of opening (or of its last response, when kept alive); one
+# address may hold this many connections still waiting for a head (trusted proxies are exempt);
+# and waiting connections never take the last this-many descriptors of the process (at most
+# half), which stay free for requests being answered and node sockets.
+IDLECLAW_HTTP_HEAD_TIMEOUT = envfloat("IDLECLAW_HTTP_HEAD_TIMEOUT", 10.0, minimum=0.1)
+IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP = envint(
+    "IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP", 64, minimum=1
+)
+IDLECLAW_RESERVED_DESCRIPTORS = envint("IDLECLAW_RESERVED_DESCRIPTORS", 1024, minimum=0)
 # Frames a node may send per second (sustained; bursts of two seconds' worth): a small budget of
 # its own (heartbeats, model updates) plus one for each request it is serving. The network's
 # nodes send one frame per token, so a node streaming 500 tokens/s on each of ten slots sends
