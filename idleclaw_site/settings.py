@@ -310,12 +310,13 @@ IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP = envint(
 )
 IDLECLAW_RESERVED_DESCRIPTORS = envint("IDLECLAW_RESERVED_DESCRIPTORS", 1024, minimum=0)
 # Frames a node may send per second (sustained; bursts of two seconds' worth): a small budget of
-# its own (heartbeats, model updates) plus one for each request it is serving. The network's
-# nodes send one frame per token, so a node streaming 500 tokens/s on each of ten slots sends
-# 5,000 frames a second, and is within its allowance.
+# its own (heartbeats, model updates) plus one for each request it is serving, and each new
+# request adds a burst of two seconds of its budget at once. The network's nodes send one frame
+# per token: a node streaming 500 tokens/s on each of ten slots sends 5,000 frames a second, and
+# a fast model's burst of a few thousand tokens fits the burst a request brings.
 IDLECLAW_NODE_MAX_FRAMES_PER_S = envint("IDLECLAW_NODE_MAX_FRAMES_PER_S", 100, minimum=1)
 IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = envint(
-    "IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST", 1000, minimum=0
+    "IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST", 2000, minimum=0
 )
 # Frames about requests a node was never sent (or malformed chunks) before it is disconnected.
 IDLECLAW_NODE_MAX_STRIKES = envint("IDLECLAW_NODE_MAX_STRIKES", 20, minimum=1)

@@ -155,8 +155,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """A token bucket, so no node can flood the router: a node may send
         IDLECLAW_NODE_MAX_FRAMES_PER_S frames a second, plus
         IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST for each request it is serving, in bursts of two
-        seconds' worth. Existing nodes send one frame per token; one serving all its slots at
-        full speed needs that allowance, one sending frames no request explains does not."""
+        seconds' worth; each request sent to it adds two seconds of its rate at once. Existing
+        nodes send one frame per token; one serving all its slots at full speed needs that
+        allowance, one sending frames no request explains does not."""
         rate = self.frame_rate + self.request_frame_rate * len(self.requests)
         self.allowance = min(2.0 * rate, self.allowance + (now - self.allowance_at) * rate)
         self.allowance_at = now
@@ -371,6 +372,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         request_id = event["request_id"]
         self.requests[request_id] = event["reply_channel"]
+        # A request brings its own burst: a fast model may send its answer faster than the
+        # sustained rate, and an honest node must not be cut for it.
+        self.allowance += 2.0 * self.request_frame_rate
         await self.send_frame(
             {
                 "type": FrameType.INFERENCE_REQUEST,

@@ -38,11 +38,11 @@ def router_url(tmp_path_factory) -> Iterator[str]:
         router.stop()
 
 
-def consume(url: str, prompt: str) -> tuple[str, str | None]:
+def consume(url: str, prompt: str, body: dict | None = None) -> tuple[str, str | None]:
     """One streamed answer: its text and finish reason."""
     text, finish = [], None
-    with requests.post(f"{url}/api/chat", json=chat_body(prompt), stream=True,
-                       timeout=60) as response:
+    body = {**(body or chat_body()), "messages": [{"role": "user", "content": prompt}]}
+    with requests.post(f"{url}/api/chat", json=body, stream=True, timeout=60) as response:
         assert response.status_code == 200
         for event in sse_data(response):
             if event == "[DONE]":
@@ -88,6 +88,23 @@ def test_a_node_streaming_every_slot_at_500_tokens_a_second_is_never_cut(router_
         request_id = json.loads(node.ws.recv())["request_id"]
         stream_paced(node, [request_id], 5, TOKENS_PER_S)
         assert last.result(timeout=30) == ("0 1 2 3 4 ", "stop")
+    node.close()
+
+
+def test_an_instant_model_answering_every_slot_at_once_is_not_cut(router_url):
+    """A fast model's answers arrive as bursts far above any sustained rate: each request
+    brings a burst of its own."""
+    node = RawNode(router_url)
+    node.register("instant-node", model="instant:1b", max_concurrent=SLOTS)
+    tokens = 1_000
+    with ThreadPoolExecutor(SLOTS) as pool:
+        body = chat_body(model="instant:1b")
+        answers = [pool.submit(consume, router_url, f"q{i}", body) for i in range(SLOTS)]
+        request_ids = [json.loads(node.ws.recv())["request_id"] for _ in range(SLOTS)]
+        stream_paced(node, request_ids, tokens, rate=1e9)  # no pacing: all at once
+        expected = "".join(f"{i} " for i in range(tokens))
+        for answer in answers:
+            assert answer.result(timeout=60) == (expected, "stop")
     node.close()
 
 
