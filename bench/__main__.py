@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="quick",
-        help="reduced sweeps, under 2 minutes on 2 cores",
+        help="fewer phases, the same samples per phase: about 2 minutes on 2 cores",
     )
     mode.add_argument(
         "--smoke",
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="record the router with py-spy in the throughput and headline phases",
+        help="record the router with py-spy in the saturation (1 x 10), throughput and "
+        "headline phases",
     )
     parser.add_argument(
         "--router-env",

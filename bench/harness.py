@@ -11,11 +11,14 @@ Processes (all started here, all on 127.0.0.1, all stopped at the end):
 * the consumers, in this process (``bench.load``).
 
 Phases, in order: warm-up; the node sweep (for each node count: connect the pool, measure the
-router's memory and CPU while the nodes sit idle, then TTFT through the router at low
-concurrency); with ``--workers K`` (K >= 2) the crossing phase (nodes on worker 0 only, the
-30 tokens/s model direct, through worker 0 and through worker 1, interleaved); then with one
-pool of ample slots: the throughput phase (zero-delay model, direct then router) and the
-concurrency sweep (30 tokens/s model, direct then router, for each concurrency). See
+router's memory and CPU while the nodes sit idle, then TTFT at low concurrency); with
+``--workers K`` (K >= 2) the crossing phase (nodes on worker 0 only, the 30 tokens/s model
+direct, through worker 0 and through worker 1, interleaved); the saturation phase (issue 13:
+instant answers from nodes that send one frame per token, every slot busy); then with one pool
+of ample slots: the throughput phase (zero-delay model, batching nodes) and the concurrency
+sweep (30 tokens/s model). Every phase that compares the paths alternates direct and router
+rounds, and every router process measures its own event-loop lag throughout
+(``idleclaw_site/loop_lag.py``, read by ``bench.lag``). See
 ``bench/README.md`` for how to read the output.
 """
 
@@ -37,13 +40,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 
-from bench import profile, report
+from bench import lag, profile, report
 from bench.emulator import ModelSpec, OllamaEmulator
 from bench.load import Consumers, LoadResult, Outcome, Workload
 
@@ -51,7 +54,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 FAST_MODEL = "bench-fast:1b"
 REAL_MODEL = "bench-30tps:1b"
+# Issue 13: instant answers of the saturation phase's length, and short answers of the 30
+# tokens/s model for the node sweep. Emulators of their own rather than options.num_predict:
+# the router's own /api/chat takes no options, and every router request of the benchmark goes
+# through it.
+INSTANT_MODEL = "bench-instant:1b"
+SHORT_MODEL = "bench-30tps-short:1b"
 MODEL_SIZE = 1_300_000_000
+# The routers' loop-lag probes write every 0.5 s (idleclaw_site/loop_lag.py): wait this long
+# after the last phase before reading their files.
+LAG_FLUSH_WAIT_S = 0.8
 T = TypeVar("T")
 
 # The paths of the crossing phase (issue 3): the nodes hold sockets to worker 0 only.
@@ -84,26 +96,43 @@ class BenchError(Exception):
 
 @dataclass
 class Plan:
-    """Everything that shapes a run; written to the JSON as ``parameters``."""
+    """Everything that shapes a run; written to the JSON as ``parameters``.
+
+    Every phase that compares the paths runs ``rounds`` direct rounds and ``rounds`` router
+    rounds, alternating (direct, router, direct, router, ...), so drift and other people's
+    load hit both alike, and each path gets at least ``min_samples`` requests in the phase: a
+    p99 from fewer is the slowest request or two. Each round keeps every consumer busy for at
+    least ``min_waves`` requests (see :meth:`round_requests`).
+    """
 
     mode: str
     workers: int = 1
+    rounds: int = 3
+    min_samples: int = 200
+    min_waves: int = 2
     node_counts: list[int] = field(default_factory=lambda: [10, 100, 300, 1000, 2000])
     node_sweep_concurrency: int = 10
-    node_sweep_requests: int = 50
+    # The node sweep's answers are this many tokens of the 30 tokens/s model, so that 200
+    # requests per path and node count take seconds: TTFT does not depend on the length.
+    node_sweep_tokens: int = 5
     node_max_concurrent: int = 2
     idle_window_s: float = 5.0
-    concurrencies: list[int] = field(default_factory=lambda: [1, 10, 25, 50, 100, 200])
+    concurrencies: list[int] = field(default_factory=lambda: [25, 50, 100, 200])
     headline_concurrency: int = 50
-    sweep_rounds: int = 5
-    headline_rounds: int = 10
-    min_requests: int = 10
-    max_requests: int = 2000
+    headline_samples: int = 400
     realistic_tokens: int = 100
     token_delay_s: float = 1 / 30
+    # Issue 13's saturation phase: (nodes, slots per node, consumers) of the instant model's
+    # answers of saturation_tokens tokens, nodes sending one frame per token. The idle case is
+    # the reference (one consumer, nothing else running).
+    idle_case: tuple[int, int, int] = (1, 1, 1)
+    saturation_case: tuple[int, int, int] = (1, 10, 10)
+    wide_case: tuple[int, int, int] = (10, 10, 50)
+    saturation_tokens: int = 200
+    saturation_samples: int = 400
     throughput_concurrency: int = 50
     throughput_tokens: int = 500
-    throughput_requests: int = 200
+    throughput_samples: int = 400
     pool_max_concurrent: int = 10
     warmup_requests: int = 20
     # The crossing phase (--workers K >= 2): requests of the 30 tokens/s model at each
@@ -119,10 +148,18 @@ class Plan:
         most = max([*self.concurrencies, self.throughput_concurrency, 1])
         return max(1, math.ceil(most * 1.2 / self.pool_max_concurrent))
 
+    def round_requests(self, concurrency: int, samples: int = 0) -> int:
+        """Requests in one round of one path: whole waves of ``concurrency`` consumers, at least
+        ``min_waves`` of them, enough that ``rounds`` rounds give ``samples`` (at least
+        ``min_samples``) requests."""
+        wanted = max(samples, self.min_samples)
+        waves = max(self.min_waves, math.ceil(wanted / (self.rounds * concurrency)))
+        return concurrency * waves
+
     def realistic_requests(self, concurrency: int) -> int:
+        """Requests per round of the concurrency sweep (more at the headline concurrency)."""
         headline = concurrency == self.headline_concurrency
-        rounds = self.headline_rounds if headline else self.sweep_rounds
-        return min(self.max_requests, max(self.min_requests, concurrency * rounds))
+        return self.round_requests(concurrency, self.headline_samples if headline else 0)
 
     @property
     def crossing_nodes(self) -> int:
@@ -137,21 +174,21 @@ class Plan:
 
 
 def plan_for(mode: str) -> Plan:
+    """The plan of a mode. Quick runs fewer phases than full, never fewer samples per phase:
+    fewer node counts and concurrencies, shorter realistic answers, the same 200 requests per
+    path (at least) wherever a p99 is reported."""
     if mode == "full":
         return Plan(mode="full")
     if mode == "quick":
         return Plan(
             mode="quick",
             node_counts=[10, 100, 1000],
-            node_sweep_requests=30,
             idle_window_s=2.0,
-            concurrencies=[1, 10, 50, 200],
-            sweep_rounds=2,
-            headline_rounds=4,
-            min_requests=4,
-            max_requests=200,
+            concurrencies=[50, 200],
+            headline_samples=200,
             realistic_tokens=20,
-            throughput_requests=100,
+            saturation_samples=200,
+            throughput_samples=200,
             warmup_requests=10,
             crossing_requests=50,
             crossing_rounds=8,
@@ -159,20 +196,26 @@ def plan_for(mode: str) -> Plan:
     if mode == "smoke":
         return Plan(
             mode="smoke",
+            rounds=2,
+            min_samples=4,
+            min_waves=1,
             node_counts=[3],
             node_sweep_concurrency=2,
-            node_sweep_requests=4,
+            node_sweep_tokens=3,
             idle_window_s=0.5,
             concurrencies=[2],
             headline_concurrency=2,
-            sweep_rounds=2,
-            headline_rounds=2,
-            min_requests=4,
+            headline_samples=4,
             realistic_tokens=5,
             token_delay_s=0.01,
+            idle_case=(1, 1, 1),
+            saturation_case=(1, 3, 3),
+            wide_case=(2, 3, 5),
+            saturation_tokens=20,
+            saturation_samples=6,
             throughput_concurrency=2,
             throughput_tokens=20,
-            throughput_requests=6,
+            throughput_samples=6,
             pool_max_concurrent=4,
             warmup_requests=2,
             crossing_concurrencies=[1, 2],
@@ -285,7 +328,7 @@ def _keep_logs(work_dir: Path, keep_dir: Path) -> None:
     for item in work_dir.iterdir():
         if item.is_dir() and item.name == "profiles":
             shutil.copytree(item, keep_dir / item.name, dirs_exist_ok=True)
-        elif item.suffix == ".log":
+        elif item.suffix == ".log" or item.name.startswith("loop-lag."):
             shutil.copy2(item, keep_dir / item.name)
 
 
@@ -315,20 +358,26 @@ class Cluster:
         self.servers: Any = None  # bench.servers handle in --workers mode
         self.profilers: list[tuple[Service, Path]] = []
         self._pool_serial = 0
+        # Where the routers' loop-lag probes write (idleclaw_site/loop_lag.py), one file each.
+        self.lag_prefix = work_dir / "loop-lag"
 
     # ----- emulators
+
+    def emulator_specs(self) -> dict[str, tuple[float, int]]:
+        """Each emulated model: (seconds per token, tokens per answer)."""
+        plan = self.plan
+        return {
+            FAST_MODEL: (0.0, plan.throughput_tokens),
+            REAL_MODEL: (plan.token_delay_s, plan.realistic_tokens),
+            INSTANT_MODEL: (0.0, plan.saturation_tokens),
+            SHORT_MODEL: (plan.token_delay_s, plan.node_sweep_tokens),
+        }
 
     def expectations(self) -> Callable[[dict[str, Any]], Sequence[str]]:
         """What the emulators must send for a request body (their own validation and defaults)."""
         local = {
-            FAST_MODEL: OllamaEmulator(
-                models=[ModelSpec(FAST_MODEL, MODEL_SIZE)],
-                reply_tokens=self.plan.throughput_tokens,
-            ),
-            REAL_MODEL: OllamaEmulator(
-                models=[ModelSpec(REAL_MODEL, MODEL_SIZE)],
-                reply_tokens=self.plan.realistic_tokens,
-            ),
+            model: OllamaEmulator(models=[ModelSpec(model, MODEL_SIZE)], reply_tokens=tokens)
+            for model, (_, tokens) in self.emulator_specs().items()
         }
 
         def expected(body: dict[str, Any]) -> Sequence[str]:
@@ -339,14 +388,9 @@ class Cluster:
         return expected
 
     async def start_emulators(self) -> None:
-        specs = {
-            FAST_MODEL: ("0", self.plan.throughput_tokens),
-            REAL_MODEL: (repr(self.plan.token_delay_s), self.plan.realistic_tokens),
-        }
-        for model, (delay, tokens) in specs.items():
-            name = "emulator-fast" if model == FAST_MODEL else "emulator-30tps"
+        for model, (delay, tokens) in self.emulator_specs().items():
             self.emulators[model] = Service(
-                name,
+                "emulator-" + model.removeprefix("bench-").removesuffix(":1b"),
                 [
                     PYTHON,
                     "-m",
@@ -354,7 +398,7 @@ class Cluster:
                     "--port",
                     "0",
                     "--token-delay",
-                    delay,
+                    repr(delay),
                     "--reply-tokens",
                     str(tokens),
                     "--model",
@@ -381,6 +425,7 @@ class Cluster:
             "IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP": "100000",
             "IDLECLAW_NODE_MAX_FRAMES_PER_S": "1000000",
             "IDLECLAW_WORKERS": str(self.plan.workers),
+            lag.ENV: str(self.lag_prefix),
             "SECRET_KEY": "bench-only-" + os.urandom(16).hex(),
             "PYTHONPATH": str(self.router_tree),
         }
@@ -389,6 +434,7 @@ class Cluster:
         else:
             env["IDLECLAW_SQLITE_PATH"] = str(self.work_dir / "router.sqlite3")
         env.update(self.router_env)
+        self.lag_prefix = Path(env[lag.ENV])
         migrate = await asyncio.to_thread(
             subprocess.run,
             [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
@@ -465,8 +511,10 @@ class Cluster:
         timeout: float = 180.0,
         *,
         routers: Sequence[str] | None = None,
+        single_frames: bool = False,
     ) -> Pool:
-        """Start ``count`` simulated nodes, spread over ``routers`` (default: every worker)."""
+        """Start ``count`` simulated nodes, spread over ``routers`` (default: every worker);
+        ``single_frames``: one frame per token, as the network's existing nodes send."""
         self._pool_serial += 1
         argv = [
             PYTHON,
@@ -479,6 +527,8 @@ class Cluster:
             "--register-timeout",
             str(timeout),
         ]
+        if single_frames:
+            argv.append("--single-frames")
         for url in routers or self.router_urls:
             argv += ["--router", url]
         for model, url in self.emulator_urls.items():
@@ -622,6 +672,22 @@ class Usage:
     other_cpu_s: float  # busy CPU of processes that are not part of this run
     router_rss_mb_peak: float
     router_threads_peak: int  # OS threads of the router process(es): its thread pools show here
+    # CLOCK_MONOTONIC start and end of each stretch (several for a path's rounds together):
+    # the router's loop-lag samples inside them are this usage's.
+    windows: list[lag.Window] = field(default_factory=list)
+
+    @classmethod
+    def combine(cls, usages: Sequence[Usage]) -> Usage:
+        """Several stretches as one: times and CPU added up, peaks the highest."""
+        roles = {role for usage in usages for role in usage.cpu_s}
+        return cls(
+            wall_s=sum(u.wall_s for u in usages),
+            cpu_s={role: sum(u.cpu_s.get(role, 0.0) for u in usages) for role in roles},
+            other_cpu_s=sum(u.other_cpu_s for u in usages),
+            router_rss_mb_peak=max(u.router_rss_mb_peak for u in usages),
+            router_threads_peak=max(u.router_threads_peak for u in usages),
+            windows=[w for u in usages for w in u.windows],
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -682,7 +748,9 @@ class Meter:
         began, cpu_before, busy_before = self._snapshot()
         self._peak = self.router_rss_mb()
         self._threads = self.router_threads()
+        window_start = time.monotonic()  # the clock of the routers' loop-lag probes
         result = await work
+        window = (window_start, time.monotonic())
         ended, cpu_after, busy_after = self._snapshot()
         cpu = {
             role: max(0.0, cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0))
@@ -691,7 +759,7 @@ class Meter:
         other = max(0.0, (busy_after - busy_before) - sum(cpu.values()))
         peak = max(self._peak, self.router_rss_mb())
         threads = max(self._threads, self.router_threads())
-        return result, Usage(ended - began, cpu, other, peak, threads)
+        return result, Usage(ended - began, cpu, other, peak, threads, [window])
 
 
 # --------------------------------------------------------------------------- the run
@@ -734,16 +802,19 @@ class Lanes(Consumers):
 
 @dataclass
 class Phase:
-    """One measured stretch: a workload on one path, or an idle window."""
+    """One measured stretch: a workload on one path, or an idle window. A phase that compares
+    the paths is two of these, one per path, each the sum of that path's rounds."""
 
     name: str
-    kind: str  # warmup, idle, nodes, throughput, realistic, crossing
+    kind: str  # warmup, idle, nodes, saturation, throughput, realistic, crossing
     path: str  # direct, router, idle; router-same, router-across (crossing)
     model: str
     concurrency: int
     nodes: int
     summary: dict[str, Any]
     usage: Usage
+    extra: dict[str, Any] = field(default_factory=dict)
+    loop_lag: dict[str, Any] | None = None  # the router's, inside usage.windows (bench.lag)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -753,9 +824,25 @@ class Phase:
             "model": self.model,
             "concurrency": self.concurrency,
             "nodes": self.nodes,
+            **self.extra,
             **self.summary,
             **self.usage.as_dict(),
+            "loop_lag_ms": self.loop_lag,
         }
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
+    """min / median / max of the rounds' figures."""
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    middle = len(present) // 2
+    median = (
+        present[middle]
+        if len(present) % 2
+        else round((present[middle - 1] + present[middle]) / 2, 2)
+    )
+    return {"min": present[0], "median": median, "max": present[-1]}
 
 
 class Run:
@@ -764,10 +851,12 @@ class Run:
         self.cluster = cluster
         self.meter = Meter(cluster)
         self.log = log
+        self.began = time.monotonic()  # rounds' start and end are reported from here
         self.phases: list[Phase] = []
         self.node_sweep: list[dict[str, Any]] = []
         self.profiles: dict[str, Any] = {}
         self.load_pool_stats: dict[str, Any] = {}
+        self.saturation_pool_stats: dict[str, Any] = {}
         self.baseline_rss_mb = 0.0
         self.expected = cluster.expectations()
 
@@ -787,18 +876,9 @@ class Run:
         path: str,
         workload: Workload,
         nodes: int,
-        profile_as: str | None = None,
     ) -> Phase:
-        consumers = self.consumers(path, workload.model)
-        if profile_as and self.plan.profile:
-            await self.cluster.start_profiler(profile_as)
-        result: LoadResult
-        result, usage = await self.meter.measure(consumers.run(workload))
-        if profile_as and self.plan.profile:
-            outputs = await self.cluster.stop_profiler()
-            self.profiles[profile_as] = [
-                {"file": str(path_), **profile.summarize(path_)} for path_ in outputs
-            ]
+        """One workload on one path, once (the warm-up)."""
+        result, usage = await self.meter.measure(self.consumers(path, workload.model).run(workload))
         phase = Phase(
             name=name,
             kind=kind,
@@ -812,14 +892,89 @@ class Run:
         self.record(phase)
         return phase
 
+    async def compare(
+        self,
+        *,
+        name: str,
+        kind: str,
+        workload: Workload,
+        nodes: int,
+        profile_as: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Phase]:
+        """The workload (``workload.requests`` per round) in alternating rounds: direct,
+        router, direct, router, ... ``plan.rounds`` of each. Returns one phase per path with
+        every request of its rounds, and the spread of the rounds' TTFT p50."""
+        paths = ("direct", "router")
+        consumers = {path: self.consumers(path, workload.model) for path in paths}
+        results: dict[str, list[LoadResult]] = {path: [] for path in paths}
+        usages: dict[str, list[Usage]] = {path: [] for path in paths}
+        profiling = bool(profile_as and self.plan.profile)
+        if profiling:
+            # Over all rounds: the direct rounds add only idle samples, which are dropped.
+            await self.cluster.start_profiler(str(profile_as))
+        for index in range(self.plan.rounds):
+            for path in paths:
+                # Prompts of their own per round, so no two answers of a phase are alike.
+                round_load = replace(workload, name=f"{workload.name} {path} {index}")
+                result, usage = await self.meter.measure(consumers[path].run(round_load))
+                results[path].append(result)
+                usages[path].append(usage)
+        if profiling:
+            outputs = await self.cluster.stop_profiler()
+            self.profiles[str(profile_as)] = [
+                {"file": str(path_), **profile.summarize(path_)} for path_ in outputs
+            ]
+        phases = {}
+        for path in paths:
+            summary = LoadResult.merge(results[path]).summary()
+            rounds = []
+            for result, usage in zip(results[path], usages[path], strict=True):
+                part = result.summary()
+                (start, end), *_ = usage.windows
+                rounds.append(
+                    {
+                        "began_s": round(start - self.began, 3),
+                        "ended_s": round(end - self.began, 3),
+                        "requests": part["requests"],
+                        "ttft_ms_p50": part["ttft_ms_p50"],
+                        "ttft_ms_p99": part["ttft_ms_p99"],
+                        "stream_tokens_per_s_p50": part["stream_tokens_per_s_p50"],
+                        "wall_s": part["wall_s"],
+                        "router_cpu_s": round(usage.cpu_s.get("router", 0.0), 3),
+                    }
+                )
+            summary["rounds"] = rounds
+            summary["ttft_ms_p50_rounds"] = _spread([r["ttft_ms_p50"] for r in rounds])
+            phase = Phase(
+                name=name,
+                kind=kind,
+                path=path,
+                model=workload.model,
+                concurrency=workload.concurrency,
+                nodes=nodes,
+                summary=summary,
+                usage=Usage.combine(usages[path]),
+                extra=dict(extra or {}),
+            )
+            self.record(phase)
+            phases[path] = phase
+        return phases
+
     def record(self, phase: Phase) -> None:
         self.phases.append(phase)
         s = phase.summary
+        spread = s.get("ttft_ms_p50_rounds")
         self.log(
             f"  {phase.name:<28} {phase.path:<13} C={phase.concurrency:<4} "
             f"ok {s['ok']}/{s['requests']} "
-            f"TTFT p50 {s['ttft_ms_p50']} ms p99 {s['ttft_ms_p99']} ms, "
-            f"{s['tokens_per_s']} tok/s, router CPU {phase.usage.cpu_s.get('router', 0):.2f} s"
+            f"TTFT p50 {s['ttft_ms_p50']} ms p99 {s['ttft_ms_p99']} ms"
+            + (
+                f" (rounds' p50 {spread['min']}/{spread['median']}/{spread['max']})"
+                if spread
+                else ""
+            )
+            + f", {s['tokens_per_s']} tok/s, router CPU {phase.usage.cpu_s.get('router', 0):.2f} s"
             + (f", errors {s['error_kinds']}" if s["errors"] else "")
         )
 
@@ -843,22 +998,31 @@ class Run:
         await self.cluster.wait_for_nodes(0)
         await asyncio.sleep(0.5)
         self.baseline_rss_mb = self.meter.router_rss_mb()
+        # The probes flush twice a second: by now every router has written if it probes.
+        probes = lag.files(self.cluster.lag_prefix)
+        if probes:
+            self.log(f"event-loop lag probe: {len(probes)} router process(es) writing samples")
+        else:
+            self.log(
+                "event-loop lag probe: no samples (a router tree without "
+                "idleclaw_site/loop_lag.py?); lag figures will be empty"
+            )
 
-    def realistic(self, name: str, concurrency: int, requests: int) -> Workload:
+    def realistic(
+        self, name: str, concurrency: int, requests: int, *, short: bool = False
+    ) -> Workload:
+        """The 30 tokens/s model; ``short``: its node-sweep answers (``node_sweep_tokens``)."""
+        model = SHORT_MODEL if short else REAL_MODEL
+        delay, tokens = self.cluster.emulator_specs()[model]
         # Spread the first requests over one answer's duration, as independent consumers would.
-        ramp = self.plan.realistic_tokens * self.plan.token_delay_s
-        return Workload(name, REAL_MODEL, concurrency, requests, ramp=ramp)
+        return Workload(name, model, concurrency, requests, ramp=tokens * delay)
 
     async def sweep_nodes(self) -> None:
         plan = self.plan
         c = plan.node_sweep_concurrency
-        self.log(f"node sweep: {plan.node_counts} nodes, TTFT at C={c} ({REAL_MODEL})")
-        reference = await self.workload(
-            name=f"nodes reference C={c}",
-            kind="nodes",
-            path="direct",
-            workload=self.realistic("nodes-direct", c, plan.node_sweep_requests),
-            nodes=0,
+        self.log(
+            f"node sweep: {plan.node_counts} nodes, TTFT at C={c} ({SHORT_MODEL}: "
+            f"{plan.node_sweep_tokens}-token answers at {1 / plan.token_delay_s:.0f} tokens/s)"
         )
         for count in plan.node_counts:
             rss_before = self.meter.router_rss_mb()
@@ -874,17 +1038,23 @@ class Run:
                 f"router says {held}; RSS {rss_before:.0f} -> {rss_idle:.0f} MB; idle CPU "
                 f"{100 * idle.cpu_s['router'] / idle.wall_s:.1f} %"
             )
-            phase = None
+            phases: dict[str, Phase] = {}
             if pool.registered * plan.node_max_concurrent >= c:
-                phase = await self.workload(
+                phases = await self.compare(
                     name=f"{count} nodes",
                     kind="nodes",
-                    path="router",
-                    workload=self.realistic(f"nodes-{count}", c, plan.node_sweep_requests),
+                    workload=self.realistic(
+                        f"nodes-{count}",
+                        c,
+                        plan.round_requests(c),
+                        short=True,
+                    ),
                     nodes=count,
                 )
             stats = await self.cluster.stop_pool(pool)
             left = await self.cluster.wait_for_nodes(0)
+            direct = phases["direct"].summary if phases else {}
+            router = phases["router"].summary if phases else {}
             self.node_sweep.append(
                 {
                     "nodes": count,
@@ -898,11 +1068,14 @@ class Run:
                         (rss_idle - self.baseline_rss_mb) * 1024 / max(1, held), 1
                     ),
                     "idle_router_cpu_pct": round(100 * idle.cpu_s["router"] / idle.wall_s, 2),
-                    "direct_ttft_ms_p50": reference.summary["ttft_ms_p50"],
-                    "router_ttft_ms_p50": phase.summary["ttft_ms_p50"] if phase else None,
-                    "router_ttft_ms_p95": phase.summary["ttft_ms_p95"] if phase else None,
-                    "router_ttft_ms_p99": phase.summary["ttft_ms_p99"] if phase else None,
-                    "errors": phase.summary["errors"] if phase else None,
+                    "requests": router.get("requests"),
+                    "direct_ttft_ms_p50": direct.get("ttft_ms_p50"),
+                    "router_ttft_ms_p50": router.get("ttft_ms_p50"),
+                    "router_ttft_ms_p95": router.get("ttft_ms_p95"),
+                    "router_ttft_ms_p99": router.get("ttft_ms_p99"),
+                    "errors": (router.get("errors") or 0) + (direct.get("errors") or 0)
+                    if phases
+                    else None,
                     "node_stats": stats,
                     "left_after_stop": left,
                 }
@@ -970,6 +1143,48 @@ class Run:
         await self.cluster.stop_pool(pool)
         await self.cluster.wait_for_nodes(0)
 
+    async def saturation(self) -> None:
+        """Issue 13: instant answers of ``saturation_tokens`` tokens from nodes that send one
+        frame per token, as the network's existing nodes do, every slot kept busy; the idle
+        case (one slot, one consumer) first, as the reference."""
+        plan = self.plan
+        cases = (
+            ("idle", plan.idle_case),
+            ("saturation", plan.saturation_case),
+            ("wide", plan.wide_case),
+        )
+        self.log(
+            f"saturation: {INSTANT_MODEL}, {plan.saturation_tokens} tokens per answer, no delay, "
+            "one frame per token; nodes x slots / consumers "
+            + ", ".join(f"{n}x{s}/{c}" for _, (n, s, c) in cases)
+        )
+        for role, (nodes, slots, consumers) in cases:
+            pool = await self.cluster.start_pool(nodes, slots, single_frames=True)
+            if pool.registered != nodes:
+                raise BenchError(f"only {pool.registered} of {nodes} nodes registered")
+            await self.cluster.wait_for_nodes(pool.registered, timeout=30)
+            workload = Workload(
+                f"saturation-{role}",
+                INSTANT_MODEL,
+                consumers,
+                plan.round_requests(consumers, plan.saturation_samples),
+            )
+            await self.compare(
+                name=f"saturation {nodes}x{slots}/{consumers}",
+                kind="saturation",
+                workload=workload,
+                nodes=nodes,
+                profile_as="saturation" if role == "saturation" else None,
+                extra={"case": role, "slots": slots},
+            )
+            stats = await self.cluster.stop_pool(pool)
+            self.saturation_pool_stats[role] = stats
+            # Tokens per frame as the nodes sent them (the done chunk counts as one chunk).
+            if stats.get("frames"):
+                for phase in self.phases[-2:]:
+                    phase.extra["chunks_per_frame"] = round(stats["chunks"] / stats["frames"], 3)
+            await self.cluster.wait_for_nodes(0)
+
     async def load_phases(self) -> None:
         plan = self.plan
         self.log(f"load pool: {plan.pool_nodes} nodes x {plan.pool_max_concurrent} slots")
@@ -977,38 +1192,45 @@ class Run:
         if pool.registered != plan.pool_nodes:
             raise BenchError(f"only {pool.registered} of {plan.pool_nodes} nodes registered")
         await self.cluster.wait_for_nodes(pool.registered, timeout=30)
-        self.log(f"throughput: {FAST_MODEL}, {plan.throughput_tokens} tokens per answer, no delay")
-        for path in ("direct", "router"):
-            await self.workload(
-                name="throughput",
-                kind="throughput",
-                path=path,
-                workload=Workload(
-                    "throughput", FAST_MODEL, plan.throughput_concurrency, plan.throughput_requests
-                ),
-                nodes=pool.registered,
-                profile_as="throughput" if path == "router" else None,
-            )
+        self.log(
+            f"throughput: {FAST_MODEL}, {plan.throughput_tokens} tokens per answer, no delay, "
+            "nodes batching (inference_chunks)"
+        )
+        c = plan.throughput_concurrency
+        await self.compare(
+            name="throughput",
+            kind="throughput",
+            workload=Workload(
+                "throughput", FAST_MODEL, c, plan.round_requests(c, plan.throughput_samples)
+            ),
+            nodes=pool.registered,
+            profile_as="throughput",
+        )
         self.log(
             f"concurrency sweep: {REAL_MODEL}, {plan.realistic_tokens} tokens at "
             f"{1 / plan.token_delay_s:.0f} tokens/s, concurrency {plan.concurrencies}"
         )
         for concurrency in plan.concurrencies:
-            for path in ("direct", "router"):
-                headline = concurrency == plan.headline_concurrency
-                await self.workload(
-                    name=f"realistic C={concurrency}",
-                    kind="realistic",
-                    path=path,
-                    workload=self.realistic(
-                        f"realistic-{concurrency}",
-                        concurrency,
-                        plan.realistic_requests(concurrency),
-                    ),
-                    nodes=pool.registered,
-                    profile_as="realistic" if headline and path == "router" else None,
-                )
+            headline = concurrency == plan.headline_concurrency
+            await self.compare(
+                name=f"realistic C={concurrency}",
+                kind="realistic",
+                workload=self.realistic(
+                    f"realistic-{concurrency}",
+                    concurrency,
+                    plan.realistic_requests(concurrency),
+                ),
+                nodes=pool.registered,
+                profile_as="realistic" if headline else None,
+            )
         self.load_pool_stats = await self.cluster.stop_pool(pool)
+
+    async def attach_loop_lag(self) -> None:
+        """Give every phase the router's event-loop lag inside its stretches."""
+        await asyncio.sleep(LAG_FLUSH_WAIT_S)  # the probes' last lines of the last phase
+        samples = await asyncio.to_thread(lag.read, self.cluster.lag_prefix)
+        for phase in self.phases:
+            phase.loop_lag = lag.stats(samples, phase.usage.windows)
 
 
 def machine_info(router_tree: Path) -> dict[str, Any]:
@@ -1060,7 +1282,9 @@ async def run(
         await bench_run.warmup()
         await bench_run.sweep_nodes()
         await bench_run.crossing()
+        await bench_run.saturation()
         await bench_run.load_phases()
+        await bench_run.attach_loop_lag()
         await bench_run.meter.stop()
         router_peaks = [peak_rss_mb(pid) or 0.0 for pid in cluster.router_pids()]
         router_logs = {r.name: r.tail(40) for r in cluster.routers}
@@ -1082,5 +1306,6 @@ async def run(
         duration_s=time.monotonic() - began,
     )
     results["load_pool_node_stats"] = bench_run.load_pool_stats
+    results["saturation_node_stats"] = bench_run.saturation_pool_stats
     results["router_log_tail"] = router_logs
     return results

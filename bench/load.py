@@ -63,6 +63,14 @@ class LoadResult:
     def errors(self) -> Counter[str]:
         return Counter(o.error for o in self.outcomes if o.error)
 
+    @classmethod
+    def merge(cls, results: Sequence[LoadResult]) -> LoadResult:
+        """The rounds of one path as one result: every outcome, and the rounds' walls added
+        up (the time between rounds, when the other path ran, is not this path's)."""
+        wall = sum(r.wall for r in results)
+        outcomes = [o for r in results for o in r.outcomes]
+        return cls(results[0].workload, results[0].path, 0.0, wall, outcomes)
+
     def summary(self) -> dict[str, Any]:
         ttfts = sorted(o.ttft for o in self.outcomes if o.ok and o.ttft is not None)
         rates = sorted(
@@ -88,6 +96,7 @@ class LoadResult:
             "tokens": tokens,
             "tokens_per_s": round(tokens / self.wall, 1),
             "requests_per_s": round(ok / self.wall, 2),
+            "stream_tokens_per_s_p10": _round(percentile(rates, 10), 2),
             "stream_tokens_per_s_p50": _round(percentile(rates, 50), 2),
         }
 

@@ -7,7 +7,9 @@ router asks for, and serves each ``inference_request`` by streaming Ollama's (he
 emulator's) ``/api/chat`` and forwarding every line as a chunk reduced to the fields a
 contributor may forward. When the router lists ``inference_chunks`` in ``registered.features``
 (docs/node-protocol-extensions.md), the lines of one read from Ollama go in one
-``inference_chunks`` frame; otherwise each goes in its own ``inference_chunk`` frame. A
+``inference_chunks`` frame; otherwise each goes in its own ``inference_chunk`` frame. With
+``--single-frames`` the nodes ignore the extension and send one ``inference_chunk`` frame per
+line, one token each, as the network's existing nodes do (issue 13's saturation phase). A
 ``cancel_request`` closes the HTTP stream to Ollama.
 
 Run it with ``python -m bench.nodesim --router URL --count N --model NAME=OLLAMA_URL``. It
@@ -99,6 +101,7 @@ class SimulatedNode:
         index: int,
         server: str,
         max_concurrent: int,
+        single_frames: bool = False,
     ) -> None:
         self.sim = sim
         self.index = index
@@ -110,6 +113,7 @@ class SimulatedNode:
         self.registered = asyncio.Event()
         self.stopping = False
         self.batched = False  # the router takes inference_chunks
+        self.single_frames = single_frames  # never use the extension, even when offered
 
     def register_frame(self) -> dict[str, Any]:
         return {
@@ -146,7 +150,11 @@ class SimulatedNode:
                 return
             stats.registered += 1
             features = reply.get("features")
-            self.batched = isinstance(features, list) and INFERENCE_CHUNKS in features
+            self.batched = (
+                not self.single_frames
+                and isinstance(features, list)
+                and INFERENCE_CHUNKS in features
+            )
             self.registered.set()
             self.sim.on_registered()
             interval = reply.get("heartbeat_interval")
@@ -289,11 +297,13 @@ class NodeSimulator:
         count: int,
         max_concurrent: int,
         connect_concurrency: int = 64,
+        single_frames: bool = False,
     ) -> None:
         self.servers = list(servers)
         self.backends = dict(backends)
         self.count = count
         self.max_concurrent = max_concurrent
+        self.single_frames = single_frames
         self.stats = Stats()
         self.connecting = asyncio.Semaphore(connect_concurrency)
         self.nodes: list[SimulatedNode] = []
@@ -323,6 +333,7 @@ class NodeSimulator:
                 index=index,
                 server=self.servers[index % len(self.servers)],
                 max_concurrent=self.max_concurrent,
+                single_frames=self.single_frames,
             )
             self.nodes.append(node)
             self.tasks.append(asyncio.create_task(node.run()))
@@ -373,6 +384,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--register-timeout", type=float, default=120.0, help="seconds to wait for all nodes"
     )
+    parser.add_argument(
+        "--single-frames",
+        action="store_true",
+        help="one inference_chunk frame per token even when the router offers inference_chunks",
+    )
     return parser.parse_args(argv)
 
 
@@ -382,6 +398,7 @@ async def _main(args: argparse.Namespace) -> None:
         backends=dict(args.model),
         count=args.count,
         max_concurrent=args.max_concurrent,
+        single_frames=args.single_frames,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

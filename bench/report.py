@@ -11,6 +11,18 @@ Headline figures (the flat keys issue 7 asks for):
 * ``cross_worker_ttft_ms_p50``, ``cross_worker_ttft_ms_p99`` (``--workers K``, K >= 2, issue
   3): what a request served by another worker than its node's adds to TTFT, across workers
   minus same worker, at the crossing phase's lowest concurrency.
+
+Issue 13 adds (``goals`` holds them against its goals):
+
+* ``loop_lag_ms_p99``: how late the router's 10 ms timer fired, p99, in the worst phase
+  (router side: the router rounds, idle windows, crossing); ``loop_lag`` has every phase;
+* ``saturation_ttft_ms_p50``, ``saturation_ttft_ms_p99``: TTFT through the router with 1 node
+  x 10 slots and 10 consumers of instant 200-token answers, one frame per token;
+  ``saturation_wide_*`` the same for 10 nodes x 10 slots and 50 consumers, ``idle_*`` for one
+  slot and one consumer; ``saturation`` has each case in full;
+* ``router_tokens_per_cpu_s_single_frames``: tokens per router CPU-second in the two
+  saturation loads (one frame per token), next to ``router_tokens_per_cpu_s`` (the throughput
+  phase, nodes batching with ``inference_chunks``).
 """
 
 from __future__ import annotations
@@ -28,6 +40,19 @@ TARGET_IDLE_RSS_MB = 300
 # "Flat" selection: TTFT p50 at the most nodes within this much of the fewest nodes.
 FLAT_SELECTION_MS = 2.0
 TARGET_CROSSING_P50_MS = 3.0  # issue 3
+# Issue 13's goals.
+GOAL_LOOP_LAG_P99_MS = 5.0
+GOAL_SATURATION_P50_MS = 30.0
+GOAL_SATURATION_P99_MS = 100.0
+GOAL_WIDE_P50_MS = 60.0
+GOAL_STARVATION_RATIO = 0.5  # per-stream tokens/s p10 >= this x p50
+GOAL_OVERHEAD_P50_MS = 3.0
+GOAL_OVERHEAD_P99_MS = 10.0
+GOAL_OVERHEAD_200_P50_MS = 10.0
+GOAL_SINGLE_FRAME_CAPACITY = 30_000
+GOAL_BATCHING_CAPACITY = 80_000
+GOAL_KB_PER_NODE = 37.0  # "no regression of memory per idle node (37 KB now)"
+SATURATION_CASES = ("idle", "saturation", "wide")
 CROSSING_PATHS = {
     "direct": "direct",
     "router-same": "same worker",
@@ -41,6 +66,77 @@ def _find(phases: list[dict[str, Any]], kind: str, path: str, concurrency: int |
             if concurrency is None or phase["concurrency"] == concurrency:
                 return phase
     return None
+
+
+def _case(phases: list[dict[str, Any]], case: str, path: str) -> dict[str, Any] | None:
+    for phase in phases:
+        if phase["kind"] == "saturation" and phase.get("case") == case and phase["path"] == path:
+            return phase
+    return None
+
+
+def _lag(phase: dict[str, Any], key: str) -> float | None:
+    return (phase.get("loop_lag_ms") or {}).get(key)
+
+
+def _per_cpu(tokens: float, cpu: float | None) -> float | None:
+    return round(tokens / cpu, 1) if cpu else None
+
+
+def _saturation(phases: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13's saturation phase, one entry per case (idle, saturation, wide)."""
+    out = []
+    for case in SATURATION_CASES:
+        direct = _case(phases, case, "direct")
+        router = _case(phases, case, "router")
+        if direct is None or router is None:
+            continue
+        nodes, slots, consumers = plan.get(f"{case}_case") or (None, None, None)
+        p10 = router.get("stream_tokens_per_s_p10")
+        p50 = router.get("stream_tokens_per_s_p50")
+        cpu = (router.get("cpu_s") or {}).get("router")
+        out.append(
+            {
+                "case": case,
+                "nodes": nodes,
+                "slots": slots,
+                "consumers": consumers,
+                "requests": router.get("requests"),
+                "direct_ttft_ms_p50": direct.get("ttft_ms_p50"),
+                "direct_ttft_ms_p99": direct.get("ttft_ms_p99"),
+                "router_ttft_ms_p50": router.get("ttft_ms_p50"),
+                "router_ttft_ms_p99": router.get("ttft_ms_p99"),
+                "direct_ttft_ms_p50_rounds": direct.get("ttft_ms_p50_rounds"),
+                "router_ttft_ms_p50_rounds": router.get("ttft_ms_p50_rounds"),
+                "stream_tokens_per_s_p10": p10,
+                "stream_tokens_per_s_p50": p50,
+                "starvation_ratio": _ratio(p10, p50),
+                "direct_stream_tokens_per_s_p50": direct.get("stream_tokens_per_s_p50"),
+                "direct_tokens_per_s": direct.get("tokens_per_s"),
+                "router_tokens_per_s": router.get("tokens_per_s"),
+                "router_tokens": router.get("tokens"),
+                "router_cpu_s": cpu,
+                "router_tokens_per_cpu_s": _per_cpu(router.get("tokens") or 0, cpu),
+                "chunks_per_frame": router.get("chunks_per_frame"),
+                "loop_lag_ms": router.get("loop_lag_ms"),
+                "errors": (router.get("errors") or 0) + (direct.get("errors") or 0),
+            }
+        )
+    return out
+
+
+def _loop_lag(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The router's event-loop lag in each measured phase that has samples."""
+    return [
+        {
+            "phase": p["name"],
+            "kind": p["kind"],
+            "path": p["path"],
+            **p["loop_lag_ms"],
+        }
+        for p in phases
+        if p["kind"] != "warmup" and p.get("loop_lag_ms")
+    ]
 
 
 def _sub(a: float | None, b: float | None) -> float | None:
@@ -93,6 +189,9 @@ def results(
                 "router_cpu_pct": round(100 * router_cpu / router["wall_s"], 1)
                 if router.get("wall_s")
                 else None,
+                "router_ttft_ms_p50_rounds": router.get("ttft_ms_p50_rounds"),
+                "direct_ttft_ms_p50_rounds": direct.get("ttft_ms_p50_rounds"),
+                "loop_lag_ms_p99": _lag(router, "p99"),
                 "errors": (router.get("errors") or 0) + (direct.get("errors") or 0),
             }
         )
@@ -111,6 +210,17 @@ def results(
     measured = [p for p in phases if p["kind"] not in ("warmup", "idle")]
     errors = sum(p.get("errors", 0) for p in measured)
     token_errors = sum(p.get("token_errors", 0) for p in measured)
+    saturation = _saturation(phases, plan)
+    by_case = {entry["case"]: entry for entry in saturation}
+    loaded = [by_case[c] for c in ("saturation", "wide") if c in by_case]
+    single_cpu = sum(entry["router_cpu_s"] or 0.0 for entry in loaded)
+    single_tokens = sum(entry["router_tokens"] or 0 for entry in loaded)
+    loop_lag = _loop_lag(phases)
+    # The router's side: its rounds, idle windows and the crossing phase; in direct rounds
+    # the router only waits (its lag there is the machine's, kept in loop_lag).
+    router_side = [entry for entry in loop_lag if entry["path"] != "direct"]
+    worst_lag = max(router_side, key=lambda entry: entry["p99"], default=None)
+    sweep_200 = next((c for c in concurrency_sweep if c["concurrency"] == 200), {})
 
     out: dict[str, Any] = {
         "direct_ttft_ms_p50": direct_h.get("ttft_ms_p50"),
@@ -144,6 +254,18 @@ def results(
         "across_workers_ttft_ms_p50": first.get("across_ttft_ms_p50"),
         "crossing_direct_ttft_ms_p50": first.get("direct_ttft_ms_p50"),
         "crossing_concurrency": first.get("concurrency"),
+        "loop_lag_ms_p99": worst_lag["p99"] if worst_lag else None,
+        "loop_lag_ms_p50_worst_phase": worst_lag["p50"] if worst_lag else None,
+        "loop_lag_ms_max": max((e["max"] for e in router_side), default=None),
+        "loop_lag_worst_phase": f"{worst_lag['phase']} ({worst_lag['path']})"
+        if worst_lag
+        else None,
+        **_case_keys("saturation", by_case.get("saturation")),
+        **_case_keys("saturation_wide", by_case.get("wide")),
+        **_case_keys("idle", by_case.get("idle")),
+        "router_tokens_per_cpu_s_single_frames": _per_cpu(single_tokens, single_cpu),
+        "ttft_overhead_ms_p50_200": sweep_200.get("overhead_ms_p50"),
+        "ttft_overhead_ms_p99_200": sweep_200.get("overhead_ms_p99"),
         "errors": errors,
         "token_errors": token_errors,
         "duration_s": round(duration_s, 1),
@@ -152,11 +274,132 @@ def results(
         "node_sweep": node_sweep,
         "concurrency_sweep": concurrency_sweep,
         "crossing": crossing,
+        "saturation": saturation,
+        "loop_lag": loop_lag,
         "phases": phases,
         "profiles": profiles,
     }
     out["targets"] = targets(out, headline, round(1 / plan["token_delay_s"]))
+    out["goals"] = goals(out, headline)
     return out
+
+
+def _case_keys(prefix: str, entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The flat keys of one saturation case (None when the case did not run)."""
+    entry = entry or {}
+    return {
+        f"{prefix}_ttft_ms_p50": entry.get("router_ttft_ms_p50"),
+        f"{prefix}_ttft_ms_p99": entry.get("router_ttft_ms_p99"),
+        f"{prefix}_direct_ttft_ms_p50": entry.get("direct_ttft_ms_p50"),
+        f"{prefix}_direct_ttft_ms_p99": entry.get("direct_ttft_ms_p99"),
+        f"{prefix}_stream_tokens_per_s_p10": entry.get("stream_tokens_per_s_p10"),
+        f"{prefix}_stream_tokens_per_s_p50": entry.get("stream_tokens_per_s_p50"),
+    }
+
+
+def _case_label(entry: dict[str, Any]) -> str:
+    nodes, slots, consumers = entry["nodes"], entry["slots"], entry["consumers"]
+    return (
+        f"{nodes} node{'s' if nodes != 1 else ''} x {slots} slot{'s' if slots != 1 else ''}, "
+        f"{consumers} consumer{'s' if consumers != 1 else ''}"
+    )
+
+
+def goals(r: dict[str, Any], headline: int) -> list[dict[str, Any]]:
+    """Issue 13's goals, each with what this run measured and whether it is met."""
+
+    def row(name: str, goal: str, value: Any, met: bool | None) -> dict[str, Any]:
+        return {"goal": name, "target": goal, "measured": value, "met": met}
+
+    def at_most(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    def at_least(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value >= limit
+
+    by_case = {entry["case"]: entry for entry in r["saturation"]}
+    narrow = by_case.get("saturation")
+    wide = by_case.get("wide")
+    rows = [
+        row(
+            f"event-loop lag p99, worst phase ({r['loop_lag_worst_phase'] or '–'})",
+            f"<= {GOAL_LOOP_LAG_P99_MS:g} ms",
+            r["loop_lag_ms_p99"],
+            at_most(r["loop_lag_ms_p99"], GOAL_LOOP_LAG_P99_MS),
+        ),
+    ]
+    if narrow:
+        label = _case_label(narrow)
+        rows += [
+            row(
+                f"saturation TTFT p50 ({label})",
+                f"<= {GOAL_SATURATION_P50_MS:g} ms",
+                narrow["router_ttft_ms_p50"],
+                at_most(narrow["router_ttft_ms_p50"], GOAL_SATURATION_P50_MS),
+            ),
+            row(
+                f"saturation TTFT p99 ({label})",
+                f"<= {GOAL_SATURATION_P99_MS:g} ms",
+                narrow["router_ttft_ms_p99"],
+                at_most(narrow["router_ttft_ms_p99"], GOAL_SATURATION_P99_MS),
+            ),
+        ]
+    if wide:
+        rows.append(
+            row(
+                f"saturation TTFT p50 ({_case_label(wide)})",
+                f"<= {GOAL_WIDE_P50_MS:g} ms",
+                wide["router_ttft_ms_p50"],
+                at_most(wide["router_ttft_ms_p50"], GOAL_WIDE_P50_MS),
+            )
+        )
+    ratios = [e["starvation_ratio"] for e in (narrow, wide) if e and e["starvation_ratio"]]
+    rows += [
+        row(
+            "no stream starves: per-stream tokens/s p10 / p50 (worse saturation load)",
+            f">= {GOAL_STARVATION_RATIO:g}",
+            min(ratios) if ratios else None,
+            at_least(min(ratios) if ratios else None, GOAL_STARVATION_RATIO),
+        ),
+        row(
+            f"TTFT overhead p50 at {headline} streams (realistic)",
+            f"<= {GOAL_OVERHEAD_P50_MS:g} ms",
+            r["ttft_overhead_ms_p50"],
+            at_most(r["ttft_overhead_ms_p50"], GOAL_OVERHEAD_P50_MS),
+        ),
+        row(
+            f"TTFT overhead p99 at {headline} streams (realistic)",
+            f"<= {GOAL_OVERHEAD_P99_MS:g} ms",
+            r["ttft_overhead_ms_p99"],
+            at_most(r["ttft_overhead_ms_p99"], GOAL_OVERHEAD_P99_MS),
+        ),
+        row(
+            "TTFT overhead p50 at 200 streams (realistic)",
+            f"<= {GOAL_OVERHEAD_200_P50_MS:g} ms",
+            r["ttft_overhead_ms_p50_200"],
+            at_most(r["ttft_overhead_ms_p50_200"], GOAL_OVERHEAD_200_P50_MS),
+        ),
+        row(
+            "capacity, one frame per token (tokens per router CPU-second)",
+            f">= {GOAL_SINGLE_FRAME_CAPACITY:,}",
+            r["router_tokens_per_cpu_s_single_frames"],
+            at_least(r["router_tokens_per_cpu_s_single_frames"], GOAL_SINGLE_FRAME_CAPACITY),
+        ),
+        row(
+            "capacity, batching nodes (tokens per router CPU-second)",
+            f">= {GOAL_BATCHING_CAPACITY:,}",
+            r["router_tokens_per_cpu_s"],
+            at_least(r["router_tokens_per_cpu_s"], GOAL_BATCHING_CAPACITY),
+        ),
+        row("token errors", "0", r["token_errors"], r["token_errors"] == 0),
+        row(
+            "memory per idle node (no regression)",
+            f"<= {GOAL_KB_PER_NODE:g} KB",
+            r["rss_kb_per_node"],
+            at_most(r["rss_kb_per_node"], GOAL_KB_PER_NODE),
+        ),
+    ]
+    return rows
 
 
 def _crossing(phases: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
@@ -297,11 +540,20 @@ def markdown(r: dict[str, Any]) -> str:
         f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gb']} GB, Python "
         f"{machine['python']}, commit {machine['commit']}; load average "
         f"{machine['loadavg_start']} at start, {machine.get('loadavg_end')} at end; "
-        f"{r['duration_s']} s.",
+        f"{r['duration_s']} s. Direct and router rounds alternate in every phase "
+        f"({plan['rounds']} of each); p50 rounds: min / median / max of the rounds' TTFT p50.",
         "",
-        "### Targets (issue 7; issue 3 with several workers)",
+        "### Goals of issue 13",
         "",
     ]
+    lines += _table(
+        ["goal", "target", "measured", "met"],
+        [
+            [g["goal"], g["target"], _fmt(g["measured"], _digits(g["measured"])), g["met"]]
+            for g in r["goals"]
+        ],
+    )
+    lines += ["", "### Targets (issue 7; issue 3 with several workers)", ""]
     lines += _table(
         ["target", "goal", "measured", "met"],
         [
@@ -309,6 +561,7 @@ def markdown(r: dict[str, Any]) -> str:
             for t in r["targets"]
         ],
     )
+    lines += _saturation_markdown(r)
     lines += ["", "### Direct vs router, same workload", ""]
     rows = []
     for p in r["phases"]:
@@ -324,6 +577,7 @@ def markdown(r: dict[str, Any]) -> str:
                 p["ttft_ms_p50"],
                 p["ttft_ms_p95"],
                 p["ttft_ms_p99"],
+                _spread_cell(p.get("ttft_ms_p50_rounds")),
                 p["tokens_per_s"],
                 p["requests_per_s"],
                 p["stream_tokens_per_s_p50"],
@@ -346,6 +600,7 @@ def markdown(r: dict[str, Any]) -> str:
             "TTFT p50 ms",
             "p95 ms",
             "p99 ms",
+            "p50 rounds",
             "tokens/s",
             "req/s",
             "stream tok/s p50",
@@ -432,18 +687,105 @@ def markdown(r: dict[str, Any]) -> str:
             for e in r["node_sweep"]
         ],
     )
+    lines += _loop_lag_markdown(r)
     lines += _crossing_markdown(r, rate)
     lines += [
         "",
         f"Router RSS: {_fmt(r['router_rss_mb_baseline'])} MB after warm-up, peak "
         f"{_fmt(r['router_rss_mb'])} MB. Relay capacity: "
-        f"{_fmt(r['router_tokens_per_cpu_s'])} tokens per router CPU-second. Errors: "
+        f"{_fmt(r['router_tokens_per_cpu_s'])} tokens per router CPU-second with batching "
+        f"nodes, {_fmt(r['router_tokens_per_cpu_s_single_frames'])} with one frame per token. "
+        "Errors: "
         f"{r['errors']} ({r['token_errors']} token errors).",
     ]
     for name, summaries in (r.get("profiles") or {}).items():
         for index, summary in enumerate(summaries):
             lines += ["", profile.markdown(summary, f"profile: router {index}, {name} phase")]
     return "\n".join(lines) + "\n"
+
+
+def _spread_cell(spread: dict[str, float] | None) -> str:
+    if not spread:
+        return "–"
+    return " / ".join(_fmt(spread[key]) for key in ("min", "median", "max"))
+
+
+def _saturation_markdown(r: dict[str, Any]) -> list[str]:
+    if not r.get("saturation"):
+        return []
+    plan = r["parameters"]
+    lines = [
+        "",
+        f"### Saturation (issue 13): instant {plan['saturation_tokens']}-token answers, one "
+        "frame per token, every slot busy",
+        "",
+    ]
+    rows = []
+    for e in r["saturation"]:
+        lag = e["loop_lag_ms"] or {}
+        rows.append(
+            [
+                _case_label(e) + (" (idle reference)" if e["case"] == "idle" else ""),
+                e["requests"],
+                e["errors"],
+                e["direct_ttft_ms_p50"],
+                e["direct_ttft_ms_p99"],
+                e["router_ttft_ms_p50"],
+                e["router_ttft_ms_p99"],
+                _spread_cell(e["router_ttft_ms_p50_rounds"]),
+                e["stream_tokens_per_s_p10"],
+                e["stream_tokens_per_s_p50"],
+                _fmt(e["starvation_ratio"], 3),
+                e["router_tokens_per_s"],
+                e["router_tokens_per_cpu_s"],
+                e["chunks_per_frame"],
+                lag.get("p50"),
+                lag.get("p99"),
+                lag.get("max"),
+            ]
+        )
+    lines += _table(
+        [
+            "load",
+            "requests",
+            "errors",
+            "direct TTFT p50",
+            "direct p99",
+            "router TTFT p50",
+            "router p99",
+            "router p50 rounds",
+            "stream tok/s p10",
+            "p50",
+            "p10/p50",
+            "router tokens/s",
+            "tokens per router CPU-s",
+            "chunks per frame",
+            "loop lag p50",
+            "p99",
+            "max",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _loop_lag_markdown(r: dict[str, Any]) -> list[str]:
+    lines = ["", "### Event-loop lag inside the router (a 10 ms timer, how late it fired, ms)", ""]
+    if not r.get("loop_lag"):
+        return [*lines, "No samples: the measured router has no idleclaw_site/loop_lag.py."]
+    lines += _table(
+        ["phase", "path", "samples", "p50", "p99", "max"],
+        [
+            [e["phase"], e["path"], e["samples"], e["p50"], e["p99"], e["max"]]
+            for e in r["loop_lag"]
+        ],
+    )
+    lines += [
+        "",
+        "In direct rounds the router has nothing to do: its lag there is what the rest of the "
+        "run (emulators, nodes, consumers) and other processes cost it in CPU time.",
+    ]
+    return lines
 
 
 def _crossing_markdown(r: dict[str, Any], rate: int) -> list[str]:

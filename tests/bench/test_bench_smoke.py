@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.harness import CROSSING_CYCLE, Lanes
+from bench.harness import CROSSING_CYCLE, Lanes, plan_for
 from bench.load import Consumers, LoadResult, Outcome, Workload, check_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,22 @@ HEADLINE_KEYS = (
     "router_tokens_per_s",
     "router_rss_mb",
     "nodes_held",
+    "router_tokens_per_cpu_s",
 )
+# Issue 13: the router's event-loop lag, the saturation phase, capacity with single frames.
+ISSUE_13_KEYS = (
+    "loop_lag_ms_p99",
+    "saturation_ttft_ms_p50",
+    "saturation_ttft_ms_p99",
+    "saturation_direct_ttft_ms_p50",
+    "saturation_stream_tokens_per_s_p10",
+    "saturation_stream_tokens_per_s_p50",
+    "saturation_wide_ttft_ms_p50",
+    "saturation_wide_ttft_ms_p99",
+    "idle_ttft_ms_p50",
+    "router_tokens_per_cpu_s_single_frames",
+)
+COMPARED = ("nodes", "saturation", "throughput", "realistic")
 CROSSING_KEYS = (
     "cross_worker_ttft_ms_p50",
     "cross_worker_ttft_ms_p99",
@@ -48,10 +63,16 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[s
     return result, json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory):
+    """One smoke run of one router process, shared by the tests that read it."""
+    return run_bench(tmp_path_factory.mktemp("bench"))
+
+
 @pytest.mark.e2e
-def test_smoke_run_reports_every_headline_figure_without_token_errors(tmp_path: Path):
-    result, figures = run_bench(tmp_path)
-    for key in HEADLINE_KEYS:
+def test_smoke_run_reports_every_headline_figure_without_token_errors(smoke_run):
+    result, figures = smoke_run
+    for key in (*HEADLINE_KEYS, *ISSUE_13_KEYS):
         assert isinstance(figures[key], int | float), (key, figures[key])
     assert figures["token_errors"] == 0
     assert figures["errors"] == 0, [p["error_kinds"] for p in figures["phases"] if p.get("errors")]
@@ -59,10 +80,70 @@ def test_smoke_run_reports_every_headline_figure_without_token_errors(tmp_path: 
     assert figures["router_tokens_per_s"] > 0 and figures["direct_tokens_per_s"] > 0
     assert figures["parameters"]["mode"] == "smoke"
     assert "| target | goal | measured | met |" in result.stdout
+    assert "### Goals of issue 13" in result.stdout
     # One process: nothing crosses workers, so the crossing phase does not run.
     assert figures["cross_worker_ttft_ms_p50"] is None
     assert not [p for p in figures["phases"] if p["kind"] == "crossing"]
     assert "crossing workers" not in result.stdout
+
+
+@pytest.mark.e2e
+def test_smoke_run_alternates_direct_and_router_rounds_and_probes_the_router_loop(smoke_run):
+    _, figures = smoke_run
+    rounds = figures["parameters"]["rounds"]
+    compared = [p for p in figures["phases"] if p["kind"] in COMPARED]
+    names = {p["name"] for p in compared}
+    assert {p["kind"] for p in compared} == set(COMPARED)
+    for name in names:
+        direct, router = (
+            next(p for p in compared if p["name"] == name and p["path"] == path)
+            for path in ("direct", "router")
+        )
+        assert len(direct["rounds"]) == len(router["rounds"]) == rounds, name
+        # direct, router, direct, router, ...: each round ends before the next begins.
+        spans = [
+            span for pair in zip(direct["rounds"], router["rounds"], strict=True) for span in pair
+        ]
+        edges = [edge for span in spans for edge in (span["began_s"], span["ended_s"])]
+        assert edges == sorted(edges), name
+        for phase in (direct, router):
+            assert phase["requests"] == sum(r["requests"] for r in phase["rounds"]) > 0
+            spread = phase["ttft_ms_p50_rounds"]
+            assert spread["min"] <= spread["median"] <= spread["max"]
+            assert isinstance(phase["stream_tokens_per_s_p10"], int | float)
+        # The router's own loop was probed through its rounds.
+        assert router["loop_lag_ms"]["samples"] > 0, name
+    # Saturation nodes send one frame per token, as the network's existing nodes do.
+    saturation = [p for p in compared if p["kind"] == "saturation"]
+    assert {p["case"] for p in saturation} == {"idle", "saturation", "wide"}
+    assert all(p["chunks_per_frame"] == 1.0 for p in saturation)
+    p50_goals = [g for g in figures["goals"] if g["goal"].startswith("saturation TTFT p50")]
+    assert [g["measured"] for g in p50_goals] == [
+        figures["saturation_ttft_ms_p50"],
+        figures["saturation_wide_ttft_ms_p50"],
+    ]
+    assert figures["loop_lag_ms_p99"] == max(
+        e["p99"] for e in figures["loop_lag"] if e["path"] != "direct"
+    )
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_every_compared_phase_measures_at_least_200_requests_per_path(mode: str):
+    plan = plan_for(mode)
+    per_round = {
+        "node sweep": plan.round_requests(plan.node_sweep_concurrency),
+        "throughput": plan.round_requests(plan.throughput_concurrency, plan.throughput_samples),
+        **{
+            f"saturation {case}": plan.round_requests(case[2], plan.saturation_samples)
+            for case in (plan.idle_case, plan.saturation_case, plan.wide_case)
+        },
+        **{f"realistic C={c}": plan.realistic_requests(c) for c in plan.concurrencies},
+    }
+    assert plan.rounds >= 3  # a spread needs a median apart from the extremes
+    for phase, requests in per_round.items():
+        assert requests * plan.rounds >= 200, phase
+    assert plan.saturation_case == (1, 10, 10) and plan.wide_case == (10, 10, 50)
+    assert plan.saturation_tokens == 200
 
 
 @pytest.mark.e2e
@@ -134,6 +215,55 @@ def test_crossing_phases_stay_out_of_the_headline_and_the_concurrency_sweep():
     row = figures["targets"][-1]
     assert row["target"].startswith("TTFT added by crossing workers (issue 3)")
     assert (row["measured"], row["met"]) == (1.5, True)
+
+
+def _saturation_phase(case: str, path: str, tokens: int, router_cpu: float, lag_p99: float):
+    return {
+        **_phase("saturation", path, 10, 50.0),
+        "name": f"saturation {case}",
+        "case": case,
+        "tokens": tokens,
+        "stream_tokens_per_s_p10": 400.0,
+        "stream_tokens_per_s_p50": 1000.0,
+        "cpu_s": {"router": router_cpu},
+        "loop_lag_ms": {"samples": 100, "p50": 1.0, "p99": lag_p99, "max": lag_p99 + 1},
+    }
+
+
+def test_issue_13_figures_count_the_router_side_of_the_saturation_loads():
+    plan = {
+        "headline_concurrency": 1,
+        "concurrencies": [1],
+        "token_delay_s": 1 / 30,
+        "idle_case": [1, 1, 1],
+        "saturation_case": [1, 10, 10],
+        "wide_case": [10, 10, 50],
+    }
+    phases = [
+        _saturation_phase("idle", "direct", 40_000, 0.0, 90.0),
+        _saturation_phase("idle", "router", 40_000, 4.0, 3.0),
+        _saturation_phase("saturation", "direct", 40_000, 0.0, 80.0),
+        _saturation_phase("saturation", "router", 40_000, 2.0, 7.0),
+        _saturation_phase("wide", "direct", 60_000, 0.0, 70.0),
+        _saturation_phase("wide", "router", 60_000, 3.0, 6.0),
+    ]
+    figures = report.results(
+        plan=plan,
+        machine={},
+        phases=phases,
+        node_sweep=[],
+        baseline_rss_mb=0.0,
+        router_peak_rss_mb=0.0,
+        profiles={},
+        duration_s=1.0,
+    )
+    # The two saturation loads' router rounds together; the idle reference stays out.
+    assert figures["router_tokens_per_cpu_s_single_frames"] == 20_000.0
+    # Direct rounds show the machine's load on an idle router, not the router's own lag.
+    assert figures["loop_lag_ms_p99"] == 7.0
+    assert figures["loop_lag_worst_phase"] == "saturation saturation (router)"
+    starving = next(g for g in figures["goals"] if g["goal"].startswith("no stream starves"))
+    assert (starving["measured"], starving["met"]) == (0.4, False)
 
 
 class _Path(Consumers):
