@@ -358,8 +358,9 @@ class Cluster:
         self.servers: Any = None  # bench.servers handle in --workers mode
         self.profilers: list[tuple[Service, Path]] = []
         self._pool_serial = 0
-        # Where the routers' loop-lag probes write (idleclaw_site/loop_lag.py), one file each.
-        self.lag_prefix = work_dir / "loop-lag"
+        # Where the routers' loop-lag probes write (idleclaw_site/loop_lag.py), one file each;
+        # None: probes off (--router-env IDLECLAW_LOOP_LAG_FILE=).
+        self.lag_prefix: Path | None = work_dir / "loop-lag"
 
     # ----- emulators
 
@@ -434,7 +435,7 @@ class Cluster:
         else:
             env["IDLECLAW_SQLITE_PATH"] = str(self.work_dir / "router.sqlite3")
         env.update(self.router_env)
-        self.lag_prefix = Path(env[lag.ENV])
+        self.lag_prefix = Path(env[lag.ENV]) if env[lag.ENV] else None
         migrate = await asyncio.to_thread(
             subprocess.run,
             [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
@@ -999,8 +1000,11 @@ class Run:
         await asyncio.sleep(0.5)
         self.baseline_rss_mb = self.meter.router_rss_mb()
         # The probes flush twice a second: by now every router has written if it probes.
-        probes = lag.files(self.cluster.lag_prefix)
-        if probes:
+        prefix = self.cluster.lag_prefix
+        probes = lag.files(prefix) if prefix else []
+        if prefix is None:
+            self.log("event-loop lag probe: off (IDLECLAW_LOOP_LAG_FILE is empty)")
+        elif probes:
             self.log(f"event-loop lag probe: {len(probes)} router process(es) writing samples")
         else:
             self.log(
@@ -1228,6 +1232,8 @@ class Run:
     async def attach_loop_lag(self) -> None:
         """Give every phase the router's event-loop lag inside its stretches."""
         await asyncio.sleep(LAG_FLUSH_WAIT_S)  # the probes' last lines of the last phase
+        if self.cluster.lag_prefix is None:
+            return
         samples = await asyncio.to_thread(lag.read, self.cluster.lag_prefix)
         for phase in self.phases:
             phase.loop_lag = lag.stats(samples, phase.usage.windows)

@@ -772,7 +772,11 @@ def _saturation_markdown(r: dict[str, Any]) -> list[str]:
 def _loop_lag_markdown(r: dict[str, Any]) -> list[str]:
     lines = ["", "### Event-loop lag inside the router (a 10 ms timer, how late it fired, ms)", ""]
     if not r.get("loop_lag"):
-        return [*lines, "No samples: the measured router has no idleclaw_site/loop_lag.py."]
+        return [
+            *lines,
+            "No samples: the probe was off (`IDLECLAW_LOOP_LAG_FILE=`) or the measured router "
+            "has no idleclaw_site/loop_lag.py.",
+        ]
     lines += _table(
         ["phase", "path", "samples", "p50", "p99", "max"],
         [
