@@ -1384,23 +1384,19 @@ class ChunkSanitizer:
     def clean(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk with markup removed, or None when nothing of it can be shown yet."""
         message = chunk["message"]
-        content = message.get("content", "")
-        thinking = message.get("thinking", "")
-        if (
-            not chunk["done"]
-            and (not content or self.content.quiet and not (
-                "<" in content or "`" in content or "\n" in content or "\r" in content))
-            and (not thinking or self.thinking.quiet and not (
-                "<" in thinking or "`" in thinking or "\n" in thinking or "\r" in thinking))
-            and not message.keys().isdisjoint(_SHOWN)
-        ):
-            # Most chunks: mid-line prose, nothing held, nothing that could start markup or code.
-            # (The last character decides whether a backtick after it is escaped.)
-            if content:
-                self.content._last = content[-1]
-            if thinking:
-                self.thinking._last = thinking[-1]
-            return chunk
+        if not chunk["done"]:
+            # Most chunks: one token of content (or of thinking) in mid-line prose, nothing held,
+            # nothing in it that could start markup, code or a line: the chunk itself.
+            text = message.get("content")
+            stripper = self.content
+            if not text or "thinking" in message:
+                stripper = self.thinking
+                if text or not (text := message.get("thinking")):
+                    stripper = None
+            if (stripper is not None and stripper.quiet and "<" not in text and "`" not in text
+                    and "\n" not in text and "\r" not in text):
+                stripper._last = text[-1]  # (it decides whether a backtick after it is escaped)
+                return chunk
         message = dict(message)
         for key, stripper in (("content", self.content), ("thinking", self.thinking)):
             text = stripper.feed(message.get(key, ""))

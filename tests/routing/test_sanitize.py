@@ -296,6 +296,10 @@ def test_chunk_sanitizer_holds_back_a_tag_and_releases_the_text_around_it():
     assert sanitizer.clean(chunk("ipt>x</script> there")) == chunk(" there")
     plain = chunk(" world")
     assert sanitizer.clean(plain) is plain  # the common case: the chunk itself, unchanged
+    first = sanitizer.clean(chunk("", thinking="Let"))
+    assert first == {"message": {"role": "assistant", "thinking": "Let"}, "done": False}
+    thought = chunk("", thinking=" me see")
+    assert sanitizer.clean(thought) is thought
     end = sanitizer.clean({**chunk("", done=True), "done_reason": "stop"})
     assert end == {"message": {"role": "assistant"}, "done": True, "done_reason": "stop"}
 
