@@ -424,6 +424,9 @@ class Cluster:
             "IDLECLAW_RATE_CHAT": "10000000/m",
             "IDLECLAW_RATE_DEFAULT": "10000000/m",
             "IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP": "100000",
+            # Up to 200 consumers' connections, kept alive between requests, wait for their next
+            # head at once; at the default (64) a lagging router closes the rest (issue 12).
+            "IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP": "100000",
             "IDLECLAW_NODE_MAX_FRAMES_PER_S": "1000000",
             "IDLECLAW_WORKERS": str(self.plan.workers),
             lag.ENV: str(self.lag_prefix),
