@@ -170,8 +170,10 @@ ESC = "\x1b"
 # Characters never printed: C0 controls except \t and \n, DEL, the C1 controls U+0080-U+009F,
 # and the bidi embeddings, overrides and isolates that reorder what a terminal shows (Trojan
 # Source, CVE-2021-42574). \r goes too: a lone one returns the cursor so that what follows
-# overwrites the line, and without it \r\n is just \n.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# overwrites the line, and without it \r\n is just \n. Lone surrogates go too: JSON may carry
+# "\udc9b", and a stdout with surrogateescape (the C.UTF-8 locale's) writes it as the raw byte
+# 0x9B, the 8-bit CSI; a strict stdout fails on it instead.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 # What ends a control string (OSC, DCS, SOS, PM, APC): BEL, ST as ESC \ or U+009C; CAN and SUB
 # cancel it (ECMA-48 and xterm's ctlseqs).
 _STRING_END = re.compile("[\x07\x18\x1a\x1b\x9c]")

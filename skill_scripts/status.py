@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the network status; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # A field the terminal's encoding cannot take (a lone surrogate shown with --raw) becomes
+    # "?" instead of a crash or, with surrogateescape, a raw byte (as consume.py does).
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         server = config.server_from_env()
     except config.ConfigError as exc:

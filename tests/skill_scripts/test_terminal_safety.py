@@ -214,6 +214,69 @@ def test_status_raw_shows_the_fields_as_received():
     assert "\x1b[31mevil\x1b[0m:1b\u202e" in shown
 
 
+# ---- lone surrogates: JSON may carry "\udc9b", and a surrogateescape stdout writes it as the
+# raw byte 0x9B, the 8-bit CSI (red-team finding F10)
+
+# The locale this machine and many containers give (C.UTF-8): stdout encodes UTF-8 with
+# surrogateescape, so "\udc9b" becomes the single byte 0x9B. Set here so that the test does not
+# depend on the locale it runs under; the strict handler is the other usual one.
+SURROGATEESCAPE = {"PYTHONIOENCODING": "utf-8:surrogateescape", "LC_ALL": "C.UTF-8"}
+STRICT = {"PYTHONIOENCODING": "utf-8:strict", "LC_ALL": "C.UTF-8"}
+EIGHT_BIT_C1 = re.compile(b"[\x80-\x9f]")
+
+
+def surrogate_status_router() -> FakeHTTPServer:
+    """Fields with low surrogates only (U+DC80-U+DCFF), which surrogateescape writes as bytes;
+    any other lone surrogate makes it fail like the strict handler."""
+    def handle(handler):
+        if handler.path == "/health":  # json.dumps writes them as \udc9b escapes
+            send_json(handler, 200, {"status": "healthy\udc9b2J\udc9c", "uptime_seconds": 5,
+                                     "node_count": 1})
+        else:
+            send_json(handler, 200, {"models": ["m\udc9b[2J:1b", "n\udc9d0;T\udc9c:1b"],
+                                     "capabilities": {}})
+    return FakeHTTPServer(handle)
+
+
+def run_status(*args: str, server: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "status.py"), *args],
+                          env=script_env(IDLECLAW_SERVER=server, **env), capture_output=True,
+                          timeout=30)
+
+
+def test_lone_surrogates_in_status_fields_never_reach_the_terminal_as_c1_bytes():
+    with surrogate_status_router() as server:
+        result = run_status(server=server.url, env=SURROGATEESCAPE)
+    assert result.returncode == 0, result.stderr
+    assert not EIGHT_BIT_C1.search(result.stdout), result.stdout
+    assert assert_terminal_safe(result.stdout).splitlines()[1:] == [
+        "status:  healthy2J", "uptime:  5s", "nodes:   1", "models:  2",
+        "  m[2J:1b", "  n0;T:1b",
+    ]
+
+
+@pytest.mark.parametrize("env", [SURROGATEESCAPE, STRICT], ids=["surrogateescape", "strict"])
+def test_status_raw_with_lone_surrogates_neither_writes_c1_bytes_nor_crashes(env):
+    with surrogate_status_router() as server:
+        result = run_status("--raw", server=server.url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not EIGHT_BIT_C1.search(result.stdout), result.stdout
+    # As consume.py does: what the terminal cannot be given is shown as "?".
+    assert "status:  healthy?2J?\n" in result.stdout.decode()
+
+
+def test_lone_surrogates_in_an_answer_are_removed():
+    deltas = ["A\udc9b2J", "\udc1bB\ud800", "\udfff C"]
+    parts = [sse_event(d) for d in deltas] + [b"data: [DONE]\n\n"]
+    with sse_router(*parts) as server:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPTS / "consume.py"), "--model", MODEL, "--prompt", "hi"],
+            env=script_env(IDLECLAW_SERVER=server.url, **SURROGATEESCAPE),
+            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert assert_terminal_safe(result.stdout) == "A2JB C\n"
+
+
 # ---- end to end: a hostile node on a real router, consume.py as a consumer
 
 
@@ -287,6 +350,13 @@ def test_a_sequence_split_at_every_character_is_removed_whole():
     terminal = idleclaw_config.TerminalFilter()
     shown = "".join(terminal.feed(char) for char in text)
     assert shown == "".join(case[1] for case in CASES.values())
+
+
+def test_the_filter_removes_lone_surrogates_even_inside_a_split_sequence():
+    text = "a\udc9b2Jb\ud800\x1b[\udfff31mc\x1b]0;\udc07t\x07d"
+    terminal = idleclaw_config.TerminalFilter()
+    assert "".join(terminal.feed(char) for char in text) == "a2Jb31mcd"
+    assert idleclaw_config.printable(text) == "a2Jb31mcd"
 
 
 def test_plain_text_is_left_alone():
