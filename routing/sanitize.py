@@ -247,12 +247,11 @@ _INDENT = re.compile(r"[ \t]*")
 _NAME_RUN = re.compile(r"[^\t\n\f\r />]*")
 # Characters a line may start with before a fence: indentation, list markers, ">".
 _PREFIX_RUN = re.compile(r"[ \t>*+.)0-9-]*")
-_PREFIX_ONLY = re.compile(r"[ \t>*+.)0-9-]*")
 # Container prefixes under which some renderer could see a fence.
 _CONTAINER_PREFIX = re.compile(r"(?:[ \t]*(?:>|[-+*](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*")
 # The prefixes under which this module accepts a fence: up to three spaces, or one list marker.
 _OPENER_PREFIX = re.compile(r" {0,3}(?:([-+*]|(\d{1,9})[.)]) {1,4})?")
-# Lines that need no decision one by one: plain prose lines, not starting a possible fence.
+# A blank line: a line ending, spaces or tabs, another line ending.
 _BLANK_IN = re.compile(r"(?:\r\n|\r(?!\n)|\n)[ \t]*(?=[\r\n])")
 # A "<" in output text that begins something tag-shaped, or may once the next character comes.
 _TAGISH = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z]|/?\Z)")
@@ -534,7 +533,7 @@ class TagStripper:
         self._cr = False
         line = self._line
         if line is not None:
-            if _PREFIX_ONLY.fullmatch(s):
+            if _PREFIX_RUN.fullmatch(s):
                 if len(line) + len(s) <= MAX_PREFIX_CHARS:
                     self._line = line + s
                 else:
@@ -760,7 +759,7 @@ class TagStripper:
             self._cr = snap[7] if not body else False
         if tail:
             if line is not None:
-                if _PREFIX_ONLY.fullmatch(tail):
+                if _PREFIX_RUN.fullmatch(tail):
                     if len(line) + len(tail) <= MAX_PREFIX_CHARS:
                         line = line + tail
                     else:
@@ -951,7 +950,7 @@ class TagStripper:
         self._cr = not tail and s[-1] == "\r"
         self._last = s[-1]
         self._line_long = False
-        if _PREFIX_ONLY.fullmatch(tail) and len(tail) <= MAX_PREFIX_CHARS:
+        if _PREFIX_RUN.fullmatch(tail) and len(tail) <= MAX_PREFIX_CHARS:
             self._line = tail
         else:
             self._line = None
@@ -1286,7 +1285,7 @@ class TagStripper:
                         self._degraded = True  # ... or maybe not: nothing is code any more
                     indent = self._findent
                     self._close_fence()
-                    self._line = indent if _PREFIX_ONLY.fullmatch(indent) else None
+                    self._line = indent if _PREFIX_RUN.fullmatch(indent) else None
                     self._blank = True
                     return pos
                 if ch == self._fchar and col <= self._whi + 3:
