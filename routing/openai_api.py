@@ -247,9 +247,13 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     )
 
 
-def _openai_tool_calls(calls: list[dict[str, Any]], *, indexed: bool) -> list[dict[str, Any]]:
+def _openai_tool_calls(
+    calls: list[dict[str, Any]], *, indexed: bool, first: int = 0
+) -> list[dict[str, Any]]:
+    """Ollama's tool calls in OpenAI's shape; streamed ones numbered from ``first``: clients
+    merge the deltas that share an ``index``, so the numbering runs across the whole stream."""
     converted = []
-    for index, call in enumerate(calls):
+    for index, call in enumerate(calls, start=first):
         function = call["function"]
         arguments = function.get("arguments", {})
         entry: dict[str, Any] = {
@@ -322,10 +326,10 @@ async def completion_stream(
     content_close = f'}},"logprobs":null,"finish_reason":null}}]{usage_tail}\n\n'.encode()
 
     yield event({"role": "assistant", "content": ""})
-    saw_tool_calls = False
+    calls_seen = 0
 
     def render(chunk: dict[str, Any]) -> Iterator[bytes]:
-        nonlocal saw_tool_calls
+        nonlocal calls_seen
         message = chunk["message"]
         if "thinking" in message:
             thinking = message["thinking"]
@@ -333,10 +337,11 @@ async def completion_stream(
         if "content" in message:
             yield content_open + dumps(message["content"]).encode() + content_close
         if "tool_calls" in message:
-            saw_tool_calls = True
-            yield event({"tool_calls": _openai_tool_calls(message["tool_calls"], indexed=True)})
+            calls = _openai_tool_calls(message["tool_calls"], indexed=True, first=calls_seen)
+            calls_seen += len(calls)
+            yield event({"tool_calls": calls})
         if chunk["done"]:
-            yield event({}, finish_reason_of(chunk, saw_tool_calls))
+            yield event({}, finish_reason_of(chunk, calls_seen > 0))
             if include_usage:
                 usage = usage_of(chunk) or {
                     "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,

@@ -337,7 +337,7 @@ class Relay:
         node_done = False
         failing_over = False
         sanitizer = ChunkSanitizer()
-        dropped_before = self.tools.dropped
+        dropped_before = (self.tools.dropped, self.tools.unoffered)
         # A layer that can say what is already queued (the in-process one) lets the chunks that
         # arrived together leave together.
         queued = getattr(self.layer, "receive_now", None) or _nothing_queued
@@ -390,18 +390,24 @@ class Relay:
                     for raw in batch:
                         chunks += 1
                         chunk = sanitizer.clean(raw)
+                        size = 0
                         if chunk is not None and "tool_calls" in chunk["message"]:
+                            # Tool calls count against the answer's budget, shown or dropped: a
+                            # node can grow an answer, or make the router check calls, only so
+                            # far through them.
+                            size = len(dumps(chunk["message"]["tool_calls"]))
                             chunk = self._offered_calls_only(chunk)
                         if chunk is None:
-                            continue  # nothing left to show yet (a tag may be arriving)
+                            # Nothing left to show yet (a tag may be arriving, or every call
+                            # was dropped).
+                            char_budget -= size
+                            if char_budget > 0:
+                                continue
+                            chunk, size = {"message": {"role": "assistant"}, "done": False}, 0
                         message = chunk["message"]
-                        size = len(message.get("content", "")) + len(message.get("thinking", ""))
-                        if "tool_calls" in message:
-                            # Tool calls count against the same budget: a node cannot grow an
-                            # answer without bound through them.
-                            size += len(json.dumps(message["tool_calls"]))
-                        if size >= char_budget and not chunk["done"]:
-                            out.append(_truncated(chunk, char_budget))
+                        size += len(message.get("content", "")) + len(message.get("thinking", ""))
+                        if size > char_budget or (size == char_budget and not chunk["done"]):
+                            out.append(_truncated(chunk, max(char_budget, 0)))
                             out.append({"message": {"role": "assistant"}, "done": True,
                                         "done_reason": "length"})
                             outcome = _measured("completed", sent_at, first_at, chunks, None)
@@ -424,8 +430,8 @@ class Relay:
         finally:
             self.claim = None
             self.tried.add(claim.session_id)
-            if self.tools.dropped != dropped_before:
-                outcome = self._with_dropped_calls(outcome, dropped_before, claim)
+            if self.tools.dropped != dropped_before[0]:
+                outcome = self._with_dropped_calls(outcome, *dropped_before, claim)
             await asyncio.shield(
                 self._release(claim, outcome, cancel=not node_done, final=not failing_over)
             )
@@ -444,17 +450,24 @@ class Relay:
             return None
         return {**chunk, "message": message}
 
-    def _with_dropped_calls(self, outcome: Outcome, dropped_before: int, claim: Claim) -> Outcome:
-        """A node that sends tool calls nobody offered is counted, and the answer costs it as a
-        failure would. Never logged: what the calls said."""
+    def _with_dropped_calls(
+        self, outcome: Outcome, dropped_before: int, unoffered_before: int, claim: Claim
+    ) -> Outcome:
+        """Dropped calls are counted on the node. A call to a function nobody offered costs it as
+        a failure would; one that broke a strict schema does not, since the node never learns
+        that the schema is strict (a consumer could otherwise cool honest nodes down at will).
+        Never logged: what the calls said."""
         dropped = self.tools.dropped - dropped_before
+        unoffered = self.tools.unoffered - unoffered_before
         logger.warning(
-            "node %s sent %d tool calls the request did not offer (or that broke its schema); "
-            "dropped",
+            "node %s: %d tool calls dropped (%d to functions the request did not offer)",
             claim.node_id,
             dropped,
+            unoffered,
         )
-        kind = "failed" if outcome.kind == "completed" else outcome.kind
+        kind = outcome.kind
+        if unoffered and kind == "completed":
+            kind = "failed"
         return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
     async def _release(
@@ -492,8 +505,9 @@ def _nothing_queued(channel: str) -> None:
 
 
 def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
-    """The part of a chunk that fits the remaining character budget (reasoning first)."""
-    message = dict(chunk["message"])
+    """The part of a chunk that fits the remaining character budget (reasoning first). Tool
+    calls do not fit: a call cut short is no call."""
+    message = _without(chunk["message"], "tool_calls")
     thinking = message.pop("thinking", "")[:budget]
     content = message.pop("content", "")[: max(0, budget - len(thinking))]
     if thinking:

@@ -10,8 +10,11 @@ The schema check covers what strict mode is about: ``type`` (one or a list), ``e
 ``const``, ``properties``, ``required``, ``additionalProperties``, ``items``, ``anyOf``/``oneOf``
 and local ``$ref`` into ``$defs``/``definitions``. Keywords it does not know constrain nothing,
 as JSON Schema says of unknown keywords. Both the schema (the consumer's) and the arguments (the
-node's) are untrusted, so the walk has a step budget: arguments it cannot finish checking within
-it are treated as invalid.
+node's) are untrusted, so the walk has a budget of steps, charged for every schema visited and
+every entry of an ``enum``, ``type``, ``required`` or ``anyOf`` list looked at: at most
+``MAX_STEPS`` for one call (a few milliseconds of the event loop) and ``MAX_STEPS_PER_REQUEST``
+for all the calls of one answer. Arguments it cannot finish checking within the budget are
+treated as invalid.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Schema nodes visited for one call at most: a real check takes tens or hundreds, and this many
-# take about 3 ms of the event loop.
-MAX_STEPS = 3_000
+# Steps for one call at most: a real check takes tens or hundreds; this many take 1-2 ms of the
+# event loop (tests/routing/test_tool_calls.py measures the worst shapes).
+MAX_STEPS = 2_000
+# Steps for all the strict calls of one answer: past it, strict calls are dropped unchecked.
+MAX_STEPS_PER_REQUEST = 20_000
 
 
 class _OutOfSteps(Exception):
@@ -35,7 +40,11 @@ class ToolPolicy:
 
     offered: frozenset[str] = frozenset()
     strict: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Calls to functions nobody offered, and calls that broke a strict schema: only the first
+    # are the node's fault (it never sees whether a schema is strict).
     dropped: int = 0
+    unoffered: int = 0
+    steps_left: int = MAX_STEPS_PER_REQUEST
 
     @classmethod
     def of(cls, tools: Iterable[dict[str, Any]] | None) -> ToolPolicy:
@@ -55,9 +64,18 @@ class ToolPolicy:
         function = call["function"]
         name = function["name"]
         if name not in self.offered:
+            self.unoffered += 1
             return False
         schema = self.strict.get(name)
-        return schema is None or conforms(function["arguments"], schema)
+        if schema is None:
+            return True
+        steps = [min(MAX_STEPS, self.steps_left)]
+        try:
+            return _check(function["arguments"], schema, schema, steps)
+        except (_OutOfSteps, RecursionError):
+            return False
+        finally:
+            self.steps_left -= min(MAX_STEPS, self.steps_left) - max(steps[0], 0)
 
     def filter(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The calls that may pass; the others are counted in ``dropped``."""
@@ -67,7 +85,8 @@ class ToolPolicy:
 
 
 def conforms(value: Any, schema: Any) -> bool:
-    """Whether ``value`` validates against ``schema`` (the subset in the module docstring)."""
+    """Whether ``value`` validates against ``schema`` (the subset in the module docstring),
+    within ``MAX_STEPS``."""
     try:
         return _check(value, schema, schema, [MAX_STEPS])
     except (_OutOfSteps, RecursionError):
@@ -93,10 +112,14 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _check(value: Any, schema: Any, root: Any, steps: list[int]) -> bool:
-    steps[0] -= 1
+def _spend(steps: list[int], count: int) -> None:
+    steps[0] -= count
     if steps[0] < 0:
         raise _OutOfSteps
+
+
+def _check(value: Any, schema: Any, root: Any, steps: list[int]) -> bool:
+    _spend(steps, 1)
     if schema is True or schema is None:
         return True
     if schema is False:
@@ -111,16 +134,20 @@ def _check(value: Any, schema: Any, root: Any, steps: list[int]) -> bool:
     kind = schema.get("type")
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]
+        _spend(steps, len(kinds))
         if not any(_TYPES.get(k, lambda v: False)(value) for k in kinds if isinstance(k, str)):
             return False
     enum = schema.get("enum")
-    if isinstance(enum, list) and not any(_same(value, option) for option in enum):
-        return False
+    if isinstance(enum, list):
+        _spend(steps, len(enum))
+        if not any(_same(value, option) for option in enum):
+            return False
     if "const" in schema and not _same(value, schema["const"]):
         return False
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
+            _spend(steps, len(options))
             matches = sum(1 for option in options if _check(value, option, root, steps))
             if matches == 0 or (key == "oneOf" and matches > 1):
                 return False
@@ -137,10 +164,10 @@ def _check_object(
     value: dict[str, Any], schema: dict[str, Any], root: Any, steps: list[int]
 ) -> bool:
     required = schema.get("required")
-    if isinstance(required, list) and any(
-        isinstance(key, str) and key not in value for key in required
-    ):
-        return False
+    if isinstance(required, list):
+        _spend(steps, len(required))
+        if any(isinstance(key, str) and key not in value for key in required):
+            return False
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         properties = {}

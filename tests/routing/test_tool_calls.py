@@ -94,3 +94,27 @@ def test_no_tools_offered_lets_no_call_through():
     policy = ToolPolicy.of(None)
     assert policy.filter([{"function": {"name": "get_weather", "arguments": {}}}]) == []
     assert policy.dropped == 1
+
+
+def test_long_keyword_lists_are_charged_by_their_length():
+    # A consumer's schema may hold an enum of ten thousand entries and a node's arguments six
+    # thousand items to check against it: charged one step per node visited, that was sixty
+    # million comparisons on the event loop.
+    schema = {"type": "object", "additionalProperties": {
+        "type": "array", "items": {"enum": [1] * 10_600 + [0]}}}
+    typed = {"type": "object", "additionalProperties": {
+        "type": "array", "items": {"type": ["x"] * 3_500 + ["integer"]}}}
+    started = time.perf_counter()
+    assert not conforms({"a": [0] * 6_600}, schema)
+    assert not conforms({"a": [0] * 6_600}, typed)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_one_answer_gets_one_budget_for_all_its_strict_calls():
+    policy = ToolPolicy.of([{"type": "function", "function": {
+        "name": "f", "strict": True, "parameters": {"type": "array", "items": {"type": "integer"}}
+    }}])
+    heavy = {"function": {"name": "f", "arguments": list(range(600))}}  # 1,202 steps
+    assert policy.filter([heavy] * 16) == [heavy] * 16
+    assert policy.filter([heavy]) == []  # what is left of the answer's budget is too little
+    assert policy.dropped == 1 and policy.unoffered == 0

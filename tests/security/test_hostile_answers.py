@@ -11,6 +11,7 @@ from asgiref.sync import sync_to_async
 
 from nodes.models import NodeSession
 from nodes.protocol import CloseReason, FrameType
+from tests.routing.test_views import sse_events
 from tests.security.hostile import (
     FRONT_ENDS,
     front_end_request,
@@ -256,4 +257,70 @@ async def test_a_failure_inside_the_relay_still_ends_the_stream_properly(
         assert seen.content.startswith("half")
         assert seen.finish == "error" or "router failed" in (seen.error or "")
     assert await leftovers() == (0, 0, 0)
+    await node.disconnect()
+
+
+async def test_a_call_breaking_a_strict_schema_is_not_held_against_the_node(channel_layer):
+    # The node never sees that a schema is strict: if such drops cooled it down, any consumer
+    # could take honest nodes out of rotation with a schema no call can meet.
+    call = {"function": {"name": "get_weather", "arguments": {"town": "Oslo"}}}
+    node, _, seen = await answer_with("v1-json", [calls_chunk(call), DONE],
+                                      tools=[weather_tool(strict=True)])
+    assert seen.tool_calls == []
+    record = await node_record()
+    assert (record.dropped_tool_calls, record.failed, record.completed) == (1, 0, 1)
+    await node.disconnect()
+
+
+async def test_dropped_calls_count_against_the_answers_budget(channel_layer, settings):
+    # Unoffered calls never shown still cost the router work: they use up the answer's
+    # character budget, which ends the answer and stops the node.
+    settings.IDLECLAW_MAX_RESPONSE_CHARS = 5_000
+    big = {"function": {"name": "rm_rf", "arguments": {"blob": "A" * 1_000}}}
+    node = await honest_node()
+    client = front_end_request("v1-stream")
+    await client.app.send_input({"type": "http.request", "body": client.body})
+    rid = (await node.recv())["request_id"]
+    for _ in range(6):
+        await node.send({"type": FrameType.INFERENCE_CHUNK, "request_id": rid,
+                         "chunk": calls_chunk(big, big)})
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    await client.app.receive_output(5)
+    seen = read_answer("v1-stream", 200, await read_body(client))
+    assert seen.tool_calls == [] and seen.finish == "length"
+    await node.disconnect()
+
+
+@pytest.mark.parametrize("front_end", ["api-chat-sse", "v1-json", "ollama-chat-json"])
+async def test_a_final_chunk_over_the_budget_is_cut_too(channel_layer, settings, front_end):
+    settings.IDLECLAW_MAX_RESPONSE_CHARS = 100
+    final = {**DONE, "message": {"role": "assistant", "content": "B" * 1_000}}
+    node, _, seen = await answer_with(
+        front_end, [{"message": {"role": "assistant", "content": "A" * 60}, "done": False},
+                    final])
+    assert seen.content == "A" * 60 + "B" * 40
+    assert seen.finish == "length"
+    await node.disconnect()
+
+
+async def test_calls_in_separate_chunks_stay_separate_calls_on_the_v1_stream(channel_layer):
+    paris = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    rome = {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+    node = await honest_node()
+    client = front_end_request("v1-stream", tools=[weather_tool()])
+    await client.app.send_input({"type": "http.request", "body": client.body})
+    rid = (await node.recv())["request_id"]
+    for chunk in (calls_chunk(paris), calls_chunk(rome), DONE):
+        await node.send({"type": FrameType.INFERENCE_CHUNK, "request_id": rid, "chunk": chunk})
+    await client.app.receive_output(5)
+    # As OpenAI's clients read a stream: deltas with the same index are one call, their names
+    # and arguments concatenated.
+    merged: dict[int, dict[str, str]] = {}
+    for event in sse_events(await read_body(client))[:-1]:
+        for delta in event["choices"][0]["delta"].get("tool_calls", []):
+            call = merged.setdefault(delta["index"], {"name": "", "arguments": ""})
+            call["name"] += delta["function"]["name"]
+            call["arguments"] += delta["function"]["arguments"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in merged.values()] == [
+        ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     await node.disconnect()
