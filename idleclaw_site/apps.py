@@ -12,8 +12,9 @@ from idleclaw_site import local_files
 
 def _private_sqlite_files(sender: Any, connection: Any, **kwargs: Any) -> None:
     # SQLite creates a new database with the umask's mode and gives its -wal and -shm files the
-    # database's mode: making the database private as soon as it is opened keeps all three
-    # private (idleclaw_site/local_files.py).
+    # database's mode. The database named in the settings is created 0600 before it is first
+    # opened (local_files.repair_at_start); this catches one created later, a test database or
+    # one deleted and made again, before its -wal and -shm exist (idleclaw_site/local_files.py).
     if connection.vendor == "sqlite":
         local_files.secure_sqlite_files(connection.settings_dict["NAME"])
 
