@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 import socket
 from pathlib import Path
 
@@ -78,21 +77,7 @@ def envrate(name: str, default: str) -> str:
 
 def _local_secret_key() -> str:
     """A key generated once per checkout and kept, so sessions survive restarts."""
-    path = LOCAL_DIR / "secret_key"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    local_files.make_private_dir(LOCAL_DIR)
-    key = secrets.token_urlsafe(50)
-    # O_EXCL: two workers starting at once agree on the first key written.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key)
-    return key
+    return local_files.read_secret_key(LOCAL_DIR)
 
 
 DEBUG = envbool("IDLECLAW_DEBUG", False)
