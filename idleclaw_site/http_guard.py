@@ -13,23 +13,28 @@ head's size (16 KiB, 500 headers) but not the time it takes, nor the body:
   without reading the rest. The admin has no form near that size, so it gets the same limit.
   A body in more than ``MAX_BODY_PIECES`` pieces (one-byte chunks) is refused the same way,
   with a 400: each piece costs the event loop work.
-- **A head may take forever.** ``HTTPChannel``'s idle timeout (``timeOut``, 60 s) restarts on
-  every byte received, so a head trickled a line at a time never times out, and any number of
+- **A request may take forever.** ``HTTPChannel``'s idle timeout (``timeOut``, 60 s) restarts
+  on every byte received, so a head trickled a line at a time, or a body trickled a byte at a
+  time (held in memory or in a temporary file meanwhile), never times out, and any number of
   such connections may come from one address until the process runs out of descriptors. Here a
   connection must complete a request head within ``IDLECLAW_HTTP_HEAD_TIMEOUT`` seconds of
   opening, or of the end of its previous response when it is kept alive (an idle kept-alive
-  connection is waiting for a head like a new one). One address may hold
-  ``IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP`` such connections; more are closed as they are
+  connection is waiting for a head like a new one), and then its body within
+  ``IDLECLAW_HTTP_BODY_TIMEOUT`` seconds of the head, or it gets a 408 in the API's shape.
+  Until its whole request is in, a connection is pending: one address may hold
+  ``IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP`` pending connections; more are closed as they are
   accepted. Reverse proxies in ``IDLECLAW_TRUSTED_PROXIES`` are exempt from that cap (all their
-  clients share their address; the proxy bounds its own clients' heads), not from the timeout.
-- **Descriptors.** The soft ``RLIMIT_NOFILE`` is raised to the hard limit, and connections
-  waiting for a head may hold all but ``IDLECLAW_RESERVED_DESCRIPTORS`` of it (at least half):
-  when they would take more, the one that has waited longest is closed to make room, so a new
-  connection (a health check, a node) always gets in and the rest of the table stays free for
-  requests being answered and for node sockets.
+  clients share their address; the proxy bounds its own clients' requests), not from the
+  timeouts.
+- **Descriptors.** The soft ``RLIMIT_NOFILE`` is raised to the hard limit, and pending
+  connections may hold all but ``IDLECLAW_RESERVED_DESCRIPTORS`` of it (at least half), a body
+  buffered in a temporary file counting as a second descriptor: when they would take more, the
+  one due soonest is closed to make room, so a new connection (a health check, a node) always
+  gets in and the rest of the table stays free for requests being answered and for node
+  sockets.
 
-Once a head is complete the connection is the application's: a WebSocket after its upgrade, or
-a request streaming its answer, is not affected.
+Once its request is complete the connection is the application's: a WebSocket after its
+upgrade, or a request streaming its answer, is not affected.
 
 How it hooks in, without rewriting Twisted's parser:
 - ``daphne.http_protocol.HTTPFactory.buildProtocol`` is wrapped: it decides admission (a
@@ -38,14 +43,15 @@ How it hooks in, without rewriting Twisted's parser:
   protocol instance it returns.
 - ``GuardedRequest`` is daphne's ``WebRequest`` with Twisted's request hooks overridden:
   ``gotLength`` (called once the head is complete, with the declared length or ``None`` for a
-  chunked body), ``handleContentChunk`` (each piece of body), ``requestReceived`` and
-  ``finish``.
+  chunked body), ``handleContentChunk`` (each piece of body), ``requestReceived`` (called
+  once the whole body is in; at once after ``gotLength`` when there is none) and ``finish``.
 - A refusal is shaped after the request's path, which ``HTTPChannel`` keeps in ``_path`` from
   the request line on (``tests/security/test_http_intake.py`` fails if any of this changes).
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import time
@@ -73,6 +79,7 @@ def install() -> None:
     raise_descriptor_limit()
     guard = IntakeGuard(
         head_timeout=settings.IDLECLAW_HTTP_HEAD_TIMEOUT,
+        body_timeout=settings.IDLECLAW_HTTP_BODY_TIMEOUT,
         per_ip=settings.IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP,
         reserved_descriptors=settings.IDLECLAW_RESERVED_DESCRIPTORS,
         exempt=settings.IDLECLAW_TRUSTED_PROXIES,
@@ -135,37 +142,45 @@ def descriptor_limit() -> int | None:
 
 
 class PendingConnection:
-    """A connection between accept (or its last response) and a complete request head."""
+    """A connection between accept (or its last response) and a complete request: first its
+    head, then its body."""
 
-    __slots__ = ("ip", "transport", "deadline", "waiting", "closed")
+    __slots__ = ("ip", "transport", "deadline", "queue", "descriptors", "request", "closed")
 
     def __init__(self, ip: str | None) -> None:
         self.ip = ip  # None: not counted against any address
         self.transport: Any = None
         self.deadline = 0.0
-        self.waiting = False
+        self.queue: OrderedDict[PendingConnection, None] | None = None  # None: not pending
+        self.descriptors = 1  # its socket, and the temporary file its body may be buffered in
+        self.request: GuardedRequest | None = None  # whose body is due, once its head is in
         self.closed = False
 
 
 class IntakeGuard:
-    """Connections waiting for a request head: per-address counts, deadlines, eviction.
+    """Connections waiting for a request head or body: per-address counts, deadlines, eviction.
 
-    ``waiting`` is ordered by deadline, and every connection gets the same timeout, so the
-    first entry is the next to expire and the one that has waited longest: one timer serves
-    them all, and every step is O(1) per connection.
+    ``heads`` and ``bodies`` are each ordered by deadline, since every connection in one gets
+    the same timeout: their first entries are the next to expire, so one timer serves them all,
+    and every step is O(1) per connection.
     """
 
-    def __init__(self, *, head_timeout: float, per_ip: int, reserved_descriptors: int,
-                 exempt: list[str]) -> None:
+    def __init__(self, *, head_timeout: float, body_timeout: float, per_ip: int,
+                 reserved_descriptors: int, exempt: list[str]) -> None:
         self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
         self.per_ip = per_ip
         self.reserved_descriptors = reserved_descriptors
         self.exempt = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in exempt)
-        self.waiting: OrderedDict[PendingConnection, None] = OrderedDict()
+        self.heads: OrderedDict[PendingConnection, None] = OrderedDict()
+        self.bodies: OrderedDict[PendingConnection, None] = OrderedDict()
         self.by_ip: dict[str, int] = {}
+        self.descriptors = 0  # held by pending connections
         self._timer: Any = None
-        self._refused = self._expired = self._evicted = 0
+        self._timer_due = 0.0
+        self._refused = self._heads_expired = self._bodies_expired = self._evicted = 0
         self._reported_at = time.monotonic() - REPORT_INTERVAL  # the first is reported at once
+        self._report_later: Any = None
 
     def admit(self, host: str | None) -> PendingConnection | None:
         """A new connection from ``host``: its record, or None to refuse it."""
@@ -174,21 +189,13 @@ class IntakeGuard:
             self._refused += 1
             self._report()
             return None
-        room = self.room()
-        while self.waiting and len(self.waiting) >= room:
-            oldest = next(iter(self.waiting))
-            self.forget(oldest)
-            self._evicted += 1
-            if oldest.transport is not None:
-                oldest.transport.abortConnection()  # its descriptor is needed now
-        if self._evicted:
-            self._report()
+        self._make_room(1)
         connection = PendingConnection(ip)
         self.wait(connection)
         return connection
 
     def room(self) -> int:
-        """How many connections may wait for a head at once."""
+        """How many descriptors connections waiting for a head or body may hold at once."""
         limit = descriptor_limit()
         if limit is None:
             return 1 << 62
@@ -196,22 +203,37 @@ class IntakeGuard:
 
     def wait(self, connection: PendingConnection) -> None:
         """``connection`` is waiting for a request head from now on."""
-        if connection.closed or connection.waiting:
+        if connection.closed or connection.queue is not None:
             return
-        connection.waiting = True
-        connection.deadline = time.monotonic() + self.head_timeout
-        self.waiting[connection] = None
+        connection.descriptors = 1
+        self.descriptors += 1
         if connection.ip is not None:
             self.by_ip[connection.ip] = self.by_ip.get(connection.ip, 0) + 1
-        if self._timer is None:
-            self._arm()
+        self._enqueue(connection, self.heads, self.head_timeout)
 
-    def head_received(self, connection: PendingConnection) -> None:
-        """A request head is complete: the connection no longer counts."""
-        if not connection.waiting:
+    def body_due(self, connection: PendingConnection, request: GuardedRequest, *,
+                 descriptors: int) -> None:
+        """The head of ``request`` is complete: its body is due within the body timeout, and
+        the connection now holds ``descriptors`` (a temporary file for the body is one more)."""
+        if connection.queue is None:
             return
-        connection.waiting = False
-        del self.waiting[connection]
+        del connection.queue[connection]
+        grown = descriptors - connection.descriptors
+        self.descriptors += grown
+        connection.descriptors = descriptors
+        connection.request = request
+        self._enqueue(connection, self.bodies, self.body_timeout)
+        if grown > 0:
+            self._make_room(0, keep=connection)
+
+    def request_received(self, connection: PendingConnection) -> None:
+        """A whole request is in: the connection no longer counts until its response is done."""
+        if connection.queue is None:
+            return
+        del connection.queue[connection]
+        connection.queue = None
+        connection.request = None
+        self.descriptors -= connection.descriptors
         if connection.ip is not None:
             left = self.by_ip[connection.ip] - 1
             if left:
@@ -221,7 +243,7 @@ class IntakeGuard:
 
     def forget(self, connection: PendingConnection) -> None:
         """The connection is closed (or about to be)."""
-        self.head_received(connection)
+        self.request_received(connection)
         connection.closed = True
 
     def _is_exempt(self, host: str) -> bool:
@@ -233,41 +255,95 @@ class IntakeGuard:
             return False
         return any(address in network for network in self.exempt)
 
+    def _enqueue(self, connection: PendingConnection,
+                 queue: OrderedDict[PendingConnection, None], timeout: float) -> None:
+        connection.deadline = time.monotonic() + timeout
+        connection.queue = queue
+        queue[connection] = None  # the latest deadline in its queue: appended at the end
+        if self._timer is None or connection.deadline < self._timer_due:
+            self._arm()
+
+    def _next_due(self, keep: PendingConnection | None = None) -> PendingConnection | None:
+        """The pending connection whose deadline comes first, ``keep`` aside."""
+        due = None
+        for queue in (self.heads, self.bodies):
+            for connection in queue:
+                if connection is not keep:
+                    if due is None or connection.deadline < due.deadline:
+                        due = connection
+                    break
+        return due
+
+    def _make_room(self, needed: int, *, keep: PendingConnection | None = None) -> None:
+        """Close the connections due soonest until ``needed`` more descriptors fit."""
+        room = self.room()
+        while self.descriptors + needed > room:
+            due = self._next_due(keep)
+            if due is None:
+                break
+            self.forget(due)
+            self._evicted += 1
+            if due.transport is not None:
+                due.transport.abortConnection()  # its descriptors are needed now
+        if self._evicted:
+            self._report()
+
     def _arm(self) -> None:
         from twisted.internet import reactor
 
-        first = next(iter(self.waiting), None)
-        if first is None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        due = self._next_due()
+        if due is None:
             self._timer = None
             return
-        self._timer = reactor.callLater(max(first.deadline - time.monotonic(), 0.0),
-                                        self._expire)
+        self._timer_due = due.deadline
+        self._timer = reactor.callLater(max(due.deadline - time.monotonic(), 0.0), self._expire)
 
     def _expire(self) -> None:
+        self._timer = None
         now = time.monotonic()
-        while self.waiting:
-            oldest = next(iter(self.waiting))
-            if oldest.deadline > now:
-                break
-            self.forget(oldest)
-            self._expired += 1
-            if oldest.transport is not None:
-                _close(oldest.transport, grace=self.head_timeout)
+        while (due := self._next_due()) is not None and due.deadline <= now:
+            request = due.request
+            self.forget(due)
+            if request is not None:
+                self._bodies_expired += 1
+                request.body_overdue(self.body_timeout)
+            else:
+                self._heads_expired += 1
+            if due.transport is not None:
+                _close(due.transport, grace=self.head_timeout)
         self._arm()
-        if self._expired:
+        if self._heads_expired or self._bodies_expired:
             self._report()
 
     def _report(self) -> None:
+        from twisted.internet import reactor
+
         now = time.monotonic()
         if now - self._reported_at < REPORT_INTERVAL:
+            # Once the interval is over, even if nothing else happens by then.
+            if self._report_later is None:
+                self._report_later = reactor.callLater(
+                    self._reported_at + REPORT_INTERVAL - now, self._report_pending)
             return
+        if self._report_later is not None:
+            if self._report_later.active():
+                self._report_later.cancel()
+            self._report_later = None
         logger.warning(
             "HTTP intake: %d connections refused (over %d waiting from one address), "
-            "%d closed without a request head within %ss, %d closed to keep descriptors free",
-            self._refused, self.per_ip, self._expired, self.head_timeout, self._evicted,
+            "%d closed without a request head within %ss, %d without a whole body within %ss "
+            "of its head, %d closed to keep descriptors free",
+            self._refused, self.per_ip, self._heads_expired, self.head_timeout,
+            self._bodies_expired, self.body_timeout, self._evicted,
         )
-        self._refused = self._expired = self._evicted = 0
+        self._refused = self._heads_expired = self._bodies_expired = self._evicted = 0
         self._reported_at = now
+
+    def _report_pending(self) -> None:
+        self._report_later = None
+        self._report()
 
 
 def _close(transport: Any, *, grace: float) -> None:
@@ -281,7 +357,8 @@ def _close(transport: Any, *, grace: float) -> None:
 
 class GuardedRequest(WebRequest):
     """daphne's request, refusing an oversized body before it is buffered, and telling the
-    guard when its head is complete and when its connection waits for the next one."""
+    guard when its head is complete, when its body is, and when its connection waits for the
+    next request."""
 
     guard: IntakeGuard  # set by install()
     _body_bytes = 0
@@ -293,13 +370,18 @@ class GuardedRequest(WebRequest):
         super().__init__(channel, *args, **kwargs)
 
     def gotLength(self, length: int | None) -> None:
-        if self._intake is not None:
-            self.guard.head_received(self._intake)
-        if length is not None and length > body_limit():
-            super().gotLength(0)
+        too_big = length is not None and length > body_limit()
+        super().gotLength(0 if too_big else length)
+        if self._intake is not None and length != 0:
+            # The head is in; the connection stays pending until the body is too (red-team F2:
+            # a trickled body held its buffer and descriptor without bound). Without a body the
+            # request is received right after this, so it stays on its head's deadline.
+            # Twisted buffers a body in memory when it declares fewer than 100,000 bytes, and
+            # otherwise in a temporary file: one more descriptor.
+            in_memory = isinstance(self.content, io.BytesIO)
+            self.guard.body_due(self._intake, self, descriptors=1 if in_memory else 2)
+        if too_big:
             self._refuse(413, f"request body is larger than {body_limit()} bytes")
-            return
-        super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -316,7 +398,15 @@ class GuardedRequest(WebRequest):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return  # a chunked body that ended in the bytes already read: never served
+        if self._intake is not None:
+            self.guard.request_received(self._intake)
         super().requestReceived(command, path, version)
+
+    def body_overdue(self, timeout: float) -> None:
+        """The body did not arrive within ``timeout`` seconds of the head: answer 408 (the guard
+        closes the connection)."""
+        if not self._refused:
+            self._refuse(408, f"request body not received within {timeout:g} s of its head")
 
     def finish(self) -> None:
         channel = getattr(self, "channel", None)
@@ -340,7 +430,7 @@ def body_limit() -> int:
     return MAX_BODY_BYTES
 
 
-REASONS = {400: b"Bad Request", 413: b"Content Too Large"}
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large"}
 
 
 def refusal(target: bytes, status: int, message: str) -> bytes:

@@ -1,5 +1,5 @@
 """HTTP intake under a real daphne (issue 12): oversized bodies, connections that never finish a
-request head, and static paths that climb out of the static directories.
+request head or its body, and static paths that climb out of the static directories.
 
 Everything here talks to the router through raw sockets, so nothing between the test and daphne
 tidies a path, frames a body or completes a head on the test's behalf.
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.e2e
 
 MB = 1_000_000
 HEAD_TIMEOUT = 3.0  # the routers below are started with this IDLECLAW_HTTP_HEAD_TIMEOUT
+BODY_TIMEOUT = 8.0  # and this IDLECLAW_HTTP_BODY_TIMEOUT
 # How late past its deadline a slow connection may be closed: a loaded 2-core machine.
 MARGIN = 3.0
 PER_IP = 64  # IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP's default
@@ -52,6 +53,7 @@ def start(tmp_path: Path, **env: str) -> procs.Proc:
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[procs.Proc]:
     proc = start(tmp_path, IDLECLAW_HTTP_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
+                 IDLECLAW_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
                  IDLECLAW_TRUSTED_PROXIES="127.0.0.3/32")
     yield proc
     proc.stop()
@@ -301,6 +303,7 @@ class SlowClient:
     sock: socket.socket
     opened: float
     closed: float | None = None
+    received: bytes = b""  # what the router answered before closing, if anything
 
     @property
     def lifetime(self) -> float | None:
@@ -309,11 +312,14 @@ class SlowClient:
 
 @dataclass
 class SlowClients:
-    """Connections from ``source`` that send a request line, then one header line a second and
-    never the blank line that ends the head; a thread notes when the router closes each."""
+    """Connections from ``source`` that send ``opening``, then ``trickle`` once a second and
+    never the rest; a thread notes when the router closes each. By default the opening is a
+    request line and the trickle a header line, never the blank line that ends the head."""
 
     port: int
     source: str
+    opening: bytes = b"GET /health HTTP/1.1\r\nHost: router\r\n"
+    trickle: bytes = b"X-Slow: still typing\r\n"
     clients: list[SlowClient] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -332,7 +338,7 @@ class SlowClients:
             sock.connect(("127.0.0.1", self.port))
             opened = time.monotonic()
             try:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: router\r\n")
+                sock.sendall(self.opening)
             except OSError:
                 pass  # refused before the first line: the watcher sees it closed
             sock.setblocking(False)
@@ -358,12 +364,13 @@ class SlowClients:
                         data = b""
                     if not data:
                         client.closed = now
+                    client.received += data
             if now >= next_line:
                 next_line = now + 1.0
                 for client in open_:
                     if client.closed is None:
                         try:
-                            client.sock.send(b"X-Slow: still typing\r\n")
+                            client.sock.send(self.trickle)
                         except OSError:
                             client.closed = client.closed or now
 
@@ -383,13 +390,21 @@ class SlowClients:
             client.sock.close()
 
 
+def slow_bodies(port: int, source: str, *, length: int) -> SlowClients:
+    """Connections that send a whole head declaring a body of ``length`` bytes, the first
+    byte of that body, and then one more byte a second."""
+    head = (b"POST /api/chat HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n{" % length)
+    return SlowClients(port, source, opening=head, trickle=b" ")
+
+
 def health(port: int) -> Answer:
     return exchange(port, b"GET /health HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n")
 
 
-def register_node(url: str) -> websocket.WebSocket:
+def register_node(url: str, path: str = "/ws/node") -> websocket.WebSocket:
     """A new node connects and registers; returns its open socket."""
-    ws = websocket.create_connection(url.replace("http", "ws", 1) + "/ws/node", timeout=10)
+    ws = websocket.create_connection(url.replace("http", "ws", 1) + path, timeout=10)
     ws.send(json.dumps({"type": FrameType.REGISTER, "node_id": str(uuid.uuid4()),
                         "models": [{"name": "llama3.2:3b", "size": 1}], "max_concurrent": 1}))
     reply = json.loads(ws.recv())
@@ -468,6 +483,88 @@ def test_a_trusted_proxy_may_hold_more_waiting_connections_but_not_longer(router
         slow.close()
 
 
+# --- Red-team F2: connections that never finish a body --------------------------------------
+
+
+def test_slow_bodies_are_capped_per_address_and_timed_out_while_others_are_served(router):
+    slow = slow_bodies(router.port, "127.0.0.4", length=99_999)
+    try:
+        slow.open(500)
+        time.sleep(1.0)
+        # A whole head does not take a connection off the address's count: its body is due.
+        held = slow.still_open()
+        assert len(held) == PER_IP
+        refused = [c for c in slow.clients if c.closed is not None]
+        assert max(c.lifetime for c in refused) < 1.0
+
+        # Another address is served meanwhile, and a new node registers.
+        answer = health(router.port)
+        assert answer.status == 200
+        register_node(router.url).close()
+
+        # Each held connection outlives the head timeout (its head is in) but not the body
+        # timeout, trickling or not: it gets a 408 and is closed. Its head came at once, so
+        # its body was due BODY_TIMEOUT after it opened.
+        slow.wait_all_closed(BODY_TIMEOUT + MARGIN)
+        assert not slow.still_open()
+        assert all(BODY_TIMEOUT - 0.5 <= c.lifetime <= BODY_TIMEOUT + MARGIN for c in held)
+        for client in held:
+            status, headers, body = parse(client.received)
+            assert status == 408, client.received
+            assert json.loads(body) == {
+                "detail": f"request body not received within {BODY_TIMEOUT:g} s of its head"}
+            assert headers["connection"] == "close"
+    finally:
+        slow.close()
+
+
+def send_paced(port: int, head: bytes, body: bytes, *, seconds: float) -> Answer:
+    """Send ``head`` at once and ``body`` evenly over ``seconds`` (10 pieces a second), as a
+    client on a slow uplink does; then read the answer."""
+    pieces = max(1, int(seconds * 10))
+    size = -(-len(body) // pieces)
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds + 30) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        for n in range(pieces):
+            # Against the clock, not after each send: a late send does not delay the next.
+            time.sleep(max(0.0, started + n * seconds / pieces - time.monotonic()))
+            sock.sendall(body[n * size:(n + 1) * size])
+        sent_at = time.monotonic()
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    status, headers, answer = parse(raw)
+    return Answer(status, headers, answer, time.monotonic() - sent_at, closed=True)
+
+
+def a_limit_sized_body() -> tuple[bytes, bytes]:
+    """A POST head and a body of exactly the limit, which the view reads and refuses with a 422
+    for its model name: what an honest client sending the most the API takes would see."""
+    body = b'{"model": "' + b"m" * (MAX_BODY_BYTES - 13) + b'"}'
+    head = (b"POST /api/chat HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    return head, body
+
+
+def test_a_body_slower_than_the_head_timeout_still_reaches_the_api(router):
+    head, body = a_limit_sized_body()
+    answer = send_paced(router.port, head, body, seconds=HEAD_TIMEOUT + 1.5)
+    assert answer.status == 422
+    assert "model" in json.loads(answer.body)["detail"]
+
+
+def test_a_megabyte_at_100_kb_per_s_reaches_the_api_under_the_default_timeouts(tmp_path):
+    proc = start(tmp_path)
+    try:
+        head, body = a_limit_sized_body()
+        answer = send_paced(proc.port, head, body, seconds=len(body) / 100_000)
+        assert answer.status == 422
+        assert "model" in json.loads(answer.body)["detail"]
+    finally:
+        proc.stop()
+
+
 def test_the_router_raises_its_descriptor_limit_to_the_hard_limit(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft <= 256:
@@ -484,13 +581,26 @@ def test_the_router_raises_its_descriptor_limit_to_the_hard_limit(tmp_path):
         proc.stop()
 
 
-def test_waiting_connections_leave_descriptors_for_health_checks_and_nodes(tmp_path):
-    proc = start(tmp_path, IDLECLAW_HTTP_HEAD_TIMEOUT="60", IDLECLAW_RESERVED_DESCRIPTORS="100")
+# What each kind of waiting connection costs the router in descriptors.
+WAITING = {
+    "head": (lambda port, source: SlowClients(port, source), 1),
+    # A declared body under 100,000 bytes is buffered in memory by Twisted...
+    "body in memory": (lambda port, source: slow_bodies(port, source, length=99_999), 1),
+    # ... a bigger one in a temporary file: a second descriptor.
+    "body in a file": (lambda port, source: slow_bodies(port, source, length=999_999), 2),
+}
+
+
+@pytest.mark.parametrize("kind", list(WAITING))
+def test_waiting_connections_leave_descriptors_for_health_checks_and_nodes(tmp_path, kind):
+    proc = start(tmp_path, IDLECLAW_HTTP_HEAD_TIMEOUT="60", IDLECLAW_HTTP_BODY_TIMEOUT="60",
+                 IDLECLAW_RESERVED_DESCRIPTORS="100")
     router = psutil.Process(proc.popen.pid)
     # A small descriptor table, so a few hundred connections fill it.
     limit = 300
     resource.prlimit(proc.popen.pid, resource.RLIMIT_NOFILE, (limit, limit))
-    attackers = [SlowClients(proc.port, f"127.0.0.{n}") for n in range(2, 7)]
+    make, descriptors = WAITING[kind]
+    attackers = [make(proc.port, f"127.0.0.{n}") for n in range(2, 7)]
     try:
         for attacker in attackers:  # 5 addresses × 64: more than the table holds
             attacker.open(PER_IP)
@@ -501,7 +611,7 @@ def test_waiting_connections_leave_descriptors_for_health_checks_and_nodes(tmp_p
         node = register_node(proc.url)
         assert router.num_fds() < limit
         waiting = sum(len(attacker.still_open()) for attacker in attackers)
-        assert waiting <= limit - 100
+        assert waiting * descriptors <= limit - 100
         node.close()
         assert "Too many open files" not in proc.output
     finally:
@@ -558,6 +668,12 @@ def test_the_daphne_and_twisted_hooks_the_guard_uses_are_unchanged():
     # gotLength comes before the 100-continue answer, so a refusal can drop the Expect header.
     received = inspect.getsource(http.HTTPChannel.allHeadersReceived)
     assert received.index("req.gotLength(self.length)") < received.index("100-continue")
+    # requestReceived comes once the whole body is in, at once when there is none: until
+    # then the connection is pending.
+    assert "req.requestReceived(command, path, version)" in inspect.getsource(
+        http.HTTPChannel.allContentReceived)
+    line_received = inspect.getsource(http.HTTPChannel.lineReceived)
+    assert "if self.length == 0:\n                self.allContentReceived()" in line_received
     assert "persistent = 1" in channel
     # daphne builds each connection's protocol in HTTPFactory.buildProtocol and sets its own
     # request class there, which the guard replaces afterwards.
