@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP goes to Django, WebSockets at /ws/node to the node consumer.
+"""ASGI entry point: HTTP goes to Django, WebSockets at /ws/node to the node consumer (and on
+any other path are refused at the handshake).
 
 The consumer APIs are served by a Django handler without middleware: sessions, auth, CSRF and
 messages serve only the operator's admin, and each sync middleware costs every API request a
@@ -25,7 +26,7 @@ from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 from django.http import HttpResponseBase  # noqa: E402
-from django.urls import set_script_prefix  # noqa: E402
+from django.urls import re_path, set_script_prefix  # noqa: E402
 
 from idleclaw_site import daphne_compat, http_guard, loop_lag, prompt_writes  # noqa: E402
 from idleclaw_site.static_files import OperatorStaticFilesHandler  # noqa: E402
@@ -128,9 +129,19 @@ async def http_app(scope, receive, send):
     return await api_app(scope, receive, send)
 
 
+async def refuse_websocket(scope, receive, send) -> None:
+    """Refuse a WebSocket handshake: a close before the accept is an HTTP 403 (ASGI spec).
+
+    Without it URLRouter raises on a path it has no route for, and daphne answers 500 a second
+    later and logs a traceback: an unauthenticated way to flood the log (red-team F11).
+    """
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close"})
+
+
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": URLRouter(websocket_urlpatterns),
+        "websocket": URLRouter([*websocket_urlpatterns, re_path(r"", refuse_websocket)]),
     }
 )

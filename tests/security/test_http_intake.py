@@ -1,5 +1,6 @@
 """HTTP intake under a real daphne (issue 12): oversized bodies, connections that never finish a
-request head or its body, and static paths that climb out of the static directories.
+request head or its body, static paths that climb out of the static directories, and WebSocket
+upgrades on paths that have no WebSocket.
 
 Everything here talks to the router through raw sockets, so nothing between the test and daphne
 tidies a path, frames a body or completes a head on the test's behalf.
@@ -645,6 +646,30 @@ def test_an_admin_static_file_is_still_served(router):
     assert answer.status == 200
     assert answer.headers["content-type"].startswith("text/css")
     assert b"body" in answer.body
+
+
+# --- Red-team F11: WebSocket upgrades on other paths -----------------------------------------
+
+
+def upgrade(path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: router\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def test_a_websocket_upgrade_on_any_other_path_is_refused_without_a_traceback(router):
+    paths = ["/ws/other", "/health", "/admin/", "//ws/node", "/ws/node/../node"]
+    statuses = {path: exchange(router.port, upgrade(path), timeout=5).status for path in paths}
+    assert statuses == dict.fromkeys(paths, 403)
+    # daphne checks its applications for exceptions once a second: give it the time to log one.
+    time.sleep(1.5)
+    assert "Traceback" not in router.output
+    assert "Exception inside application" not in router.output
+
+
+def test_the_node_websocket_still_upgrades_with_a_trailing_slash_or_a_query(router):
+    for path in ["/ws/node", "/ws/node/", "/ws/node?x=1"]:
+        register_node(router.url, path).close()
 
 
 # --- What the guard relies on in daphne and Twisted -----------------------------------------
