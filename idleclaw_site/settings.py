@@ -286,10 +286,14 @@ for _cidr in IDLECLAW_TRUSTED_PROXIES:
         ) from None
 # HTTP intake under daphne (idleclaw_site/http_guard.py): a connection must send a whole request
 # head within this many seconds of opening (or of its last response, when kept alive); one
-# address may hold this many connections still waiting for a head (trusted proxies are exempt);
-# and waiting connections never take the last this-many descriptors of the process (at most
-# half), which stay free for requests being answered and node sockets.
+# address may hold this many connections still waiting for a head or body (trusted proxies are
+# exempt); and waiting connections never take the last this-many descriptors of the process
+# (at most half), which stay free for requests being answered and node sockets.
 IDLECLAW_HTTP_HEAD_TIMEOUT = envfloat("IDLECLAW_HTTP_HEAD_TIMEOUT", 10.0, minimum=0.1)
+# ...and then its whole body within this many seconds of the head (else a 408); until then it
+# still counts against its address and the descriptors. 30 s lets the largest body the API
+# reads (1 MB) arrive at 34 KB/s, a poor mobile uplink.
+IDLECLAW_HTTP_BODY_TIMEOUT = envfloat("IDLECLAW_HTTP_BODY_TIMEOUT", 30.0, minimum=0.1)
 IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP = envint(
     "IDLECLAW_MAX_PENDING_CONNECTIONS_PER_IP", 64, minimum=1
 )
