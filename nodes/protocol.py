@@ -188,11 +188,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every frame: ``json.loads`` with hooks builds a new one on every call.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def strict_loads(text: str | bytes) -> Any:
     """``json.loads`` that refuses what is not strict JSON: Python's parser accepts ``NaN`` and
     ``Infinity``, and turns ``1e999`` into infinity, and none of them can be written back out as
     JSON a browser parses. Raises ``ValueError`` (or ``RecursionError`` when absurdly deep)."""
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    if not isinstance(text, str):
+        text = bytes(text).decode("utf-8")  # UnicodeDecodeError is a ValueError
+    return _STRICT_DECODER.decode(text)
 
 
 def decode_frame(text: str | None, data: bytes | None) -> dict[str, Any]:
