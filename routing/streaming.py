@@ -389,13 +389,16 @@ class Relay:
                         first_at = self.loop.time()
                     for raw in batch:
                         chunks += 1
+                        # The budget counts what the node sent, not what is left once markup is
+                        # stripped or held: text that never shows still costs the sanitizer.
+                        sent = raw["message"]
+                        size = len(sent.get("content", "")) + len(sent.get("thinking", ""))
                         chunk = sanitizer.clean(raw)
-                        size = 0
                         if chunk is not None and "tool_calls" in chunk["message"]:
                             # Tool calls count against the answer's budget, shown or dropped: a
                             # node can grow an answer, or make the router check calls, only so
                             # far through them.
-                            size = len(dumps(chunk["message"]["tool_calls"]))
+                            size += len(dumps(chunk["message"]["tool_calls"]))
                             chunk = self._offered_calls_only(chunk)
                         if chunk is None:
                             # Nothing left to show yet (a tag may be arriving, or every call
@@ -404,8 +407,6 @@ class Relay:
                             if char_budget > 0:
                                 continue
                             chunk, size = {"message": {"role": "assistant"}, "done": False}, 0
-                        message = chunk["message"]
-                        size += len(message.get("content", "")) + len(message.get("thinking", ""))
                         if size > char_budget or (size == char_budget and not chunk["done"]):
                             out.append(_truncated(chunk, max(char_budget, 0)))
                             out.append({"message": {"role": "assistant"}, "done": True,

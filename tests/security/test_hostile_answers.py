@@ -324,3 +324,21 @@ async def test_calls_in_separate_chunks_stay_separate_calls_on_the_v1_stream(cha
     assert [(c["name"], json.loads(c["arguments"])) for c in merged.values()] == [
         ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     await node.disconnect()
+
+
+async def test_stripped_markup_counts_against_the_answers_budget(channel_layer, settings):
+    # What the node sent is what the sanitizer had to read: markup that never shows must not
+    # let a node push text through it without end.
+    settings.IDLECLAW_MAX_RESPONSE_CHARS = 1_000
+    node = await honest_node()
+    client = front_end_request("v1-stream")
+    await client.app.send_input({"type": "http.request", "body": client.body})
+    rid = (await node.recv())["request_id"]
+    for _ in range(4):
+        await node.chunk(rid, "<b>x</b>" * 50)  # 400 characters sent, 50 shown
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    await client.app.receive_output(5)
+    seen = read_answer("v1-stream", 200, await read_body(client))
+    assert seen.finish == "length"
+    assert seen.content == "x" * len(seen.content) and len(seen.content) <= 150
+    await node.disconnect()
