@@ -217,15 +217,17 @@ _SPANS = re.compile(r"(?:(`++)(?:[^`\r\n|]++|(?!\1(?!`))`++)*+\1(?=[^`])[^`<\r\n
 # Where a block removed markup: "~" on both sides becomes "~ ~", as in _join_guard.
 _REMOVED = "\x00"
 _TILDE_JOIN = re.compile("(~)\x00+(?=~)")
-# Complete tags that are not markup and may be let through as they are, with the plain text
-# between them: a conservative subset (simple names and attributes, no "<" inside) on which the
-# HTML tokenizer and CommonMark agree; _DANGER is checked on a match. It does not look at names:
-# it runs on text the input side has already read, where every "<" that starts an element tag
-# was removed (the output side checks names where a removal joined text).
-_SAFE_TAGS = re.compile(
-    r"(?:</?[A-Za-z][A-Za-z0-9:._-]*+"
+# A complete tag that is not markup and may be let through as it is, with the plain text after
+# it: a conservative subset (simple names and attributes, no "<" inside) on which the HTML
+# tokenizer and CommonMark agree; _DANGER is checked on a match. It does not look at names: it
+# runs on text the input side has already read, where every "<" that starts an element tag was
+# removed (the output side checks names where a removal joined text). One tag per call, so the
+# work for each "<" is the length of its tag and text (a run of tags matched at once was scanned
+# again from each "<" in it that _DANGER then rejected).
+_SAFE_TAG = re.compile(
+    r"</?[A-Za-z][A-Za-z0-9:._-]*+"
     r"(?:[ \t]++[A-Za-z_:][A-Za-z0-9_:.-]*+"
-    r"""(?:=(?:"[^"<\r\n]*+"|'[^'<\r\n]*+'|[^\t\n\f\r >"'<=`]++))?)*+[ \t]*+/?>[^<`\r\n]*+)+"""
+    r"""(?:=(?:"[^"<\r\n]*+"|'[^'<\r\n]*+'|[^\t\n\f\r >"'<=`]++))?)*+[ \t]*+/?>[^<`\r\n]*+"""
 )
 # CPU time a stream earns: 1 ms per 10 KB it sends and 50 microseconds per piece, of which at
 # most 3 ms can be saved up (a streamed token costs 2-10 microseconds; only text built to be
@@ -233,8 +235,10 @@ _SAFE_TAGS = re.compile(
 SECONDS_PER_CHAR = 1e-7
 SECONDS_PER_PIECE = 50e-6
 MAX_SAVED_SECONDS = 0.003
-# Longest stretch one regular expression call scans in prose, so the time is checked often.
-_WINDOW = 4096
+# Longest stretch one step handles in prose (and one regular expression call scans), so the time
+# is checked often: a step of the costliest prose (a safe-looking tag every 8 characters, each
+# read on the output side) takes about 1 ms of a 3 ms allowance.
+_WINDOW = 1024
 
 # A "<" at the very end of a piece that may still become markup when the next piece comes.
 _TAIL = re.compile(r"<(?:/?[A-Za-z][^\t\n\f\r />]*|/)?")
@@ -387,7 +391,6 @@ class TagStripper:
         self._cfresh = False
         self._le_text: str | None = None  # where the line of a piece ends (cached)
         self._le_at = 0
-        self._steps = 0
         self._deadline = 0.0
         self._saved = MAX_SAVED_SECONDS
         self.quiet = False  # mid-line prose, nothing held: a plain piece passes unchanged
@@ -459,11 +462,11 @@ class TagStripper:
             text, pos = stack.pop()
             end = len(text)
             while pos < end:
-                self._steps += 1
-                if (not self._steps & 3 and self._mode != _PANIC
-                        and time.thread_time() > self._deadline):
-                    self._panic()
                 pos = _HANDLERS[self._mode](self, text, pos)
+                # After every step: a piece done in one step (no line ending, backtick or
+                # element tag in it) must be checked too, so that no step goes on unchecked.
+                if self._mode != _PANIC and time.thread_time() > self._deadline:
+                    self._panic()
                 if self._refeed is not None:
                     again, self._refeed = self._refeed, None
                     if pos < end:
@@ -589,14 +592,12 @@ class TagStripper:
                 self._join_guard(s[pos])
                 self._out.append(s[pos:i])
                 self._track(s[pos:i])
-            safe = _SAFE_TAGS.match(s, i, i + _WINDOW)
-            if safe is not None:
-                # Only as far as the output side would keep them too: its check of attribute
-                # names is coarser, and both must agree however the text is cut into pieces.
-                danger = _DANGER.search(s, i, safe.end())
-                if danger is not None:
-                    cut = s.rfind("<", i, danger.start())
-                    safe = _SAFE_TAGS.match(s, i, cut) if cut > i else None
+            safe = _SAFE_TAG.match(s, i, i + _WINDOW)
+            if safe is not None and _DANGER.search(s, i, safe.end()) is not None:
+                # Only where the output side would keep it too: its check of attribute names is
+                # coarser, and both must agree however the text is cut into pieces. (A _DANGER
+                # match never reaches from one tag and its text into the next tag.)
+                safe = None
             if safe is not None:
                 # Tags like "<T>" or "<String>": kept, as the held path would keep them.
                 self._spans_off = True

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routing import sanitize
-from routing.sanitize import TagStripper, strip_tags
+from routing.sanitize import ChunkSanitizer, TagStripper, strip_tags
 from tests.security.markup_oracle import offences
 
 
@@ -142,6 +142,10 @@ WORST_SHAPES = {
     "backticks and lines": "`a`\n" * (K // 4),
     "fences opening and closing": "```\n```\n" * (K // 8),
     "mixed": ("<b>x</b> `<i>` a<b c>d\n```\n<div>\n```\n" * 3000)[:K],
+    # Safe-looking tags, each with an event handler in or right after it (red-team 2, F1).
+    "non-element tags with a handler": ("<T on=1>" * (K // 8 + 1))[:K],
+    "handler after a tag": ("<T> on=" * (K // 7 + 1))[:K],
+    "handler after a tag and a tab": ("<T>\ton=" * (K // 7 + 1))[:K],
 }
 
 
@@ -203,3 +207,32 @@ def test_no_piece_holds_the_loop_longer_than_its_allowance(name):
             assert spent < allowance + piece * sanitize.SECONDS_PER_CHAR + 0.003
         out.append(stripper.flush())
         assert offences("".join(out)) == []  # also once the allowance ran out
+
+
+@pytest.mark.parametrize("shape", ["<T on=1>", "<T> on=", "<T>\ton="])
+def test_a_frame_of_costly_1kb_chunks_gets_no_more_cpu_than_its_allowance(shape):
+    # Red-team 2, F1: one inference_chunks frame of 92 chunks of 1,000 characters took 160-260 ms
+    # of the event loop (the allowance was checked before every 4th step only, and each "<" in a
+    # step rescanned 4 KB). The relay cleans a frame's chunks in one go, so their CPU time is
+    # what the event loop loses.
+    body = (shape * 200)[:1000]
+    chunk = {"message": {"role": "assistant", "content": body}, "done": False}
+    count = 92
+    allowance = (count * (len(body) * sanitize.SECONDS_PER_CHAR + sanitize.SECONDS_PER_PIECE)
+                 + sanitize.MAX_SAVED_SECONDS)  # 16.8 ms: 1 ms per 10 KB, 50 us per chunk, 3 ms
+    best = float("inf")
+    for _ in range(3):
+        sanitizer = ChunkSanitizer()
+        start = time.thread_time()
+        shown = [sanitizer.clean(chunk) for _ in range(count)]
+        best = min(best, time.thread_time() - start)
+        shown.append(sanitizer.clean({"message": {"role": "assistant", "content": ""},
+                                      "done": True}))
+        text = "".join(c["message"].get("content", "") for c in shown if c is not None)
+        assert offences(text) == []
+    tens_of_kb = count * len(body) / 10_000
+    per_10kb = best * 1000 / tens_of_kb
+    allowed_per_10kb = allowance * 1000 / tens_of_kb  # 1.8 ms
+    # CPU time (a loaded machine does not count against it), best of three; 1.6 ms per 10 KB of
+    # slack (15 ms in all). Measured 5 ms in all after the fix, 160-260 ms before.
+    assert per_10kb < allowed_per_10kb + 1.6, f"{best * 1000:.1f} ms, {per_10kb:.2f} ms per 10 KB"
