@@ -288,7 +288,7 @@ def _fence_lines(char: str, length: int, indent: int) -> re.Pattern[str]:
         # (A run longer than 64 is looked at line by line: such keys are not worth keeping.)
         run = f"{re.escape(char)}{{{key[1]},}}" if length <= 64 else re.escape(char) + "{3,}"
         pattern = re.compile(
-            rf"(?:(?:[ \t]*|{' ' * indent}(?! {{0,3}}{run}[ \t]*[\r\n])[^\r\n]*)(?:\r\n|\r|\n))+"
+            rf"(?:(?:[ \t]*|{' ' * indent}(?![ \t]*{run}[ \t]*[\r\n])[^\r\n]*)(?:\r\n|\r|\n))+"
         )
         if len(_FENCE_LINES) < 512:
             _FENCE_LINES[key] = pattern
@@ -1256,7 +1256,9 @@ class TagStripper:
                     pos += 1
                     continue
                 assert self._fbulk is not None
-                bulk = self._fbulk.match(text, pos)
+                # Whole lines only: after a cut inside a line's indentation the rest of the line
+                # is not one (its columns are counted below).
+                bulk = None if self._fcol or self._findent else self._fbulk.match(text, pos)
                 if bulk:
                     self._out.append(bulk.group())
                     self._cr = text[bulk.end() - 1] == "\r"

@@ -62,6 +62,10 @@ HOSTILE = {
     "tildes joined by removal": "~~<b>~\n<img src=x onerror=alert(1)>\n~~~",
     "markup inside a tag left open at the end": "x <u a='</script>on<style>y",
     "markup inside a kept tag": "<x-y<U a='\r&lt;<U a='</script>on<style><!</script>",
+    # Red-team round 2, F2: a cut inside the indentation of a line in a fence.
+    "fence line cut in its indentation": "- ~~~\n \n <img src=x onerror=alert(1)>",
+    # F3: a tab after the list item's indentation makes the line a closing fence.
+    "tab before a closing fence": "- ```\n  a\n  \t```\n  <img src=x onerror=alert(1)>\n",
 }
 
 
