@@ -83,6 +83,10 @@ import time
 from typing import Any
 
 MAX_TAG_CHARS = 1024
+# What a backtick that opens a code span may follow. After anything else (a letter or digit, "(",
+# "<", "/", "@", a quote, ...) it may belong to a link destination or title, an autolink or an
+# email address for some renderer, so the paragraph's code spans are not trusted.
+SPAN_MAY_FOLLOW = frozenset(" \t\r\n*_[|{,;!?.>")
 MAX_SPAN_CHARS = 1024
 MAX_FENCE_LINE_CHARS = 1024
 # A line prefix (spaces, list markers, ">") longer than this cannot be classified: a fence behind
@@ -888,6 +892,11 @@ class TagStripper:
             self._mode = _LT
             return i
         if ch == "`":
+            if self._last not in SPAN_MAY_FOLLOW:
+                # Glued to a word, a URL, an address or a link's destination or title: renderers
+                # may read the backtick as part of those (an autolink, a link) rather than as a
+                # code span, so nothing in this paragraph is trusted as code.
+                self._spans_off = True
             if not (self._spans_off or self._degraded or self._lt_pending or self._last == "\\"):
                 stop = min(self._line_end(text, i), i + MAX_SPAN_CHARS, limit)
                 spans = _SPANS.match(text, i, stop)

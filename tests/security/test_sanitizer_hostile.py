@@ -240,3 +240,27 @@ def test_a_frame_of_costly_1kb_chunks_gets_no_more_cpu_than_its_allowance(shape)
     # CPU time (a loaded machine does not count against it), best of three; 1.6 ms per 10 KB of
     # slack (15 ms in all). Measured 5 ms in all after the fix, 160-260 ms before.
     assert per_10kb < allowed_per_10kb + 1.6, f"{best * 1000:.1f} ms, {per_10kb:.2f} ms per 10 KB"
+
+
+# Red-team round 2, F4: a backtick that a renderer reads as part of a link, an autolink or an
+# address, not as the start of a code span. What follows it is prose, and its markup goes.
+SWALLOWED_BACKTICKS = {
+    "link destination": "[x](`) <img src=x onerror=alert(1)> `",
+    "link title": '[x](u "`") <img src=x onerror=alert(1)> `',
+    "image destination": "![x](`) <img src=x onerror=alert(1)> `",
+    "angle destination": "[x](<`>) <img src=x onerror=alert(1)> `",
+    "email autolink": "<`@a.co> <img src=x onerror=alert(1)> `",
+    "email autolink after a digit": "<1`@a.co> <img src=x onerror=alert(1)> `",
+    "url autolink": "http://a.co/` <img src=x onerror=alert(1)> `",
+    "www autolink": "www.a.co/` <img src=x onerror=alert(1)> `",
+}
+
+
+@pytest.mark.parametrize("name", list(SWALLOWED_BACKTICKS))
+def test_a_backtick_a_renderer_reads_as_part_of_a_link_opens_no_code(name):
+    text = SWALLOWED_BACKTICKS[name]
+    whole = strip_tags(text)
+    assert "<img" not in whole
+    assert offences(whole) == []
+    for cut in range(1, len(text)):
+        assert stream([text[:cut], text[cut:]]) == whole, cut
