@@ -52,7 +52,6 @@ How it hooks in, without rewriting Twisted's parser:
 from __future__ import annotations
 
 import io
-import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -60,6 +59,8 @@ from typing import Any
 
 from daphne.http_protocol import HTTPFactory, WebRequest
 from django.conf import settings
+
+from idleclaw_site import net
 
 logger = logging.getLogger("idleclaw.http")
 
@@ -171,7 +172,7 @@ class IntakeGuard:
         self.body_timeout = body_timeout
         self.per_ip = per_ip
         self.reserved_descriptors = reserved_descriptors
-        self.exempt = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in exempt)
+        self.exempt = net.networks(tuple(exempt))
         self.heads: OrderedDict[PendingConnection, None] = OrderedDict()
         self.bodies: OrderedDict[PendingConnection, None] = OrderedDict()
         self.by_ip: dict[str, int] = {}
@@ -247,13 +248,7 @@ class IntakeGuard:
         connection.closed = True
 
     def _is_exempt(self, host: str) -> bool:
-        if not self.exempt:
-            return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.exempt)
+        return bool(self.exempt) and net.in_networks(host, self.exempt)
 
     def _enqueue(self, connection: PendingConnection,
                  queue: OrderedDict[PendingConnection, None], timeout: float) -> None:

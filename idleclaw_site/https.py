@@ -20,7 +20,7 @@ from django.core import checks
 from django.http import HttpRequest
 from django.utils.decorators import sync_and_async_middleware
 
-from idleclaw_site.net import _networks, _trusted
+from idleclaw_site.net import is_trusted_proxy
 
 FORWARDED_PROTO = "HTTP_X_FORWARDED_PROTO"
 
@@ -28,8 +28,7 @@ FORWARDED_PROTO = "HTTP_X_FORWARDED_PROTO"
 def _drop_untrusted_proto(request: HttpRequest) -> None:
     if FORWARDED_PROTO not in request.META:
         return
-    peer = request.META.get("REMOTE_ADDR") or ""
-    if not _trusted(peer, _networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))):
+    if not is_trusted_proxy(request.META.get("REMOTE_ADDR")):
         del request.META[FORWARDED_PROTO]
 
 

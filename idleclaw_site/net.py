@@ -17,11 +17,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @lru_cache(maxsize=8)
-def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """The networks of a list of CIDRs (validated when the settings load)."""
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
-def _trusted(address: str, networks: Iterable[Network]) -> bool:
+def in_networks(address: str, networks: Iterable[Network]) -> bool:
+    """Whether ``address`` is an IP address inside one of ``networks``."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -29,14 +31,20 @@ def _trusted(address: str, networks: Iterable[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
+def is_trusted_proxy(address: str | None) -> bool:
+    """Whether ``address`` is one of the operator's reverse proxies (IDLECLAW_TRUSTED_PROXIES)."""
+    proxies = networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))
+    return bool(address) and in_networks(address, proxies)
+
+
 def client_ip(peer: str | None, forwarded_for: str | None) -> str | None:
     """The client's address from the socket peer and an ``X-Forwarded-For`` header value."""
-    networks = _networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))
-    if not peer or not networks or not _trusted(peer, networks):
+    proxies = networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))
+    if not peer or not proxies or not in_networks(peer, proxies):
         return peer
     hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, networks):
+        if not in_networks(hop, proxies):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:
