@@ -1,6 +1,7 @@
-"""An independent judge of sanitized answers: render the text the way a consumer's client does
-(CommonMark with raw HTML enabled, plus GFM tables, by markdown-it-py) and look at what HTML comes
-out. It shares no code or list with ``routing.sanitize``."""
+"""An independent judge of sanitized answers: render the text the way consumers' clients do, with
+raw HTML enabled, by markdown-it-py in two presets (CommonMark plus GFM tables; and "gfm-like",
+which adds linkify and strikethrough), and look at what HTML comes out. A text passes only if it
+passes under both. It shares no code or list with ``routing.sanitize``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from html.parser import HTMLParser
 
 from markdown_it import MarkdownIt
 
-RENDERER = MarkdownIt("commonmark", {"html": True}).enable("table")
+RENDERERS = {
+    "commonmark": MarkdownIt("commonmark", {"html": True}).enable("table"),
+    # Tables, strikethrough and bare URLs turned into links (linkify-it-py), as GitHub-like
+    # clients render.
+    "gfm-like": MarkdownIt("gfm-like", {"html": True}),
+}
 
 # Element names a browser acts on, written out here independently of the sanitizer's list.
 KNOWN_ELEMENTS = frozenset(
@@ -34,7 +40,7 @@ MARKDOWN_TAGS = {
     "a": {"href", "title"}, "img": {"src", "alt", "title"}, "h1": set(), "h2": set(),
     "h3": set(), "h4": set(), "h5": set(), "h6": set(), "ul": set(), "ol": {"start"},
     "li": set(), "blockquote": set(), "hr": set(), "br": set(), "table": set(),
-    "thead": set(), "tbody": set(), "tr": set(), "th": {"style"}, "td": {"style"},
+    "thead": set(), "tbody": set(), "tr": set(), "th": {"style"}, "td": {"style"}, "s": set(),
 }
 RAW_MARKUP = re.compile(r"<(/?)([A-Za-z][^\t\n\f\r />]*)|<!|<\?")
 
@@ -67,10 +73,10 @@ class _Tags(HTMLParser):
         self.found.append("declaration")
 
 
-def raw_html(text: str) -> list[str]:
+def raw_html(text: str, renderer: MarkdownIt) -> list[str]:
     """The pieces of ``text`` a renderer passes through as raw HTML."""
     pieces = []
-    for token in RENDERER.parse(text):
+    for token in renderer.parse(text):
         if token.type == "html_block":
             pieces.append(token.content)
         for child in token.children or ():
@@ -80,15 +86,23 @@ def raw_html(text: str) -> list[str]:
 
 
 def offences(text: str) -> list[str]:
-    """Everything in the rendered ``text`` that is markup a node slipped in: raw HTML that names
-    a known element, comments and declarations, and any event handler or style in the page."""
+    """Everything in the rendered ``text`` that is markup a node slipped in, under any of the
+    renderers: raw HTML that names a known element, comments and declarations, and any event
+    handler or style in the page."""
     found = []
-    for piece in raw_html(text):
+    for name, renderer in RENDERERS.items():
+        found += [f"{name}: {offence}" for offence in _offences(text, renderer)]
+    return found
+
+
+def _offences(text: str, renderer: MarkdownIt) -> list[str]:
+    found = []
+    for piece in raw_html(text, renderer):
         for m in RAW_MARKUP.finditer(piece):
             if m.group(2) is None or m.group(2).lower() in KNOWN_ELEMENTS:
                 found.append(f"raw {m.group(0)!r} in {piece[:80]!r}")
     parser = _Tags()
-    parser.feed(RENDERER.render(text))
+    parser.feed(renderer.render(text))
     parser.close()
     for tag in parser.found:
         if tag.startswith("<"):

@@ -85,6 +85,10 @@ def test_the_oracle_sees_what_the_old_sanitizer_let_through():
     assert offences("<x-y onmouseover=alert(1)>hi")
     assert offences("a <b>bold</b>")
     assert not offences("a `<b>` and\n```\n<script>\n```\nList<String>")
+    # ... and both presets render honest Markdown without complaint (gfm-like: links made from
+    # bare URLs, strikethrough, tables).
+    assert not offences("~~old~~ see www.example.com or https://example.com/a?b=1\n\n"
+                        "| a | b |\n|:-|-:|\n| `x` | ~~y~~ |\n")
 
 
 # --- Properties ----------------------------------------------------------------------------------
@@ -95,6 +99,7 @@ FRAGMENTS = [
     "script", "style", "img", "div", "svg", "<b>", "</b>", "<i", "<p", "<script>", "</script>",
     "<style>", "<img src=x onerror=alert(1)>", "<a href=", "<T>", "<T onmouseover=1>", "<U a='",
     "<x-y", "<!--", "-->", "<?", "<!", "<![CDATA[", "]]>", "onerror=alert(1)", "&lt;", "\n\n",
+    "~~", "www.a.co", "http://a.co/", "a@b.co", "](", "[x", ")",
 ]
 hostile_text = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=40).map("".join)
 some_text = st.one_of(hostile_text, st.text(alphabet="<>/`~\n\r -1.|\\ab=\"'!?", max_size=60))
