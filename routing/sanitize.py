@@ -43,8 +43,9 @@ unless every renderer must read it as code):
     and autolinks pair before code spans do). So an attacker who opens a backtick to pass
     ``<script>`` off as code gains nothing: it is prose and stripped;
   * a line that starts with such a ``<`` may open a raw HTML block, in which renderers see no
-    code until the next blank line: a fence there is not trusted (next point), and a tag left
-    open there at the blank line loses its ``<``;
+    code until the next blank line: a fence there is not trusted (next point), a tag left
+    open there at the blank line loses its ``<``, and so does a ``</`` not followed by a letter
+    (``</ x>``: the HTML tokenizer reads a bogus comment up to the next ``>``, hiding the text);
   * a line some renderer could read as a fence that this module does not accept (indented four
     or more spaces, behind ``>`` or several list markers, tabs before it, inside a possible HTML
     block, an ordered list starting at a number other than 1 right after text, a fence line
@@ -262,7 +263,7 @@ _OPENER_PREFIX = re.compile(r" {0,3}(?:([-+*]|(\d{1,9})[.)]) {1,4})?")
 # A blank line: a line ending, spaces or tabs, another line ending.
 _BLANK_IN = re.compile(r"(?:\r\n|\r(?!\n)|\n)[ \t]*(?=[\r\n])")
 # A "<" in output text that begins something tag-shaped, or may once the next character comes.
-_TAGISH = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z]|/?\Z)")
+_TAGISH = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z]|/?\Z|(/))")
 _TAGISH_AT = re.compile(r"<(?:[A-Za-z!?]|/[A-Za-z])")
 _INNER_TAGISH = re.compile(r"<(?=[A-Za-z!?]|/[A-Za-z])")
 _COMMENT_END = re.compile(r"--!?>")
@@ -596,6 +597,15 @@ class TagStripper:
                 self._join_guard(s[pos])
                 self._out.append(s[pos:i])
                 self._track(s[pos:i])
+            if m.group(1):
+                # "</" and no letter: text, but a bogus comment up to the next ">" where the HTML
+                # tokenizer reads it, in a raw HTML block.
+                bare = "/" if self._html_maybe else "</"
+                self._join_guard(bare[0])
+                self._out.append(bare)
+                self._track(bare)
+                pos = i + 2
+                continue
             safe = _SAFE_TAG.match(s, i, i + _WINDOW)
             if safe is not None and _DANGER.search(s, i, safe.end()) is not None:
                 # Only where the output side would keep it too: its check of attribute names is
@@ -634,18 +644,23 @@ class TagStripper:
             if self._snap[0] is not None:
                 self._html_maybe = True
             return pos
-        if pending == "<" and pos + 1 == len(s) and s[pos] == "/":
+        if pending == "<" and s[pos] == "/":
             self._lt_pending = "</"
             self._track("/")
-            return pos + 1
+            pos += 1
+            if pos == len(s):
+                return pos
         self._flush_lt()
         return pos
 
     def _flush_lt(self) -> None:
-        self._out.append(self._lt_pending)
+        pending = self._lt_pending
         self._lt_pending = ""
         self._snap = None
-        self._lt_tail = True
+        if pending == "</" and self._html_maybe:
+            pending = "/"  # (as in _put_prose: no bogus comment in a raw HTML block)
+        self._out.append(pending)
+        self._lt_tail = pending != "/"
 
     def _held_feed(self, s: str, pos: int) -> int:
         held = self._held

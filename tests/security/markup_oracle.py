@@ -43,6 +43,11 @@ MARKDOWN_TAGS = {
     "thead": set(), "tbody": set(), "tr": set(), "th": {"style"}, "td": {"style"}, "s": set(),
 }
 RAW_MARKUP = re.compile(r"<(/?)([A-Za-z][^\t\n\f\r />]*)|<!|<\?")
+# "</" and then no letter: the HTML tokenizer reads a bogus comment up to the next ">", hiding the
+# text (Python's HTMLParser before 3.13 does not). Looked for outside complete tags, whose quoted
+# values may hold anything.
+BOGUS_END = re.compile(r"</(?![A-Za-z>])")
+WHOLE_TAG = re.compile(r"""</?[A-Za-z][^\t\n\f\r />]*(?:"[^"]*"|'[^']*'|[^"'>])*>""")
 
 
 class _Tags(HTMLParser):
@@ -101,6 +106,8 @@ def _offences(text: str, renderer: MarkdownIt) -> list[str]:
         for m in RAW_MARKUP.finditer(piece):
             if m.group(2) is None or m.group(2).lower() in KNOWN_ELEMENTS:
                 found.append(f"raw {m.group(0)!r} in {piece[:80]!r}")
+        if BOGUS_END.search(WHOLE_TAG.sub("", piece)):
+            found.append(f"bogus comment in {piece[:80]!r}")
     parser = _Tags()
     parser.feed(renderer.render(text))
     parser.close()

@@ -66,6 +66,8 @@ HOSTILE = {
     "fence line cut in its indentation": "- ~~~\n \n <img src=x onerror=alert(1)>",
     # F3: a tab after the list item's indentation makes the line a closing fence.
     "tab before a closing fence": "- ```\n  a\n  \t```\n  <img src=x onerror=alert(1)>\n",
+    # Red-team round 3, F7: "</" and no letter is a bogus comment in a raw HTML block.
+    "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
 }
 
 
@@ -77,6 +79,17 @@ def test_hostile_markup_never_reaches_a_consumer_whole_or_split_anywhere(name):
     for cut in range(1, len(text)):
         assert stream([text[:cut], text[cut:]]) == whole, cut
     assert stream(list(text)) == whole
+
+
+def test_an_end_tag_without_a_name_in_a_raw_html_block_hides_no_text():
+    # Red-team round 3, F7: in a raw HTML block the browser's tokenizer reads "</ x>" as a bogus
+    # comment, and the text in it disappears; in a paragraph a renderer shows it as text.
+    text = "<T>\n</ x>hidden\nx </\n"
+    for pieces in ([text], list(text)):
+        out = stream(pieces)
+        assert out == "<T>\n/ x>hidden\nx /\n"
+        assert offences(out) == []
+    assert strip_tags("a </ x> b") == "a </ x> b"
 
 
 def test_the_oracle_sees_what_the_old_sanitizer_let_through():
