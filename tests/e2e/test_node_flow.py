@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
