@@ -18,7 +18,9 @@ Stripped, in prose only:
   * the body of ``<script>`` and ``<style>`` up to ``</script`` / ``</style``, or to the end of
     the stream if it never closes;
   * comments ``<!-- -->`` (to the end of the stream if unclosed), ``<![CDATA[ ]]>``, and any
-    other ``<!...>`` (``<!DOCTYPE``) or ``<?...>`` up to its ``>``;
+    other ``<!...>`` (``<!DOCTYPE``) or ``<?...>`` up to its ``>``. One with no ``>`` before a
+    blank line, the end of the stream or ``MAX_TAG_CHARS`` characters is text to a renderer: it
+    is shown, with its ``<`` and any other ``<`` in it dropped (``x <? y`` -> ``x ? y``);
   * beyond the element list, because an unknown element still runs event handlers: a tag of any
     other name with an ``on*`` or ``style`` attribute that has a value, and any tag that a
     removal formed (``<<b>script>`` loses ``<b>`` and then the ``<script>`` that made).
@@ -391,6 +393,7 @@ class TagStripper:
         self._tag_name_end = 0
         self._tag_tries = 0
         self._tag_body: str | None = None
+        self._bogus_from = 0  # where a blank line may begin in the held "<!" or "<?" text
         self._rtail = ""
         self._ctail = ""
         self._cfresh = False
@@ -443,7 +446,9 @@ class TagStripper:
                 self._mode = _PROSE
                 self._put_prose("<")
                 self._work(raw[1:])
-            elif mode in (_RAW, _COMMENT, _CDATA, _BOGUS):
+            elif mode == _BOGUS:
+                self._release_bogus(self._tag_text)
+            elif mode in (_RAW, _COMMENT, _CDATA):
                 self._mode = _PROSE
             else:
                 if self._refeed is None:
@@ -495,6 +500,7 @@ class TagStripper:
             _SPAN: "`" * self._span_n + "".join(self._span_buf) + "`" * self._span_tick,
             _FENCE_INFO: "".join(self._fence_buf),
             _TAG: self._tag_text,
+            _BOGUS: self._tag_text,
         }.get(mode, "")
         lt_tail = self._snap[6] if self._held is not None and self._snap else self._lt_tail
         self._held = None
@@ -1009,6 +1015,8 @@ class TagStripper:
         elif kind == "bogus":
             self._removed()
             self._mode = _BOGUS
+            self._tag_text = s[:used]
+            self._bogus_from = used
         else:
             _, name, is_end = kind
             self._tag_text = s[:used]
@@ -1099,11 +1107,40 @@ class TagStripper:
         return len(text)
 
     def _bogus(self, text: str, pos: int) -> int:
-        at = text.find(">", pos)
-        if at < 0:
-            return len(text)
+        held = self._tag_text
+        limit = min(len(text), pos + max(0, MAX_TAG_CHARS + 1 - len(held)))
+        at = text.find(">", pos, limit)
+        stop = limit if at < 0 else at + 1
+        s = held + text[pos:stop]
+        blank = _BLANK_IN.search(s, self._bogus_from)
+        if blank is not None:
+            # A renderer ends the paragraph here: what came since the "<" is text.
+            cut = blank.start()
+            self._release_bogus(s[:cut])
+            if cut < len(held):
+                self._refeed += held[cut:]
+                return pos
+            return pos + cut - len(held)
+        if at >= 0:
+            self._tag_text = ""
+            self._mode = _PROSE
+            return stop
+        if len(s) > MAX_TAG_CHARS:
+            self._release_bogus(s)
+            return stop
+        self._tag_text = s
+        # (A blank line may begin at the last line ending: look from there next time.)
+        k = max(s.rfind("\n", len(held)), s.rfind("\r", len(held)))
+        if k >= 0:
+            self._bogus_from = k - 1 if k and s[k - 1] == "\r" else k
+        return stop
+
+    def _release_bogus(self, raw: str) -> None:
+        """A "<!" or "<?" without its ">" is text to a renderer: it goes on as prose, without
+        any "<", so that no later text can make it markup."""
+        self._tag_text = ""
         self._mode = _PROSE
-        return at + 1
+        self._refeed = raw.replace("<", "")
 
     def _begin_run(self, ch: str, *, at_prefix: bool) -> None:
         self._mode = _RUN

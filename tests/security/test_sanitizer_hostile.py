@@ -168,6 +168,10 @@ WORST_SHAPES = {
     "non-element tags with a handler": ("<T on=1>" * (K // 8 + 1))[:K],
     "handler after a tag": ("<T> on=" * (K // 7 + 1))[:K],
     "handler after a tag and a tab": ("<T>\ton=" * (K // 7 + 1))[:K],
+    # Red-team round 3: "<?" and "<!" held until a ">", a blank line or MAX_TAG_CHARS.
+    "unclosed processing instructions": "<?" * (K // 2),
+    "unclosed declarations over lines": "<!x \n" * (K // 5),
+    "unclosed declarations over blank lines": "<!x\n \n" * (K // 7),
 }
 
 

@@ -1,0 +1,50 @@
+"""Honest answers in the shapes a third red-team review found corrupted (red-team 3, F5): code in
+nested lists, code spans after a tag or an autolink, escaped pipes in table cells, a lone "<?" or
+"<!" in prose. They pass unchanged, whole and cut anywhere, and what they must still strip goes
+(routing/sanitize.py states the rule)."""
+
+from __future__ import annotations
+
+import pytest
+
+from routing.sanitize import MAX_TAG_CHARS, TagStripper, strip_tags
+from tests.security.markup_oracle import offences
+
+
+def stream(pieces: list[str]) -> str:
+    stripper = TagStripper()
+    return "".join(stripper.feed(piece) for piece in pieces) + stripper.flush()
+
+
+def assert_every_split_gives(text: str, expected: str) -> None:
+    assert strip_tags(text) == expected
+    for cut in range(1, len(text)):
+        assert stream([text[:cut], text[cut:]]) == expected, cut
+    assert stream(list(text)) == expected
+    assert offences(expected) == []
+
+
+# --- F5d: "<?" or "<!" that never closes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("is x <? y", "is x ? y"),
+        ("a <!b and more", "a !b and more"),
+        ("a <?php echo 1\n\nnext <b>x</b> stays", "a ?php echo 1\n\nnext x stays"),
+        ("a <!b\r\n  \r\n<i>c</i>", "a !b\r\n  \r\nc"),
+        ("a <? ok ?> b", "a  b"),  # closed: removed as before
+        ("a <?x\nover lines?> b", "a  b"),
+    ],
+)
+def test_a_lt_question_or_bang_that_never_closes_leaves_its_text_shown(text, shown):
+    assert_every_split_gives(text, shown)
+
+
+def test_a_lt_question_that_never_closes_is_held_at_most_max_tag_chars():
+    stripper = TagStripper()
+    assert stripper.feed("a <? ") == "a "
+    out = stripper.feed("y" * MAX_TAG_CHARS)
+    assert out.startswith("? yy") and "<" not in out
+    assert stripper.feed("> <b>z</b>") == "> z"
