@@ -115,6 +115,7 @@ INSTALLED_APPS = [
     "channels",
     "nodes",
     "routing",
+    "webchat",
     "idleclaw_site",
 ]
 

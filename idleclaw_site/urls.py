@@ -15,4 +15,5 @@ urlpatterns = [
     path("admin/login/", admin_login, name="admin-login"),
     path("admin/", admin.site.urls),
     path("", include("routing.urls")),
+    path("", include("webchat.urls")),
 ]
