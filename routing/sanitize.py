@@ -34,13 +34,14 @@ Code, passed byte for byte and never examined for markup:
     long with nothing else on its line. ``\r\n``, ``\r`` and ``\n`` all end lines. A line
     indented less than the list item the fence sits in ends the fence and is prose;
   * code spans: a run of backticks up to the next run of exactly the same length on the same
-    line, with no ``|`` inside (GFM tables split cells before they look for code).
+    line, with no ``|`` inside (GFM tables split cells before they look for code) unless it
+    follows exactly one backslash (``\\|`` splits no cell; after ``\\\\`` renderers differ).
 
 Where a renderer could read the text otherwise, the sanitizer takes the safe side (text is prose
 unless every renderer must read it as code):
   * a backtick run with no closer on its line is literal, and so is every backtick run after it
     until the next blank line (the paragraph's runs can no longer be paired as a renderer pairs
-    them). The same holds after a backslash-escaped backtick, after a code span with ``|`` in it,
+    them). The same holds after a backslash-escaped backtick, after a code span with a bare ``|``,
     and after a ``<`` kept in prose that is followed by a letter, ``/``, ``!`` or ``?`` (raw HTML
     and autolinks pair before code spans do). So an attacker who opens a backtick to pass
     ``<script>`` off as code gains nothing: it is prose and stripped;
@@ -220,7 +221,10 @@ _BLOCK = re.compile(_BLOCK_BODY)
 _BLOCK_AT_LINE = re.compile(_LINE_OK + _BLOCK_BODY)
 # Complete code spans on one line and the plain prose between them.
 # (A closing run must be followed by a character: at the end of a piece it may go on.)
-_SPANS = re.compile(r"(?:(`++)(?:[^`\r\n|]++|(?!\1(?!`))`++)*+\1(?=[^`])[^`<\r\n\\]*+)+")
+# A "|" inside may only follow exactly one backslash: GFM splits no table cell there.
+_SPANS = re.compile(
+    r"(?:(`++)(?:[^`\r\n|\\]++|\\++(?!\|)|(?<!\\)\\\||(?!\1(?!`))`++)*+\1(?=[^`])[^`<\r\n\\]*+)+"
+)
 # Where a block removed markup: "~" on both sides becomes "~ ~", as in _join_guard.
 _REMOVED = "\x00"
 _TILDE_JOIN = re.compile("(~)\x00+(?=~)")
@@ -1206,6 +1210,11 @@ class TagStripper:
                 return stop
             if m is None:
                 return stop
+            if text[stop] == "|" and self._span_escapes_pipe():
+                self._span_buf.append("|")
+                self._span_size += 1
+                pos = stop + 1
+                continue
             if text[stop] != "`":
                 self._abandon_span()  # "|" or a line ending: no code span here
                 return stop
@@ -1220,6 +1229,16 @@ class TagStripper:
             self._span_buf.append(text[stop:ticks])
             self._span_size += ticks - stop
         return pos
+
+    def _span_escapes_pipe(self) -> bool:
+        """Whether the span's text so far ends with exactly one backslash: a "|" after it splits
+        no GFM table cell (after two, some renderers split and some do not)."""
+        tail = ""
+        for part in reversed(self._span_buf):
+            tail = part[-2:] + tail
+            if len(tail) >= 2:
+                break
+        return tail[-1:] == "\\" and tail[-2:] != "\\\\"
 
     def _close_span(self) -> None:
         fence = "`" * self._span_n

@@ -67,6 +67,8 @@ HOSTILE = {
     # F3: a tab after the list item's indentation makes the line a closing fence.
     "tab before a closing fence": "- ```\n  a\n  \t```\n  <img src=x onerror=alert(1)>\n",
     # Red-team round 3, F7: "</" and no letter is a bogus comment in a raw HTML block.
+    # F5c: one backslash before a "|" keeps a code span whole in a table; two may not.
+    "pipe after two backslashes in a table": "| `a\\\\|<img src=x onerror=alert(1)>` |\n|---|",
     "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
 }
 
