@@ -28,7 +28,7 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.http import HttpResponseBase  # noqa: E402
 from django.urls import re_path, set_script_prefix  # noqa: E402
 
-from idleclaw_site import daphne_compat, http_guard, loop_lag, prompt_writes, ws_flow  # noqa: E402
+from idleclaw_site import daphne_compat, http_guard, loop_lag, prompt_writes, shutdown, ws_flow  # noqa: E402
 from idleclaw_site.static_files import OperatorStaticFilesHandler  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
 from routing.views import EventStream  # noqa: E402
@@ -37,6 +37,7 @@ daphne_compat.install()
 http_guard.install()
 prompt_writes.install()
 ws_flow.install()
+shutdown.install()
 loop_lag.install()  # only with IDLECLAW_LOOP_LAG_FILE set (issue 13's benchmark)
 
 

@@ -314,6 +314,10 @@ IDLECLAW_NODE_MAX_STRIKES = envint("IDLECLAW_NODE_MAX_STRIKES", 20, minimum=1)
 IDLECLAW_STALL_TIMEOUT = envfloat("IDLECLAW_STALL_TIMEOUT", 60.0, minimum=0.1)
 # Whole-answer limit.
 IDLECLAW_RESPONSE_TIMEOUT = envfloat("IDLECLAW_RESPONSE_TIMEOUT", 120.0, minimum=0.1)
+# On SIGTERM: how long streams in flight may take to finish before they are ended with an error
+# event (idleclaw_site/shutdown.py). A process manager must wait longer than this before it
+# kills the router (systemd's TimeoutStopSec, docs/deploy.md).
+IDLECLAW_SHUTDOWN_GRACE = envfloat("IDLECLAW_SHUTDOWN_GRACE", 30.0, minimum=0.0)
 # Roles the OpenAI- and Ollama-compatible APIs accept (the network's /api/chat keeps to user and
 # assistant). An operator may narrow this, e.g. to "user,assistant,system".
 IDLECLAW_COMPAT_ROLES = tuple(

@@ -22,6 +22,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from idleclaw_site.dispatch import dispatch_from
 from idleclaw_site.net import scope_client_ip
@@ -57,6 +58,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
     """One contributor node's connection."""
 
     session_id: int | None = None
+    moving = False
 
     async def __call__(self, scope, receive, send) -> None:
         """``AsyncConsumer.__call__`` with a cheaper wait for the next message
@@ -80,6 +82,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+        if self.moving and not self.requests and not self.closing:
+            await self._leave()
 
     async def connect(self) -> None:
         self.session_id = None
@@ -95,9 +99,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.allowance_at = self.last_frame
         self.strikes = 0
         self.closing = False
+        self.moving = False  # the router is shutting down: leave once no request is in flight
         self.registered = asyncio.Event()
         await worker.ensure_started()
         await self.accept()
+        if shutdown.draining():
+            await self._leave()
+            return
+        shutdown.node_connected(self)
         allowed = await db(services.node_registration_allowed)(
             client_ip=scope_client_ip(self.scope)
         )
@@ -398,6 +407,30 @@ class NodeConsumer(AsyncWebsocketConsumer):
         lingered): the node must register afresh."""
         await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
 
+    async def move(self) -> None:
+        """Shutdown (``idleclaw_site.shutdown``): no new requests for this node, and it is
+        closed with the "router restarting" code once its requests in flight are done."""
+        await self.channel_layer.send(self.channel_name, {"type": "node.move"})
+
+    async def leave(self) -> None:
+        """Shutdown, grace period over: close the connection now."""
+        await self.channel_layer.send(self.channel_name, {"type": "node.leave"})
+
+    async def node_move(self, event: dict[str, Any]) -> None:
+        self.moving = True
+        if self.session_id is not None:
+            await db(services.node_session_drain)(session_id=self.session_id)
+
+    async def node_leave(self, event: dict[str, Any]) -> None:
+        await self._leave()
+
+    async def _leave(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        logger.info("closing node %s: %s", self.node_id or "(unregistered)", shutdown.MOVE_REASON)
+        await self.close(code=shutdown.MOVE_CODE, reason=shutdown.MOVE_REASON)
+
     async def node_evict(self, event: dict[str, Any]) -> None:
         """Another connection took this node id over with its resume token."""
         if self.session_id is not None:
@@ -409,6 +442,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
+        shutdown.node_gone(self)
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.cancel()

@@ -23,6 +23,7 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
+from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
@@ -46,6 +47,7 @@ ERROR_MESSAGES = {
     "lost_chunks": "part of the answer was lost in the router; try again",
     "no_node": "no node is serving this model right now",
     "internal": "the router failed while relaying this answer; try again",
+    shutdown.RESTARTING: "the router is restarting; try again in a few seconds",
 }
 
 
@@ -66,9 +68,12 @@ class Unavailable:
     model: str
     served: bool
     queue_full: bool = False
+    restarting: bool = False
 
     @property
     def message(self) -> str:
+        if self.restarting:
+            return ERROR_MESSAGES[shutdown.RESTARTING]
         if not self.served:
             return f"no node is serving {self.model} right now"
         if self.queue_full:
@@ -152,6 +157,9 @@ class Relay:
         self.attempts = 0
         self.layer: BaseChannelLayer | None = None
         self.reply_channel = ""
+        # Set when the router ends this request itself (a shutdown's grace period is over).
+        self.aborted: str | None = None
+        shutdown.relay_started(self)
 
     # --- getting a slot ----------------------------------------------------------------------
 
@@ -205,6 +213,8 @@ class Relay:
         until = min(self.queue_deadline, self.loop.time() + hold)
         while self.loop.time() < until:
             await self._wait_for_wake(until)
+            if self.aborted:
+                return Unavailable(model=self.model, served=True, restarting=True)
             result = await self._try_claim()
             if result is None:
                 return None
@@ -264,6 +274,8 @@ class Relay:
                 yield Queued(position=position)
                 next_notice = now + interval
             await self._wait_for_wake(min(self.queue_deadline, next_notice))
+            if self.aborted:
+                raise RelayError(self.aborted)
             result = await self._try_claim()
             if result is not None and not result.served:
                 raise RelayError("node_disconnected" if self.tried else "no_node")
@@ -272,6 +284,13 @@ class Relay:
         for channel in channels:
             if channel != self.reply_channel:
                 await self.layer.send(channel, {"type": WAKE})
+
+    async def abort(self, code: str) -> None:
+        """End this request with ``code`` wherever it is waiting (queue or node): it gives its
+        slot back and the consumer gets the error event and the end of its stream."""
+        self.aborted = code
+        if self.layer is not None and self.reply_channel:
+            await self.layer.send(self.reply_channel, {"type": WAKE})
 
     # --- the answer --------------------------------------------------------------------------
 
@@ -357,11 +376,15 @@ class Relay:
                     async with asyncio.timeout(min(stall, max(remaining, 0.0))):
                         event = await self.layer.receive(self.reply_channel)
                 except TimeoutError:
+                    if self.aborted:
+                        raise RelayError(self.aborted) from None
                     code = "timeout" if remaining <= stall else "stalled"
                     outcome = Outcome(kind="timed_out")
                     if first_at is None:
                         raise _Failover(code) from None
                     raise RelayError(code) from None
+                if self.aborted:
+                    raise RelayError(self.aborted)
                 # The chunks of this event and of any queued behind it go out as one write.
                 out: list[dict[str, Any]] = []
                 while event is not None:
@@ -491,6 +514,7 @@ class Relay:
         await self._wake(wake)
 
     async def _close(self) -> None:
+        shutdown.relay_ended(self)
         if self.queued or self.counted:
             self.queued = self.counted = False
             await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
@@ -546,6 +570,8 @@ async def open_relay(
     A streaming request waits for a slot up to the queue notice interval before its response
     starts; a non-streaming one up to the whole queue timeout.
     """
+    if shutdown.draining():
+        return Unavailable(model=model, served=True, restarting=True)
     relay = Relay(model=model, ollama_params=ollama_params, client_ip=client_ip)
     hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
     refusal = await relay.start(hold=hold)

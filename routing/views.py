@@ -11,6 +11,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
 from routing import ollama_api, openai_api, selectors
@@ -92,13 +93,16 @@ async def health(request: HttpRequest) -> HttpResponse:
         return _method_not_allowed("GET")
     await worker.ensure_started()
     numbers = await db(selectors.network_health)()
+    # A router shutting down says so with a 503, so a proxy's health check takes it out.
+    draining = shutdown.draining()
     return JsonResponse(
         {
-            "status": "healthy",
+            "status": "draining" if draining else "healthy",
             "uptime_seconds": int(time.monotonic() - STARTED),
             "version": settings.IDLECLAW_VERSION,
             **numbers,
-        }
+        },
+        status=503 if draining else 200,
     )
 
 

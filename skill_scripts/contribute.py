@@ -80,6 +80,11 @@ OLLAMA_READ_TIMEOUT_S = 300.0
 OLLAMA_INFO_TIMEOUT = (5.0, 15.0)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+# A router that is restarting closes its nodes with 1012 (RFC 6455 "Service Restart", an
+# extension of PROTOCOL §1); it, or another worker, takes them back within seconds.
+ROUTER_RESTART_CODE = 1012
+RESTART_RETRY_S = 1.0
+RESTART_WINDOW_S = 60.0
 BUSY_ERROR = "node busy: max_concurrent reached"
 
 
@@ -661,6 +666,7 @@ class _InFlight:
 class _SessionEnd:
     message: str
     fatal: bool = False
+    restarting: bool = False  # the router closed with 1012: it is restarting (or draining)
 
 
 # --------------------------------------------------------------------------- the node
@@ -721,6 +727,9 @@ class Contributor:
     def _run(self) -> int:
         backoff = Backoff()
         announce = True  # one "connecting" line per outage, not one per attempt
+        # After a restart notice the router is back within seconds (or another worker takes the
+        # node at once): retry about every second until then, not on the growing backoff.
+        restart_until = 0.0
         while True:
             if announce:
                 log.info("connecting to %s", self.url)
@@ -731,6 +740,8 @@ class Contributor:
                 )
             except (websocket.WebSocketException, OSError) as exc:
                 delay = backoff.next_delay()
+                if time.monotonic() < restart_until:
+                    delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
                 log.warning("cannot reach the router at %s (%s); retrying in %.1f s",
                             self.url, _describe(exc), delay)
                 announce = False
@@ -746,6 +757,16 @@ class Contributor:
             if end.fatal:
                 log.error("%s", end.message)
                 return 1
+            if end.restarting:
+                if time.monotonic() >= restart_until:
+                    # The first notice: straight back (another worker, or this one restarted).
+                    restart_until = time.monotonic() + RESTART_WINDOW_S
+                    log.info("%s; reconnecting at once", end.message)
+                    continue
+                delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
+                log.info("%s; reconnecting in %.1f s", end.message, delay)
+                time.sleep(delay)
+                continue
             delay = backoff.next_delay()
             log.warning("%s; reconnecting in %.1f s", end.message, delay)
             time.sleep(delay)
@@ -813,6 +834,8 @@ class Contributor:
             return _SessionEnd(f"the router refused this node: {text}", fatal=True)
         if code == 1008:
             return _SessionEnd(f"the router closed the connection: {text}")
+        if code == ROUTER_RESTART_CODE:
+            return _SessionEnd("the router is restarting", restarting=True)
         return _SessionEnd(f"the router closed the connection (code {code}, {text})")
 
     def _on_registered(self, conn: _Connection, message: dict[str, Any]) -> None:

@@ -125,9 +125,14 @@ def start_emulator(*args: str) -> tuple[Proc, str]:
     return proc, url
 
 
+# Test routers stop within a second or two even with a stream left open (SIGTERM drains first,
+# idleclaw_site/shutdown.py); tests of the shutdown itself set their own grace.
+FAST_STOP_ENV = {"IDLECLAW_SHUTDOWN_GRACE": "1"}
+
+
 def start_router(db_path: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     """Migrate a fresh SQLite file and serve the router on a free port."""
-    base_env = {"IDLECLAW_SQLITE_PATH": str(db_path), **(env or {})}
+    base_env = {**FAST_STOP_ENV, "IDLECLAW_SQLITE_PATH": str(db_path), **(env or {})}
     if not (env or {}).get("DATABASE_URL"):
         subprocess.run(
             [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],

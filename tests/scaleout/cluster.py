@@ -36,7 +36,7 @@ def spawn_worker(name: str, env: dict[str, str], port: int = 0) -> procs.Proc:
         name,
         [procs.PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
          "idleclaw_site.asgi:application"],
-        env=env,
+        env={**procs.FAST_STOP_ENV, **env},
     )
 
 
