@@ -68,3 +68,37 @@ def test_a_code_span_with_an_escaped_pipe_passes_unchanged(text):
 def test_a_pipe_after_two_backslashes_in_a_table_is_not_trusted_as_code():
     # Some renderers split the cell there and some do not: the safe side.
     assert strip_tags("| `a\\\\|<b>x</b>` |\n|---|\n") == "| `a\\\\|x` |\n|---|\n"
+
+
+# --- F5b: code spans after a closed tag or autolink ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("see <https://x.y> and `Vec<u8>` or `<div>`", None),
+        ("mail <someone@example.com> and `<span>`", None),
+        ("a <T> b `<p>` and <T a='1' b=\"2\"/> `<br>`", None),
+        ("<b>bold</b> then `List<String>` and `<br>`", "bold then `List<String>` and `<br>`"),
+        ("x <i>y</i> `<i>`", "x y `<i>`"),
+    ],
+)
+def test_a_code_span_after_a_closed_tag_or_autolink_passes_unchanged(text, shown):
+    # Renderers pair backticks after a tag or autolink they read whole just as before it.
+    assert_every_split_gives(text, text if shown is None else shown)
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        # still open: it may swallow a backtick, so no backtick after it opens code
+        ("a <T b='x `<i>y</i>` c", "a <T b='x `y` c"),
+        # closed for the HTML tokenizer, but not where (or whether) renderers close it
+        ("a <T\u2003b='>`<i>`'> c", "a <T\u2003b='>` `'> c"),
+        ("a <T b=`>`<i>` c", "a <T b=`>` ` c"),
+        # at a line's start: maybe a raw HTML block, which has no code
+        ("<T>\n`<i>`", "<T>\n` `"),
+    ],
+)
+def test_backticks_after_a_lt_not_every_renderer_closes_the_same_open_no_code(text, shown):
+    assert_every_split_gives(text, shown)

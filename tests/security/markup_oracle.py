@@ -113,7 +113,8 @@ def _offences(text: str, renderer: MarkdownIt) -> list[str]:
     parser.close()
     for tag in parser.found:
         if tag.startswith("<"):
-            name, *attrs = tag[1:-1].split()
+            # (Split on spaces only: a name may hold other white space, "p\u2003x" is no "p".)
+            name, *attrs = (part for part in tag[1:-1].split(" ") if part)
             if name in MARKDOWN_TAGS and set(attrs) <= MARKDOWN_TAGS[name]:
                 continue
             if name in KNOWN_ELEMENTS:

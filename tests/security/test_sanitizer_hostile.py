@@ -115,6 +115,8 @@ FRAGMENTS = [
     "<style>", "<img src=x onerror=alert(1)>", "<a href=", "<T>", "<T onmouseover=1>", "<U a='",
     "<x-y", "<!--", "-->", "<?", "<!", "<![CDATA[", "]]>", "onerror=alert(1)", "&lt;", "\n\n",
     "~~", "www.a.co", "http://a.co/", "a@b.co", "](", "[x", ")",
+    # Closed tags and autolinks, after which backticks pair again (red-team 3, F5b).
+    "<https://a.co>", "<a@b.co>", "<T a='>'>", "<T a=`>", "</T >", "\u2003", "\u00a0", "\\|",
 ]
 hostile_text = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=40).map("".join)
 some_text = st.one_of(hostile_text, st.text(alphabet="<>/`~\n\r -1.|\\ab=\"'!?", max_size=60))
