@@ -129,7 +129,21 @@ async def drain(grace: float | None = None, requests: Callable[[], int] = _no_re
     for consumer in list(state.nodes):
         await consumer.leave()
     await _until(lambda: not requests(), FINAL_SECONDS)
+    await _leave_the_network()
     logger.warning("shut down")
+
+
+async def _leave_the_network() -> None:
+    """Stop this worker's housekeeping and remove its liveness row, so the other workers need
+    not wait for it to time out."""
+    from idleclaw_site.db import db
+    from nodes import services, worker
+
+    await worker.stop()
+    try:
+        await db(services.router_worker_leave)(worker_id=worker.WORKER_ID)
+    except Exception:  # the database may be the reason for the shutdown; others reap the row
+        logger.exception("could not remove this worker's row")
 
 
 def install() -> None:

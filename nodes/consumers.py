@@ -442,7 +442,12 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
-        shutdown.node_gone(self)
+        try:
+            await self._disconnect(code)
+        finally:
+            shutdown.node_gone(self)  # after the session is closed: a shutdown waits for that
+
+    async def _disconnect(self, code: int) -> None:
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.cancel()

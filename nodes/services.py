@@ -89,6 +89,12 @@ def _orphans_of_sessions(session_filter: Q) -> list[Orphan]:
     return [Orphan(request_id=rid, reply_channel=channel) for rid, channel in rows]
 
 
+def router_worker_leave(*, worker_id: str) -> None:
+    """A worker shutting down cleanly (idleclaw_site/shutdown.py) removes its own row; its
+    nodes and streams are gone by then."""
+    RouterWorker.objects.filter(worker_id=worker_id).delete()
+
+
 def router_workers_reap(*, worker_id: str, everyone_else: bool = False) -> Reaped:
     """Remove workers that stopped beating, with their sessions and streams.
 
