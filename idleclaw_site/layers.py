@@ -23,7 +23,10 @@ Capacity, ``ChannelFull``, expiry, groups and flush behave as in the parent clas
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from channels.exceptions import ChannelFull
@@ -32,6 +35,10 @@ from channels_redis.core import RedisChannelLayer as ChannelsRedisLayer
 
 SWEEP_INTERVAL = 1.0
 VALID_NAMES_REMEMBERED = 4096
+# Messages the Redis layer's pump takes off a worker's key in one round trip, beyond the first.
+PUMP_BATCH = 256
+
+logger = logging.getLogger("idleclaw.layers")
 
 
 class InProcessChannelLayer(InMemoryChannelLayer):
@@ -134,7 +141,10 @@ class RedisChannelLayer(ChannelsRedisLayer):
     A message lost on the way is still caught: chunks are numbered (a gap ends the answer with
     an error) and a request a node never got runs into the stall timeout and fails over.
 
-    Storage, capacity, expiry and the receive loop are channels-redis's own.
+    Process-local channels (every relay's and node connection's) are received through one pump
+    per process into per-channel inboxes (``receive``), so no receiver's cancellation can lose
+    another's message. Storage, capacity, expiry and the receiving of shared channels are
+    channels-redis's own.
     """
 
     _send_script: Any = None
@@ -177,3 +187,118 @@ class RedisChannelLayer(ChannelsRedisLayer):
 
     async def _clean_receive_backup(self, index: int, channel: str) -> None:
         return  # nothing was backed up
+
+    # --- process-local channels: one pump per process, inboxes per channel ------------------
+
+    _pump: asyncio.Task[None] | None = None
+    _inboxes: dict[str, _Inbox] | None = None
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """A process-local channel's next message, from its inbox.
+
+        All process-local channels of a worker share one Redis key. channels-redis has whichever
+        receiver holds a lock pop from it for everyone; when that receiver is cancelled while
+        its BZPOPMIN is under way (a relay's timeout while it waits in the queue, a consumer
+        hanging up), the message popped for another channel is lost: 58 of 1,000 chunks in
+        ``tests/scaleout/test_channel_layer.py``, "part of the answer was lost" under load.
+        Here one pump task, which no receiver can cancel, pops messages (many per round trip
+        when they queue up) into per-channel inboxes, and a receiver only waits on its inbox."""
+        if "!" not in channel:
+            return await super().receive(channel)
+        assert self.require_valid_channel_name(channel)
+        self._start_pump()
+        inbox = self._inbox(channel)
+        inbox.waiting += 1
+        try:
+            return await inbox.queue.get()
+        finally:
+            inbox.waiting -= 1
+            inbox.touched = time.monotonic()
+
+    def receive_now(self, channel: str) -> dict[str, Any] | None:
+        """The next message already in a process-local channel's inbox, without waiting (the
+        relay writes what arrived together in one go)."""
+        inbox = (self._inboxes or {}).get(channel)
+        if inbox is None or inbox.queue.empty():
+            return None
+        return inbox.queue.get_nowait()
+
+    def _inbox(self, channel: str) -> _Inbox:
+        if self._inboxes is None:
+            self._inboxes = {}
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = _Inbox(
+                queue=asyncio.Queue(), touched=time.monotonic()
+            )
+        return inbox
+
+    def _start_pump(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._pumping())
+
+    async def _pumping(self) -> None:
+        real_channel = f"specific.{self.client_prefix}!"
+        key = self.prefix + real_channel
+        connection = self.connection(self.consistent_hash(real_channel))
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        while True:
+            try:
+                popped = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                batch = []
+                if popped is not None:
+                    batch.append(popped[1])
+                    # What queued up meanwhile, in the same order, in one more round trip.
+                    batch.extend(raw for raw, _ in await connection.zpopmin(key, PUMP_BATCH))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("receiving from Redis failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+                continue
+            for raw in batch:
+                self._deliver(self.deserialize(raw))
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                self._sweep_inboxes(now)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        targets = message.pop("__asgi_channel__", None)
+        for channel in targets if isinstance(targets, list) else [targets]:
+            if not isinstance(channel, str):
+                continue
+            inbox = self._inbox(channel)
+            if inbox.queue.qsize() >= self.get_capacity(channel):
+                # A receiver this far behind has stopped: its chunks are numbered, so the gap
+                # ends its answer with an error rather than growing without bound.
+                logger.warning("dropped a message for %s: its inbox is full", channel)
+                continue
+            inbox.queue.put_nowait(message)
+
+    def _sweep_inboxes(self, now: float) -> None:
+        """Forget inboxes nobody is waiting on that have been quiet for the expiry: messages that
+        came after their receiver was done (a late chunk, a wake-up)."""
+        stale = [
+            channel
+            for channel, inbox in self._inboxes.items()
+            if not inbox.waiting and now - inbox.touched > self.expiry
+        ]
+        for channel in stale:
+            del self._inboxes[channel]
+
+    async def flush(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(BaseException):
+                await self._pump
+            self._pump = None
+        self._inboxes = None
+        await super().flush()
+
+
+@dataclass
+class _Inbox:
+    queue: asyncio.Queue
+    touched: float  # when a receive last ended, or the inbox was made
+    waiting: int = 0  # receivers waiting on it now

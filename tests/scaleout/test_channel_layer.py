@@ -80,3 +80,49 @@ async def test_a_full_channel_refuses_the_send_and_expired_messages_make_room(
         assert await asyncio.wait_for(layer.receive("slow.reader"), 5) == {"type": "fresh"}
     finally:
         await layer.flush()
+
+
+async def test_receivers_that_give_up_waiting_lose_nobody_elses_messages(
+    layer, monkeypatch, redis_url
+):
+    # A relay waiting in the queue gives up its receive every two seconds (a timeout cancels
+    # it), and hundreds of relays of one worker wait at once. All of that worker's process-local
+    # channels share one Redis key: a receive cancelled while it popped from that key must not
+    # take another relay's chunk with it (issue 14: 38 of 338 streams lost chunks).
+    config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    consumer_worker = RedisChannelLayer(**config["CONFIG"])
+    try:
+        stream = await consumer_worker.new_channel()
+        queued = [await consumer_worker.new_channel() for _ in range(20)]
+        stop = asyncio.Event()
+
+        async def waiting_in_queue(channel: str) -> None:
+            while not stop.is_set():
+                try:
+                    async with asyncio.timeout(random.random() * 0.01):
+                        await consumer_worker.receive(channel)
+                except TimeoutError:
+                    pass
+
+        waiters = [asyncio.create_task(waiting_in_queue(channel)) for channel in queued]
+        received = []
+
+        async def relaying() -> None:
+            while len(received) < 1000:
+                received.append((await consumer_worker.receive(stream))["seq"])
+
+        relay = asyncio.create_task(relaying())
+        for seq in range(1000):
+            await layer.send(stream, {"type": "stream.chunk", "seq": seq})
+            if seq % 50 == 0:
+                await asyncio.sleep(0.005)
+        try:
+            await asyncio.wait_for(asyncio.shield(relay), 10)
+        except TimeoutError:
+            pass
+        stop.set()
+        relay.cancel()
+        await asyncio.gather(*waiters, relay, return_exceptions=True)
+        assert received == list(range(1000)), f"{1000 - len(received)} of 1000 lost"
+    finally:
+        await consumer_worker.flush()
