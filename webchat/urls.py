@@ -2,4 +2,12 @@
 
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from webchat import views
+
+urlpatterns = [
+    path("", views.chat, name="webchat"),
+    path("network", views.network, name="webchat-network"),
+    path("network.json", views.network_data, name="webchat-network-data"),
+]

@@ -1,0 +1,110 @@
+// The router's public APIs, as the page uses them. The page is an ordinary consumer: its
+// answers go through /v1/chat/completions with the same limits and queue as anyone's.
+
+import { readEvents } from "./sse.js";
+
+/** A refusal before the answer started (4xx/5xx), with the router's own message. */
+export class ApiError extends Error {
+  constructor(status, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.retryAfter = retryAfter; // seconds, or null
+  }
+}
+
+async function errorOf(response) {
+  let message = `the router answered ${response.status}`;
+  try {
+    const body = await response.json();
+    message = body?.error?.message ?? body?.detail ?? message;
+  } catch {
+    // not JSON: keep the status line
+  }
+  const retry = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
+  return new ApiError(response.status, String(message), Number.isFinite(retry) ? retry : null);
+}
+
+async function getJson(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
+/**
+ * Live models: [{ name, nodes, freeSlots, queued, thinking, tools }], largest first
+ * (``/api/models``).
+ */
+export async function fetchModels() {
+  const body = await getJson("/api/models");
+  return body.models.map((name) => ({
+    name,
+    nodes: body.details?.[name]?.nodes ?? 0,
+    freeSlots: body.details?.[name]?.free_slots ?? 0,
+    queued: body.details?.[name]?.queued ?? 0,
+    thinking: Boolean(body.capabilities?.[name]?.thinking),
+    tools: Boolean(body.capabilities?.[name]?.tool_calls),
+  }));
+}
+
+/** ``/health``: { node_count, ... }. */
+export function fetchHealth() {
+  return getJson("/health");
+}
+
+/** The network page's figures. */
+export function fetchNetwork() {
+  return getJson("/network.json");
+}
+
+/**
+ * Ask ``model`` and yield what comes back, in order:
+ * { queued: position } while waiting for a free node, { reasoning: text }, { content: text },
+ * then { finish: reason, usage } or { error: message }. Throws ApiError when the router
+ * refuses the request, and the fetch's AbortError when ``signal`` aborts.
+ *
+ * ``think``: true or false for a thinking model, null to leave it out (other models).
+ */
+export async function* streamChat({ model, messages, think, signal }) {
+  const request = {
+    model,
+    messages,
+    stream: true,
+    stream_options: { include_usage: true },
+  };
+  if (think !== null) request.reasoning_effort = think ? "medium" : "none";
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    body: JSON.stringify(request),
+    signal,
+  });
+  if (!response.ok) throw await errorOf(response);
+  let finish = null;
+  let usage = null;
+  for await (const event of readEvents(response.body)) {
+    if (event.comment !== undefined) {
+      const queued = /^queued position=(\d+)$/.exec(event.comment);
+      if (queued) yield { queued: Number(queued[1]) };
+      continue;
+    }
+    if (event.data === "[DONE]") {
+      yield { finish: finish ?? "stop", usage };
+      return;
+    }
+    const chunk = JSON.parse(event.data);
+    if (chunk.error) {
+      yield { error: String(chunk.error.message ?? "the answer failed") };
+      return;
+    }
+    if (chunk.usage) usage = chunk.usage;
+    const choice = chunk.choices?.[0];
+    if (!choice) continue;
+    const delta = choice.delta ?? {};
+    if (typeof delta.reasoning_content === "string" && delta.reasoning_content) {
+      yield { reasoning: delta.reasoning_content };
+    }
+    if (typeof delta.content === "string" && delta.content) yield { content: delta.content };
+    if (choice.finish_reason) finish = choice.finish_reason;
+  }
+  yield { error: "the connection to the router was lost before the answer ended" };
+}

@@ -1,0 +1,495 @@
+// Markdown for answers from untrusted nodes.
+//
+// Nothing here parses HTML: every node is made with createElement and every piece of answer
+// text goes in as a text node (textContent), so markup a node sends is shown, never run or
+// loaded. The page's Content-Security-Policy (no inline script, Trusted Types) is the second
+// wall behind this one.
+//
+// The subset:
+// - Paragraphs. A blank line ends every block; a single newline inside a paragraph is a line
+//   break (as chat answers mean it), not a space.
+// - Headings: "# " to "###### ".
+// - Lists: "-", "*" or "+" bullets and "1." or "1)" numbers; an item's lines indented to its
+//   text (nested lists, code) belong to it. Items separated by blank lines make consecutive
+//   lists (a numbered one keeps its first number).
+// - Block quotes ("> ") and rules ("---", "***", "___").
+// - Fenced code: ``` or ~~~ (three or more), an optional language label, shown as written
+//   with a Copy button; an unclosed fence runs to the end of the answer.
+// - Inline: `code` (any run of backticks), **strong** / __strong__, *emphasis* / _emphasis_
+//   (not inside words for "_"), ~~strikethrough~~, backslash escapes.
+// - Links: [text](url) (no brackets in the text), <url> and bare URLs, only when the URL is
+//   absolute http: or https:; they open in a new tab with rel="noopener noreferrer nofollow".
+//   Any other link stays plain text, exactly as the node sent it.
+// - Images: ![alt](url) becomes a link to the image (http(s) only), never an <img>: nothing
+//   from an answer is loaded.
+// - Anything else (HTML, entities such as &amp;, tables, footnotes) is shown as written.
+//
+// Streaming: LiveMarkdown renders the blocks that a later blank line has closed once, and
+// re-renders only the last, still growing block on each update. A block is always rendered
+// from its own text alone, so how the answer was cut into chunks never changes what is shown.
+
+const FENCE_OPEN = /^(\s*)(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/;
+const HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$/;
+const RULE = /^ {0,3}([-*_])[ \t]*(?:\1[ \t]*){2,}$/;
+const QUOTE = /^ {0,3}> ?(.*)$/;
+const LIST_ITEM = /^( {0,3})([-*+]|(\d{1,9})[.)])(?:([ \t]+)(.*))?$/;
+const ESCAPABLE = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
+// Deeper nesting than this (quotes in lists in quotes...) is shown as text.
+const MAX_DEPTH = 12;
+
+/** An absolute http(s) URL as the browser will use it, or null for anything else. */
+export function safeUrl(raw) {
+  let url;
+  try {
+    url = new URL(raw.trim());
+  } catch {
+    return null; // relative or malformed: no base is given on purpose
+  }
+  return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+}
+
+function element(tag, className) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  return node;
+}
+
+function isBlank(line) {
+  return line.trim() === "";
+}
+
+function indentOf(line) {
+  const match = /^[ \t]*/.exec(line)[0];
+  let width = 0;
+  for (const char of match) width += char === "\t" ? 4 - (width % 4) : 1;
+  return width;
+}
+
+/** ``line`` without up to ``width`` columns of leading whitespace. */
+function dedent(line, width) {
+  let column = 0;
+  let index = 0;
+  while (index < line.length && column < width) {
+    const char = line[index];
+    if (char === " ") column += 1;
+    else if (char === "\t") column += 4 - (column % 4);
+    else break;
+    index += 1;
+  }
+  return line.slice(index);
+}
+
+function closesFence(line, fence) {
+  const trimmed = line.trim();
+  return trimmed.length >= fence.length && trimmed === fence.char.repeat(trimmed.length);
+}
+
+function openFence(line) {
+  const match = FENCE_OPEN.exec(line);
+  if (!match) return null;
+  const marker = match[2];
+  return { indent: indentOf(match[1]), char: marker[0], length: marker.length, lang: match[3] };
+}
+
+/**
+ * Where the blocks of ``text`` end: offsets just after each blank line that is not inside a
+ * fenced code block. ``from`` must be the start of a line outside any fence.
+ */
+export function blockEnds(text, from = 0) {
+  const ends = [];
+  let fence = null;
+  let start = from;
+  while (start < text.length) {
+    const newline = text.indexOf("\n", start);
+    if (newline === -1) break; // the last line is still being written
+    const line = text.slice(start, newline);
+    start = newline + 1;
+    if (fence) {
+      if (closesFence(line, fence)) fence = null;
+    } else if (isBlank(line)) {
+      ends.push(start);
+    } else {
+      fence = openFence(line);
+    }
+  }
+  return ends;
+}
+
+/** Render the Markdown ``text`` into ``parent``, one block after another. */
+export function renderMarkdown(text, parent) {
+  let start = 0;
+  for (const end of blockEnds(text)) {
+    renderBlock(text.slice(start, end), parent);
+    start = end;
+  }
+  renderBlock(text.slice(start), parent);
+}
+
+function renderBlock(text, parent) {
+  const lines = text.replace(/\r\n?/g, "\n").split("\n");
+  // Blank lines at the end belong to no block (an unclosed fence would show them as code).
+  while (lines.length && isBlank(lines.at(-1))) lines.pop();
+  renderLines(lines, parent, 0);
+}
+
+function startsBlock(line) {
+  return (
+    FENCE_OPEN.test(line) ||
+    HEADING.test(line) ||
+    RULE.test(line) ||
+    QUOTE.test(line) ||
+    LIST_ITEM.test(line)
+  );
+}
+
+function renderLines(lines, parent, depth) {
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    if (isBlank(line)) {
+      i += 1;
+      continue;
+    }
+    if (depth >= MAX_DEPTH) {
+      parent.append(paragraph(lines.slice(i).filter((l) => !isBlank(l)), depth));
+      return;
+    }
+    const fence = openFence(line);
+    if (fence) {
+      i = codeBlock(lines, i + 1, fence, parent);
+      continue;
+    }
+    let match = HEADING.exec(line);
+    if (match) {
+      const heading = element(`h${match[1].length}`);
+      renderInline(match[2], heading, depth);
+      parent.append(heading);
+      i += 1;
+      continue;
+    }
+    if (RULE.test(line)) {
+      parent.append(element("hr"));
+      i += 1;
+      continue;
+    }
+    if (QUOTE.test(line)) {
+      const inner = [];
+      while (i < lines.length && !isBlank(lines[i])) {
+        match = QUOTE.exec(lines[i]);
+        if (!match && startsBlock(lines[i])) break;
+        inner.push(match ? match[1] : lines[i]); // a line without ">" continues the quote
+        i += 1;
+      }
+      const quote = element("blockquote");
+      renderLines(inner, quote, depth + 1);
+      parent.append(quote);
+      continue;
+    }
+    if (LIST_ITEM.test(line)) {
+      i = list(lines, i, parent, depth);
+      continue;
+    }
+    const text = [];
+    while (i < lines.length && !isBlank(lines[i]) && (text.length === 0 || !startsBlock(lines[i]))) {
+      text.push(lines[i]);
+      i += 1;
+    }
+    parent.append(paragraph(text, depth));
+  }
+}
+
+function paragraph(lines, depth) {
+  const node = element("p");
+  lines.forEach((line, index) => {
+    if (index > 0) node.append(element("br"));
+    renderInline(line.trim(), node, depth);
+  });
+  return node;
+}
+
+function codeBlock(lines, i, fence, parent) {
+  const code = [];
+  while (i < lines.length && !closesFence(lines[i], fence)) {
+    code.push(dedent(lines[i], fence.indent));
+    i += 1;
+  }
+  const block = element("div", "code-block");
+  const head = element("div", "code-head");
+  const label = element("span", "code-lang");
+  label.textContent = fence.lang;
+  const copy = element("button", "copy-code");
+  copy.type = "button";
+  copy.textContent = "Copy";
+  copy.setAttribute("aria-label", fence.lang ? `Copy ${fence.lang} code` : "Copy code");
+  head.append(label, copy);
+  const pre = element("pre");
+  const body = element("code");
+  body.textContent = code.join("\n");
+  pre.append(body);
+  block.append(head, pre);
+  parent.append(block);
+  return i + 1; // past the closing fence
+}
+
+function list(lines, i, parent, depth) {
+  const first = LIST_ITEM.exec(lines[i]);
+  const ordered = first[3] !== undefined;
+  const node = element(ordered ? "ol" : "ul");
+  if (ordered && Number(first[3]) !== 1) node.start = Number(first[3]);
+  while (i < lines.length) {
+    const match = LIST_ITEM.exec(lines[i]);
+    if (!match || (match[3] !== undefined) !== ordered) break;
+    const marker = indentOf(match[1]) + match[2].length;
+    const gap = match[4] === undefined ? 1 : indentOf(" ".repeat(marker) + match[4]) - marker;
+    // A marker followed by 5 or more spaces starts its text after one (CommonMark).
+    const content = marker + (gap > 4 ? 1 : gap);
+    const item = [match[5] ?? ""];
+    i += 1;
+    let fence = null;
+    while (i < lines.length) {
+      const line = lines[i];
+      if (fence) {
+        item.push(dedent(line, content));
+        if (closesFence(line, fence)) fence = null;
+      } else if (isBlank(line) || indentOf(line) >= content) {
+        const inner = dedent(line, content);
+        item.push(inner);
+        fence = openFence(inner);
+      } else if (startsBlock(line)) {
+        break;
+      } else {
+        item.push(line.trim()); // a lazy continuation of the item's text
+      }
+      i += 1;
+    }
+    const li = element("li");
+    renderLines(item, li, depth + 1);
+    node.append(li);
+  }
+  parent.append(node);
+  return i;
+}
+
+// --- inline ----------------------------------------------------------------------------------
+
+// Longest link text looked at; a longer "[...](" is text.
+const MAX_LABEL_CHARS = 1000;
+const BARE_URL = /https?:\/\/[^\s<>]+/iy;
+
+/**
+ * Inline Markdown of one line into ``parent``.
+ *
+ * Whether a closing delimiter fits depends only on the characters around it, never on the
+ * opener, so once a search for one kind fails from some offset it fails from any later offset
+ * too: each search remembers that in ``misses``, and a line of a thousand unmatched "*", "`" or
+ * "[" costs one scan per kind instead of one per opener.
+ */
+function renderInline(text, parent, depth) {
+  inline(text, parent, { depth, links: true, misses: new Map() });
+}
+
+/** The first offset at or after ``from`` where ``fits(at)`` holds for ``token``, or -1. */
+function findCloser(text, token, from, misses, kind = token, fits = () => true) {
+  const missed = misses.get(kind);
+  if (missed !== undefined && from >= missed) return -1;
+  let at = text.indexOf(token, from);
+  while (at !== -1 && !fits(at)) at = text.indexOf(token, at + 1);
+  if (at === -1) misses.set(kind, Math.min(missed ?? Infinity, from));
+  return at;
+}
+
+function isWordChar(char) {
+  return char !== undefined && /[\p{L}\p{N}]/u.test(char);
+}
+
+function inline(text, parent, context) {
+  const { depth, links, misses } = context;
+  const inner = { depth: depth + 1, links, misses: new Map() };
+  let plain = "";
+  const flush = () => {
+    if (plain) parent.append(document.createTextNode(plain));
+    plain = "";
+  };
+  let i = 0;
+  while (i < text.length) {
+    const char = text[i];
+    if (char === "\\" && ESCAPABLE.includes(text[i + 1] ?? "")) {
+      plain += text[i + 1];
+      i += 2;
+      continue;
+    }
+    if (char === "`") {
+      let run = 1;
+      while (text[i + run] === "`") run += 1;
+      // The closing run is exactly as long as the opening one (runs start at ``at``: the
+      // opening run was read whole, and a search starts after a run).
+      const close = findCloser(text, "`".repeat(run), i + run, misses, `code${run}`,
+        (at) => text[at + run] !== "`" && text[at - 1] !== "`");
+      if (close === -1) {
+        plain += "`".repeat(run);
+        i += run;
+        continue;
+      }
+      let code = text.slice(i + run, close);
+      if (code.length > 2 && code.startsWith(" ") && code.endsWith(" ") && code.trim()) {
+        code = code.slice(1, -1);
+      }
+      flush();
+      const node = element("code");
+      node.textContent = code;
+      parent.append(node);
+      i = close + run;
+      continue;
+    }
+    if (links && (char === "[" || (char === "!" && text[i + 1] === "["))) {
+      const image = char === "!";
+      const link = parseLink(text, image ? i + 1 : i, misses);
+      if (link) {
+        flush();
+        if (image) {
+          parent.append(imageLink(link));
+        } else {
+          const anchor = anchorFor(link.href);
+          inline(link.label, anchor, { ...inner, links: false });
+          parent.append(anchor);
+        }
+        i = link.end;
+        continue;
+      }
+    }
+    if (links && char === "<") {
+      const close = findCloser(text, ">", i + 1, misses);
+      const target = close === -1 ? "" : text.slice(i + 1, close);
+      const href = /^[a-z]+:\S*$/i.test(target) ? safeUrl(target) : null;
+      if (href) {
+        flush();
+        const anchor = anchorFor(href);
+        anchor.textContent = target;
+        parent.append(anchor);
+        i = close + 1;
+        continue;
+      }
+    }
+    if (links && (char === "h" || char === "H") && !isWordChar(text[i - 1])) {
+      BARE_URL.lastIndex = i;
+      const match = BARE_URL.exec(text);
+      const url = match ? match[0].replace(/[.,:;!?'")\]]+$/, "") : "";
+      const href = url ? safeUrl(url) : null;
+      if (href) {
+        flush();
+        const anchor = anchorFor(href);
+        anchor.textContent = url;
+        parent.append(anchor);
+        i += url.length;
+        continue;
+      }
+    }
+    if ((char === "*" || char === "_" || char === "~") && depth < MAX_DEPTH) {
+      const emphasis = parseEmphasis(text, i, misses);
+      if (emphasis) {
+        flush();
+        const node = element(emphasis.tag);
+        inline(emphasis.inner, node, inner);
+        parent.append(node);
+        i = emphasis.end;
+        continue;
+      }
+    }
+    plain += char;
+    i += 1;
+  }
+  flush();
+}
+
+const EMPHASIS = [
+  ["**", "strong"],
+  ["__", "strong"],
+  ["~~", "del"],
+  ["*", "em"],
+  ["_", "em"],
+];
+
+function parseEmphasis(text, i, misses) {
+  for (const [token, tag] of EMPHASIS) {
+    if (!text.startsWith(token, i)) continue;
+    const start = i + token.length;
+    if (/\s/.test(text[start] ?? " ")) continue;
+    if (token[0] === "_" && isWordChar(text[i - 1])) continue; // snake_case stays as it is
+    // A closer follows text, is not part of a longer run, and "_" does not end inside a word.
+    const fits = (at) => {
+      const after = text[at + token.length];
+      return (
+        !/\s/.test(text[at - 1]) &&
+        !(token.length === 1 && (after === token || text[at - 1] === token)) &&
+        !(token[0] === "_" && isWordChar(after))
+      );
+    };
+    const close = findCloser(text, token, start + 1, misses, `emphasis${token}`, fits);
+    if (close === -1) continue;
+    return { tag, inner: text.slice(start, close), end: close + token.length };
+  }
+  return null;
+}
+
+/** ``[label](url "title")`` with ``i`` at the "[", when the URL is http(s); else null. */
+function parseLink(text, i, misses) {
+  const middle = findCloser(text, "](", i + 1, misses);
+  if (middle === -1 || middle - i > MAX_LABEL_CHARS) return null;
+  const label = text.slice(i + 1, middle);
+  // Brackets inside link text are not supported: a later "[" may start the link instead.
+  if (label.includes("[") || label.includes("]")) return null;
+  const end = findCloser(text, ")", middle + 2, misses);
+  if (end === -1) return null;
+  const url = text.slice(middle + 2, end).trim().split(/\s+/, 1)[0].replace(/^<(.*)>$/, "$1");
+  const href = safeUrl(url);
+  if (!href) return null; // shown as the text the node sent
+  return { label, href, end: end + 1 };
+}
+
+function anchorFor(href) {
+  const anchor = element("a");
+  anchor.href = href;
+  anchor.rel = "noopener noreferrer nofollow";
+  anchor.target = "_blank";
+  return anchor;
+}
+
+function imageLink(link) {
+  const anchor = anchorFor(link.href);
+  anchor.className = "image-link";
+  anchor.textContent = `Image: ${link.label.trim() || link.href}`;
+  anchor.title = "An image in the answer, not loaded: opens in a new tab";
+  return anchor;
+}
+
+/**
+ * An answer being streamed into ``container``. Blocks a blank line has closed are rendered
+ * once; only the last block is rendered again on each update.
+ */
+export class LiveMarkdown {
+  constructor(container) {
+    this.container = container;
+    this.text = "";
+    this.closed = 0; // text[0:closed] is rendered for good
+    this.tail = element("div", "live-block");
+    container.append(this.tail);
+  }
+
+  /** Show ``text``, which extends what was shown before. */
+  update(text) {
+    this.text = text;
+    const ends = blockEnds(text, this.closed);
+    if (ends.length) {
+      const done = document.createDocumentFragment();
+      let start = this.closed;
+      for (const end of ends) {
+        renderBlock(text.slice(start, end), done);
+        start = end;
+      }
+      this.closed = start;
+      this.container.insertBefore(done, this.tail);
+    }
+    this.tail.replaceChildren();
+    renderBlock(text.slice(this.closed), this.tail);
+  }
+}
