@@ -34,8 +34,11 @@ def test_the_network_page_shows_nodes_models_slots_queue_and_speed_live(
     waiting[0].start()
     held = node.request()
     waiting[1].start()
-    procs.wait_until(lambda: requests.get(f"{network.url}/network.json", timeout=5)
-                     .json()["queued_requests"] == 1, what="a request waiting in the queue")
+    def settled() -> bool:
+        figures = requests.get(f"{network.url}/network.json", timeout=5).json()
+        return figures["nodes_online"] == 2 and figures["queued_requests"] == 1
+
+    procs.wait_until(settled, what="the contributor and busy:1b online, one request waiting")
     page.clock.install()
     open_chat(page)
     page.get_by_role("link", name="Network").click()
