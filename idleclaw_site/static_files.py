@@ -24,9 +24,12 @@ class OperatorStaticFilesHandler(ASGIStaticFilesHandler):
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
         try:
-            return await super().get_response_async(request)
+            response = await super().get_response_async(request)
         except SuspiciousOperation as exc:
             # As Django's own handler does for a view: the same logging, the same 400 page.
             return await sync_to_async(response_for_exception, thread_sensitive=False)(
                 request, exc
             )
+        # The chat page's scripts and styles are only ever what their type says.
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response

@@ -68,6 +68,15 @@ def test_the_page_is_served_at_the_root_with_a_strict_content_security_policy(pa
     assert outcome == {"handler": "TypeError", "html": "TypeError", "ran": False}
 
 
+def test_the_pages_scripts_are_served_by_the_router_as_scripts_only(network):
+    for path, kind in (("/static/webchat/chat.js", "javascript"), ("/static/webchat/page.css",
+                                                                    "css")):
+        reply = requests.get(f"{network.url}{path}", timeout=5)
+        assert reply.status_code == 200
+        assert kind in reply.headers["Content-Type"]
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+
+
 def test_the_admin_keeps_djangos_own_pages(network):
     login = requests.get(f"{network.url}/admin/login/", timeout=5)
     assert login.status_code == 200
