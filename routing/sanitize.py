@@ -27,6 +27,18 @@ Stripped, in prose only:
 Any other ``<`` stays: ``a < b``, ``x<=y``, ``Vec<u8>``, ``Option<T>``, ``2>&1``,
 ``<T extends X>``, ``List<String>``, ``<https://example.com>``.
 
+Links that run script, in prose only: a link destination (after ``](`` or ``]:``, with spaces or
+tabs allowed before the ``(`` or ``:``, then any white space and a ``<``) whose URL, read as a
+renderer and then a browser read it (entity and numeric references and backslash escapes decoded,
+tabs and line breaks dropped anywhere, white space and controls dropped at the start, any case),
+begins with ``javascript:``, ``vbscript:`` or ``data:`` gets a ``#`` right after the ``(`` or
+``:``, which makes it a link to a place on the page or no link at all; the link text stays
+(``[x](javascript:alert(1))`` -> ``[x](#javascript:alert(1))``). This is looked for in the text
+the consumer receives, so markup removed in between changes nothing. At most ``MAX_DEST_PROBE``
+characters of a destination are held to decide; one still undecided then gets its ``#``. An
+autolink ``<javascript:...>`` (also ``vbscript:``, ``data:``, any case) loses its ``<`` (and any
+other ``<`` in it) and is shown as text, and so does one inside a kept tag.
+
 Code, passed byte for byte and never examined for markup:
   * fenced code blocks (CommonMark): a line of at least three backticks or tildes, indented at
     most three spaces or right after one list marker (``- ```js``, ``1. ~~~``), with no backtick
@@ -76,18 +88,25 @@ Bounds (nothing waits or grows without limit; the work is linear in the input):
   * text held as "maybe code" after a backtick run is at most ``MAX_SPAN_CHARS``; past that, at
     the end of its line or of the stream it is prose;
   * a possible fence line is held until its line ends, at most ``MAX_FENCE_LINE_CHARS``;
-  * CPU time: a stream earns ``SECONDS_PER_CHAR`` per character (1 ms per 10 KB) and
-    ``SECONDS_PER_PIECE`` per piece, and may save up at most ``MAX_SAVED_SECONDS`` (3 ms); a
-    piece may spend what it earns and what was saved. A streamed token costs microseconds, so
-    only text built to be costly runs out. Then the rest of the stream is passed with every
-    ``<`` dropped, which costs next to nothing (safe, but no longer faithful to code: such a
-    stream was hostile or absurd).
+  * work: a stream earns ``UNITS_PER_CHAR`` work units per character and ``UNITS_PER_PIECE``
+    per piece, and may save up at most ``MAX_SAVED_UNITS``; a piece may spend what it earns and
+    what was saved. Work is counted, never timed, so the same text cut the same way always gives
+    the same output: a step of the scanner costs ``STEP_UNITS`` and a unit per character it
+    moves on, and so does each further round of a loop within a step (a tag on the output, a
+    line of a fence, a character of a link destination's scheme), with extra for markup removed
+    and text read again. The units were tuned on the worst shapes in the tests to about 25 ns of
+    CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and 3 ms saved;
+    a streamed token costs a few hundred units, so only text built to be costly runs out. It is
+    checked after every step and every tag on the output, so a piece spends at most one step
+    (about 0.4 ms) more. Then the rest of the stream is passed with every ``<`` dropped and a
+    ``#`` after every ``]``, which costs next to nothing (safe, but no longer faithful to code:
+    such a stream was hostile or absurd).
 """
 
 from __future__ import annotations
 
 import re
-import time
+from html.entities import html5
 from typing import Any
 
 MAX_TAG_CHARS = 1024
@@ -257,15 +276,20 @@ _CLOSED = re.compile(
     r"|<[A-Za-z0-9.!#$%&'*+/=?^_{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*>"
 )
-# CPU time a stream earns: 1 ms per 10 KB it sends and 50 microseconds per piece, of which at
-# most 3 ms can be saved up (a streamed token costs 2-10 microseconds; only text built to be
-# costly runs out). A piece may spend what it earns and what was saved.
-SECONDS_PER_CHAR = 1e-7
-SECONDS_PER_PIECE = 50e-6
-MAX_SAVED_SECONDS = 0.003
-# Longest stretch one step handles in prose (and one regular expression call scans), so the time
+# Work, in units (module docstring, Bounds): a step of the scanner costs STEP_UNITS and a unit
+# per character it moves on; each piece of markup removed in a run costs MARKUP_UNITS more. Tuned
+# on the worst shapes of tests/security/test_sanitizer_hostile.py, measured with CPU time on a
+# 2-core build machine: about 25 ns a unit (the costliest shape, 30 ns), so a stream earns 1 ms per
+# 10 KB, 50 microseconds per piece and may save 3 ms. A streamed token of an honest answer costs
+# 100-300 units.
+STEP_UNITS = 64
+MARKUP_UNITS = 16
+UNITS_PER_CHAR = 4
+UNITS_PER_PIECE = 2_000
+MAX_SAVED_UNITS = 120_000
+# Longest stretch one step handles in prose (and one regular expression call scans), so the work
 # is checked often: a step of the costliest prose (a safe-looking tag every 8 characters, each
-# read on the output side) takes about 1 ms of a 3 ms allowance.
+# read on the output side) costs about 0.4 ms.
 _WINDOW = 1024
 
 # A "<" at the very end of a piece that may still become markup when the next piece comes.
@@ -355,6 +379,36 @@ def _classify(s: str) -> tuple[Any, int]:
     return "lit", 1
 
 
+class _Code(str):
+    """Output that is code: no link destination is looked for in it."""
+
+    __slots__ = ()
+
+
+# Link destinations (after "](" or "]:", spaces allowed before either) whose scheme runs script
+# or carries a document of its own. At most MAX_DEST_PROBE characters of one are held to decide.
+_DANGEROUS_SCHEMES = ("javascript:", "vbscript:", "data:")
+_SCRIPT_AUTOLINK = re.compile(r"<(?:javascript|vbscript|data):", re.I)
+MAX_DEST_PROBE = 256
+_IDLE, _BRACKET, _PROBING = range(3)
+# What a browser drops from a URL: tabs and line breaks anywhere; controls and spaces at its
+# start, where a "<" (of a destination in brackets) may also stand.
+_URL_SPACE = re.compile(r"[\t\n\r]*")
+_URL_LEADING = re.compile(r"[\x00-\x20<]*")
+# Entity and numeric character references, as CommonMark decodes them in destinations.
+_ENTITY = re.compile(r"&(?:#[xX][0-9A-Fa-f]{1,6}|#[0-9]{1,7}|[A-Za-z][A-Za-z0-9]{1,31});")
+_ENTITY_START = re.compile(r"&(?:#[xX]?[0-9A-Fa-f]{0,6}|#[0-9]{0,7}|[A-Za-z][A-Za-z0-9]{0,31})?")
+_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _decode_entity(ref: str) -> str:
+    """What a renderer writes for the reference ``ref``; an unknown name stays as it is."""
+    if ref[1] == "#":
+        code = int(ref[3:-1], 16) if ref[2] in "xX" else int(ref[2:-1])
+        return chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+    return html5.get(ref[1:], ref)
+
+
 # Modes of the input scanner.
 _PROSE, _LT, _RUN, _SPAN, _FENCE_INFO, _FENCE, _TAG, _RAW, _COMMENT, _CDATA, _BOGUS, _PANIC = range(
     12
@@ -421,29 +475,37 @@ class TagStripper:
         self._cfresh = False
         self._le_text: str | None = None  # where the line of a piece ends (cached)
         self._le_at = 0
-        self._deadline = 0.0
-        self._saved = MAX_SAVED_SECONDS
+        self._left = MAX_SAVED_UNITS  # work units this piece may still spend
+        self.allowed = 0  # work units the last piece was allowed ...
+        self.spent = 0  # ... and spent
         self.quiet = False  # mid-line prose, nothing held: a plain piece passes unchanged
+        # Link destinations, on the output (_guard_links).
+        self._dest = _IDLE
+        self._probe = ""  # output held from the start of a destination ...
+        self._probe_at = 0  # ... read up to here ...
+        self._probe_norm = ""  # ... into its scheme so far, as a browser reads it
 
     # --- public -------------------------------------------------------------------------------
 
     def feed(self, piece: str) -> str:
         """The part of the stream that can be shown now, markup removed."""
-        if self.quiet and not ("<" in piece or "`" in piece or "\n" in piece or "\r" in piece):
+        if self.quiet and not ("<" in piece or "`" in piece or "\n" in piece or "\r" in piece
+                               or "]" in piece):
             if piece:
                 self._last = piece[-1]
             return piece
         self._out = []
-        self._spend(len(piece))
+        self._earn(len(piece))
         self._work(piece)
-        self._saved = max(0.0, self._deadline - time.thread_time())
+        out = self._guard_links(final=False)
+        self.spent = self.allowed - self._left
         self._set_quiet()
-        return "".join(self._out)
+        return out
 
     def flush(self) -> str:
         """What is left at the end of the stream; the stripper starts afresh afterwards."""
         self._out = []
-        self._spend(0)
+        self._earn(0)
         while True:
             mode = self._mode
             if mode == _LT:
@@ -482,7 +544,7 @@ class TagStripper:
             self._flush_lt()
         if self._held is not None:
             self._release(bound=False)
-        out = "".join(self._out)
+        out = self._guard_links(final=True)
         self.__init__()  # type: ignore[misc]
         return out
 
@@ -494,11 +556,14 @@ class TagStripper:
             text, pos = stack.pop()
             end = len(text)
             while pos < end:
+                start = pos
                 pos = _HANDLERS[self._mode](self, text, pos)
                 # After every step: a piece done in one step (no line ending, backtick or
                 # element tag in it) must be checked too, so that no step goes on unchecked.
-                if self._mode != _PANIC and time.thread_time() > self._deadline:
-                    self._panic()
+                if self._mode != _PANIC:  # (once it ran out, a step costs next to nothing)
+                    self._left -= STEP_UNITS + (pos - start if pos > start else 0)
+                    if self._left < 0:
+                        self._panic()
                 if self._refeed is not None:
                     again, self._refeed = self._refeed, None
                     if pos < end:
@@ -506,10 +571,11 @@ class TagStripper:
                     stack.append((again, 0))
                     break
 
-    def _spend(self, size: int) -> None:
-        """Set the CPU time by which this piece must be done (see SECONDS_PER_CHAR)."""
-        allowed = min(MAX_SAVED_SECONDS, self._saved + SECONDS_PER_PIECE) + size * SECONDS_PER_CHAR
-        self._deadline = time.thread_time() + allowed
+    def _earn(self, size: int) -> None:
+        """What this piece may spend: what it earns and what was saved (see UNITS_PER_CHAR)."""
+        saved = min(MAX_SAVED_UNITS, max(0, self._left) + UNITS_PER_PIECE)
+        self._left = saved + size * UNITS_PER_CHAR
+        self.allowed = self._left
 
     def _panic(self) -> None:
         """The stream has used up its CPU time (text built to be costly): from here on it is
@@ -549,7 +615,145 @@ class TagStripper:
             and not self._lt_pending
             and self._held is None
             and not self._joined
+            and not self._dest
         )
+
+    # --- link destinations --------------------------------------------------------------------
+
+    def _guard_links(self, *, final: bool) -> str:
+        """The output of this step, with link destinations whose scheme runs script made
+        harmless: a "#" before them makes them a link to a place on the page, or no link."""
+        out = "".join(self._out)
+        if not self._dest and "]" not in out:
+            return out
+        shown: list[str] = []
+        parts = self._out
+        at = 0
+        while at < len(parts):  # (_panic may add parts)
+            part = parts[at]
+            at += 1
+            if isinstance(part, _Code):
+                # A destination that would go on into code begins with a backtick or a tilde
+                # there: no scheme.
+                if self._dest == _PROBING:
+                    self._end_probe(shown, danger=False)
+                self._dest = _IDLE
+                shown.append(part)
+                continue
+            self._left -= len(part) >> 3
+            if self._mode == _PANIC:
+                self._scan_links_cheaply(part, shown)
+                continue
+            self._scan_links(part, shown)
+        if final and self._dest == _PROBING:
+            self._end_probe(shown, danger=False)
+        return "".join(shown)
+
+    def _scan_links(self, text: str, shown: list[str]) -> None:
+        pos = 0
+        end = len(text)
+        while pos < end:
+            self._left -= STEP_UNITS
+            if self._left < 0:
+                self._panic()
+                self._scan_links_cheaply(text[pos:], shown)
+                return
+            if self._dest == _PROBING:
+                pos = self._probe_more(text, pos, shown)
+                continue
+            if self._dest == _BRACKET:
+                stop = _INDENT.match(text, pos).end()
+                if stop == end:
+                    shown.append(text[pos:])  # spaces: "(" may follow in the next part
+                    return
+                self._dest = _IDLE
+                if text[stop] in "(:":
+                    shown.append(text[pos : stop + 1])
+                    pos = stop + 1
+                    self._dest = _PROBING
+                continue
+            at = text.find("]", pos)
+            if at < 0:
+                shown.append(text[pos:] if pos else text)
+                return
+            shown.append(text[pos : at + 1])
+            pos = at + 1
+            self._dest = _BRACKET
+
+    def _scan_links_cheaply(self, text: str, shown: list[str]) -> None:
+        """Once the stream ran out of work (_panic): a "#" after every "]", so that no link or
+        reference definition forms at all."""
+        if self._dest == _PROBING:
+            self._end_probe(shown, danger=True)
+        elif self._dest == _BRACKET:
+            shown.append("#")
+        self._dest = _IDLE
+        shown.append(text.replace("]", "]#"))
+
+    def _end_probe(self, shown: list[str], *, danger: bool) -> None:
+        if danger:
+            shown.append("#")
+        shown.append(self._probe)
+        self._dest = _IDLE
+        self._probe = ""
+        self._probe_at = 0
+        self._probe_norm = ""
+
+    def _probe_more(self, text: str, pos: int, shown: list[str]) -> int:
+        """Read a destination on from ``text[pos]`` and decide on it where its first characters
+        tell (see the module docstring); returns where to go on looking for the next one."""
+        held = len(self._probe)
+        probe = self._probe + text[pos : pos + MAX_DEST_PROBE + 1 - held]
+        at = self._probe_at
+        norm = self._probe_norm
+        end = len(probe)
+        verdict = None
+        self._left -= end  # (the text held is read again with each part)
+        while at < end:
+            self._left -= STEP_UNITS + 16
+            at = (_URL_SPACE if norm else _URL_LEADING).match(probe, at).end()
+            if at == end:
+                break
+            ch = probe[at]
+            step = 1
+            if ch == "&":
+                m = _ENTITY.match(probe, at)
+                if m is not None:
+                    self._left -= STEP_UNITS >> 1
+                    ch = _decode_entity(m.group())
+                    step = m.end() - at
+                elif _ENTITY_START.fullmatch(probe, at):
+                    break  # it may still become one
+            elif ch == "\\":
+                if at + 1 == end:
+                    break
+                if probe[at + 1] in _ASCII_PUNCTUATION:
+                    ch = probe[at + 1]
+                    step = 2
+            for c in ch:
+                if c in "\t\n\r" or not norm and (c <= " " or c == "<"):
+                    continue
+                norm += c.lower()
+            if norm.startswith(_DANGEROUS_SCHEMES):
+                verdict = True
+                at += step
+                break
+            if not any(scheme.startswith(norm) for scheme in _DANGEROUS_SCHEMES):
+                verdict = False
+                break  # (this character is looked at again as text)
+            at += step
+        if verdict is None and end <= MAX_DEST_PROBE:
+            self._probe = probe
+            self._probe_at = at
+            self._probe_norm = norm
+            return len(text)
+        # Decided (or too long to: then it is taken as one that runs script). What was held
+        # before this part holds no "]": it is shown as it is, and the search for the next
+        # destination goes on from the character that decided, or from this part's first.
+        keep = max(at, held) if verdict is not None else end
+        self._probe = probe[:keep]
+        self._end_probe(shown, danger=verdict is not False)
+        return pos + keep - held
 
     # --- output side --------------------------------------------------------------------------
 
@@ -599,7 +803,7 @@ class TagStripper:
         if self._held is not None:
             self._release(bound=False)
         self._join_guard(s[0])
-        self._out.append(s)
+        self._out.append(_Code(s))
         self._track(s)
 
     def _put_prose(self, s: str) -> None:
@@ -607,6 +811,12 @@ class TagStripper:
         pos = 0
         end = len(s)
         while pos < end:
+            self._left -= STEP_UNITS
+            if self._left < 0 and self._mode != _PANIC:
+                # (A step of this loop per tag: the allowance is checked here too.)
+                self._panic()
+                self._panicked(s, pos)
+                return
             if self._lt_pending:
                 pos = self._resolve_lt(s, pos)
                 continue
@@ -644,10 +854,14 @@ class TagStripper:
                 # Tags like "<T>" or "<String>": kept, as the held path would keep them.
                 if self._line is not None:
                     self._html_maybe = True
-                if self._html_maybe or not _CLOSED.fullmatch(safe.group(1)):
+                kept = safe.group()
+                if _SCRIPT_AUTOLINK.match(kept):
+                    kept = (" " if self._lt_tail else "") + kept[1:]  # (as in _close_held)
                     self._spans_off = True
-                self._out.append(safe.group())
-                self._track(safe.group())
+                elif self._html_maybe or not _CLOSED.fullmatch(safe.group(1)):
+                    self._spans_off = True
+                self._out.append(kept)
+                self._track(kept)
                 pos = safe.end()
                 continue
             self._snap = self._snapshot()
@@ -702,7 +916,12 @@ class TagStripper:
             assert held is not None
         text = held + part
         # A tag can only end at a ">": look again only when one arrives, a bounded number of times.
-        end = self._held_end(text, len(held)) if ">" in part else -1
+        self._left -= len(part) >> 3
+        if ">" in part:
+            end = self._held_end(text, len(held))
+            self._left -= len(text) if end < 0 else end  # (each ">" reads the held tag again)
+        else:
+            end = -1
         if end < 0:
             self._held = text
             if part:
@@ -733,6 +952,7 @@ class TagStripper:
 
     def _close_held(self) -> None:
         assert self._held is not None and self._snap is not None
+        self._left -= 2 * STEP_UNITS
         region, start, snap = self._held, self._held_name, self._snap
         self._held = None
         self._snap = None
@@ -740,17 +960,21 @@ class TagStripper:
             self._drop(snap)
             self._spans_closed()
             return
+        whole = region
         if _INNER_TAGISH.search(region, 1) and self._inner_unsafe(region):
             region = region[:start] + region[start:].replace("<", "")
             if self._held_end(region, 0) != len(region) or _tag_markup(region, start, len(region)):
                 self._drop(snap)
                 self._spans_closed()
                 return
-            self._out.append(region)
-            self._relocate(snap, region)
-            return
+        if _SCRIPT_AUTOLINK.match(region):
+            # An autolink to a scheme that runs script: shown as text, no link. (A "<" let through
+            # before it must not meet what follows it.)
+            region = (" " if snap[6] else "") + region.replace("<", "")
         self._out.append(region)
-        if _CLOSED.fullmatch(region):
+        if region is not whole:
+            self._relocate(snap, region)
+        elif _CLOSED.fullmatch(region):
             self._spans_closed()
 
     def _spans_closed(self) -> None:
@@ -765,7 +989,7 @@ class TagStripper:
         if len(starts) > MAX_INNER_TAGS:
             return True
         for at in starts:
-            if region[at + 1] in "!?":
+            if region[at + 1] in "!?" or _SCRIPT_AUTOLINK.match(region, at):
                 return True
             start = at + (2 if region[at + 1] == "/" else 1)
             name_end = _NAME_RUN.match(region, start).end()
@@ -940,6 +1164,7 @@ class TagStripper:
                 text, i, min(self._line_end(text, i), i + MAX_TAG_CHARS + 1)
             )
             if fast:
+                self._left -= fast.group().count("<") * MARKUP_UNITS
                 self._removed()
                 return fast.end()
             self._pend = ""
@@ -968,6 +1193,7 @@ class TagStripper:
     def _put_block(self, block: str) -> None:
         """Plain prose lines with complete markup in them, as one piece (nothing is held)."""
         if "<" in block:
+            self._left -= block.count("<") * MARKUP_UNITS
             marked = _UNIT_ONE.sub(_REMOVED, block)
             ends_removed = marked[-1] == _REMOVED
             if "~" in marked:
@@ -1171,6 +1397,7 @@ class TagStripper:
     def _release_bogus(self, raw: str) -> None:
         """A "<!" or "<?" without its ">" is text to a renderer: it goes on as prose, without
         any "<", so that no later text can make it markup."""
+        self._left -= STEP_UNITS
         self._tag_text = ""
         self._mode = _PROSE
         self._refeed = raw.replace("<", "")
@@ -1215,6 +1442,7 @@ class TagStripper:
     def _span(self, text: str, pos: int) -> int:
         end = len(text)
         while pos < end:
+            self._left -= STEP_UNITS
             if self._span_tick:
                 stop = _TICKS.match(text, pos).end()
                 self._span_tick += stop - pos
@@ -1348,6 +1576,7 @@ class TagStripper:
     def _fence(self, text: str, pos: int) -> int:
         end = len(text)
         while pos < end:
+            self._left -= STEP_UNITS
             kind = self._fkind
             if kind == 3:
                 m = _EOL.search(text, pos)
@@ -1369,7 +1598,7 @@ class TagStripper:
                 # is not one (its columns are counted below).
                 bulk = None if self._fcol or self._findent else self._fbulk.match(text, pos)
                 if bulk:
-                    self._out.append(bulk.group())
+                    self._out.append(_Code(bulk.group()))
                     self._cr = text[bulk.end() - 1] == "\r"
                     self._last = text[bulk.end() - 1]
                     pos = bulk.end()
@@ -1502,7 +1731,7 @@ class ChunkSanitizer:
                 if text or not (text := message.get("thinking")):
                     stripper = None
             if (stripper is not None and stripper.quiet and "<" not in text and "`" not in text
-                    and "\n" not in text and "\r" not in text):
+                    and "\n" not in text and "\r" not in text and "]" not in text):
                 stripper._last = text[-1]  # (it decides whether a backtick after it is escaped)
                 return chunk
         message = dict(message)

@@ -15,7 +15,13 @@ RENDERERS = {
     # Tables, strikethrough and bare URLs turned into links (linkify-it-py), as GitHub-like
     # clients render.
     "gfm-like": MarkdownIt("gfm-like", {"html": True}),
+    # markdown-it refuses javascript:, vbscript:, file: and most data: links by itself; not every
+    # renderer does.
+    "commonmark, every link": MarkdownIt("commonmark", {"html": True}).enable("table"),
 }
+RENDERERS["commonmark, every link"].validateLink = lambda url: True
+# A link or image URL that runs script or carries its own document, as a browser reads it.
+SCRIPT_URL = re.compile(r"(?:javascript|vbscript|data):")
 
 # Element names a browser acts on, written out here independently of the sanitizer's list.
 KNOWN_ELEMENTS = frozenset(
@@ -58,6 +64,10 @@ class _Tags(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self.found.append(f"<{tag} {' '.join(name for name, _ in attrs)}>")
         for name, value in attrs:
+            if name in ("href", "src") and value:
+                url = re.sub(r"[\t\n\r]", "", value).lstrip("".join(map(chr, range(33))))
+                if SCRIPT_URL.match(url.lower()):
+                    self.found.append(f"{name} {value}")
             # (Without a value neither runs or shows anything.)
             if name.startswith("on") and value:
                 self.found.append(f"handler {name}")
