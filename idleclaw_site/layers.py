@@ -155,6 +155,11 @@ class RedisChannelLayer(ChannelsRedisLayer):
         assert "__asgi_channel__" not in message
         key_name = channel
         if "!" in channel:
+            if channel.startswith(self._own_prefix):
+                # A channel of this very process (a node and its consumer on the same worker):
+                # straight into its inbox, without the round trip through Redis.
+                self._deliver_here(channel, message)
+                return
             # A process-local channel: its messages live in the process's key and carry the
             # full name, as channels-redis stores them.
             message = {**message, "__asgi_channel__": channel}
@@ -203,8 +208,8 @@ class RedisChannelLayer(ChannelsRedisLayer):
         ``tests/scaleout/test_channel_layer.py``, "part of the answer was lost" under load.
         Here one pump task, which no receiver can cancel, pops messages (many per round trip
         when they queue up) into per-channel inboxes, and a receiver only waits on its inbox."""
-        if "!" not in channel:
-            return await super().receive(channel)
+        if not channel.startswith(self._own_prefix):
+            return await super().receive(channel)  # a shared channel (or another prefix's)
         assert self.require_valid_channel_name(channel)
         self._start_pump()
         inbox = self._inbox(channel)
@@ -238,7 +243,7 @@ class RedisChannelLayer(ChannelsRedisLayer):
             self._pump = asyncio.get_running_loop().create_task(self._pumping())
 
     async def _pumping(self) -> None:
-        real_channel = f"specific.{self.client_prefix}!"
+        real_channel = self._own_prefix
         key = self.prefix + real_channel
         connection = self.connection(self.consistent_hash(real_channel))
         next_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -262,6 +267,19 @@ class RedisChannelLayer(ChannelsRedisLayer):
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 self._sweep_inboxes(now)
+
+    @property
+    def _own_prefix(self) -> str:
+        """The start of every channel name ``new_channel`` gives this process."""
+        return f"specific.{self.client_prefix}!"
+
+    def _deliver_here(self, channel: str, message: dict[str, Any]) -> None:
+        """A message for a channel of this process, sent by this process: its inbox's capacity
+        is the channel's, as Redis would have enforced it."""
+        inbox = self._inbox(channel)
+        if inbox.queue.qsize() >= self.get_capacity(channel):
+            raise ChannelFull()
+        inbox.queue.put_nowait(dict(message))
 
     def _deliver(self, message: dict[str, Any]) -> None:
         targets = message.pop("__asgi_channel__", None)

@@ -126,3 +126,28 @@ async def test_receivers_that_give_up_waiting_lose_nobody_elses_messages(
         assert received == list(range(1000)), f"{1000 - len(received)} of 1000 lost"
     finally:
         await consumer_worker.flush()
+
+
+async def test_a_message_to_a_channel_of_the_same_worker_skips_redis(layer):
+    # A node and the consumer of its answer on one worker: the chunks go straight to the inbox.
+    channel = await layer.new_channel()
+    for seq in range(10):
+        await layer.send(channel, {"type": "stream.chunk", "seq": seq})
+    key = layer.prefix + layer.non_local_name(channel)
+    assert await layer.connection(layer.consistent_hash(channel)).zcard(key) == 0
+    received = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(10)]
+    assert [message["seq"] for message in received] == list(range(10))
+    assert layer.receive_now(channel) is None
+
+
+async def test_a_full_channel_of_the_same_worker_refuses_the_send(monkeypatch, redis_url):
+    config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    layer = RedisChannelLayer(**{**config["CONFIG"], "capacity": 3})
+    try:
+        channel = await layer.new_channel()
+        for _ in range(3):
+            await layer.send(channel, {"type": "x"})
+        with pytest.raises(ChannelFull):
+            await layer.send(channel, {"type": "x"})
+    finally:
+        await layer.flush()
