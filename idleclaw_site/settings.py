@@ -248,6 +248,8 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            # One pool per process, not one per request (idleclaw_site/cache.py).
+            "OPTIONS": {"pool_class": "idleclaw_site.cache.SharedConnectionPool"},
         }
     }
 else:
