@@ -331,6 +331,14 @@ if not set(IDLECLAW_COMPAT_ROLES) <= {"system", "user", "assistant", "tool"} or 
     raise ImproperlyConfigured(
         "IDLECLAW_COMPAT_ROLES must include user and name only system, user, assistant, tool"
     )
+# Server-side tools (issue 15, routing/tools/): web_search, run by the router through a SearXNG
+# instance's JSON API. Unset, no tool exists and every request is relayed exactly as before.
+IDLECLAW_SEARXNG_URL = os.environ.get("IDLECLAW_SEARXNG_URL", "").strip().rstrip("/")
+# Off switches: all of the router's tools, or just for the models named (comma-separated).
+IDLECLAW_SERVER_TOOLS = envbool("IDLECLAW_SERVER_TOOLS", True)
+IDLECLAW_SERVER_TOOLS_OFF_MODELS = frozenset(envlist("IDLECLAW_SERVER_TOOLS_OFF_MODELS", []))
+# Tool calls a node's requests may have the router run per minute (across all workers).
+IDLECLAW_TOOL_CALLS_PER_MINUTE = envint("IDLECLAW_TOOL_CALLS_PER_MINUTE", 20, minimum=1)
 # The operator's own system prompt, put first in every request on every API; empty for none.
 IDLECLAW_SYSTEM_PROMPT = os.environ.get("IDLECLAW_SYSTEM_PROMPT", "")
 # The Ollama version the /ollama API reports to clients.
