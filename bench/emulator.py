@@ -24,6 +24,11 @@ Reply tokens:
 * ``options.num_predict`` (when positive and smaller than the natural length) caps
   thinking plus content tokens and the reply ends with ``done_reason: "length"``.
 * Tool calls are atomic: ``num_predict`` may cut the thinking before them, never the call.
+* A model specified with ``searches=yes`` behaves like a model using a router's
+  ``web_search`` tool: offered ``web_search`` and asked to "search" in the last user message,
+  it calls ``web_search`` with the rest of that message as query (and calls no other tool);
+  after a ``tool`` message it answers ``From the web: <first line of the result>``, so a test
+  can see that the result reached the model.
 
 Test-only observability lives under ``/_emulator/`` so it cannot collide with Ollama's
 API: ``GET /_emulator/stats`` and ``POST /_emulator/reset``.
@@ -107,6 +112,8 @@ class ModelSpec:
     name: str
     size: int
     capabilities: tuple[str, ...] = ("completion",)
+    # Calls a web_search tool when asked to search, and quotes its result (module docstring).
+    searches: bool = False
 
     @property
     def key(self) -> str:
@@ -188,15 +195,18 @@ def _registry_name(name: str) -> str:
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
-    """Parse ``NAME[,size=BYTES][,caps=cap1+cap2]`` (commas, since names contain colons).
+    """Parse ``NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes]`` (commas, since names
+    contain colons).
 
-    Raises ``ValueError`` on an empty name, a bad size or an unknown capability.
+    Raises ``ValueError`` on an empty name, a bad size, an unknown capability or a
+    ``searches`` other than yes or no.
     """
     name, *options = (part.strip() for part in spec.split(","))
     if not name:
         raise ValueError(f"model spec {spec!r} has no name")
     size = 1_000_000_000
     caps: tuple[str, ...] = ("completion",)
+    searches = False
     for option in options:
         key, sep, value = option.partition("=")
         if not sep:
@@ -212,9 +222,13 @@ def parse_model_spec(spec: str) -> ModelSpec:
                 raise ValueError(
                     f"unknown capabilities {unknown}; known: {', '.join(KNOWN_CAPABILITIES)}"
                 )
+        elif key == "searches":
+            if value not in ("yes", "no"):
+                raise ValueError(f"searches={value!r}: yes or no")
+            searches = value == "yes"
         else:
-            raise ValueError(f"unknown model spec option {key!r} (size or caps)")
-    return ModelSpec(name=name, size=size, capabilities=caps)
+            raise ValueError(f"unknown model spec option {key!r} (size, caps or searches)")
+    return ModelSpec(name=name, size=size, capabilities=caps, searches=searches)
 
 
 # --------------------------------------------------------------------------- replies
@@ -337,6 +351,39 @@ def _tool_call(tools: Sequence[Any], seed: bytes) -> dict[str, Any] | None:
     return {"function": {"name": function["name"], "arguments": arguments}}
 
 
+SEARCH_TOOL = "web_search"
+_SEARCH_REQUEST = re.compile(r"\bsearch\b(?:\s+(?:for|the web for|about))?[\s:,]*", re.IGNORECASE)
+MAX_SEARCH_QUERY_CHARS = 200
+
+
+def _offers(tools: Sequence[Any] | None, name: str) -> bool:
+    for tool in tools or ():
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if isinstance(function, Mapping) and function.get("name") == name:
+            return True
+    return False
+
+
+def _search_call(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None) -> Any:
+    """A searching model's ``web_search`` call for the last user message, or None when it was
+    not asked to search or has no such tool."""
+    last = messages[-1] if messages else {}
+    text = _message_text(last)
+    match = _SEARCH_REQUEST.search(text)
+    if last.get("role") != "user" or match is None or not _offers(tools, SEARCH_TOOL):
+        return None
+    query = (text[match.end():].strip() or text.strip())[:MAX_SEARCH_QUERY_CHARS]
+    return {"function": {"name": SEARCH_TOOL, "arguments": {"query": query}}}
+
+
+def _quoted_result(messages: Sequence[Mapping[str, Any]]) -> list[str] | None:
+    """A searching model's answer after a tool result: its first line, quoted."""
+    if not messages or messages[-1].get("role") != "tool":
+        return None
+    lines = _message_text(messages[-1]).strip().splitlines() or [""]
+    return re.findall(r"\s*\S+", f"From the web: {lines[0].strip()}")
+
+
 def _format_text(output_format: Any, words: Sequence[str], seed: bytes) -> str:
     if isinstance(output_format, Mapping):
         return json.dumps(_value_for_schema(output_format, "", seed))
@@ -360,6 +407,7 @@ def reply_for(
     output_format: str | Mapping[str, Any] | None = None,
     num_predict: int | None = None,
     reply_tokens: int = DEFAULT_REPLY_TOKENS,
+    searches: bool = False,
 ) -> Reply:
     """Compute the emulator's reply to a chat (``messages``) or generate (``prompt``) request.
 
@@ -370,6 +418,7 @@ def reply_for(
     ``num_predict`` only truncates, so a truncated reply is a prefix of the full one.
     ``tools`` produce a call to the first tool when the last message is from the user;
     ``output_format`` (``"json"`` or a JSON schema) makes the content JSON text.
+    ``searches``: the model of a ``searches=yes`` spec (module docstring).
     """
     if (messages is None) == (prompt is None):
         raise ValueError("pass exactly one of messages (chat) or prompt (generate)")
@@ -395,9 +444,16 @@ def reply_for(
     if not think:
         thinking = []
     words = _words(seed, CONTENT_WORDS, reply_tokens)
-    call = _tool_call(tools or [], seed) if wants_tool else None
+    quoted = None
+    if searches and messages is not None:
+        call = _search_call(messages, tools)
+        quoted = _quoted_result(messages)
+    else:
+        call = _tool_call(tools or [], seed) if wants_tool else None
     if call is not None:
         content: list[str] = []
+    elif quoted is not None:
+        content = quoted
     elif output_format:
         content = re.findall(r"\s*\S+", _format_text(output_format, words, seed))
     else:
@@ -887,6 +943,7 @@ class OllamaEmulator:
                 output_format=job.output_format,
                 num_predict=job.num_predict,
                 reply_tokens=self.reply_tokens,
+                searches=job.model.searches,
             )
         return job
 
@@ -1215,7 +1272,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         type=_model_arg,
         metavar="SPEC",
-        help="NAME[,size=BYTES][,caps=cap1+cap2]; repeatable; replaces the default models",
+        help="NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes]; repeatable; replaces the "
+        "default models",
     )
     return parser.parse_args(argv)
 
