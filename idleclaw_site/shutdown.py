@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -102,9 +104,10 @@ def _no_requests() -> int:
 
 
 async def drain(grace: float | None = None, requests: Callable[[], int] = _no_requests) -> None:
-    """Steps 1-4 above; returns when this process has nothing left to serve. ``requests``
-    counts the HTTP requests whose response is not yet complete (a relay ends before its
-    response has written its last event)."""
+    """Steps 1-4 above; returns when this process has nothing left to serve, at most
+    ``FINAL_SECONDS`` after the grace period. ``requests`` counts the HTTP responses not yet
+    complete: still being answered, or with bytes the kernel has not taken yet (a relay ends
+    before its response has written its last event, a slow reader leaves bytes waiting)."""
     if state.draining:
         return
     state.draining = True
@@ -114,8 +117,22 @@ async def drain(grace: float | None = None, requests: Callable[[], int] = _no_re
         "shutting down: %d streams and %d nodes; waiting up to %.0f s for the streams",
         len(state.relays), len(state.nodes), grace,
     )
+    try:
+        async with asyncio.timeout(grace + FINAL_SECONDS):
+            await _finish(grace, requests)
+    except TimeoutError:
+        logger.warning("shutdown overran its grace period; stopping now")
+    logger.warning("shut down")
+
+
+async def _finish(grace: float, requests: Callable[[], int]) -> None:
     for consumer in list(state.nodes):
         await consumer.move()
+    if _single_process():
+        # No other worker's node can take a queued request once this one's nodes are moving.
+        for relay in list(state.relays):
+            if relay.claim is None:
+                await relay.abort(RESTARTING)
     await _until(lambda: not (state.relays or state.nodes or requests()), grace)
     if state.relays or state.nodes:
         logger.warning(
@@ -125,25 +142,46 @@ async def drain(grace: float | None = None, requests: Callable[[], int] = _no_re
     for relay in list(state.relays):
         await relay.abort(RESTARTING)
     # The relays cancel their requests on the nodes before the nodes are closed.
-    await _until(lambda: not state.relays, FINAL_SECONDS)
+    await _until(lambda: not state.relays, FINAL_SECONDS / 2)
     for consumer in list(state.nodes):
         await consumer.leave()
-    await _until(lambda: not requests(), FINAL_SECONDS)
+    # Closed nodes end their sessions (other workers' consumers hear of it), the responses write
+    # their last bytes.
+    await _until(lambda: not (state.nodes or requests()), FINAL_SECONDS / 2)
     await _leave_the_network()
-    logger.warning("shut down")
+
+
+def _single_process() -> bool:
+    return settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InProcessChannelLayer")
 
 
 async def _leave_the_network() -> None:
-    """Stop this worker's housekeeping and remove its liveness row, so the other workers need
-    not wait for it to time out."""
+    """Stop this worker's housekeeping for good and remove its liveness row, so the other
+    workers need not wait for it to time out. Bounded: a locked or unreachable database does
+    not hold the shutdown (the others reap the row then)."""
     from idleclaw_site.db import db
     from nodes import services, worker
 
-    await worker.stop()
+    await worker.stop(for_good=True)
     try:
-        await db(services.router_worker_leave)(worker_id=worker.WORKER_ID)
-    except Exception:  # the database may be the reason for the shutdown; others reap the row
-        logger.exception("could not remove this worker's row")
+        async with asyncio.timeout(FINAL_SECONDS / 2):
+            await db(services.router_worker_leave)(worker_id=worker.WORKER_ID)
+    except Exception:
+        logger.exception("could not remove this worker's row; the other workers will")
+
+
+def _exit_if_stuck() -> None:
+    """After the reactor has stopped, Python joins the database threads before it exits; one
+    stuck on a lock would keep the process alive. Give them ``FINAL_SECONDS``, then exit 0."""
+
+    def exit_now() -> None:
+        logger.warning("threads still busy %.0f s after shutdown; exiting", FINAL_SECONDS)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(FINAL_SECONDS, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def install() -> None:
@@ -159,21 +197,27 @@ def install() -> None:
     kill_all_applications = Server.kill_all_applications
 
     def drain_then_kill(self: Server) -> Deferred:
-        def kill(result: object) -> None:
-            if isinstance(result, BaseException) or hasattr(result, "getTraceback"):
-                logger.error("draining failed: %s", result)
-            kill_all_applications(self)
+        from twisted.internet import reactor, tcp
 
         def requests() -> int:
             # daphne's connections: protocol -> details, with the application instance (a
             # future) of the request being answered; node WebSockets are counted as nodes.
-            return sum(
+            answering = sum(
                 1
                 for protocol, details in list(self.connections.items())
                 if not isinstance(protocol, WebSocketProtocol)
                 and (instance := details.get("application_instance")) is not None
                 and not instance.done()
             )
+            # Connections with bytes the kernel has not taken yet wait to be written to.
+            unsent = sum(1 for writer in reactor.getWriters() if isinstance(writer, tcp.Server))
+            return answering + unsent
+
+        def kill(result: object) -> object:
+            if hasattr(result, "getTraceback"):
+                logger.error("draining failed: %s", result.getTraceback())
+            reactor.addSystemEventTrigger("after", "shutdown", _exit_if_stuck)
+            return kill_all_applications(self)
 
         drained = Deferred.fromFuture(asyncio.ensure_future(drain(requests=requests)))
         drained.addBoth(kill)

@@ -13,6 +13,11 @@ Here a node socket reads at most ``READ_BYTES`` at a time, and its reading pause
 has taken it down to ``RESUME_AT``: the rest waits in the kernel and, once that is full, in the
 node, which TCP slows down, as the ``websockets`` library bounds its own queue (``max_queue``).
 
+Pings are answered by autobahn inside the protocol, so they escape both this queue and the
+node consumer's frame allowance: ``WebSocketProtocol.onPing`` is wrapped to allow a node
+``PINGS_PER_S`` (bursts of ``PING_BURST``) and to drop a connection that pings while more than
+``MAX_UNSENT_BYTES`` wait to be written to it (it is not reading).
+
 How it hooks in: ``WebSocketProtocol.applicationCreateWorked`` (called once with the queue
 daphne made in ``Server.create_application``, before the first frame) is wrapped to give that
 queue ``FrameQueue``'s methods (a subclass of ``asyncio.Queue`` that adds no state the base
@@ -23,6 +28,7 @@ class lacks, so the instance's class can change) and the transport its read size
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 # Frames queued for the node consumer at which the socket stops being read, and at which it
@@ -31,6 +37,15 @@ PAUSE_AT = 32
 RESUME_AT = 8
 # Bytes read from a node socket at a time: ~100 one-token frames, parsed in one callback.
 READ_BYTES = 16 * 1024
+# Pings a node may send: autobahn answers each with a pong inside the protocol, so they reach
+# neither the frame allowance nor the queue above. A node that pings without reading made the
+# router keep every pong: 74 -> 418 MB in 20 s (red team, issue 14). Heartbeats are frames, not
+# pings; a WebSocket library's keep-alive pings every ~20 s.
+PINGS_PER_S = 5.0
+PING_BURST = 20.0
+# Bytes waiting to be written to a node beyond which a ping is not answered but the connection
+# dropped: the node is not reading what it asks for.
+MAX_UNSENT_BYTES = 1024 * 1024
 
 
 class FrameQueue(asyncio.Queue):
@@ -73,5 +88,29 @@ def install() -> None:
                 self.transport.bufferSize = READ_BYTES
         original(self, application_queue)
 
+    def on_ping(self: Any, payload: bytes) -> None:
+        now = time.monotonic()
+        allowance = min(
+            PING_BURST,
+            getattr(self, "_idleclaw_pings", PING_BURST)
+            + (now - getattr(self, "_idleclaw_pinged", now)) * PINGS_PER_S,
+        )
+        self._idleclaw_pinged = now
+        self._idleclaw_pings = allowance - 1
+        if allowance < 1 or unsent_bytes(self.transport) > MAX_UNSENT_BYTES:
+            self.dropConnection(abort=True)
+            return
+        on_ping_original(self, payload)
+
+    on_ping_original = WebSocketProtocol.onPing
     WebSocketProtocol.applicationCreateWorked = application_create_worked
+    WebSocketProtocol.onPing = on_ping
     WebSocketProtocol._idleclaw_flow = True
+
+
+def unsent_bytes(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds that the kernel has not taken yet."""
+    if transport is None:
+        return 0
+    buffered = getattr(transport, "dataBuffer", b"")
+    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)

@@ -422,6 +422,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await db(services.node_session_drain)(session_id=self.session_id)
 
     async def node_leave(self, event: dict[str, Any]) -> None:
+        """The grace period is over: the node stops what it still serves (its consumers, on any
+        worker, hear that the router is restarting) and is closed."""
+        for request_id, reply_channel in list(self.requests.items()):
+            await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
+            await self._send_error(reply_channel, request_id, shutdown.RESTARTING)
+        self.requests.clear()
+        self.next_seq.clear()
         await self._leave()
 
     async def _leave(self) -> None:

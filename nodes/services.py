@@ -10,7 +10,7 @@ import ipaddress
 import os
 import secrets
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -66,11 +66,14 @@ def worker_cutoff(now: datetime | None = None) -> datetime:
     return (now or timezone.now()) - timedelta(seconds=settings.IDLECLAW_WORKER_TIMEOUT)
 
 
-def router_worker_beat(*, worker_id: str, started_at: datetime) -> None:
-    """Create or refresh this process's liveness row."""
+def router_worker_beat(
+    *, worker_id: str, started_at: datetime, leaving: Callable[[], bool] = lambda: False
+) -> None:
+    """Create or refresh this process's liveness row; not create it again once the worker is
+    ``leaving`` (a beat under way in a database thread while the worker shuts down)."""
     now = timezone.now()
     updated = RouterWorker.objects.filter(worker_id=worker_id).update(last_seen=now)
-    if not updated:
+    if not updated and not leaving():
         RouterWorker.objects.create(
             worker_id=worker_id,
             hostname=socket.gethostname()[:255],

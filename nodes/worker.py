@@ -37,6 +37,8 @@ _ready: asyncio.Event | None = None
 # flush. Only this process's consumers add to it, about their own connections, and the database
 # stays the truth: a lost entry delays one session's last_seen by a second, nothing more.
 _seen: dict[int, str] = {}
+# Set when the worker leaves the network for good (idleclaw_site/shutdown.py).
+_left = False
 
 
 def session_seen(session_id: int, channel_name: str) -> None:
@@ -85,7 +87,9 @@ async def _housekeeping_once(first: bool) -> None:
 
 
 async def _beat(first: bool) -> None:
-    await db(services.router_worker_beat)(worker_id=WORKER_ID, started_at=STARTED_AT)
+    await db(services.router_worker_beat)(
+        worker_id=WORKER_ID, started_at=STARTED_AT, leaving=lambda: _left
+    )
     # The in-memory layer lives in this process only: any other worker row is a leftover of a
     # previous run and its nodes' channels are gone.
     single = isinstance(get_channel_layer(), InMemoryChannelLayer)
@@ -150,8 +154,11 @@ def _stale(task: asyncio.Task[None] | None, loop: asyncio.AbstractEventLoop) -> 
 
 
 async def ensure_started() -> None:
-    """Start this worker's loops if they are not running, and wait for its first beat."""
+    """Start this worker's loops if they are not running, and wait for its first beat; not
+    any more once the worker has left the network (a shutdown)."""
     global _loop_task, _flush_task, _ready
+    if _left:
+        return
     loop = asyncio.get_running_loop()
     if _stale(_loop_task, loop):
         _ready = asyncio.Event()
@@ -164,9 +171,12 @@ async def ensure_started() -> None:
             await _ready.wait()
 
 
-async def stop() -> None:
-    """Stop this worker's loops (tests, and a clean shutdown)."""
-    global _loop_task, _flush_task
+async def stop(*, for_good: bool = False) -> None:
+    """Stop this worker's loops (tests, and a clean shutdown). ``for_good``: the worker is
+    leaving the network, and nothing may start them again (a request arriving meanwhile would,
+    and its beat would write the liveness row back)."""
+    global _loop_task, _flush_task, _left
+    _left = _left or for_good
     tasks = (_loop_task, _flush_task)
     _loop_task = _flush_task = None
     for task in tasks:

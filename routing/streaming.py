@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -456,9 +456,13 @@ class Relay:
             self.tried.add(claim.session_id)
             if self.tools.dropped != dropped_before[0]:
                 outcome = self._with_dropped_calls(outcome, *dropped_before, claim)
-            await asyncio.shield(
-                self._release(claim, outcome, cancel=not node_done, final=not failing_over)
-            )
+            release = self._release(claim, outcome, cancel=not node_done, final=not failing_over)
+            if self.aborted:
+                # A shutdown's grace is over: the consumer's error event goes out now, not
+                # after the database (which may be why the shutdown is slow).
+                self._in_background(release)
+            else:
+                await asyncio.shield(release)
 
     def _offered_calls_only(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk without the tool calls this request did not offer; None if nothing of it
@@ -513,11 +517,25 @@ class Relay:
             )
         await self._wake(wake)
 
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
     async def _close(self) -> None:
         shutdown.relay_ended(self)
+        if self.aborted and (self.queued or self.counted):
+            self.queued = self.counted = False
+            self._in_background(
+                db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
+            )
         if self.queued or self.counted:
             self.queued = self.counted = False
             await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
+
+
+# Clean-up work of aborted relays, kept referenced until done.
+_BACKGROUND: set[asyncio.Future[None]] = set()
 
 
 def _without(mapping: dict[str, Any], key: str) -> dict[str, Any]:

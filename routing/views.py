@@ -181,10 +181,12 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         answer = await collect(chunks)
     except RelayError as error:
+        restarting = error.code == shutdown.RESTARTING
         failure = openai_api.OpenAIError(
-            error.message, status=502, code=error.code, kind="server_error"
+            error.message, status=503 if restarting else 502, code=error.code,
+            kind="service_unavailable" if restarting else "server_error",
         )
-        return openai_error(failure)
+        return openai_error(failure, retry=restarting)
     return JsonResponse(openai_api.completion_body(answer, model=completion.model))
 
 
@@ -289,6 +291,8 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
     if isinstance(chunks, TooMany):
         return ollama_error(429, chunks.message, retry=True)
     if isinstance(chunks, Unavailable):
+        if chunks.restarting:
+            return ollama_error(503, chunks.message, retry=True)
         if not chunks.served:
             return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
         # Ollama's own words when its queue is full.
@@ -300,6 +304,8 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
     try:
         answer = await collect(chunks)
     except RelayError as error:
+        if error.code == shutdown.RESTARTING:
+            return ollama_error(503, error.message, retry=True)
         return ollama_error(502, error.message)
     body = ollama_api.chat_body if chat else ollama_api.generate_body
     return JsonResponse(body(answer, model=parsed.model))

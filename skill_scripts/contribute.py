@@ -667,6 +667,7 @@ class _SessionEnd:
     message: str
     fatal: bool = False
     restarting: bool = False  # the router closed with 1012: it is restarting (or draining)
+    registered: bool = False  # the session had registered before it ended
 
 
 # --------------------------------------------------------------------------- the node
@@ -757,12 +758,13 @@ class Contributor:
             if end.fatal:
                 log.error("%s", end.message)
                 return 1
-            if end.restarting:
-                if time.monotonic() >= restart_until:
-                    # The first notice: straight back (another worker, or this one restarted).
-                    restart_until = time.monotonic() + RESTART_WINDOW_S
-                    log.info("%s; reconnecting at once", end.message)
-                    continue
+            if end.restarting and end.registered:
+                # Sent away by a router that is restarting: straight back (another worker
+                # takes the node, or this one is back within seconds).
+                restart_until = time.monotonic() + RESTART_WINDOW_S
+                log.info("%s; reconnecting at once", end.message)
+                continue
+            if end.restarting and time.monotonic() < restart_until:
                 delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
                 log.info("%s; reconnecting in %.1f s", end.message, delay)
                 time.sleep(delay)
@@ -835,7 +837,7 @@ class Contributor:
         if code == 1008:
             return _SessionEnd(f"the router closed the connection: {text}")
         if code == ROUTER_RESTART_CODE:
-            return _SessionEnd("the router is restarting", restarting=True)
+            return _SessionEnd("the router is restarting", restarting=True, registered=registered)
         return _SessionEnd(f"the router closed the connection (code {code}, {text})")
 
     def _on_registered(self, conn: _Connection, message: dict[str, Any]) -> None:

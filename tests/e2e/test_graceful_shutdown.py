@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -155,3 +156,33 @@ def test_daphne_still_kills_its_applications_from_a_before_shutdown_trigger():
     # Twisted waits for a Deferred that a "before" trigger returns before it goes on.
     phase = inspect.getsource(base._ThreePhaseEvent)
     assert "DeferredList" in phase and "_continueFiring" in phase
+
+
+def test_a_locked_database_does_not_hold_the_shutdown_or_the_last_event(tmp_path, router_env):
+    # The database may be why the router is being restarted: a stream still gets its error
+    # event and [DONE] when the grace period ends, and the router exits soon after.
+    db_path = tmp_path / "locked.sqlite3"
+    router, url = procs.start_router(db_path, {**router_env, "IDLECLAW_SHUTDOWN_GRACE": "1"})
+    node = Node(url)
+    lock = None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(stream_v1, url, HAND_MODEL, "never ends")
+            request_id = node.request_id()
+            node.chunk(request_id, "Half")
+            time.sleep(0.3)
+            lock = sqlite3.connect(db_path, timeout=1, isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            stopped = time.monotonic()
+            router.signal(signal.SIGTERM)
+            events = answer.result(timeout=30)
+            assert router.popen.wait(timeout=30) == 0
+            took = time.monotonic() - stopped
+        assert events[-1] == "[DONE]"
+        assert "restarting" in json.dumps(events[-2])
+        assert took < 12, f"exited {took:.1f} s after SIGTERM"
+    finally:
+        if lock is not None:
+            lock.close()  # rolls the exclusive transaction back
+        node.close()
+        router.stop()

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 import requests
+import websocket
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import tcp
 
 from idleclaw_site import ws_flow
+from tests import procs
 from tests.e2e.test_sanitizer_e2e import Node, sse
 
 MODEL = "sanitizer-test:1b"
@@ -125,3 +127,42 @@ def test_install_wraps_daphne_once():
     ws_flow.install()
     assert WebSocketProtocol._idleclaw_flow
     assert WebSocketProtocol.applicationCreateWorked.__name__ == "application_create_worked"
+
+
+@pytest.mark.e2e
+def test_a_node_flooding_pings_without_reading_is_dropped(router):
+    # autobahn answers pings itself, out of reach of the frame allowance; a node that pings
+    # and never reads made the router keep every pong (74 -> 418 MB in 20 s).
+    node = Node(router.url)
+    node.ws.settimeout(5)
+    dropped = False
+    try:
+        for _ in range(2000):
+            node.ws.ping(b"x" * 100)
+    except (OSError, websocket.WebSocketException):
+        dropped = True
+    if not dropped:
+        try:
+            while True:  # the pongs answered before the limit, then the end
+                opcode, _ = node.ws.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+        except (OSError, websocket.WebSocketException):
+            pass
+        dropped = True
+    procs.wait_until(
+        lambda: requests.get(f"{router.url}/health", timeout=5).json()["node_count"] == 0,
+        what="the pinging node to be dropped",
+    )
+    assert dropped
+
+
+def test_autobahn_still_answers_pings_in_on_ping_and_can_drop_a_connection():
+    from autobahn.websocket.protocol import WebSocketProtocol as Base
+
+    assert "self.sendPong(payload)" in inspect.getsource(Base.onPing)
+    assert "abort" in inspect.signature(Base.dropConnection).parameters
+    from twisted.internet import abstract
+
+    for name in ("self.dataBuffer", "self.offset", "self._tempDataLen"):
+        assert name in inspect.getsource(abstract.FileDescriptor)

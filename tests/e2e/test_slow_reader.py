@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import time
 from urllib.parse import urlsplit
@@ -77,3 +78,39 @@ def test_a_reader_that_pauses_gets_every_token_in_order(router, long_emulator):
         assert sse_content(received) == expected
     finally:
         node.stop()
+
+
+def test_a_restart_waits_for_a_slow_reader_to_take_an_answer_that_is_already_complete(
+    tmp_path, router_env, long_emulator
+):
+    # The relay is done and the response complete, but megabytes still wait in the router for
+    # a reader that pauses: a restart within the grace period still delivers them.
+    router, url = procs.start_router(tmp_path / "slow.sqlite3",
+                                     {**router_env, "IDLECLAW_SHUTDOWN_GRACE": "20"})
+    node = procs.start_contributor(url, long_emulator.url)
+    try:
+        node.wait_for_line("registered")
+        wait_for_model(url)
+        address = urlsplit(url)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect((address.hostname, address.port))
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection.sock = sock
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "a long one"}]}
+        connection.request(
+            "POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        node.wait_for_line("request .* finished")
+        router.signal(signal.SIGTERM)
+        time.sleep(1.0)  # the router drains while nobody reads
+        reply = connection.getresponse()
+        received = reply.read()
+        connection.close()
+        assert received.endswith(b"data: [DONE]\n\n")
+        assert len(sse_content(received).split()) == LONG_REPLY_TOKENS
+        assert router.popen.wait(timeout=20) == 0
+    finally:
+        node.stop()
+        router.stop()
