@@ -40,10 +40,17 @@ autolink ``<javascript:...>`` (also ``vbscript:``, ``data:``, any case) loses it
 other ``<`` in it) and is shown as text, and so does one inside a kept tag.
 
 Code, passed byte for byte and never examined for markup:
-  * fenced code blocks (CommonMark): a line of at least three backticks or tildes, indented at
-    most three spaces or right after one list marker (``- ```js``, ``1. ~~~``), with no backtick
-    in a backtick fence's info string, up to a closing fence of the same character at least as
-    long with nothing else on its line. ``\r\n``, ``\r`` and ``\n`` all end lines. A line
+  * fenced code blocks (CommonMark): a line of at least three backticks or tildes, with no
+    backtick in a backtick fence's info string, up to a closing fence of the same character at
+    least as long with nothing else on its line. ``\r\n``, ``\r`` and ``\n`` all end lines. The
+    fence line is indented at most three spaces past the content column of the list item it is
+    in, or follows one list marker (``- ```js``, ``1. ~~~``). The list items open around each
+    line are followed as CommonMark does (an item's content column from its marker and the
+    spaces after it; a line indented less closes it unless it continues an open paragraph
+    lazily; a blank line then a line at column 0 closes them all), so a fence in a nested list
+    (``1. a`` / ``   - b`` / ``     ```js``) is code; where a line leaves them unknown (``>``,
+    tabs, a line that may or may not continue a paragraph, a tag spanning lines), only a fence
+    indented at most three spaces or right after one marker is accepted, as before. A line
     indented less than the list item the fence sits in ends the fence and is prose;
   * code spans: a run of backticks up to the next run of exactly the same length on the same
     line, with no ``|`` inside (GFM tables split cells before they look for code) unless it
@@ -65,11 +72,17 @@ unless every renderer must read it as code):
     code until the next blank line: a fence there is not trusted (next point), a tag left
     open there at the blank line loses its ``<``, and so does a ``</`` not followed by a letter
     (``</ x>``: the HTML tokenizer reads a bogus comment up to the next ``>``, hiding the text);
-  * a line some renderer could read as a fence that this module does not accept (indented four
-    or more spaces, behind ``>`` or several list markers, tabs before it, inside a possible HTML
-    block, an ordered list starting at a number other than 1 right after text, a fence line
-    longer than ``MAX_FENCE_LINE_CHARS``), and a fence a renderer might or might not have closed,
-    switch the rest of the stream to prose: from there on all markup is stripped, code or not;
+  * a line some renderer could read as a fence that this module does not accept (behind ``>`` or
+    several list markers on one line, tabs before it, indented four or more spaces where the
+    list items around it are unknown, inside a possible HTML block, an ordered list starting at
+    a number other than 1 right after text, a fence line longer than ``MAX_FENCE_LINE_CHARS``),
+    and a fence a renderer might or might not have closed, switch the stream to prose: all
+    markup is stripped, code or not. Where that fence could only sit in a list item or a block
+    quote (its line has a marker, ``>``, a tab, or four spaces or more), prose ends where every
+    renderer has left them: at a line at column 0 after a blank line, unless a line that could
+    be a fence at the top of the document (backticks or tildes after at most three spaces) came
+    first, which opens or closes a fence for one reading and not another. Otherwise (at most
+    three spaces before it, or such a line came) it lasts to the end of the stream;
   * a removal between two backtick or tilde runs leaves a space, so runs never merge into a
     longer one (a fence, or a different code span).
 Text in indented code blocks (four spaces), tables, headings and other Markdown is prose.
@@ -305,6 +318,8 @@ _NAME_RUN = re.compile(r"[^\t\n\f\r />]*")
 _PREFIX_RUN = re.compile(r"[ \t>*+.)0-9-]*")
 # Container prefixes under which some renderer could see a fence.
 _CONTAINER_PREFIX = re.compile(r"(?:[ \t]*(?:>|[-+*](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*")
+# A line prefix under which a fence would be at the top of the document, outside any list item.
+_TOP_LEVEL = re.compile(r" {0,3}")
 # The prefixes under which this module accepts a fence: up to three spaces, or one list marker.
 _OPENER_PREFIX = re.compile(r" {0,3}(?:([-+*]|(\d{1,9})[.)]) {1,4})?")
 # A blank line: a line ending, spaces or tabs, another line ending.
@@ -345,6 +360,115 @@ def _fence_lines(char: str, length: int, indent: int) -> re.Pattern[str]:
         if len(_FENCE_LINES) < 512:
             _FENCE_LINES[key] = pattern
     return pattern
+
+
+# A list item marker and the spaces after it, in a line's prefix.
+_MARKER = re.compile(r"([-+*]|(\d{1,9})[.)])( *)")
+# A line of three or more "-" or "*" (with spaces): a thematic break, not list items.
+_THEMATIC = re.compile(r"([-*])(?: *\1){2,} *")
+# What a paragraph's line may begin with that opens no block: such a line goes on with an open
+# paragraph even when it is indented less than the list item around it ("lazy continuation").
+_PLAIN_PUNCTUATION = frozenset("\"'(),.:;?@[{!$%&/\\^`~")
+
+
+def _follow_items(
+    items: tuple[int, ...] | None, para: bool | None, prev_blank: bool, prefix: str, first: str,
+    *, fence: bool = False,
+) -> tuple[tuple[int, ...] | None, bool | None, int, int]:
+    """The list items open after a line, by CommonMark's rules for list items (other containers
+    are not followed: a ">" or a tab makes them unknown).
+
+    ``items`` are the content columns of the list items open before the line (None: unknown),
+    ``para`` whether a paragraph is open (None: unknown), ``prefix`` the line's indentation and
+    list markers as far as it has them, ``first`` the character after that ("" at the line's
+    end), ``fence`` whether the line is a fence line. Returns the items and paragraph after it,
+    and for a fence line the content column of the container the fence would open in and the
+    fence's indentation past it (-1, -1 when the line cannot open a fence there, or it cannot
+    be told).
+    """
+    unknown = (None, None, -1, -1)
+    if not first and not prefix.strip(" \t"):
+        return items, False, -1, -1  # a blank line
+    if "\t" in prefix or ">" in prefix or len(prefix) > MAX_PREFIX_CHARS:
+        return unknown
+    indent = len(prefix) - len(prefix.lstrip(" "))
+    marker = _MARKER.match(prefix, indent)
+    if items is None:
+        # A line at column 0 after a blank line, or a bullet or "1." item there, leaves no list
+        # item open before it (their content is indented at least two columns).
+        starts_list = marker is not None and marker.group(3) and marker.group(2) in (None, "1")
+        if indent or not (prev_blank or starts_list):
+            return unknown
+        items = ()
+    k = 0
+    while k < len(items) and items[k] <= indent:
+        k += 1
+    base = items[k - 1] if k else 0
+    # What the line is, in the innermost list item it continues.
+    new: list[int] = []
+    empty = False
+    if indent - base >= 4:
+        kind = "indented"
+    elif not first and _THEMATIC.fullmatch(prefix, indent):
+        kind = "block"
+    else:
+        pos = indent
+        while (m := _MARKER.match(prefix, pos)) is not None:
+            end = m.end(1)
+            if m.end() == len(prefix) and not first:
+                new.append(end + 1)  # an empty item
+                empty = True
+                break
+            spaces = len(m.group(3))
+            if not spaces:
+                break
+            if not new and m.group(2) not in (None, "1"):
+                empty = None  # (an ordered list not starting at 1: see below)
+            if spaces > 4:
+                new.append(end + 1)  # what follows is indented code in the item
+                break
+            new.append(end + spaces)
+            pos = end + spaces
+        if new:
+            kind = "item"
+        elif fence:
+            kind = "block"
+        elif first and (first.isalnum() or first in _PLAIN_PUNCTUATION):
+            kind = "text"
+        else:
+            kind = "unknown"
+    if kind == "item" and k == len(items) and empty is not False and para is not False:
+        # An empty item, or an ordered list not starting at 1, cannot interrupt a paragraph.
+        if not para:
+            return unknown
+        kind = "text"
+    if k < len(items):
+        if para is not False and kind in ("text", "indented", "unknown"):
+            # Lazy continuation of an open paragraph, or not: unknown unless it is one.
+            if not para or kind == "unknown":
+                return unknown
+            return items, True, -1, -1
+        items = items[:k]
+    if kind == "item":
+        items = items + tuple(new)
+        col = items[-1]
+        rest_blank = empty is True
+        if rest_blank:
+            return items, False, -1, -1
+        if fence:
+            if len(new) > 1:
+                return unknown  # (several markers before a fence: not followed, the safe side)
+            return items, False, col, len(prefix) - col
+        return items, True if first.isalnum() or first in _PLAIN_PUNCTUATION else None, -1, -1
+    if kind == "indented":
+        return items, bool(para) if para is not None else None, -1, -1
+    if kind == "block":
+        if fence:
+            return items, False, base, indent - base
+        return items, False, -1, -1
+    if kind == "text":
+        return items, True, -1, -1
+    return items, None, -1, -1
 
 
 def _classify(s: str) -> tuple[Any, int]:
@@ -435,7 +559,9 @@ class TagStripper:
         self._joined = False  # something was removed since the last output character
         self._spans_off = False  # no code spans until the next blank line
         self._html_maybe = False  # a line may have opened a raw HTML block
-        self._degraded = False  # from here on everything is prose
+        self._degraded = 0  # 1: everything is prose until the list ends; 2: to the end
+        self._items: tuple[int, ...] | None = ()  # content columns of open list items
+        self._para: bool | None = False  # a paragraph is open (None: unknown)
         self._lt_pending = ""  # "<" or "</" whose next character is not known yet
         self._snap: tuple[Any, ...] | None = None
         self._held: str | None = None  # output held from a tag-shaped "<"
@@ -759,11 +885,11 @@ class TagStripper:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self._line, self._line_long, self._blank, self._prev_blank, self._no_fence,
-                self._last, self._lt_tail, self._cr)
+                self._last, self._lt_tail, self._cr, self._items, self._para, self._degraded)
 
     def _restore(self, snap: tuple[Any, ...]) -> None:
         (self._line, self._line_long, self._blank, self._prev_blank, self._no_fence,
-         self._last, self._lt_tail, self._cr) = snap
+         self._last, self._lt_tail, self._cr, self._items, self._para, self._degraded) = snap
 
     def _track(self, s: str) -> None:
         """Follow the output line as ``s`` (no line ending in it) is written."""
@@ -780,8 +906,22 @@ class TagStripper:
                     self._line_long = True
             else:
                 self._line = None
+                k = _PREFIX_RUN.match(s).end()
+                self._line_began(line + s[:k], s[k], long=self._line_long)
         if self._blank and s.strip(" \t"):
             self._blank = False
+
+    def _line_began(self, prefix: str, first: str, *, long: bool = False) -> None:
+        """The output line's prefix is known (``first``: the character after it, "" if the line
+        ends there; ``long``: the prefix was longer than MAX_PREFIX_CHARS): follow the list items
+        around it, and end a degraded stretch where every renderer is back at the top."""
+        if long:
+            prefix = " " * (MAX_PREFIX_CHARS + 1)
+        if not prefix and first:
+            self._recover()
+        self._items, self._para, _, _ = _follow_items(
+            self._items, self._para, self._prev_blank, prefix, first
+        )
 
     def _join_guard(self, first: str) -> None:
         # A removal must not merge two backtick or tilde runs into a longer one: that would
@@ -1040,6 +1180,9 @@ class TagStripper:
             tail = body
             line, long, blank = snap[0], snap[1], snap[2]
             self._cr = snap[7] if not body else False
+        # (The list items: as before the held text, then as this text begins its line. A line
+        # break in it leaves them unknown.)
+        self._items, self._para = (snap[8], snap[9]) if k < 0 else (None, None)
         if tail:
             if line is not None:
                 if _PREFIX_RUN.fullmatch(tail):
@@ -1048,6 +1191,9 @@ class TagStripper:
                     else:
                         long = True
                 else:
+                    p = _PREFIX_RUN.match(tail).end()
+                    if k < 0:
+                        self._line_began(line + tail[:p], tail[p], long=long)
                     line = None
             if blank and tail.strip(" \t"):
                 blank = False
@@ -1080,6 +1226,8 @@ class TagStripper:
         self._lt_tail = False
 
     def _end_line(self) -> None:
+        if self._line is not None:
+            self._line_began(self._line, "", long=self._line_long)
         was_blank = self._blank
         if was_blank:
             # A blank line ends the paragraph, and any raw HTML block.
@@ -1117,10 +1265,13 @@ class TagStripper:
             ch = text[pos]
             # (Re-read: writing the prefix may have closed and removed a held tag, and with it
             # the line break before it.)
-            if (ch in "`~" and self._line is not None and not self._degraded
-                    and not self._no_fence):
-                self._begin_run(ch, at_prefix=True)
-                return pos
+            if ch in "`~" and self._line is not None and not self._no_fence:
+                if not self._line:
+                    self._recover()
+                if not self._degraded or _TOP_LEVEL.fullmatch(self._line):
+                    # (While degraded, a fence line at the top is only looked at: _end_run.)
+                    self._begin_run(ch, at_prefix=True)
+                    return pos
         # A "<" near the end that may still become markup waits for the next piece.
         limit = len(text)
         at = text.rfind("<", max(pos, limit - 42))
@@ -1232,6 +1383,7 @@ class TagStripper:
             self._spans_off = False
             self._html_maybe = False
         self._out.append(s)
+        self._follow_lines(s)
         self._prev_blank = prev_blank
         self._no_fence = False
         self._joined = False
@@ -1245,6 +1397,33 @@ class TagStripper:
         else:
             self._line = None
         self._blank = not tail.strip(" \t")
+
+    def _follow_lines(self, s: str) -> None:
+        """Call _line_began for each line that ``s`` (prose with line endings, written in one
+        piece by _bulk) begins or ends while its prefix is open."""
+        line, long = self._line, self._line_long
+        blank = self._blank
+        pos = 0
+        end = len(s)
+        while True:
+            self._left -= STEP_UNITS
+            m = _EOL.search(s, pos)
+            stop = m.start() if m else end
+            seg = s[pos:stop]
+            if line is not None:
+                k = _PREFIX_RUN.match(seg).end()
+                if k < len(seg):
+                    self._line_began(line + seg[:k], seg[k], long=long)
+                    line = None
+                else:
+                    line += seg
+            if m is None:
+                return
+            if line is not None:
+                self._line_began(line, "", long=long or len(line) > MAX_PREFIX_CHARS)
+            self._prev_blank = blank and not seg.strip(" \t")
+            pos = stop + (2 if s.startswith("\r\n", stop) else 1)
+            line, long, blank = "", False, True
 
     def _lt(self, text: str, pos: int) -> int:
         pend = self._pend
@@ -1420,6 +1599,11 @@ class TagStripper:
         ch, n = self._run_char, self._run_len
         run = ch * n
         self._mode = _PROSE
+        if self._run_prefix and n >= 3 and self._degraded:
+            # A fence may open or close here for some renderer and not for another: from now on
+            # nothing is code.
+            self._degrade(2)
+            self._run_prefix = False
         if self._run_prefix and n >= 3:
             self._fence_buf = [run]
             self._fence_size = n
@@ -1522,7 +1706,7 @@ class TagStripper:
             self._fence_buf.append(text[pos:stop])
             self._fence_size += stop - pos
         if self._fence_size > MAX_FENCE_LINE_CHARS:
-            self._degraded = True
+            self._degrade(2)
             self._not_a_fence()
             return stop
         if m is None:
@@ -1544,34 +1728,67 @@ class TagStripper:
         if prefix is None or not self._line_long and not _CONTAINER_PREFIX.fullmatch(prefix):
             self._not_a_fence()  # "-```" and the like: no renderer sees a fence
             return
-        m = _OPENER_PREFIX.fullmatch(prefix)
-        accepted = (
-            m is not None
-            and not self._line_long
-            and not self._html_maybe
-            and (m.group(2) is None or int(m.group(2)) == 1 or self._prev_blank)
+        items, para, col, indent = _follow_items(
+            self._items, self._para, self._prev_blank,
+            " " * (MAX_PREFIX_CHARS + 1) if self._line_long else prefix, self._run_char,
+            fence=True,
         )
-        if not accepted:
-            # Some renderer may open a fence here and this module cannot follow it: from now on
-            # everything is prose.
-            self._degraded = True
-            self._not_a_fence()
-            return
-        assert m is not None
+        if items is not None and not self._html_maybe:
+            # The list items around the line are known: so is whether it opens a fence, and the
+            # column of the item it is in (CommonMark's rules).
+            if not 0 <= indent <= 3:
+                self._not_a_fence()
+                return
+            self._wlo = self._whi = col
+        else:
+            m = _OPENER_PREFIX.fullmatch(prefix)
+            accepted = (
+                m is not None
+                and not self._line_long
+                and not self._html_maybe
+                and (m.group(2) is None or int(m.group(2)) == 1 or self._prev_blank)
+            )
+            if not accepted:
+                # Some renderer may open a fence here and this module cannot follow it: all is
+                # prose until it surely ended (_degrade).
+                self._degrade(2 if _TOP_LEVEL.fullmatch(prefix) else 1)
+                self._not_a_fence()
+                return
+            assert m is not None
+            # The content column W of the list item around the fence: exact after a marker,
+            # else anything from 0 to the fence's indentation.
+            indent = len(prefix)
+            self._wlo, self._whi = (0, indent) if m.group(1) is None else (indent, indent)
         line = "".join(self._fence_buf)
         self._fence_buf = []
+        self._items, self._para = items, False
+        self._line = None  # (the line's prefix is followed here)
         self._put_code(line)
         self._spans_off = False
         self._html_maybe = False
-        indent = len(prefix)
         self._fchar = self._run_char
         self._flen = self._run_len
-        # The content column W of the list item around the fence: exact after a marker, else
-        # anything from 0 to the fence's indentation.
-        self._wlo, self._whi = (0, indent) if m.group(1) is None else (indent, indent)
         self._fbulk = _fence_lines(self._fchar, self._flen, self._whi)
         self._fkind = 3
         self._mode = _FENCE
+
+    def _recover(self) -> None:
+        """At the first character of a line at column 0: after a blank line, such a line ends
+        every list item, block quote and paragraph, and so a fence a renderer may have seen in
+        one (level 1 of _degrade)."""
+        if self._degraded == 1 and self._prev_blank:
+            self._degraded = 0
+            self._items = ()
+            self._para = False
+
+    def _degrade(self, level: int) -> None:
+        """From here on everything is prose: a renderer may see code here that this module
+        cannot follow. Level 1 (a fence that could only be in a list item or block quote) ends
+        after a blank line at a line at column 0, unless a fence line at the top (at most three
+        spaces in) comes first: level 2, to the end of the stream."""
+        self._degraded = max(self._degraded, level)
+        self._items = None
+        self._para = None
 
     def _fence(self, text: str, pos: int) -> int:
         end = len(text)
@@ -1623,7 +1840,7 @@ class TagStripper:
                     # Indented less than the list item around the fence: a renderer ends the
                     # item and the fence here, and reads this line as prose.
                     if col >= self._wlo:
-                        self._degraded = True  # ... or maybe not: nothing is code any more
+                        self._degrade(2)  # ... or maybe not: nothing is code any more
                     indent = self._findent
                     self._close_fence()
                     self._line = indent if _PREFIX_RUN.fullmatch(indent) else None
@@ -1657,7 +1874,7 @@ class TagStripper:
                 continue
             pos = self._fence_eol(text, pos)
             if self._fcol > self._wlo + 3:
-                self._degraded = True  # a renderer may not close here: nothing is code any more
+                self._degrade(2)  # a renderer may not close here: nothing is code any more
             self._close_fence()
             return pos
         return pos
@@ -1674,6 +1891,7 @@ class TagStripper:
 
     def _close_fence(self) -> None:
         self._mode = _PROSE
+        self._para = False
         self._fbulk = None
         self._spans_off = False
         self._html_maybe = False

@@ -102,3 +102,53 @@ def test_a_code_span_after_a_closed_tag_or_autolink_passes_unchanged(text, shown
 )
 def test_backticks_after_a_lt_not_every_renderer_closes_the_same_open_no_code(text, shown):
     assert_every_split_gives(text, shown)
+
+
+# --- F5a: fences in nested lists ----------------------------------------------------------------
+
+
+NESTED = {
+    "the red-team's example": "1. a\n   - b\n     ```js\n     x<T> = <b>y</b>\n     ```\n",
+    "three levels": (
+        "- Install:\n  - On Linux:\n    - Debian:\n      ```bash\n      cat <<EOF > x.html\n"
+        "      <div class=\"a\">hi</div>\n      EOF\n      ```\n    - Fedora: `dnf <pkg>`\n"
+    ),
+    "four-space nesting": (
+        "1. Build\n    - with Java:\n      ```java\n      List<String> xs = new ArrayList<>();\n"
+        "      ```\n2. Run\n   ```html\n   <b>done</b>\n   ```\n"
+    ),
+    "after blank lines": (
+        "1. First\n\n   - nested\n\n     ```xml\n     <project><b/></project>\n     ```\n\n"
+        "2. Second\n\n   ```\n   <i>x</i>\n   ```\n"
+    ),
+    "after a lazy line": "- item\nlazy text\n  ```\n  <b>x</b>\n  ```\n",
+    "a fence indented up to three past its item": "- a\n     ```\n     <b>x</b>\n     ```\n",
+    "code after the list": (
+        "1. a\n   - b\n     ```\n     <p>in list</p>\n     ```\n\nThen `<div>` and:\n\n"
+        "```html\n<span>after</span>\n```\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NESTED))
+def test_fences_in_nested_lists_pass_unchanged(name):
+    text = NESTED[name]
+    assert_every_split_gives(text, text)
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        # a tab before the fence: this module does not follow it; what follows the list is code
+        # again (it spoiled the whole rest of the answer before)
+        ("- a\n\t```\n\t<b>x</b>\n\t```\n\nAfter `<i>`:\n```\n<b>z</b>\n```\n",
+         "- a\n\t```\n\tx\n\t```\n\nAfter `<i>`:\n```\n<b>z</b>\n```\n"),
+        # a fence in a block quote: the same
+        ("> ```\n> <b>x</b>\n> ```\n\nAfter `<i>`\n", "> ```\n> x\n> ```\n\nAfter `<i>`\n"),
+        # a line some renderer may read as a fence at the top: nothing is code any more
+        ("- a\n\t```\n\t<b>x</b>\n```\n<b>y</b>\n\nAfter `<i>`\n```\n<b>z</b>\n```\n",
+         "- a\n\t```\n\tx\n```\ny\n\nAfter ` `\n```\nz\n```\n"),
+    ],
+)
+def test_a_fence_this_module_cannot_follow_spoils_only_its_own_list(text, shown):
+    assert_every_split_gives(text, shown)

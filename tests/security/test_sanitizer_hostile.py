@@ -71,6 +71,19 @@ HOSTILE = {
     # F3: a tab after the list item's indentation makes the line a closing fence.
     "tab before a closing fence": "- ```\n  a\n  \t```\n  <img src=x onerror=alert(1)>\n",
     # Red-team round 3, F7: "</" and no letter is a bogus comment in a raw HTML block.
+    # F5a: list items followed to accept fences in nested lists; a line indented less than the
+    # item ends it and its fence, a lazy line does not open one.
+    "dedent out of a nested fence": "- a\n  - b\n    ```\n  <img src=x onerror=alert(1)>\n",
+    "dedent by one column": "- a\n    - b\n      ```\n     <img src=x onerror=alert(1)>\n",
+    "column 0 ends the list and its fence": "1. a\n   ```\n<img src=x onerror=alert(1)>\n",
+    "fence after a lazy line": "- a\nlazy\n     ```\n<img src=x onerror=alert(1)>\n     ```",
+    "ordered list from 2 after text": "x\n2. ```\n<img src=x onerror=alert(1)>\n```\n<b>y</b>",
+    "indented code, not a fence": "- a\n\n      ```\n      <img src=x onerror=alert(1)>\n",
+    "top-level fence in a degraded list": (
+        "- a\n\t```\n\t<b>x</b>\n```\n<img src=x onerror=alert(1)>\n\n```\n"
+        "<img src=x onerror=alert(1)>\n```\n<img src=x onerror=alert(1)>"
+    ),
+    "empty item then fence": "-\n  ```\n<img src=x onerror=alert(1)>\n  ```",
     # F5c: one backslash before a "|" keeps a code span whole in a table; two may not.
     "pipe after two backslashes in a table": "| `a\\\\|<img src=x onerror=alert(1)>` |\n|---|",
     "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
@@ -119,6 +132,8 @@ FRAGMENTS = [
     "<style>", "<img src=x onerror=alert(1)>", "<a href=", "<T>", "<T onmouseover=1>", "<U a='",
     "<x-y", "<!--", "-->", "<?", "<!", "<![CDATA[", "]]>", "onerror=alert(1)", "&lt;", "\n\n",
     "~~", "www.a.co", "http://a.co/", "a@b.co", "](", "[x", ")",
+    # Nested lists (red-team 3, F5a).
+    "\n   - ", "\n     ", "\n  - ", "\n      ", "lazy",
     # Closed tags and autolinks, after which backticks pair again (red-team 3, F5b).
     "<https://a.co>", "<a@b.co>", "<T a='>'>", "<T a=`>", "</T >", "\u2003", "\u00a0", "\\|",
     # Link destinations that run script (F8).
