@@ -13,12 +13,15 @@ Processes (all started here, all on 127.0.0.1, all stopped at the end):
 Phases, in order: warm-up; the node sweep (for each node count: connect the pool, measure the
 router's memory and CPU while the nodes sit idle, then TTFT at low concurrency); with
 ``--workers K`` (K >= 2) the crossing phase (nodes on worker 0 only, the 30 tokens/s model
-direct, through worker 0 and through worker 1, interleaved); the saturation phase (issue 13:
-instant answers from nodes that send one frame per token, every slot busy); then with one pool
-of ample slots: the throughput phase (zero-delay model, batching nodes) and the concurrency
-sweep (30 tokens/s model). Every phase that compares the paths alternates direct and router
-rounds, and every router process measures its own event-loop lag throughout
-(``idleclaw_site/loop_lag.py``, read by ``bench.lag``). See
+direct, through worker 0 and through worker 1, interleaved) and the scale-out phases of issue
+14 (the whole stack against one embedded router started beside it, alternating rounds of the
+same loads: capacity with one-frame-per-token and with batching nodes, CPU per request); the
+saturation phase (issue 13: instant answers from nodes that send one frame per token, every
+slot busy); then with one pool of ample slots: the throughput phase (zero-delay model, batching
+nodes) and the concurrency sweep (30 tokens/s model); last, with ``--workers``, issue 14's loss
+phase (200 streams, nodes on worker 0, consumers on worker 1). Every phase that compares the
+paths alternates direct and router rounds, and every router process measures its own event-loop
+lag throughout (``idleclaw_site/loop_lag.py``, read by ``bench.lag``). See
 ``bench/README.md`` for how to read the output.
 """
 
@@ -60,6 +63,10 @@ REAL_MODEL = "bench-30tps:1b"
 # through it.
 INSTANT_MODEL = "bench-instant:1b"
 SHORT_MODEL = "bench-30tps-short:1b"
+# Issue 14 (--workers K >= 2 only): one-token answers, where per-request costs dominate, and the
+# loss phase's answers (loss_tokens at 30 tokens/s).
+ONE_TOKEN_MODEL = "bench-one:1b"
+LOSS_MODEL = "bench-30tps-long:1b"
 MODEL_SIZE = 1_300_000_000
 # The routers' loop-lag probes write every 0.5 s (idleclaw_site/loop_lag.py): wait this long
 # after the last phase before reading their files.
@@ -70,6 +77,10 @@ T = TypeVar("T")
 DIRECT = "direct"
 SAME_WORKER = "router-same"  # consumers -> worker 0: the request is served where its node is
 ACROSS_WORKERS = "router-across"  # consumers -> worker 1: request and chunks cross workers
+# The paths of issue 14's comparison: one embedded router (SQLite, in-memory channel layer)
+# started beside the workers, and the scale-out stack (every worker, Redis, PostgreSQL).
+EMBEDDED = "embedded"
+SCALE_OUT = "scale-out"
 # Request n takes the path at n mod 10. Each router path follows the other three times in ten
 # and direct once, so neither inherits more of the other's end-of-request work; direct, only a
 # reference, gets half as many requests.
@@ -140,6 +151,21 @@ class Plan:
     crossing_concurrencies: list[int] = field(default_factory=lambda: [1, 10])
     crossing_requests: int = 80
     crossing_rounds: int = 15
+    # Issue 14 (--workers K >= 2). Capacity: the scale-out stack and an embedded router in
+    # alternating rounds of the same loads, the instant model from nodes sending one frame per
+    # token (nodes, slots per node, consumers; a pool of its own per router), and the
+    # throughput phase's load from batching nodes; at least capacity_samples requests per path.
+    capacity_single_case: tuple[int, int, int] = (10, 10, 50)
+    capacity_samples: int = 200
+    # CPU per request: one-token answers at this concurrency, where per-request work dominates.
+    request_cost_concurrency: int = 10
+    request_cost_samples: int = 300
+    # The loss phase: loss_concurrency streams of loss_tokens-token answers at the 30 tokens/s
+    # rate, loss_waves requests per consumer; nodes on worker 0 with a slot per stream,
+    # consumers on worker 1.
+    loss_concurrency: int = 200
+    loss_tokens: int = 100
+    loss_waves: int = 2
     profile: bool = False
 
     @property
@@ -171,6 +197,18 @@ class Plan:
         """Requests of the crossing phase at ``concurrency``, whole cycles of its paths."""
         wanted = max(self.crossing_requests, concurrency * self.crossing_rounds)
         return len(CROSSING_CYCLE) * math.ceil(wanted / len(CROSSING_CYCLE))
+
+    @property
+    def capacity_nodes(self) -> int:
+        """Nodes of each batching pool of issue 14's phases (one per router): slots for the
+        throughput load and the per-request load, plus a fifth."""
+        most = max(self.throughput_concurrency, self.request_cost_concurrency)
+        return max(1, math.ceil(most * 1.2 / self.pool_max_concurrent))
+
+    @property
+    def loss_nodes(self) -> int:
+        """Nodes of the loss phase: a slot for every stream."""
+        return max(1, math.ceil(self.loss_concurrency / self.pool_max_concurrent))
 
 
 def plan_for(mode: str) -> Plan:
@@ -221,6 +259,13 @@ def plan_for(mode: str) -> Plan:
             crossing_concurrencies=[1, 2],
             crossing_requests=10,
             crossing_rounds=5,
+            capacity_single_case=(2, 3, 5),
+            capacity_samples=6,
+            request_cost_concurrency=2,
+            request_cost_samples=6,
+            loss_concurrency=6,
+            loss_tokens=5,
+            loss_waves=2,
         )
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -354,25 +399,34 @@ class Cluster:
         self.emulator_urls: dict[str, str] = {}
         self.routers: list[Service] = []
         self.router_urls: list[str] = []
+        # Issue 14: one embedded router beside the workers, for the phases that compare them.
+        self.embedded: Service | None = None
+        self.embedded_url = ""
         self.pools: list[Pool] = []
         self.servers: Any = None  # bench.servers handle in --workers mode
         self.profilers: list[tuple[Service, Path]] = []
         self._pool_serial = 0
         # Where the routers' loop-lag probes write (idleclaw_site/loop_lag.py), one file each;
-        # None: probes off (--router-env IDLECLAW_LOOP_LAG_FILE=).
+        # None: probes off (--router-env IDLECLAW_LOOP_LAG_FILE=). The embedded router of
+        # issue 14's phases writes apart, so its samples never mix with the workers'.
         self.lag_prefix: Path | None = work_dir / "loop-lag"
+        self.embedded_lag_prefix: Path | None = work_dir / "embedded-loop-lag"
 
     # ----- emulators
 
     def emulator_specs(self) -> dict[str, tuple[float, int]]:
         """Each emulated model: (seconds per token, tokens per answer)."""
         plan = self.plan
-        return {
+        specs = {
             FAST_MODEL: (0.0, plan.throughput_tokens),
             REAL_MODEL: (plan.token_delay_s, plan.realistic_tokens),
             INSTANT_MODEL: (0.0, plan.saturation_tokens),
             SHORT_MODEL: (plan.token_delay_s, plan.node_sweep_tokens),
         }
+        if plan.workers > 1:
+            specs[ONE_TOKEN_MODEL] = (0.0, 1)
+            specs[LOSS_MODEL] = (plan.token_delay_s, plan.loss_tokens)
+        return specs
 
     def expectations(self) -> Callable[[dict[str, Any]], Sequence[str]]:
         """What the emulators must send for a request body (their own validation and defaults)."""
@@ -413,8 +467,9 @@ class Cluster:
 
     # ----- routers
 
-    async def start_routers(self) -> None:
-        env = {
+    def _router_env(self) -> dict[str, str]:
+        """What every router process of the run shares."""
+        return {
             "IDLECLAW_LOCAL_DIR": str(self.work_dir / "local"),
             # Every node and consumer of the run comes from 127.0.0.1: lift the per-IP limits
             # meant for the internet, and the per-node frame rate (a zero-delay model streams
@@ -433,12 +488,8 @@ class Cluster:
             "SECRET_KEY": "bench-only-" + os.urandom(16).hex(),
             "PYTHONPATH": str(self.router_tree),
         }
-        if self.plan.workers > 1:
-            env.update(await self._start_backing_servers())
-        else:
-            env["IDLECLAW_SQLITE_PATH"] = str(self.work_dir / "router.sqlite3")
-        env.update(self.router_env)
-        self.lag_prefix = Path(env[lag.ENV]) if env[lag.ENV] else None
+
+    async def _migrate(self, env: dict[str, str]) -> None:
         migrate = await asyncio.to_thread(
             subprocess.run,
             [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
@@ -449,34 +500,66 @@ class Cluster:
         )
         if migrate.returncode != 0:
             raise BenchError(f"migrate failed:\n{migrate.stdout}{migrate.stderr}")
+
+    def _daphne(self, name: str, env: dict[str, str]) -> Service:
+        return Service(
+            name,
+            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", "0"]
+            + ["idleclaw_site.asgi:application"],
+            log_dir=self.work_dir,
+            env=env,
+            cwd=self.router_tree,
+        )
+
+    @staticmethod
+    async def _listening(router: Service) -> str:
+        match = await router.wait_for(r"Listening on TCP address 127\.0\.0\.1:(\d+)", timeout=60)
+        url = f"http://127.0.0.1:{match.group(1)}"
+        health = await asyncio.to_thread(http_json, f"{url}/health")
+        if health.get("status") != "healthy":
+            raise BenchError(f"router at {url} is not healthy: {health}")
+        return url
+
+    async def start_routers(self) -> None:
+        env = self._router_env()
+        if self.plan.workers > 1:
+            env.update(await self._start_backing_servers())
+        else:
+            env["IDLECLAW_SQLITE_PATH"] = str(self.work_dir / "router.sqlite3")
+        env.update(self.router_env)
+        self.lag_prefix = Path(env[lag.ENV]) if env[lag.ENV] else None
+        if self.lag_prefix is None:
+            self.embedded_lag_prefix = None
+        await self._migrate(env)
         for index in range(self.plan.workers):
-            self.routers.append(
-                Service(
-                    f"router-{index}",
-                    [
-                        PYTHON,
-                        "-m",
-                        "daphne",
-                        "-b",
-                        "127.0.0.1",
-                        "-p",
-                        "0",
-                        "idleclaw_site.asgi:application",
-                    ],
-                    log_dir=self.work_dir,
-                    env=env,
-                    cwd=self.router_tree,
-                )
-            )
+            self.routers.append(self._daphne(f"router-{index}", env))
         for router in self.routers:
-            match = await router.wait_for(
-                r"Listening on TCP address 127\.0\.0\.1:(\d+)", timeout=60
-            )
-            self.router_urls.append(f"http://127.0.0.1:{match.group(1)}")
-        for url in self.router_urls:
-            health = await asyncio.to_thread(http_json, f"{url}/health")
-            if health.get("status") != "healthy":
-                raise BenchError(f"router at {url} is not healthy: {health}")
+            self.router_urls.append(await self._listening(router))
+
+    async def start_embedded(self) -> str:
+        """Issue 14: one embedded router (SQLite, in-memory channel layer, one process) beside
+        the scale-out stack, configured like the workers otherwise; returns its URL."""
+        env = {
+            **self._router_env(),
+            "IDLECLAW_LOCAL_DIR": str(self.work_dir / "embedded-local"),
+            "IDLECLAW_SQLITE_PATH": str(self.work_dir / "embedded.sqlite3"),
+            "IDLECLAW_WORKERS": "1",
+            **self.router_env,
+            # Whatever the run's environment says, this one is the embedded default.
+            "DATABASE_URL": "",
+            "REDIS_URL": "",
+            lag.ENV: str(self.embedded_lag_prefix or ""),
+        }
+        await self._migrate(env)
+        self.embedded = self._daphne("router-embedded", env)
+        self.embedded_url = await self._listening(self.embedded)
+        return self.embedded_url
+
+    async def stop_embedded(self) -> None:
+        if self.embedded is not None:
+            await self.embedded.astop()
+            self.embedded = None
+            self.embedded_url = ""
 
     async def _start_backing_servers(self) -> dict[str, str]:
         from bench import servers  # real Redis and PostgreSQL from pip packages
@@ -489,21 +572,27 @@ class Cluster:
         except servers.ServerError as exc:
             raise BenchError(str(exc)) from exc
 
-    def backing_pids(self) -> list[int]:
+    def backing_cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds of Redis and of PostgreSQL so far. PostgreSQL serves each connection in
+        a process of its own, and the router opens one per request (``conn_max_age=0``): most
+        backends start and exit between two readings, so the postmaster's reaped children
+        count as well as the live ones."""
+        totals = {"redis": 0.0, "postgres": 0.0}
         if self.servers is None:
-            return []
-        pids = []
+            return totals
         for server in self.servers._bench_servers:
-            pids.append(server.pid)
+            total = cpu_seconds(server.pid, reaped_children=True)
             with contextlib.suppress(psutil.Error):
-                pids += [child.pid for child in psutil.Process(server.pid).children(True)]
-        return pids
+                for child in psutil.Process(server.pid).children(recursive=True):
+                    total += cpu_seconds(child.pid)
+            totals[server.kind] = totals.get(server.kind, 0.0) + total
+        return totals
 
     def router_pids(self) -> list[int]:
         return [router.pid for router in self.routers]
 
-    async def node_count(self) -> int:
-        health = await asyncio.to_thread(http_json, f"{self.router_urls[0]}/health")
+    async def node_count(self, router: str | None = None) -> int:
+        health = await asyncio.to_thread(http_json, f"{router or self.router_urls[0]}/health")
         return int(health.get("node_count", 0))
 
     # ----- node pools
@@ -551,10 +640,13 @@ class Cluster:
         match = re.search(r"^stats (\{.*\})$", pool.service.output(), re.MULTILINE)
         return json.loads(match.group(1)) if match else {}
 
-    async def wait_for_nodes(self, expected: int, timeout: float = 120.0) -> int:
+    async def wait_for_nodes(
+        self, expected: int, timeout: float = 120.0, *, router: str | None = None
+    ) -> int:
+        """Wait until ``router`` (default: the first worker) counts ``expected`` live nodes."""
         deadline = time.monotonic() + timeout
         while True:
-            count = await self.node_count()
+            count = await self.node_count(router)
             if count == expected or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.2)
@@ -600,13 +692,21 @@ class Cluster:
     # ----- roles for CPU accounting
 
     def roles(self) -> dict[str, list[int]]:
+        """The processes of each role. Several workers are a role each (``router-0``, ...);
+        ``Meter`` adds up their sum as ``router``."""
+        workers = self.router_pids()
+        routers = (
+            {f"router-{index}": [pid] for index, pid in enumerate(workers)}
+            if self.plan.workers > 1
+            else {"router": workers}
+        )
         return {
-            "router": self.router_pids(),
+            **routers,
+            "embedded": [self.embedded.pid] if self.embedded is not None else [],
             "nodes": [pool.service.pid for pool in self.pools],
             "emulators": [service.pid for service in self.emulators.values()],
             "consumers": [os.getpid()],
             "profiler": [service.pid for service, _ in self.profilers],
-            "redis+postgres": self.backing_pids(),
         }
 
     async def stop(self) -> None:
@@ -616,6 +716,7 @@ class Cluster:
             await pool.service.astop()
         for router in self.routers:
             await router.astop()
+        await self.stop_embedded()
         for service in self.emulators.values():
             await service.astop()
         if self.servers is not None:
@@ -632,7 +733,9 @@ def _proc(pid: int) -> psutil.Process | None:
         return None
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User and system CPU of the process; ``reaped_children``: also of its children that
+    have exited and been waited for."""
     proc = _proc(pid)
     if proc is None:
         return 0.0
@@ -640,7 +743,10 @@ def cpu_seconds(pid: int) -> float:
         times = proc.cpu_times()
     except psutil.NoSuchProcess:
         return 0.0
-    return times.user + times.system
+    total = times.user + times.system
+    if reaped_children:
+        total += times.children_user + times.children_system
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -746,6 +852,7 @@ class Meter:
             role: sum(cpu_seconds(pid) for pid in pids)
             for role, pids in self.cluster.roles().items()
         }
+        cpu.update(self.cluster.backing_cpu_seconds())
         return time.perf_counter(), cpu, system_busy_seconds()
 
     async def measure(self, work: Awaitable[T]) -> tuple[T, Usage]:
@@ -761,6 +868,11 @@ class Meter:
             for role in cpu_after
         }
         other = max(0.0, (busy_after - busy_before) - sum(cpu.values()))
+        # Sums of the roles above, for the tables: every worker, and the backing servers.
+        workers = [value for role, value in cpu.items() if role.startswith("router-")]
+        if workers:
+            cpu["router"] = sum(workers)
+        cpu["redis+postgres"] = cpu.get("redis", 0.0) + cpu.get("postgres", 0.0)
         peak = max(self._peak, self.router_rss_mb())
         threads = max(self._threads, self.router_threads())
         return result, Usage(ended - began, cpu, other, peak, threads, [window])
@@ -829,10 +941,19 @@ class Phase:
             "concurrency": self.concurrency,
             "nodes": self.nodes,
             **self.extra,
-            **self.summary,
+            # The phase's path, not its consumers' (both of issue 14's paths speak "router").
+            **{key: value for key, value in self.summary.items() if key != "path"},
             **self.usage.as_dict(),
             "loop_lag_ms": self.loop_lag,
         }
+
+
+def stack_cpu_s(path: str, usage: Usage) -> float:
+    """CPU of what relays on ``path``: the embedded router alone, or every worker with Redis
+    and PostgreSQL."""
+    if path == EMBEDDED:
+        return usage.cpu_s.get("embedded", 0.0)
+    return usage.cpu_s.get("router", 0.0) + usage.cpu_s.get("redis+postgres", 0.0)
 
 
 def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
@@ -905,12 +1026,16 @@ class Run:
         nodes: int,
         profile_as: str | None = None,
         extra: dict[str, Any] | None = None,
+        lanes: dict[str, Consumers] | None = None,
     ) -> dict[str, Phase]:
         """The workload (``workload.requests`` per round) in alternating rounds: direct,
-        router, direct, router, ... ``plan.rounds`` of each. Returns one phase per path with
-        every request of its rounds, and the spread of the rounds' TTFT p50."""
-        paths = ("direct", "router")
-        consumers = {path: self.consumers(path, workload.model) for path in paths}
+        router, direct, router, ... ``plan.rounds`` of each; or the paths of ``lanes``, in
+        their order. Returns one phase per path with every request of its rounds, and the
+        spread of the rounds' TTFT p50."""
+        consumers = lanes or {
+            path: self.consumers(path, workload.model) for path in ("direct", "router")
+        }
+        paths = tuple(consumers)
         results: dict[str, list[LoadResult]] = {path: [] for path in paths}
         usages: dict[str, list[Usage]] = {path: [] for path in paths}
         profiling = bool(profile_as and self.plan.profile)
@@ -945,7 +1070,10 @@ class Run:
                         "ttft_ms_p99": part["ttft_ms_p99"],
                         "stream_tokens_per_s_p50": part["stream_tokens_per_s_p50"],
                         "wall_s": part["wall_s"],
+                        "tokens": part["tokens"],
+                        "errors": part["errors"],
                         "router_cpu_s": round(usage.cpu_s.get("router", 0.0), 3),
+                        "cpu_s": {role: round(v, 3) for role, v in usage.cpu_s.items()},
                     }
                 )
             summary["rounds"] = rounds
@@ -969,6 +1097,7 @@ class Run:
         self.phases.append(phase)
         s = phase.summary
         spread = s.get("ttft_ms_p50_rounds")
+        router_cpu = phase.usage.cpu_s.get("embedded" if phase.path == EMBEDDED else "router", 0)
         self.log(
             f"  {phase.name:<28} {phase.path:<13} C={phase.concurrency:<4} "
             f"ok {s['ok']}/{s['requests']} "
@@ -978,7 +1107,7 @@ class Run:
                 if spread
                 else ""
             )
-            + f", {s['tokens_per_s']} tok/s, router CPU {phase.usage.cpu_s.get('router', 0):.2f} s"
+            + f", {s['tokens_per_s']} tok/s, router CPU {router_cpu:.2f} s"
             + (f", errors {s['error_kinds']}" if s["errors"] else "")
         )
 
@@ -1150,6 +1279,176 @@ class Run:
         await self.cluster.stop_pool(pool)
         await self.cluster.wait_for_nodes(0)
 
+    def embedded_and_scale_out(self) -> dict[str, Consumers]:
+        """Issue 14's two paths, in the order of each round: the embedded router, then the
+        scale-out stack with consumers spread over every worker."""
+        cluster = self.cluster
+        return {
+            EMBEDDED: Consumers(
+                path="router", targets=[cluster.embedded_url], expected=self.expected
+            ),
+            SCALE_OUT: Consumers(
+                path="router", targets=cluster.router_urls, expected=self.expected
+            ),
+        }
+
+    async def pool_pair(self, nodes: int, slots: int, *, single_frames: bool) -> list[Pool]:
+        """Two pools alike: one on the embedded router, one spread over every worker. Each
+        path's rounds use its own pool; the other's nodes only heartbeat meanwhile."""
+        cluster = self.cluster
+        pools = [
+            await cluster.start_pool(
+                nodes, slots, routers=[cluster.embedded_url], single_frames=single_frames
+            ),
+            await cluster.start_pool(nodes, slots, single_frames=single_frames),
+        ]
+        for pool, router in zip(pools, (cluster.embedded_url, None), strict=True):
+            if pool.registered != nodes:
+                raise BenchError(f"only {pool.registered} of {nodes} nodes registered")
+            await cluster.wait_for_nodes(pool.registered, timeout=30, router=router)
+        return pools
+
+    async def stop_pool_pair(self, pools: list[Pool]) -> None:
+        for pool in pools:
+            await self.cluster.stop_pool(pool)
+        await self.cluster.wait_for_nodes(0, router=self.cluster.embedded_url)
+        await self.cluster.wait_for_nodes(0)
+
+    async def scale_out(self) -> None:
+        """Issue 14: what the scale-out stack (every worker, Redis, PostgreSQL) spends per
+        relayed token and per request, against one embedded router started beside it for
+        this phase, in alternating rounds of the same load: embedded, scale-out, embedded,
+        scale-out, ... Nodes sending one frame per token, then batching nodes; then one-token
+        answers, whose cost is the request's own."""
+        plan = self.plan
+        if plan.workers < 2:
+            return
+        url = await self.cluster.start_embedded()
+        self.log(f"scale-out vs embedded (issue 14): embedded router {url}")
+        try:
+            nodes, slots, consumers = plan.capacity_single_case
+            self.log(
+                f"  one frame per token: {INSTANT_MODEL}, {plan.saturation_tokens} tokens, "
+                f"{nodes} nodes x {slots} slots / {consumers} consumers per path"
+            )
+            pools = await self.pool_pair(nodes, slots, single_frames=True)
+            await self.compare(
+                name="capacity, one frame per token",
+                kind="capacity",
+                workload=Workload(
+                    "capacity-single",
+                    INSTANT_MODEL,
+                    consumers,
+                    plan.round_requests(consumers, plan.capacity_samples),
+                ),
+                nodes=nodes,
+                extra={"frames": "single", "slots": slots},
+                lanes=self.embedded_and_scale_out(),
+            )
+            self.log_capacity()
+            await self.stop_pool_pair(pools)
+
+            nodes, c = plan.capacity_nodes, plan.throughput_concurrency
+            self.log(
+                f"  batching nodes: {FAST_MODEL}, {plan.throughput_tokens} tokens, {nodes} "
+                f"nodes x {plan.pool_max_concurrent} slots / {c} consumers per path"
+            )
+            pools = await self.pool_pair(nodes, plan.pool_max_concurrent, single_frames=False)
+            await self.compare(
+                name="capacity, batching nodes",
+                kind="capacity",
+                workload=Workload(
+                    "capacity-batched",
+                    FAST_MODEL,
+                    c,
+                    plan.round_requests(c, plan.capacity_samples),
+                ),
+                nodes=nodes,
+                extra={"frames": "batched", "slots": plan.pool_max_concurrent},
+                lanes=self.embedded_and_scale_out(),
+            )
+            self.log_capacity()
+            c = plan.request_cost_concurrency
+            self.log(f"  CPU per request: {ONE_TOKEN_MODEL}, one-token answers, {c} consumers")
+            phases = await self.compare(
+                name="CPU per request",
+                kind="per-request",
+                workload=Workload(
+                    "per-request",
+                    ONE_TOKEN_MODEL,
+                    c,
+                    plan.round_requests(c, plan.request_cost_samples),
+                ),
+                nodes=nodes,
+                lanes=self.embedded_and_scale_out(),
+            )
+            for path, phase in phases.items():
+                cpu, requests = phase.usage.cpu_s, max(1, phase.summary["requests"])
+                router = cpu.get("embedded" if path == EMBEDDED else "router", 0.0)
+                self.log(
+                    f"    {path}: router CPU {1000 * router / requests:.2f} ms per request"
+                    + (
+                        f", with Redis and PostgreSQL "
+                        f"{1000 * (router + cpu['redis+postgres']) / requests:.2f} ms"
+                        if path == SCALE_OUT
+                        else ""
+                    )
+                )
+            await self.stop_pool_pair(pools)
+        finally:
+            await self.cluster.stop_embedded()
+
+    def log_capacity(self) -> None:
+        embedded, scale_out = self.phases[-2:]
+        tokens_per_cpu = {
+            phase.path: phase.summary["tokens"] / max(1e-9, stack_cpu_s(phase.path, phase.usage))
+            for phase in (embedded, scale_out)
+        }
+        self.log(
+            f"    tokens per CPU-second: embedded {tokens_per_cpu[EMBEDDED]:,.0f}, scale-out "
+            f"{tokens_per_cpu[SCALE_OUT]:,.0f} (workers + Redis + PostgreSQL); CPU per token "
+            f"ratio {tokens_per_cpu[EMBEDDED] / max(1e-9, tokens_per_cpu[SCALE_OUT]):.2f}"
+        )
+
+    async def loss(self) -> None:
+        """Issue 14: nothing lost. ``loss_concurrency`` streams of the 30 tokens/s model with
+        the nodes on worker 0 and the consumers on worker 1, so the request and every chunk
+        cross workers; a slot for every stream, so nearly all run at once. Each answer is
+        token-checked; the report counts cut streams apart from queue timeouts."""
+        plan = self.plan
+        if plan.workers < 2:
+            return
+        nodes, c = plan.loss_nodes, plan.loss_concurrency
+        delay, tokens = self.cluster.emulator_specs()[LOSS_MODEL]
+        self.log(
+            f"loss (issue 14): {c} streams of {LOSS_MODEL} ({tokens} tokens at "
+            f"{1 / delay:.0f} tokens/s), {nodes} nodes x {plan.pool_max_concurrent} slots on "
+            "worker 0, consumers on worker 1"
+        )
+        worker_0, worker_1 = self.cluster.router_urls[:2]
+        pool = await self.cluster.start_pool(nodes, plan.pool_max_concurrent, routers=[worker_0])
+        if pool.registered != nodes:
+            raise BenchError(f"only {pool.registered} of {nodes} nodes registered on worker 0")
+        await self.cluster.wait_for_nodes(pool.registered, timeout=30)
+        consumers = Consumers(path="router", targets=[worker_1], expected=self.expected)
+        workload = Workload("loss", LOSS_MODEL, c, c * plan.loss_waves, ramp=tokens * delay)
+        result, usage = await self.meter.measure(consumers.run(workload))
+        self.record(
+            Phase(
+                name=f"loss, {c} streams across workers",
+                kind="loss",
+                path=SCALE_OUT,
+                model=LOSS_MODEL,
+                concurrency=c,
+                nodes=pool.registered,
+                summary=result.summary(),
+                usage=usage,
+            )
+        )
+        stats = await self.cluster.stop_pool(pool)
+        self.phases[-1].extra["node_stats"] = stats
+        await self.cluster.wait_for_nodes(0)
+
     async def saturation(self) -> None:
         """Issue 13: instant answers of ``saturation_tokens`` tokens from nodes that send one
         frame per token, as the network's existing nodes do, every slot kept busy; the idle
@@ -1238,8 +1537,12 @@ class Run:
         if self.cluster.lag_prefix is None:
             return
         samples = await asyncio.to_thread(lag.read, self.cluster.lag_prefix)
+        embedded: list[lag.Sample] = []
+        if self.cluster.embedded_lag_prefix is not None:
+            embedded = await asyncio.to_thread(lag.read, self.cluster.embedded_lag_prefix)
         for phase in self.phases:
-            phase.loop_lag = lag.stats(samples, phase.usage.windows)
+            own = embedded if phase.path == EMBEDDED else samples
+            phase.loop_lag = lag.stats(own, phase.usage.windows)
 
 
 def machine_info(router_tree: Path) -> dict[str, Any]:
@@ -1291,8 +1594,10 @@ async def run(
         await bench_run.warmup()
         await bench_run.sweep_nodes()
         await bench_run.crossing()
+        await bench_run.scale_out()
         await bench_run.saturation()
         await bench_run.load_phases()
+        await bench_run.loss()
         await bench_run.attach_loop_lag()
         await bench_run.meter.stop()
         router_peaks = [peak_rss_mb(pid) or 0.0 for pid in cluster.router_pids()]

@@ -44,6 +44,9 @@ class Outcome:
     ttft: float | None  # seconds from sending the request to the first content token
     duration: float
     tokens: int  # content tokens received (counted whether or not the answer was right)
+    # Why the router ended the stream with an error event (``stream_error``): the code of its
+    # message (STREAM_ERRORS), e.g. ``queue_timeout`` or ``lost_chunks``.
+    reason: str | None = None
 
 
 @dataclass
@@ -81,12 +84,14 @@ class LoadResult:
         tokens = sum(o.tokens for o in self.outcomes if o.ok)
         ok = sum(1 for o in self.outcomes if o.ok)
         errors = self.errors()
+        reasons = Counter(o.reason for o in self.outcomes if o.reason)
         return {
             "path": self.path,
             "requests": len(self.outcomes),
             "ok": ok,
             "errors": sum(errors.values()),
             "error_kinds": dict(errors),
+            "stream_errors": dict(reasons),
             "token_errors": sum(n for kind, n in errors.items() if kind in TOKEN_ERRORS),
             "wall_s": round(self.wall, 3),
             "ttft_ms_p50": _ms(percentile(ttfts, 50)),
@@ -102,6 +107,34 @@ class LoadResult:
 
 
 TOKEN_ERRORS = ("lost", "duplicated", "reordered", "foreign", "garbled")
+# The router's error events say what went wrong in words (PROTOCOL §2); these are the words
+# that tell its reasons apart (routing/streaming.py ERROR_MESSAGES), read without importing the
+# router: the benchmark may measure another checkout's.
+STREAM_ERRORS = (
+    ("no node became free in time", "queue_timeout"),
+    ("part of the answer was lost", "lost_chunks"),
+    ("not read fast enough", "consumer_stalled"),
+    ("node serving this request disconnected", "node_disconnected"),
+    ("node stopped responding", "stalled"),
+    ("response took too long", "timeout"),
+    ("node refused the request", "invalid_request"),
+    ("model server is unavailable", "ollama_unavailable"),
+    ("model server failed", "ollama_error"),
+    ("no node is serving this model", "no_node"),
+    ("router failed while relaying", "internal"),
+    ("router is restarting", "restarting"),
+)
+ERROR_EVENT_RE = re.compile(r"\[Error: (.*)\]\s*$", re.DOTALL)
+
+
+def stream_error_reason(content: str) -> str:
+    """The reason code of an error event's content, ``other`` when the words are unknown."""
+    match = ERROR_EVENT_RE.search(content)
+    message = match.group(1) if match else content
+    for words, code in STREAM_ERRORS:
+        if words in message:
+            return code
+    return "other"
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:
@@ -196,6 +229,7 @@ class Consumers:
         received: list[str] = []
         first: float | None = None
         error: str | None = None
+        reason: str | None = None
         try:
             if self.path == "direct":
                 url, payload, parse = f"{target}/api/chat", {**body, "stream": True}, _ndjson
@@ -221,6 +255,8 @@ class Consumers:
                                 received.append(value)
                             elif kind == "error":
                                 error = value
+                            elif kind == "stream_error":
+                                error, reason = "stream_error", value
                             elif kind == "end":
                                 finished = True
                         if finished:
@@ -239,6 +275,7 @@ class Consumers:
             ttft=None if first is None else first - began,
             duration=duration,
             tokens=tokens,
+            reason=reason,
         )
 
 
@@ -282,9 +319,9 @@ def _sse(line: bytes) -> tuple[str, str] | None:
         return "end", ""
     event = json.loads(data)
     choice = event["choices"][0]
-    if choice.get("finish_reason") == "error":
-        return "error", "stream_error"
     delta = choice.get("delta") or {}
+    if choice.get("finish_reason") == "error":
+        return "stream_error", stream_error_reason(str(delta.get("content") or ""))
     content = delta.get("content")
     if content and not delta.get("reasoning"):
         return "token", content

@@ -23,6 +23,24 @@ Issue 13 adds (``goals`` holds them against its goals):
 * ``router_tokens_per_cpu_s_single_frames``: tokens per router CPU-second in the two
   saturation loads (one frame per token), next to ``router_tokens_per_cpu_s`` (the throughput
   phase, nodes batching with ``inference_chunks``).
+
+Issue 14 adds, with ``--workers K`` (K >= 2; ``scale_out_goals`` holds them against its goals),
+from phases where the scale-out stack and one embedded router started beside it alternate
+rounds of the same load:
+
+* ``scaleout_tokens_per_cpu_s`` and ``scaleout_tokens_per_cpu_s_single_frames``: tokens relayed
+  per CPU-second of every worker, Redis and PostgreSQL, with batching nodes and with nodes
+  sending one frame per token; in such a run ``router_tokens_per_cpu_s`` and
+  ``router_tokens_per_cpu_s_single_frames`` are the embedded router's on the same loads, and
+  ``scaleout_cpu_ratio`` and ``scaleout_cpu_ratio_single_frames`` the scale-out CPU per token
+  over the embedded one (the workers alone, as the throughput and saturation phases measure
+  them, stay in ``workers_tokens_per_cpu_s`` and ``workers_tokens_per_cpu_s_single_frames``);
+* ``scaleout_router_cpu_ms_per_request`` (the workers) and ``scaleout_cpu_ms_per_request``
+  (with Redis and PostgreSQL), one-token answers; ``router_cpu_ms_per_request`` the embedded;
+* ``scaleout_lost_streams`` and ``scaleout_queue_timeouts``: streams cut or missing tokens, and
+  queue timeouts, with the nodes on worker 0 and the consumers on worker 1;
+  ``scaleout_loss_error_kinds`` has every failure by kind;
+* ``scaleout_token_errors``: token errors on the scale-out stack, every phase.
 """
 
 from __future__ import annotations
@@ -52,6 +70,13 @@ GOAL_OVERHEAD_200_P50_MS = 10.0
 GOAL_SINGLE_FRAME_CAPACITY = 30_000
 GOAL_BATCHING_CAPACITY = 80_000
 GOAL_KB_PER_NODE = 37.0  # "no regression of memory per idle node (37 KB now)"
+# Issue 14's goals.
+GOAL_SCALEOUT_CPU_RATIO = 1.5  # scale-out CPU per token / one embedded router's
+GOAL_REQUEST_CPU_MS = 5.0  # the workers' CPU per request
+GOAL_CROSSING_P50_MS = 3.0
+EMBEDDED = "embedded"
+SCALE_OUT = "scale-out"
+FRAMES = {"single": "one frame per token", "batched": "batching nodes"}
 SATURATION_CASES = ("idle", "saturation", "wide")
 CROSSING_PATHS = {
     "direct": "direct",
@@ -139,6 +164,156 @@ def _loop_lag(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _stack_cpu(phase: dict[str, Any]) -> float:
+    """CPU of what relays in an issue 14 phase: the embedded router alone, or every worker
+    with Redis and PostgreSQL."""
+    cpu = phase.get("cpu_s") or {}
+    if phase["path"] == EMBEDDED:
+        return cpu.get("embedded", 0.0)
+    return cpu.get("router", 0.0) + cpu.get("redis+postgres", 0.0)
+
+
+def _round_cpu_ratio(embedded: dict[str, Any], scale_out: dict[str, Any]) -> float | None:
+    """Scale-out CPU per token over the embedded router's, in one pair of rounds."""
+    per_token = []
+    for phase, entry in ((embedded, EMBEDDED), (scale_out, SCALE_OUT)):
+        cpu = _stack_cpu({"path": entry, "cpu_s": phase.get("cpu_s")})
+        if not phase.get("tokens") or not cpu:
+            return None
+        per_token.append(cpu / phase["tokens"])
+    return round(per_token[1] / per_token[0], 3)
+
+
+def _scale_out(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 14's phases: capacity per kind of node, CPU per request, the loss phase."""
+    capacity = []
+    for frames in FRAMES:
+        pair = [p for p in phases if p["kind"] == "capacity" and p.get("frames") == frames]
+        embedded = next((p for p in pair if p["path"] == EMBEDDED), None)
+        scale_out = next((p for p in pair if p["path"] == SCALE_OUT), None)
+        if embedded is None or scale_out is None:
+            continue
+        per_cpu = {
+            path: _per_cpu(phase["tokens"], _stack_cpu(phase))
+            for path, phase in ((EMBEDDED, embedded), (SCALE_OUT, scale_out))
+        }
+        rounds = [
+            _round_cpu_ratio(a, b)
+            for a, b in zip(embedded.get("rounds", []), scale_out.get("rounds", []), strict=False)
+        ]
+        capacity.append(
+            {
+                "frames": frames,
+                "name": scale_out["name"],
+                "model": scale_out["model"],
+                "concurrency": scale_out["concurrency"],
+                "nodes": scale_out["nodes"],
+                "embedded_tokens_per_cpu_s": per_cpu[EMBEDDED],
+                "scaleout_tokens_per_cpu_s": per_cpu[SCALE_OUT],
+                "scaleout_workers_tokens_per_cpu_s": _per_cpu(
+                    scale_out["tokens"], (scale_out.get("cpu_s") or {}).get("router")
+                ),
+                "cpu_ratio": _ratio(per_cpu[EMBEDDED], per_cpu[SCALE_OUT]),
+                "cpu_ratio_rounds": _spread(rounds),
+                "paths": {
+                    path: _path_figures(phase)
+                    for path, phase in ((EMBEDDED, embedded), (SCALE_OUT, scale_out))
+                },
+                "errors": embedded["errors"] + scale_out["errors"],
+                "token_errors": embedded["token_errors"] + scale_out["token_errors"],
+            }
+        )
+    per_request = None
+    embedded = _find(phases, "per-request", EMBEDDED)
+    scale_out = _find(phases, "per-request", SCALE_OUT)
+    if embedded is not None and scale_out is not None:
+        cpu = scale_out.get("cpu_s") or {}
+        count = max(1, scale_out["requests"])
+
+        def ms(seconds: float | None, requests: int = count) -> float | None:
+            return None if seconds is None else round(1000 * seconds / requests, 3)
+
+        per_request = {
+            "concurrency": scale_out["concurrency"],
+            "model": scale_out["model"],
+            "router_cpu_ms_per_request": ms(
+                (embedded.get("cpu_s") or {}).get("embedded"), max(1, embedded["requests"])
+            ),
+            "scaleout_router_cpu_ms_per_request": ms(cpu.get("router")),
+            "scaleout_cpu_ms_per_request": ms(_stack_cpu(scale_out)),
+            "redis_cpu_ms_per_request": ms(cpu.get("redis")),
+            "postgres_cpu_ms_per_request": ms(cpu.get("postgres")),
+            "paths": {
+                path: _path_figures(phase)
+                for path, phase in ((EMBEDDED, embedded), (SCALE_OUT, scale_out))
+            },
+            "errors": embedded["errors"] + scale_out["errors"],
+        }
+    loss = None
+    phase = _find(phases, "loss", SCALE_OUT)
+    if phase is not None:
+        kinds = phase.get("error_kinds") or {}
+        reasons = phase.get("stream_errors") or {}
+        refused = sum(n for kind, n in kinds.items() if kind.startswith("http_"))
+        queue_timeouts = reasons.get("queue_timeout", 0)
+        loss = {
+            "concurrency": phase["concurrency"],
+            "model": phase["model"],
+            "nodes": phase["nodes"],
+            "streams": phase["requests"],
+            "ok": phase["ok"],
+            # Accepted streams that did not deliver their whole answer and [DONE]; a queue
+            # timeout promised no token, and a refusal (429, 503) was never a stream.
+            "lost": phase["errors"] - refused - queue_timeouts,
+            "queue_timeouts": queue_timeouts,
+            "refused": refused,
+            "error_kinds": kinds,
+            "stream_errors": reasons,
+            "token_errors": phase["token_errors"],
+            # Node sockets the router closed during the phase, by its reason.
+            "nodes_dropped": sum(((phase.get("node_stats") or {}).get("lost") or {}).values()),
+            "ttft_ms_p50": phase["ttft_ms_p50"],
+            "ttft_ms_p99": phase["ttft_ms_p99"],
+            "stream_tokens_per_s_p10": phase.get("stream_tokens_per_s_p10"),
+            "stream_tokens_per_s_p50": phase.get("stream_tokens_per_s_p50"),
+            "wall_s": phase["wall_s"],
+            "cpu_s": phase.get("cpu_s"),
+            "other_cpu_s": phase.get("other_cpu_s"),
+            "loop_lag_ms": phase.get("loop_lag_ms"),
+        }
+    return {"capacity": capacity, "per_request": per_request, "loss": loss}
+
+
+def _path_figures(phase: dict[str, Any]) -> dict[str, Any]:
+    """One path of an issue 14 phase: its load's figures and the CPU of every component."""
+    return {
+        "requests": phase["requests"],
+        "ok": phase["ok"],
+        "errors": phase["errors"],
+        "tokens": phase["tokens"],
+        "tokens_per_s": phase["tokens_per_s"],
+        "ttft_ms_p50": phase["ttft_ms_p50"],
+        "wall_s": phase["wall_s"],
+        "stack_cpu_s": round(_stack_cpu(phase), 3),
+        "cpu_s": phase.get("cpu_s"),
+        "other_cpu_s": phase.get("other_cpu_s"),
+    }
+
+
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    """min / median / max, as the harness gives the rounds' figures."""
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    middle = len(present) // 2
+    median = (
+        present[middle]
+        if len(present) % 2
+        else round((present[middle - 1] + present[middle]) / 2, 3)
+    )
+    return {"min": present[0], "median": median, "max": present[-1]}
+
+
 def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 2)
 
@@ -221,6 +396,15 @@ def results(
     router_side = [entry for entry in loop_lag if entry["path"] != "direct"]
     worst_lag = max(router_side, key=lambda entry: entry["p99"], default=None)
     sweep_200 = next((c for c in concurrency_sweep if c["concurrency"] == 200), {})
+    workers_per_cpu = round(router_t["tokens"] / router_cpu_t, 1) if router_cpu_t else None
+    workers_single = _per_cpu(single_tokens, single_cpu)
+    scale_out = _scale_out(phases)
+    scaled = (plan.get("workers") or 1) > 1
+    capacity = {entry["frames"]: entry for entry in scale_out["capacity"]}
+    batched = capacity.get("batched") or {}
+    single = capacity.get("single") or {}
+    per_request = scale_out["per_request"] or {}
+    loss = scale_out["loss"] or {}
 
     out: dict[str, Any] = {
         "direct_ttft_ms_p50": direct_h.get("ttft_ms_p50"),
@@ -232,9 +416,10 @@ def results(
         "ttft_overhead_ms_p99": _sub(router_h.get("ttft_ms_p99"), direct_h.get("ttft_ms_p99")),
         "direct_tokens_per_s": direct_t.get("tokens_per_s"),
         "router_tokens_per_s": router_t.get("tokens_per_s"),
-        "router_tokens_per_cpu_s": round(router_t["tokens"] / router_cpu_t, 1)
-        if router_cpu_t
-        else None,
+        # With several workers: the embedded router of issue 14's phases (same run, same load).
+        "router_tokens_per_cpu_s": batched.get("embedded_tokens_per_cpu_s")
+        if scaled
+        else workers_per_cpu,
         "direct_requests_per_s": direct_t.get("requests_per_s"),
         "router_requests_per_s": router_t.get("requests_per_s"),
         "realistic_direct_tokens_per_s": direct_h.get("tokens_per_s"),
@@ -263,7 +448,27 @@ def results(
         **_case_keys("saturation", by_case.get("saturation")),
         **_case_keys("saturation_wide", by_case.get("wide")),
         **_case_keys("idle", by_case.get("idle")),
-        "router_tokens_per_cpu_s_single_frames": _per_cpu(single_tokens, single_cpu),
+        "router_tokens_per_cpu_s_single_frames": single.get("embedded_tokens_per_cpu_s")
+        if scaled
+        else workers_single,
+        "workers_tokens_per_cpu_s": workers_per_cpu if scaled else None,
+        "workers_tokens_per_cpu_s_single_frames": workers_single if scaled else None,
+        "scaleout_tokens_per_cpu_s": batched.get("scaleout_tokens_per_cpu_s"),
+        "scaleout_tokens_per_cpu_s_single_frames": single.get("scaleout_tokens_per_cpu_s"),
+        "scaleout_cpu_ratio": batched.get("cpu_ratio"),
+        "scaleout_cpu_ratio_single_frames": single.get("cpu_ratio"),
+        "scaleout_token_errors": sum(
+            p.get("token_errors", 0) for p in measured if p["path"] not in ("direct", EMBEDDED)
+        )
+        if scaled
+        else None,
+        "scaleout_router_cpu_ms_per_request": per_request.get("scaleout_router_cpu_ms_per_request"),
+        "scaleout_cpu_ms_per_request": per_request.get("scaleout_cpu_ms_per_request"),
+        "router_cpu_ms_per_request": per_request.get("router_cpu_ms_per_request"),
+        "scaleout_lost_streams": loss.get("lost"),
+        "scaleout_queue_timeouts": loss.get("queue_timeouts"),
+        "scaleout_loss_streams": loss.get("streams"),
+        "scaleout_loss_error_kinds": loss.get("error_kinds"),
         "ttft_overhead_ms_p50_200": sweep_200.get("overhead_ms_p50"),
         "ttft_overhead_ms_p99_200": sweep_200.get("overhead_ms_p99"),
         "errors": errors,
@@ -275,12 +480,14 @@ def results(
         "concurrency_sweep": concurrency_sweep,
         "crossing": crossing,
         "saturation": saturation,
+        "scale_out": scale_out,
         "loop_lag": loop_lag,
         "phases": phases,
         "profiles": profiles,
     }
     out["targets"] = targets(out, headline, round(1 / plan["token_delay_s"]))
     out["goals"] = goals(out, headline)
+    out["scale_out_goals"] = scale_out_goals(out) if scaled else []
     return out
 
 
@@ -400,6 +607,74 @@ def goals(r: dict[str, Any], headline: int) -> list[dict[str, Any]]:
         ),
     ]
     return rows
+
+
+def scale_out_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's goals that the benchmark measures, with this run's figures (``--workers``)."""
+
+    def row(name: str, goal: str, value: Any, met: bool | None) -> dict[str, Any]:
+        return {"goal": name, "target": goal, "measured": value, "met": met}
+
+    def at_most(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    loss = r["scale_out"]["loss"] or {}
+    per_request = r["scale_out"]["per_request"] or {}
+    streams = loss.get("concurrency")
+    crossing = r["crossing_concurrency"]
+    return [
+        row(
+            "scale-out CPU per token / embedded, batching nodes (workers + Redis + PostgreSQL)",
+            f"<= {GOAL_SCALEOUT_CPU_RATIO:g}",
+            r["scaleout_cpu_ratio"],
+            at_most(r["scaleout_cpu_ratio"], GOAL_SCALEOUT_CPU_RATIO),
+        ),
+        row(
+            "scale-out CPU per token / embedded, one frame per token",
+            f"<= {GOAL_SCALEOUT_CPU_RATIO:g}",
+            r["scaleout_cpu_ratio_single_frames"],
+            at_most(r["scaleout_cpu_ratio_single_frames"], GOAL_SCALEOUT_CPU_RATIO),
+        ),
+        row(
+            f"router CPU per request, scale-out workers ({per_request.get('concurrency', '–')} "
+            "streams of one-token answers)",
+            f"<= {GOAL_REQUEST_CPU_MS:g} ms",
+            r["scaleout_router_cpu_ms_per_request"],
+            at_most(r["scaleout_router_cpu_ms_per_request"], GOAL_REQUEST_CPU_MS),
+        ),
+        row(
+            "the same with Redis and PostgreSQL",
+            "reported",
+            r["scaleout_cpu_ms_per_request"],
+            None,
+        ),
+        row(
+            f"streams cut or missing tokens, {streams or '–'} streams, nodes on worker 0, "
+            "consumers on worker 1",
+            "0",
+            r["scaleout_lost_streams"],
+            None if r["scaleout_lost_streams"] is None else r["scaleout_lost_streams"] == 0,
+        ),
+        row(
+            "queue timeouts in the same phase (not a loss)",
+            "reported",
+            r["scaleout_queue_timeouts"],
+            None,
+        ),
+        row(
+            "token errors on the scale-out stack, every phase",
+            "0",
+            r["scaleout_token_errors"],
+            None if r["scaleout_token_errors"] is None else r["scaleout_token_errors"] == 0,
+        ),
+        row(
+            f"TTFT added by crossing workers, p50 at {crossing or '–'} "
+            f"stream{'s' if crossing and crossing > 1 else ''}",
+            f"<= {GOAL_CROSSING_P50_MS:g} ms",
+            r["cross_worker_ttft_ms_p50"],
+            at_most(r["cross_worker_ttft_ms_p50"], GOAL_CROSSING_P50_MS),
+        ),
+    ]
 
 
 def _crossing(phases: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
@@ -553,6 +828,15 @@ def markdown(r: dict[str, Any]) -> str:
             for g in r["goals"]
         ],
     )
+    if r.get("scale_out_goals"):
+        lines += ["", "### Goals of issue 14 (scale-out)", ""]
+        lines += _table(
+            ["goal", "target", "measured", "met"],
+            [
+                [g["goal"], g["target"], _fmt(g["measured"], _digits(g["measured"])), g["met"]]
+                for g in r["scale_out_goals"]
+            ],
+        )
     lines += ["", "### Targets (issue 7; issue 3 with several workers)", ""]
     lines += _table(
         ["target", "goal", "measured", "met"],
@@ -689,13 +973,15 @@ def markdown(r: dict[str, Any]) -> str:
     )
     lines += _loop_lag_markdown(r)
     lines += _crossing_markdown(r, rate)
+    lines += _scale_out_markdown(r)
     lines += [
         "",
         f"Router RSS: {_fmt(r['router_rss_mb_baseline'])} MB after warm-up, peak "
         f"{_fmt(r['router_rss_mb'])} MB. Relay capacity: "
         f"{_fmt(r['router_tokens_per_cpu_s'])} tokens per router CPU-second with batching "
-        f"nodes, {_fmt(r['router_tokens_per_cpu_s_single_frames'])} with one frame per token. "
-        "Errors: "
+        f"nodes, {_fmt(r['router_tokens_per_cpu_s_single_frames'])} with one frame per token"
+        + (" (the embedded router beside the workers)" if plan["workers"] > 1 else "")
+        + ". Errors: "
         f"{r['errors']} ({r['token_errors']} token errors).",
     ]
     for name, summaries in (r.get("profiles") or {}).items():
@@ -851,3 +1137,159 @@ def _crossing_markdown(r: dict[str, Any], rate: int) -> list[str]:
         ],
     )
     return lines
+
+
+def _scale_out_markdown(r: dict[str, Any]) -> list[str]:
+    scale_out = r.get("scale_out") or {}
+    if not (scale_out.get("capacity") or scale_out.get("per_request") or scale_out.get("loss")):
+        return []
+    workers = r["parameters"]["workers"]
+    lines = [
+        "",
+        f"### Scale-out ({workers} workers + Redis + PostgreSQL) against one embedded router, "
+        "same run (issue 14)",
+        "",
+        "The two paths alternate rounds of the same load (embedded, scale-out, embedded, ...); "
+        "each has a node pool of its own. CPU seconds per component over the path's rounds; "
+        "*stack* is what relays: the embedded router, or every worker with Redis and "
+        "PostgreSQL.",
+        "",
+    ]
+    worker_roles = [f"router-{index}" for index in range(workers)]
+    rows = []
+    entries = [(e["name"], e["paths"], e) for e in scale_out.get("capacity") or []]
+    if scale_out.get("per_request"):
+        entries.append(("CPU per request", scale_out["per_request"]["paths"], None))
+    for name, paths, entry in entries:
+        for path, figures in paths.items():
+            cpu = figures["cpu_s"] or {}
+            scaled = path == SCALE_OUT
+            per_cpu = None
+            if entry is not None:
+                per_cpu = entry[
+                    "scaleout_tokens_per_cpu_s" if scaled else "embedded_tokens_per_cpu_s"
+                ]
+            rows.append(
+                [
+                    name,
+                    path,
+                    figures["requests"],
+                    figures["errors"],
+                    figures["tokens"],
+                    figures["tokens_per_s"],
+                    _fmt(None if scaled else cpu.get("embedded"), 2),
+                    " / ".join(_fmt(cpu.get(role), 2) for role in worker_roles) if scaled else "–",
+                    _fmt(cpu.get("redis") if scaled else None, 2),
+                    _fmt(cpu.get("postgres") if scaled else None, 2),
+                    _fmt(figures["stack_cpu_s"], 2),
+                    _fmt(cpu.get("nodes"), 2),
+                    _fmt(cpu.get("emulators"), 2),
+                    _fmt(cpu.get("consumers"), 2),
+                    _fmt(figures["other_cpu_s"], 2),
+                    per_cpu,
+                    _fmt(1000 * figures["stack_cpu_s"] / max(1, figures["requests"]), 2),
+                ]
+            )
+    lines += _table(
+        [
+            "load",
+            "path",
+            "requests",
+            "errors",
+            "tokens",
+            "tokens/s",
+            "embedded CPU s",
+            "workers CPU s (each)",
+            "redis CPU s",
+            "postgres CPU s",
+            "stack CPU s",
+            "nodes CPU s",
+            "emulator CPU s",
+            "consumers CPU s",
+            "other CPU s",
+            "tokens per stack CPU-s",
+            "stack CPU ms/request",
+        ],
+        rows,
+    )
+    if scale_out.get("capacity"):
+        lines.append("")
+        lines += _table(
+            ["nodes", "scale-out / embedded CPU per token", "rounds (min / median / max)"],
+            [
+                [
+                    FRAMES[e["frames"]],
+                    _fmt(e["cpu_ratio"], 3),
+                    " / ".join(_fmt(e["cpu_ratio_rounds"][k], 3) for k in ("min", "median", "max"))
+                    if e["cpu_ratio_rounds"]
+                    else "–",
+                ]
+                for e in scale_out["capacity"]
+            ],
+        )
+    per_request = scale_out.get("per_request")
+    if per_request:
+        lines += [
+            "",
+            f"CPU per request ({per_request['concurrency']} streams of one-token answers): "
+            f"embedded router {_fmt(per_request['router_cpu_ms_per_request'], 2)} ms; scale-out "
+            f"workers {_fmt(per_request['scaleout_router_cpu_ms_per_request'], 2)} ms, Redis "
+            f"{_fmt(per_request['redis_cpu_ms_per_request'], 2)} ms, PostgreSQL "
+            f"{_fmt(per_request['postgres_cpu_ms_per_request'], 2)} ms, together "
+            f"{_fmt(per_request['scaleout_cpu_ms_per_request'], 2)} ms.",
+        ]
+    loss = scale_out.get("loss")
+    if loss:
+        cpu = loss["cpu_s"] or {}
+        lag = loss["loop_lag_ms"] or {}
+        lines += [
+            "",
+            f"Loss: {loss['concurrency']} streams of {loss['model']}, nodes on worker 0 "
+            f"({loss['nodes']} x {r['parameters']['pool_max_concurrent']} slots), consumers on "
+            "worker 1.",
+            "",
+        ]
+        lines += _table(
+            [
+                "requests",
+                "whole",
+                "cut or missing tokens",
+                "queue timeouts",
+                "refused (HTTP)",
+                "failures by kind",
+                "nodes dropped",
+                "TTFT p50",
+                "p99",
+                "stream tok/s p10",
+                "workers CPU s (each)",
+                "redis+pg CPU s",
+                "wall s",
+                "loop lag p99",
+            ],
+            [
+                [
+                    loss["streams"],
+                    loss["ok"],
+                    loss["lost"],
+                    loss["queue_timeouts"],
+                    loss["refused"],
+                    _kinds(loss["error_kinds"], loss["stream_errors"]),
+                    loss["nodes_dropped"],
+                    loss["ttft_ms_p50"],
+                    loss["ttft_ms_p99"],
+                    loss["stream_tokens_per_s_p10"],
+                    " / ".join(_fmt(cpu.get(role), 2) for role in worker_roles),
+                    _fmt(cpu.get("redis+postgres"), 2),
+                    loss["wall_s"],
+                    lag.get("p99"),
+                ]
+            ],
+        )
+    return lines
+
+
+def _kinds(kinds: dict[str, int], reasons: dict[str, int]) -> str:
+    """Failures by kind, a stream error by the router's reason: ``stream_error:lost_chunks 3``."""
+    parts = [f"{kind} {n}" for kind, n in sorted(kinds.items()) if kind != "stream_error"]
+    parts += [f"stream_error:{reason} {n}" for reason, n in sorted(reasons.items())]
+    return ", ".join(parts) or "none"

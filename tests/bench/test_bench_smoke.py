@@ -48,6 +48,22 @@ CROSSING_KEYS = (
     "across_workers_ttft_ms_p50",
     "crossing_direct_ttft_ms_p50",
 )
+# Issue 14: the scale-out stack against an embedded router of the same run.
+SCALE_OUT_KEYS = (
+    "scaleout_tokens_per_cpu_s",
+    "scaleout_tokens_per_cpu_s_single_frames",
+    "router_tokens_per_cpu_s",
+    "router_tokens_per_cpu_s_single_frames",
+    "scaleout_cpu_ratio",
+    "scaleout_cpu_ratio_single_frames",
+    "scaleout_token_errors",
+    "scaleout_router_cpu_ms_per_request",
+    "scaleout_cpu_ms_per_request",
+    "router_cpu_ms_per_request",
+    "scaleout_lost_streams",
+    "scaleout_queue_timeouts",
+    "workers_tokens_per_cpu_s",
+)
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
@@ -69,6 +85,12 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory):
     return run_bench(tmp_path_factory.mktemp("bench"))
 
 
+@pytest.fixture(scope="module")
+def workers_run(tmp_path_factory: pytest.TempPathFactory):
+    """One smoke run of two workers on Redis and PostgreSQL, shared by the tests that read it."""
+    return run_bench(tmp_path_factory.mktemp("bench-workers"), "--workers", "2")
+
+
 @pytest.mark.e2e
 def test_smoke_run_reports_every_headline_figure_without_token_errors(smoke_run):
     result, figures = smoke_run
@@ -85,6 +107,11 @@ def test_smoke_run_reports_every_headline_figure_without_token_errors(smoke_run)
     assert figures["cross_worker_ttft_ms_p50"] is None
     assert not [p for p in figures["phases"] if p["kind"] == "crossing"]
     assert "crossing workers" not in result.stdout
+    # Nor do issue 14's phases: there is no scale-out stack to compare.
+    assert figures["scaleout_tokens_per_cpu_s"] is None
+    assert figures["scaleout_lost_streams"] is None
+    assert not [p for p in figures["phases"] if p["kind"] in ("capacity", "per-request", "loss")]
+    assert "Goals of issue 14" not in result.stdout
 
 
 @pytest.mark.e2e
@@ -138,17 +165,33 @@ def test_every_compared_phase_measures_at_least_200_requests_per_path(mode: str)
             for case in (plan.idle_case, plan.saturation_case, plan.wide_case)
         },
         **{f"realistic C={c}": plan.realistic_requests(c) for c in plan.concurrencies},
+        "capacity, one frame per token": plan.round_requests(
+            plan.capacity_single_case[2], plan.capacity_samples
+        ),
+        "capacity, batching nodes": plan.round_requests(
+            plan.throughput_concurrency, plan.capacity_samples
+        ),
+        "CPU per request": plan.round_requests(
+            plan.request_cost_concurrency, plan.request_cost_samples
+        ),
     }
     assert plan.rounds >= 3  # a spread needs a median apart from the extremes
     for phase, requests in per_round.items():
         assert requests * plan.rounds >= 200, phase
     assert plan.saturation_case == (1, 10, 10) and plan.wide_case == (10, 10, 50)
     assert plan.saturation_tokens == 200
+    # Issue 14's loss scenario: 200 streams of ~100 tokens at 30 tokens/s, a slot for each.
+    assert (plan.loss_concurrency, plan.loss_tokens, round(1 / plan.token_delay_s)) == (
+        200,
+        100,
+        30,
+    )
+    assert plan.loss_nodes * plan.pool_max_concurrent >= plan.loss_concurrency
 
 
 @pytest.mark.e2e
-def test_smoke_run_with_two_workers_reports_what_crossing_workers_adds(tmp_path: Path):
-    result, figures = run_bench(tmp_path, "--workers", "2")
+def test_smoke_run_with_two_workers_reports_what_crossing_workers_adds(workers_run):
+    result, figures = workers_run
     for key in (*HEADLINE_KEYS, *CROSSING_KEYS):
         assert isinstance(figures[key], int | float), (key, figures[key])
     assert figures["token_errors"] == 0
@@ -164,6 +207,61 @@ def test_smoke_run_with_two_workers_reports_what_crossing_workers_adds(tmp_path:
     )
     assert "TTFT added by crossing workers (issue 3)" in result.stdout
     assert "| 1 | across workers |" in result.stdout
+
+
+@pytest.mark.e2e
+def test_smoke_run_with_two_workers_measures_the_stack_against_an_embedded_router(workers_run):
+    result, figures = workers_run
+    for key in SCALE_OUT_KEYS:
+        assert isinstance(figures[key], int | float), (key, figures[key])
+    assert figures["scaleout_token_errors"] == 0
+    assert figures["scaleout_lost_streams"] == figures["scaleout_queue_timeouts"] == 0
+    # Embedded and scale-out rounds alternate on each load: embedded, scale-out, embedded, ...
+    compared = [p for p in figures["phases"] if p["kind"] in ("capacity", "per-request")]
+    loads = {(p["kind"], p.get("frames")) for p in compared}
+    assert loads == {("capacity", "single"), ("capacity", "batched"), ("per-request", None)}
+    for kind, frames in loads:
+        embedded, scale_out = (
+            next(
+                p
+                for p in compared
+                if (p["kind"], p.get("frames"), p["path"]) == (kind, frames, path)
+            )
+            for path in ("embedded", "scale-out")
+        )
+        assert embedded["ok"] == embedded["requests"] > 0, kind
+        assert scale_out["ok"] == scale_out["requests"] > 0, kind
+        assert (
+            len(embedded["rounds"]) == len(scale_out["rounds"]) == figures["parameters"]["rounds"]
+        )
+        spans = [
+            span
+            for pair in zip(embedded["rounds"], scale_out["rounds"], strict=True)
+            for span in pair
+        ]
+        edges = [edge for span in spans for edge in (span["began_s"], span["ended_s"])]
+        assert edges == sorted(edges), kind
+        # Each path's CPU is its own stack's: the embedded router relays in its rounds, the
+        # workers and PostgreSQL in theirs.
+        assert embedded["cpu_s"]["embedded"] > 0, kind
+        assert scale_out["cpu_s"]["router"] > 0 and scale_out["cpu_s"]["postgres"] > 0, kind
+        assert scale_out["cpu_s"]["router"] == pytest.approx(
+            scale_out["cpu_s"]["router-0"] + scale_out["cpu_s"]["router-1"], abs=0.002
+        )
+    single = next(e for e in figures["scale_out"]["capacity"] if e["frames"] == "single")
+    assert figures["router_tokens_per_cpu_s_single_frames"] == single["embedded_tokens_per_cpu_s"]
+    assert figures["scaleout_cpu_ratio_single_frames"] == single["cpu_ratio"]
+    (loss,) = [p for p in figures["phases"] if p["kind"] == "loss"]
+    plan = figures["parameters"]
+    assert (loss["concurrency"], loss["requests"]) == (
+        plan["loss_concurrency"],
+        plan["loss_concurrency"] * plan["loss_waves"],
+    )
+    assert loss["ok"] == loss["requests"] and loss["token_errors"] == 0
+    # Nodes on worker 0, consumers on worker 1: both workers relay.
+    assert loss["cpu_s"]["router-0"] > 0 and loss["cpu_s"]["router-1"] > 0
+    assert "### Goals of issue 14 (scale-out)" in result.stdout
+    assert "against one embedded router, same run (issue 14)" in result.stdout
 
 
 def _phase(kind: str, path: str, concurrency: int, ttft: float) -> dict:
