@@ -280,7 +280,8 @@ class Consumers:
 
 
 def _http_error(status: int, body: bytes) -> str:
-    """``http_503`` plus why, when the router said (busy nodes and no node are different)."""
+    """``http_503`` plus why, when the router said (busy nodes, no node, a full queue and a
+    restarting router are different)."""
     try:
         detail = str(json.loads(body).get("detail", ""))
     except (ValueError, AttributeError):
@@ -289,6 +290,10 @@ def _http_error(status: int, body: bytes) -> str:
         return "http_503_busy"
     if status == 503 and "no node" in detail:
         return "http_503_no_node"
+    if status == 503 and "too many requests are waiting" in detail:
+        return "http_503_queue_full"
+    if status == 503 and "restarting" in detail:
+        return "http_503_restarting"
     return f"http_{status}"
 
 

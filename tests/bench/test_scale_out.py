@@ -14,7 +14,7 @@ import pytest
 from bench import load, report, servers
 from bench.harness import Cluster, Meter, plan_for
 from idleclaw_site import shutdown
-from routing.streaming import ERROR_MESSAGES
+from routing.streaming import ERROR_MESSAGES, Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,6 +232,21 @@ def test_an_error_event_is_counted_by_the_router_reason_it_names(code: str):
     line = b"data: " + json.dumps(event).encode()
     expected = "restarting" if code == shutdown.RESTARTING else code
     assert load._sse(line) == ("stream_error", expected)
+
+
+@pytest.mark.parametrize(
+    ("unavailable", "kind"),
+    [
+        (Unavailable(model="m", served=True), "http_503_busy"),
+        (Unavailable(model="m", served=False), "http_503_no_node"),
+        (Unavailable(model="m", served=True, queue_full=True), "http_503_queue_full"),
+        (Unavailable(model="m", served=True, restarting=True), "http_503_restarting"),
+    ],
+)
+def test_a_refusal_is_counted_by_the_reason_the_router_gives(unavailable, kind: str):
+    """A 503 before the stream (the loss phase counts these apart from lost streams)."""
+    body = json.dumps({"detail": unavailable.message}).encode()
+    assert load._http_error(503, body) == kind
 
 
 @pytest.mark.e2e
