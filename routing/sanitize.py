@@ -368,7 +368,8 @@ _MARKER = re.compile(r"([-+*]|(\d{1,9})[.)])( *)")
 _THEMATIC = re.compile(r"([-*])(?: *\1){2,} *")
 # What a paragraph's line may begin with that opens no block: such a line goes on with an open
 # paragraph even when it is indented less than the list item around it ("lazy continuation").
-_PLAIN_PUNCTUATION = frozenset("\"'(),.:;?@[{!$%&/\\^`~")
+# (Not "[": a link reference definition; not ":" or "|": a GFM table's delimiter row.)
+_PLAIN_PUNCTUATION = frozenset("\"'(),.;?@{!$%&/\\^`~")
 
 
 def _follow_items(
@@ -438,8 +439,9 @@ def _follow_items(
         else:
             kind = "unknown"
     if kind == "item" and k == len(items) and empty is not False and para is not False:
-        # An empty item, or an ordered list not starting at 1, cannot interrupt a paragraph.
-        if not para:
+        # An empty item, or an ordered list not starting at 1, cannot interrupt a paragraph. (A
+        # fence there is left to the caller's safe side: some renderers read a list item.)
+        if not para or fence:
             return unknown
         kind = "text"
     if k < len(items):
@@ -452,9 +454,9 @@ def _follow_items(
     if kind == "item":
         items = items + tuple(new)
         col = items[-1]
-        rest_blank = empty is True
-        if rest_blank:
-            return items, False, -1, -1
+        if empty is True:
+            # An item that begins with a blank line ends at the next blank line: not followed.
+            return unknown
         if fence:
             if len(new) > 1:
                 return unknown  # (several markers before a fence: not followed, the safe side)
