@@ -31,6 +31,9 @@ from routing import selectors, services
 from routing.sanitize import ChunkSanitizer
 from routing.services import Claim, NoSlot, Outcome
 from routing.tool_calls import ToolPolicy
+from routing.tools import for_request as tools_for_request
+from routing.tools import services as tool_services
+from routing.tools.rounds import ToolRounds, ToolStatus, tool_timeout
 
 logger = logging.getLogger("idleclaw.routing")
 
@@ -123,11 +126,19 @@ class Relay:
     """
 
     def __init__(
-        self, *, model: str, ollama_params: dict[str, Any], client_ip: str | None = None
+        self,
+        *,
+        model: str,
+        ollama_params: dict[str, Any],
+        client_ip: str | None = None,
+        tool_status: bool = False,
     ) -> None:
         self.model = model
         self.client_ip = client_ip
         self.counted = False
+        # The router's own tools this request may be offered, judged on the consumer's request
+        # before the operator's system prompt joins it (routing.tools).
+        server_tools = tools_for_request(model, ollama_params)
         if settings.IDLECLAW_SYSTEM_PROMPT:
             ollama_params = {
                 **ollama_params,
@@ -148,6 +159,9 @@ class Relay:
                 ],
             }
         self.params = ollama_params
+        self.rounds = ToolRounds(model, server_tools, ollama_params) if server_tools else None
+        # Whether the consumer's stream shows the router's tool calls (``ToolStatus``).
+        self.tool_status = tool_status
         self.queue_id = uuid.uuid4().hex
         self.arrived_at = timezone.now()
         self.loop = asyncio.get_running_loop()
@@ -294,10 +308,11 @@ class Relay:
 
     # --- the answer --------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[Queued | list[dict[str, Any]]]:
+    async def events(self) -> AsyncIterator[Queued | ToolStatus | list[dict[str, Any]]]:
         """``Queued`` notices while waiting, then the node's chunks in lists of those that
-        arrived together; the last chunk has ``done: True``. Raises ``RelayError`` when the
-        request fails."""
+        arrived together; the last chunk has ``done: True``. With ``tool_status``, a
+        ``ToolStatus`` before and after each call the router runs for the model. Raises
+        ``RelayError`` when the request fails."""
         try:
             while True:
                 if self.claim is None:
@@ -341,9 +356,13 @@ class Relay:
         if not self.queued:
             raise RelayError("queue_timeout")
 
-    async def _attempt(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def _attempt(self) -> AsyncIterator[ToolStatus | list[dict[str, Any]]]:
         """Serve the request on the claimed node. Raises ``_Failover`` when the node fails
-        before its first chunk, ``RelayError`` after it."""
+        before the consumer was sent anything, ``RelayError`` after it.
+
+        With the router's own tools (``self.rounds``) the request may take several rounds on
+        the node: a round that ends in calls to them is followed by the router running the
+        calls and a new node request, with the results, to the same node."""
         claim = self.claim
         assert claim is not None
         sent_at = self.loop.time()
@@ -355,19 +374,27 @@ class Relay:
         outcome = Outcome(kind="cancelled")
         node_done = False
         failing_over = False
+        # Whether the consumer has been sent anything of this attempt; until then a failure
+        # may fail over (after a round of tool calls, the node has sent chunks already).
+        shown = False
+        rounds = self.rounds
+        calls: list[dict[str, Any]] | None = None  # the router's tool calls ending a round
         sanitizer = ChunkSanitizer()
         dropped_before = (self.tools.dropped, self.tools.unoffered)
         # A layer that can say what is already queued (the in-process one) lets the chunks that
         # arrived together leave together.
         queued = getattr(self.layer, "receive_now", None) or _nothing_queued
         try:
+            params = self.params
+            if rounds is not None:
+                params = await rounds.start(session_id=claim.session_id, policy=self.tools)
             await self.layer.send(
                 claim.node_channel,
                 {
                     "type": EventType.NODE_REQUEST,
                     "request_id": claim.request_id,
                     "reply_channel": self.reply_channel,
-                    "ollama_params": self.params,
+                    "ollama_params": params,
                 },
             )
             while True:
@@ -380,7 +407,7 @@ class Relay:
                         raise RelayError(self.aborted) from None
                     code = "timeout" if remaining <= stall else "stalled"
                     outcome = Outcome(kind="timed_out")
-                    if first_at is None:
+                    if first_at is None and not shown:
                         raise _Failover(code) from None
                     raise RelayError(code) from None
                 if self.aborted:
@@ -390,12 +417,12 @@ class Relay:
                 while event is not None:
                     if event.get("request_id") != claim.request_id:
                         event = queued(self.reply_channel)
-                        continue  # a wake-up, or a late event of an earlier attempt
+                        continue  # a wake-up, or a late event of an earlier attempt or round
                     if event.get("type") == EventType.STREAM_ERROR:
                         node_done = True
                         code = str(event.get("error"))
                         outcome = Outcome(kind="failed")
-                        if first_at is None:
+                        if first_at is None and not shown:
                             raise _Failover(code)
                         if out:
                             yield out  # what came before the error, as it came
@@ -425,7 +452,7 @@ class Relay:
                             chunk = self._offered_calls_only(chunk)
                         if chunk is None:
                             # Nothing left to show yet (a tag may be arriving, or every call
-                            # was dropped).
+                            # was dropped or is the router's to run).
                             char_budget -= size
                             if char_budget > 0:
                                 continue
@@ -442,12 +469,58 @@ class Relay:
                         if chunk["done"]:
                             node_done = True
                             outcome = _measured("completed", sent_at, first_at, chunks, chunk)
+                            if rounds is not None:
+                                calls = rounds.round_over(out)
                             break
                     event = None if node_done else queued(self.reply_channel)
                 if out:
+                    shown = True
                     yield out
                 if node_done:
-                    return
+                    if not calls:
+                        return
+                    # The round ended in calls to the router's own tools: run them, then the
+                    # next round on the same node, under a new request id.
+                    assert rounds is not None
+                    prepared = await rounds.prepare(calls, session_id=claim.session_id)
+                    running = [call for call in prepared if call.refusal is None]
+                    if self.tool_status:
+                        for call in running:
+                            shown = True
+                            yield ToolStatus(name=call.name, status="executing")
+                    seconds = min(tool_timeout(), deadline - self.loop.time())
+                    await rounds.run(prepared, seconds=max(seconds, 0.0))
+                    if self.tool_status:
+                        for call in running:
+                            yield ToolStatus(name=call.name, status="done")
+                    if self.aborted:
+                        raise RelayError(self.aborted)
+                    if self.loop.time() >= deadline:
+                        raise RelayError("timeout")
+                    next_id = uuid.uuid4().hex
+                    moved = await db(tool_services.inflight_next_round)(
+                        request_id=claim.request_id, next_request_id=next_id
+                    )
+                    if not moved:
+                        # The node went away between rounds; its session took the slot along.
+                        if not shown:
+                            raise _Failover("node_disconnected")
+                        raise RelayError("node_disconnected")
+                    claim = dataclasses.replace(claim, request_id=next_id)
+                    params = rounds.next(self.tools)
+                    sent_at, first_at, chunks, calls = self.loop.time(), None, 0, None
+                    node_done = False
+                    outcome = Outcome(kind="cancelled")
+                    sanitizer = ChunkSanitizer()  # the round's end flushed the last one
+                    await self.layer.send(
+                        claim.node_channel,
+                        {
+                            "type": EventType.NODE_REQUEST,
+                            "request_id": claim.request_id,
+                            "reply_channel": self.reply_channel,
+                            "ollama_params": params,
+                        },
+                    )
         except _Failover:
             failing_over = True
             raise
@@ -469,6 +542,11 @@ class Relay:
         is left to show."""
         message = chunk["message"]
         calls = self.tools.filter(message["tool_calls"])
+        if calls and self.rounds is not None:
+            # The request brought no tools of its own, so what passed calls the router's: the
+            # router runs them, the consumer never sees them.
+            self.rounds.take(calls)
+            calls = []
         if len(calls) == len(message["tool_calls"]):
             return chunk
         message = _without(message, "tool_calls")
@@ -582,15 +660,19 @@ async def open_relay(
     ollama_params: dict[str, Any],
     client_ip: str | None,
     stream: bool = True,
+    tool_status: bool = False,
 ) -> Events | Unavailable | TooMany:
     """Start a ``Relay`` and return its events, or why it cannot start (a 503).
 
     A streaming request waits for a slot up to the queue notice interval before its response
-    starts; a non-streaming one up to the whole queue timeout.
+    starts; a non-streaming one up to the whole queue timeout. ``tool_status``: the events
+    include a ``ToolStatus`` around each call the router runs for the model.
     """
     if shutdown.draining():
         return Unavailable(model=model, served=True, restarting=True)
-    relay = Relay(model=model, ollama_params=ollama_params, client_ip=client_ip)
+    relay = Relay(
+        model=model, ollama_params=ollama_params, client_ip=client_ip, tool_status=tool_status
+    )
     hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
     refusal = await relay.start(hold=hold)
     if refusal is not None:
@@ -609,7 +691,7 @@ class Answer:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-Events = AsyncIterator[Queued | list[dict[str, Any]]]
+Events = AsyncIterator[Queued | ToolStatus | list[dict[str, Any]]]
 
 
 async def each_chunk(events: Events) -> AsyncIterator[dict[str, Any]]:
@@ -666,15 +748,20 @@ dumps: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), ensure_asc
 
 
 async def sse_writes(
-    events: Events, render: Callable[[dict[str, Any]], Iterable[bytes]]
+    events: Events,
+    render: Callable[[dict[str, Any]], Iterable[bytes]],
+    render_status: Callable[[ToolStatus], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events from a relay: a queue notice as a comment line, and each group of
-    chunks that arrived together rendered into one write."""
+    """Server-sent events from a relay: a queue notice as a comment line, each group of chunks
+    that arrived together rendered into one write, and a tool status (only relays opened with
+    ``tool_status`` have them) as ``render_status`` makes it."""
     async for batch in events:
-        if isinstance(batch, Queued):
-            yield f": queued position={batch.position}\n\n".encode()
-        else:
+        if isinstance(batch, list):
             yield b"".join(part for chunk in batch for part in render(chunk))
+        elif isinstance(batch, Queued):
+            yield f": queued position={batch.position}\n\n".encode()
+        elif render_status is not None:
+            yield render_status(batch)
 
 
 async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
@@ -710,8 +797,12 @@ async def sse_chat(chunks: Events, *, model: str) -> AsyncIterator[bytes]:
             extra = {"usage": usage} if usage is not None else {}
             yield event({}, finish_reason_of(chunk, saw_tool_calls), **extra)
 
+    def render_status(status: ToolStatus) -> bytes:
+        # Which tool and where it stands; never its arguments or results.
+        return event({"tool_call": {"name": status.name, "status": status.status}})
+
     try:
-        async for part in sse_writes(chunks, render):
+        async for part in sse_writes(chunks, render, render_status):
             yield part
     except RelayError as error:
         logger.info("stream for %s ended with error %s", model, error.code)

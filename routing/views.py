@@ -77,7 +77,10 @@ async def chat(request: HttpRequest) -> HttpResponse:
         "think": chat_request.think,
     }
     chunks = await open_relay(
-        model=chat_request.model, ollama_params=params, client_ip=request_ip(request)
+        model=chat_request.model,
+        ollama_params=params,
+        client_ip=request_ip(request),
+        tool_status=True,
     )
     if isinstance(chunks, TooMany):
         return detail(429, chunks.message, retry=True)
