@@ -331,6 +331,19 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 except ChannelFull:
                     await self._consumer_stalled(request_id, outbox.reply_channel)
                     return
+                except Exception:
+                    # The layer failed (Redis unreachable or refusing): the node stops, and the
+                    # consumer gets an error if the layer takes it (else its stall timeout ends
+                    # the stream; its chunks are numbered, so none is passed on with a gap).
+                    logger.exception("relaying chunks of %s failed; cancelling", request_id)
+                    self.next_seq.pop(request_id, None)
+                    if self.requests.pop(request_id, None) is not None and not self.closing:
+                        await self.send_frame(
+                            {"type": FrameType.CANCEL_REQUEST, "request_id": request_id}
+                        )
+                    with contextlib.suppress(Exception):
+                        await self._send_error(outbox.reply_channel, request_id, "internal")
+                    return
             if outbox.error is not None:
                 await self._send_error(outbox.reply_channel, request_id, outbox.error)
         finally:

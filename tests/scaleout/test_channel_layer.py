@@ -151,3 +151,23 @@ async def test_a_full_channel_of_the_same_worker_refuses_the_send(monkeypatch, r
             await layer.send(channel, {"type": "x"})
     finally:
         await layer.flush()
+
+
+async def test_hundreds_of_concurrent_sends_all_arrive(layer, monkeypatch, redis_url):
+    # 200 streams relayed by one worker send at once; redis-py's pool holds 100 connections and
+    # raised "Too many connections" for the rest, losing their chunks (issue 14's benchmark).
+    config = load_settings(monkeypatch, REDIS_URL=redis_url)["CHANNEL_LAYERS"]["default"]
+    other = RedisChannelLayer(**config["CONFIG"])  # the consumers' worker
+    try:
+        channels = [await other.new_channel() for _ in range(300)]
+
+        async def stream(channel: str) -> None:
+            for seq in range(5):
+                await layer.send(channel, {"type": "stream.chunk", "seq": seq})
+
+        await asyncio.gather(*(stream(channel) for channel in channels))
+        for channel in channels:
+            got = [(await asyncio.wait_for(other.receive(channel), 5))["seq"] for _ in range(5)]
+            assert got == list(range(5))
+    finally:
+        await other.flush()
