@@ -493,3 +493,37 @@ async def test_a_consumer_hanging_up_during_a_search_frees_the_slot(channel_laye
     assert await node.nothing_sent()
     await node.disconnect()
 
+
+
+# --- Privacy ------------------------------------------------------------------------------------
+
+
+@sync_to_async
+def rows_holding(marker: str) -> list[str]:
+    from django.apps import apps
+
+    return [model.__name__ for model in apps.get_models()
+            if marker in str(list(model.objects.values()))]
+
+
+@pytest.mark.parametrize("mode", ["ok", "error"])
+async def test_queries_reach_no_log_line_and_no_database_row(
+    channel_layer, searx, caplog, mode
+):
+    # Not even at the most verbose level.
+    caplog.set_level("DEBUG")
+    caplog.set_level("DEBUG", logger="idleclaw")
+    searx.mode = mode
+    marker = "zq-marker-7f3a"
+    node = await node_of()
+    client = await start(prompt=f"search {marker}")
+    first = await node.recv()
+    await ask(node, first, search(f"where is {marker}"))
+    second = await node.recv()
+    assert await rows_holding(marker) == []  # while the round is in flight, too
+    await say(node, second, "Somewhere.")
+    await client.read_all()
+    assert searx.queries == [f"where is {marker}"]
+    assert not [r for r in caplog.records if marker in r.getMessage()]
+    assert await rows_holding(marker) == []
+    await node.disconnect()
