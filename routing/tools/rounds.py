@@ -1,17 +1,19 @@
 """The rounds of one consumer request that the router's own tools may extend.
 
-``routing.streaming.Relay`` drives a ``ToolRounds``: each round is one node request. A round
-whose answer ends in calls to the router's tools is not the consumer's answer: the router
-checks the calls, runs them, appends the model's assistant message and one ``tool`` message per
-call, and sends the next round to the same node. The consumer's stream goes on across rounds
-(on ``/api/chat`` with a status event around each call); its answer is the text of all rounds.
+``routing.streaming.Relay`` drives a ``ToolRounds``: a round is the model's answer to one node
+request. A round whose answer ends in calls to the router's tools is not the consumer's answer:
+the router checks the calls, runs them, appends the model's assistant message and one ``tool``
+message per call, and sends the next round to the same node. The consumer's stream goes on
+across rounds (on ``/api/chat`` with a status event around each call); its answer is the text of
+all rounds.
 
 Bounds, all counted by the router:
 
-- ``MAX_ROUNDS`` node requests per consumer request; the last is sent without tools, so the
-  model must answer. A round is also sent without tools when the conversation would have no
-  room for another round's calls and results in a node's limits (``MAX_MESSAGES`` messages,
-  ``MAX_FRAME_BYTES`` per frame).
+- ``MAX_ROUNDS`` rounds (answers of the model) per consumer request: after ``MAX_ROUNDS - 1``
+  rounds of tool calls the next is sent without tools, so the model must answer. A round is
+  also sent without tools when the conversation would have no room for another round's calls
+  and results in a node's limits (``MAX_MESSAGES`` messages, ``MAX_FRAME_BYTES`` per frame).
+  A node request that failed over before the model answered is not a round.
 - ``MAX_CALLS_PER_ROUND`` calls a round; further calls of the same round are dropped.
 - ``IDLECLAW_TOOL_CALLS_PER_MINUTE`` calls run per node session (``services``); a call over it
   is answered with an error, not run.
@@ -87,11 +89,11 @@ class ToolRounds:
     model: str
     tools: dict[str, Tool]
     params: dict[str, Any]  # the request as the node gets it, without the router's tools
-    rounds: int = 0  # node requests sent
+    # Rounds that ended in calls to the tools. A node request that failed over is no round:
+    # the model never answered it.
+    tool_rounds: int = 0
     capable: bool = False  # whether the node serving the request can call tools
-    offered: bool = False  # whether the current round offers the tools
     calls: list[dict[str, Any]] = field(default_factory=list)  # this round's, as they came
-    dropped_calls: int = 0
     first_prompt: int | None = None
     earlier_eval: int = 0
 
@@ -108,10 +110,9 @@ class ToolRounds:
     def next(self, policy: ToolPolicy) -> dict[str, Any]:
         """The parameters of the next round on the same node; ``policy`` is told which
         functions it offers."""
-        self.rounds += 1
         self.calls = []
-        self.offered = self.capable and self.rounds < MAX_ROUNDS and self._room()
-        if not self.offered:
+        offered = self.capable and self.tool_rounds < MAX_ROUNDS - 1 and self._room()
+        if not offered:
             policy.offered = frozenset()
             return self.params
         policy.offered = frozenset(self.tools)
@@ -129,9 +130,7 @@ class ToolRounds:
     def take(self, calls: list[dict[str, Any]]) -> None:
         """Calls of this round that passed the policy: the router runs them, the consumer never
         sees them. Beyond ``MAX_CALLS_PER_ROUND`` they are dropped."""
-        room = MAX_CALLS_PER_ROUND - len(self.calls)
-        self.calls.extend(calls[:room])
-        self.dropped_calls += max(0, len(calls) - room)
+        self.calls.extend(calls[: MAX_CALLS_PER_ROUND - len(self.calls)])
 
     def round_over(self, out: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """The node's last chunk of the round is ``out[-1]``. If the round asked for the
@@ -141,6 +140,7 @@ class ToolRounds:
         final = out[-1]
         if self.calls:
             calls, self.calls = self.calls, []
+            self.tool_rounds += 1
             if self.first_prompt is None:
                 self.first_prompt = final.get("prompt_eval_count")
             self.earlier_eval += final.get("eval_count", 0)
@@ -150,7 +150,7 @@ class ToolRounds:
             else:
                 out.pop()
             return calls
-        if self.rounds > 1:
+        if self.tool_rounds:
             usage: dict[str, int] = {}
             if self.first_prompt is not None and "prompt_eval_count" in final:
                 usage["prompt_eval_count"] = self.first_prompt
@@ -167,7 +167,7 @@ class ToolRounds:
             function = raw["function"]
             tool = self.tools[function["name"]]
             call = Call(
-                id=f"call_{self.rounds}_{index}",
+                id=f"call_{self.tool_rounds}_{index}",
                 name=tool.name,
                 arguments=function["arguments"],
                 tool=tool,

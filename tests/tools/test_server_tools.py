@@ -527,3 +527,18 @@ async def test_queries_reach_no_log_line_and_no_database_row(
     assert not [r for r in caplog.records if marker in r.getMessage()]
     assert await rows_holding(marker) == []
     await node.disconnect()
+
+
+async def test_at_most_three_calls_of_a_round_are_answered(channel_layer, searx):
+    node = await node_of()
+    client = await start()
+    first = await node.recv()
+    await ask(node, first, *(search(f"q{i}") for i in range(5)))
+    second = await node.recv()
+    assert second["ollama_params"]["messages"][1]["tool_calls"] == [search("q0"), search("q1"),
+                                                                    search("q2")]
+    assert tool_results(second) == [RESULTS_TEXT] * 3
+    await say(node, second, "Three.")
+    await client.read_all()
+    assert searx.queries == ["q0", "q1", "q2"]
+    await node.disconnect()
