@@ -31,6 +31,8 @@ from routing.tools import Tool
 logger = logging.getLogger("idleclaw.routing")
 
 MAX_RESULTS = 5
+# Results looked at to find those five: the cleaning is per character, on the event loop.
+MAX_RESULTS_READ = 50
 MAX_SNIPPET_CHARS = 200
 MAX_TITLE_CHARS = 150
 MAX_URL_CHARS = 300
@@ -78,7 +80,7 @@ def results_text(data: Any) -> str:
         raise SearchFailed("the search backend's answer has no results list")
     lines: list[str] = []
     found = 0
-    for result in data["results"]:
+    for result in data["results"][:MAX_RESULTS_READ]:
         if found == MAX_RESULTS:
             break
         if not isinstance(result, dict):
