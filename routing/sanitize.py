@@ -623,7 +623,11 @@ class TagStripper:
                 self._last = piece[-1]
             return piece
         self._out = []
-        self._earn(len(piece))
+        # What this piece may spend: what it earns and what was saved (see UNITS_PER_CHAR).
+        left = self._left
+        left = (MAX_SAVED_UNITS if left + UNITS_PER_PIECE > MAX_SAVED_UNITS
+                else left + UNITS_PER_PIECE if left > 0 else UNITS_PER_PIECE)
+        self._left = self.allowed = left + len(piece) * UNITS_PER_CHAR
         self._work(piece)
         out = self._guard_links(final=False)
         self.spent = self.allowed - self._left
