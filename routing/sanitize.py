@@ -408,6 +408,7 @@ def _follow_items(
     # What the line is, in the innermost list item it continues.
     new: list[int] = []
     empty = False
+    code = False  # the item's content is indented code
     if indent - base >= 4:
         kind = "indented"
     elif not first and _THEMATIC.fullmatch(prefix, indent):
@@ -427,6 +428,7 @@ def _follow_items(
                 empty = None  # (an ordered list not starting at 1: see below)
             if spaces > 4:
                 new.append(end + 1)  # what follows is indented code in the item
+                code = True
                 break
             new.append(end + spaces)
             pos = end + spaces
@@ -440,8 +442,9 @@ def _follow_items(
             kind = "unknown"
     if kind == "item" and k == len(items) and empty is not False and para is not False:
         # An empty item, or an ordered list not starting at 1, cannot interrupt a paragraph. (A
-        # fence there is left to the caller's safe side: some renderers read a list item.)
-        if not para or fence:
+        # fence there is left to the caller's safe side: some renderers read a list item. A bare
+        # "-" may underline a heading.)
+        if not para or fence or empty:
             return unknown
         kind = "text"
     if k < len(items):
@@ -461,6 +464,8 @@ def _follow_items(
             if len(new) > 1:
                 return unknown  # (several markers before a fence: not followed, the safe side)
             return items, False, col, len(prefix) - col
+        if code:
+            return items, False, -1, -1
         return items, True if first.isalnum() or first in _PLAIN_PUNCTUATION else None, -1, -1
     if kind == "indented":
         return items, bool(para) if para is not None else None, -1, -1
@@ -925,6 +930,10 @@ class TagStripper:
             prefix = " " * (MAX_PREFIX_CHARS + 1)
         if not prefix and first:
             self._recover()
+        if self._html_maybe:
+            # In a raw HTML block no line opens or closes a list item.
+            self._items, self._para = None, None
+            return
         self._items, self._para, _, _ = _follow_items(
             self._items, self._para, self._prev_blank, prefix, first
         )
@@ -1385,11 +1394,11 @@ class TagStripper:
         else:
             before = max(s.rfind("\n", 0, eol_start), s.rfind("\r", 0, eol_start))
             prev_blank = not s[before + 1 : eol_start].strip(" \t")
+        self._follow_lines(s)
         if blank_seen:
             self._spans_off = False
             self._html_maybe = False
         self._out.append(s)
-        self._follow_lines(s)
         self._prev_blank = prev_blank
         self._no_fence = False
         self._joined = False
@@ -1427,7 +1436,9 @@ class TagStripper:
                 return
             if line is not None:
                 self._line_began(line, "", long=long or len(line) > MAX_PREFIX_CHARS)
-            self._prev_blank = blank and not seg.strip(" \t")
+            self._prev_blank = blank = blank and not seg.strip(" \t")
+            if blank:
+                self._html_maybe = False  # (as _end_line does)
             pos = stop + (2 if s.startswith("\r\n", stop) else 1)
             line, long, blank = "", False, True
 

@@ -90,6 +90,13 @@ HOSTILE = {
         "- a\n\n  [x]: /u\nfoo\n     ```\n     <img src=x onerror=alert(1)>\n     ```"
     ),
     "table in an item": "- a | b\n  :-|-\nfoo\n     ```\n     <img src=x onerror=alert(1)>\n",
+    "setext underline in an item": (
+        "- a\n  b\n  -\nc\n     ```\n     <img src=x onerror=alert(1)>\n"
+    ),
+    "list item in a raw html block": (
+        "<T>\n- x\n\n  ```\ny\n```\n<img src=x onerror=alert(1)>\n```"
+    ),
+    "item of indented code": "-     code\nc\n     ```\n     <img src=x onerror=alert(1)>\n",
     # F5c: one backslash before a "|" keeps a code span whole in a table; two may not.
     "pipe after two backslashes in a table": "| `a\\\\|<img src=x onerror=alert(1)>` |\n|---|",
     "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
