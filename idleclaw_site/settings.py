@@ -339,6 +339,9 @@ IDLECLAW_SERVER_TOOLS = envbool("IDLECLAW_SERVER_TOOLS", True)
 IDLECLAW_SERVER_TOOLS_OFF_MODELS = frozenset(envlist("IDLECLAW_SERVER_TOOLS_OFF_MODELS", []))
 # Tool calls a node's requests may have the router run per minute (across all workers).
 IDLECLAW_TOOL_CALLS_PER_MINUTE = envint("IDLECLAW_TOOL_CALLS_PER_MINUTE", 20, minimum=1)
+# Seconds one call of the router's own tools may take (the network's rule: 15); never past the
+# response deadline.
+IDLECLAW_TOOL_TIMEOUT = envfloat("IDLECLAW_TOOL_TIMEOUT", 15.0, minimum=0.1)
 # The operator's own system prompt, put first in every request on every API; empty for none.
 IDLECLAW_SYSTEM_PROMPT = os.environ.get("IDLECLAW_SYSTEM_PROMPT", "")
 # The Ollama version the /ollama API reports to clients.
