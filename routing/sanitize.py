@@ -474,7 +474,8 @@ def _follow_items(
             return items, False, base, indent - base
         return items, False, -1, -1
     if kind == "text":
-        return items, True, -1, -1
+        # (After a line of unknown kind, a table or a raw HTML block may take this one in.)
+        return items, True if para is not None else None, -1, -1
     return items, None, -1, -1
 
 
