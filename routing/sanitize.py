@@ -1856,9 +1856,12 @@ class TagStripper:
                 col = self._fcol
                 if col < self._whi:
                     # Indented less than the list item around the fence: a renderer ends the
-                    # item and the fence here, and reads this line as prose.
-                    if col >= self._wlo:
-                        self._degrade(2)  # ... or maybe not: nothing is code any more
+                    # item and the fence here, and reads this line as prose. Or maybe not, and
+                    # nothing is code any more: where the item may be that wide, or where the
+                    # line begins with a "<" and may be empty once its markup is removed (an
+                    # empty line ends neither).
+                    if col >= self._wlo or ch == "<":
+                        self._degrade(2)
                     indent = self._findent
                     self._close_fence()
                     self._line = indent if _PREFIX_RUN.fullmatch(indent) else None

@@ -97,6 +97,14 @@ HOSTILE = {
         "<T>\n- x\n\n  ```\ny\n```\n<img src=x onerror=alert(1)>\n```"
     ),
     "item of indented code": "-     code\nc\n     ```\n     <img src=x onerror=alert(1)>\n",
+    # A dedented line in a fence that its markup empties ends nothing for a renderer (this one
+    # predates round 3).
+    "dedented markup in a list fence": (
+        "- ```\n<img src=x onerror=alert(1)>\n  ```\n  <img src=x onerror=alert(1)>"
+    ),
+    "dedented markup in a nested fence": (
+        "- a\n  ```\n<b></b>\n  ```\n  <img src=x onerror=alert(1)>"
+    ),
     # F5c: one backslash before a "|" keeps a code span whole in a table; two may not.
     "pipe after two backslashes in a table": "| `a\\\\|<img src=x onerror=alert(1)>` |\n|---|",
     "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
