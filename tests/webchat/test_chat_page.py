@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,37 @@ def test_regenerate_copy_answer_and_new_chat(page, network, hand_node):
     wait_for_answer(page)
     page.get_by_role("button", name="New chat").click()
     assert page.locator(".turn").count() == 0
+
+
+def test_a_long_last_block_is_rendered_again_at_most_every_150_ms_while_it_streams(
+    page, hand_node
+):
+    node = hand_node("long-block:1b")
+    open_chat(page)
+    # When the growing last block was rendered again: once per frame it froze a tab on a long
+    # one. (The observer runs once per render: a render is one batch of DOM changes.)
+    page.evaluate("""() => {
+        window.renders = [];
+        new MutationObserver((records) => {
+            if (records.some((record) => record.target.classList?.contains('live-block'))) {
+                window.renders.push(performance.now());
+            }
+        }).observe(document.getElementById('conversation'), {childList: true, subtree: true});
+    }""")
+    ask(page, "long-block:1b", "Write one long paragraph")
+    request = node.request()
+    node.chunk(request["request_id"], "word " * 1000)  # 5,000 characters, one block
+    for _ in range(30):
+        time.sleep(0.02)
+        node.chunk(request["request_id"], "more ")
+    node.chunk(request["request_id"], done=True)
+    wait_for_answer(page)
+    assert answer_text(page) == ("word " * 1000 + "more " * 30).strip()
+    renders = page.evaluate("window.renders")
+    # The last render is the final one, as soon as the answer ends.
+    gaps = [later - earlier for earlier, later in zip(renders[:-2], renders[1:-1], strict=True)]
+    assert len(gaps) >= 2, renders
+    assert min(gaps) >= 140, gaps
 
 
 def test_shift_enter_starts_a_new_line_and_enter_sends(page, hand_node):

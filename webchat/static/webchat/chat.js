@@ -8,6 +8,10 @@ import { LiveMarkdown, renderMarkdown } from "./markdown.js";
 import { copyText, plural, storage } from "./helpers.js";
 
 const REFRESH_MS = 15_000;
+// The last block of an answer is rendered again as it grows. Once it is this long, rendering it
+// may take longer than a frame, so it is rendered at most every LONG_BLOCK_MS while it streams.
+const LONG_BLOCK_CHARS = 4096;
+const LONG_BLOCK_MS = 150;
 const KEYS = {
   privacy: "idleclaw.privacy-understood",
   keep: "idleclaw.keep-chat",
@@ -175,11 +179,28 @@ async function ask() {
   const reasoning = part(turn, ".reasoning");
   const reasoningText = part(turn, ".reasoning-text");
   let frame = 0;
+  let timer = 0;
+  let painted = 0;
   const paint = () => {
     frame = 0;
     const stick = nearBottom();
     answer.update(turn.content);
     followAnswer(stick);
+    painted = performance.now();
+  };
+  // One render per frame however many tokens arrived in it, and a long last block less often.
+  const schedule = () => {
+    if (frame || timer) return;
+    const long = answer.tailLength(turn.content) > LONG_BLOCK_CHARS;
+    const wait = long ? painted + LONG_BLOCK_MS - performance.now() : 0;
+    if (wait > 0) {
+      timer = setTimeout(() => {
+        timer = 0;
+        frame = requestAnimationFrame(paint);
+      }, wait);
+    } else {
+      frame = requestAnimationFrame(paint);
+    }
   };
   try {
     const events = streamChat({
@@ -202,8 +223,7 @@ async function ask() {
       } else if (event.content) {
         setStatus(turn, "");
         turn.content += event.content;
-        // One render per frame however many tokens arrived in it.
-        frame ||= requestAnimationFrame(paint);
+        schedule();
       } else if (event.finish) {
         turn.finish = event.finish;
         turn.usage = event.usage;
@@ -221,6 +241,7 @@ async function ask() {
       turn.error = "the router cannot be reached; check your connection";
     }
   } finally {
+    clearTimeout(timer);
     cancelAnimationFrame(frame);
     paint();
     current = null;

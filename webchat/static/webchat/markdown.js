@@ -25,11 +25,14 @@
 // - Anything else (HTML, entities such as &amp;, tables, footnotes) is shown as written.
 //
 // Streaming: LiveMarkdown renders the blocks that a later blank line has closed once, and
-// re-renders only the last, still growing block on each update. A block is always rendered
+// re-renders only the last, still growing block on each update (chat.js updates a long one less
+// often). A block is always rendered
 // from its own text alone, so how the answer was cut into chunks never changes what is shown.
 
-const FENCE_OPEN = /^(\s*)(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/;
-const HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$/;
+// Block patterns are matched against whole lines, so none may backtrack in a way that grows with
+// the line: what could (a fence's info string, a heading's closing "#"s) is checked in code.
+const FENCE_OPEN = /^(\s*)(`{3,}|~{3,})(.*)$/;
+const HEADING = /^ {0,3}(#{1,6})[ \t]+(.*)$/;
 const RULE = /^ {0,3}([-*_])[ \t]*(?:\1[ \t]*){2,}$/;
 const QUOTE = /^ {0,3}> ?(.*)$/;
 const LIST_ITEM = /^( {0,3})([-*+]|(\d{1,9})[.)])(?:([ \t]+)(.*))?$/;
@@ -39,6 +42,8 @@ const MAX_DEPTH = 12;
 
 /** An absolute http(s) URL as the browser will use it, or null for anything else. */
 export function safeUrl(raw) {
+  // Most of what is tried is no http(s) URL at all: answer without the parser's exception.
+  if (!/^\s*https?:/i.test(raw)) return null;
   let url;
   try {
     url = new URL(raw.trim());
@@ -86,9 +91,17 @@ function closesFence(line, fence) {
 
 function openFence(line) {
   const match = FENCE_OPEN.exec(line);
-  if (!match) return null;
+  if (!match || match[3].includes("`")) return null; // "```a`" is inline code, not a fence
   const marker = match[2];
-  return { indent: indentOf(match[1]), char: marker[0], length: marker.length, lang: match[3] };
+  const lang = /^\s*(\S*)/.exec(match[3])[1];
+  return { indent: indentOf(match[1]), char: marker[0], length: marker.length, lang };
+}
+
+/** A heading's text without the optional closing sequence of "#"s and the spaces around it. */
+function headingText(text) {
+  let end = text.length;
+  while (end > 0 && " \t#".includes(text[end - 1])) end -= 1;
+  return text.slice(0, end);
 }
 
 /**
@@ -134,7 +147,7 @@ function renderBlock(text, parent) {
 
 function startsBlock(line) {
   return (
-    FENCE_OPEN.test(line) ||
+    openFence(line) !== null ||
     HEADING.test(line) ||
     RULE.test(line) ||
     QUOTE.test(line) ||
@@ -162,7 +175,7 @@ function renderLines(lines, parent, depth) {
     let match = HEADING.exec(line);
     if (match) {
       const heading = element(`h${match[1].length}`);
-      renderInline(match[2], heading, depth);
+      renderInline(headingText(match[2]), heading, depth);
       parent.append(heading);
       i += 1;
       continue;
@@ -274,28 +287,89 @@ function list(lines, i, parent, depth) {
 
 // Longest link text looked at; a longer "[...](" is text.
 const MAX_LABEL_CHARS = 1000;
-const BARE_URL = /https?:\/\/[^\s<>]+/iy;
+// Longest URL made a link (in "[...](...)" with its title, "<...>" or bare); a longer one stays
+// text. It bounds the work one "[", "<" or "http" can cause in a line of thousands of them.
+const MAX_URL_CHARS = 2048;
+const URL_SCHEME = /https?:\/\//iy;
+const TRAILING_PUNCTUATION = ".,:;!?'\")]";
 
 /**
- * Inline Markdown of one line into ``parent``.
+ * The searches inline parsing makes in one line, remembering their answers.
  *
- * Whether a closing delimiter fits depends only on the characters around it, never on the
- * opener, so once a search for one kind fails from some offset it fails from any later offset
- * too: each search remembers that in ``misses``, and a line of a thousand unmatched "*", "`" or
- * "[" costs one scan per kind instead of one per opener.
+ * Each search asks for the first offset at or after ``from`` where something holds, and whether
+ * it holds at an offset depends only on the characters around that offset, never on the opener
+ * that asks. So an answer ``at`` found from ``from`` is the answer from any offset in between,
+ * and a miss from ``from`` is a miss from any later offset. Openers are met left to right, so
+ * each kind of search reads the line about once: a line of thousands of unmatched "*", "[", "<"
+ * or "http" costs a pass per kind, not a pass per opener (issue 16, red team F1).
  */
-function renderInline(text, parent, depth) {
-  inline(text, parent, { depth, links: true, misses: new Map() });
+class LineSearch {
+  constructor(text) {
+    this.text = text;
+    this.found = new Map(); // kind -> { from, at }
+    this.codeRuns = null; // backtick run length -> start offsets, ascending
+  }
+
+  /** The first ``at >= from`` where ``find`` finds ``kind``; ``find(from)`` does the search. */
+  first(kind, from, find) {
+    const known = this.found.get(kind);
+    if (known && from >= known.from && (known.at === -1 || from <= known.at)) return known.at;
+    const at = find(from);
+    this.found.set(kind, { from, at });
+    return at;
+  }
+
+  /** The first ``token`` at or after ``from`` where ``fits(at)`` holds, or -1. */
+  next(token, from, kind = token, fits = () => true) {
+    return this.first(kind, from, (start) => {
+      let at = this.text.indexOf(token, start);
+      while (at !== -1 && !fits(at)) at = this.text.indexOf(token, at + 1);
+      return at;
+    });
+  }
+
+  /** The first offset at or after ``from`` whose character matches ``pattern`` (a /g regex). */
+  nextMatch(kind, from, pattern) {
+    return this.first(kind, from, (start) => {
+      pattern.lastIndex = start;
+      return pattern.exec(this.text)?.index ?? this.text.length;
+    });
+  }
+
+  /** Where a run of exactly ``length`` backticks starts at or after ``from``, or -1. */
+  codeRun(length, from) {
+    if (this.codeRuns === null) {
+      this.codeRuns = new Map();
+      for (const run of this.text.matchAll(/`+/g)) {
+        const starts = this.codeRuns.get(run[0].length) ?? [];
+        starts.push(run.index);
+        this.codeRuns.set(run[0].length, starts);
+      }
+    }
+    const starts = this.codeRuns.get(length) ?? [];
+    let low = 0;
+    let high = starts.length;
+    while (low < high) {
+      const middle = (low + high) >> 1;
+      if (starts[middle] < from) low = middle + 1;
+      else high = middle;
+    }
+    return low < starts.length ? starts[low] : -1;
+  }
+
+  /** Where a bare URL that runs to ``end`` ends once trailing punctuation is left out. */
+  urlEnd(end) {
+    return this.first("url-end", end, () => {
+      let at = end;
+      while (TRAILING_PUNCTUATION.includes(this.text[at - 1])) at -= 1;
+      return at;
+    });
+  }
 }
 
-/** The first offset at or after ``from`` where ``fits(at)`` holds for ``token``, or -1. */
-function findCloser(text, token, from, misses, kind = token, fits = () => true) {
-  const missed = misses.get(kind);
-  if (missed !== undefined && from >= missed) return -1;
-  let at = text.indexOf(token, from);
-  while (at !== -1 && !fits(at)) at = text.indexOf(token, at + 1);
-  if (at === -1) misses.set(kind, Math.min(missed ?? Infinity, from));
-  return at;
+/** Inline Markdown of one line into ``parent``. */
+function renderInline(text, parent, depth) {
+  inline(text, parent, { depth, links: true });
 }
 
 function isWordChar(char) {
@@ -303,8 +377,9 @@ function isWordChar(char) {
 }
 
 function inline(text, parent, context) {
-  const { depth, links, misses } = context;
-  const inner = { depth: depth + 1, links, misses: new Map() };
+  const { depth, links } = context;
+  const inner = { depth: depth + 1, links };
+  const search = new LineSearch(text);
   let plain = "";
   const flush = () => {
     if (plain) parent.append(document.createTextNode(plain));
@@ -321,10 +396,8 @@ function inline(text, parent, context) {
     if (char === "`") {
       let run = 1;
       while (text[i + run] === "`") run += 1;
-      // The closing run is exactly as long as the opening one (runs start at ``at``: the
-      // opening run was read whole, and a search starts after a run).
-      const close = findCloser(text, "`".repeat(run), i + run, misses, `code${run}`,
-        (at) => text[at + run] !== "`" && text[at - 1] !== "`");
+      // Closed by the next run exactly as long as the one that opens (read whole from ``i``).
+      const close = search.codeRun(run, i + run);
       if (close === -1) {
         plain += "`".repeat(run);
         i += run;
@@ -343,7 +416,7 @@ function inline(text, parent, context) {
     }
     if (links && (char === "[" || (char === "!" && text[i + 1] === "["))) {
       const image = char === "!";
-      const link = parseLink(text, image ? i + 1 : i, misses);
+      const link = parseLink(text, image ? i + 1 : i, search);
       if (link) {
         flush();
         if (image) {
@@ -358,22 +431,18 @@ function inline(text, parent, context) {
       }
     }
     if (links && char === "<") {
-      const close = findCloser(text, ">", i + 1, misses);
-      const target = close === -1 ? "" : text.slice(i + 1, close);
-      const href = /^[a-z]+:\S*$/i.test(target) ? safeUrl(target) : null;
+      const href = parseAutolink(text, i, search);
       if (href) {
         flush();
-        const anchor = anchorFor(href);
-        anchor.textContent = target;
+        const anchor = anchorFor(href.href);
+        anchor.textContent = href.target;
         parent.append(anchor);
-        i = close + 1;
+        i = href.end;
         continue;
       }
     }
     if (links && (char === "h" || char === "H") && !isWordChar(text[i - 1])) {
-      BARE_URL.lastIndex = i;
-      const match = BARE_URL.exec(text);
-      const url = match ? match[0].replace(/[.,:;!?'")\]]+$/, "") : "";
+      const url = bareUrl(text, i, search);
       const href = url ? safeUrl(url) : null;
       if (href) {
         flush();
@@ -385,7 +454,7 @@ function inline(text, parent, context) {
       }
     }
     if ((char === "*" || char === "_" || char === "~") && depth < MAX_DEPTH) {
-      const emphasis = parseEmphasis(text, i, misses);
+      const emphasis = parseEmphasis(text, i, search);
       if (emphasis) {
         flush();
         const node = element(emphasis.tag);
@@ -409,7 +478,7 @@ const EMPHASIS = [
   ["_", "em"],
 ];
 
-function parseEmphasis(text, i, misses) {
+function parseEmphasis(text, i, search) {
   for (const [token, tag] of EMPHASIS) {
     if (!text.startsWith(token, i)) continue;
     const start = i + token.length;
@@ -424,7 +493,7 @@ function parseEmphasis(text, i, misses) {
         !(token[0] === "_" && isWordChar(after))
       );
     };
-    const close = findCloser(text, token, start + 1, misses, `emphasis${token}`, fits);
+    const close = search.next(token, start + 1, `emphasis${token}`, fits);
     if (close === -1) continue;
     return { tag, inner: text.slice(start, close), end: close + token.length };
   }
@@ -432,18 +501,45 @@ function parseEmphasis(text, i, misses) {
 }
 
 /** ``[label](url "title")`` with ``i`` at the "[", when the URL is http(s); else null. */
-function parseLink(text, i, misses) {
-  const middle = findCloser(text, "](", i + 1, misses);
+function parseLink(text, i, search) {
+  const middle = search.next("](", i + 1);
   if (middle === -1 || middle - i > MAX_LABEL_CHARS) return null;
-  const label = text.slice(i + 1, middle);
   // Brackets inside link text are not supported: a later "[" may start the link instead.
-  if (label.includes("[") || label.includes("]")) return null;
-  const end = findCloser(text, ")", middle + 2, misses);
-  if (end === -1) return null;
-  const url = text.slice(middle + 2, end).trim().split(/\s+/, 1)[0].replace(/^<(.*)>$/, "$1");
+  const bracket = search.next("[", i + 1);
+  if ((bracket !== -1 && bracket < middle) || search.next("]", i + 1) < middle) return null;
+  const start = middle + 2;
+  const end = search.next(")", start);
+  if (end === -1 || end - start > MAX_URL_CHARS) return null;
+  // The destination runs to the first whitespace (a title may follow it) or the ")".
+  const from = search.nextMatch("link-destination", start, /\S/g);
+  const to = Math.min(end, search.nextMatch("link-destination-end", from, /\s/g));
+  const url = text.slice(from, to).replace(/^<(.*)>$/, "$1");
   const href = safeUrl(url);
   if (!href) return null; // shown as the text the node sent
-  return { label, href, end: end + 1 };
+  return { label: text.slice(i + 1, middle), href, end: end + 1 };
+}
+
+/** ``<http://…>`` with ``i`` at the "<": { href, target, end }, or null. */
+function parseAutolink(text, i, search) {
+  const close = search.next(">", i + 1);
+  if (close === -1 || close - i - 1 > MAX_URL_CHARS) return null;
+  // Neither "<" nor whitespace in the URL (so of "<<<url>" only the last "<" is looked at).
+  const inside = (at) => at !== -1 && at < close;
+  if (inside(search.next("<", i + 1)) || search.nextMatch("autolink-space", i + 1, /\s/g) < close) {
+    return null;
+  }
+  const target = text.slice(i + 1, close);
+  const href = /^[a-z]+:\S*$/i.test(target) ? safeUrl(target) : null;
+  return href ? { href, target, end: close + 1 } : null;
+}
+
+/** The bare http(s) URL at ``i`` without trailing punctuation, or "". */
+function bareUrl(text, i, search) {
+  URL_SCHEME.lastIndex = i;
+  if (!URL_SCHEME.test(text)) return "";
+  const run = search.nextMatch("url-run", i, /[\s<>]/g); // a URL ends at whitespace, "<" or ">"
+  if (run === URL_SCHEME.lastIndex || run - i > MAX_URL_CHARS) return "";
+  return text.slice(i, search.urlEnd(run));
 }
 
 function anchorFor(href) {
@@ -473,6 +569,11 @@ export class LiveMarkdown {
     this.closed = 0; // text[0:closed] is rendered for good
     this.tail = element("div", "live-block");
     container.append(this.tail);
+  }
+
+  /** How much of ``text`` an update would render again: its last block, or a little more. */
+  tailLength(text) {
+    return text.length - this.closed;
   }
 
   /** Show ``text``, which extends what was shown before. */
