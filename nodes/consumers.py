@@ -142,6 +142,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         await self.close(code=error.code, reason=error.reason)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
+        # ASCII with \u escapes: a consumer's text may hold lone surrogates, which UTF-8 cannot
+        # carry. Tool rounds measure a frame's size the same way (routing/tools/rounds.py).
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:

@@ -10,6 +10,7 @@ it frees the slot and, unless the node finished, tells the node to stop. The for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -173,6 +174,7 @@ class Relay:
         self.reply_channel = ""
         # Set when the router ends this request itself (a shutdown's grace period is over).
         self.aborted: str | None = None
+        self._aborting = asyncio.Event()
         shutdown.relay_started(self)
 
     # --- getting a slot ----------------------------------------------------------------------
@@ -303,6 +305,7 @@ class Relay:
         """End this request with ``code`` wherever it is waiting (queue or node): it gives its
         slot back and the consumer gets the error event and the end of its stream."""
         self.aborted = code
+        self._aborting.set()
         if self.layer is not None and self.reply_channel:
             await self.layer.send(self.reply_channel, {"type": WAKE})
 
@@ -443,7 +446,15 @@ class Relay:
                         # stripped or held: text that never shows still costs the sanitizer.
                         sent = raw["message"]
                         size = len(sent.get("content", "")) + len(sent.get("thinking", ""))
-                        chunk = sanitizer.clean(raw)
+                        if rounds is not None and rounds.ends_round(raw, self.tools):
+                            # Not the answer's end: markup still held stays held into the next
+                            # round, which continues the same text (one sanitizer for all).
+                            cleaned = sanitizer.clean({**raw, "done": False})
+                            # Its stats and done stay; text not shown yet is held, not lost.
+                            chunk = {**raw, "message": {"role": "assistant"}, **(cleaned or {}),
+                                     "done": True}
+                        else:
+                            chunk = sanitizer.clean(raw)
                         if chunk is not None and "tool_calls" in chunk["message"]:
                             # Tool calls count against the answer's budget, shown or dropped: a
                             # node can grow an answer, or make the router check calls, only so
@@ -489,7 +500,7 @@ class Relay:
                             shown = True
                             yield ToolStatus(name=call.name, status="executing")
                     seconds = min(tool_timeout(), deadline - self.loop.time())
-                    await rounds.run(prepared, seconds=max(seconds, 0.0))
+                    await self._unless_aborted(rounds.run(prepared, seconds=max(seconds, 0.0)))
                     if self.tool_status:
                         for call in running:
                             yield ToolStatus(name=call.name, status="done")
@@ -511,7 +522,6 @@ class Relay:
                     sent_at, first_at, chunks, calls = self.loop.time(), None, 0, None
                     node_done = False
                     outcome = Outcome(kind="cancelled")
-                    sanitizer = ChunkSanitizer()  # the round's end flushed the last one
                     await self.layer.send(
                         claim.node_channel,
                         {
@@ -594,6 +604,22 @@ class Relay:
                 request_id=claim.request_id, outcome=outcome
             )
         await self._wake(wake)
+
+    async def _unless_aborted(self, work: Coroutine[Any, Any, None]) -> None:
+        """``work`` (the router's own tool calls), cut short by ``abort``."""
+        task = asyncio.ensure_future(work)
+        aborting = asyncio.ensure_future(self._aborting.wait())
+        try:
+            await asyncio.wait({task, aborting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborting.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.aborted:
+            raise RelayError(self.aborted)
+        task.result()
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -127,6 +127,20 @@ class ToolRounds:
         size = len(_encoded(self.params)) + len(_encoded(tools))
         return size + ROUND_GROWTH_BYTES <= MAX_FRAME_BYTES - FRAME_MARGIN_BYTES
 
+    def ends_round(self, chunk: dict[str, Any], policy: ToolPolicy) -> bool:
+        """Whether the node's chunk, as it came, ends this round with a call to one of the
+        router's tools offered in it (so it is not the end of the answer)."""
+        if not chunk["done"]:
+            return False
+        if self.calls:  # taken from an earlier chunk of the round
+            return True
+        for call in chunk["message"].get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            if name in self.tools and name in policy.offered:
+                return True
+        return False
+
     def take(self, calls: list[dict[str, Any]]) -> None:
         """Calls of this round that passed the policy: the router runs them, the consumer never
         sees them. Beyond ``MAX_CALLS_PER_ROUND`` they are dropped."""
@@ -175,6 +189,9 @@ class ToolRounds:
             reason = tool.check(call.arguments)
             if reason is not None:
                 call.refusal = tool.failed(f"invalid arguments: {reason}")
+                # Not echoed back: a refused call's arguments may be as long as a node likes,
+                # and the next round must fit a node's frame.
+                call.arguments = {}
             prepared.append(call)
         runnable = [call for call in prepared if call.refusal is None]
         allowed = await _take_allowance(session_id, len(runnable))
@@ -208,14 +225,22 @@ class ToolRounds:
         results_in_order = [
             {"role": "tool", "content": call.result, "tool_name": call.name} for call in prepared
         ]
-        self.params = {
-            **self.params,
-            "messages": [*self.params["messages"], assistant, *results_in_order],
-        }
+        messages = [*self.params["messages"], assistant, *results_in_order]
+        # The next round's request must fit a node's frame as it goes on the wire (escaped
+        # non-ASCII text takes up to 12 bytes a character): results are cut until it does.
+        tools = _encoded([tool.definition() for tool in self.tools.values()])
+        limit = MAX_FRAME_BYTES - FRAME_MARGIN_BYTES - len(tools)
+        while len(_encoded({**self.params, "messages": messages})) > limit:
+            longest = max(results_in_order, key=lambda message: len(message["content"]))
+            if not longest["content"]:
+                break
+            longest["content"] = longest["content"][: len(longest["content"]) // 2]
+        self.params = {**self.params, "messages": messages}
 
 
 def _encoded(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """``value`` as it goes to a node (``nodes.consumers.NodeConsumer.send_frame``)."""
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 async def _run(call: Call, seconds: float) -> str:

@@ -71,8 +71,12 @@ class FakeSearxng:
             except ConnectionError:
                 pass  # the router stopped reading, as it should
             return response
+        results = RESULTS
+        if self.mode == "emoji":  # every result as long as the router keeps, all emoji
+            results = [{"title": "\U0001f332" * 200, "url": f"https://example.org/{i}",
+                        "content": "\U0001f333" * 400} for i in range(8)]
         body: dict[str, Any] = {"query": request.query.get("q", ""), "number_of_results": 0,
-                                "results": RESULTS, "answers": [], "suggestions": []}
+                                "results": results, "answers": [], "suggestions": []}
         return web.json_response(body)
 
     async def start(self) -> str:

@@ -5,12 +5,15 @@ ask for it, a SearXNG stand-in answers, and each front end is read the way its c
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 
+from idleclaw_site import shutdown
 from nodes.models import NodeSession
+from nodes.protocol import MAX_FRAME_BYTES
 from tests.routing.test_views import HttpClient, sse_events
 from tests.scripted_node import ScriptedNode
 from tests.security.hostile import (
@@ -494,6 +497,26 @@ async def test_a_consumer_hanging_up_during_a_search_frees_the_slot(channel_laye
     await node.disconnect()
 
 
+async def test_a_shutdown_during_a_search_ends_the_stream_with_its_error_event(
+    channel_layer, searx
+):
+    # The grace period ends while a search runs: the consumer gets "restarting" and [DONE]
+    # at once, not a cut stream after the search (red team).
+    searx.mode, searx.delay = "slow", 30
+    node = await node_of()
+    client = await start()
+    first = await node.recv()
+    await ask(node, first, search())
+    assert deltas([*sse_events(await client.read_part()), "[DONE]"]) == [EXECUTING]
+    # What a shutdown does when its grace period is over (idleclaw_site/shutdown.py).
+    for relay in list(shutdown.state.relays):
+        await relay.abort(shutdown.RESTARTING)
+    events = sse_events(await client.read_all())
+    assert events[-1] == "[DONE]"
+    assert "restarting" in json.dumps(events[-2])
+    assert await leftovers() == (0, 0, 0)
+
+
 
 # --- Privacy ------------------------------------------------------------------------------------
 
@@ -541,4 +564,44 @@ async def test_at_most_three_calls_of_a_round_are_answered(channel_layer, searx)
     await say(node, second, "Three.")
     await client.read_all()
     assert searx.queries == ["q0", "q1", "q2"]
+    await node.disconnect()
+
+
+async def test_markup_split_across_rounds_is_stripped_as_if_it_came_whole(channel_layer, searx):
+    # The answer is one text across its rounds: a tag opened in one round and closed in the
+    # next must not slip past the sanitizer (red team: '<img src=x onerror=alert(1)' + '>').
+    node = await node_of()
+    client = await start()
+    first = await node.recv()
+    await ask(node, first, search(), content="Hi <img src=x onerror=alert(1)")
+    second = await node.recv()
+    await ask(node, second, search("again"), content="> and [x](")
+    third = await node.recv()
+    await say(node, third, "javascript:alert(1)) bye")
+    events = sse_events(await client.read_all())
+    text = "".join(delta.get("content", "") for delta in deltas(events))
+    assert "<img" not in text and "onerror" not in text
+    assert "(javascript:" not in text
+    assert text.startswith("Hi ") and text.endswith(" bye")
+    await node.disconnect()
+
+
+async def test_every_round_fits_a_nodes_frame_whatever_the_results_hold(channel_layer, searx):
+    # Escaped on the wire, an emoji takes 12 bytes: three calls a round of results full of them
+    # made the next round's frame 115-180 KB, which honest nodes drop (limit 100,000 bytes).
+    searx.mode = "emoji"
+    node = await node_of()
+    client = await start()
+    request = await node.recv()
+    rounds = 0
+    while "tools" in request["ollama_params"]:  # until no room is left for another round
+        await ask(node, request, search("a"), search("b"), search("c"))
+        request = await node.recv()
+        rounds += 1
+        size = len(json.dumps(request, separators=(",", ":")).encode())
+        assert size <= MAX_FRAME_BYTES, size
+    assert rounds >= 1
+    await say(node, request, "Trees.")
+    events = sse_events(await client.read_all())
+    assert deltas(events)[-2] == {"content": "Trees."}
     await node.disconnect()
