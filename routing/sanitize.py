@@ -778,7 +778,6 @@ class TagStripper:
                 self._dest = _IDLE
                 shown.append(part)
                 continue
-            self._left -= len(part) >> 3
             if self._mode == _PANIC:
                 self._scan_links_cheaply(part, shown)
                 continue
@@ -811,6 +810,7 @@ class TagStripper:
                     self._dest = _PROBING
                 continue
             at = text.find("]", pos)
+            self._left -= ((end if at < 0 else at) - pos) >> 3
             if at < 0:
                 shown.append(text[pos:] if pos else text)
                 return
@@ -927,6 +927,7 @@ class TagStripper:
         """The output line's prefix is known (``first``: the character after it, "" if the line
         ends there; ``long``: the prefix was longer than MAX_PREFIX_CHARS): follow the list items
         around it, and end a degraded stretch where every renderer is back at the top."""
+        self._left -= STEP_UNITS
         if long:
             prefix = " " * (MAX_PREFIX_CHARS + 1)
         if not prefix and first:
@@ -1423,6 +1424,10 @@ class TagStripper:
         end = len(s)
         while True:
             self._left -= STEP_UNITS
+            if self._left < 0:
+                # The allowance ran out (_work stops after this step): the lines are not followed.
+                self._items, self._para = None, None
+                return
             m = _EOL.search(s, pos)
             stop = m.start() if m else end
             seg = s[pos:stop]
@@ -1812,6 +1817,8 @@ class TagStripper:
         end = len(text)
         while pos < end:
             self._left -= STEP_UNITS
+            if self._left < 0:
+                return pos  # (the allowance ran out: _work takes it from here)
             kind = self._fkind
             if kind == 3:
                 m = _EOL.search(text, pos)

@@ -230,6 +230,10 @@ WORST_SHAPES = {
     "destinations of entities": ("](" + "&Tab;" * 60 + "x") * (K // 303),
     "destinations of unfinished entities": ("](&#x" + "0" * 5) * (K // 10),
     "scheme prefixes": "](javascrip" * (K // 12),
+    # Lines followed one by one (F5a), and a fence whose lines each need a look (a tab before
+    # them): one step of the scanner read them all before the allowance was looked at again.
+    "list lines": "- a\n" * (K // 4),
+    "tab-indented lines in a list's fence": "- ```\n" + "\tx\n" * (K // 3),
 }
 
 
