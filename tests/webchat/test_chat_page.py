@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests import procs
-from tests.webchat.conftest import ask, open_chat
+from tests.webchat.conftest import HandNode, ask, open_chat
 
 pytestmark = pytest.mark.e2e
 expect = pytest.importorskip(
@@ -549,10 +549,33 @@ def test_on_a_phone_nothing_scrolls_sideways_and_dark_follows_the_system(browser
         open_chat(page)
         assert page.get_by_label("Your message").is_visible()
         assert page.get_by_role("button", name="Send").is_visible()
-        width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-        assert width[0] <= width[1]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         red, green, blue = (int(n) for n in re.findall(r"\d+", background)[:3])
         assert red + green + blue < 150, background
     finally:
         context.close()
+
+
+def test_on_a_phone_a_deeply_nested_list_does_not_scroll_the_page_sideways(browser, network):
+    node = HandNode(network.url, "nested:1b")
+    context = browser.new_context(base_url=network.url, viewport={"width": 375, "height": 700},
+                                  is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        open_chat(page)
+        ask(page, "nested:1b", "Nest")
+        nested = "".join("  " * level + f"- level {level} of the list\n" for level in range(16))
+        node.answer(node.request()["request_id"], nested)
+        wait_for_answer(page)
+        assert page.locator(".answer li").count() >= 12
+        assert page.get_by_text("level 0 of the list").is_visible()
+        # (A phone widens its layout to fit what overflows, so innerWidth would grow with it.)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # Every button of the answer stays on the screen.
+        right = page.locator(".turn-actions button").evaluate_all(
+            "buttons => buttons.map(b => b.getBoundingClientRect().right)")
+        assert right and max(right) <= 375
+    finally:
+        context.close()
+        node.close()
