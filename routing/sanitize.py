@@ -49,9 +49,11 @@ Code, passed byte for byte and never examined for markup:
     spaces after it; a line indented less closes it unless it continues an open paragraph
     lazily; a blank line then a line at column 0 closes them all), so a fence in a nested list
     (``1. a`` / ``   - b`` / ``     ```js``) is code; where a line leaves them unknown (``>``,
-    tabs, a line that may or may not continue a paragraph, a tag spanning lines), only a fence
-    indented at most three spaces or right after one marker is accepted, as before. A line
-    indented less than the list item the fence sits in ends the fence and is prose;
+    tabs, raw HTML, a table, a heading, an item that begins empty, a line that may or may not
+    continue a paragraph, a tag spanning lines), only a fence indented at most three spaces or
+    right after one marker is accepted, as before. A line indented less than the list item the
+    fence sits in ends the fence and is prose (unless it begins with ``<``: it may be empty once
+    its markup is removed, and then the rest of the stream is prose);
   * code spans: a run of backticks up to the next run of exactly the same length on the same
     line, with no ``|`` inside (GFM tables split cells before they look for code) unless it
     follows exactly one backslash (``\\|`` splits no cell; after ``\\\\`` renderers differ).
