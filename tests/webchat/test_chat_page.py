@@ -325,6 +325,44 @@ def test_a_503_shows_the_routers_message_and_the_retry_after_countdown(
     assert "no node serves it right now" in gone.inner_text()
 
 
+# What a Retry-After may say, as the router never does but a proxy in front of it might, and
+# the countdown the page shows for it (None: none, Retry at once).
+RETRY_AFTER = {
+    "999999999": "You can retry in 3600 seconds.",
+    "Wed, 21 Oct 2099 07:28:00 GMT": "You can retry in 3600 seconds.",
+    "-5": None,
+    "abc": None,
+    "5abc": None,
+    "1e9": None,
+    "Wed, 21 Oct 2015 07:28:00 GMT": None,
+}
+
+
+def test_a_retry_after_is_counted_down_only_when_valid_and_at_most_an_hour(page, console):
+    """The refusal comes from the browser's side of the wire (Playwright answers the request),
+    since the router itself only ever sends a small number of seconds."""
+    values = list(RETRY_AFTER)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=503, headers={"Retry-After": values.pop(0), "Content-Type": "application/json"},
+        body='{"error": {"message": "busy"}}'))
+    console.expected.append("status of 503")
+    open_chat(page)
+    for value, shown in RETRY_AFTER.items():
+        ask(page, LLAMA, f"Retry-After: {value}")
+        turn = page.locator(".turn.assistant").last
+        turn.get_by_role("alert").wait_for()
+        countdown = turn.locator(".countdown")
+        retry = turn.get_by_role("button", name="Retry")
+        regenerate = turn.get_by_role("button", name="Regenerate")
+        if shown is None:
+            assert countdown.is_hidden(), value
+            assert retry.is_enabled() and regenerate.is_enabled(), value
+        else:
+            assert countdown.inner_text() == shown, value
+            # Regenerate sends the same request again: it waits as Retry does.
+            assert retry.is_disabled() and regenerate.is_disabled(), value
+
+
 def test_an_error_after_the_stream_started_shows_apart_from_the_answer(page, hand_node):
     node = hand_node("failing:1b")
     open_chat(page)

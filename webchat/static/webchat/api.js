@@ -12,6 +12,22 @@ export class ApiError extends Error {
   }
 }
 
+// The longest Retry-After the page counts down: a larger one (a misconfigured proxy, a hostile
+// network in between) would keep the user from retrying for days.
+const MAX_RETRY_AFTER_SECONDS = 3600;
+// An HTTP-date as servers send it (RFC 9110's IMF-fixdate); Date.parse alone takes "-5" for a year.
+const HTTP_DATE = /^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/;
+
+/** The seconds a Retry-After header asks to wait, 0..3600, or null when it says nothing valid. */
+function retryAfterSeconds(header) {
+  const value = (header ?? "").trim();
+  let seconds;
+  if (/^\d+$/.test(value)) seconds = Number(value);
+  else if (HTTP_DATE.test(value)) seconds = Math.ceil((Date.parse(value) - Date.now()) / 1000);
+  if (!Number.isFinite(seconds)) return null;
+  return Math.min(Math.max(seconds, 0), MAX_RETRY_AFTER_SECONDS);
+}
+
 async function errorOf(response) {
   let message = `the router answered ${response.status}`;
   try {
@@ -20,8 +36,8 @@ async function errorOf(response) {
   } catch {
     // not JSON: keep the status line
   }
-  const retry = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
-  return new ApiError(response.status, String(message), Number.isFinite(retry) ? retry : null);
+  const retry = retryAfterSeconds(response.headers.get("Retry-After"));
+  return new ApiError(response.status, String(message), retry);
 }
 
 async function getJson(path) {

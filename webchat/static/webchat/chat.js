@@ -269,12 +269,14 @@ function showError(turn) {
   part(turn, ".turn-error-text").textContent = `Error: ${turn.error}`;
   const countdown = part(turn, ".countdown");
   const retry = part(turn, ".retry");
-  // The router's Retry-After: the Retry button waits for it, counting down.
+  const regenerate = part(turn, ".regenerate");
+  // The router's Retry-After: Retry and Regenerate (the same request) wait for it, counting down.
   let left = turn.retryAfter ?? 0;
   const tick = () => {
     countdown.hidden = left <= 0;
     countdown.textContent = left > 0 ? `You can retry in ${plural(left, "second")}.` : "";
     retry.disabled = left > 0;
+    regenerate.disabled = left > 0;
     left -= 1;
     if (left >= 0) turn.timer = setTimeout(tick, 1000);
   };
