@@ -10,4 +10,5 @@ urlpatterns = [
     path("", views.chat, name="webchat"),
     path("network", views.network, name="webchat-network"),
     path("network.json", views.network_data, name="webchat-network-data"),
+    path("assets/<str:version>/<str:name>", views.asset, name="webchat-asset"),
 ]

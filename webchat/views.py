@@ -18,7 +18,7 @@ from nodes import worker
 from routing.limits import rate_limited
 from routing.validation import MAX_CONTENT_CHARS, MAX_TOTAL_CHARS, message_limit
 from routing.views import detail
-from webchat import selectors
+from webchat import assets, selectors
 
 # Answers come from untrusted nodes. The page renders them into the DOM without parsing HTML
 # (static/webchat/markdown.js); this policy is the second wall: only the router's own scripts,
@@ -59,7 +59,10 @@ def _page(request: HttpRequest, template: str, context: dict) -> HttpResponse:
         response = detail(405, "method not allowed; use GET")
         response["Allow"] = "GET, HEAD"
         return _secured(response, page=False)
-    html = render_to_string(template, {"version": settings.IDLECLAW_VERSION, **context})
+    html = render_to_string(
+        template,
+        {"version": settings.IDLECLAW_VERSION, "assets": assets.URL_PREFIX, **context},
+    )
     return _secured(HttpResponse(html), page=True)
 
 
@@ -93,3 +96,24 @@ async def network_data(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
     overview = await db(selectors.network_overview)()
     return _secured(JsonResponse(overview), page=False)
+
+
+async def asset(request: HttpRequest, version: str, name: str) -> HttpResponse:
+    """``GET /assets/<version>/<name>``: a file of the pages (``webchat/assets.py``).
+
+    Under the current version it may be kept for good; under another (a page loaded before the
+    router was upgraded) the current file is sent, to be asked for again next time.
+    """
+    if request.method not in ("GET", "HEAD"):
+        response = detail(405, "method not allowed; use GET")
+        response["Allow"] = "GET, HEAD"
+        return _secured(response, page=False)
+    file = assets.FILES.get(name)
+    if file is None:
+        return _secured(detail(404, "no such file"), page=False)
+    response = HttpResponse(file.body, content_type=file.content_type)
+    if version == assets.VERSION:
+        response["Cache-Control"] = "public, max-age=31536000, immutable"
+    else:
+        response["Cache-Control"] = "no-cache"
+    return _secured(response, page=False)

@@ -78,6 +78,36 @@ def test_the_pages_scripts_are_served_by_the_router_as_scripts_only(network):
         assert reply.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_the_pages_files_are_cached_under_a_versioned_path_and_the_page_is_revalidated(
+    context, network
+):
+    """Without Cache-Control a browser guessed how long to keep the scripts, and after an
+    upgrade could run the new chat.js with the markdown.js it had kept."""
+    page = context.new_page()
+    responses = []
+    page.on("response", lambda response: responses.append(response))
+    for path in ("/", "/network"):
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+    headers = {response.url.removeprefix(network.url): response.headers for response in responses}
+    assert headers["/"]["cache-control"] == "no-cache"
+    files = {path: header for path, header in headers.items() if path.startswith("/assets/")}
+    names = {path.rsplit("/", 1)[1] for path in files}
+    # Every module the pages import, their stylesheet and icon (the icon only when asked for).
+    assert names >= {"chat.js", "network.js", "api.js", "sse.js", "markdown.js", "helpers.js",
+                     "page.css"}, headers.keys()
+    assert len({path.rsplit("/", 1)[0] for path in files}) == 1  # one version for all
+    for header in files.values():
+        assert header["cache-control"] == "public, max-age=31536000, immutable"
+        assert header["x-content-type-options"] == "nosniff"
+    # A page from before an upgrade asks for its old version: it gets today's file, not to keep.
+    stale = requests.get(f"{network.url}/assets/0123456789abcdef/chat.js", timeout=5)
+    assert stale.status_code == 200 and stale.headers["Cache-Control"] == "no-cache"
+    assert stale.text == (ROOT / "webchat/static/webchat/chat.js").read_text()
+    assert requests.get(f"{network.url}/assets/x/secret.py", timeout=5).status_code == 404
+    page.close()
+
+
 def test_the_admin_keeps_djangos_own_pages(network):
     login = requests.get(f"{network.url}/admin/login/", timeout=5)
     assert login.status_code == 200
