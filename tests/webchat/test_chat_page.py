@@ -148,6 +148,36 @@ def test_the_header_refreshes_nodes_and_models_every_15_seconds(page, hand_node)
     assert page.locator("#model option[value='refresh-test:1b']").count() == 1
 
 
+def test_a_gone_model_stays_greyed_for_ten_minutes_and_the_picker_keeps_at_most_200(
+    page, network, hand_node
+):
+    page.clock.install()
+    node = hand_node("forget-me:1b")
+    open_chat(page)
+    gone = page.locator("#model option[value='forget-me:1b']")
+    assert gone.is_enabled()
+    node.close()
+    procs.wait_until(lambda: "forget-me:1b" not in network.models(), what="the node to be gone")
+    page.clock.run_for(15_000)
+    expect(gone).to_be_disabled()
+    page.clock.run_for(9 * 60_000)
+    assert gone.count() == 1
+    page.clock.run_for(75_000)
+    expect(gone).to_have_count(0)
+    # A node that renames its 20 models at every refresh: the picker forgets the oldest names.
+    renamer = hand_node("rename-0-0:1b")
+    for round_ in range(12):
+        names = [f"rename-{round_}-{n}:1b" for n in range(20)]
+        renamer.send({"type": "models_update", "models": [{"name": name} for name in names]})
+        procs.wait_until(lambda names=names: names[-1] in network.models(), what="the new names")
+        page.clock.run_for(15_000)
+        page.locator(f"#model option[value='{names[-1]}']").wait_for(state="attached")
+    renamed = page.locator("#model option[value^='rename-']")
+    assert renamed.count() <= 200
+    assert page.locator("#model option[value='rename-11-19:1b']").is_enabled()
+    assert page.locator("#model option[value='rename-0-5:1b']").count() == 0
+
+
 # --- answers -----------------------------------------------------------------------------------
 
 

@@ -37,9 +37,12 @@ const limits = {
   total: Number(main.dataset.maxTotalChars),
 };
 
-// Every model seen since the page opened, so one that loses its last node stays in the picker,
-// greyed, instead of vanishing under the user's cursor.
-const known = new Map();
+// Models seen lately, so one that loses its last node stays in the picker, greyed, instead of
+// vanishing under the user's cursor. A node that keeps renaming its models must not grow the
+// list without end: a model unseen for KNOWN_MS is forgotten, and at most MAX_KNOWN are kept.
+const KNOWN_MS = 10 * 60_000;
+const MAX_KNOWN = 200;
+const known = new Map(); // name -> { info, seen }, the longest unseen first
 let live = new Map();
 const turns = [];
 let current = null; // { controller, turn } while an answer streams
@@ -68,7 +71,15 @@ function describe(info) {
 
 function showModels(models) {
   live = new Map(models.map((info) => [info.name, info]));
-  for (const info of models) known.set(info.name, info);
+  const now = Date.now();
+  for (const info of models) {
+    known.delete(info.name); // to the end of the order
+    known.set(info.name, { info, seen: now });
+  }
+  for (const [name, { seen }] of known) {
+    if (live.has(name) || (known.size <= MAX_KNOWN && now - seen <= KNOWN_MS)) break;
+    known.delete(name);
+  }
   const order = [...models.map((info) => info.name),
     ...[...known.keys()].filter((name) => !live.has(name))];
   const options = new Map([...select.options].map((option) => [option.value, option]));
@@ -76,7 +87,7 @@ function showModels(models) {
   for (const name of order) {
     const option = options.get(name) ?? document.createElement("option");
     option.value = name;
-    option.textContent = `${name} (${describe(known.get(name))})`;
+    option.textContent = `${name} (${describe(known.get(name).info)})`;
     option.disabled = !live.has(name);
     select.append(option); // moves an existing option into its new place
     options.delete(name);
@@ -95,7 +106,7 @@ function showModels(models) {
 }
 
 function showModel() {
-  const info = known.get(select.value);
+  const info = known.get(select.value)?.info;
   modelInfo.textContent = info ? `${info.name}: ${describe(info)}` : "No node is online yet.";
   const thinks = Boolean(info?.thinking);
   think.disabled = !thinks;
@@ -168,7 +179,7 @@ function followAnswer(stick) {
 
 async function ask() {
   const model = select.value;
-  const info = known.get(model);
+  const info = known.get(model)?.info;
   const turn = assistantTurn(model);
   const controller = new AbortController();
   current = { controller, turn };
