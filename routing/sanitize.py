@@ -1753,6 +1753,13 @@ class TagStripper:
         if prefix is None or not self._line_long and not _CONTAINER_PREFIX.fullmatch(prefix):
             self._not_a_fence()  # "-```" and the like: no renderer sees a fence
             return
+        if "|" in "".join(self._fence_buf):
+            # With a "|" in its info string (escaped or not) the line may be a table's header
+            # row, and a GFM renderer looks for tables before fences: whether it opens a fence
+            # depends on the next line (red-team round 4, F1). This module cannot follow that.
+            self._degrade(2 if _TOP_LEVEL.fullmatch(prefix) else 1)
+            self._not_a_fence()
+            return
         items, para, col, indent = _follow_items(
             self._items, self._para, self._prev_blank,
             " " * (MAX_PREFIX_CHARS + 1) if self._line_long else prefix, self._run_char,

@@ -108,6 +108,12 @@ HOSTILE = {
     # F5c: one backslash before a "|" keeps a code span whole in a table; two may not.
     "pipe after two backslashes in a table": "| `a\\\\|<img src=x onerror=alert(1)>` |\n|---|",
     "end tag without a name in an html block": "<T>\n</ x>hidden</T>\n</1>more\n</",
+    # Red-team round 4, F1: a fence line with a "|" in its info string is a table's header row
+    # when a delimiter row follows (GFM looks for tables first): its "code" is HTML.
+    "fence line that heads a table": "```js|<img src=x onerror=alert(1)>\n-|-\n<b>x</b>\n```",
+    "fence line of a space and a pipe": "``` |\n:-\n<img src=x onerror=alert(1)>",
+    "tilde fence line with an escaped pipe": "~~~\\|<script>\n--",
+    "fence line in an item that heads a table": "- ``` a|<img src=x onerror=alert(1)>\n  -|-",
 }
 
 
