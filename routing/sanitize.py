@@ -260,9 +260,9 @@ _BLOCK_AT_LINE = re.compile(_LINE_OK + _BLOCK_BODY)
 # Complete code spans on one line and the plain prose between them.
 # (A closing run must be followed by a character: at the end of a piece it may go on.)
 # A "|" inside may only follow exactly one backslash: GFM splits no table cell there.
-_SPANS = re.compile(
-    r"(?:(`++)(?:[^`\r\n|\\]++|\\++(?!\|)|(?<!\\)\\\||(?!\1(?!`))`++)*+\1(?=[^`])[^`<\r\n\\]*+)+"
-)
+_SPAN_BODY = r"(`++)(?:[^`\r\n|\\]++|\\++(?!\|)|(?<!\\)\\\||(?!\1(?!`))`++)*+\1(?=[^`])"
+_SPANS = re.compile(r"(?:" + _SPAN_BODY + r"[^`<\r\n\\]*+)+")
+_ONE_SPAN = re.compile(_SPAN_BODY)  # one of them, without the prose after it
 # Where a block removed markup: "~" on both sides becomes "~ ~", as in _join_guard.
 _REMOVED = "\x00"
 _TILDE_JOIN = re.compile("(~)\x00+(?=~)")
@@ -1350,8 +1350,19 @@ class TagStripper:
                 stop = min(self._line_end(text, i), i + MAX_SPAN_CHARS, limit)
                 spans = _SPANS.match(text, i, stop)
                 if spans:
-                    self._put_code(spans.group())
-                    return spans.end()
+                    # Only the spans are code: the prose between them goes out as prose, so
+                    # that a link around a span is guarded (red-team round 4, F2).
+                    end = spans.end()
+                    at = i
+                    while at < end:
+                        span_end = _ONE_SPAN.match(text, at, stop).end()
+                        self._put_code(text[at:span_end])
+                        at = text.find("`", span_end, end)
+                        if at < 0:
+                            at = end
+                        if at > span_end:
+                            self._bulk(text[span_end:at])
+                    return end
             self._begin_run("`", at_prefix=False)
             return i
         if ch == "\r" and text.startswith("\r\n", i):

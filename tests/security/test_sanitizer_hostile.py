@@ -385,6 +385,9 @@ SCRIPT_LINKS = {
     "autolink": "<javascript:alert(1)>",
     "autolink in a kept tag": "<T a=<javascript:alert(1)>",
     "autolink after a lt": "<<javascript:alert(1)>",
+    # Red-team round 4, F2: the prose after a code span was passed on as code, unguarded.
+    "code span as the link text": "See [`code`](javascript:alert(1)) now",
+    "code spans in and before the link text": "`a` b [`c` d `e`](javascript:alert(1))",
 }
 
 
