@@ -108,8 +108,8 @@ Bounds (nothing waits or grows without limit; the work is linear in the input):
     what was saved. Work is counted, never timed, so the same text cut the same way always gives
     the same output: a step of the scanner costs ``STEP_UNITS`` and a unit per character it
     moves on, and so does each further round of a loop within a step (a tag on the output, a
-    line of a fence, a character of a link destination's scheme), with extra for markup removed
-    and text read again. The units were tuned on the worst shapes in the tests to about 25 ns of
+    line of a fence, a character of a link destination's scheme, a list marker of a line's
+    prefix), with extra for markup removed and text read again. The units were tuned on the worst shapes in the tests to about 25 ns of
     CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and 3 ms saved;
     a streamed token costs a few hundred units, so only text built to be costly runs out. It is
     checked after every step and every tag on the output, so a piece spends at most one step
@@ -479,6 +479,12 @@ def _follow_items(
         # (After a line of unknown kind, a table or a raw HTML block may take this one in.)
         return items, True if para is not None else None, -1, -1
     return items, None, -1, -1
+
+
+def _marker_units(prefix: str) -> int:
+    """Work units for following a line's prefix in _follow_items: a round of its loop per list
+    marker, counted here as the prefix's characters other than spaces."""
+    return MARKUP_UNITS * (len(prefix) - prefix.count(" "))
 
 
 def _classify(s: str) -> tuple[Any, int]:
@@ -929,7 +935,8 @@ class TagStripper:
         """The output line's prefix is known (``first``: the character after it, "" if the line
         ends there; ``long``: the prefix was longer than MAX_PREFIX_CHARS): follow the list items
         around it, and end a degraded stretch where every renderer is back at the top."""
-        self._left -= STEP_UNITS
+        # _follow_items reads every list marker in the prefix (red-team round 4, F3).
+        self._left -= STEP_UNITS + _marker_units(prefix)
         if long:
             prefix = " " * (MAX_PREFIX_CHARS + 1)
         if not prefix and first:
@@ -1771,6 +1778,7 @@ class TagStripper:
             self._degrade(2 if _TOP_LEVEL.fullmatch(prefix) else 1)
             self._not_a_fence()
             return
+        self._left -= _marker_units(prefix)
         items, para, col, indent = _follow_items(
             self._items, self._para, self._prev_blank,
             " " * (MAX_PREFIX_CHARS + 1) if self._line_long else prefix, self._run_char,
