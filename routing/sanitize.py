@@ -109,8 +109,8 @@ Bounds (nothing waits or grows without limit; the work is linear in the input):
     the same output: a step of the scanner costs ``STEP_UNITS`` and a unit per character it
     moves on, and so does each further round of a loop within a step (a tag on the output, a
     line of a fence, a character of a link destination's scheme, a list marker of a line's
-    prefix), with extra for markup removed and text read again. The units were tuned on the worst shapes in the tests to about 25 ns of
-    CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and 3 ms saved;
+    prefix), with extra for markup removed and text read again. The units were tuned on the
+    worst shapes in the tests to about 25 ns of CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and 3 ms saved;
     a streamed token costs a few hundred units, so only text built to be costly runs out. It is
     checked after every step and every tag on the output, so a piece spends at most one step
     (about 0.4 ms) more. Then the rest of the stream is passed with every ``<`` dropped and a
