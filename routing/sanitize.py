@@ -103,19 +103,19 @@ Bounds (nothing waits or grows without limit; the work is linear in the input):
   * text held as "maybe code" after a backtick run is at most ``MAX_SPAN_CHARS``; past that, at
     the end of its line or of the stream it is prose;
   * a possible fence line is held until its line ends, at most ``MAX_FENCE_LINE_CHARS``;
-  * work: a stream earns ``UNITS_PER_CHAR`` work units per character and ``UNITS_PER_PIECE``
-    per piece, and may save up at most ``MAX_SAVED_UNITS``; a piece may spend what it earns and
-    what was saved. Work is counted, never timed, so the same text cut the same way always gives
-    the same output: a step of the scanner costs ``STEP_UNITS`` and a unit per character it
-    moves on, and so does each further round of a loop within a step (a tag on the output, a
-    line of a fence, a character of a link destination's scheme, a list marker of a line's
-    prefix), with extra for markup removed and text read again. The units were tuned on the
-    worst shapes in the tests to about 25 ns of CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and 3 ms saved;
-    a streamed token costs a few hundred units, so only text built to be costly runs out. It is
-    checked after every step and every tag on the output, so a piece spends at most one step
-    (about 0.4 ms) more. Then the rest of the stream is passed with every ``<`` dropped and a
-    ``#`` after every ``]``, which costs next to nothing (safe, but no longer faithful to code:
-    such a stream was hostile or absurd).
+  * work: a stream earns ``UNITS_PER_CHAR`` work units per character and ``UNITS_PER_PIECE`` per
+    piece, and may save up at most ``MAX_SAVED_UNITS``; a piece may spend what it earns and what was
+    saved. Work is counted, never timed, so the same text cut the same way always gives the same
+    output: a step of the scanner costs ``STEP_UNITS`` and a unit per character it moves on, and so
+    does each further round of a loop within a step (a tag on the output, a line of a fence, a
+    character of a link destination's scheme, a list marker of a line's prefix), with extra for
+    markup removed and text read again. The units were tuned on the worst shapes in the tests to
+    about 25 ns of CPU each, so the allowance is about 1 ms per 10 KB, 50 microseconds per piece and
+    3 ms saved; a streamed token costs a few hundred units, so only text built to be costly runs
+    out. It is checked after every step and every tag on the output, so a piece spends at most one
+    step (about 0.4 ms) more. Then the rest of the stream is passed with every ``<`` dropped and a
+    ``#`` after every ``]``, which costs next to nothing (safe, but no longer faithful to code: such
+    a stream was hostile or absurd).
 """
 
 from __future__ import annotations
