@@ -312,7 +312,9 @@ def test_no_piece_does_more_work_than_its_allowance(name):
             out.append(stripper.feed(text[at : at + piece]))
             assert stripper.spent <= stripper.allowed + STEP_SLACK
         out.append(stripper.flush())
-        assert offences("".join(out)) == []  # also once the allowance ran out
+    # Safe also once the allowance ran out, judged on the output in 1 KB pieces only: rendering
+    # 100 KB takes the oracle up to 8 s a shape, and the suite has a time budget.
+    assert offences("".join(out)) == []
 
 
 def test_the_allowance_runs_out_at_the_same_place_whatever_the_clock_says(monkeypatch):
