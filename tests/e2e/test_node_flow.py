@@ -119,7 +119,9 @@ def test_asyncio_queue_get_still_takes_items_through_get_nowait():
 
 def test_twisted_still_reads_a_connection_bufferSize_bytes_at_a_time():  # noqa: N802
     assert "self.bufferSize" in inspect.getsource(tcp.Connection.doRead)
-    assert tcp.Connection.pauseProducing is not None and tcp.Connection.resumeProducing
+    # Pausing a connection stops reading its socket; resuming starts it again.
+    assert "self.stopReading()" in inspect.getsource(tcp.Connection.pauseProducing)
+    assert "self.startReading()" in inspect.getsource(tcp.Connection.resumeProducing)
 
 
 def test_install_wraps_daphne_once():

@@ -51,22 +51,28 @@ def sse_content(body: bytes) -> str:
     return "".join(parts)
 
 
+def ask_with_a_tiny_buffer(url: str) -> http.client.HTTPConnection:
+    """Ask for the long answer on a connection whose receive buffer is 4 KB, without reading."""
+    address = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(60)
+    sock.connect((address.hostname, address.port))
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.sock = sock
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long one"}]}
+    connection.request(
+        "POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    return connection
+
+
 def test_a_reader_that_pauses_gets_every_token_in_order(router, long_emulator):
     node = procs.start_contributor(router.url, long_emulator.url)
     try:
         node.wait_for_line("registered")
         wait_for_model(router.url)
-        address = urlsplit(router.url)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(60)
-        sock.connect((address.hostname, address.port))
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-        connection.sock = sock
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "a long one"}]}
-        connection.request(
-            "POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json"}
-        )
+        connection = ask_with_a_tiny_buffer(router.url)
         time.sleep(2.0)  # the answer streams meanwhile, into full buffers
         reply = connection.getresponse()
         assert reply.status == 200
@@ -91,17 +97,7 @@ def test_a_restart_waits_for_a_slow_reader_to_take_an_answer_that_is_already_com
     try:
         node.wait_for_line("registered")
         wait_for_model(url)
-        address = urlsplit(url)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(60)
-        sock.connect((address.hostname, address.port))
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-        connection.sock = sock
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "a long one"}]}
-        connection.request(
-            "POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json"}
-        )
+        connection = ask_with_a_tiny_buffer(url)
         node.wait_for_line("request .* finished")
         router.signal(signal.SIGTERM)
         time.sleep(1.0)  # the router drains while nobody reads
