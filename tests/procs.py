@@ -4,12 +4,15 @@ show the logs when it fails."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -130,16 +133,44 @@ def start_emulator(*args: str) -> tuple[Proc, str]:
 FAST_STOP_ENV = {"IDLECLAW_SHUTDOWN_GRACE": "1"}
 
 
+_migrated: list[Path] = []
+_migrated_lock = threading.Lock()
+
+
+def _migrate(db_path: Path, env: dict[str, str]) -> None:
+    subprocess.run(
+        [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
+        cwd=ROOT,
+        env={**os.environ, **env, "IDLECLAW_SQLITE_PATH": str(db_path)},
+        check=True,
+    )
+
+
+def _fresh_database(db_path: Path, env: dict[str, str]) -> None:
+    """A freshly migrated SQLite file at ``db_path``: a copy of one migrated in this session.
+
+    Migrating costs a Django start per router (a second or more on two busy cores), and the
+    suite starts routers by the dozen. The copy is the same bytes ``migrate`` would write, made
+    private as the router makes its own files.
+    """
+    if db_path.exists() or not db_path.parent.is_dir():
+        _migrate(db_path, env)
+        return
+    with _migrated_lock:
+        if not _migrated:
+            folder = Path(tempfile.mkdtemp(prefix="idleclaw-migrated-"))
+            atexit.register(shutil.rmtree, folder, True)
+            _migrate(folder / "template.sqlite3", env)
+            _migrated.append(folder / "template.sqlite3")
+    shutil.copyfile(_migrated[0], db_path)
+    db_path.chmod(0o600)
+
+
 def start_router(db_path: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
-    """Migrate a fresh SQLite file and serve the router on a free port."""
+    """Serve the router on a free port from a freshly migrated SQLite file."""
     base_env = {**FAST_STOP_ENV, "IDLECLAW_SQLITE_PATH": str(db_path), **(env or {})}
     if not (env or {}).get("DATABASE_URL"):
-        subprocess.run(
-            [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
-            cwd=ROOT,
-            env={**os.environ, **base_env},
-            check=True,
-        )
+        _fresh_database(db_path, base_env)
     proc = Proc(
         "router",
         [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", "0", "idleclaw_site.asgi:application"],
