@@ -51,11 +51,24 @@ def start(tmp_path: Path, **env: str) -> procs.Proc:
     return proc
 
 
-@pytest.fixture
-def router(tmp_path: Path) -> Iterator[procs.Proc]:
-    proc = start(tmp_path, IDLECLAW_HTTP_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
+def start_guarded(tmp_path: Path) -> procs.Proc:
+    return start(tmp_path, IDLECLAW_HTTP_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
                  IDLECLAW_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
                  IDLECLAW_TRUSTED_PROXIES="127.0.0.3/32")
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[procs.Proc]:
+    """A router of its own, for the tests that count waiting connections and time them out."""
+    proc = start_guarded(tmp_path)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_router(tmp_path_factory) -> Iterator[procs.Proc]:
+    """One router for the tests of single requests, which leave nothing behind."""
+    proc = start_guarded(tmp_path_factory.mktemp("intake"))
     yield proc
     proc.stop()
 
@@ -214,12 +227,12 @@ class PeakRSS:
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_200_mb_body_is_refused_at_once_without_being_buffered(router, chunked):
+def test_a_200_mb_body_is_refused_at_once_without_being_buffered(shared_router, chunked):
     # Warm up the refusal path, so what is measured is what one more attempt costs.
-    post_big_body(router.port, "/api/chat", size=2 * MB, chunked=chunked)
+    post_big_body(shared_router.port, "/api/chat", size=2 * MB, chunked=chunked)
     for attempt in range(3):
-        with PeakRSS(router.popen.pid) as rss:
-            answer = post_big_body(router.port, "/api/chat", size=200 * MB, chunked=chunked)
+        with PeakRSS(shared_router.popen.pid) as rss:
+            answer = post_big_body(shared_router.port, "/api/chat", size=200 * MB, chunked=chunked)
         assert answer.status == 413, (attempt, answer)
         assert answer.headers["content-type"] == "application/json"
         assert json.loads(answer.body) == {
@@ -231,7 +244,7 @@ def test_a_200_mb_body_is_refused_at_once_without_being_buffered(router, chunked
         # Then the router hangs up instead of reading the rest.
         assert answer.closed
         assert answer.body_sent < 200 * MB, (attempt, answer.body_sent)
-    assert "Traceback" not in router.output
+    assert "Traceback" not in shared_router.output
 
 
 @pytest.mark.parametrize(
@@ -242,22 +255,22 @@ def test_a_200_mb_body_is_refused_at_once_without_being_buffered(router, chunked
         ("/admin/login/", lambda body: body["detail"]),
     ],
 )
-def test_the_413_is_in_the_shape_of_the_api_asked(router, path, error):
-    answer = post_big_body(router.port, path, size=MAX_BODY_BYTES + 1, chunked=False)
+def test_the_413_is_in_the_shape_of_the_api_asked(shared_router, path, error):
+    answer = post_big_body(shared_router.port, path, size=MAX_BODY_BYTES + 1, chunked=False)
     assert answer.status == 413
     assert error(json.loads(answer.body)) == f"request body is larger than {MAX_BODY_BYTES} bytes"
 
 
-def test_a_client_expecting_100_continue_gets_the_413_instead(router):
+def test_a_client_expecting_100_continue_gets_the_413_instead(shared_router):
     head = (f"POST /api/chat HTTP/1.1\r\nHost: router\r\nContent-Length: {200 * MB}\r\n"
             "Expect: 100-continue\r\n\r\n").encode()
-    answer = exchange(router.port, head)
+    answer = exchange(shared_router.port, head)
     assert answer.status == 413
     assert b"100 Continue" not in answer.body
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_body_of_exactly_the_limit_still_reaches_the_api(router, chunked):
+def test_a_body_of_exactly_the_limit_still_reaches_the_api(shared_router, chunked):
     body = b'{"model": "' + b"m" * (MAX_BODY_BYTES - 13) + b'"}'
     assert len(body) == MAX_BODY_BYTES
     if chunked:
@@ -268,18 +281,18 @@ def test_a_body_of_exactly_the_limit_still_reaches_the_api(router, chunked):
     else:
         request = (b"POST /api/chat HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    answer = exchange(router.port, request)
+    answer = exchange(shared_router.port, request)
     # The view read it and found the model name too long: the body was not refused for size.
     assert answer.status == 422
     assert "model" in json.loads(answer.body)["detail"]
 
 
-def test_a_body_in_too_many_pieces_is_refused_before_it_holds_the_event_loop(router):
+def test_a_body_in_too_many_pieces_is_refused_before_it_holds_the_event_loop(shared_router):
     # One-byte chunks: Twisted decodes each on the event loop (about 5 us apiece).
     pieces = 200_000
     request = (b"POST /api/chat HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n\r\n"
                + b"1\r\nx\r\n" * pieces + b"0\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", shared_router.port), timeout=10) as sock:
         try:
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError):
@@ -630,19 +643,22 @@ def test_waiting_connections_leave_descriptors_for_health_checks_and_nodes(tmp_p
     "/static/%2e%2e/%2e%2e/etc/passwd",
     "/static/admin/../../../../../../etc/passwd",
 ])
-def test_a_static_path_outside_the_static_files_is_a_400_at_once(router, path):
-    answer = exchange(router.port, f"GET {path} HTTP/1.1\r\nHost: router\r\n"
+def test_a_static_path_outside_the_static_files_is_a_400_at_once(shared_router, path):
+    answer = exchange(shared_router.port, f"GET {path} HTTP/1.1\r\nHost: router\r\n"
                                    "Connection: close\r\n\r\n".encode(), timeout=5)
     assert answer.status == 400
     assert answer.headers["content-type"] == "application/json"
     assert json.loads(answer.body) == {"detail": "bad request"}
     assert b"root:" not in answer.body
-    assert "Exception inside application" not in router.output
+    assert "Exception inside application" not in shared_router.output
+    # One line in the log, not a traceback per request (a way to flood the operator's log).
+    assert "Traceback" not in shared_router.output
+    assert "refused static path '/static/" in shared_router.output
 
 
-def test_an_admin_static_file_is_still_served(router):
-    answer = exchange(router.port, b"GET /static/admin/css/base.css HTTP/1.1\r\nHost: router\r\n"
-                                   b"Connection: close\r\n\r\n")
+def test_an_admin_static_file_is_still_served(shared_router):
+    answer = exchange(shared_router.port, b"GET /static/admin/css/base.css HTTP/1.1\r\n"
+                                          b"Host: router\r\nConnection: close\r\n\r\n")
     assert answer.status == 200
     assert answer.headers["content-type"].startswith("text/css")
     assert b"body" in answer.body
@@ -657,19 +673,20 @@ def upgrade(path: str) -> bytes:
             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
 
 
-def test_a_websocket_upgrade_on_any_other_path_is_refused_without_a_traceback(router):
+def test_a_websocket_upgrade_on_any_other_path_is_refused_without_a_traceback(shared_router):
     paths = ["/ws/other", "/health", "/admin/", "//ws/node", "/ws/node/../node"]
-    statuses = {path: exchange(router.port, upgrade(path), timeout=5).status for path in paths}
+    statuses = {path: exchange(shared_router.port, upgrade(path), timeout=5).status
+                for path in paths}
     assert statuses == dict.fromkeys(paths, 403)
     # daphne checks its applications for exceptions once a second: give it the time to log one.
     time.sleep(1.5)
-    assert "Traceback" not in router.output
-    assert "Exception inside application" not in router.output
+    assert "Traceback" not in shared_router.output
+    assert "Exception inside application" not in shared_router.output
 
 
-def test_the_node_websocket_still_upgrades_with_a_trailing_slash_or_a_query(router):
+def test_the_node_websocket_still_upgrades_with_a_trailing_slash_or_a_query(shared_router):
     for path in ["/ws/node", "/ws/node/", "/ws/node?x=1"]:
-        register_node(router.url, path).close()
+        register_node(shared_router.url, path).close()
 
 
 # --- What the guard relies on in daphne and Twisted -----------------------------------------
