@@ -94,6 +94,15 @@ def emulator():
 
 
 @pytest.fixture
+def five_second_emulator():
+    """100 tokens at 50 ms each: an answer still streaming when a router is told to stop."""
+    proc, url = procs.start_emulator("--token-delay", "0.05", "--reply-tokens", "100")
+    proc.url = url
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
 def slow_emulator():
     """An emulator that streams 200 tokens at 50 ms each: long enough to interrupt."""
     proc, url = procs.start_emulator("--token-delay", "0.05", "--reply-tokens", "200")

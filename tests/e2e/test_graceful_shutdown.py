@@ -25,16 +25,6 @@ from tests.e2e.test_skeleton import MODEL, wait_for_model
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def five_second_emulator():
-    """100 tokens at 50 ms each: an answer that is still streaming when the router is told to
-    stop."""
-    proc, url = procs.start_emulator("--token-delay", "0.05", "--reply-tokens", "100")
-    proc.url = url
-    yield proc
-    proc.stop()
-
-
 def stream_v1(url: str, model: str, prompt: str) -> list[Any]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True}
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True,

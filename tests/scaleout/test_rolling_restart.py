@@ -27,14 +27,6 @@ def worker_env(worker_env: dict[str, str]) -> dict[str, str]:
     return {**worker_env, "IDLECLAW_SHUTDOWN_GRACE": "30"}
 
 
-@pytest.fixture
-def five_second_emulator():
-    proc, url = procs.start_emulator("--token-delay", "0.05", "--reply-tokens", "100")
-    proc.url = url
-    yield proc
-    proc.stop()
-
-
 def test_sigterm_to_the_node_worker_cuts_no_stream(
     workers, worker_env, five_second_emulator, database_url
 ):
