@@ -160,15 +160,26 @@ def openai_model_not_found(model: str) -> JsonResponse:
     )
 
 
-def openai_refusal(refusal: TooMany | Unavailable) -> JsonResponse:
+# The router's own chat page sends this (webchat/static/webchat/api.js) to keep the network's
+# contract (PROTOCOL §2) on /v1: a model no node serves is a 503 with Retry-After, as on
+# /api/chat, which the page counts down before it offers to retry.
+NETWORK_CONTRACT_HEADER = "X-IdleClaw-Contract"
+
+
+def wants_network_contract(request: HttpRequest) -> bool:
+    return request.headers.get(NETWORK_CONTRACT_HEADER) == "network"
+
+
+def openai_refusal(refusal: TooMany | Unavailable, *, network: bool = False) -> JsonResponse:
     """Why a relay could not start, in OpenAI's shape: 429 over the client's limit, 404 for a
-    model no node serves, else 503 (busy, or restarting) with ``Retry-After``."""
+    model no node serves (503 under the network's contract), else 503 (busy, or restarting)
+    with ``Retry-After``."""
     if isinstance(refusal, TooMany):
         error = openai_api.OpenAIError(
             refusal.message, status=429, code="too_many_requests", kind="rate_limit_error"
         )
         return openai_error(error, retry=True)
-    if not refusal.served:
+    if not refusal.served and not network:
         return openai_model_not_found(refusal.model)
     error = openai_api.OpenAIError(
         refusal.message,
@@ -198,7 +209,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         stream=completion.stream,
     )
     if isinstance(chunks, TooMany | Unavailable):
-        return openai_refusal(chunks)
+        return openai_refusal(chunks, network=wants_network_contract(request))
     if completion.stream:
         return event_stream(
             openai_api.completion_stream(

@@ -459,6 +459,22 @@ async def test_a_served_model_with_no_slot_and_a_full_queue_stays_503(channel_la
     await node.disconnect()
 
 
+async def test_a_model_no_node_serves_is_404_on_v1_but_503_under_the_network_contract(
+    channel_layer,
+):
+    body = {"model": "nobody:1b", "messages": MESSAGES, "stream": True}
+    plain = HttpClient("POST", "/v1/chat/completions", body)
+    status, headers = await plain.start()
+    assert status == 404 and "retry-after" not in headers
+    assert json.loads(await plain.read_all())["error"]["code"] == "model_not_found"
+    page = HttpClient("POST", "/v1/chat/completions", body,
+                      headers={"X-IdleClaw-Contract": "network"})
+    status, headers = await page.start()
+    assert status == 503 and int(headers["retry-after"]) > 0
+    error = json.loads(await page.read_all())["error"]
+    assert error["message"] == "no node is serving nobody:1b right now"
+
+
 async def test_cors_allows_any_origin_by_default_on_the_event_loops_thread(channel_layer):
     from corsheaders.signals import check_request_enabled
 
