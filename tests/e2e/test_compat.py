@@ -504,8 +504,8 @@ def raw_exchange(url: str, method: str, path: str) -> tuple[str, dict[str, str],
 
 
 def test_head_answers_like_get_without_a_body(network):
-    for path in ("/", "/network", "/network.json", "/health", "/v1/models",
-                 "/ollama/v1/models", "/ollama/api/tags", "/v1/nothing"):
+    for path in ("/", "/network", "/network.json", "/assets/older/chat.js", "/health",
+                 "/v1/models", "/ollama/v1/models", "/ollama/api/tags", "/v1/nothing"):
         got = raw_exchange(network[0], "GET", path)
         head = raw_exchange(network[0], "HEAD", path)
         assert head[0] == got[0], path
