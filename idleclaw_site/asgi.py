@@ -1,10 +1,11 @@
 """ASGI entry point: HTTP goes to Django, WebSockets at /ws/node to the node consumer (and on
 any other path are refused at the handshake).
 
-The consumer APIs are served by a Django handler without middleware: sessions, auth, CSRF and
-messages serve only the operator's admin, and each sync middleware costs every API request a
-hop to a fresh thread (bench/RESULTS.md). The same handler keeps Django's request signals off
-threads too. The admin and its static files keep the full stack.
+The consumer APIs are served by a Django handler without Django's middleware: sessions, auth,
+CSRF and messages serve only the operator's admin, and each sync middleware costs every API
+request a hop to a fresh thread (bench/RESULTS.md). The same handler keeps Django's request
+signals off threads too, and is the one place where every API response gets its CORS headers
+and its ``x-request-id``. The admin and its static files keep the full stack.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "idleclaw_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from corsheaders.middleware import CorsMiddleware  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core import signals  # noqa: E402
 from django.core.exceptions import RequestAborted  # noqa: E402
@@ -28,7 +30,15 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.http import HttpResponseBase  # noqa: E402
 from django.urls import re_path, set_script_prefix  # noqa: E402
 
-from idleclaw_site import daphne_compat, http_guard, loop_lag, prompt_writes, shutdown, ws_flow  # noqa: E402
+from idleclaw_site import (  # noqa: E402
+    daphne_compat,
+    http_guard,
+    loop_lag,
+    prompt_writes,
+    request_ids,
+    shutdown,
+    ws_flow,
+)
 from idleclaw_site.static_files import OperatorStaticFilesHandler  # noqa: E402
 from nodes.routing import websocket_urlpatterns  # noqa: E402
 from routing.views import EventStream  # noqa: E402
@@ -42,7 +52,8 @@ loop_lag.install()  # only with IDLECLAW_LOOP_LAG_FILE set (issue 13's benchmark
 
 
 class APIHandler(ASGIHandler):
-    """Django's ASGI handler for the consumer APIs: no middleware, and no thread per request.
+    """Django's ASGI handler for the consumer APIs: no thread per request, and no middleware but
+    CORS.
 
     Django's handler gives each request a ``ThreadSensitiveContext`` (a thread of its own) and
     sends ``request_started``/``request_finished`` and closes the response from that thread: two
@@ -57,7 +68,14 @@ class APIHandler(ASGIHandler):
         self._template_response_middleware = []
         self._exception_middleware = []
         get_response = self._get_response_async if is_async else self._get_response
-        self._middleware_chain = convert_exception_to_response(get_response)
+        # CORS for browsers on other sites (settings: CORS_*), from django-cors-headers, whose
+        # middleware is async-capable: handed a coroutine function it awaits it in place and
+        # marks itself a coroutine function, so neither it nor the wrapper around it is adapted
+        # with sync_to_async (no thread hop, unlike Django's sync middleware). It answers a
+        # preflight itself and adds its headers to every other response before it is sent,
+        # streamed ones included (they are headers of the response object).
+        cors = CorsMiddleware(convert_exception_to_response(get_response))
+        self._middleware_chain = convert_exception_to_response(cors)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -72,15 +90,17 @@ class APIHandler(ASGIHandler):
     async def _serve(self, scope, body, receive, send) -> None:
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
+        request_id = request_ids.new_id()
         request, refusal = self.create_request(scope, body)
         if request is None:
+            refusal[request_ids.HEADER] = request_id
             await self.send_response(refusal, send)
             refusal.close()
             return
         responses: list[HttpResponseBase] = []
         # As in Django's handler: a client that hangs up cancels the view or its streaming
         # response, which is how a consumer's hang-up reaches the node.
-        responding = asyncio.create_task(self._respond(request, send, responses))
+        responding = asyncio.create_task(self._respond(request, send, responses, request_id))
         hangup = asyncio.create_task(self.listen_for_disconnect(receive))
         try:
             await asyncio.wait((responding, hangup), return_when=asyncio.FIRST_COMPLETED)
@@ -99,9 +119,14 @@ class APIHandler(ASGIHandler):
             # violation Django's handler raises too, rather than pass over.
             raise hangup.exception()
 
-    async def _respond(self, request, send, responses: list[HttpResponseBase]) -> None:
+    async def _respond(
+        self, request, send, responses: list[HttpResponseBase], request_id: str
+    ) -> None:
+        # In this task's own context: a relay started by the view sends its node this id.
+        request_ids.begin(request_id)
         response = await self.run_get_response(request)
         responses.append(response)
+        response[request_ids.HEADER] = request_id
         if isinstance(response, EventStream):
             await self._send_stream(response, send)
         else:

@@ -60,7 +60,7 @@ from typing import Any
 from daphne.http_protocol import HTTPFactory, WebRequest
 from django.conf import settings
 
-from idleclaw_site import net
+from idleclaw_site import net, request_ids
 
 logger = logging.getLogger("idleclaw.http")
 
@@ -440,6 +440,12 @@ def refusal(target: bytes, status: int, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status])
         + b"Content-Type: " + response["Content-Type"].encode("latin-1") + b"\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-        b"Connection: close\r\n\r\n"
+        + request_id_line()
+        + b"Connection: close\r\n\r\n"
     )
     return head + body
+
+
+def request_id_line() -> bytes:
+    """The ``x-request-id`` of every API answer, here for a request no view ever saw."""
+    return f"{request_ids.HEADER}: {request_ids.new_id()}\r\n".encode()

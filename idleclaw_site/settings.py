@@ -67,6 +67,22 @@ def envlist(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def envorigins(name: str, default: list[str]) -> list[str]:
+    """Web origins (``scheme://host[:port]``, no path), or ``["*"]`` for any."""
+    origins = [origin.lower() for origin in envlist(name, default)]
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ImproperlyConfigured(f"{name}: * (any origin) cannot be listed with others")
+        return origins
+    for origin in origins:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", origin):
+            raise ImproperlyConfigured(
+                f"{name}: {origin!r} is not an origin such as https://app.example.com "
+                "(scheme://host[:port], no path)"
+            )
+    return origins
+
+
 def envrate(name: str, default: str) -> str:
     """A django-ratelimit rate such as ``20/m``."""
     value = os.environ.get(name) or default
@@ -361,6 +377,43 @@ IDLECLAW_MAX_RESPONSE_CHARS = envint("IDLECLAW_MAX_RESPONSE_CHARS", 16_000, mini
 IDLECLAW_NODE_COOLDOWN = envfloat("IDLECLAW_NODE_COOLDOWN", 30.0, minimum=0.0)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
+
+# --- Browsers on other sites (CORS) -------------------------------------------------------
+# Web pages that may call the public APIs (/v1, /ollama, /api, /health) from a browser:
+# "*" for any, a comma-separated list of origins, or empty for none. "*" is safe here: the APIs
+# read no cookies and take no credentials, so a page gets nothing a script on any server could
+# not. django-cors-headers serves it inside the API handler (idleclaw_site/asgi.py); the admin
+# and the chat pages never get these headers.
+IDLECLAW_CORS_ORIGINS = envorigins("IDLECLAW_CORS_ORIGINS", ["*"])
+CORS_ALLOW_ALL_ORIGINS = IDLECLAW_CORS_ORIGINS == ["*"]
+CORS_ALLOWED_ORIGINS = [] if CORS_ALLOW_ALL_ORIGINS else IDLECLAW_CORS_ORIGINS
+CORS_ALLOW_CREDENTIALS = False  # never: there is nothing to be credentialed for
+CORS_URLS_REGEX = r"^/(?:v1|ollama|api)(?:/|$)|^/health$"
+CORS_ALLOW_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+# Headers a page may send. "*" allows any but Authorization, which must be named (Fetch
+# standard); the named ones are what the official openai and ollama JavaScript clients send, for
+# browsers older than "*" (2020).
+CORS_ALLOW_HEADERS = (
+    "*",
+    "accept",
+    "authorization",
+    "content-type",
+    "user-agent",
+    "x-requested-with",
+    "openai-organization",
+    "openai-project",
+    "x-stainless-arch",
+    "x-stainless-helper-method",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-timeout",
+)
+# Response headers a page may read besides the always-readable ones.
+CORS_EXPOSE_HEADERS = ("retry-after", "x-request-id")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -35,6 +35,9 @@ class NodeSession(models.Model):
     # Only a hash: whoever can read the admin must not be able to take a session over.
     resume_token_hash = models.CharField(max_length=64, blank=True)
     draining = models.BooleanField(default=False)
+    # Extensions the node said it accepts from the router in ``register.features``
+    # (docs/node-protocol-extensions.md); a router sends a node nothing else.
+    features = models.JSONField(default=list, blank=True)
     connected_at = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
     # Measured from this session's real traffic (moving averages), never from what it claims.
@@ -64,6 +67,13 @@ class NodeModel(models.Model):
     name = models.CharField(max_length=64, db_index=True)
     size = models.BigIntegerField(default=0)
     capabilities = models.JSONField(default=list, blank=True)
+    # What the node's Ollama reports of the model (``/api/show``): family, parameter size,
+    # quantization level, context length. Checked and bounded at registration.
+    details = models.JSONField(default=dict, blank=True)
+    # Loaded in the node's Ollama (``/api/ps``, reported with the heartbeat) until then; empty
+    # when not loaded, or when the node does not say.
+    loaded_until = models.DateTimeField(null=True, blank=True)
+    size_vram = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [

@@ -4,6 +4,7 @@ and the NDJSON and JSON shapes the official ``ollama`` client reads."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,8 +30,10 @@ class OllamaRequest:
     model: str
     ollama_params: dict[str, Any]
     stream: bool
-    # /api/generate with no prompt only loads the model, as in Ollama.
+    # /api/chat with no messages or /api/generate with no prompt only loads the model, as in
+    # Ollama; with a keep_alive of zero it unloads it.
     load_only: bool = False
+    unload: bool = False
 
 
 def now_rfc3339() -> str:
@@ -76,6 +79,23 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
+# A Go duration as Ollama parses keep_alive (time.ParseDuration): "0", or numbers with units.
+_GO_DURATION = re.compile(r"[+-]?(?:0|(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+)")
+_GO_NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
+
+
+def _is_zero_duration(value: Any) -> bool:
+    """Whether Ollama reads ``keep_alive`` as zero: a number of seconds below a nanosecond
+    (negative means forever), or a duration string whose every number is zero."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return 0 <= value < 1e-9
+    if isinstance(value, str) and len(value) <= 64 and _GO_DURATION.fullmatch(value):
+        return all(float(number) == 0 for number in _GO_NUMBER.findall(value))
+    return False
+
+
 def _common(data: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
     model = check_model(data.get("model") or data.get("name"))
     params: dict[str, Any] = {"model": model, "stream": True}
@@ -107,7 +127,13 @@ def parse_chat(body: bytes) -> OllamaRequest:
     model, params, stream = _common(data)
     messages = _messages(data.get("messages"))
     if not messages:
-        return OllamaRequest(model=model, ollama_params=params, stream=stream, load_only=True)
+        return OllamaRequest(
+            model=model,
+            ollama_params=params,
+            stream=stream,
+            load_only=True,
+            unload=_is_zero_duration(data.get("keep_alive")),
+        )
     params["messages"] = check_compat_messages(messages)
     tools = check_tools(data.get("tools"))
     if tools:
@@ -126,7 +152,13 @@ def parse_generate(body: bytes) -> OllamaRequest:
     if not isinstance(prompt, str) or not isinstance(system, str):
         raise BadRequest("prompt and system: must be strings", 400)
     if not prompt:
-        return OllamaRequest(model=model, ollama_params=params, stream=stream, load_only=True)
+        return OllamaRequest(
+            model=model,
+            ollama_params=params,
+            stream=stream,
+            load_only=True,
+            unload=_is_zero_duration(data.get("keep_alive")),
+        )
     messages = [{"role": "user", "content": prompt}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
@@ -220,14 +252,16 @@ def generate_body(answer: Answer, *, model: str) -> dict[str, Any]:
     return body
 
 
-def load_body(model: str, *, chat: bool) -> dict[str, Any]:
-    """What Ollama answers to a request with no messages or prompt: the model is loaded."""
+def load_body(model: str, *, chat: bool, unload: bool = False) -> dict[str, Any]:
+    """What Ollama answers to a request with no messages or prompt: the model is loaded, or with
+    ``keep_alive`` zero unloaded (the same fields, ``done_reason`` "unload"). Each node's Ollama
+    loads and unloads its models itself; the answer only tells the client that it may go on."""
     body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
     if chat:
         body["message"] = {"role": "assistant", "content": ""}
     else:
         body["response"] = ""
-    return {**body, "done": True, "done_reason": "load"}
+    return {**body, "done": True, "done_reason": "unload" if unload else "load"}
 
 
 def _details(info: ModelInfo) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from idleclaw_site import shutdown
+from idleclaw_site import request_ids, shutdown
 from idleclaw_site.db import db
 from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
@@ -163,7 +163,13 @@ class Relay:
         self.rounds = ToolRounds(model, server_tools, ollama_params) if server_tools else None
         # Whether the consumer's stream shows the router's tool calls (``ToolStatus``).
         self.tool_status = tool_status
-        self.queue_id = uuid.uuid4().hex
+        # The request's first node id (``idleclaw_site.request_ids``): the consumer's
+        # ``x-request-id``. It also names the request's queue place and its count against the
+        # client (other tables than the slots'); the first node request is sent under it.
+        self.queue_id = request_ids.issue()
+        # The id of the next claim, kept until a claim succeeds under it: a claim that found no
+        # slot stored nothing, and the node whose slot is taken at last sees the earliest id.
+        self._claim_id: str | None = self.queue_id
         self.arrived_at = timezone.now()
         self.loop = asyncio.get_running_loop()
         self.claim: Claim | None = None
@@ -192,7 +198,7 @@ class Relay:
             client_ip=self.client_ip,
             worker_id=worker.WORKER_ID,
             model=self.model,
-            attempt_id=uuid.uuid4().hex,
+            attempt_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             arrived_at=self.arrived_at,
         )
@@ -201,6 +207,7 @@ class Relay:
         self.counted = True
         if isinstance(admitted, Claim):
             self.claim = admitted
+            self._claim_id = None
             return None
         self.attempts -= 1
         try:
@@ -243,10 +250,9 @@ class Relay:
     async def _try_claim(self) -> NoSlot | None:
         """Claim a slot now; None on success."""
         self.attempts += 1
-        attempt_id = uuid.uuid4().hex
         result = await db(services.inflight_claim)(
             model=self.model,
-            request_id=attempt_id,
+            request_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             worker_id=worker.WORKER_ID,
             arrived_at=self.arrived_at,
@@ -255,6 +261,7 @@ class Relay:
         )
         if isinstance(result, Claim):
             self.claim = result
+            self._claim_id = None
             if self.queued:
                 self.queued = False  # the claim removed the queue row
                 await self._wake(
@@ -263,6 +270,11 @@ class Relay:
             return None
         self.attempts -= 1
         return result
+
+    def _next_claim_id(self) -> str:
+        if self._claim_id is None:
+            self._claim_id = request_ids.issue()
+        return self._claim_id
 
     async def _wait_for_wake(self, until: float) -> None:
         timeout = max(0.0, min(until - self.loop.time(), QUEUE_RECHECK))
@@ -508,7 +520,7 @@ class Relay:
                         raise RelayError(self.aborted)
                     if self.loop.time() >= deadline:
                         raise RelayError("timeout")
-                    next_id = uuid.uuid4().hex
+                    next_id = request_ids.issue()
                     moved = await db(tool_services.inflight_next_round)(
                         request_id=claim.request_id, next_request_id=next_id
                     )

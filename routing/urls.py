@@ -1,21 +1,27 @@
 from __future__ import annotations
 
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from routing import views
+
+# OpenAI-compatible, at /v1 and, as Ollama serves its own OpenAI API beside its native one, at
+# /ollama/v1: whatever is added here is served at both.
+openai_urlpatterns = [
+    path("chat/completions", views.openai_chat_completions, name="openai-chat"),
+    path("models", views.openai_models, name="openai-models"),
+    re_path(r"^models/(?P<model>.+)$", views.openai_model, name="openai-model"),
+]
 
 urlpatterns = [
     # The network's own API (PROTOCOL §2)
     path("api/chat", views.chat, name="chat"),
     path("health", views.health, name="health"),
     path("api/models", views.models, name="models"),
-    # OpenAI-compatible
-    path("v1/chat/completions", views.openai_chat_completions, name="openai-chat"),
-    path("v1/models", views.openai_models, name="openai-models"),
-    re_path(r"^v1/models/(?P<model>.+)$", views.openai_model, name="openai-model"),
+    path("v1/", include(openai_urlpatterns)),
     # Ollama-compatible
     path("ollama", views.ollama_root),
     path("ollama/", views.ollama_root, name="ollama-root"),
+    path("ollama/v1/", include((openai_urlpatterns, "ollama-v1"))),
     path("ollama/api/version", views.ollama_version, name="ollama-version"),
     path("ollama/api/tags", views.ollama_tags, name="ollama-tags"),
     path("ollama/api/ps", views.ollama_ps, name="ollama-ps"),

@@ -147,6 +147,50 @@ def openai_error(error: openai_api.OpenAIError, *, retry: bool = False) -> JsonR
     return json_error(error.body(), error.status, retry=retry)
 
 
+def openai_model_not_found(model: str) -> JsonResponse:
+    """404 ``model_not_found`` for a model no live node serves, as OpenAI answers for a model it
+    does not have: the OpenAI SDKs raise ``NotFoundError`` at once instead of retrying."""
+    return openai_error(
+        openai_api.OpenAIError(
+            f"The model '{model}' is not served by any node right now",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    )
+
+
+# The router's own chat page sends this (webchat/static/webchat/api.js) to keep the network's
+# contract (PROTOCOL §2) on /v1: a model no node serves is a 503 with Retry-After, as on
+# /api/chat, which the page counts down before it offers to retry.
+NETWORK_CONTRACT_HEADER = "X-IdleClaw-Contract"
+
+
+def wants_network_contract(request: HttpRequest) -> bool:
+    return request.headers.get(NETWORK_CONTRACT_HEADER) == "network"
+
+
+def openai_refusal(refusal: TooMany | Unavailable, *, network: bool = False) -> JsonResponse:
+    """Why a relay could not start, in OpenAI's shape: 429 over the client's limit, 404 for a
+    model no node serves (503 under the network's contract), else 503 (busy, or restarting)
+    with ``Retry-After``."""
+    if isinstance(refusal, TooMany):
+        error = openai_api.OpenAIError(
+            refusal.message, status=429, code="too_many_requests", kind="rate_limit_error"
+        )
+        return openai_error(error, retry=True)
+    if not refusal.served and not network:
+        return openai_model_not_found(refusal.model)
+    error = openai_api.OpenAIError(
+        refusal.message,
+        status=503,
+        param="model",
+        code="model_unavailable",
+        kind="service_unavailable",
+    )
+    return openai_error(error, retry=True)
+
+
 @csrf_exempt
 @rate_limited("chat")
 async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
@@ -164,17 +208,8 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         client_ip=request_ip(request),
         stream=completion.stream,
     )
-    if isinstance(chunks, TooMany):
-        error = openai_api.OpenAIError(
-            chunks.message, status=429, code="too_many_requests", kind="rate_limit_error"
-        )
-        return openai_error(error, retry=True)
-    if isinstance(chunks, Unavailable):
-        error = openai_api.OpenAIError(
-            chunks.message, status=503, param="model", code="model_unavailable",
-            kind="service_unavailable",
-        )
-        return openai_error(error, retry=True)
+    if isinstance(chunks, TooMany | Unavailable):
+        return openai_refusal(chunks, network=wants_network_contract(request))
     if completion.stream:
         return event_stream(
             openai_api.completion_stream(
@@ -217,10 +252,7 @@ async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
     await worker.ensure_started()
     info = await db(selectors.model_info)(model=model)
     if info is None:
-        return openai_error(openai_api.OpenAIError(
-            f"The model '{model}' is not served by any node right now", status=404,
-            param="model", code="model_not_found",
-        ))
+        return openai_model_not_found(model)
     return JsonResponse(_openai_model(info))
 
 
@@ -229,6 +261,26 @@ async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
 
 def ollama_error(status: int, message: str, *, retry: bool = False) -> JsonResponse:
     return json_error({"error": message}, status, retry=retry)
+
+
+def ollama_model_not_found(model: str) -> JsonResponse:
+    """404 for a model no live node serves, in the words of Ollama's own handlers."""
+    return ollama_error(404, f"model '{model}' not found")
+
+
+def ollama_refusal(refusal: TooMany | Unavailable) -> JsonResponse:
+    """Why a relay could not start, in Ollama's shape: 429, 404 for a model no node serves, 503
+    with ``Retry-After`` when busy or restarting."""
+    if isinstance(refusal, TooMany):
+        return ollama_error(429, refusal.message, retry=True)
+    if refusal.restarting:
+        return ollama_error(503, refusal.message, retry=True)
+    if not refusal.served:
+        return ollama_model_not_found(refusal.model)
+    # Ollama's own words when its queue is full.
+    return ollama_error(
+        503, "server busy, please try again.  maximum pending requests exceeded", retry=True
+    )
 
 
 @rate_limited("default")
@@ -268,7 +320,7 @@ async def ollama_show(request: HttpRequest) -> HttpResponse:
     await worker.ensure_started()
     info = await db(selectors.model_info)(model=model)
     if info is None:
-        return ollama_error(404, f"model '{model}' not found")
+        return ollama_model_not_found(model)
     return JsonResponse(ollama_api.show_body(info))
 
 
@@ -283,24 +335,16 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
     if parsed.load_only:
         await worker.ensure_started()
         if await db(selectors.model_info)(model=parsed.model) is None:
-            return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
-        return JsonResponse(ollama_api.load_body(parsed.model, chat=chat))
+            return ollama_model_not_found(parsed.model)
+        return JsonResponse(ollama_api.load_body(parsed.model, chat=chat, unload=parsed.unload))
     chunks = await open_relay(
         model=parsed.model,
         ollama_params=parsed.ollama_params,
         client_ip=request_ip(request),
         stream=parsed.stream,
     )
-    if isinstance(chunks, TooMany):
-        return ollama_error(429, chunks.message, retry=True)
-    if isinstance(chunks, Unavailable):
-        if chunks.restarting:
-            return ollama_error(503, chunks.message, retry=True)
-        if not chunks.served:
-            return ollama_error(404, f'model "{parsed.model}" not found, try pulling it first')
-        # Ollama's own words when its queue is full.
-        return ollama_error(503, "server busy, please try again.  maximum pending requests "
-                            "exceeded", retry=True)
+    if isinstance(chunks, TooMany | Unavailable):
+        return ollama_refusal(chunks)
     if parsed.stream:
         lines = ollama_api.ndjson_chat if chat else ollama_api.ndjson_generate
         return event_stream(lines(chunks, model=parsed.model), "application/x-ndjson")
@@ -339,7 +383,7 @@ async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
 
 def error_for_path(path: str, status: int, message: str) -> JsonResponse:
     """An error in the shape of the API that ``path`` belongs to."""
-    if path.startswith("/v1/"):
+    if path.startswith(("/v1/", "/ollama/v1/")):
         kind = "invalid_request_error" if status < 500 else "server_error"
         return openai_error(openai_api.OpenAIError(message, status=status, kind=kind))
     if path.startswith("/ollama/"):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import socket
+import time
 
 import ollama
 import openai
@@ -32,6 +35,12 @@ WEATHER_TOOL = {
 }
 
 
+class Network(tuple):
+    """(router URL, emulator URL); ``node`` is the contributor's process, for its log."""
+
+    node: procs.Proc
+
+
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
     """One router, one emulator and one contributor shared by this module's tests."""
@@ -45,7 +54,9 @@ def network(tmp_path_factory):
             lambda: MODEL in requests.get(f"{router_url}/api/models", timeout=5).json()["models"],
             what="the node's models",
         )
-        yield router_url, emulator_url
+        shared = Network((router_url, emulator_url))
+        shared.node = node
+        yield shared
     finally:
         node.stop()
         emulator.stop()
@@ -236,12 +247,13 @@ def test_openai_refused_role_names_the_accepted_roles(oai):
     assert "system, user, assistant, tool" in caught.value.body["message"]
 
 
-def test_openai_unserved_model_is_503_in_openai_shape(network):
+def test_openai_unserved_model_is_404_model_not_found_in_openai_shape(network):
     reply = requests.post(f"{network[0]}/v1/chat/completions", timeout=10, json={
         "model": "nobody:1b", "messages": [{"role": "user", "content": "x"}]})
-    assert reply.status_code == 503
-    assert reply.headers["Retry-After"]
+    assert reply.status_code == 404
+    assert "Retry-After" not in reply.headers
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert reply.json()["error"]["code"] == "model_not_found"
 
 
 def test_openai_accepts_and_ignores_an_authorization_header(network):
@@ -317,3 +329,203 @@ def test_ollama_errors_use_ollamas_shape(olc, network):
     assert reply.status_code == 400 and "error" in reply.json()
     reply = requests.post(f"{network[0]}/ollama/api/pull", json={"model": MODEL}, timeout=5)
     assert reply.status_code == 501 and "error" in reply.json()
+
+
+# --- Browsers, request ids, HEAD and honest 404s (issue 19) ----------------------------------
+
+APP = "https://app.example"
+# What the official openai JavaScript client sends from a browser, besides Authorization.
+SDK_HEADERS = ["authorization", "content-type", "x-stainless-lang", "x-stainless-os",
+               "x-stainless-retry-count", "x-stainless-timeout", "x-stainless-package-version"]
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def preflight(url: str, origin: str = APP) -> requests.Response:
+    """What a browser asks before a cross-origin POST with JSON and an API key."""
+    return requests.options(url, timeout=5, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": ", ".join(SDK_HEADERS)})
+
+
+def header_list(reply: requests.Response, name: str) -> set[str]:
+    return {item.strip().lower() for item in reply.headers.get(name, "").split(",")}
+
+
+def test_browser_preflight_is_answered_on_every_public_api(network):
+    for path in ("/v1/chat/completions", "/ollama/v1/chat/completions", "/ollama/api/chat",
+                 "/api/chat", "/health"):
+        reply = preflight(f"{network[0]}{path}")
+        assert reply.status_code == 200, path
+        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert "post" in header_list(reply, "Access-Control-Allow-Methods")
+        assert set(SDK_HEADERS) <= header_list(reply, "Access-Control-Allow-Headers")
+        assert "Access-Control-Allow-Credentials" not in reply.headers
+
+
+def test_cross_origin_answers_streamed_or_not_carry_cors_headers(network):
+    url, origin = network[0], {"Origin": APP}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    models = requests.get(f"{url}/v1/models", headers=origin, timeout=5)
+    whole = requests.post(f"{url}/v1/chat/completions", json=chat, headers=origin, timeout=10)
+    streamed = requests.post(f"{url}/ollama/api/chat", json=chat, headers=origin, timeout=10,
+                             stream=True)
+    missing = requests.post(f"{url}/v1/chat/completions", json={**chat, "model": "nobody:1b"},
+                            headers=origin, timeout=10)
+    for reply, status in ((models, 200), (whole, 200), (streamed, 200), (missing, 404)):
+        assert reply.status_code == status
+        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert {"retry-after", "x-request-id"} <= header_list(
+            reply, "Access-Control-Expose-Headers")
+    lines = [json.loads(line) for line in streamed.iter_lines() if line]
+    assert lines[-1]["done"] is True
+
+
+def test_admin_and_chat_page_get_no_cors_headers(network):
+    for path in ("/admin/login/", "/", "/network"):
+        reply = requests.get(f"{network[0]}{path}", headers={"Origin": APP}, timeout=5)
+        assert reply.status_code == 200
+        assert "Access-Control-Allow-Origin" not in reply.headers, path
+    assert "Access-Control-Allow-Origin" not in preflight(f"{network[0]}/admin/login/").headers
+
+
+def test_cors_origins_setting_limits_which_pages_may_call(tmp_path):
+    """A router with IDLECLAW_CORS_ORIGINS set answers only those origins."""
+    env = {"IDLECLAW_CORS_ORIGINS": "https://App.example, http://localhost:5173"}
+    router, url = procs.start_router(tmp_path / "router.sqlite3", env)
+    try:
+        allowed = preflight(f"{url}/v1/chat/completions")
+        assert allowed.headers["Access-Control-Allow-Origin"] == APP
+        other = preflight(f"{url}/v1/chat/completions", origin="https://evil.example")
+        assert "Access-Control-Allow-Origin" not in other.headers
+        local = requests.get(f"{url}/v1/nothing", headers={"Origin": "http://localhost:5173"},
+                             timeout=5)
+        assert local.status_code == 404
+        assert local.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    finally:
+        router.stop()
+
+
+def test_openai_sdk_with_default_retries_raises_not_found_within_a_second(network):
+    client = openai.OpenAI(base_url=f"{network[0]}/v1", api_key="x")  # retries as shipped
+    messages = [{"role": "user", "content": "x"}]
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(model="nobody:1b", messages=messages)
+        assert time.monotonic() - started < 1.0
+        assert caught.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nobody:1b", messages=messages, stream=True)
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("nobody:1b")
+        assert time.monotonic() - started < 3.0
+    finally:
+        client.close()
+
+
+def test_ollama_unknown_model_is_404_in_ollamas_words(olc):
+    calls = [
+        lambda: olc.chat(model="nobody:1b", messages=[{"role": "user", "content": "x"}]),
+        lambda: list(olc.chat(model="nobody:1b", messages=[{"role": "user", "content": "x"}],
+                              stream=True)),
+        lambda: olc.generate(model="nobody:1b", prompt="x"),
+        lambda: olc.generate(model="nobody:1b"),
+        lambda: olc.show("nobody:1b"),
+    ]
+    for call in calls:
+        with pytest.raises(ollama.ResponseError) as caught:
+            call()
+        assert caught.value.status_code == 404
+        assert caught.value.error == "model 'nobody:1b' not found"
+
+
+def test_ollama_v1_answers_like_v1_for_the_openai_client(network, oai):
+    client = openai.OpenAI(base_url=f"{network[0]}/ollama/v1", api_key="ollama", max_retries=0)
+    messages = [{"role": "user", "content": "the same under /ollama/v1"}]
+    try:
+        expected = oai.chat.completions.create(model=MODEL, messages=messages)
+        whole = client.chat.completions.create(model=MODEL, messages=messages)
+        assert whole.choices[0].message.content == expected.choices[0].message.content
+        assert whole.usage == expected.usage
+        stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == expected.choices[0].message.content
+        assert [m.id for m in client.models.list()] == [m.id for m in oai.models.list()]
+        assert client.models.retrieve(MODEL).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("nobody:1b")
+    finally:
+        client.close()
+    reply = requests.get(f"{network[0]}/ollama/v1/nothing", timeout=5)
+    assert reply.status_code == 404 and "no such endpoint" in reply.json()["error"]["message"]
+
+
+def test_x_request_id_is_the_id_the_node_saw(network, oai):
+    messages = [{"role": "user", "content": "which request is this?"}]
+    whole = oai.chat.completions.with_raw_response.create(model=MODEL, messages=messages)
+    with oai.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=messages, stream=True
+    ) as streamed:
+        streamed_id = streamed.headers["x-request-id"]
+        list(streamed.iter_lines())
+    for request_id in (whole.headers["x-request-id"], streamed_id):
+        assert HEX_ID.fullmatch(request_id)
+        network.node.wait_for_line(rf"request {request_id} started", timeout=5)
+    # Every other answer has an id of its own, in the same format.
+    others = [requests.get(f"{network[0]}{path}", timeout=5).headers["x-request-id"]
+              for path in ("/health", "/v1/models", "/v1/nothing", "/api/chat")]
+    assert all(HEX_ID.fullmatch(request_id) for request_id in others)
+    assert len({*others, whole.headers["x-request-id"], streamed_id}) == 6
+
+
+def test_a_body_refused_before_it_is_read_has_a_request_id(network):
+    host, port = network[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
+        head = conn.recv(65536).split(b"\r\n\r\n", 1)[0].decode().lower()
+    assert head.startswith("http/1.1 413")
+    assert HEX_ID.fullmatch(re.search(r"\nx-request-id: (\S+)", head).group(1))
+
+
+def raw_exchange(url: str, method: str, path: str) -> tuple[str, dict[str, str], bytes]:
+    """One request on its own connection, read to the end: what the server really sends."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return status, headers, body
+
+
+def test_head_answers_like_get_without_a_body(network):
+    for path in ("/", "/network", "/network.json", "/assets/older/chat.js", "/health",
+                 "/v1/models", "/ollama/v1/models", "/ollama/api/tags", "/v1/nothing"):
+        got = raw_exchange(network[0], "GET", path)
+        head = raw_exchange(network[0], "HEAD", path)
+        assert head[0] == got[0], path
+        assert got[2] and head[2] == b"", path
+        # The id is each request's own; the length of a body not sent is not announced.
+        unlike = {"x-request-id", "transfer-encoding", "content-length"}
+        assert {k: v for k, v in head[1].items() if k not in unlike} == {
+            k: v for k, v in got[1].items() if k not in unlike}, path
+
+
+def test_keep_alive_zero_with_nothing_to_say_unloads_as_ollama_answers(network, olc):
+    unloaded = olc.generate(model=MODEL, keep_alive=0)
+    assert unloaded.done and unloaded.done_reason == "unload"
+    assert olc.chat(model=MODEL, keep_alive="0s").done_reason == "unload"
+    assert olc.chat(model=MODEL, keep_alive="5m").done_reason == "load"
+    # The fields Ollama's handlers send for an unload (server/routes.go): nothing else.
+    chat = requests.post(f"{network[0]}/ollama/api/chat", timeout=5,
+                         json={"model": MODEL, "keep_alive": 0}).json()
+    assert set(chat) == {"model", "created_at", "message", "done", "done_reason"}
+    assert chat["message"] == {"role": "assistant", "content": ""}
+    generate = requests.post(f"{network[0]}/ollama/api/generate", timeout=5,
+                             json={"model": MODEL, "prompt": "", "keep_alive": "0m"}).json()
+    assert set(generate) == {"model", "created_at", "response", "done", "done_reason"}
+    assert generate["response"] == "" and generate["done_reason"] == "unload"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -21,16 +22,19 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 class HttpClient:
     """One HTTP exchange over ASGI, read part by part so streaming and hang-ups are real."""
 
-    def __init__(self, method: str, path: str, body: Any = None) -> None:
+    def __init__(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
         self.body = body or b""
+        sent = {"content-type": "application/json", "host": "testserver", **(headers or {})}
         self.app = ApplicationCommunicator(
             application,
             {
                 "type": "http", "http_version": "1.1", "method": method, "path": path,
                 "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
-                "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+                "headers": [(k.lower().encode(), v.encode()) for k, v in sent.items()],
                 "client": ("10.2.0.1", 5000), "server": ("testserver", 80),
             },
         )
@@ -390,4 +394,122 @@ async def test_text_in_the_nodes_last_chunk_reaches_ollama_clients(channel_layer
     assert "".join(line["message"]["content"] for line in lines) == "first last"
     assert [line["done"] for line in lines][-1] is True
     assert lines[-1]["eval_count"] == 2 and lines[-1]["message"]["content"] == ""
+    await node.disconnect()
+
+
+# --- Request ids, CORS and refusals on the compatible APIs (issue 19) -------------------------
+
+
+async def test_each_node_a_request_tries_sees_the_request_id_or_a_suffix_of_it(channel_layer):
+    first = ScriptedNode()
+    await first.register(max_concurrent=1)
+    client = HttpClient("POST", "/v1/chat/completions",
+                        {"model": "llama3.2:3b", "messages": MESSAGES, "stream": True})
+    status, headers = await client.start()
+    assert status == 200
+    request_id = headers["x-request-id"]
+    assert (await first.recv())["request_id"] == request_id
+    second = ScriptedNode("10.0.0.2")
+    await second.register(max_concurrent=1)
+    # The first node fails before its first chunk: the request fails over to the second.
+    await first.send({"type": "inference_error", "request_id": request_id,
+                      "error": "ollama_unavailable"})
+    retried = (await second.recv())["request_id"]
+    assert retried == f"{request_id}-2"
+    await second.chunk(retried, "hi", done=True, done_reason="stop")
+    assert "hi" in (await client.read_all()).decode()
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_a_queued_request_reaches_its_node_under_its_own_id(channel_layer):
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    busy = HttpClient("POST", "/ollama/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await busy.start()
+    busy_id = (await node.recv())["request_id"]
+    waiting = HttpClient("POST", "/ollama/api/chat",
+                         {"model": "llama3.2:3b", "messages": MESSAGES})
+    await waiting.app.send_input({"type": "http.request", "body": waiting.body})
+    assert await node.nothing_sent()  # it waits in the queue, its claims finding no slot
+    await node.chunk(busy_id, "done", done=True, done_reason="stop")
+    request_id = (await node.recv())["request_id"]
+    start = await waiting.app.receive_output(5)
+    assert dict(start["headers"])[b"x-request-id"].decode() == request_id
+    await node.disconnect()
+
+
+async def test_a_served_model_with_no_slot_and_a_full_queue_stays_503(channel_layer, settings):
+    settings.IDLECLAW_MAX_QUEUE = 0
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    busy = HttpClient("POST", "/api/chat", {"model": "llama3.2:3b", "messages": MESSAGES})
+    await busy.start()
+    await node.recv()
+    body = {"model": "llama3.2:3b", "messages": MESSAGES}
+    for path in ("/v1/chat/completions", "/ollama/v1/chat/completions", "/ollama/api/chat",
+                 "/api/chat"):
+        client = HttpClient("POST", path, body)
+        status, headers = await client.start()
+        assert status == 503, path
+        assert int(headers["retry-after"]) > 0
+        reply = json.loads(await client.read_all())
+        if "v1" in path:
+            assert reply["error"]["code"] == "model_unavailable"
+    await node.disconnect()
+
+
+async def test_a_model_no_node_serves_is_404_on_v1_but_503_under_the_network_contract(
+    channel_layer,
+):
+    body = {"model": "nobody:1b", "messages": MESSAGES, "stream": True}
+    plain = HttpClient("POST", "/v1/chat/completions", body)
+    status, headers = await plain.start()
+    assert status == 404 and "retry-after" not in headers
+    assert json.loads(await plain.read_all())["error"]["code"] == "model_not_found"
+    page = HttpClient("POST", "/v1/chat/completions", body,
+                      headers={"X-IdleClaw-Contract": "network"})
+    status, headers = await page.start()
+    assert status == 503 and int(headers["retry-after"]) > 0
+    error = json.loads(await page.read_all())["error"]
+    assert error["message"] == "no node is serving nobody:1b right now"
+
+
+async def test_cors_allows_any_origin_by_default_on_the_event_loops_thread(channel_layer):
+    from corsheaders.signals import check_request_enabled
+
+    threads = []
+
+    def record(sender, request, **kwargs):
+        threads.append(threading.get_ident())
+        return False
+
+    check_request_enabled.connect(record)
+    try:
+        client = HttpClient("GET", "/v1/models", headers={"Origin": "https://any.example"})
+        status, headers = await client.start()
+        page = HttpClient("GET", "/", headers={"Origin": "https://any.example"})
+        _, page_headers = await page.start()
+    finally:
+        check_request_enabled.disconnect(record)
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-origin" not in page_headers
+    # The CORS middleware asked about the page on this thread: no hop to a worker thread.
+    assert threads == [threading.get_ident()]
+
+
+async def test_keep_alive_zero_unloads_in_every_form_ollama_reads_as_zero(channel_layer):
+    node = ScriptedNode()
+    await node.register()
+    unloading = [0, 0.0, "0", "0s", "-0s", "0m0s", "0.0h", "0ms"]
+    loading = [None, 300, "5m", "1ns", -1, "-5m"]
+    for keep_alive in unloading + loading:
+        body = {"model": "llama3.2:3b", "prompt": "", "stream": False}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        client = HttpClient("POST", "/ollama/api/generate", body)
+        assert (await client.start())[0] == 200
+        reason = json.loads(await client.read_all())["done_reason"]
+        assert reason == ("unload" if keep_alive in unloading else "load"), keep_alive
+    assert await node.nothing_sent()
     await node.disconnect()

@@ -40,7 +40,7 @@ DETAIL, OPENAI, OLLAMA = "detail", "openai", "ollama"
 # Documented statuses of each endpoint (PROTOCOL §2, README "Use the APIs...").
 POST_ENDPOINTS: dict[str, tuple[str, set[int]]] = {
     "/api/chat": (DETAIL, {200, 400, 405, 413, 422, 429, 503}),
-    "/v1/chat/completions": (OPENAI, {200, 400, 405, 413, 429, 503}),
+    "/v1/chat/completions": (OPENAI, {200, 400, 404, 405, 413, 429, 503}),
     "/ollama/api/chat": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
     "/ollama/api/generate": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
     "/ollama/api/show": (OLLAMA, {200, 400, 404, 405, 413, 429}),
@@ -246,7 +246,7 @@ def check_answer(method: str, path: str, headers: dict[str, str], body: bytes) -
         kind = "chat" if path.endswith("chat") else "generate"
         name = f"ollama-{kind}-{'ndjson' if 'ndjson' in content_type else 'json'}"
         seen = read_answer(name, 200, body)
-        if seen.finish == "load":  # no messages or prompt: Ollama's load-only answer
+        if seen.finish in ("load", "unload"):  # no messages or prompt: Ollama's load answer
             return
     else:
         json.loads(body)

@@ -90,7 +90,13 @@ export async function* streamChat({ model, messages, think, signal }) {
   if (think !== null) request.reasoning_effort = think ? "medium" : "none";
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    headers: {
+      "Content-Type": "application/json",
+      Accept: "text/event-stream",
+      // The network's own contract (PROTOCOL §2): a model no node serves is a 503 with
+      // Retry-After, counted down before Retry, rather than the 404 other /v1 clients get.
+      "X-IdleClaw-Contract": "network",
+    },
     body: JSON.stringify(request),
     signal,
   });
