@@ -350,15 +350,38 @@ def _late_frames(router: FakeRouter) -> list[dict]:
     return frames
 
 
-def test_node_registers_its_models_with_capabilities(node):
+def test_node_registers_its_models_with_capabilities_and_details(node):
     _, router, _, register = node
     assert router.paths == ["/ws/node"]
     assert register["type"] == "register"
     uuid.UUID(register["node_id"])
     assert register["models"] == [
-        {"name": THINKING_MODEL, "size": THINKING_MODEL_SIZE,
-         "capabilities": ["completion", "tools", "thinking"]},
-        {"name": PLAIN_MODEL, "size": PLAIN_MODEL_SIZE, "capabilities": ["completion"]},
+        {
+            "name": THINKING_MODEL,
+            "size": THINKING_MODEL_SIZE,
+            "capabilities": ["completion", "tools", "thinking"],
+            "details": {
+                "format": "gguf",
+                "family": "qwen3",
+                "families": ["qwen3"],
+                "parameter_size": "0.6B",
+                "quantization_level": "Q4_K_M",
+            },
+            "context_length": 40960,
+        },
+        {
+            "name": PLAIN_MODEL,
+            "size": PLAIN_MODEL_SIZE,
+            "capabilities": ["completion"],
+            "details": {
+                "format": "gguf",
+                "family": "llama",
+                "families": ["llama"],
+                "parameter_size": "135M",
+                "quantization_level": "Q8_0",
+            },
+            "context_length": 8192,
+        },
     ]
     assert register["max_concurrent"] == 1
     assert register["ollama_version"] == OLLAMA_VERSION
