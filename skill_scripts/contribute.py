@@ -89,7 +89,7 @@ OLLAMA_INFO_TIMEOUT = (5.0, 15.0)
 OLLAMA_PS_TIMEOUT = (2.0, 5.0)
 # Besides the one with each heartbeat, /api/ps is asked soon after a request that may have loaded
 # or unloaded a model, so the router learns it quickly; never more often than this.
-PS_MIN_INTERVAL_S = 2.0
+PS_MIN_INTERVAL_S = 1.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 # A router that is restarting closes its nodes with 1012 (RFC 6455 "Service Restart", an
@@ -962,13 +962,16 @@ class Contributor:
         if reports:
             conn.wake.set()  # the router learns at once what is loaded
         last_ps = -PS_MIN_INTERVAL_S
+        next_beat = time.monotonic() + self.heartbeat_interval
         while True:
-            early = conn.wake.wait(self.heartbeat_interval)
+            early = conn.wake.wait(max(0.0, next_beat - time.monotonic()))
             conn.wake.clear()
             if conn.closed.is_set():
                 return
             if early:
-                pause = last_ps + PS_MIN_INTERVAL_S - time.monotonic()
+                # Not sooner than PS_MIN_INTERVAL_S after the last /api/ps, and not later than
+                # the regular heartbeat.
+                pause = min(last_ps + PS_MIN_INTERVAL_S, next_beat) - time.monotonic()
                 if pause > 0 and conn.closed.wait(pause):
                     return
             active = self.active_requests()
@@ -985,6 +988,7 @@ class Contributor:
                     frame["loaded"] = loaded
             conn.send(frame)
             conn.ping()
+            next_beat = time.monotonic() + self.heartbeat_interval
 
     def _loaded_models(self) -> list[dict[str, Any]] | None:
         """The shared models Ollama has loaded, or None when it does not answer (the heartbeat
