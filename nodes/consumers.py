@@ -248,6 +248,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 session_id=self.session_id, offers=offers
             )
             self.model_names = frozenset(offer.name for offer in offers)
+            self.loaded = {}  # the next report is written whole, onto the new rows
             await self._wake_queues([offer.name for offer in offers])
         elif kind == FrameType.DRAIN:
             await db(services.node_session_drain)(session_id=self.session_id)
