@@ -30,6 +30,10 @@ Reply tokens:
   after a ``tool`` message it answers ``From the web: <first line of the result>``, so a test
   can see that the result reached the model.
 
+Loaded models work as in Ollama: a request loads its model (taking ``load_delay``, shared by
+the requests that wait for the same load), which then stays ``keep_alive`` (default 5m) after
+the last request that used it; ``keep_alive: 0`` unloads it; ``/api/ps`` lists what is loaded.
+
 Test-only observability lives under ``/_emulator/`` so it cannot collide with Ollama's
 API: ``GET /_emulator/stats`` and ``POST /_emulator/reset``.
 
@@ -71,7 +75,10 @@ DEFAULT_VERSION = "0.12.3"
 DEFAULT_REPLY_TOKENS = 20
 DEFAULT_KEEP_ALIVE_NS = 5 * 60 * 1_000_000_000
 REQUEST_LOG_SIZE = 100
+# The context a model runs with (``/api/ps``): Ollama's default num_ctx since 0.6.
 CONTEXT_LENGTH = 4096
+# The context each model was trained for (``/api/show`` model_info), by name; 32768 otherwise.
+TRAINED_CONTEXT_LENGTHS = {"llama3.2": 131072, "qwen3": 40960, "smollm2": 8192}
 
 KNOWN_CAPABILITIES = ("completion", "tools", "thinking", "insert", "vision", "embedding")
 
@@ -153,6 +160,12 @@ class ModelSpec:
     @property
     def digest(self) -> str:
         return hashlib.sha256(f"emulated:{self.key}".encode()).hexdigest()
+
+    @property
+    def context_length(self) -> int:
+        """The context length the model was trained for, as ``/api/show`` reports it."""
+        base = self.key.rsplit("/", 1)[-1].split(":", 1)[0]
+        return TRAINED_CONTEXT_LENGTHS.get(base, 32768)
 
     def details(self) -> dict[str, Any]:
         """The ``details`` object Ollama returns in tags, show and ps."""
@@ -658,6 +671,7 @@ class OllamaEmulator:
         self.url: str | None = None
         self._stats = _Stats()
         self._loaded: dict[str, int | None] = {}  # model key -> expiry (ns) or None = forever
+        self._loading: dict[str, asyncio.Task[None]] = {}  # model key -> its load under way
         self._runner: web.AppRunner | None = None
 
     # ----- lifecycle
@@ -833,7 +847,7 @@ class OllamaEmulator:
                     "general.file_type": 15,
                     "general.parameter_count": model.parameter_count,
                     "general.quantization_version": 2,
-                    f"{arch}.context_length": 32768,
+                    f"{arch}.context_length": model.context_length,
                     f"{arch}.embedding_length": 2048,
                     f"{arch}.block_count": 28,
                 },
@@ -982,14 +996,14 @@ class OllamaEmulator:
     ) -> web.StreamResponse:
         self._stats.bump(f"{job.kind}_started")
         self._stats.active += 1
-        self._loaded[job.model.key] = self._expiry(job.keep_alive_ns)
+        key = job.model.key
         outcome = "failed"
         try:
             if job.reply is None and job.keep_alive_ns == 0:
                 response = self._done_only(job, "unload")
                 await self._send_whole(request, response)
             else:
-                load_ns = await self._pause(self.load_delay)
+                load_ns = await self._load(job)
                 if job.reply is None:
                     response = self._done_only(job, "load")
                     await self._send_whole(request, response)
@@ -1010,14 +1024,45 @@ class OllamaEmulator:
         finally:
             self._stats.active -= 1
             self._stats.bump(f"{job.kind}_{outcome}")
+            # Like Ollama, the model stays keep_alive from the end of its last request.
             if job.keep_alive_ns == 0:
-                self._loaded.pop(job.model.key, None)
-            else:
-                self._loaded[job.model.key] = self._expiry(job.keep_alive_ns)
+                self._loaded.pop(key, None)
+            elif key in self._loaded:
+                self._loaded[key] = self._expiry(job.keep_alive_ns)
 
     @staticmethod
     def _expiry(keep_alive_ns: int | None) -> int | None:
         return None if keep_alive_ns is None else time.time_ns() + keep_alive_ns
+
+    def _is_loaded(self, key: str) -> bool:
+        if key not in self._loaded:
+            return False
+        expires = self._loaded[key]
+        return expires is None or expires > time.time_ns()
+
+    async def _load(self, job: _Generation) -> int:
+        """Wait until the model is loaded: a loaded model is ready at once, otherwise loading
+        takes ``load_delay``. Requests that arrive while it loads wait for the same load, and a
+        load goes on when the request that started it hangs up, as in Ollama. Returns the
+        nanoseconds waited (reported as ``load_duration``)."""
+        began = time.perf_counter_ns()
+        key = job.model.key
+        if self._is_loaded(key):
+            await asyncio.sleep(0)  # yield, so that concurrent streams interleave
+        else:
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = asyncio.ensure_future(self._load_model(key, job.keep_alive_ns))
+                self._loading[key] = loading
+            await asyncio.shield(loading)
+        return time.perf_counter_ns() - began
+
+    async def _load_model(self, key: str, keep_alive_ns: int | None) -> None:
+        try:
+            await asyncio.sleep(self.load_delay)
+            self._loaded[key] = self._expiry(keep_alive_ns)
+        finally:
+            self._loading.pop(key, None)
 
     async def _pause(self, seconds: float) -> int:
         began = time.perf_counter_ns()
@@ -1258,7 +1303,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--load-delay",
         type=_non_negative,
         default=0.0,
-        help="seconds before the first token of each request (reported as load_duration)",
+        help="seconds a request for a model that is not loaded waits before its first token "
+        "(reported as load_duration); a loaded model stays keep_alive (default 5m) after its "
+        "last request, as /api/ps shows",
     )
     parser.add_argument(
         "--reply-tokens",

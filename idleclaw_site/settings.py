@@ -326,6 +326,10 @@ IDLECLAW_NODE_MAX_FRAMES_PER_S = envint("IDLECLAW_NODE_MAX_FRAMES_PER_S", 100, m
 IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST = envint(
     "IDLECLAW_NODE_FRAMES_PER_S_PER_REQUEST", 2000, minimum=0
 )
+# Among equally loaded nodes, send a request to one whose Ollama has the model loaded (reported
+# with its heartbeats): the others would load it first, seconds before the first token. Off only
+# to measure what it saves (bench/RESULTS.md, issue 19).
+IDLECLAW_PREFER_LOADED_NODES = envbool("IDLECLAW_PREFER_LOADED_NODES", True)
 # Frames about requests a node was never sent (or malformed chunks) before it is disconnected.
 IDLECLAW_NODE_MAX_STRIKES = envint("IDLECLAW_NODE_MAX_STRIKES", 20, minimum=1)
 # Longest silence from a node while a consumer waits for its next chunk.

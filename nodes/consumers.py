@@ -21,6 +21,7 @@ from channels.exceptions import ChannelFull, StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.utils import timezone
 
 from idleclaw_site import shutdown
 from idleclaw_site.db import db
@@ -37,6 +38,9 @@ CHUNKS_PER_UNIT = 8
 # What one tool call costs of it, in frames: each is parsed, measured and may be checked against
 # a schema (routing.tool_calls), many times a token's work. Real answers make a handful.
 FRAMES_PER_TOOL_CALL = 8
+# How far a loaded model's expiry may move before the router writes it down
+# (``protocol.loaded_changed``): Ollama moves it with every request a node serves.
+LOADED_SLACK_S = 30.0
 
 
 @dataclass(eq=False)
@@ -91,6 +95,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.requests: dict[str, str] = {}  # request_id → consumer's reply channel
         self.next_seq: dict[str, int] = {}  # request_id → number of the next chunk
         self.outboxes: dict[str, _Outbox] = {}  # request_id → chunks not yet sent on
+        self.model_names: frozenset[str] = frozenset()  # the models the node serves
+        # What its Ollama has loaded, as last passed on to be written (heartbeat ``loaded``).
+        self.loaded: dict[str, protocol.LoadedModel] = {}
         self.last_frame = time.monotonic()
         # Read once: used on every frame.
         self.frame_rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
@@ -192,6 +199,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         )
         self.session_id = opened.session_id
         self.node_id = registration.node_id
+        self.model_names = frozenset(offer.name for offer in registration.models)
         self.registered.set()
         if opened.evicted_channel:
             await self.channel_layer.send(opened.evicted_channel, {"type": "node.evict"})
@@ -227,7 +235,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.INFERENCE_ERROR:
             await self._relay_error(frame)
         elif kind == FrameType.HEARTBEAT:
-            pass  # proof of life only, recorded above
+            self._note_loaded(frame)
         elif kind == FrameType.MODELS_UPDATE:
             offers, warnings = protocol.parse_models(frame.get("models"))
             if warnings:
@@ -239,11 +247,25 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await db(services.node_models_replace)(
                 session_id=self.session_id, offers=offers
             )
+            self.model_names = frozenset(offer.name for offer in offers)
+            self.loaded = {}  # the next report is written whole, onto the new rows
             await self._wake_queues([offer.name for offer in offers])
         elif kind == FrameType.DRAIN:
             await db(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
+
+    def _note_loaded(self, frame: dict[str, Any]) -> None:
+        """A heartbeat's ``loaded`` extension (docs/node-protocol-extensions.md): the models
+        the node serves that its Ollama has loaded, passed on to be written only when they
+        changed; heartbeats come from every node every few seconds."""
+        loaded = protocol.parse_loaded(frame.get("loaded"), timezone.now())
+        if loaded is None:
+            return  # the node says nothing about it
+        loaded = tuple(model for model in loaded if model.name in self.model_names)
+        if protocol.loaded_changed(self.loaded, loaded, slack=LOADED_SLACK_S):
+            self.loaded = {model.name: model for model in loaded}
+            worker.session_loaded(self.session_id, loaded)
 
     async def _wake_queues(self, models: list[str]) -> None:
         """New capacity: the requests waiting longest for these models may take it."""

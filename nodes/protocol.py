@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypedDict
 
@@ -42,6 +44,16 @@ STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eva
 ERROR_CODES = ("invalid_request", "ollama_unavailable", "ollama_error")
 # Most chunks one ``inference_chunks`` frame may carry (docs/node-protocol-extensions.md).
 MAX_CHUNKS_PER_FRAME = 256
+# A model's ``details`` (docs/node-protocol-extensions.md): Ollama's short descriptive strings,
+# each a word of a plain charset (they are shown in model lists), and its context length.
+DETAIL_TEXT_KEYS = ("format", "family", "parameter_size", "quantization_level")
+DETAIL_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
+MAX_FAMILIES = 4
+MAX_CONTEXT_LENGTH = 2**27  # 134M tokens: well above any model's, far below absurd
+# An expiry past this is "loaded for good" (Ollama reports keep_alive -1 as year 2318); it keeps
+# absurd dates out of arithmetic and out of the database.
+LOADED_FOREVER = datetime(3000, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP_CHARS = 40
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -65,9 +77,10 @@ class Feature(StrEnum):
     when the router listed it (docs/node-protocol-extensions.md)."""
 
     INFERENCE_CHUNKS = "inference_chunks"
+    LOADED_MODELS = "loaded_models"
 
 
-ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS,)
+ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS, Feature.LOADED_MODELS)
 
 
 class CloseReason(StrEnum):
@@ -145,6 +158,17 @@ class ModelOffer:
     name: str
     size: int = 0
     capabilities: tuple[str, ...] = ()
+    # What ``parse_details`` kept of the node's description of the model.
+    details: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model the node's Ollama has loaded (``/api/ps``), as reported with a heartbeat."""
+
+    name: str
+    expires_at: datetime
+    size_vram: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,10 +300,107 @@ def parse_models(raw: Any) -> tuple[tuple[ModelOffer, ...], tuple[str, ...]]:
         capabilities: tuple[str, ...] = ()
         if isinstance(caps, list):
             capabilities = tuple(c for c in KNOWN_CAPABILITIES if c in caps)
-        offers[name] = ModelOffer(name=name, size=size, capabilities=capabilities)
+        offers[name] = ModelOffer(
+            name=name,
+            size=size,
+            capabilities=capabilities,
+            details=parse_details(entry.get("details"), entry.get("context_length")),
+        )
     if not offers:
         raise ProtocolError(CloseReason.INVALID_MODEL_NAME)
     return tuple(offers.values()), tuple(warnings)
+
+
+def _detail_text(value: Any) -> str | None:
+    if isinstance(value, str) and DETAIL_TEXT.fullmatch(value):
+        return value
+    return None
+
+
+def parse_details(raw: Any, context_length: Any) -> dict[str, Any]:
+    """What the router keeps of a model entry's ``details`` and ``context_length`` (an
+    extension of ``register`` and ``models_update``): the known keys whose values are short
+    words of a plain charset, at most ``MAX_FAMILIES`` families, and a context length in
+    1..``MAX_CONTEXT_LENGTH``. Anything else is dropped, never an error; only known keys are
+    looked at, so the cost does not grow with what a node sends."""
+    details: dict[str, Any] = {}
+    if isinstance(raw, dict):
+        for key in DETAIL_TEXT_KEYS:
+            text = _detail_text(raw.get(key))
+            if text is not None:
+                details[key] = text
+        families = raw.get("families")
+        if isinstance(families, list):
+            kept: list[str] = []
+            for value in families[:MAX_FAMILIES]:
+                text = _detail_text(value)
+                if text is not None and text not in kept:
+                    kept.append(text)
+            if kept:
+                details["families"] = kept
+    length = safe_int(context_length)
+    if length is not None and 0 < length <= MAX_CONTEXT_LENGTH:
+        details["context_length"] = length
+    return details
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """An RFC 3339 time with a UTC offset, as Ollama writes them, in UTC and at most
+    ``LOADED_FOREVER``; None for anything else."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TIMESTAMP_CHARS:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            return None
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 9999 with a negative offset
+        return None
+    return min(moment, LOADED_FOREVER)
+
+
+def parse_loaded(raw: Any, now: datetime) -> tuple[LoadedModel, ...] | None:
+    """The ``loaded`` field of a heartbeat (docs/node-protocol-extensions.md): the models the
+    node's Ollama has loaded, or None when the heartbeat says nothing about them (no field, or
+    not a list). Entries that are not a valid model name with an expiry still in the future are
+    dropped, only the first ``MAX_MODELS`` entries are looked at, and a name given twice keeps
+    its latest expiry. Whether the node serves each model is the caller's business."""
+    if not isinstance(raw, list):
+        return None
+    loaded: dict[str, LoadedModel] = {}
+    for entry in raw[:MAX_MODELS]:
+        if not isinstance(entry, dict) or not valid_model_name(entry.get("name")):
+            continue
+        expires_at = parse_timestamp(entry.get("expires_at"))
+        if expires_at is None or expires_at <= now:
+            continue
+        name = entry["name"]
+        model = LoadedModel(
+            name=name, expires_at=expires_at, size_vram=safe_int(entry.get("size_vram")) or 0
+        )
+        if name not in loaded or loaded[name].expires_at < expires_at:
+            loaded[name] = model
+    return tuple(loaded.values())
+
+
+def loaded_changed(
+    before: Mapping[str, LoadedModel], after: tuple[LoadedModel, ...], *, slack: float
+) -> bool:
+    """Whether a loaded report says something the router does not know yet: another set of
+    models, another memory use, or an expiry moved by more than ``slack`` seconds. Ollama moves
+    a model's expiry with every request it serves; writing each move would cost a write per
+    heartbeat of every busy node, and an expiry a few seconds early does not matter."""
+    if len(before) != len(after):
+        return True
+    for model in after:
+        known = before.get(model.name)
+        if (
+            known is None
+            or known.size_vram != model.size_vram
+            or abs((known.expires_at - model.expires_at).total_seconds()) > slack
+        ):
+            return True
+    return False
 
 
 def parse_register(frame: dict[str, Any]) -> Registration:

@@ -21,7 +21,7 @@ from django.utils import timezone
 from django_ratelimit.core import get_usage
 
 from nodes.models import NodeBan, NodeModel, NodeSession, RouterWorker
-from nodes.protocol import CloseReason, ModelOffer, ProtocolError, Registration
+from nodes.protocol import CloseReason, LoadedModel, ModelOffer, ProtocolError, Registration
 
 
 @dataclass(frozen=True)
@@ -184,13 +184,21 @@ def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
     )
 
 
-def _create_models(session: NodeSession, offers: tuple[ModelOffer, ...]) -> None:
+def _create_models(
+    session: NodeSession,
+    offers: tuple[ModelOffer, ...],
+    loaded: dict[str, tuple[datetime, int]] | None = None,
+) -> None:
+    loaded = loaded or {}
     NodeModel.objects.bulk_create(
         NodeModel(
             session=session,
             name=offer.name,
             size=offer.size,
             capabilities=list(offer.capabilities),
+            details=dict(offer.details),
+            loaded_until=loaded.get(offer.name, (None, 0))[0],
+            size_vram=loaded.get(offer.name, (None, 0))[1],
         )
         for offer in offers
     )
@@ -294,12 +302,38 @@ def node_session_drain(*, session_id: int) -> None:
 
 
 def node_models_replace(*, session_id: int, offers: tuple[ModelOffer, ...]) -> None:
+    """A node's new model list (``models_update``); what it said of the models it still
+    serves being loaded stays true."""
     with transaction.atomic():
         session = NodeSession.objects.select_for_update().filter(pk=session_id).first()
         if session is None:
             return
+        loaded = {
+            name: (until, size_vram)
+            for name, until, size_vram in session.models.filter(
+                loaded_until__isnull=False
+            ).values_list("name", "loaded_until", "size_vram")
+        }
         session.models.all().delete()
-        _create_models(session, offers)
+        _create_models(session, offers, loaded)
+
+
+def node_models_loaded(*, reports: dict[int, tuple[LoadedModel, ...]]) -> None:
+    """Record what each session's Ollama has loaded, as its heartbeats said (the models of
+    ``protocol.parse_loaded``); models a node does not serve are ignored, and its models not
+    in the report are not loaded. The writes of many sessions go in one transaction (the
+    worker batches them, like ``last_seen``), and only reports that changed come here
+    (``protocol.loaded_changed``)."""
+    with transaction.atomic():
+        for session_id, loaded in reports.items():
+            names = [model.name for model in loaded]
+            NodeModel.objects.filter(session_id=session_id, loaded_until__isnull=False).exclude(
+                name__in=names
+            ).update(loaded_until=None, size_vram=0)
+            for model in loaded:
+                NodeModel.objects.filter(session_id=session_id, name=model.name).update(
+                    loaded_until=model.expires_at, size_vram=model.size_vram
+                )
 
 
 def node_session_close(*, session_id: int) -> list[Orphan]:

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from idleclaw_site.db import db
 from nodes import services
-from nodes.protocol import EventType
+from nodes.protocol import EventType, LoadedModel
 
 logger = logging.getLogger("idleclaw.worker")
 
@@ -37,6 +37,10 @@ _ready: asyncio.Event | None = None
 # flush. Only this process's consumers add to it, about their own connections, and the database
 # stays the truth: a lost entry delays one session's last_seen by a second, nothing more.
 _seen: dict[int, str] = {}
+# Session id → the models its Ollama has loaded, as its latest heartbeat that changed them said
+# (``NodeConsumer`` sends only changes); written with the next flush. As with ``_seen``, the
+# database stays the truth and a lost entry is written again at the node's next change.
+_loaded: dict[int, tuple[LoadedModel, ...]] = {}
 # Set when the worker leaves the network for good (idleclaw_site/shutdown.py).
 _left = False
 
@@ -47,9 +51,16 @@ def session_seen(session_id: int, channel_name: str) -> None:
     _seen[session_id] = channel_name
 
 
+def session_loaded(session_id: int, loaded: tuple[LoadedModel, ...]) -> None:
+    """A node connection of this process reported other loaded models; written at the next
+    flush, so that a heartbeat never waits for the database."""
+    _loaded[session_id] = loaded
+
+
 def session_forget(session_id: int) -> None:
     """The session is over on this process; do not write it again."""
     _seen.pop(session_id, None)
+    _loaded.pop(session_id, None)
 
 
 async def flush_seen_sessions() -> None:
@@ -68,6 +79,20 @@ async def flush_seen_sessions() -> None:
     layer = get_channel_layer()
     for session_id in gone:
         await layer.send(batch[session_id], {"type": EventType.NODE_GONE})
+
+
+async def flush_loaded_models() -> None:
+    """Write the loaded models reported since the last flush, in one batch."""
+    global _loaded
+    if not _loaded:
+        return
+    reports, _loaded = _loaded, {}
+    try:
+        await db(services.node_models_loaded)(reports=reports)
+    except BaseException:
+        for session_id, loaded in reports.items():  # a newer report wins
+            _loaded.setdefault(session_id, loaded)
+        raise
 
 
 async def notify_orphans(orphans: list[services.Orphan], error: str) -> None:
@@ -142,6 +167,7 @@ async def _flush_loop() -> None:
     while True:
         try:
             await flush_seen_sessions()
+            await flush_loaded_models()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -187,3 +213,4 @@ async def stop(*, for_good: bool = False) -> None:
             except asyncio.CancelledError:
                 pass
     _seen.clear()
+    _loaded.clear()

@@ -265,14 +265,27 @@ def load_body(model: str, *, chat: bool, unload: bool = False) -> dict[str, Any]
 
 
 def _details(info: ModelInfo) -> dict[str, Any]:
-    family = info.name.split(":", 1)[0].rstrip("0123456789.")
-    return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-            "parameter_size": "", "quantization_level": ""}
+    """Ollama's ``details`` of a model: what its nodes reported (``ModelInfo.details``), else
+    a family guessed from the name."""
+    reported = info.details
+    family = reported.get("family") or info.name.split(":", 1)[0].rstrip("0123456789.")
+    return {
+        "parent_model": "",
+        "format": reported.get("format", "gguf"),
+        "family": family,
+        "families": reported.get("families", [family]),
+        "parameter_size": reported.get("parameter_size", ""),
+        "quantization_level": reported.get("quantization_level", ""),
+    }
 
 
 def _digest(name: str) -> str:
     # The router does not know the node's blob digest; a stable stand-in per name.
     return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def tags_body(infos: list[ModelInfo]) -> dict[str, Any]:
@@ -283,13 +296,48 @@ def tags_body(infos: list[ModelInfo]) -> dict[str, Any]:
 
 
 def ps_body(infos: list[ModelInfo]) -> dict[str, Any]:
-    return {"models": [{"name": info.name, "model": info.name, "size": info.size,
-                        "digest": _digest(info.name), "details": _details(info),
-                        "expires_at": now_rfc3339(), "size_vram": info.size}
-                       for info in infos if info.active]}
+    """The models loaded on at least one live node, as their heartbeats said, one entry per
+    model with the latest expiry, latest first as Ollama lists them; a model being generated
+    with right now is loaded too, even on a node that does not report it."""
+    now = datetime.now(UTC)
+    running = [
+        (info.loaded_until or now, info)
+        for info in infos
+        if info.loaded_until is not None or info.active
+    ]
+    running.sort(key=lambda item: item[0], reverse=True)
+    models = []
+    for expires_at, info in running:
+        entry = {
+            "name": info.name,
+            "model": info.name,
+            "size": max(info.size, info.size_vram),
+            "size_vram": info.size if info.loaded_until is None else info.size_vram,
+            "digest": _digest(info.name),
+            "details": _details(info),
+            "expires_at": _rfc3339(expires_at),
+        }
+        if "context_length" in info.details:
+            entry["context_length"] = info.details["context_length"]
+        models.append(entry)
+    return {"models": models}
 
 
 def show_body(info: ModelInfo) -> dict[str, Any]:
     capabilities = ["completion", *sorted(c for c in info.capabilities if c != "completion")]
-    return {"modelfile": "", "parameters": "", "template": "", "details": _details(info),
-            "model_info": {}, "capabilities": capabilities, "modified_at": now_rfc3339()}
+    model_info: dict[str, Any] = {}
+    family = info.details.get("family")
+    if family:
+        # Ollama's keys: the architecture, and its numbers under the architecture's name.
+        model_info["general.architecture"] = family
+        if "context_length" in info.details:
+            model_info[f"{family}.context_length"] = info.details["context_length"]
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": _details(info),
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": now_rfc3339(),
+    }

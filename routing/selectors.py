@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
@@ -20,6 +23,13 @@ class ModelInfo:
     free_slots: int = 0
     active: int = 0
     capabilities: set[str] = field(default_factory=set)
+    # What the nodes' Ollama says of the model (``protocol.parse_details``); where nodes
+    # disagree, what most of them say.
+    details: dict[str, Any] = field(default_factory=dict)
+    # Loaded on at least one live node until then (the latest expiry), and its largest memory
+    # use there; None when no node has it loaded.
+    loaded_until: datetime | None = None
+    size_vram: int = 0
 
 
 def live_sessions() -> QuerySet[NodeSession]:
@@ -40,9 +50,11 @@ def network_models() -> list[ModelInfo]:
     }
     models: dict[str, ModelInfo] = defaultdict(lambda: ModelInfo(name=""))
     rows = NodeModel.objects.filter(session_id__in=list(sessions)).values_list(
-        "session_id", "name", "size", "capabilities"
+        "session_id", "name", "size", "capabilities", "details", "loaded_until", "size_vram"
     )
-    for session_id, name, size, capabilities in rows:
+    now = timezone.now()
+    details_votes: dict[str, Counter[str]] = defaultdict(Counter)
+    for session_id, name, size, capabilities, details, loaded_until, size_vram in rows:
         info = models[name]
         info.name = name
         info.size = max(info.size, size)
@@ -51,6 +63,14 @@ def network_models() -> list[ModelInfo]:
         if not draining:
             info.free_slots += max(0, max_concurrent - active)
         info.capabilities.update(capabilities or ())
+        if details:
+            details_votes[name][json.dumps(details, sort_keys=True)] += 1
+        if loaded_until is not None and loaded_until > now:
+            info.loaded_until = max(loaded_until, info.loaded_until or loaded_until)
+            info.size_vram = max(info.size_vram, size_vram)
+    for name, votes in details_votes.items():
+        # The most nodes win; a tie goes the same way every time.
+        models[name].details = json.loads(min(votes, key=lambda text: (-votes[text], text)))
     from routing.models import InflightRequest
 
     for model, count in (

@@ -25,6 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
+from nodes.protocol import LOADED_FOREVER
 from nodes.services import live_cutoff, worker_cutoff
 from routing.models import ConsumerStream, InflightRequest, QueuedRequest
 
@@ -110,7 +111,8 @@ SELECT * FROM (
     SELECT s.id AS id, s.channel_name AS channel_name, s.node_id AS node_id,
            s.max_concurrent AS max_concurrent, s.consecutive_failures AS failures,
            COALESCE(s.tokens_per_s, %(unmeasured)s) AS speed,
-           (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) AS active
+           (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) AS active,
+           CASE WHEN m.loaded_until > %(loaded_after)s THEN 1 ELSE 0 END AS warm
     FROM {T.model} m
     JOIN {T.session} s ON s.id = m.session_id
     JOIN {T.worker} w ON w.worker_id = s.worker_id
@@ -127,7 +129,7 @@ SELECT * FROM (
 
 _CANDIDATES_SQL = _sql("""
 SELECT id, channel_name, node_id, max_concurrent,
-       CAST(active AS REAL) / max_concurrent AS load,
+       CAST(active AS REAL) / max_concurrent AS load, warm,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
 FROM ("""
     + _WINDOW_SQL.replace("{bound}", ">=").replace("{alias}", "ahead")
@@ -137,7 +139,7 @@ FROM ("""
 WHERE NOT EXISTS ("""
     + _OLDER_WAITING
     + """)
-ORDER BY load, penalty, speed DESC, max_concurrent DESC
+ORDER BY load, warm DESC, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
 """)
 
@@ -155,7 +157,9 @@ class _Candidate:
 def _candidates(
     model: str, exclude: Collection[int], now: datetime, *, own: str, arrived_at: datetime
 ) -> list[_Candidate]:
-    """Live nodes with a free slot, best first: the least loaded, then the most reliable and
+    """Live nodes with a free slot, best first: the least loaded, then those whose Ollama has
+    the model loaded (the others would load it first, seconds before the first token; the
+    node's heartbeats say, docs/node-protocol-extensions.md), then the most reliable and
     fastest. A cooled-down node is skipped; once its cooldown is over it gets one trial request
     at a time until it succeeds, ranked like a fresh node so that the trial really happens.
     None at all while a request for the model that arrived before ``arrived_at`` waits in the
@@ -182,6 +186,8 @@ def _candidates(
         "worker_cutoff": _at(worker_cutoff(now)),
         "cooldown_after": COOLDOWN_AFTER,
         "now": _at(now),
+        # Switched off, no node counts as having the model loaded.
+        "loaded_after": _at(now if settings.IDLECLAW_PREFER_LOADED_NODES else LOADED_FOREVER),
         "own": own,
         "arrived_at": _at(arrived_at),
         # Sessions this request already failed on are dropped here rather than in SQL.

@@ -229,9 +229,16 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
 
 
 def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
-    return {
+    model: dict[str, Any] = {
         "id": info.name, "object": "model", "created": int(STARTED_WALL), "owned_by": "idleclaw",
     }
+    # Extra fields, which OpenAI's clients keep: what the nodes' Ollama says of the model.
+    details = {key: value for key, value in info.details.items() if key != "context_length"}
+    if details:
+        model["details"] = details
+    if "context_length" in info.details:
+        model["context_length"] = info.details["context_length"]
+    return model
 
 
 @rate_limited("default")

@@ -1,11 +1,12 @@
 """Share this machine's Ollama models with the IdleClaw network.
 
-Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local models and serves
-``inference_request`` frames by streaming from the local Ollama; to a router that offers the
-``inference_chunks`` extension it sends the chunks that arrived together in one frame
-(docs/node-protocol-extensions.md). The router is untrusted input: requests are reduced to the
-whitelisted parameters of PROTOCOL §4 before they reach Ollama, and only the whitelisted answer
-fields go back.
+Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local models (with what
+Ollama's ``/api/show`` says of them) and serves ``inference_request`` frames by streaming from
+the local Ollama; to a router that offers the ``inference_chunks`` extension it sends the chunks
+that arrived together in one frame, and to one that offers ``loaded_models`` it says with its
+heartbeats which shared models Ollama has loaded (docs/node-protocol-extensions.md). The router
+is untrusted input: requests are reduced to the whitelisted parameters of PROTOCOL §4 before
+they reach Ollama, and only the whitelisted answer fields go back.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
 never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
@@ -41,6 +42,12 @@ MAX_FRAME_BYTES = 100_000
 MAX_CHUNKS_PER_FRAME = 256
 # The extension a router lists in ``registered.features`` when it takes inference_chunks.
 INFERENCE_CHUNKS = "inference_chunks"
+# ... and when it takes the models Ollama has loaded (``/api/ps``) with each heartbeat.
+LOADED_MODELS = "loaded_models"
+# Keys of Ollama's ``details`` of a model sent at registration, and their longest value.
+DETAIL_KEYS = ("format", "family", "parameter_size", "quantization_level")
+MAX_DETAIL_CHARS = 32
+MAX_FAMILIES = 4
 # Lines read from Ollama but not yet sent on: past this the reader stops reading, so a slow link
 # to the router slows Ollama down instead of piling a whole answer up in memory.
 MAX_WAITING_LINES = 1024
@@ -78,6 +85,11 @@ OLLAMA_CONNECT_TIMEOUT_S = 5.0
 # Between two lines of Ollama's stream; loading a large model before the first token is slow.
 OLLAMA_READ_TIMEOUT_S = 300.0
 OLLAMA_INFO_TIMEOUT = (5.0, 15.0)
+# /api/ps is asked from the heartbeat thread: a slow answer must not delay a heartbeat for long.
+OLLAMA_PS_TIMEOUT = (2.0, 5.0)
+# Besides the one with each heartbeat, /api/ps is asked soon after a request that may have loaded
+# or unloaded a model, so the router learns it quickly; never more often than this.
+PS_MIN_INTERVAL_S = 1.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 # A router that is restarting closes its nodes with 1012 (RFC 6455 "Service Restart", an
@@ -359,18 +371,82 @@ class LocalModel:
     name: str
     size: int = 0
     capabilities: tuple[str, ...] | None = None
+    # Ollama's ``details`` (family, parameter size, ...) and the model's context length, from
+    # /api/show; None when Ollama did not say.
+    details: dict[str, Any] | None = field(default=None, compare=False)
+    context_length: int | None = None
 
     def offer(self) -> dict[str, Any]:
         """The ``models`` entry of the register frame."""
         entry: dict[str, Any] = {"name": self.name, "size": self.size}
         if self.capabilities is not None:
             entry["capabilities"] = list(self.capabilities)
+        if self.details:
+            entry["details"] = dict(self.details)
+        if self.context_length is not None:
+            entry["context_length"] = self.context_length
         return entry
 
 
-def _get_json(method: str, url: str, **kwargs: Any) -> Any:
-    response = requests.request(method, url, timeout=OLLAMA_INFO_TIMEOUT,
-                                headers={"User-Agent": config.CLIENT_NAME}, **kwargs)
+def show_details(raw: Any) -> dict[str, Any] | None:
+    """Ollama's ``details`` of a model reduced to the keys the router reads, short strings
+    only (a router refuses the rest anyway)."""
+    if not isinstance(raw, dict):
+        return None
+    details: dict[str, Any] = {
+        key: raw[key]
+        for key in DETAIL_KEYS
+        if isinstance(raw.get(key), str) and 0 < len(raw[key]) <= MAX_DETAIL_CHARS
+    }
+    families = raw.get("families")
+    if isinstance(families, list):
+        kept = [f for f in families if isinstance(f, str) and 0 < len(f) <= MAX_DETAIL_CHARS]
+        if kept:
+            details["families"] = kept[:MAX_FAMILIES]
+    return details or None
+
+
+def context_length_of(model_info: Any) -> int | None:
+    """The context length the model was trained for: ``<architecture>.context_length`` of
+    Ollama's ``model_info``."""
+    if not isinstance(model_info, dict):
+        return None
+    architecture = model_info.get("general.architecture")
+    if not isinstance(architecture, str):
+        return None
+    value = model_info.get(f"{architecture}.context_length")
+    return value if _is_int(value) and value > 0 else None
+
+
+def loaded_entries(ps: Any, shared: Collection[str]) -> list[dict[str, Any]]:
+    """The ``loaded`` list of a heartbeat from Ollama's ``/api/ps`` answer: the shared models
+    it has loaded, with their size, memory use and expiry, at most ``MAX_MODELS``."""
+    models = ps.get("models") if isinstance(ps, dict) else None
+    loaded: list[dict[str, Any]] = []
+    for entry in models if isinstance(models, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or entry.get("model")
+        if not isinstance(name, str) or name not in shared:
+            continue
+        item: dict[str, Any] = {"name": name}
+        for key in ("size", "size_vram"):
+            if _is_int(entry.get(key)):
+                item[key] = entry[key]
+        if isinstance(entry.get("expires_at"), str):
+            item["expires_at"] = entry["expires_at"][:64]
+        loaded.append(item)
+        if len(loaded) == MAX_MODELS:
+            break
+    return loaded
+
+
+def _get_json(
+    method: str, url: str, *, timeout: tuple[float, float] = OLLAMA_INFO_TIMEOUT, **kwargs: Any
+) -> Any:
+    response = requests.request(
+        method, url, timeout=timeout, headers={"User-Agent": config.CLIENT_NAME}, **kwargs
+    )
     response.raise_for_status()
     return response.json()
 
@@ -449,20 +525,29 @@ def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[Loc
     except (requests.RequestException, ValueError, AttributeError):
         version = None
     version = version[:32] if isinstance(version, str) and version else "unknown"
-    return [_with_capabilities(ollama, m) for m in chosen], version
+    return [_described(ollama, m) for m in chosen], version
 
 
-def _with_capabilities(ollama: str, model: LocalModel) -> LocalModel:
-    # /api/show reports capabilities since Ollama 0.6.4; older versions just omit the field.
+def _described(ollama: str, model: LocalModel) -> LocalModel:
+    """The model with what Ollama's /api/show says of it: capabilities (since Ollama 0.6.4;
+    older versions just omit the field), details and context length."""
     try:
         shown = _get_json("POST", f"{ollama}/api/show", json={"model": model.name})
     except (requests.RequestException, ValueError):
         return model
-    caps = shown.get("capabilities") if isinstance(shown, dict) else None
-    if not isinstance(caps, list):
+    if not isinstance(shown, dict):
         return model
-    clean = tuple(c for c in caps if isinstance(c, str) and 0 < len(c) <= 32)[:16]
-    return LocalModel(name=model.name, size=model.size, capabilities=clean)
+    caps = shown.get("capabilities")
+    capabilities = None
+    if isinstance(caps, list):
+        capabilities = tuple(c for c in caps if isinstance(c, str) and 0 < len(c) <= 32)[:16]
+    return LocalModel(
+        name=model.name,
+        size=model.size,
+        capabilities=capabilities,
+        details=show_details(shown.get("details")),
+        context_length=context_length_of(shown.get("model_info")),
+    )
 
 
 # --------------------------------------------------------------------------- connection state
@@ -476,6 +561,9 @@ class _Connection:
         self.ws = ws
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
+        # Wakes the heartbeat thread early: a loaded-models report is due, or the connection
+        # is over.
+        self.wake = threading.Event()
         # Extensions the router listed in ``registered``; set before any request arrives.
         self.features: frozenset[str] = frozenset()
 
@@ -514,11 +602,13 @@ class _Connection:
     def lost(self) -> None:
         """Mark the connection dead and wake the receive loop."""
         self.closed.set()
+        self.wake.set()
         self.ws.abort()
 
     def close(self, graceful: bool) -> None:
         """Close the socket: with a close handshake when stopping, at once otherwise."""
         self.closed.set()
+        self.wake.set()
         # A worker stuck in a send holds the lock; stopping must not wait for it.
         if graceful and self.send_lock.acquire(timeout=0.5):
             try:
@@ -691,6 +781,8 @@ class Contributor:
         self._lock = threading.Lock()
         self._inflight: dict[str, _InFlight] = {}
         self._conn: _Connection | None = None
+        # The shared models Ollama had loaded at the last /api/ps (heartbeat thread writes it).
+        self._loaded_names: frozenset[str] = frozenset()
 
     # ---- frames
 
@@ -863,15 +955,52 @@ class Contributor:
         _start_thread(self._heartbeat_loop, conn, name="heartbeat")
 
     def _heartbeat_loop(self, conn: _Connection) -> None:
-        while not conn.closed.wait(self.heartbeat_interval):
+        """A heartbeat every interval; to a router that takes ``loaded_models``, each says what
+        Ollama has loaded, and one more is sent soon after a request that may have changed
+        that (``conn.wake``), at most one /api/ps per PS_MIN_INTERVAL_S besides."""
+        reports = LOADED_MODELS in conn.features
+        if reports:
+            conn.wake.set()  # the router learns at once what is loaded
+        last_ps = -PS_MIN_INTERVAL_S
+        next_beat = time.monotonic() + self.heartbeat_interval
+        while True:
+            early = conn.wake.wait(max(0.0, next_beat - time.monotonic()))
+            conn.wake.clear()
+            if conn.closed.is_set():
+                return
+            if early:
+                # Not sooner than PS_MIN_INTERVAL_S after the last /api/ps, and not later than
+                # the regular heartbeat.
+                pause = min(last_ps + PS_MIN_INTERVAL_S, next_beat) - time.monotonic()
+                if pause > 0 and conn.closed.wait(pause):
+                    return
             active = self.active_requests()
-            conn.send({
+            frame: dict[str, Any] = {
                 "type": "heartbeat",
                 "node_id": self.node_id,
                 "active_requests": active,
                 "available": active < self.max_concurrent and not stop_requested(),
-            })
+            }
+            if reports:
+                last_ps = time.monotonic()
+                loaded = self._loaded_models()
+                if loaded is not None:
+                    frame["loaded"] = loaded
+            conn.send(frame)
             conn.ping()
+            next_beat = time.monotonic() + self.heartbeat_interval
+
+    def _loaded_models(self) -> list[dict[str, Any]] | None:
+        """The shared models Ollama has loaded, or None when it does not answer (the heartbeat
+        then says nothing about them, rather than that none is loaded)."""
+        try:
+            ps = _get_json("GET", f"{self.ollama}/api/ps", timeout=OLLAMA_PS_TIMEOUT)
+        except (requests.RequestException, ValueError) as exc:
+            log.debug("Ollama's /api/ps failed: %s", _describe(exc))
+            return None
+        loaded = loaded_entries(ps, self.model_names)
+        self._loaded_names = frozenset(entry["name"] for entry in loaded)
+        return loaded
 
     # ---- requests
 
@@ -1005,6 +1134,14 @@ class Contributor:
             with self._lock:
                 if self._inflight.get(rid) is inflight:
                     del self._inflight[rid]
+            if (
+                outcome == "finished"
+                and LOADED_MODELS in inflight.conn.features
+                and (inflight.model not in self._loaded_names or "keep_alive" in params)
+            ):
+                # Ollama loaded the model for it, or its keep_alive moved or ended the model's
+                # stay: tell the router soon rather than at the next heartbeat.
+                inflight.conn.wake.set()
             elapsed = time.monotonic() - started
             if outcome == "finished":
                 log.info("request %s finished: model=%s tokens=%d in %.1f s (%d chunks in %d "

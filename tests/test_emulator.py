@@ -209,6 +209,10 @@ def test_show_reports_capabilities_and_details(client: ollama.Client) -> None:
     assert qwen.details is not None and qwen.details.family == "qwen3"
     assert qwen.modelinfo and qwen.modelinfo["general.architecture"] == "qwen3"
     assert qwen.modelfile and qwen.template is not None and qwen.modified_at is not None
+    assert llama.details is not None and llama.details.parameter_size == "3B"
+    assert llama.details.quantization_level == "Q4_K_M" and llama.details.format == "gguf"
+    assert llama.modelinfo and llama.modelinfo["llama.context_length"] == 131072
+    assert qwen.modelinfo["qwen3.context_length"] == 40960
 
 
 def test_show_accepts_the_legacy_name_field(emulator_url: str) -> None:
@@ -233,6 +237,7 @@ def test_ps_lists_models_after_use_with_expiry(client: ollama.Client) -> None:
 
     smol = running["smollm2:135m"]
     assert smol.size_vram == smol.size == 270898672
+    assert smol.context_length == 4096
     assert smol.expires_at is not None and smol.expires_at > datetime.now(UTC)
     assert smol.details is not None and smol.details.family == "llama"
 
@@ -590,14 +595,41 @@ def test_generate_raw_mode_returns_no_context(client: ollama.Client) -> None:
 # --------------------------------------------------------------------------- timing and stats
 
 
-def test_load_delay_is_reported_as_load_duration(slow_client: ollama.Client) -> None:
-    response = slow_client.chat(
-        model="llama3.2:3b", messages=_user("slow"), stream=False, options={"num_predict": 2}
-    )
+def test_only_a_model_that_is_not_loaded_waits_the_load_delay(slow_client: ollama.Client) -> None:
+    slow_client.generate(model="llama3.2:3b", prompt="", keep_alive=0)  # whatever ran before
 
-    assert response.load_duration >= 200_000_000
-    assert response.total_duration >= response.load_duration + 2 * 50_000_000
-    assert response.eval_count == 2
+    def ask() -> ollama.ChatResponse:
+        return slow_client.chat(
+            model="llama3.2:3b", messages=_user("slow"), stream=False, options={"num_predict": 2}
+        )
+
+    cold, warm = ask(), ask()
+
+    assert cold.load_duration >= 200_000_000
+    assert cold.total_duration >= cold.load_duration + 2 * 50_000_000
+    assert cold.eval_count == 2
+    assert warm.load_duration < 100_000_000
+    assert "llama3.2:3b" in {m.model for m in slow_client.ps().models}
+
+
+async def test_requests_arriving_during_a_load_wait_for_the_same_load() -> None:
+    async with OllamaEmulator(load_delay=0.6) as emulator:
+        client = ollama.AsyncClient(host=emulator.url, timeout=10)
+
+        async def ask() -> ollama.ChatResponse:
+            return await client.chat(model="qwen3:0.6b", messages=_user("x"), think=False)
+
+        try:
+            first = asyncio.ensure_future(ask())
+            await asyncio.sleep(0.3)
+            second = await ask()
+            first_done = await first
+        finally:
+            await client.close()
+
+    assert first_done.load_duration >= 600_000_000
+    # It waited only for the rest of the load the first request started.
+    assert second.load_duration < 500_000_000
 
 
 def test_stats_log_request_bodies_and_reset_clears_them(emulator_url: str) -> None:

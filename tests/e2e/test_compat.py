@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import time
+from datetime import UTC, datetime
 
 import ollama
 import openai
@@ -529,3 +530,65 @@ def test_keep_alive_zero_with_nothing_to_say_unloads_as_ollama_answers(network, 
                              json={"model": MODEL, "prompt": "", "keep_alive": "0m"}).json()
     assert set(generate) == {"model", "created_at", "response", "done", "done_reason"}
     assert generate["response"] == "" and generate["done_reason"] == "unload"
+# --- Loaded models and model details (issue 19) ---------------------------------------------
+
+
+def running(olc) -> dict[str, ollama.ProcessResponse.Model]:
+    return {model.model: model for model in olc.ps().models}
+
+
+def test_ollama_ps_lists_a_model_once_a_chat_loaded_it(olc):
+    small = "smollm2:135m"
+    assert small not in running(olc)
+    olc.chat(model=small, messages=[{"role": "user", "content": "load it"}])
+    # The node reports soon after a request that loaded its model, not at its next heartbeat.
+    loaded = procs.wait_until(lambda: running(olc).get(small), timeout=5, what="ps to list it")
+    assert loaded.name == small
+    assert loaded.size_vram == loaded.size == 270898672
+    assert loaded.expires_at > datetime.now(UTC)
+    assert loaded.details.family == "llama" and loaded.details.parameter_size == "135M"
+    assert loaded.context_length == 8192
+
+
+def test_show_list_and_v1_models_carry_the_nodes_details(olc, oai):
+    shown = olc.show(MODEL)
+    assert shown.details.family == "llama"
+    assert shown.details.parameter_size == "3B"
+    assert shown.details.quantization_level == "Q4_K_M"
+    assert shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["llama.context_length"] == 131072
+    listed = {m.model: m for m in olc.list().models}
+    assert listed[THINKER].details.parameter_size == "0.6B"
+    assert listed[THINKER].details.family == "qwen3"
+    model = oai.models.retrieve(THINKER)
+    assert model.model_extra["context_length"] == 40960
+    assert model.model_extra["details"]["quantization_level"] == "Q4_K_M"
+
+
+def test_requests_go_to_the_node_that_has_the_model_loaded(olc, network):
+    router_url, warm_url = network
+    olc.chat(model=THINKER, messages=[{"role": "user", "content": "warm up"}], think=False)
+    procs.wait_until(lambda: THINKER in running(olc), timeout=5, what="the node's report")
+    # A second node serving the same model, idle like the first, whose Ollama has nothing
+    # loaded; not yet measured, so without the preference it would even be ranked first.
+    cold, cold_url = procs.start_emulator()
+    second = procs.start_contributor(router_url, cold_url, "--max-concurrent", "4")
+    try:
+        second.wait_for_line("registered")
+
+        def served() -> tuple[int, int]:
+            return tuple(
+                requests.get(f"{url}/_emulator/stats", timeout=5).json()["chat_completed"]
+                for url in (warm_url, cold_url)
+            )
+
+        before = served()
+        for index in range(4):
+            olc.chat(
+                model=THINKER, messages=[{"role": "user", "content": f"q{index}"}], think=False
+            )
+        warm, cold_count = (after - was for after, was in zip(served(), before, strict=True))
+        assert (warm, cold_count) == (4, 0)
+    finally:
+        second.stop()
+        cold.stop()

@@ -445,7 +445,7 @@ async def registered_node(node_id: str, **register) -> ScriptedNode:
 async def test_registered_offers_the_inference_chunks_feature(channel_layer):
     node = ScriptedNode()
     reply = await node.register()
-    assert reply["features"] == ["inference_chunks"]
+    assert "inference_chunks" in reply["features"]
     await node.disconnect()
 
 

@@ -235,3 +235,53 @@ def test_a_large_pool_spreads_requests_evenly(router_worker):
     # as nodes leave almost every node with one, and none with more than two.
     assert max(per_node.values()) <= 2
     assert len(per_node) >= 0.75 * size
+
+
+def _loaded(session: NodeSession, *, until: timedelta, model: str = "llama3.2:3b") -> None:
+    NodeModel.objects.filter(session=session, name=model).update(
+        loaded_until=timezone.now() + until, size_vram=1
+    )
+
+
+def test_among_equally_loaded_nodes_the_one_with_the_model_loaded_is_chosen(router_worker):
+    make_node(router_worker, "cold-1")
+    _loaded(make_node(router_worker, "warm"), until=timedelta(minutes=5))
+    make_node(router_worker, "cold-2")
+    for _ in range(6):  # the tie between equally loaded nodes is broken at random otherwise
+        claimed = claim()
+        assert claimed.node_id == "warm"
+        inflight_finish(request_id=claimed.request_id)
+
+
+def test_a_loaded_model_does_not_outweigh_a_lighter_load(router_worker):
+    warm = make_node(router_worker, "warm", max_concurrent=2)
+    _loaded(warm, until=timedelta(minutes=5))
+    make_node(router_worker, "cold", max_concurrent=2)
+    assert claim().node_id == "warm"
+    # warm now carries 1 of 2, cold none: cold takes the next one, then both are even again.
+    assert claim().node_id == "cold"
+    assert claim().node_id == "warm"
+
+
+def test_an_expired_load_or_the_switched_off_preference_counts_as_not_loaded(
+    router_worker, settings
+):
+    from collections import Counter
+
+    _loaded(make_node(router_worker, "expired"), until=timedelta(seconds=-1))
+    make_node(router_worker, "other")
+    _loaded(
+        make_node(router_worker, "warm", models=("qwen3:0.6b",)),
+        until=timedelta(minutes=5),
+        model="qwen3:0.6b",
+    )
+    make_node(router_worker, "cold", models=("qwen3:0.6b",))
+    settings.IDLECLAW_PREFER_LOADED_NODES = False
+    chosen: Counter[str] = Counter()
+    for _ in range(24):
+        for model in ("llama3.2:3b", "qwen3:0.6b"):
+            claimed = claim(model=model)
+            chosen[claimed.node_id] += 1
+            inflight_finish(request_id=claimed.request_id)
+    # Ties go either way at random: each node is chosen about half the time.
+    assert min(chosen.values()) >= 3 and set(chosen) == {"expired", "other", "warm", "cold"}

@@ -9,12 +9,13 @@ import signal
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import contribute
 import pytest
 import requests
 
-from tests.procs import wait_until
+from tests.procs import http_json, wait_until
 
 from .conftest import (
     OLLAMA_VERSION,
@@ -350,15 +351,38 @@ def _late_frames(router: FakeRouter) -> list[dict]:
     return frames
 
 
-def test_node_registers_its_models_with_capabilities(node):
+def test_node_registers_its_models_with_capabilities_and_details(node):
     _, router, _, register = node
     assert router.paths == ["/ws/node"]
     assert register["type"] == "register"
     uuid.UUID(register["node_id"])
     assert register["models"] == [
-        {"name": THINKING_MODEL, "size": THINKING_MODEL_SIZE,
-         "capabilities": ["completion", "tools", "thinking"]},
-        {"name": PLAIN_MODEL, "size": PLAIN_MODEL_SIZE, "capabilities": ["completion"]},
+        {
+            "name": THINKING_MODEL,
+            "size": THINKING_MODEL_SIZE,
+            "capabilities": ["completion", "tools", "thinking"],
+            "details": {
+                "format": "gguf",
+                "family": "qwen3",
+                "families": ["qwen3"],
+                "parameter_size": "0.6B",
+                "quantization_level": "Q4_K_M",
+            },
+            "context_length": 40960,
+        },
+        {
+            "name": PLAIN_MODEL,
+            "size": PLAIN_MODEL_SIZE,
+            "capabilities": ["completion"],
+            "details": {
+                "format": "gguf",
+                "family": "llama",
+                "families": ["llama"],
+                "parameter_size": "135M",
+                "quantization_level": "Q8_0",
+            },
+            "context_length": 8192,
+        },
     ]
     assert register["max_concurrent"] == 1
     assert register["ollama_version"] == OLLAMA_VERSION
@@ -442,6 +466,87 @@ def test_node_sends_heartbeats_and_ignores_unknown_frames(node):
     heartbeat = router.recv(timeout=3, skip=())
     assert heartbeat == {"type": "heartbeat", "node_id": register["node_id"],
                          "active_requests": 0, "available": True}
+
+
+def test_show_and_ps_answers_are_reduced_to_what_the_router_reads():
+    details = contribute.show_details(
+        {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama", 5, "x" * 40],
+            "license": "MIT",
+            "parameter_size": "3.2B",
+            "quantization_level": 4,
+        }
+    )
+    assert details == {
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "3.2B",
+    }
+    assert contribute.show_details("gguf") is None
+    info = {
+        "general.architecture": "qwen3",
+        "qwen3.context_length": 40960,
+        "llama.context_length": 8,
+    }
+    assert contribute.context_length_of(info) == 40960
+    assert contribute.context_length_of({"general.architecture": "x"}) is None
+    ps = {
+        "models": [
+            {
+                "name": "mine:1b",
+                "model": "mine:1b",
+                "size": 5,
+                "size_vram": 4,
+                "expires_at": "2030-01-01T00:00:00Z",
+                "digest": "d",
+                "details": {},
+            },
+            {"name": "not-shared:1b", "size": 1},
+            "junk",
+        ]
+    }
+    assert contribute.loaded_entries(ps, {"mine:1b"}) == [
+        {"name": "mine:1b", "size": 5, "size_vram": 4, "expires_at": "2030-01-01T00:00:00Z"}
+    ]
+    assert contribute.loaded_entries({"models": None}, {"mine:1b"}) == []
+
+
+def test_a_router_that_takes_loaded_models_hears_soon_after_a_request_loaded_one(
+    started_scripts, ollama
+):
+    unloaded = http_json(f"{ollama.url}/api/generate", {"model": PLAIN_MODEL, "keep_alive": 0})
+    assert unloaded[1]["done_reason"] == "unload"
+    # Heartbeats every 30 s: the report below can only be the one a request brings forward.
+    node = _registered_node(
+        started_scripts, ollama, features=["loaded_models"], heartbeat_interval=30
+    )
+    _, router, _, _ = next(node)
+    try:
+        first = router.recv(skip=())
+        assert first["type"] == "heartbeat"  # what is loaded, as soon as registered
+        assert PLAIN_MODEL not in {entry["name"] for entry in first["loaded"]}
+        router.send(
+            {
+                "type": "inference_request",
+                "request_id": "load-1",
+                "ollama_params": {
+                    "model": PLAIN_MODEL,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            }
+        )
+        _answer(router, "load-1")
+        report = router.recv(timeout=3, skip=())
+        assert report["type"] == "heartbeat"
+        [entry] = [entry for entry in report["loaded"] if entry["name"] == PLAIN_MODEL]
+        assert entry["size"] == entry["size_vram"] == PLAIN_MODEL_SIZE
+        assert datetime.fromisoformat(entry["expires_at"]) > datetime.now(UTC)
+    finally:
+        node.close()
 
 
 def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(slow_node):
