@@ -1,6 +1,6 @@
 """Ask the IdleClaw network a question and stream the answer to stdout.
 
-POSTs to the router's ``/api/chat`` (docs/protocol.md, "Consumer API") and prints the answer as
+POSTs to the router's ``/api/chat`` (docs/protocol.md §2) and prints the answer as
 it arrives. Waiting notices, reasoning (with ``--show-thinking``) and errors go to stderr, so
 stdout holds the answer only. Control characters and escape sequences in what the network sends
 are removed before anything is printed (``idleclaw_config.TerminalFilter``); ``--raw`` prints the

@@ -1,6 +1,6 @@
 """Show the status of the IdleClaw network: health, uptime, nodes and the models on offer.
 
-Reads the router's ``/health`` and ``/api/models`` (docs/protocol.md, "Consumer API"), and
+Reads the router's ``/health`` and ``/api/models`` (docs/protocol.md §2), and
 ``/network.json`` when the router offers it (this router's measured speeds; others answer 404,
 which only leaves that column empty). Every field shown comes from the router (model names from
 its nodes), so control characters and escape sequences are removed from each, and each stays on
