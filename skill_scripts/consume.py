@@ -259,9 +259,10 @@ class AnswerPrinter:
         if self.events or self.buffered:
             return
         self._end_thinking()
+        # Set first: a Ctrl+C right after the write must still end the line (``abandon``).
+        self.wrote_answer = True
         self.out.write(content if self.raw else self.answer_filter.feed(content))
         self.out.flush()
-        self.wrote_answer = True
 
     def _end_thinking(self) -> None:
         if self.wrote_thinking and not self.wrote_answer:
