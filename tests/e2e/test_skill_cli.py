@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -47,9 +48,10 @@ def network(tmp_path_factory):
         yield {"router": router_url, "emulator": emulator_url, "lonely": lonely_url}
     finally:
         node.stop()
-        emulator.stop()
-        router.stop()
-        lonely.stop()
+        for proc in (emulator, router, lonely):  # all at once: each router drains a second
+            proc.signal(signal.SIGTERM)
+        for proc in (emulator, router, lonely):
+            proc.stop()
 
 
 def run(script: str, *args: str, server: str, stdin: str | None = None):
@@ -192,17 +194,13 @@ def test_rate_limited_exits_4_with_the_routers_retry_after(network):
     )
 
 
-def test_closed_port_exits_1_and_bad_arguments_exit_2(network):
+def test_closed_port_exits_1_with_one_line(network):
     closed = f"http://127.0.0.1:{closed_port()}"
-    unreachable = run("consume.py", "--model", MODEL, "--prompt", "hi", server=closed)
-    bad_name = run("consume.py", "--model", "../etc", "--prompt", "hi", server=network["router"])
-    no_model = run("consume.py", "--prompt", "hi", server=network["router"])
-    assert (unreachable.returncode, bad_name.returncode, no_model.returncode) == (1, 2, 2)
-    assert unreachable.stderr == (
+    result = run("consume.py", "--model", MODEL, "--prompt", "hi", server=closed)
+    assert result.returncode == 1
+    assert result.stderr == (
         f"error: cannot reach the IdleClaw router at {closed} (connection refused)\n"
     )
-    assert "invalid model name" in bad_name.stderr
-    assert "--model" in no_model.stderr
 
 
 def test_status_table_shows_the_node_its_models_and_measured_speed(network):
