@@ -74,7 +74,7 @@ def test_status_exits_1_when_the_router_is_down(router):
     router.stop()
     result = procs.run_script("status.py", server=url)
     assert result.returncode == 1
-    assert result.stderr.strip()
+    assert f"OFFLINE: cannot reach the IdleClaw router at {url}" in result.stdout
 
 
 def test_consume_reports_a_model_nobody_serves(router, contributor):
