@@ -29,6 +29,9 @@ import urllib3
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0
+# Most of a router's error answer or model list that is read; real ones are a few hundred bytes.
+MAX_ERROR_BYTES = 65_536
+MAX_MODELS_BYTES = 1_000_000
 # The network's limits on one request (docs/protocol.md): a chat keeps its conversation inside
 # them by forgetting its oldest turns.
 MAX_PROMPT_CHARS = 10_000
@@ -82,7 +85,7 @@ def retry_after_seconds(response: requests.Response) -> int | None:
         return min(int(value), 86_400)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0, min(86_400, int(when.timestamp() - time.time())))
 
@@ -94,8 +97,8 @@ def _retry_after(response: requests.Response) -> str:
 
 def _detail(response: requests.Response) -> str:
     try:
-        body = response.json()
-    except ValueError:
+        body = config.read_json(response, MAX_ERROR_BYTES)
+    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
         body = None
     detail = body.get("detail") if isinstance(body, dict) else None
     if detail is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -111,13 +114,15 @@ def _detail(response: requests.Response) -> str:
 def served_models(session: requests.Session, server: str) -> list[str] | None:
     """The models the router says at least one node serves, or None if it cannot be asked."""
     try:
-        response = session.get(
+        with session.get(
             f"{server}/api/models",
             timeout=(5.0, 10.0),
+            stream=True,
             headers={"Accept": "application/json", "User-Agent": config.CLIENT_NAME},
-        )
-        names = response.json().get("models") if response.status_code == 200 else None
-    except (requests.RequestException, ValueError, AttributeError):
+        ) as response:
+            body = config.read_json(response, MAX_MODELS_BYTES)
+            names = body.get("models") if response.status_code == 200 else None
+    except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError, AttributeError):
         return None
     if not isinstance(names, list):
         return None

@@ -7,6 +7,7 @@ library only, except ``iter_lines`` which works on a ``requests`` response.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -124,6 +125,18 @@ def ws_url(server: str) -> str:
     if base.startswith("http://"):
         return "ws://" + base[len("http://") :] + "/ws/node"
     raise ConfigError(f"not an http:// or https:// URL: {server!r}")
+
+
+def read_json(response: Any, limit: int) -> Any:
+    """The JSON body of a ``requests`` response opened with ``stream=True``, read no further
+    than ``limit`` bytes: a router could otherwise make a script hold any amount of memory.
+    Raises ``ValueError`` when the body is longer or not JSON."""
+    body = bytearray()
+    for data in response.iter_content(chunk_size=65536):
+        body += data
+        if len(body) > limit:
+            raise ValueError(f"more than {limit} bytes")
+    return json.loads(body)
 
 
 def iter_lines(response: Any, max_line: int = MAX_LINE_BYTES) -> Iterator[bytes]:

@@ -25,6 +25,8 @@ import idleclaw_config as config
 import requests
 
 TIMEOUT = (5.0, 10.0)
+# Most of one answer that is read; this router's answers for a thousand models are ~200 KB.
+MAX_ANSWER_BYTES = 5_000_000
 DEFAULT_WATCH_S = 5.0
 MIN_WATCH_S = 1.0
 # Cursor home and clear screen: a watched report is redrawn in place on a terminal.
@@ -68,6 +70,7 @@ def fetch_json(
         response = session.get(
             url,
             timeout=TIMEOUT,
+            stream=True,
             headers={"Accept": "application/json", "User-Agent": config.CLIENT_NAME},
         )
     except requests.ConnectionError as exc:
@@ -84,9 +87,12 @@ def fetch_json(
         if response.status_code not in accept:
             raise StatusError(f"{url} answered HTTP {response.status_code}")
         try:
-            data = response.json()
-        except ValueError:
-            raise StatusError(f"{url} did not answer JSON") from None
+            data = config.read_json(response, MAX_ANSWER_BYTES)
+        except requests.RequestException as exc:
+            raise StatusError(f"the answer of {url} broke off ({type(exc).__name__})") from None
+        except ValueError as exc:
+            why = "answered over 5 MB" if "more than" in str(exc) else "did not answer JSON"
+            raise StatusError(f"{url} {why}") from None
     finally:
         response.close()
     if not isinstance(data, dict):

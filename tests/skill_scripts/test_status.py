@@ -12,7 +12,7 @@ import pytest
 import status
 
 from .conftest import SCRIPTS, closed_port, run_script, script_env
-from .fakes import FakeHTTPServer, send_json
+from .fakes import FakeHTTPServer, send_json, start_chunked, write_chunk
 
 HEALTH = {"status": "healthy", "uptime_seconds": 7380, "node_count": 3}
 MODELS = {
@@ -174,11 +174,23 @@ def test_non_200_or_non_json_exits_1():
         h.end_headers()
         h.wfile.write(b"<ok>")
 
+    def endless(h):  # a JSON string that never ends: status.py stops reading at 5 MB
+        start_chunked(h, "application/json")
+        write_chunk(h, b'"')
+        try:
+            for _ in range(1000):
+                write_chunk(h, b"x" * 65536)
+        except OSError:
+            pass
+
     with FakeHTTPServer(not_json) as server:
         bad_body = run_script("status.py", env=script_env(IDLECLAW_SERVER=server.url))
-    assert bad_status.returncode == bad_body.returncode == 1
+    with FakeHTTPServer(endless) as server:
+        huge_body = run_script("status.py", env=script_env(IDLECLAW_SERVER=server.url))
+    assert bad_status.returncode == bad_body.returncode == huge_body.returncode == 1
     assert "OFFLINE: " in bad_status.stdout and "answered HTTP 502" in bad_status.stdout
     assert "OFFLINE: " in bad_body.stdout and "did not answer JSON" in bad_body.stdout
+    assert huge_body.stdout.endswith("/health answered over 5 MB\n")
 
 
 def test_bad_server_exits_2():
