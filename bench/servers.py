@@ -18,7 +18,10 @@ Here each server is a child process with its own temporary directory and a free 
   cleaning up.
 
 PostgreSQL refuses to run as root. As root it runs as ``nobody``, which owns only the server's
-own temporary directory; nothing else on the machine changes.
+own temporary directory; nothing else on the machine changes. When ``nobody`` cannot run
+pgserver's binaries where they are (a checkout, and so its ``.venv``, inside a directory other
+users cannot enter, such as root's home), they are copied once to a root-owned directory in the
+system's temporary folder that everyone may read (``postgres_install_for``).
 
 No Django imports: the benchmark and the tests import this before any settings exist.
 
@@ -33,12 +36,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -65,6 +70,15 @@ SERVER_FILE = "server.pid"
 PORT_ATTEMPTS = 5
 # Account PostgreSQL runs as when we are root (it refuses root, see postgres(1)).
 UNPRIVILEGED_USER = "nobody"
+# A copy of pgserver's binaries that UNPRIVILEGED_USER can run: <prefix><digest of the source>.
+# Not DIR_PREFIX: the sweep of dead owners' directories must leave it alone.
+INSTALL_COPY_PREFIX = "idleclaw-pginstall-"
+# What initdb and postgres need of pgserver's pginstall/ (include/ is for building extensions).
+INSTALL_PARTS = ("bin", "lib", "share")
+# The wheel's own copies of shared libraries, next to the package: the binaries find them
+# through an RPATH relative to themselves ($ORIGIN/../../../pgserver.libs), so a copy keeps
+# the layout site-packages/{pgserver/pginstall/bin, pgserver.libs}.
+WHEEL_LIBS = "pgserver.libs"
 LOOPBACK = "127.0.0.1"
 
 _PR_SET_PDEATHSIG = 1
@@ -160,6 +174,7 @@ def start_redis(*, timeout: float = 15.0) -> LocalServer:
     failure = ""
     for _attempt in range(PORT_ATTEMPTS):
         port = _free_port()
+        # fmt: off
         argv = [
             str(binary),
             "--bind", LOOPBACK,
@@ -171,9 +186,11 @@ def start_redis(*, timeout: float = 15.0) -> LocalServer:
             "--protected-mode", "yes",
             "--loglevel", "warning",
         ]
+        # fmt: on
         # redis-server retitles itself "redis-server 127.0.0.1:<port>".
-        process = _spawn(argv, workdir / "redis.log", death_signal=signal.SIGTERM,
-                         marker=f"{LOOPBACK}:{port}")
+        process = _spawn(
+            argv, workdir / "redis.log", death_signal=signal.SIGTERM, marker=f"{LOOPBACK}:{port}"
+        )
         if _wait_ready(process, lambda port=port: _redis_pings(port), timeout):
             return LocalServer(
                 kind="redis",
@@ -220,16 +237,17 @@ def start_postgres(*, timeout: float = 60.0) -> LocalServer:
     Durability is off (``fsync``, ``synchronous_commit``, ``full_page_writes``): the cluster is
     thrown away on stop, and tests run several times faster without it.
     """
-    bin_dir = postgres_bin_dir()
+    user = _unprivileged_user() if os.geteuid() == 0 else None
+    bin_dir = postgres_install_for(user)
     _sweep_orphans()
     workdir = _make_workdir("postgres")
     data = workdir / "data"
     log_path = workdir / "postgres.log"
-    user = _unprivileged_user() if os.geteuid() == 0 else None
     if user is not None:
         # Only the server's own directory changes hands; root can still delete it.
         os.chown(workdir, user.pw_uid, user.pw_gid)
     with open(log_path, "ab") as log:
+        # fmt: off
         initdb = subprocess.run(
             [
                 str(bin_dir / "initdb"),
@@ -246,6 +264,7 @@ def start_postgres(*, timeout: float = 60.0) -> LocalServer:
             timeout=timeout,
             **_as_user(user),
         )
+        # fmt: on
     if initdb.returncode != 0:
         failure = _tail(log_path)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -253,6 +272,7 @@ def start_postgres(*, timeout: float = 60.0) -> LocalServer:
     failure = ""
     for _attempt in range(PORT_ATTEMPTS):
         port = _free_port()
+        # fmt: off
         argv = [
             str(bin_dir / "postgres"),
             "-D", str(data),
@@ -265,9 +285,9 @@ def start_postgres(*, timeout: float = 60.0) -> LocalServer:
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
         ]
+        # fmt: on
         # SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends along.
-        process = _spawn(argv, log_path, death_signal=signal.SIGQUIT, marker=str(data),
-                         user=user)
+        process = _spawn(argv, log_path, death_signal=signal.SIGQUIT, marker=str(data), user=user)
         if _wait_ready(process, lambda: _postgres_ready(data), timeout):
             return LocalServer(
                 kind="postgres",
@@ -284,6 +304,82 @@ def start_postgres(*, timeout: float = 60.0) -> LocalServer:
             break
     shutil.rmtree(workdir, ignore_errors=True)
     raise ServerError(f"postgres did not start:\n{failure}")
+
+
+def postgres_install_for(user: pwd.struct_passwd | None) -> Path:
+    """The ``bin`` directory of a PostgreSQL install that ``user`` (None: we ourselves) can run.
+
+    pgserver's own, unless ``user`` cannot run it there: pip put it inside the checkout's
+    ``.venv``, and a checkout in a directory that other users cannot enter (root's home is
+    0700) keeps ``nobody`` out. Then the install is copied to ``<tmp>/idleclaw-pginstall-*``,
+    owned by us and readable by all, and reused by later runs while it is intact.
+    """
+    bin_dir = postgres_bin_dir()
+    if user is None or _runs_as(user, bin_dir / "initdb"):
+        return bin_dir
+    source = bin_dir.parent  # site-packages/pgserver/pginstall
+    inside = Path(source.parent.name) / source.name  # pgserver/pginstall
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    copy = Path(tempfile.gettempdir()) / f"{INSTALL_COPY_PREFIX}{digest}"
+    if _trusted_copy(copy, source) and _runs_as(user, copy / inside / "bin" / "initdb"):
+        return copy / inside / "bin"
+    staging = Path(tempfile.mkdtemp(prefix=f"{INSTALL_COPY_PREFIX}staging-"))
+    try:
+        for part in INSTALL_PARTS:
+            shutil.copytree(source / part, staging / inside / part, symlinks=True)
+        wheel_libs = source.parent.parent / WHEEL_LIBS
+        if wheel_libs.is_dir():
+            shutil.copytree(wheel_libs, staging / WHEEL_LIBS, symlinks=True)
+        (staging / "source").write_text(str(source.resolve()))
+        os.chmod(staging, 0o755)  # mkdtemp made it 0700
+        if copy.is_dir() and not copy.is_symlink():
+            shutil.rmtree(copy, ignore_errors=True)  # ours, but stale or broken
+        try:
+            os.rename(staging, copy)
+        except OSError:  # another run put its copy there first, or a stranger's name squats
+            if not _trusted_copy(copy, source):
+                copy = staging  # use this run's copy; the atexit hook removes it
+                atexit.register(shutil.rmtree, staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not _runs_as(user, copy / inside / "bin" / "initdb"):
+        raise ServerError(
+            f"{user.pw_name} cannot run PostgreSQL from {source} nor from a copy in {copy}; "
+            "run the tests as an ordinary user, or set DATABASE_URL to a disposable server"
+        )
+    return copy / inside / "bin"
+
+
+def _trusted_copy(copy: Path, source: Path) -> bool:
+    """Whether ``copy`` is a complete copy of ``source`` that only we could have written."""
+    try:
+        info = os.lstat(copy)
+        recorded = (copy / "source").read_text()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and recorded == str(source.resolve())
+        and all((copy / source.parent.name / source.name / part).is_dir() for part in INSTALL_PARTS)
+    )
+
+
+def _runs_as(user: pwd.struct_passwd, program: Path) -> bool:
+    try:
+        result = subprocess.run(
+            [str(program), "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+            **_as_user(user),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
 
 
 def _postgres_ready(data: Path) -> bool:

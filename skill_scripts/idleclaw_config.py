@@ -1,4 +1,4 @@
-"""Configuration shared by the IdleClaw skill scripts (PROTOCOL.md §4).
+"""Configuration shared by the IdleClaw skill scripts (docs/protocol.md §4).
 
 The scripts run standalone (``python skill_scripts/contribute.py``), so this module sits next to
 them and is imported as ``idleclaw_config`` through ``sys.path[0]``. It depends on the standard
@@ -7,6 +7,7 @@ library only, except ``iter_lines`` which works on a ``requests`` response.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -39,7 +40,7 @@ class ConfigError(ValueError):
 
 
 def valid_model_name(name: object) -> bool:
-    """Whether ``name`` is an acceptable model name (PROTOCOL §4): ≤ 64 chars, no ``..``."""
+    """Whether ``name`` is an acceptable model name (docs/protocol.md §4): ≤ 64 chars, no ``..``."""
     return (
         isinstance(name, str)
         and 0 < len(name) <= MAX_MODEL_NAME_CHARS
@@ -117,13 +118,25 @@ def ollama_host_from_env(environ: Mapping[str, str] | None = None) -> str:
 
 
 def ws_url(server: str) -> str:
-    """The node WebSocket URL for a router base URL (PROTOCOL §1): https→wss, http→ws."""
+    """The node WebSocket URL for a router base URL (docs/protocol.md §1): https→wss, http→ws."""
     base = server.rstrip("/")
     if base.startswith("https://"):
-        return "wss://" + base[len("https://"):] + "/ws/node"
+        return "wss://" + base[len("https://") :] + "/ws/node"
     if base.startswith("http://"):
-        return "ws://" + base[len("http://"):] + "/ws/node"
+        return "ws://" + base[len("http://") :] + "/ws/node"
     raise ConfigError(f"not an http:// or https:// URL: {server!r}")
+
+
+def read_json(response: Any, limit: int) -> Any:
+    """The JSON body of a ``requests`` response opened with ``stream=True``, read no further
+    than ``limit`` bytes: a router could otherwise make a script hold any amount of memory.
+    Raises ``ValueError`` when the body is longer or not JSON."""
+    body = bytearray()
+    for data in response.iter_content(chunk_size=65536):
+        body += data
+        if len(body) > limit:
+            raise ValueError(f"more than {limit} bytes")
+    return json.loads(body)
 
 
 def iter_lines(response: Any, max_line: int = MAX_LINE_BYTES) -> Iterator[bytes]:
@@ -214,7 +227,7 @@ class TerminalFilter:
                 if match is None:
                     shown.append(text[i:])
                     break
-                shown.append(text[i:match.start()])
+                shown.append(text[i : match.start()])
                 i = match.end()
                 char = match.group()
                 if char == ESC:

@@ -19,14 +19,16 @@ pytestmark = [pytest.mark.scaleout, pytest.mark.e2e]
 def test_a_2000_token_answer_crosses_workers_complete_and_in_order(worker_env, long_emulator):
     # About 19,000 characters: above the default cut (IDLECLAW_MAX_RESPONSE_CHARS), which is
     # not what this test is about.
-    a, b = cluster.start_workers({**worker_env, "IDLECLAW_MAX_RESPONSE_CHARS": "100000"},
-                                 ["worker A", "worker B"])
+    a, b = cluster.start_workers(
+        {**worker_env, "IDLECLAW_MAX_RESPONSE_CHARS": "100000"}, ["worker A", "worker B"]
+    )
     node = None
     try:
         node = cluster.contributor_on(a, long_emulator)
         cluster.wait_for_nodes(b.url, 1)
-        result = procs.run_script("consume.py", "--model", MODEL, "--prompt",
-                                  "tell me everything", server=b.url)
+        result = procs.run_script(
+            "consume.py", "--model", MODEL, "--prompt", "tell me everything", server=b.url
+        )
         assert result.returncode == 0, result.stderr
         expected = cluster.direct_answer(long_emulator.url, "tell me everything")
         # Every token carries its index, so a lost, doubled or swapped chunk would show.
@@ -52,7 +54,8 @@ def test_consumer_hanging_up_on_b_stops_generation_behind_a(workers, slow_emulat
         reply.close()
         procs.wait_until(
             lambda: cluster.emulator_stats(slow_emulator.url)["chat_cancelled"] == 1,
-            timeout=15, what="the emulator behind A to see its stream closed",
+            timeout=15,
+            what="the emulator behind A to see its stream closed",
         )
         assert cluster.emulator_stats(slow_emulator.url)["chat_completed"] == 0
         # The node's only slot is free again, as both workers see it.
@@ -76,7 +79,7 @@ def test_node_leaving_a_ends_the_stream_on_b_with_an_error(workers, slow_emulato
         time.sleep(0.5)  # a few tokens are on their way
         node.kill()
         assert consumer.popen.wait(timeout=15) == 1
-        assert "[Error: the node serving this request disconnected]" in consumer.output
+        assert "error: the node serving this request disconnected" in consumer.output
         assert re.match(r"[a-z]+0 [a-z]+1 ", consumer.output)
         assert not re.search(r"[a-z]+199\b", consumer.output)
         for worker in (a, b):
@@ -95,8 +98,9 @@ def test_an_idle_node_stays_connected_to_a_redis_worker(workers, emulator):
     try:
         time.sleep(7)
         assert "reconnecting" not in node.output, a.output
-        result = procs.run_script("consume.py", "--model", MODEL, "--prompt", "still there?",
-                                  server=b.url)
+        result = procs.run_script(
+            "consume.py", "--model", MODEL, "--prompt", "still there?", server=b.url
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == cluster.direct_answer(emulator.url, "still there?")
         assert "Timeout reading" not in a.output + b.output

@@ -35,23 +35,30 @@ CASES: dict[str, tuple[list[str], str]] = {
     "osc title, BEL": (["before ", "\x1b]0;PWNED-TITLE\x07", "after"], "before after"),
     "osc title, ST": (["a\x1b]2;PWNED-TITLE\x1b\\b"], "ab"),
     "clear screen, cursor home": (["\x1b[2J\x1b[Hcleared?"], "cleared?"),
-    "osc 8 hyperlink": (["see \x1b]8;;https://evil.example/\x1b\\this\x1b]8;;\x1b\\ link"],
-                        "see this link"),
+    "osc 8 hyperlink": (
+        ["see \x1b]8;;https://evil.example/\x1b\\this\x1b]8;;\x1b\\ link"],
+        "see this link",
+    ),
     "colours": (["\x1b[31;1mred\x1b[0m and \x1b[38;5;196mmore\x1b[m"], "red and more"),
     "dcs": (["x\x1bPq#0;2;0;0;0#0~~\x1b\\y"], "xy"),
     "sos, pm, apc": (["1\x1bXsos\x1b\\2\x1b^pm\x1b\\3\x1b_apc\x1b\\4"], "1234"),
     "two-character and charset sequences": (["\x1bcR\x1b7S\x1b(0T\x1b#8U\x1b=V"], "RSTUV"),
-    "8-bit csi, osc, dcs, apc": (["a\x9b2Jb\x9d0;PWNED\x07c\x90q\x9cd\x9fapc\x9ce\x85f"],
-                                 "abcdef"),
-    "c0 controls, DEL and carriage returns": (["one\r\ntwo\rthree\x08\x00\x7f\x1a\tfour\n"],
-                                              "one\ntwothree\tfour\n"),
-    "bidi overrides and isolates": (["\u202eevil\u202c \u2066isolated\u2069 \u202aembed"],
-                                    "evil isolated embed"),
+    "8-bit csi, osc, dcs, apc": (["a\x9b2Jb\x9d0;PWNED\x07c\x90q\x9cd\x9fapc\x9ce\x85f"], "abcdef"),
+    "c0 controls, DEL and carriage returns": (
+        ["one\r\ntwo\rthree\x08\x00\x7f\x1a\tfour\n"],
+        "one\ntwothree\tfour\n",
+    ),
+    "bidi overrides and isolates": (
+        ["\u202eevil\u202c \u2066isolated\u2069 \u202aembed"],
+        "evil isolated embed",
+    ),
     "ESC alone at the end of a delta": (["a\x1b", "]0;PWNED-", "TITLE\x07b"], "ab"),
     "csi split byte by byte": (["x\x1b", "[", "2", "J", "y"], "xy"),
     "8-bit osc split before its ST": (["p\x9d0;", "PWNED\x1b", "\\q"], "pq"),
-    "osc 8 split inside its url": (["\x1b]8;;https://ev", "il.example/\x1b", "\\click",
-                                    "\x1b]8;;\x1b\\"], "click"),
+    "osc 8 split inside its url": (
+        ["\x1b]8;;https://ev", "il.example/\x1b", "\\click", "\x1b]8;;\x1b\\"],
+        "click",
+    ),
 }
 
 C1 = re.compile("[\x80-\x9f]")
@@ -71,26 +78,36 @@ def sse_event(content: str, *, reasoning: bool = False, finish: str | None = Non
     delta: dict[str, Any] = {"content": content}
     if reasoning:
         delta["reasoning"] = True
-    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1764000000,
-             "model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1764000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 def sse_router(*parts: bytes) -> FakeHTTPServer:
     """A router whose /api/chat streams ``parts``, one HTTP chunk each."""
+
     def handle(handler):
         start_chunked(handler, "text/event-stream")
         for part in parts:
             write_chunk(handler, part)
         write_chunk(handler, b"")
+
     return FakeHTTPServer(handle)
 
 
 def run_bytes(script: str, *args: str, server: str) -> subprocess.CompletedProcess:
     """Run a script as the user would; stdout and stderr as the bytes a terminal receives."""
-    return subprocess.run([sys.executable, str(SCRIPTS / script), *args],
-                          env=script_env(IDLECLAW_SERVER=server), capture_output=True,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        env=script_env(IDLECLAW_SERVER=server),
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def consume(server: str, *extra: str) -> subprocess.CompletedProcess:
@@ -129,33 +146,36 @@ def test_an_osc_that_never_ends_hides_a_bounded_part_of_the_answer():
     # Far more than the cap after the opening ESC ]: the filter neither buffers it nor hides
     # the rest of the answer.
     parts = [sse_event("start "), sse_event("\x1b]" + body[:100])]
-    parts += [sse_event(body[i:i + 500]) for i in range(100, len(body), 500)]
+    parts += [sse_event(body[i : i + 500]) for i in range(100, len(body), 500)]
     parts += [sse_event(" end\x1b]0;never closed"), b"data: [DONE]\n\n"]
     with sse_router(*parts) as server:
         result = consume(server.url)
     assert result.returncode == 0, result.stderr
-    assert assert_terminal_safe(result.stdout) == (
-        "start " + body[cap:] + " end\n"
-    )
+    assert assert_terminal_safe(result.stdout) == ("start " + body[cap:] + " end\n")
 
 
 def test_error_messages_from_the_stream_are_cleaned():
     error_chunk = sse_event("\n\n[Error: \x1b]0;PWNED\x07node \x1b[2Jfailed]", finish="error")
     with sse_router(sse_event("ok"), error_chunk, b"data: [DONE]\n\n") as server:
         in_stream = consume(server.url)
-    error_object = b"data: " + json.dumps(
-        {"error": {"message": "\x1b]8;;https://evil.example/\x07bad\x9b31m request"}}
-    ).encode() + b"\n\n"
+    error_object = (
+        b"data: "
+        + json.dumps(
+            {"error": {"message": "\x1b]8;;https://evil.example/\x07bad\x9b31m request"}}
+        ).encode()
+        + b"\n\n"
+    )
     with sse_router(error_object) as server:
         error_event = consume(server.url)
     assert in_stream.returncode == error_event.returncode == 1
-    assert assert_terminal_safe(in_stream.stderr) == "error: [Error: node failed]\n"
+    assert assert_terminal_safe(in_stream.stderr) == "error: node failed\n"
     assert assert_terminal_safe(error_event.stderr) == "error: bad request\n"
 
 
 def test_refusals_and_queue_notices_from_the_router_are_cleaned():
     def refuse(handler):
         send_json(handler, 422, {"detail": "\x1b]0;PWNED\x07prompt\x1b[31m too\nlong\u202e"})
+
     with FakeHTTPServer(refuse) as server:
         refused = consume(server.url)
 
@@ -165,11 +185,13 @@ def test_refusals_and_queue_notices_from_the_router_are_cleaned():
         write_chunk(handler, sse_event("fine"))
         write_chunk(handler, b"data: [DONE]\n\n")
         write_chunk(handler, b"")
+
     with FakeHTTPServer(queue_then_answer) as server:
         queued = consume(server.url)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert assert_terminal_safe(refused.stderr) == (
-        "error: the router refused the request (HTTP 422): prompt too long\n")
+        "error: the router refused the request (HTTP 422): prompt too long\n"
+    )
     assert queued.returncode == 0
     assert assert_terminal_safe(queued.stderr) == "waiting for a free node (position 4)...\n"
 
@@ -180,13 +202,21 @@ def test_refusals_and_queue_notices_from_the_router_are_cleaned():
 def hostile_status_router() -> FakeHTTPServer:
     def handle(handler):
         if handler.path == "/health":
-            send_json(handler, 200, {"status": "\x1b]0;PWNED\x07healthy\x1b[2J",
-                                     "uptime_seconds": 65, "node_count": 1})
+            send_json(
+                handler,
+                200,
+                {"status": "\x1b]0;PWNED\x07healthy\x1b[2J", "uptime_seconds": 65, "node_count": 1},
+            )
         else:
-            send_json(handler, 200, {
-                "models": ["\x1b[31mevil\x1b[0m:1b\u202e", "fake\nmodels:  line\x9b2J"],
-                "capabilities": {"\x1b[31mevil\x1b[0m:1b\u202e": {"thinking": True}},
-            })
+            send_json(
+                handler,
+                200,
+                {
+                    "models": ["\x1b[31mevil\x1b[0m:1b\u202e", "fake\nmodels:  line\x9b2J"],
+                    "capabilities": {"\x1b[31mevil\x1b[0m:1b\u202e": {"thinking": True}},
+                },
+            )
+
     return FakeHTTPServer(handle)
 
 
@@ -195,13 +225,15 @@ def test_status_fields_are_cleaned_and_kept_on_their_line():
         result = run_bytes("status.py", server=server.url)
     assert result.returncode == 0, result.stderr
     lines = assert_terminal_safe(result.stdout).splitlines()
+    width = len("fake models: line")
     assert lines[1:] == [
-        "status:  healthy",
-        "uptime:  1m 5s",
-        "nodes:   1",
-        "models:  2",
-        "  " + "evil:1b".ljust(len("fake models: line")) + "  thinking",
-        "  fake models: line",
+        "status:    healthy",
+        "uptime:    1m 5s",
+        "nodes:     1 online",
+        "models:    2",
+        "  " + "MODEL".ljust(width) + "  NODES  FREE  QUEUED  TOKENS/S  CAPABILITIES",
+        "  " + "evil:1b".ljust(width) + "      -     -       -         -  thinking",
+        "  " + "fake models: line".ljust(width) + "      -     -       -         -  -",
     ]
 
 
@@ -210,7 +242,7 @@ def test_status_raw_shows_the_fields_as_received():
         result = run_bytes("status.py", "--raw", server=server.url)
     assert result.returncode == 0, result.stderr
     shown = result.stdout.decode()
-    assert "status:  \x1b]0;PWNED\x07healthy\x1b[2J\n" in shown
+    assert "status:    \x1b]0;PWNED\x07healthy\x1b[2J\n" in shown
     assert "\x1b[31mevil\x1b[0m:1b\u202e" in shown
 
 
@@ -228,20 +260,31 @@ EIGHT_BIT_C1 = re.compile(b"[\x80-\x9f]")
 def surrogate_status_router() -> FakeHTTPServer:
     """Fields with low surrogates only (U+DC80-U+DCFF), which surrogateescape writes as bytes;
     any other lone surrogate makes it fail like the strict handler."""
+
     def handle(handler):
         if handler.path == "/health":  # json.dumps writes them as \udc9b escapes
-            send_json(handler, 200, {"status": "healthy\udc9b2J\udc9c", "uptime_seconds": 5,
-                                     "node_count": 1})
+            send_json(
+                handler,
+                200,
+                {"status": "healthy\udc9b2J\udc9c", "uptime_seconds": 5, "node_count": 1},
+            )
         else:
-            send_json(handler, 200, {"models": ["m\udc9b[2J:1b", "n\udc9d0;T\udc9c:1b"],
-                                     "capabilities": {}})
+            send_json(
+                handler,
+                200,
+                {"models": ["m\udc9b[2J:1b", "n\udc9d0;T\udc9c:1b"], "capabilities": {}},
+            )
+
     return FakeHTTPServer(handle)
 
 
 def run_status(*args: str, server: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / "status.py"), *args],
-                          env=script_env(IDLECLAW_SERVER=server, **env), capture_output=True,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / "status.py"), *args],
+        env=script_env(IDLECLAW_SERVER=server, **env),
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def test_lone_surrogates_in_status_fields_never_reach_the_terminal_as_c1_bytes():
@@ -250,8 +293,13 @@ def test_lone_surrogates_in_status_fields_never_reach_the_terminal_as_c1_bytes()
     assert result.returncode == 0, result.stderr
     assert not EIGHT_BIT_C1.search(result.stdout), result.stdout
     assert assert_terminal_safe(result.stdout).splitlines()[1:] == [
-        "status:  healthy2J", "uptime:  5s", "nodes:   1", "models:  2",
-        "  m[2J:1b", "  n0;T:1b",
+        "status:    healthy2J",
+        "uptime:    5s",
+        "nodes:     1 online",
+        "models:    2",
+        "  MODEL    NODES  FREE  QUEUED  TOKENS/S  CAPABILITIES",
+        "  m[2J:1b      -     -       -         -  -",
+        "  n0;T:1b      -     -       -         -  -",
     ]
 
 
@@ -262,7 +310,7 @@ def test_status_raw_with_lone_surrogates_neither_writes_c1_bytes_nor_crashes(env
     assert result.returncode == 0, result.stderr
     assert not EIGHT_BIT_C1.search(result.stdout), result.stdout
     # As consume.py does: what the terminal cannot be given is shown as "?".
-    assert "status:  healthy?2J?\n" in result.stdout.decode()
+    assert "status:    healthy?2J?\n" in result.stdout.decode()
 
 
 def test_lone_surrogates_in_an_answer_are_removed():
@@ -272,7 +320,9 @@ def test_lone_surrogates_in_an_answer_are_removed():
         result = subprocess.run(
             [sys.executable, str(SCRIPTS / "consume.py"), "--model", MODEL, "--prompt", "hi"],
             env=script_env(IDLECLAW_SERVER=server.url, **SURROGATEESCAPE),
-            capture_output=True, timeout=30)
+            capture_output=True,
+            timeout=30,
+        )
     assert result.returncode == 0, result.stderr
     assert assert_terminal_safe(result.stdout) == "A2JB C\n"
 
@@ -285,18 +335,26 @@ class EscapingNode:
 
     def __init__(self, router_url: str) -> None:
         self.ws = websocket.create_connection(
-            router_url.replace("http", "ws", 1) + "/ws/node", timeout=20)
-        self.ws.send(json.dumps({
-            "type": "register", "node_id": f"escaping-{uuid.uuid4().hex[:8]}",
-            "models": [{"name": MODEL, "capabilities": ["completion", "thinking"]}],
-            "max_concurrent": 1, "protocol": 2,
-        }))
+            router_url.replace("http", "ws", 1) + "/ws/node", timeout=20
+        )
+        self.ws.send(
+            json.dumps(
+                {
+                    "type": "register",
+                    "node_id": f"escaping-{uuid.uuid4().hex[:8]}",
+                    "models": [{"name": MODEL, "capabilities": ["completion", "thinking"]}],
+                    "max_concurrent": 1,
+                    "protocol": 2,
+                }
+            )
+        )
         reply = json.loads(self.ws.recv())
         assert reply["type"] == "registered", reply
         self.error: BaseException | None = None
 
     def serve(self, messages: list[dict[str, Any]]) -> threading.Thread:
         """Answer the next inference_request with ``messages`` then a done chunk."""
+
         def run() -> None:
             try:
                 while True:
@@ -308,6 +366,7 @@ class EscapingNode:
                 self._chunk(frame["request_id"], {"role": "assistant", "content": ""}, True)
             except BaseException as exc:  # reported by the test, not lost in the thread
                 self.error = exc
+
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         return thread
@@ -316,8 +375,9 @@ class EscapingNode:
         chunk: dict[str, Any] = {"message": message, "done": done}
         if done:
             chunk["done_reason"] = "stop"
-        self.ws.send(json.dumps({"type": "inference_chunk", "request_id": request_id,
-                                 "chunk": chunk}))
+        self.ws.send(
+            json.dumps({"type": "inference_chunk", "request_id": request_id, "chunk": chunk})
+        )
 
 
 @pytest.mark.e2e
@@ -328,7 +388,8 @@ def test_escape_sequences_from_a_node_on_a_real_router_never_reach_the_terminal(
     try:
         procs.wait_until(
             lambda: MODEL in requests.get(f"{router.url}/api/models", timeout=5).json()["models"],
-            what="the node's model")
+            what="the node's model",
+        )
         messages = [{"content": "", "thinking": d} for d in deltas]
         messages += [{"content": d} for d in deltas]
         served = node.serve(messages)
