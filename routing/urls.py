@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/models", views.models, name="models"),
     # OpenAI-compatible
     path("v1/chat/completions", views.openai_chat_completions, name="openai-chat"),
+    path("v1/embeddings", views.openai_embeddings, name="openai-embeddings"),
     path("v1/models", views.openai_models, name="openai-models"),
     re_path(r"^v1/models/(?P<model>.+)$", views.openai_model, name="openai-model"),
     # Ollama-compatible
@@ -22,8 +23,10 @@ urlpatterns = [
     path("ollama/api/show", views.ollama_show, name="ollama-show"),
     path("ollama/api/chat", views.ollama_chat, name="ollama-chat"),
     path("ollama/api/generate", views.ollama_generate, name="ollama-generate"),
+    path("ollama/api/embed", views.ollama_embed, name="ollama-embed"),
+    path("ollama/api/embeddings", views.ollama_embeddings, name="ollama-embeddings"),
     re_path(
-        r"^ollama/api/(?:pull|push|create|copy|delete|embed|embeddings|blobs/.*)$",
+        r"^ollama/api/(?:pull|push|create|copy|delete|blobs/.*)$",
         views.ollama_unsupported,
     ),
 ]
