@@ -219,7 +219,9 @@ def check_options(value: Any, *, param: str = "options") -> dict[str, Any]:
         raise BadRequest(f"{param}: must be an object", 400)
     clean = {}
     for key in OPTION_KEYS:
-        if key in value:
+        # null is "not set", as Ollama reads it: LangChain's OllamaEmbeddings sends every
+        # option it knows, most of them null.
+        if value.get(key) is not None:
             option = value[key]
             if key == "stop":
                 clean[key] = check_stop(option, param=f"{param}.stop")
