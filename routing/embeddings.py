@@ -36,7 +36,7 @@ from routing.streaming import (
 
 # Numbers written between two yields to the event loop while an answer goes out: a batch of
 # large vectors is megabytes of JSON, and other streams must not wait behind it.
-FLOATS_PER_YIELD = 16_384
+FLOATS_PER_YIELD = 8192
 
 
 @dataclass

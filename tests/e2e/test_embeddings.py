@@ -21,8 +21,10 @@ pytestmark = pytest.mark.e2e
 
 EMBEDDER = "nomic-embed-text:latest"  # 768 numbers a vector
 WIDE = "wide-embed:latest"  # 8192 numbers: more than one frame's worth
-TEXTS = [f"document number {i} about {topic}" for i, topic in
-         enumerate(["cats", "dogs", "rivers", "stars"] * 4)]
+TEXTS = [
+    f"document number {i} about {topic}"
+    for i, topic in enumerate(["cats", "dogs", "rivers", "stars"] * 4)
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +33,19 @@ def network(tmp_path_factory):
     db = tmp_path_factory.mktemp("embeddings") / "router.sqlite3"
     router, router_url = procs.start_router(db, ROOMY_ENV)
     emulator, emulator_url = procs.start_emulator(
-        "--embedding-models", "--model", "llama3.2:3b",
-        "--model", f"{WIDE},size=1000,caps=embedding,dims=8192",
+        "--embedding-models",
+        "--model",
+        "llama3.2:3b",
+        "--model",
+        f"{WIDE},size=1000,caps=embedding,dims=8192",
     )
     node = procs.start_contributor(router_url, emulator_url)
     try:
         node.wait_for_line("registered")
         procs.wait_until(
-            lambda: EMBEDDER in requests.get(f"{router_url}/api/models", timeout=5).json()[
-                "models"],
+            lambda: (
+                EMBEDDER in requests.get(f"{router_url}/api/models", timeout=5).json()["models"]
+            ),
             what="the node's models",
         )
         yield router_url, emulator_url
@@ -88,14 +94,17 @@ def test_openai_batch_and_single_match_ollama(oai, direct):
 def test_openai_float_base64_and_dimensions(oai, direct):
     plain = oai.embeddings.create(model=EMBEDDER, input=["a", "b"], encoding_format="float")
     assert [item.embedding for item in plain.data] == list(
-        map(list, direct.embed(model=EMBEDDER, input=["a", "b"]).embeddings))
+        map(list, direct.embed(model=EMBEDDER, input=["a", "b"]).embeddings)
+    )
     packed = oai.embeddings.create(model=EMBEDDER, input="a", encoding_format="base64")
     decoded = array("f", base64.b64decode(packed.data[0].embedding)).tolist()
     assert decoded == float32(plain.data[0].embedding)
-    short = oai.embeddings.create(model=EMBEDDER, input="a", dimensions=256,
-                                  encoding_format="float")
+    short = oai.embeddings.create(
+        model=EMBEDDER, input="a", dimensions=256, encoding_format="float"
+    )
     assert short.data[0].embedding == list(
-        direct.embed(model=EMBEDDER, input="a", dimensions=256).embeddings[0])
+        direct.embed(model=EMBEDDER, input="a", dimensions=256).embeddings[0]
+    )
 
 
 def test_ollama_embed_and_embeddings_match_ollama(olc, direct):
@@ -127,8 +136,13 @@ def test_langchain_ollama_and_openai_embeddings(network, direct):
     assert by_ollama.embed_query(TEXTS[0]) == expected[0]
     # Without check_embedding_ctx_length=False it would send token ids (and fetch tiktoken's
     # vocabulary from the internet first); the router's 400 says so.
-    by_openai = OpenAIEmbeddings(model=EMBEDDER, base_url=f"{router_url}/v1", api_key="ignored",
-                                 check_embedding_ctx_length=False, max_retries=0)
+    by_openai = OpenAIEmbeddings(
+        model=EMBEDDER,
+        base_url=f"{router_url}/v1",
+        api_key="ignored",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
     assert by_openai.embed_documents(TEXTS[:4]) == [float32(v) for v in expected]
     assert by_openai.embed_query(TEXTS[1]) == float32(expected[1])
 

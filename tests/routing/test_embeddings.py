@@ -49,8 +49,12 @@ async def answer_of(client: HttpClient) -> tuple[int, dict[str, str], Any]:
 
 async def vectors(node: ScriptedNode, request_id: str, embeddings: Any, **extra: Any) -> None:
     await node.send(
-        {"type": FrameType.EMBED_VECTORS, "request_id": request_id, "embeddings": embeddings,
-         **extra}
+        {
+            "type": FrameType.EMBED_VECTORS,
+            "request_id": request_id,
+            "embeddings": embeddings,
+            **extra,
+        }
     )
 
 
@@ -82,16 +86,30 @@ async def test_a_node_declares_embeddings_in_register(channel_layer, declared, s
 
 async def test_openai_batch_put_together_from_frames_and_a_split_vector(channel_layer):
     node, _ = await embed_node()
-    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": ["a", "b", "c"],
-                                          "encoding_format": "float", "user": "ignored"})
+    client = await ask(
+        "/v1/embeddings",
+        {
+            "model": EMBEDDER,
+            "input": ["a", "b", "c"],
+            "encoding_format": "float",
+            "user": "ignored",
+        },
+    )
     request = await node.recv()
     assert request["type"] == FrameType.EMBED_REQUEST
     assert request["embed_params"] == {"model": EMBEDDER, "input": ["a", "b", "c"]}
     rid = request["request_id"]
     # The second vector is split over the two frames; its second part says ``continued``.
     await vectors(node, rid, [[0.5, -0.5, 0], [0.25, 1e-05]])
-    await vectors(node, rid, [[-3], [1, 2, 3]], continued=True, done=True, prompt_eval_count=7,
-                  total_duration=99)
+    await vectors(
+        node,
+        rid,
+        [[-3], [1, 2, 3]],
+        continued=True,
+        done=True,
+        prompt_eval_count=7,
+        total_duration=99,
+    )
     status, headers, body = await answer_of(client)
     assert status == 200
     assert headers["content-type"] == "application/json"
@@ -112,8 +130,10 @@ async def test_openai_batch_put_together_from_frames_and_a_split_vector(channel_
 
 async def test_openai_base64_is_little_endian_float32(channel_layer):
     node, _ = await embed_node()
-    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": "one",
-                                          "encoding_format": "base64", "dimensions": 3})
+    client = await ask(
+        "/v1/embeddings",
+        {"model": EMBEDDER, "input": "one", "encoding_format": "base64", "dimensions": 3},
+    )
     request = await node.recv()
     assert request["embed_params"]["dimensions"] == 3
     await vectors(node, request["request_id"], [[0.1, -2.5, 3]], done=True)
@@ -126,20 +146,44 @@ async def test_openai_base64_is_little_endian_float32(channel_layer):
 
 async def test_ollama_embed_and_the_older_embeddings(channel_layer):
     node, _ = await embed_node()
-    client = await ask("/ollama/api/embed", {"model": EMBEDDER, "input": ["x", "y"],
-                                             "truncate": False, "dimensions": 2,
-                                             "keep_alive": "1m", "options": {"num_ctx": 512}})
+    client = await ask(
+        "/ollama/api/embed",
+        {
+            "model": EMBEDDER,
+            "input": ["x", "y"],
+            "truncate": False,
+            "dimensions": 2,
+            "keep_alive": "1m",
+            "options": {"num_ctx": 512},
+        },
+    )
     request = await node.recv()
     assert request["embed_params"] == {
-        "model": EMBEDDER, "input": ["x", "y"], "truncate": False, "dimensions": 2,
-        "keep_alive": "1m", "options": {"num_ctx": 512},
+        "model": EMBEDDER,
+        "input": ["x", "y"],
+        "truncate": False,
+        "dimensions": 2,
+        "keep_alive": "1m",
+        "options": {"num_ctx": 512},
     }
-    await vectors(node, request["request_id"], [[1, 0], [0, 1]], done=True,
-                  total_duration=5000, load_duration=10, prompt_eval_count=2)
+    await vectors(
+        node,
+        request["request_id"],
+        [[1, 0], [0, 1]],
+        done=True,
+        total_duration=5000,
+        load_duration=10,
+        prompt_eval_count=2,
+    )
     status, _, body = await answer_of(client)
     assert status == 200
-    assert body == {"model": EMBEDDER, "embeddings": [[1.0, 0.0], [0.0, 1.0]],
-                    "total_duration": 5000, "load_duration": 10, "prompt_eval_count": 2}
+    assert body == {
+        "model": EMBEDDER,
+        "embeddings": [[1.0, 0.0], [0.0, 1.0]],
+        "total_duration": 5000,
+        "load_duration": 10,
+        "prompt_eval_count": 2,
+    }
 
     client = await ask("/ollama/api/embeddings", {"model": EMBEDDER, "prompt": "z"})
     request = await node.recv()
@@ -154,8 +198,11 @@ async def test_ollama_empty_input_only_loads_like_ollama(channel_layer):
     node, _ = await embed_node()
     for path, body, expected in [
         ("/ollama/api/embed", {"model": EMBEDDER}, {"model": EMBEDDER, "embeddings": []}),
-        ("/ollama/api/embed", {"model": EMBEDDER, "input": []},
-         {"model": EMBEDDER, "embeddings": []}),
+        (
+            "/ollama/api/embed",
+            {"model": EMBEDDER, "input": []},
+            {"model": EMBEDDER, "embeddings": []},
+        ),
         ("/ollama/api/embeddings", {"model": EMBEDDER, "prompt": ""}, {"embedding": []}),
         ("/ollama/api/embed", {"model": "nobody:1b"}, {"error": 'model "nobody:1b" not found'}),
     ]:
@@ -172,14 +219,21 @@ async def test_ollama_empty_input_only_loads_like_ollama(channel_layer):
 async def test_a_node_that_did_not_declare_embeddings_never_gets_one(channel_layer):
     node, _ = await embed_node(features=None)  # a base-protocol node serving the same model
     status, headers, body = await answer_of(
-        await ask("/v1/embeddings", {"model": EMBEDDER, "input": "x"}))
+        await ask("/v1/embeddings", {"model": EMBEDDER, "input": "x"})
+    )
     assert status == 404
     assert "retry-after" not in headers
-    assert body == {"error": {
-        "message": f"The model `{EMBEDDER}` does not exist or no node serves it",
-        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    assert body == {
+        "error": {
+            "message": f"The model `{EMBEDDER}` does not exist or no node serves it",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
     status, _, body = await answer_of(
-        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "x"}))
+        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "x"})
+    )
     assert (status, body) == (404, {"error": f'model "{EMBEDDER}" not found'})
     assert await node.nothing_sent()
     await node.disconnect()
@@ -191,12 +245,14 @@ async def test_a_full_queue_is_a_503_with_retry_after(channel_layer, settings):
     first = await ask("/v1/embeddings", {"model": EMBEDDER, "input": "first"})
     rid = (await node.recv())["request_id"]
     status, headers, body = await answer_of(
-        await ask("/v1/embeddings", {"model": EMBEDDER, "input": "second"}))
+        await ask("/v1/embeddings", {"model": EMBEDDER, "input": "second"})
+    )
     assert status == 503
     assert int(headers["retry-after"]) > 0
     assert body["error"]["code"] == "model_unavailable"
     status, headers, body = await answer_of(
-        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "third"}))
+        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "third"})
+    )
     assert status == 503 and "retry-after" in headers
     await vectors(node, rid, [[1.0]], done=True)
     assert (await answer_of(first))[0] == 200
@@ -246,11 +302,15 @@ async def test_the_limits_are_the_operators(channel_layer, settings):
     settings.IDLECLAW_EMBED_MAX_INPUTS = 2
     settings.IDLECLAW_EMBED_MAX_CHARS = 10
     status, _, answer = await answer_of(
-        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": ["a", "b", "c"]}))
-    assert (status, answer) == (400, {"error": "input: at most 2 inputs in one request; "
-                                               "send several"})
+        await ask("/ollama/api/embed", {"model": EMBEDDER, "input": ["a", "b", "c"]})
+    )
+    assert (status, answer) == (
+        400,
+        {"error": "input: at most 2 inputs in one request; send several"},
+    )
     status, _, answer = await answer_of(
-        await ask("/ollama/api/embeddings", {"model": EMBEDDER, "prompt": "x" * 11}))
+        await ask("/ollama/api/embeddings", {"model": EMBEDDER, "prompt": "x" * 11})
+    )
     assert status == 400 and "at most 10 characters" in answer["error"]
 
 
@@ -277,8 +337,10 @@ async def test_bad_ollama_requests_get_a_400(channel_layer, body, error):
         pytest.param([{"embeddings": [[1, 2], [1]], "done": True}], id="mismatched-lengths"),
         pytest.param([{"embeddings": [[1], [2], [3]], "done": True}], id="too-many-vectors"),
         pytest.param([{"embeddings": [[1]], "done": True}], id="too-few-vectors"),
-        pytest.param([{"embeddings": [[1, 2]]}, {"embeddings": [[3]], "continued": True}],
-                     id="continued-past-the-length"),
+        pytest.param(
+            [{"embeddings": [[1, 2]]}, {"embeddings": [[3]], "continued": True}],
+            id="continued-past-the-length",
+        ),
         pytest.param([{"embeddings": [[1]], "continued": True}], id="continued-from-nothing"),
         pytest.param([{"embeddings": "0.1,0.2", "done": True}], id="not-a-list"),
         pytest.param([{"embeddings": [["0.1", "0.2"], [1, 2]], "done": True}], id="strings"),
@@ -291,15 +353,18 @@ async def test_bad_ollama_requests_get_a_400(channel_layer, body, error):
 )
 async def test_invalid_vectors_are_a_node_error(channel_layer, frames):
     node, _ = await embed_node()
-    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": ["a", "b"],
-                                          "dimensions": 2})
+    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": ["a", "b"], "dimensions": 2})
     rid = (await node.recv())["request_id"]
     for frame in frames:
         await vectors(node, rid, **frame)
     status, _, body = await answer_of(client)
     assert status == 502
-    assert body["error"] == {"message": "the node sent invalid embeddings",
-                             "type": "server_error", "param": None, "code": "bad_embeddings"}
+    assert body["error"] == {
+        "message": "the node sent invalid embeddings",
+        "type": "server_error",
+        "param": None,
+        "code": "bad_embeddings",
+    }
     assert await node.recv() == {"type": "cancel_request", "request_id": rid}
     assert (await session("embedder")).failed == 1
     assert await inflight_count() == 0
@@ -324,13 +389,38 @@ async def test_nan_is_not_json_and_closes_the_node(channel_layer):
     node, _ = await embed_node()
     client = await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "a"})
     rid = (await node.recv())["request_id"]
-    await node.communicator.send_to(text_data=(
-        '{"type":"embed_vectors","request_id":"%s","embeddings":[[NaN]],"done":true}' % rid))
+    # Python's json writes NaN when asked; a strict peer never would.
+    frame = json.dumps(
+        {"type": "embed_vectors", "request_id": rid, "embeddings": [[float("nan")]], "done": True}
+    )
+    assert "NaN" in frame
+    await node.communicator.send_to(text_data=frame)
     assert await node.closed() == (1008, "invalid frame")
     await node.disconnect()  # the node's side of the close
     status, _, body = await answer_of(client)
     assert (status, body) == (502, {"error": "the node serving this request disconnected"})
     assert await inflight_count() == 0
+
+
+async def test_vectors_for_requests_never_sent_are_strikes(channel_layer, settings):
+    settings.IDLECLAW_NODE_MAX_STRIKES = 2
+    node, _ = await embed_node()
+    for _ in range(3):
+        await vectors(node, "never-sent", [[1.0]], done=True)
+    assert await node.closed() == (1008, "too many frames for unknown requests")
+    await node.disconnect()
+
+
+async def test_a_node_that_never_answers_times_out_and_is_cancelled(channel_layer, settings):
+    settings.IDLECLAW_RESPONSE_TIMEOUT = 0.3
+    node, _ = await embed_node()
+    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": "a"})
+    rid = (await node.recv())["request_id"]
+    status, _, body = await answer_of(client)
+    assert (status, body["error"]["code"]) == (502, "timeout")
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    assert (await session("embedder")).timed_out == 1
+    await node.disconnect()
 
 
 async def test_chat_chunks_for_an_embedding_request_fail_it(channel_layer):
@@ -383,4 +473,3 @@ async def test_model_lists_show_embedding_models_with_their_capability(channel_l
     assert body["capabilities"] == ["embedding"]
     for node in (embedder, chatter):
         await node.disconnect()
-
