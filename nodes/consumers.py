@@ -296,9 +296,10 @@ class NodeConsumer(AsyncWebsocketConsumer):
             self._strike()
             return
         check = self.embeds.get(request_id)
+        if check is None:  # vectors for a chat request: a malformed answer, like a bad chunk
+            await self._fail_request(request_id, "ollama_error", cancel=True)
+            return
         try:
-            if check is None:
-                raise protocol.EmbedError("vectors for a chat request")
             piece = check.take(frame)
         except protocol.EmbedError as error:
             logger.warning("node %s sent invalid embeddings: %s", self.node_id, error)

@@ -433,6 +433,20 @@ async def test_chat_chunks_for_an_embedding_request_fail_it(channel_layer):
     await node.disconnect()
 
 
+async def test_vectors_for_a_chat_request_fail_it(channel_layer):
+    node, _ = await embed_node(models=[CHAT_OFFER])
+    client = await ask(
+        "/api/chat", {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    rid = (await node.recv())["request_id"]
+    await vectors(node, rid, [[1.0]], done=True)
+    assert await node.recv() == {"type": "cancel_request", "request_id": rid}
+    start = await client.app.receive_output(5)
+    assert start["status"] == 200
+    assert b"[Error: the node's model server failed]" in await client.read_all()
+    await node.disconnect()
+
+
 async def test_a_bad_node_fails_over_to_a_good_one(channel_layer):
     first, _ = await embed_node("node-a", ip="10.0.0.1")
     second, _ = await embed_node("node-b", ip="10.0.0.2")
