@@ -24,6 +24,13 @@ Reply tokens:
 * ``options.num_predict`` (when positive and smaller than the natural length) caps
   thinking plus content tokens and the reply ends with ``done_reason: "length"``.
 * Tool calls are atomic: ``num_predict`` may cut the thinking before them, never the call.
+* Embeddings (``/api/embed``, and the older ``/api/embeddings``) are unit vectors drawn from a
+  hash of the model and the input text, of the model's length (``nomic-embed-text`` 768,
+  ``all-minilm`` 384, ``mxbai-embed-large`` 1024, another embedding model 768 unless its spec
+  says ``dims=N``, a chat model 2048), with float32 precision as Ollama writes them.
+  ``dimensions`` cuts and normalizes them again, as Ollama does; an input longer than the
+  context (about four characters a token) is cut, or with ``truncate: false`` refused.
+  ``EMBEDDING_MODELS`` (``--embedding-models``) adds two embedding models to the model list.
 * A model specified with ``searches=yes`` behaves like a model using a router's
   ``web_search`` tool: offered ``web_search`` and asked to "search" in the last user message,
   it calls ``web_search`` with the rest of that message as query (and calls no other tool);
@@ -49,6 +56,7 @@ import json
 import math
 import re
 import signal
+import struct
 import sys
 import time
 from collections import deque
@@ -61,6 +69,7 @@ from aiohttp import web
 
 __all__ = [
     "DEFAULT_MODELS",
+    "EMBEDDING_MODELS",
     "DEFAULT_REPLY_TOKENS",
     "DEFAULT_VERSION",
     "ModelSpec",
@@ -69,6 +78,7 @@ __all__ = [
     "main",
     "parse_model_spec",
     "reply_for",
+    "vector_for",
 ]
 
 DEFAULT_VERSION = "0.12.3"
@@ -121,6 +131,8 @@ class ModelSpec:
     capabilities: tuple[str, ...] = ("completion",)
     # Calls a web_search tool when asked to search, and quotes its result (module docstring).
     searches: bool = False
+    # Length of its embeddings; 0 for the length its name or kind implies (``dimensions``).
+    dims: int = 0
 
     @property
     def key(self) -> str:
@@ -167,6 +179,16 @@ class ModelSpec:
         base = self.key.rsplit("/", 1)[-1].split(":", 1)[0]
         return TRAINED_CONTEXT_LENGTHS.get(base, 32768)
 
+    @property
+    def dimensions(self) -> int:
+        """The length of this model's embeddings."""
+        if self.dims:
+            return self.dims
+        base = self.key.rsplit("/", 1)[-1].split(":", 1)[0]
+        if base in EMBEDDING_LENGTHS:
+            return EMBEDDING_LENGTHS[base]
+        return 768 if "embedding" in self.capabilities else 2048
+
     def details(self) -> dict[str, Any]:
         """The ``details`` object Ollama returns in tags, show and ps."""
         return {
@@ -183,6 +205,15 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("llama3.2:3b", 2019393189, ("completion", "tools")),
     ModelSpec("qwen3:0.6b", 522653767, ("completion", "tools", "thinking")),
     ModelSpec("smollm2:135m", 270898672, ("completion",)),
+)
+
+
+# Embedding lengths of well-known embedding models (their Ollama library pages).
+EMBEDDING_LENGTHS = {"nomic-embed-text": 768, "all-minilm": 384, "mxbai-embed-large": 1024}
+# Embedding models served with --embedding-models, with their real sizes.
+EMBEDDING_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("nomic-embed-text:latest", 274302450, ("embedding",)),
+    ModelSpec("all-minilm:latest", 45960996, ("embedding",)),
 )
 
 
@@ -208,11 +239,11 @@ def _registry_name(name: str) -> str:
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
-    """Parse ``NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes]`` (commas, since names
-    contain colons).
+    """Parse ``NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes][,dims=N]`` (commas, since
+    names contain colons).
 
-    Raises ``ValueError`` on an empty name, a bad size, an unknown capability or a
-    ``searches`` other than yes or no.
+    Raises ``ValueError`` on an empty name, a bad size, an unknown capability, a ``searches``
+    other than yes or no, or a ``dims`` that is not a positive whole number.
     """
     name, *options = (part.strip() for part in spec.split(","))
     if not name:
@@ -220,6 +251,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
     size = 1_000_000_000
     caps: tuple[str, ...] = ("completion",)
     searches = False
+    dims = 0
     for option in options:
         key, sep, value = option.partition("=")
         if not sep:
@@ -239,9 +271,13 @@ def parse_model_spec(spec: str) -> ModelSpec:
             if value not in ("yes", "no"):
                 raise ValueError(f"searches={value!r}: yes or no")
             searches = value == "yes"
+        elif key == "dims":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"dims={value!r}: a positive whole number")
+            dims = int(value)
         else:
-            raise ValueError(f"unknown model spec option {key!r} (size, caps or searches)")
-    return ModelSpec(name=name, size=size, capabilities=caps, searches=searches)
+            raise ValueError(f"unknown model spec option {key!r} (size, caps, searches or dims)")
+    return ModelSpec(name=name, size=size, capabilities=caps, searches=searches, dims=dims)
 
 
 # --------------------------------------------------------------------------- replies
@@ -497,6 +533,23 @@ def reply_for(
     )
 
 
+def vector_for(model: str, text: str, length: int) -> list[float]:
+    """The embedding of ``text``: a unit vector of ``length`` numbers drawn from a hash of the
+    model and the text, each as Ollama writes a float32 (at most nine significant digits)."""
+    picks = _hash_bytes(_digest("embed", canonical_model_name(model), text))
+    raw = [((next(picks) << 8 | next(picks)) - 32767.5) / 32767.5 for _ in range(length)]
+    return _unit(raw)
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    return [float(f"{_float32(value / norm):.9g}") for value in vector]
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
 # --------------------------------------------------------------------------- request parsing
 
 
@@ -686,6 +739,8 @@ class OllamaEmulator:
         app.router.add_post("/api/show", self._show)
         app.router.add_post("/api/chat", self._chat)
         app.router.add_post("/api/generate", self._generate)
+        app.router.add_post("/api/embed", self._embed)
+        app.router.add_post("/api/embeddings", self._embeddings)
         app.router.add_get("/_emulator/stats", self._stats_view)
         app.router.add_post("/_emulator/reset", self._reset_view)
         return app
@@ -730,15 +785,16 @@ class OllamaEmulator:
     def stats(self) -> dict[str, Any]:
         """Counters and the last request bodies, as served on ``GET /_emulator/stats``.
 
-        ``<kind>_started`` counts accepted chat/generate requests; each then ends as
+        ``<kind>_started`` counts accepted chat/generate/embed requests; each then ends as
         ``completed`` (final chunk written), ``cancelled`` (the client hung up first) or
         ``failed`` (an emulator bug). ``rejected`` counts requests answered with a 4xx error,
         ``active`` the generations in flight, and ``requests`` holds the last 100 bodies
-        received on ``/api/chat`` and ``/api/generate``, as parsed JSON, oldest first.
+        received on ``/api/chat``, ``/api/generate`` and ``/api/embed``, as parsed JSON, oldest
+        first.
         """
         counts = {
             f"{kind}_{event}": self._stats.counts.get(f"{kind}_{event}", 0)
-            for kind in ("chat", "generate")
+            for kind in ("chat", "generate", "embed")
             for event in ("started", "completed", "cancelled", "failed")
         }
         return {
@@ -848,7 +904,7 @@ class OllamaEmulator:
                     "general.parameter_count": model.parameter_count,
                     "general.quantization_version": 2,
                     f"{arch}.context_length": model.context_length,
-                    f"{arch}.embedding_length": 2048,
+                    f"{arch}.embedding_length": model.dimensions,
                     f"{arch}.block_count": 28,
                 },
                 "capabilities": list(model.capabilities),
@@ -886,6 +942,101 @@ class OllamaEmulator:
             self._stats.bump("rejected")
             raise
         return await self._run(request, job, started_ns)
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        started_ns = time.perf_counter_ns()
+        struct = "EmbedRequest"
+        try:
+            body = await _read_json(request, struct)
+            self._stats.requests.append(body)
+            name = _expect(body, struct, "model", str, "string")
+            model = self.models.get(canonical_model_name(name or ""))
+            if model is None:
+                raise _ApiError(404, f"model '{name or ''}' not found")
+            raw = body.get("input")
+            if isinstance(raw, list) and all(isinstance(text, str) for text in raw):
+                texts = raw
+            elif isinstance(raw, str) or raw is None:
+                texts = [raw] if raw else []
+            else:
+                raise _ApiError(400, "invalid input type")
+            truncate = _expect(body, struct, "truncate", bool, "*bool")
+            dimensions = body.get("dimensions")
+            if dimensions is not None and (
+                isinstance(dimensions, bool) or not isinstance(dimensions, int)
+            ):
+                raise _type_error(dimensions, struct, "dimensions", "int")
+            _expect(body, struct, "options", dict, "map[string]interface {}")
+            keep_alive_ns = _keep_alive_ns(body.get("keep_alive"))
+        except _ApiError:
+            self._stats.bump("rejected")
+            raise
+        embeddings, tokens, load_ns = await self._run_embed(
+            model, texts, truncate is not False, dimensions or 0, keep_alive_ns
+        )
+        payload: dict[str, Any] = {"model": name, "embeddings": embeddings}
+        if texts:
+            payload["total_duration"] = max(time.perf_counter_ns() - started_ns, 1)
+            payload["load_duration"] = max(load_ns, 1)
+            payload["prompt_eval_count"] = tokens
+        return _json_response(payload)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Ollama's older ``/api/embeddings``: one ``prompt``, one vector."""
+        struct = "EmbeddingRequest"
+        try:
+            body = await _read_json(request, struct)
+            self._stats.requests.append(body)
+            model, _name = self._resolve(body, struct)
+            prompt = _expect(body, struct, "prompt", str, "string")
+            _expect(body, struct, "options", dict, "map[string]interface {}")
+            keep_alive_ns = _keep_alive_ns(body.get("keep_alive"))
+        except _ApiError:
+            self._stats.bump("rejected")
+            raise
+        texts = [prompt] if prompt else []
+        embeddings, _tokens, _load_ns = await self._run_embed(model, texts, True, 0, keep_alive_ns)
+        return _json_response({"embedding": embeddings[0] if embeddings else []})
+
+    async def _run_embed(
+        self,
+        model: ModelSpec,
+        texts: Sequence[str],
+        truncate: bool,
+        dimensions: int,
+        keep_alive_ns: int | None,
+    ) -> tuple[list[list[float]], int, int]:
+        """The vectors of ``texts``, their token count and the load time (nanoseconds)."""
+        self._stats.bump("embed_started")
+        self._stats.active += 1
+        self._loaded[model.key] = self._expiry(keep_alive_ns)
+        outcome = "failed"
+        try:
+            load_ns = await self._pause(self.load_delay)
+            embeddings, tokens = [], 0
+            for text in texts:
+                count = _approx_tokens(text)
+                if count > CONTEXT_LENGTH:
+                    if not truncate:
+                        raise _ApiError(400, "the input length exceeds the context length")
+                    text, count = text[: CONTEXT_LENGTH * 4], CONTEXT_LENGTH
+                vector = vector_for(model.name, text, model.dimensions)
+                if 0 < dimensions < len(vector):
+                    vector = _unit(vector[:dimensions])
+                embeddings.append(vector)
+                tokens += count
+            outcome = "completed"
+            return embeddings, tokens, load_ns
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._stats.active -= 1
+            self._stats.bump(f"embed_{outcome}")
+            if keep_alive_ns == 0:
+                self._loaded.pop(model.key, None)
+            else:
+                self._loaded[model.key] = self._expiry(keep_alive_ns)
 
     def _resolve(self, body: Mapping[str, Any], struct: str) -> tuple[ModelSpec, str]:
         name = _expect(body, struct, "model", str, "string")
@@ -1319,8 +1470,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         type=_model_arg,
         metavar="SPEC",
-        help="NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes]; repeatable; replaces the "
-        "default models",
+        help="NAME[,size=BYTES][,caps=cap1+cap2][,searches=yes][,dims=N]; repeatable; "
+        "replaces the default models",
+    )
+    parser.add_argument(
+        "--embedding-models",
+        action="store_true",
+        help="also serve nomic-embed-text:latest and all-minilm:latest (embeddings only)",
     )
     return parser.parse_args(argv)
 
@@ -1329,7 +1485,10 @@ async def _serve(args: argparse.Namespace) -> None:
     emulator = OllamaEmulator(
         host=args.host,
         port=args.port,
-        models=args.models,
+        models=[
+            *(args.models or DEFAULT_MODELS),
+            *(EMBEDDING_MODELS if args.embedding_models else ()),
+        ],
         reply_tokens=args.reply_tokens,
         token_delay=args.token_delay,
         load_delay=args.load_delay,

@@ -381,6 +381,14 @@ IDLECLAW_MAX_RESPONSE_CHARS = envint("IDLECLAW_MAX_RESPONSE_CHARS", 16_000, mini
 IDLECLAW_NODE_COOLDOWN = envfloat("IDLECLAW_NODE_COOLDOWN", 30.0, minimum=0.0)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
+# Embeddings (/v1/embeddings, /ollama/api/embed): most inputs in one request (a node takes at
+# most 256, docs/node-protocol-extensions.md), and most characters in all of them. The default
+# is a little under the chat limit of 100,000 so that a request fits the 100,000-byte frame it
+# travels to its node in; longer text is refused with a 400 that names the limit.
+IDLECLAW_EMBED_MAX_INPUTS = envint("IDLECLAW_EMBED_MAX_INPUTS", 256, minimum=1)
+if IDLECLAW_EMBED_MAX_INPUTS > 256:
+    raise ImproperlyConfigured("IDLECLAW_EMBED_MAX_INPUTS must be at most 256 (a node's limit)")
+IDLECLAW_EMBED_MAX_CHARS = envint("IDLECLAW_EMBED_MAX_CHARS", 90_000, minimum=1)
 
 # --- Browsers on other sites (CORS) -------------------------------------------------------
 # Web pages that may call the public APIs (/v1, /ollama, /api, /health) from a browser:

@@ -41,6 +41,9 @@ FRAMES_PER_TOOL_CALL = 8
 # How far a loaded model's expiry may move before the router writes it down
 # (``protocol.loaded_changed``): Ollama moves it with every request a node serves.
 LOADED_SLACK_S = 30.0
+# Numbers of an ``embed_vectors`` frame that together cost as much as one frame: a frame full of
+# numbers (about 7,000) is parsed number by number, several frames' work.
+FLOATS_PER_UNIT = 1024
 
 
 @dataclass(eq=False)
@@ -98,6 +101,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.model_names: frozenset[str] = frozenset()  # the models the node serves
         # What its Ollama has loaded, as last passed on to be written (heartbeat ``loaded``).
         self.loaded: dict[str, protocol.LoadedModel] = {}
+        # Embedding requests among ``requests``, each with the check of its vectors so far.
+        self.embeds: dict[str, protocol.EmbedCheck] = {}
         self.last_frame = time.monotonic()
         # Read once: used on every frame.
         self.frame_rate = settings.IDLECLAW_NODE_MAX_FRAMES_PER_S
@@ -234,6 +239,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await self._relay_chunk(frame)
         elif kind == FrameType.INFERENCE_ERROR:
             await self._relay_error(frame)
+        elif kind == FrameType.EMBED_VECTORS:
+            await self._relay_vectors(frame)
         elif kind == FrameType.HEARTBEAT:
             self._note_loaded(frame)
         elif kind == FrameType.MODELS_UPDATE:
@@ -281,7 +288,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             self._strike()  # not a request sent to this connection (PROTOCOL §1 identity)
             return
         chunk = protocol.clean_chunk(frame.get("chunk"))
-        if chunk is None:
+        if chunk is None or (self.embeds and request_id in self.embeds):
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, [chunk])
@@ -296,33 +303,62 @@ class NodeConsumer(AsyncWebsocketConsumer):
             self._strike()
             return
         chunks = protocol.clean_chunks(frame.get("chunks"))
-        if chunks is None:
+        if chunks is None or (self.embeds and request_id in self.embeds):
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, chunks)
 
-    def _charge(self, chunks: list[dict[str, Any]]) -> None:
+    async def _relay_vectors(self, frame: dict[str, Any]) -> None:
+        """An ``embed_vectors`` frame (docs/node-protocol-extensions.md): checked against what
+        the request asked for and the vectors before it. Anything wrong fails the request as a
+        node error (``bad_embeddings``); the node receives a cancel."""
+        request_id = protocol.request_id_of(frame)
+        reply_channel = self.requests.get(request_id or "")
+        if reply_channel is None:
+            self._strike()
+            return
+        check = self.embeds.get(request_id)
+        if check is None:  # vectors for a chat request: a malformed answer, like a bad chunk
+            await self._fail_request(request_id, "ollama_error", cancel=True)
+            return
+        try:
+            piece = check.take(frame)
+        except protocol.EmbedError as error:
+            logger.warning("node %s sent invalid embeddings: %s", self.node_id, error)
+            await self._fail_request(request_id, "bad_embeddings", cancel=True)
+            return
+        if piece["done"]:
+            del self.embeds[request_id]
+        floats = sum(len(vector) for vector in piece["embeddings"])
+        await self._enqueue(request_id, reply_channel, [piece], cost=floats / FLOATS_PER_UNIT)
+
+    def _charge(self, chunks: list[dict[str, Any]], cost: float | None) -> None:
         """What a frame's chunks cost beyond the frame itself: an eighth of a frame per chunk
-        and FRAMES_PER_TOOL_CALL per tool call. Without it an ``inference_chunks`` frame of 256
-        chunks, or of hundreds of tool calls, would cost the frame allowance one unit and the
-        event loop up to a hundred times a plain frame's work, and a node could stall its
-        worker."""
-        cost = len(chunks) / CHUNKS_PER_UNIT
-        for chunk in chunks:
-            cost += FRAMES_PER_TOOL_CALL * len(chunk["message"].get("tool_calls", ()))
+        and FRAMES_PER_TOOL_CALL per tool call, or ``cost`` when the caller knows it (vectors).
+        Without it an ``inference_chunks`` frame of 256 chunks, or of hundreds of tool calls,
+        would cost the frame allowance one unit and the event loop up to a hundred times a plain
+        frame's work, and a node could stall its worker."""
+        if cost is None:
+            cost = len(chunks) / CHUNKS_PER_UNIT
+            for chunk in chunks:
+                cost += FRAMES_PER_TOOL_CALL * len(chunk["message"].get("tool_calls", ()))
         self.allowance -= cost
         if self.allowance < 0:
             raise ProtocolError(CloseReason.RATE_LIMITED)
 
     async def _enqueue(
-        self, request_id: str, reply_channel: str, chunks: list[dict[str, Any]]
+        self,
+        request_id: str,
+        reply_channel: str,
+        chunks: list[dict[str, Any]],
+        cost: float | None = None,
     ) -> None:
         """Pass a request's next chunks on to its consumer; only the last may be ``done``.
 
         A layer that delivers without waiting (``send_now``, the embedded default) gets them at
         once. Otherwise they go to the request's outbox, whose sender task sends them, so that
         this socket's next frames need not wait for the layer."""
-        self._charge(chunks)
+        self._charge(chunks, cost)
         seq = self.next_seq.get(request_id, 0)
         self.next_seq[request_id] = seq + len(chunks)
         if chunks[-1]["done"]:
@@ -361,6 +397,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                     # the stream; its chunks are numbered, so none is passed on with a gap).
                     logger.exception("relaying chunks of %s failed; cancelling", request_id)
                     self.next_seq.pop(request_id, None)
+                    self.embeds.pop(request_id, None)
                     if self.requests.pop(request_id, None) is not None and not self.closing:
                         await self.send_frame(
                             {"type": FrameType.CANCEL_REQUEST, "request_id": request_id}
@@ -378,6 +415,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """The consumer's channel is full: it stopped reading. The node stops, it gets an error."""
         logger.warning("consumer of %s is not reading; cancelling", request_id)
         self.next_seq.pop(request_id, None)
+        self.embeds.pop(request_id, None)
         if self.requests.pop(request_id, None) is not None and not self.closing:
             await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
         await self._send_error(reply_channel, request_id, "consumer_stalled")
@@ -392,6 +430,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def _fail_request(self, request_id: str, error: str, *, cancel: bool) -> None:
         reply_channel = self.requests.pop(request_id, None)
         self.next_seq.pop(request_id, None)
+        self.embeds.pop(request_id, None)
         if reply_channel is None:
             return
         if cancel:
@@ -429,9 +468,24 @@ class NodeConsumer(AsyncWebsocketConsumer):
             }
         )
 
+    async def node_embed(self, event: protocol.NodeEmbedEvent) -> None:
+        """An embedding request (the ``embeddings`` extension); only nodes that declared it are
+        chosen for one (``routing.services.inflight_claim``)."""
+        if self.closing or self.session_id is None:
+            return
+        request_id = event["request_id"]
+        params = event["embed_params"]
+        self.requests[request_id] = event["reply_channel"]
+        self.embeds[request_id] = protocol.EmbedCheck(
+            inputs=len(params["input"]), dimensions=params.get("dimensions")
+        )
+        self.allowance += 2.0 * self.request_frame_rate
+        await self.send(text_data=protocol.embed_request_text(request_id, params))
+
     async def node_cancel(self, event: protocol.NodeCancelEvent) -> None:
         request_id = event["request_id"]
         self.next_seq.pop(request_id, None)
+        self.embeds.pop(request_id, None)
         if self.requests.pop(request_id, None) is not None and not self.closing:
             await self.send_frame({"type": FrameType.CANCEL_REQUEST, "request_id": request_id})
 
@@ -466,6 +520,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             await self._send_error(reply_channel, request_id, shutdown.RESTARTING)
         self.requests.clear()
         self.next_seq.clear()
+        self.embeds.clear()
         await self._leave()
 
     async def _leave(self) -> None:
@@ -482,6 +537,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.session_id = None  # the new session owns the row now
         self.requests.clear()
         self.next_seq.clear()
+        self.embeds.clear()
         await self._refuse(ProtocolError(CloseReason.NODE_ID_IN_USE))
 
     async def disconnect(self, code: int) -> None:

@@ -54,6 +54,16 @@ MAX_CONTEXT_LENGTH = 2**27  # 134M tokens: well above any model's, far below abs
 # absurd dates out of arithmetic and out of the database.
 LOADED_FOREVER = datetime(3000, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP_CHARS = 40
+# The ``embeddings`` extension (docs/node-protocol-extensions.md): most inputs of one request,
+# the longest vector a node may return, and all the numbers of one answer together
+# (256 vectors of 8192).
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_DIMENSIONS = 8192
+MAX_EMBED_FLOATS = 2_097_152
+EMBED_PARAM_KEYS = ("model", "input", "truncate", "dimensions", "keep_alive", "options")
+EMBED_STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count")
+# Most entries of ``register.features`` looked at; the rest are ignored.
+MAX_DECLARED_FEATURES = 32
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -70,6 +80,8 @@ class FrameType(StrEnum):
     CANCEL_REQUEST = "cancel_request"
     MODELS_UPDATE = "models_update"
     DRAIN = "drain"
+    EMBED_REQUEST = "embed_request"
+    EMBED_VECTORS = "embed_vectors"
 
 
 class Feature(StrEnum):
@@ -78,9 +90,13 @@ class Feature(StrEnum):
 
     INFERENCE_CHUNKS = "inference_chunks"
     LOADED_MODELS = "loaded_models"
+    EMBEDDINGS = "embeddings"
 
 
-ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS, Feature.LOADED_MODELS)
+ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS, Feature.LOADED_MODELS, Feature.EMBEDDINGS)
+# Extensions a node declares in ``register.features``: the router sends such requests only to
+# nodes that declared them. Other names are ignored.
+NODE_FEATURES = (Feature.EMBEDDINGS,)
 
 
 class CloseReason(StrEnum):
@@ -107,6 +123,7 @@ class EventType(StrEnum):
     """Channel-layer event types. Channels maps ``node.request`` to ``node_request``."""
 
     NODE_REQUEST = "node.request"
+    NODE_EMBED = "node.embed"
     NODE_CANCEL = "node.cancel"
     NODE_GONE = "node.gone"
     STREAM_CHUNK = "stream.chunk"
@@ -120,6 +137,15 @@ class NodeRequestEvent(TypedDict):
     request_id: str
     reply_channel: str
     ollama_params: dict[str, Any]
+
+
+class NodeEmbedEvent(TypedDict):
+    """HTTP side → node consumer: embed these inputs (the ``embeddings`` extension)."""
+
+    type: str
+    request_id: str
+    reply_channel: str
+    embed_params: dict[str, Any]
 
 
 class NodeCancelEvent(TypedDict):
@@ -180,6 +206,8 @@ class Registration:
     protocol: int = 1
     client: str = ""
     resume_token: str = ""
+    # Extensions of NODE_FEATURES the node declared it accepts.
+    features: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # What the router dropped from the frame and tells the node in ``registered.warnings``.
     warnings: tuple[str, ...] = ()
@@ -431,8 +459,18 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         protocol=protocol,
         client=_clean_text(frame.get("client"), MAX_CLIENT_CHARS),
         resume_token=_clean_text(frame.get("resume_token"), 128),
+        features=_declared_features(frame.get("features")),
         warnings=warnings,
     )
+
+
+def _declared_features(raw: Any) -> tuple[str, ...]:
+    """The known extensions among the first MAX_DECLARED_FEATURES entries of
+    ``register.features``; anything else (not a list, unknown names, non-strings) is ignored."""
+    if not isinstance(raw, list):
+        return ()
+    named = {item for item in raw[:MAX_DECLARED_FEATURES] if isinstance(item, str)}
+    return tuple(feature.value for feature in NODE_FEATURES if feature in named)
 
 
 NODE_FRAME_TYPES = frozenset(
@@ -444,11 +482,17 @@ NODE_FRAME_TYPES = frozenset(
         FrameType.MODELS_UPDATE,
         FrameType.DRAIN,
         FrameType.REGISTER,
+        FrameType.EMBED_VECTORS,
     }
 )
 # Frames about one request: they need a valid ``request_id``.
 REQUEST_FRAME_TYPES = frozenset(
-    {FrameType.INFERENCE_CHUNK, FrameType.INFERENCE_CHUNKS, FrameType.INFERENCE_ERROR}
+    {
+        FrameType.INFERENCE_CHUNK,
+        FrameType.INFERENCE_CHUNKS,
+        FrameType.INFERENCE_ERROR,
+        FrameType.EMBED_VECTORS,
+    }
 )
 MAX_TOOL_CALLS = 16
 MAX_TOOL_CALL_JSON_CHARS = 20_000
@@ -484,7 +528,8 @@ def check_node_frame(frame: dict[str, Any]) -> None:
         elif kind == FrameType.INFERENCE_ERROR and not isinstance(frame.get("error"), str):
             raise ProtocolError(CloseReason.INVALID_FRAME)
         # The chunks of an ``inference_chunks`` frame are checked by ``clean_chunks`` when they
-        # are relayed: a bad batch fails its request, like a chunk ``clean_chunk`` refuses,
+        # are relayed, the vectors of an ``embed_vectors`` frame by its request's
+        # ``EmbedCheck``: a bad batch fails its request, like a chunk ``clean_chunk`` refuses,
         # rather than the connection.
 
 
@@ -585,3 +630,108 @@ def error_code_of(frame: dict[str, Any]) -> str:
     if isinstance(error, str) and error in ERROR_CODES:
         return error
     return "ollama_error"
+
+
+# --- The ``embeddings`` extension (docs/node-protocol-extensions.md) ---------------------------
+
+
+def embed_request_text(request_id: str, embed_params: dict[str, Any]) -> str:
+    """The ``embed_request`` frame as sent to a node: UTF-8 rather than ASCII escapes, which
+    would make non-Latin text take up to six times its room in the 100,000-byte frame. Lone
+    surrogates, which UTF-8 cannot carry, become U+FFFD."""
+    frame = {"type": FrameType.EMBED_REQUEST, "request_id": request_id,
+             "embed_params": embed_params}
+    return valid_unicode(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
+
+
+class EmbedError(Exception):
+    """What is wrong with a node's vectors; safe to log (counts and lengths, never values)."""
+
+
+def _numbers(raw: list[Any]) -> list[float]:
+    """``raw`` as floats, or ``EmbedError`` if an element is not a number. The strict frame
+    decoder has already refused NaN and infinities; JSON integers (Go writes ``0`` for 0.0) are
+    numbers too, booleans are not."""
+    if all(type(value) is float for value in raw):
+        return raw
+    values = []
+    for value in raw:
+        kind = type(value)
+        if kind is float:
+            values.append(value)
+        elif kind is int:
+            try:
+                values.append(float(value))
+            except OverflowError:
+                raise EmbedError("a number out of range") from None
+        else:
+            raise EmbedError(f"a vector holds a {kind.__name__}, not a number")
+    return values
+
+
+@dataclass
+class EmbedCheck:
+    """One embedding request's answer as a node sends it, checked frame by frame: vectors of
+    numbers, one per input and in order, all of one length of 1..MAX_EMBED_DIMENSIONS (at most
+    the ``dimensions`` asked for), at most MAX_EMBED_FLOATS numbers in all. ``take`` raises
+    ``EmbedError`` at the first frame that breaks a rule, so a node cannot make the router hold
+    more than one answer's worth."""
+
+    inputs: int
+    dimensions: int | None = None
+    vectors: int = 0  # vectors begun
+    length: int = 0  # the length of the first complete vector; 0 until there is one
+    current: int = 0  # numbers of the last vector begun
+    floats: int = 0
+
+    def take(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """The vectors of an ``embed_vectors`` frame as they go on to the consumer's worker:
+        ``{"embeddings", "continued", "done"}`` and, on the last, the stats."""
+        vectors = frame.get("embeddings")
+        continued = frame.get("continued", False)
+        done = frame.get("done", False)
+        if not isinstance(vectors, list) or not isinstance(continued, bool):
+            raise EmbedError("embeddings is not a list of vectors")
+        if not isinstance(done, bool):
+            raise EmbedError("done is not a boolean")
+        if not vectors and not done:
+            raise EmbedError("a frame without vectors that is not the last")
+        if len(vectors) > self.inputs - self.vectors + int(continued):
+            raise EmbedError(f"more vectors than the {self.inputs} inputs")
+        if continued and (not vectors or not self.vectors):
+            raise EmbedError("continued with no vector to continue")
+        limit = min(MAX_EMBED_DIMENSIONS, self.dimensions or MAX_EMBED_DIMENSIONS)
+        clean = []
+        for position, raw in enumerate(vectors):
+            if not isinstance(raw, list) or not raw:
+                raise EmbedError("a vector is not a non-empty list of numbers")
+            if position or not continued:
+                self._complete()
+                self.vectors += 1
+                self.current = 0
+            self.current += len(raw)
+            if self.current > (self.length or limit):
+                raise EmbedError(f"a vector longer than {self.length or limit}")
+            self.floats += len(raw)
+            if self.floats > MAX_EMBED_FLOATS:
+                raise EmbedError(f"more than {MAX_EMBED_FLOATS} numbers")
+            clean.append(_numbers(raw))
+        piece: dict[str, Any] = {"embeddings": clean, "continued": continued, "done": done}
+        if done:
+            self._complete()
+            if self.vectors != self.inputs:
+                raise EmbedError(f"{self.vectors} vectors for {self.inputs} inputs")
+            for key in EMBED_STAT_KEYS:
+                value = safe_int(frame.get(key))
+                if value is not None:
+                    piece[key] = value
+        return piece
+
+    def _complete(self) -> None:
+        """The last vector begun is whole: it must be as long as the first."""
+        if not self.vectors:
+            return
+        if not self.length:
+            self.length = self.current
+        elif self.current != self.length:
+            raise EmbedError(f"vectors of {self.length} and {self.current} numbers")

@@ -261,6 +261,7 @@ def node_session_open(
             client=registration.client,
             protocol=registration.protocol,
             resume_token_hash=_token_hash(token),
+            features=list(registration.features),
             connected_at=now,
             last_seen=now,
         )

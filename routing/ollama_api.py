@@ -10,15 +10,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from routing.embeddings import Embeddings, vector_parts
 from routing.selectors import ModelInfo
 from routing.streaming import Answer, Events, Queued, RelayError, dumps
 from routing.validation import (
     BadRequest,
     check_compat_messages,
+    check_dimensions,
+    check_embed_inputs,
     check_format,
     check_model,
     check_options,
     check_tools,
+    embed_params,
     parse_json_object,
 )
 
@@ -292,7 +296,8 @@ def tags_body(infos: list[ModelInfo]) -> dict[str, Any]:
     now = now_rfc3339()
     return {"models": [{"name": info.name, "model": info.name, "modified_at": now,
                         "size": info.size, "digest": _digest(info.name),
-                        "details": _details(info)} for info in infos]}
+                        "details": _details(info), "capabilities": capabilities_of(info)}
+                       for info in infos]}
 
 
 def ps_body(infos: list[ModelInfo]) -> dict[str, Any]:
@@ -323,8 +328,16 @@ def ps_body(infos: list[ModelInfo]) -> dict[str, Any]:
     return {"models": models}
 
 
+def capabilities_of(info: ModelInfo) -> list[str]:
+    """Ollama's capabilities of a model: ``completion`` first, which nodes that report no
+    capabilities are assumed to have, unless it is an embedding model."""
+    others = sorted(c for c in info.capabilities if c != "completion")
+    if "embedding" in info.capabilities and "completion" not in info.capabilities:
+        return others
+    return ["completion", *others]
+
+
 def show_body(info: ModelInfo) -> dict[str, Any]:
-    capabilities = ["completion", *sorted(c for c in info.capabilities if c != "completion")]
     model_info: dict[str, Any] = {}
     family = info.details.get("family")
     if family:
@@ -338,6 +351,82 @@ def show_body(info: ModelInfo) -> dict[str, Any]:
         "template": "",
         "details": _details(info),
         "model_info": model_info,
-        "capabilities": capabilities,
+        "capabilities": capabilities_of(info),
         "modified_at": now_rfc3339(),
     }
+
+
+# --- Embeddings (/api/embed and the older /api/embeddings) -------------------------------------
+
+
+@dataclass(frozen=True)
+class OllamaEmbedRequest:
+    model: str
+    # None when there is nothing to embed: Ollama then only loads the model and answers an empty
+    # list, and so does the router, without asking a node.
+    embed_params: dict[str, Any] | None
+
+
+def _embed_common(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    model = check_model(data.get("model"))
+    extra: dict[str, Any] = {}
+    options = check_options(data.get("options"))
+    if options:
+        extra["options"] = options
+    keep_alive = data.get("keep_alive")
+    if isinstance(keep_alive, str | int | float) and not isinstance(keep_alive, bool):
+        extra["keep_alive"] = keep_alive
+    return model, extra
+
+
+def parse_embed(body: bytes) -> OllamaEmbedRequest:
+    """Check an Ollama ``/api/embed`` body: ``input`` a string or a list of strings,
+    ``truncate``, ``dimensions``, ``options``, ``keep_alive``."""
+    data = parse_json_object(body)
+    model, extra = _embed_common(data)
+    raw = data.get("input")
+    if raw is None or raw == "":
+        texts = []
+    elif isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        texts = raw
+    else:
+        raise BadRequest("invalid input type", 400)  # Ollama's words
+    truncate = data.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise BadRequest("truncate: must be true or false", 400)
+    dimensions = data.get("dimensions")
+    if isinstance(dimensions, int) and not isinstance(dimensions, bool) and dimensions <= 0:
+        dimensions = None  # Ollama ignores a length that is not positive
+    dimensions = check_dimensions(dimensions)
+    if not texts:
+        return OllamaEmbedRequest(model=model, embed_params=None)
+    params = embed_params(model=model, texts=check_embed_inputs(texts), truncate=truncate,
+                          dimensions=dimensions, **extra)
+    return OllamaEmbedRequest(model=model, embed_params=params)
+
+
+def parse_embeddings(body: bytes) -> OllamaEmbedRequest:
+    """Check a body of Ollama's older ``/api/embeddings``: one ``prompt``."""
+    data = parse_json_object(body)
+    model, extra = _embed_common(data)
+    prompt = data.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest("prompt: must be a string", 400)
+    if not prompt:
+        return OllamaEmbedRequest(model=model, embed_params=None)
+    params = embed_params(model=model, texts=check_embed_inputs([prompt], param="prompt"),
+                          **extra)
+    return OllamaEmbedRequest(model=model, embed_params=params)
+
+
+def embed_parts(answer: Embeddings, *, model: str) -> AsyncIterator[bytes]:
+    """Ollama's ``/api/embed`` answer, a few vectors per write."""
+    stats = "".join(f",{dumps(key)}:{value}" for key, value in answer.stats.items() if value)
+    return vector_parts(
+        answer.vectors,
+        lambda index, vector: dumps(vector),
+        head=f'{{"model":{dumps(model)},"embeddings":[',
+        tail=f"]{stats}}}",
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodes.protocol import strict_loads
+from routing.embeddings import Embeddings, float32_base64, vector_parts
 from routing.streaming import (
     Answer,
     Events,
@@ -27,10 +28,13 @@ from routing.streaming import (
 from routing.validation import (
     BadRequest,
     check_compat_messages,
+    check_dimensions,
+    check_embed_inputs,
     check_format,
     check_model,
     check_stop,
     check_tools,
+    embed_params,
     parse_json_object,
 )
 
@@ -357,3 +361,83 @@ async def completion_stream(
                           "code": error.code}}
         yield f"data: {dumps(body)}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+# --- Embeddings (/v1/embeddings) ---------------------------------------------------------------
+
+TOKEN_IDS_REFUSED = (
+    "input: arrays of token ids are not supported; send the text itself. LangChain's "
+    "OpenAIEmbeddings sends token ids unless created with check_embedding_ctx_length=False"
+)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str
+    embed_params: dict[str, Any]
+    base64: bool
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_ids(value: Any) -> bool:
+    """A token id, or a non-empty list of them."""
+    if isinstance(value, list):
+        return bool(value) and all(_is_token_id(item) for item in value)
+    return _is_token_id(value)
+
+
+def _embedding_texts(value: Any) -> list[str]:
+    """OpenAI's ``input``: a string or an array of strings (token ids are refused)."""
+    if isinstance(value, str):
+        if not value:
+            raise OpenAIError("input: cannot be an empty string", param="input")
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return value
+        if _is_token_ids(value) or all(_is_token_ids(item) for item in value):
+            raise OpenAIError(TOKEN_IDS_REFUSED, param="input")
+    raise OpenAIError("input: a non-empty string or array of strings is required",
+                      param="input")
+
+
+def parse_embedding_request(body: bytes) -> EmbeddingRequest:
+    """Check an OpenAI ``/v1/embeddings`` body; ``user`` is accepted and ignored."""
+    try:
+        data = parse_json_object(body)
+        model = check_model(data.get("model"))
+    except BadRequest as error:
+        raise OpenAIError(error.detail, status=error.status if error.status != 422 else 400,
+                          param=_param_of(error.detail)) from None
+    texts = _embedding_texts(data.get("input"))
+    encoding = data.get("encoding_format")
+    if encoding not in (None, "float", "base64"):
+        raise OpenAIError("encoding_format: float or base64", param="encoding_format")
+    try:
+        dimensions = check_dimensions(data.get("dimensions"))
+        params = embed_params(model=model, texts=check_embed_inputs(texts),
+                              dimensions=dimensions)
+    except BadRequest as error:
+        raise OpenAIError(error.detail, param=_param_of(error.detail.split("[", 1)[0])) from None
+    return EmbeddingRequest(model=model, embed_params=params, base64=encoding == "base64")
+
+
+def embedding_parts(answer: Embeddings, *, model: str, base64: bool) -> AsyncIterator[bytes]:
+    """The ``list`` of ``embedding`` objects, a few vectors per write; with ``base64`` each
+    vector is little-endian float32 in base64, as OpenAI sends it."""
+    tokens = answer.prompt_tokens
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+
+    def render(index: int, vector: list[float]) -> str:
+        embedding = dumps(float32_base64(vector)) if base64 else dumps(vector)
+        return f'{{"object":"embedding","index":{index},"embedding":{embedding}}}'
+
+    return vector_parts(
+        answer.vectors,
+        render,
+        head='{"object":"list","data":[',
+        tail=f'],"model":{dumps(model)},"usage":{dumps(usage)}}}',
+    )

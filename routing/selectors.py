@@ -121,3 +121,13 @@ def queue_lengths() -> dict[str, int]:
     return dict(
         QueuedRequest.objects.values("model").annotate(n=Count("pk")).values_list("model", "n")
     )
+
+
+def embeddings_served(*, model: str) -> bool:
+    """Whether a live node that declared the ``embeddings`` extension serves ``model``."""
+    from nodes.protocol import Feature
+
+    # Features are a short list of known names (nodes.protocol.NODE_FEATURES): read in Python,
+    # as JSON lookups differ between SQLite and PostgreSQL.
+    features = live_sessions().filter(models__name=model).values_list("features", flat=True)
+    return any(Feature.EMBEDDINGS in (names or ()) for names in features)

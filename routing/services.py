@@ -118,6 +118,7 @@ SELECT * FROM (
     JOIN {T.worker} w ON w.worker_id = s.worker_id
     WHERE m.name = %(model)s AND m.id {bound} %(start)s
       AND NOT s.draining AND s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+      {{feature}}
       AND (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) < s.max_concurrent
       AND (s.consecutive_failures < %(cooldown_after)s
            OR (s.cooldown_until <= %(now)s
@@ -127,7 +128,7 @@ SELECT * FROM (
 ) {alias}
 """
 
-_CANDIDATES_SQL = _sql("""
+_CANDIDATES_TEMPLATE = _sql("""
 SELECT id, channel_name, node_id, max_concurrent,
        CAST(active AS REAL) / max_concurrent AS load, warm,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
@@ -143,6 +144,24 @@ ORDER BY load, warm DESC, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
 """)
 
+# Only sessions that declared an extension (``NodeSession.features``) in ``register``. The list
+# holds known names only (nodes.protocol.NODE_FEATURES), so a match on the quoted name is exact;
+# CAST makes it text on SQLite and PostgreSQL (jsonb) alike.
+_FEATURE_PREDICATE = "AND CAST(s.features AS TEXT) LIKE %(feature)s"
+
+
+def _with_feature(template: str, feature: str | None) -> str:
+    return template.replace("{feature}", _FEATURE_PREDICATE if feature else "")
+
+
+_CANDIDATES_SQL = _with_feature(_CANDIDATES_TEMPLATE, None)
+# Requests that need an extension of the node: embeddings.
+_FEATURE_CANDIDATES_SQL = _with_feature(_CANDIDATES_TEMPLATE, "feature")
+
+
+def _feature_pattern(feature: str) -> str:
+    return f'%"{feature}"%'
+
 _ID_RANGE_SQL = _sql("SELECT MIN(id), MAX(id) FROM {T.model} WHERE name = %(model)s")
 
 
@@ -155,7 +174,13 @@ class _Candidate:
 
 
 def _candidates(
-    model: str, exclude: Collection[int], now: datetime, *, own: str, arrived_at: datetime
+    model: str,
+    exclude: Collection[int],
+    now: datetime,
+    *,
+    own: str,
+    arrived_at: datetime,
+    feature: str | None = None,
 ) -> list[_Candidate]:
     """Live nodes with a free slot, best first: the least loaded, then those whose Ollama has
     the model loaded (the others would load it first, seconds before the first token; the
@@ -163,7 +188,8 @@ def _candidates(
     fastest. A cooled-down node is skipped; once its cooldown is over it gets one trial request
     at a time until it succeeds, ranked like a fresh node so that the trial really happens.
     None at all while a request for the model that arrived before ``arrived_at`` waits in the
-    queue (``own`` is the caller's own place in it, if any).
+    queue (``own`` is the caller's own place in it, if any). With ``feature``, only nodes that
+    declared that extension.
 
     The choice is among the free nodes of two windows of at most ``WINDOW`` rows each, read
     from a random point of the model's rows and from its first row, so it costs about the same
@@ -193,7 +219,11 @@ def _candidates(
         # Sessions this request already failed on are dropped here rather than in SQL.
         "limit": CANDIDATES + len(exclude),
     }
-    found = _rows(_CANDIDATES_SQL, params)
+    sql = _CANDIDATES_SQL
+    if feature is not None:
+        sql = _FEATURE_CANDIDATES_SQL
+        params["feature"] = _feature_pattern(feature)
+    found = _rows(sql, params)
     rows = [row for row in found if row[0] not in exclude][:CANDIDATES]
     # Spread exact ties instead of always picking the oldest connection.
     if rows:
@@ -221,13 +251,16 @@ SELECT %(request_id)s, %(session)s, %(worker)s, %(model)s, %(reply_channel)s, %(
 WHERE (SELECT COUNT(*) FROM {T.inflight} WHERE session_id = %(session)s) < %(max_concurrent)s
 """)
 
-_SERVED_SQL = _sql("""
+_SERVED_TEMPLATE = _sql("""
 SELECT s.id FROM {T.session} s
 JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
 JOIN {T.worker} w ON w.worker_id = s.worker_id
 WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+  {{feature}}
 LIMIT %(limit)s
 """)
+_SERVED_SQL = _with_feature(_SERVED_TEMPLATE, None)
+_FEATURE_SERVED_SQL = _with_feature(_SERVED_TEMPLATE, "feature")
 
 
 def inflight_claim(
@@ -239,8 +272,10 @@ def inflight_claim(
     arrived_at: datetime,
     queued_as: str | None = None,
     exclude: Collection[int] = (),
+    feature: str | None = None,
 ) -> Claim | NoSlot:
-    """Take a free slot on the best live node serving ``model``.
+    """Take a free slot on the best live node serving ``model`` (and, with ``feature``, that
+    declared that extension: a node serving the model without it does not serve the request).
 
     ``arrived_at`` is when the consumer's request arrived: a claim is refused while an older
     request for the model waits in the queue (``queued_as`` is the caller's own queue row).
@@ -251,7 +286,9 @@ def inflight_claim(
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         own = queued_as or ""
-        candidates = _candidates(model, exclude, now, own=own, arrived_at=arrived_at)
+        candidates = _candidates(
+            model, exclude, now, own=own, arrived_at=arrived_at, feature=feature
+        )
         for tried, candidate in enumerate(candidates):
             max_concurrent = candidate.max_concurrent
             if connection.vendor == "postgresql":
@@ -289,15 +326,15 @@ def inflight_claim(
         )
         if waiting:
             return NoSlot(served=True, blocked=True)
-        serving = _rows(
-            _SERVED_SQL,
-            {
-                "model": model,
-                "node_cutoff": _at(live_cutoff(now)),
-                "worker_cutoff": _at(worker_cutoff(now)),
-                "limit": len(exclude) + 1,
-            },
-        )
+        served: dict[str, object] = {
+            "model": model,
+            "node_cutoff": _at(live_cutoff(now)),
+            "worker_cutoff": _at(worker_cutoff(now)),
+            "limit": len(exclude) + 1,
+        }
+        if feature is not None:
+            served["feature"] = _feature_pattern(feature)
+        serving = _rows(_FEATURE_SERVED_SQL if feature else _SERVED_SQL, served)
     return NoSlot(served=any(row[0] not in exclude for row in serving))
 
 
@@ -455,9 +492,11 @@ def request_admit(
     attempt_id: str,
     reply_channel: str,
     arrived_at: datetime,
+    feature: str | None = None,
 ) -> Claim | NoSlot | None:
     """A consumer's request arrives: count it against its address and try for a slot, in one
-    trip to the database thread. None when the address has too many requests open."""
+    trip to the database thread. None when the address has too many requests open. ``feature``:
+    the extension the node must have declared (``inflight_claim``)."""
     with transaction.atomic():
         if not consumer_stream_open(
             request_id=request_id, client_ip=client_ip, worker_id=worker_id
@@ -469,6 +508,7 @@ def request_admit(
             reply_channel=reply_channel,
             worker_id=worker_id,
             arrived_at=arrived_at,
+            feature=feature,
         )
 
 

@@ -50,6 +50,7 @@ ERROR_MESSAGES = {
     "queue_timeout": "no node became free in time; try again later",
     "lost_chunks": "part of the answer was lost in the router; try again",
     "no_node": "no node is serving this model right now",
+    "bad_embeddings": "the node sent invalid embeddings",
     "internal": "the router failed while relaying this answer; try again",
     shutdown.RESTARTING: "the router is restarting; try again in a few seconds",
 }
@@ -123,8 +124,13 @@ class Relay:
     before its first chunk, and always give the slot back.
 
     Every front end (``/api/chat``, ``/v1``, ``/ollama``) drives this same object, so queueing,
-    failover, limits and clean-up behave the same on all of them.
+    failover, limits and clean-up behave the same on all of them; embeddings
+    (``routing.embeddings.EmbedRelay``) answer a different request over the same machinery.
     """
+
+    # The extension a node must have declared to be chosen (``NodeSession.features``); None:
+    # any node serving the model.
+    feature: str | None = None
 
     def __init__(
         self,
@@ -136,7 +142,6 @@ class Relay:
     ) -> None:
         self.model = model
         self.client_ip = client_ip
-        self.counted = False
         # The router's own tools this request may be offered, judged on the consumer's request
         # before the operator's system prompt joins it (routing.tools).
         server_tools = tools_for_request(model, ollama_params)
@@ -163,6 +168,11 @@ class Relay:
         self.rounds = ToolRounds(model, server_tools, ollama_params) if server_tools else None
         # Whether the consumer's stream shows the router's tool calls (``ToolStatus``).
         self.tool_status = tool_status
+        self._begin()
+
+    def _begin(self) -> None:
+        """The state of every kind of request, once the subclass has set its own."""
+        self.counted = False
         # The request's first node id (``idleclaw_site.request_ids``): the consumer's
         # ``x-request-id``. It also names the request's queue place and its count against the
         # client (other tables than the slots'); the first node request is sent under it.
@@ -201,6 +211,7 @@ class Relay:
             attempt_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             arrived_at=self.arrived_at,
+            feature=self.feature,
         )
         if admitted is None:
             return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
@@ -258,6 +269,7 @@ class Relay:
             arrived_at=self.arrived_at,
             queued_as=self.queue_id if self.queued else None,
             exclude=self.tried,
+            feature=self.feature,
         )
         if isinstance(result, Claim):
             self.claim = result

@@ -8,6 +8,7 @@ from routing import views
 # /ollama/v1: whatever is added here is served at both.
 openai_urlpatterns = [
     path("chat/completions", views.openai_chat_completions, name="openai-chat"),
+    path("embeddings", views.openai_embeddings, name="openai-embeddings"),
     path("models", views.openai_models, name="openai-models"),
     re_path(r"^models/(?P<model>.+)$", views.openai_model, name="openai-model"),
 ]
@@ -28,8 +29,10 @@ urlpatterns = [
     path("ollama/api/show", views.ollama_show, name="ollama-show"),
     path("ollama/api/chat", views.ollama_chat, name="ollama-chat"),
     path("ollama/api/generate", views.ollama_generate, name="ollama-generate"),
+    path("ollama/api/embed", views.ollama_embed, name="ollama-embed"),
+    path("ollama/api/embeddings", views.ollama_embeddings, name="ollama-embeddings"),
     re_path(
-        r"^ollama/api/(?:pull|push|create|copy|delete|embed|embeddings|blobs/.*)$",
+        r"^ollama/api/(?:pull|push|create|copy|delete|blobs/.*)$",
         views.ollama_unsupported,
     ),
 ]

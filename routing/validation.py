@@ -11,11 +11,15 @@ from typing import Any
 from django.conf import settings
 
 from nodes.protocol import (
+    MAX_EMBED_DIMENSIONS,
+    MAX_FRAME_BYTES,
     MAX_JSON_DEPTH,
     MAX_MODEL_NAME_CHARS,
     depth_of,
+    embed_request_text,
     strict_loads,
     valid_model_name,
+    valid_unicode,
 )
 
 MAX_MODEL_CHARS = MAX_MODEL_NAME_CHARS
@@ -215,7 +219,9 @@ def check_options(value: Any, *, param: str = "options") -> dict[str, Any]:
         raise BadRequest(f"{param}: must be an object", 400)
     clean = {}
     for key in OPTION_KEYS:
-        if key in value:
+        # null is "not set", as Ollama reads it: LangChain's OllamaEmbeddings sends every
+        # option it knows, most of them null.
+        if value.get(key) is not None:
             option = value[key]
             if key == "stop":
                 clean[key] = check_stop(option, param=f"{param}.stop")
@@ -258,3 +264,74 @@ def check_format(value: Any, *, param: str = "format") -> str | dict[str, Any] |
                 raise BadRequest(f"{param}: schema too large", 400)
         return value
     raise BadRequest(f'{param}: must be "json" or a JSON schema object', 400)
+
+
+# --- Embeddings (/v1/embeddings, /ollama/api/embed) ---------------------------------------------
+
+
+def check_embed_inputs(texts: list[str], *, param: str = "input") -> list[str]:
+    """Texts to embed: 1..IDLECLAW_EMBED_MAX_INPUTS non-empty strings of at most
+    IDLECLAW_EMBED_MAX_CHARS characters in all."""
+    if not texts:
+        raise BadRequest(f"{param}: at least one text to embed is required", 400)
+    most = settings.IDLECLAW_EMBED_MAX_INPUTS
+    if len(texts) > most:
+        raise BadRequest(f"{param}: at most {most} inputs in one request; send several", 400)
+    total = 0
+    for index, text in enumerate(texts):
+        if not text:
+            raise BadRequest(f"{param}[{index}]: an empty string cannot be embedded", 400)
+        total += len(text)
+    chars = settings.IDLECLAW_EMBED_MAX_CHARS
+    if total > chars:
+        raise BadRequest(
+            f"{param}: at most {chars} characters in all ({total} sent); send fewer or shorter "
+            "inputs per request",
+            400,
+        )
+    return [valid_unicode(text) for text in texts]
+
+
+def check_dimensions(value: Any, *, param: str = "dimensions") -> int | None:
+    """A requested vector length: a positive integer. Beyond MAX_EMBED_DIMENSIONS it asks for
+    nothing (no node returns a longer vector), so it is not passed on."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"{param}: must be a positive integer", 400)
+    return value if value <= MAX_EMBED_DIMENSIONS else None
+
+
+# The longest request id the router sends: the frame is measured with it.
+_LONGEST_REQUEST_ID = "x" * 64
+
+
+def embed_params(
+    *,
+    model: str,
+    texts: list[str],
+    truncate: bool | None = None,
+    dimensions: int | None = None,
+    keep_alive: Any = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a node is sent for an embedding request (``embed_request.embed_params``), refused
+    with a 400 when it would not fit the 100,000-byte frame it travels in (text with many
+    escaped or non-Latin characters takes more bytes than characters)."""
+    params: dict[str, Any] = {"model": model, "input": texts}
+    if truncate is not None:
+        params["truncate"] = truncate
+    if dimensions is not None:
+        params["dimensions"] = dimensions
+    if keep_alive is not None:
+        params["keep_alive"] = keep_alive
+    if options:
+        params["options"] = options
+    size = len(embed_request_text(_LONGEST_REQUEST_ID, params).encode("utf-8"))
+    if size > MAX_FRAME_BYTES:
+        raise BadRequest(
+            f"input: {size} bytes once encoded, more than the {MAX_FRAME_BYTES} a node takes in "
+            "one request; send fewer or shorter inputs per request",
+            400,
+        )
+    return params

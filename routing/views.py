@@ -15,6 +15,7 @@ from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
 from routing import ollama_api, openai_api, selectors
+from routing.embeddings import embed
 from routing.limits import rate_limited, request_ip
 from routing.streaming import RelayError, TooMany, Unavailable, collect, open_relay, sse_chat
 from routing.validation import BadRequest, check_model, parse_chat_request, parse_json_object
@@ -229,8 +230,10 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
 
 
 def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
+    # ``capabilities`` is ours (Ollama's names): how a client tells an embedding model.
     model: dict[str, Any] = {
         "id": info.name, "object": "model", "created": int(STARTED_WALL), "owned_by": "idleclaw",
+        "capabilities": ollama_api.capabilities_of(info),
     }
     # Extra fields, which OpenAI's clients keep: what the nodes' Ollama says of the model.
     details = {key: value for key, value in info.details.items() if key != "context_length"}
@@ -261,6 +264,48 @@ async def openai_model(request: HttpRequest, model: str) -> HttpResponse:
     if info is None:
         return openai_model_not_found(model)
     return JsonResponse(_openai_model(info))
+
+
+@csrf_exempt
+@rate_limited("chat")
+async def openai_embeddings(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/embeddings``: vectors from a node that serves embeddings."""
+    if request.method != "POST":
+        return openai_error(openai_api.OpenAIError("use POST", status=405))
+    try:
+        parsed = openai_api.parse_embedding_request(request.body)
+    except openai_api.OpenAIError as error:
+        return openai_error(error)
+    try:
+        answer = await embed(
+            model=parsed.model, embed_params=parsed.embed_params, client_ip=request_ip(request)
+        )
+    except RelayError as error:
+        restarting = error.code == shutdown.RESTARTING
+        failure = openai_api.OpenAIError(
+            error.message, status=503 if restarting else 502, code=error.code,
+            kind="service_unavailable" if restarting else "server_error",
+        )
+        return openai_error(failure, retry=restarting)
+    if isinstance(answer, TooMany):
+        error = openai_api.OpenAIError(
+            answer.message, status=429, code="too_many_requests", kind="rate_limit_error"
+        )
+        return openai_error(error, retry=True)
+    if isinstance(answer, Unavailable):
+        if not answer.served and not answer.restarting:
+            # A 404 tells the SDKs not to retry: no node will have it in a few seconds either.
+            return openai_error(openai_api.OpenAIError(
+                f"The model `{parsed.model}` does not exist or no node serves it", status=404,
+                param="model", code="model_not_found",
+            ))
+        error = openai_api.OpenAIError(
+            answer.message, status=503, param="model", code="model_unavailable",
+            kind="service_unavailable",
+        )
+        return openai_error(error, retry=True)
+    parts = openai_api.embedding_parts(answer, model=parsed.model, base64=parsed.base64)
+    return EventStream(parts, "application/json")
 
 
 # --- Ollama-compatible API (/ollama) ---------------------------------------------------------
@@ -375,6 +420,59 @@ async def ollama_chat(request: HttpRequest) -> HttpResponse:
 @rate_limited("chat")
 async def ollama_generate(request: HttpRequest) -> HttpResponse:
     return await _ollama_answer(request, chat=False)
+
+
+async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
+    if request.method != "POST":
+        return ollama_error(405, "method not allowed")
+    parse = ollama_api.parse_embeddings if legacy else ollama_api.parse_embed
+    try:
+        parsed = parse(request.body)
+    except BadRequest as error:
+        return ollama_error(400, error.detail)
+    not_found = ollama_error(404, f'model "{parsed.model}" not found')
+    if parsed.embed_params is None:
+        # Nothing to embed: Ollama loads the model and answers an empty list.
+        await worker.ensure_started()
+        if not await db(selectors.embeddings_served)(model=parsed.model):
+            return not_found
+        empty: dict[str, Any] = {"embedding": []} if legacy else {
+            "model": parsed.model, "embeddings": []}
+        return JsonResponse(empty)
+    try:
+        answer = await embed(
+            model=parsed.model, embed_params=parsed.embed_params, client_ip=request_ip(request)
+        )
+    except RelayError as error:
+        if error.code == shutdown.RESTARTING:
+            return ollama_error(503, error.message, retry=True)
+        return ollama_error(502, error.message)
+    if isinstance(answer, TooMany):
+        return ollama_error(429, answer.message, retry=True)
+    if isinstance(answer, Unavailable):
+        if answer.restarting:
+            return ollama_error(503, answer.message, retry=True)
+        if not answer.served:
+            return not_found
+        return ollama_error(503, "server busy, please try again.  maximum pending requests "
+                            "exceeded", retry=True)
+    if legacy:
+        return JsonResponse({"embedding": answer.vectors[0]})
+    return EventStream(ollama_api.embed_parts(answer, model=parsed.model), "application/json")
+
+
+@csrf_exempt
+@rate_limited("chat")
+async def ollama_embed(request: HttpRequest) -> HttpResponse:
+    """``POST /ollama/api/embed``."""
+    return await _ollama_embed(request, legacy=False)
+
+
+@csrf_exempt
+@rate_limited("chat")
+async def ollama_embeddings(request: HttpRequest) -> HttpResponse:
+    """``POST /ollama/api/embeddings``, Ollama's older form: one ``prompt``, one vector."""
+    return await _ollama_embed(request, legacy=True)
 
 
 @csrf_exempt

@@ -4,9 +4,11 @@ Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local m
 Ollama's ``/api/show`` says of them) and serves ``inference_request`` frames by streaming from
 the local Ollama; to a router that offers the ``inference_chunks`` extension it sends the chunks
 that arrived together in one frame, and to one that offers ``loaded_models`` it says with its
-heartbeats which shared models Ollama has loaded (docs/node-protocol-extensions.md). The router
-is untrusted input: requests are reduced to the whitelisted parameters of PROTOCOL §4 before
-they reach Ollama, and only the whitelisted answer fields go back.
+heartbeats which shared models Ollama has loaded (docs/node-protocol-extensions.md). It declares
+the ``embeddings`` extension and serves the router's ``embed_request`` frames from Ollama's
+``/api/embed``. The router is untrusted input: requests are reduced to the whitelisted
+parameters of PROTOCOL §4 before they reach Ollama, and only the whitelisted answer fields go
+back.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
 never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import queue
 import random
 import signal
@@ -48,6 +51,16 @@ LOADED_MODELS = "loaded_models"
 DETAIL_KEYS = ("format", "family", "parameter_size", "quantization_level")
 MAX_DETAIL_CHARS = 32
 MAX_FAMILIES = 4
+# The extension this node declares in ``register.features``: it serves embed_request frames.
+# A router that does not know it ignores the field and never sends one.
+EMBEDDINGS = "embeddings"
+# Limits of an embedding request (docs/node-protocol-extensions.md).
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_DIMENSIONS = 8192
+EMBED_STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count")
+# Ollama's answer to the largest request (256 vectors of 8192 numbers) is about 50 MB of JSON;
+# a longer one is not read.
+MAX_EMBED_ANSWER_BYTES = 64 * 1024 * 1024
 # Lines read from Ollama but not yet sent on: past this the reader stops reading, so a slow link
 # to the router slows Ollama down instead of piling a whole answer up in memory.
 MAX_WAITING_LINES = 1024
@@ -212,6 +225,139 @@ def sanitize_params(params: Any, models: Collection[str]) -> dict[str, Any]:
             raise InvalidRequest("format must be a string or a JSON schema")
         clean["format"] = fmt
     return clean
+
+
+def _keep_alive(value: Any) -> Any:
+    valid_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not valid_number and not (isinstance(value, str) and len(value) <= 32):
+        raise InvalidRequest("keep_alive must be a number or a duration")
+    return value
+
+
+def sanitize_embed_params(params: Any, models: Collection[str]) -> dict[str, Any]:
+    """Reduce a router's ``embed_params`` to what may be sent to Ollama's ``/api/embed``:
+    ``model`` (one this node shares), ``input`` (1..256 strings), and ``truncate``,
+    ``dimensions`` (1..8192), ``keep_alive``, ``options`` (without the host options) when set.
+    Raises ``InvalidRequest`` with a short reason that never quotes the input."""
+    if not isinstance(params, dict):
+        raise InvalidRequest("embed_params is not an object")
+    model = params.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise InvalidRequest("model not shared by this node")
+    texts = params.get("input")
+    if (not isinstance(texts, list) or not 0 < len(texts) <= MAX_EMBED_INPUTS
+            or not all(isinstance(text, str) for text in texts)):
+        raise InvalidRequest(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")
+    clean: dict[str, Any] = {"model": model, "input": texts}
+    truncate = params.get("truncate")
+    if truncate is not None:
+        if not isinstance(truncate, bool):
+            raise InvalidRequest("truncate must be a boolean")
+        clean["truncate"] = truncate
+    dimensions = params.get("dimensions")
+    if dimensions is not None:
+        if not _is_int(dimensions) or not 0 < dimensions <= MAX_EMBED_DIMENSIONS:
+            raise InvalidRequest(f"dimensions must be 1 to {MAX_EMBED_DIMENSIONS}")
+        clean["dimensions"] = dimensions
+    if params.get("keep_alive") is not None:
+        clean["keep_alive"] = _keep_alive(params["keep_alive"])
+    options = params.get("options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest("options is not an object")
+        clean["options"] = {k: v for k, v in options.items() if k not in HOST_OPTIONS}
+    return clean
+
+
+def _normalized(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    return [value / norm for value in vector]
+
+
+def embeddings_of(answer: Any, inputs: int,
+                  dimensions: int | None) -> tuple[list[list[float]], str | None]:
+    """The vectors of Ollama's ``/api/embed`` answer, or why they cannot be sent: one list of
+    finite numbers per input, all of one length of 1..8192. Vectors longer than ``dimensions``
+    are cut and normalized again, as Ollama does since it knows ``dimensions`` (an older Ollama
+    ignores the field)."""
+    vectors = answer.get("embeddings") if isinstance(answer, dict) else None
+    if not isinstance(vectors, list) or len(vectors) != inputs:
+        return [], f"Ollama sent {len(vectors) if isinstance(vectors, list) else 'no'} " \
+                   f"embeddings for {inputs} inputs"
+    length = None
+    clean = []
+    for vector in vectors:
+        if (not isinstance(vector, list) or not vector
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in vector)):
+            return [], "Ollama sent an embedding that is not a list of finite numbers"
+        if dimensions is not None and len(vector) > dimensions:
+            vector = _normalized(vector[:dimensions])
+        if length is None:
+            length = len(vector)
+        if len(vector) != length or length > MAX_EMBED_DIMENSIONS:
+            return [], "Ollama sent embeddings of different or too large lengths"
+        clean.append(vector)
+    return clean, None
+
+
+def pack_vectors(request_id: str, vectors: Sequence[Sequence[float]],
+                 stats: dict[str, int]) -> list[str]:
+    """Encode an embedding answer as ``embed_vectors`` frames of at most 100,000 bytes, in
+    order: whole vectors while they fit, and a vector too long for any frame in parts, each
+    frame after the first part saying ``continued``. The last frame is ``done`` and carries
+    ``stats``."""
+    head = ('{"type":"embed_vectors","request_id":' + json.dumps(request_id)
+            + ',"embeddings":[')
+    final = "".join(f",{json.dumps(key)}:{int(value)}" for key, value in stats.items())
+
+    def tail(continued: bool, done: bool) -> str:
+        return (f'],"continued":{json.dumps(continued)},"done":{json.dumps(done)}'
+                + (final if done else "") + "}")
+
+    room = MAX_FRAME_BYTES - len(head) - max(
+        len(tail(continued, done)) for continued in (False, True) for done in (False, True))
+    frames: list[str] = []
+    pieces: list[str] = []  # the vectors (or parts of one) of the frame being filled
+    used = 0  # their length, commas included
+    continued = False  # whether pieces[0] continues the previous frame's last vector
+
+    def add(text: str) -> None:
+        nonlocal used
+        used += len(text) + (1 if pieces else 0)
+        pieces.append(text)
+
+    def flush(done: bool) -> None:
+        nonlocal pieces, used, continued
+        frames.append(head + ",".join(pieces) + tail(continued, done))
+        pieces, used, continued = [], 0, False
+
+    for vector in vectors:
+        text = json.dumps(list(vector), separators=(",", ":"))  # numbers are ASCII
+        if used + len(text) + (1 if pieces else 0) <= room:
+            add(text)
+            continue
+        if len(text) <= room:
+            flush(False)
+            add(text)
+            continue
+        part: list[str] = []
+        part_used = 0
+        for number in text[1:-1].split(","):
+            extra = len(number) + (1 if part else 0)
+            if used + (1 if pieces else 0) + 2 + part_used + extra > room:
+                if part:
+                    add("[" + ",".join(part) + "]")
+                    flush(False)
+                    continued = True
+                    part, part_used, extra = [], 0, len(number)
+                else:
+                    flush(False)  # no room left after the whole vectors before it
+            part.append(number)
+            part_used += extra
+        add("[" + ",".join(part) + "]")
+    flush(True)
+    return frames
 
 
 def build_chunk(line: dict[str, Any]) -> dict[str, Any]:
@@ -796,6 +942,9 @@ class Contributor:
             "ollama_version": self.ollama_version,
             "protocol": config.PROTOCOL_VERSION,
             "client": config.CLIENT_NAME,
+            # Extensions this node accepts (docs/node-protocol-extensions.md); a router that
+            # does not know the field ignores it.
+            "features": [EMBEDDINGS],
         }
         if self.resume_token:
             frame["resume_token"] = self.resume_token
@@ -902,6 +1051,8 @@ class Contributor:
                 continue
             elif kind == "inference_request":
                 self._on_request(conn, message)
+            elif kind == "embed_request":
+                self._on_embed(conn, message)
             elif kind == "cancel_request":
                 self._on_cancel(conn, message)
             # Other frame types are from newer routers: ignore them (PROTOCOL: unknown → ignore).
@@ -1005,10 +1156,8 @@ class Contributor:
     # ---- requests
 
     def _on_request(self, conn: _Connection, message: dict[str, Any]) -> None:
-        request_id = message.get("request_id")
-        if (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
-                or not request_id.isprintable()):  # it goes into the log
-            log.warning("ignored an inference_request without a valid request_id")
+        request_id = self._request_id(message)
+        if request_id is None:
             return
         try:
             params = sanitize_params(message.get("ollama_params"), self.model_names)
@@ -1016,23 +1165,60 @@ class Contributor:
             log.warning("request %s refused: %s", request_id, exc)
             conn.send(self._error(request_id, "invalid_request"))
             return
-        with self._lock:
-            if request_id in self._inflight:
-                log.warning("ignored a second inference_request %s", request_id)
-                return
-            busy = len(self._inflight) >= self.max_concurrent
-            if not busy:
-                inflight = _InFlight(request_id=request_id, model=params["model"], conn=conn)
-                self._inflight[request_id] = inflight
-        if busy:
-            log.warning("request %s refused: already serving %d (max_concurrent)",
-                        request_id, self.max_concurrent)
-            conn.send(self._error(request_id, BUSY_ERROR))
+        inflight = self._take_slot(conn, request_id, params["model"])
+        if inflight is None:
             return
         log.info("request %s started: model=%s messages=%d", request_id, params["model"],
                  len(params["messages"]))
         inflight.thread = _start_thread(self._serve, inflight, params,
                                         name=f"request-{request_id[:12]}")
+
+    def _on_embed(self, conn: _Connection, message: dict[str, Any]) -> None:
+        """An ``embed_request`` (the ``embeddings`` extension): served like an inference
+        request, within the same max_concurrent."""
+        request_id = self._request_id(message)
+        if request_id is None:
+            return
+        try:
+            params = sanitize_embed_params(message.get("embed_params"), self.model_names)
+        except InvalidRequest as exc:
+            log.warning("embed request %s refused: %s", request_id, exc)
+            conn.send(self._error(request_id, "invalid_request"))
+            return
+        inflight = self._take_slot(conn, request_id, params["model"])
+        if inflight is None:
+            return
+        log.info("embed request %s started: model=%s inputs=%d", request_id, params["model"],
+                 len(params["input"]))
+        inflight.thread = _start_thread(self._serve_embed, inflight, params,
+                                        name=f"embed-{request_id[:12]}")
+
+    @staticmethod
+    def _request_id(message: dict[str, Any]) -> str | None:
+        request_id = message.get("request_id")
+        if (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+                or not request_id.isprintable()):  # it goes into the log
+            log.warning("ignored a %s without a valid request_id", message.get("type"))
+            return None
+        return request_id
+
+    def _take_slot(self, conn: _Connection, request_id: str, model: str) -> _InFlight | None:
+        """Count a request against max_concurrent; None (the router told, if busy) when it
+        cannot be served."""
+        with self._lock:
+            if request_id in self._inflight:
+                log.warning("ignored a second request %s", request_id)
+                return None
+            busy = len(self._inflight) >= self.max_concurrent
+            if not busy:
+                inflight = _InFlight(request_id=request_id, model=model, conn=conn)
+                self._inflight[request_id] = inflight
+        if busy:
+            log.warning("request %s refused: already serving %d (max_concurrent)",
+                        request_id, self.max_concurrent)
+            conn.send(self._error(request_id, BUSY_ERROR))
+            return None
+        return inflight
 
     def _on_cancel(self, conn: _Connection, message: dict[str, Any]) -> None:
         request_id = message.get("request_id")
@@ -1150,6 +1336,78 @@ class Contributor:
             elif inflight.cancelled:
                 log.info("request %s stopped after %.1f s", rid, elapsed)
 
+    def _serve_embed(self, inflight: _InFlight, params: dict[str, Any]) -> None:
+        """Worker thread: one embedding request from Ollama's ``/api/embed`` to the router."""
+        started = time.monotonic()
+        outcome = "failed"
+        response: requests.Response | None = None
+        rid = inflight.request_id
+        frames: list[str] = []
+        vectors: list[list[float]] = []
+
+        def fail(error: str, why: str) -> None:
+            nonlocal outcome
+            if inflight.send(self._error(rid, error)):
+                log.warning("embed request %s failed: %s (%s)", rid, error, why)
+            outcome = "reported"
+
+        try:
+            try:
+                response = requests.post(
+                    f"{self.ollama}/api/embed", json=params, stream=True,
+                    timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
+                    headers={"User-Agent": config.CLIENT_NAME},
+                )
+            except requests.ConnectionError as exc:
+                fail("ollama_unavailable", _describe(exc))
+                return
+            if not inflight.attach(response):
+                return
+            if response.status_code >= 400:
+                fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
+                     f"{_ollama_error_text(response)}")
+                return
+            body = _read_at_most(response, MAX_EMBED_ANSWER_BYTES)
+            if body is None:
+                fail("ollama_error", f"Ollama's answer is over {MAX_EMBED_ANSWER_BYTES} bytes")
+                return
+            answer = json.loads(body)
+            vectors, problem = embeddings_of(answer, len(params["input"]),
+                                             params.get("dimensions"))
+            if problem is not None:
+                fail("ollama_error", problem)
+                return
+            stats = {key: answer[key] for key in EMBED_STAT_KEYS if _is_int(answer.get(key))}
+            frames = pack_vectors(rid, vectors, stats)
+            for text in frames:
+                if not inflight.send_text(text):
+                    if not inflight.cancelled:
+                        log.warning("embed request %s abandoned: connection to the router lost",
+                                    rid)
+                    return
+            outcome = "finished"
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                ValueError) as exc:
+            if not inflight.cancelled:
+                fail("ollama_error", _describe(exc))
+        except Exception:  # a worker must never die silently with its slot taken
+            if not inflight.cancelled:
+                log.exception("embed request %s: unexpected error", rid)
+                fail("ollama_error", "internal error")
+        finally:
+            if response is not None:
+                _close_response(response)
+            with self._lock:
+                if self._inflight.get(rid) is inflight:
+                    del self._inflight[rid]
+            elapsed = time.monotonic() - started
+            if outcome == "finished":
+                log.info("embed request %s finished: model=%s vectors=%d of %d in %.1f s "
+                         "(%d frames)", rid, inflight.model, len(vectors), len(vectors[0]),
+                         elapsed, len(frames))
+            elif inflight.cancelled:
+                log.info("embed request %s stopped after %.1f s", rid, elapsed)
+
     # ---- teardown
 
     def _end_connection(self, conn: _Connection) -> None:
@@ -1170,6 +1428,20 @@ class Contributor:
         for request in inflight:
             if request.thread is not None:
                 request.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _read_at_most(response: requests.Response, limit: int) -> bytes | None:
+    """The whole body, or None once it is longer than ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        part = response.raw.read(65536, decode_content=True)
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
 
 
 def _ollama_error_text(response: requests.Response) -> str:

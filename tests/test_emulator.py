@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ import httpx
 import ollama
 import pytest
 
-from bench.emulator import ModelSpec, OllamaEmulator, reply_for
+from bench.emulator import ModelSpec, OllamaEmulator, reply_for, vector_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -696,3 +698,88 @@ def test_signal_stops_the_emulator_cleanly(signum: signal.Signals) -> None:
 
     assert proc.returncode == 0
     assert stdout == "" and stderr == ""
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture(scope="module")
+def embed_client() -> Iterator[ollama.Client]:
+    """An emulator with the embedding models too (``--embedding-models``)."""
+    proc, url = _start_emulator("--embedding-models", "--model", "llama3.2:3b")
+    with closing(ollama.Client(host=url, timeout=10)) as client:
+        yield client
+    _stop_emulator(proc)
+
+
+def _norm(vector: Sequence[float]) -> float:
+    return math.sqrt(sum(value * value for value in vector))
+
+
+def test_embed_answers_deterministic_unit_vectors_of_the_models_length(
+    embed_client: ollama.Client,
+) -> None:
+    answer = embed_client.embed(model="nomic-embed-text", input=["a cat", "a dog"])
+    again = embed_client.embed(model="nomic-embed-text:latest", input="a dog")
+    small = embed_client.embed(model="all-minilm", input="a dog")
+
+    assert answer.model == "nomic-embed-text"
+    first, second = answer.embeddings
+    assert (len(first), len(second), len(small.embeddings[0])) == (768, 768, 384)
+    assert list(again.embeddings[0]) == list(second) != list(first)
+    assert list(second) == vector_for("nomic-embed-text:latest", "a dog", 768)
+    assert abs(_norm(first) - 1) < 1e-6
+    assert answer.prompt_eval_count == 4  # about four characters a token
+    assert answer.total_duration > 0 and answer.load_duration > 0
+    # Each number is a float32 written with at most nine significant digits, as Ollama does.
+    assert all(float(f"{array('f', [value])[0]:.9g}") == value for value in first)
+
+
+def test_embed_dimensions_cut_and_normalize_again(embed_client: ollama.Client) -> None:
+    whole = embed_client.embed(model="nomic-embed-text", input="text").embeddings[0]
+    cut = embed_client.embed(model="nomic-embed-text", input="text", dimensions=64).embeddings[0]
+
+    assert len(cut) == 64
+    assert abs(_norm(cut) - 1) < 1e-6
+    scale = _norm(whole[:64])
+    assert all(abs(c - w / scale) < 1e-6 for c, w in zip(cut, whole[:64], strict=True))
+
+
+def test_embed_truncates_long_input_unless_told_not_to(embed_client: ollama.Client) -> None:
+    long_text = "word " * 5000  # 25,000 characters: past the 4096-token context
+    cut = embed_client.embed(model="all-minilm", input=long_text)
+    assert cut.prompt_eval_count == 4096
+    assert list(cut.embeddings[0]) == vector_for("all-minilm", long_text[: 4096 * 4], 384)
+
+    with pytest.raises(ollama.ResponseError) as refused:
+        embed_client.embed(model="all-minilm", input=long_text, truncate=False)
+    assert refused.value.status_code == 400
+    assert "exceeds the context length" in refused.value.error
+
+
+def test_embed_edge_cases_answer_like_ollama(embed_client: ollama.Client) -> None:
+    assert embed_client.embed(model="all-minilm", input=[]).embeddings == []
+    assert len(embed_client.embed(model="llama3.2:3b", input="x").embeddings[0]) == 2048
+    with pytest.raises(ollama.ResponseError) as missing:
+        embed_client.embed(model="nope", input="x")
+    assert (missing.value.status_code, missing.value.error) == (404, "model 'nope' not found")
+    host = str(embed_client._client.base_url).rstrip("/")
+    bad = httpx.post(f"{host}/api/embed", json={"model": "all-minilm", "input": [1]}, timeout=5)
+    assert (bad.status_code, bad.json()) == (400, {"error": "invalid input type"})
+
+
+def test_the_older_embeddings_endpoint(embed_client: ollama.Client) -> None:
+    answer = embed_client.embeddings(model="nomic-embed-text", prompt="a dog")
+    assert list(answer.embedding) == vector_for("nomic-embed-text", "a dog", 768)
+    assert embed_client.embeddings(model="nomic-embed-text", prompt="").embedding == []
+
+
+def test_embedding_models_are_listed_and_shown_with_their_capability(
+    embed_client: ollama.Client,
+) -> None:
+    names = {m.model for m in embed_client.list().models}
+    shown = embed_client.show("nomic-embed-text")
+
+    assert {"nomic-embed-text:latest", "all-minilm:latest", "llama3.2:3b"} <= names
+    assert shown.capabilities == ["embedding"]
+    assert shown.modelinfo["nomic.embedding_length"] == 768

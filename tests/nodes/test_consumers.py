@@ -442,10 +442,10 @@ async def registered_node(node_id: str, **register) -> ScriptedNode:
     return node
 
 
-async def test_registered_offers_the_inference_chunks_feature(channel_layer):
+async def test_registered_offers_the_router_features(channel_layer):
     node = ScriptedNode()
     reply = await node.register()
-    assert "inference_chunks" in reply["features"]
+    assert reply["features"] == ["inference_chunks", "loaded_models", "embeddings"]
     await node.disconnect()
 
 

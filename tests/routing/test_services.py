@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
 from routing.models import InflightRequest
-from routing.services import Claim, inflight_claim, inflight_finish
+from routing.services import Claim, NoSlot, inflight_claim, inflight_finish
 
 pytestmark = pytest.mark.django_db
 
@@ -103,6 +103,29 @@ def test_stale_draining_and_dead_worker_nodes_are_not_chosen(router_worker):
 def test_no_node_for_an_unknown_model(router_worker):
     make_node(router_worker, "n")
     assert claim(model="nonexistent:1b") is None
+
+
+def test_a_claim_needing_a_feature_takes_only_nodes_that_declared_it(router_worker):
+    # Hand-written SQL reads the JSON list: text on SQLite, jsonb on PostgreSQL.
+    make_node(router_worker, "plain", max_concurrent=4)
+    make_node(router_worker, "other-feature", max_concurrent=4, features=["embeddingsx"])
+    make_node(router_worker, "embedder", max_concurrent=1, features=["embeddings"])
+    assert claim(feature="embeddings").node_id == "embedder"
+    # Its one slot is taken: the model is served with the feature, but busy.
+    assert inflight_claim(model="llama3.2:3b", request_id="e2", reply_channel="r",
+                          worker_id="w1", arrived_at=timezone.now(),
+                          feature="embeddings") == NoSlot(served=True)
+    assert inflight_claim(model="qwen3:0.6b", request_id="e3", reply_channel="r",
+                          worker_id="w1", arrived_at=timezone.now(),
+                          feature="embeddings") == NoSlot(served=False)
+    assert {claim().node_id for _ in range(3)} <= {"plain", "other-feature"}
+
+
+def test_a_model_served_only_without_the_feature_is_not_served_for_it(router_worker):
+    make_node(router_worker, "plain")
+    result = inflight_claim(model="llama3.2:3b", request_id="e1", reply_channel="r",
+                            worker_id="w1", arrived_at=timezone.now(), feature="embeddings")
+    assert result == NoSlot(served=False)
 
 
 def test_rows_left_by_a_response_that_never_started_are_reaped(router_worker, settings):

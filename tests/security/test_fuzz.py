@@ -44,9 +44,12 @@ POST_ENDPOINTS: dict[str, tuple[str, set[int]]] = {
     "/ollama/api/chat": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
     "/ollama/api/generate": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
     "/ollama/api/show": (OLLAMA, {200, 400, 404, 405, 413, 429}),
+    "/v1/embeddings": (OPENAI, {200, 400, 404, 405, 413, 429, 503}),
+    "/ollama/api/embed": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
+    "/ollama/api/embeddings": (OLLAMA, {200, 400, 404, 405, 413, 429, 503}),
 }
 MANAGEMENT = ["/ollama/api/pull", "/ollama/api/push", "/ollama/api/create", "/ollama/api/copy",
-              "/ollama/api/delete", "/ollama/api/embed", "/ollama/api/embeddings"]
+              "/ollama/api/delete"]
 GET_ENDPOINTS: dict[str, tuple[str, set[int]]] = {
     "/health": (DETAIL, {200, 429}),
     "/api/models": (DETAIL, {200, 429}),
@@ -135,6 +138,11 @@ FIELD_VALUES: dict[str, Any] = {
     "reasoning_effort": st.sampled_from(["low", "none", "extreme"]) | json_values,
     "keep_alive": st.sampled_from(["5m", 0, -1]) | json_values,
     "images": st.sampled_from([["aGk="], None]) | json_values,
+    "input": st.sampled_from(["hi", "", ["a", "b"], ["a", ""], [1, 2], [[1, 2]], ["x"] * 257,
+                              "\u754c" * 34_000, "x" * 90_001]) | json_values,
+    "dimensions": st.sampled_from([1, 2, 8192, 8193, 0, -1]) | numbers,
+    "encoding_format": st.sampled_from(["float", "base64", "hex"]) | json_values,
+    "truncate": st.booleans() | json_values,
 }
 BASES: dict[str, dict[str, Any]] = {
     "/api/chat": chat_body(think=False),
@@ -142,6 +150,9 @@ BASES: dict[str, dict[str, Any]] = {
     "/ollama/api/chat": chat_body(),
     "/ollama/api/generate": {"model": MODEL, "prompt": "hi"},
     "/ollama/api/show": {"model": MODEL},
+    "/v1/embeddings": {"model": MODEL, "input": ["hi", "there"]},
+    "/ollama/api/embed": {"model": MODEL, "input": "hi"},
+    "/ollama/api/embeddings": {"model": MODEL, "prompt": "hi"},
 }
 
 
@@ -195,13 +206,19 @@ def get_requests(draw: st.DrawFn) -> tuple[str, str]:
 async def answering_node(channel_layer):
     """A node that answers every request it is sent with "ok", for as long as the test runs."""
     node = ScriptedNode(ip="10.0.0.1")
-    await node.register(node_id="answering-node", max_concurrent=10,
+    await node.register(node_id="answering-node", max_concurrent=10, features=["embeddings"],
                         models=[{"name": MODEL, "size": 2019393189,
                                  "capabilities": ["completion", "tools", "thinking"]}])
 
     async def answer_forever() -> None:
         while True:
             frame = await node.recv(timeout=3600)
+            if frame["type"] == FrameType.EMBED_REQUEST:
+                params = frame["embed_params"]
+                vector = [0.6, 0.8][: params.get("dimensions", 2)]
+                await node.send({"type": FrameType.EMBED_VECTORS,
+                                 "request_id": frame["request_id"],
+                                 "embeddings": [vector] * len(params["input"]), "done": True})
             if frame["type"] == FrameType.INFERENCE_REQUEST:
                 await node.chunk(frame["request_id"], "ok")
                 await node.chunk(frame["request_id"], "", done=True, done_reason="stop",
@@ -248,6 +265,13 @@ def check_answer(method: str, path: str, headers: dict[str, str], body: bytes) -
         seen = read_answer(name, 200, body)
         if seen.finish in ("load", "unload"):  # no messages or prompt: Ollama's load answer
             return
+    elif path == "/v1/embeddings":
+        answer = json.loads(body)
+        assert answer["data"] and all(item["embedding"] for item in answer["data"])
+        return
+    elif path == "/ollama/api/embed":
+        assert isinstance(json.loads(body)["embeddings"], list)
+        return
     else:
         json.loads(body)
         return

@@ -185,6 +185,125 @@ def test_frames_over_100000_bytes_are_not_encoded():
     assert contribute.encode_frame(big) is None
 
 
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embed_params(**overrides):
+    return {"model": "tiny:1b", "input": ["a", "b"], **overrides}
+
+
+def test_embed_params_keep_only_the_whitelisted_keys():
+    params = _embed_params(truncate=False, dimensions=64, keep_alive="5m", stream=True,
+                           options={"num_ctx": 512, "num_gpu": 99}, format="json")
+    assert contribute.sanitize_embed_params(params, MODELS) == {
+        "model": "tiny:1b", "input": ["a", "b"], "truncate": False, "dimensions": 64,
+        "keep_alive": "5m", "options": {"num_ctx": 512},
+    }
+
+
+@pytest.mark.parametrize("params", [
+    _embed_params(model="other:1b"),
+    _embed_params(input="a"),
+    _embed_params(input=[]),
+    _embed_params(input=["a"] * 257),
+    _embed_params(input=["a", 1]),
+    _embed_params(truncate="yes"),
+    _embed_params(dimensions=0),
+    _embed_params(dimensions=8193),
+    _embed_params(dimensions=True),
+    _embed_params(keep_alive="x" * 33),
+    _embed_params(options=[]),
+    None,
+])
+def test_embed_params_outside_the_protocol_limits_are_invalid(params):
+    with pytest.raises(contribute.InvalidRequest):
+        contribute.sanitize_embed_params(params, MODELS)
+
+
+def _joined(frames: list[str]) -> tuple[list[list[float]], dict]:
+    """The vectors of ``embed_vectors`` frames put together as the router does."""
+    vectors: list[list[float]] = []
+    last: dict = {}
+    for index, frame in enumerate(frames):
+        assert len(frame.encode()) <= 100_000
+        last = json.loads(frame)
+        assert last["done"] is (index == len(frames) - 1)
+        parts = last["embeddings"]
+        if last["continued"]:
+            vectors[-1].extend(parts.pop(0))
+        vectors.extend(parts)
+    return vectors, last
+
+
+def test_vectors_are_packed_in_order_into_frames_of_at_most_100000_bytes():
+    batch = [[(i * 1024 + j) / 7e6 - 0.07 for j in range(1024)] for i in range(16)]
+    frames = contribute.pack_vectors("r-1", batch, {"prompt_eval_count": 9})
+    vectors, last = _joined(frames)
+    assert vectors == batch
+    assert len(frames) > 2
+    assert not any(json.loads(frame)["continued"] for frame in frames)
+    assert last["prompt_eval_count"] == 9
+    assert {json.loads(frame)["request_id"] for frame in frames} == {"r-1"}
+
+
+def test_a_vector_too_long_for_one_frame_is_split_and_continued():
+    wide = [[-0.0123456789 + j * 1e-9 for j in range(8192)] for _ in range(3)]
+    frames = contribute.pack_vectors("r", wide, {})
+    vectors, _ = _joined(frames)
+    assert vectors == wide
+    assert any(json.loads(frame)["continued"] for frame in frames)
+    assert len(contribute.pack_vectors("r", [[0.5]], {})) == 1
+
+
+def test_ollamas_vectors_are_checked_and_cut_to_the_dimensions_asked():
+    check = contribute.embeddings_of
+    assert check({"embeddings": [[3.0, 4.0, 1.0]]}, 1, 2) == ([[0.6, 0.8]], None)
+    assert check({"embeddings": [[1.0, 2.0]]}, 1, None) == ([[1.0, 2.0]], None)
+    for answer, inputs in [
+        ({"embeddings": [[1.0]]}, 2),
+        ({"embeddings": [[1.0], [1.0, 2.0]]}, 2),
+        ({"embeddings": [[float("nan")]]}, 1),
+        ({"embeddings": [[True]]}, 1),
+        ({"embeddings": [[0.0] * 8193]}, 1),
+        ({"error": "x"}, 1),
+    ]:
+        vectors, problem = check(answer, inputs, None)
+        assert vectors == [] and problem is not None
+
+
+def test_node_serves_an_embed_request_from_ollamas_api_embed(node):
+    proc, router, ollama, _ = node
+    texts = ["one", "two", "three", "four"]
+    router.send({"type": "embed_request", "request_id": "emb-1", "embed_params": {
+        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500, "stream": True}})
+    frames = []
+    while not frames or not frames[-1]["done"]:
+        frames.append(router.recv())
+    assert {(f["type"], f["request_id"]) for f in frames} == {("embed_vectors", "emb-1")}
+    vectors, last = _joined([json.dumps(frame) for frame in frames])
+    direct = requests.post(f"{ollama.url}/api/embed", timeout=10, json={
+        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500}).json()
+    assert vectors == direct["embeddings"]
+    assert last["prompt_eval_count"] == direct["prompt_eval_count"]
+    assert ollama.stats()["requests"][0] == {
+        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500}
+    line = proc.wait_for("embed request emb-1 finished")
+    assert "vectors=4 of 1500" in line and "one" not in line
+
+
+def test_node_refuses_an_embed_request_it_cannot_serve(node):
+    _, router, ollama, _ = node
+    router.send({"type": "embed_request", "request_id": "emb-2",
+                 "embed_params": {"model": "huge:70b", "input": ["x"]}})
+    assert router.recv() == {"type": "inference_error", "request_id": "emb-2",
+                             "error": "invalid_request"}
+    router.send({"type": "embed_request", "request_id": "emb-3", "embed_params": {
+        "model": PLAIN_MODEL, "input": ["x" * 20_000], "truncate": False}})
+    assert router.recv() == {"type": "inference_error", "request_id": "emb-3",
+                             "error": "ollama_error"}
+    assert ollama.stats()["rejected"] == 0  # Ollama refused it only after loading the model
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -388,6 +507,7 @@ def test_node_registers_its_models_with_capabilities_and_details(node):
     assert register["ollama_version"] == OLLAMA_VERSION
     assert register["protocol"] == 2
     assert register["client"] == "idleclaw-skill/0.3"
+    assert register["features"] == ["embeddings"]
     assert "resume_token" not in register
 
 
