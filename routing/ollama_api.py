@@ -84,8 +84,13 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 
 # A Go duration as Ollama parses keep_alive (time.ParseDuration): "0", or numbers with units.
-_GO_DURATION = re.compile(r"[+-]?(?:0|(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+)")
-_GO_NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
+# A number has one way to match a run of digits: with ``\d+\.?\d*`` a near-miss such as
+# "11111s" * 10 + "111x" tried every split of every run, ten seconds of the event loop (red-team
+# C1 of issue 19).
+_GO_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_GO_DURATION = re.compile(
+    rf"[+-]?(?:0|(?:(?:{_GO_NUMBER.pattern})(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+)"
+)
 
 
 def _is_zero_duration(value: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -496,6 +497,22 @@ async def test_cors_allows_any_origin_by_default_on_the_event_loops_thread(chann
     assert "access-control-allow-origin" not in page_headers
     # The CORS middleware asked about the page on this thread: no hop to a worker thread.
     assert threads == [threading.get_ident()]
+
+
+async def test_a_keep_alive_built_to_backtrack_is_answered_at_once(channel_layer):
+    """Red-team C1 of issue 19: this 64-character near-miss held the event loop for ten seconds
+    in the duration pattern; the answer is Ollama's "load" in microseconds now (the bound is
+    a thousand times that, and ten times below what the old pattern took)."""
+    node = ScriptedNode()
+    await node.register()
+    for keep_alive in ["11111s" * 10 + "111x", "111s" * 15 + "111x", "1" * 63 + "x"]:
+        body = {"model": "llama3.2:3b", "prompt": "", "stream": False, "keep_alive": keep_alive}
+        started = time.perf_counter()
+        client = HttpClient("POST", "/ollama/api/generate", body)
+        assert (await client.start())[0] == 200
+        assert json.loads(await client.read_all())["done_reason"] == "load"
+        assert time.perf_counter() - started < 1.0, keep_alive
+    await node.disconnect()
 
 
 async def test_keep_alive_zero_unloads_in_every_form_ollama_reads_as_zero(channel_layer):
