@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ FRAMES_PER_TOOL_CALL = 8
 # How far a loaded model's expiry may move before the router writes it down
 # (``protocol.loaded_changed``): Ollama moves it with every request a node serves.
 LOADED_SLACK_S = 30.0
+# And how often at most a node's loaded report is written (a change within the interval is
+# written at its end): a node that changes its report with every heartbeat (it may send one a
+# second) must not cost the database a write for each.
+LOADED_MIN_INTERVAL_S = 5.0
 # Numbers of an ``embed_vectors`` frame that together cost as much as one frame: a frame full of
 # numbers (about 7,000) is parsed number by number, several frames' work.
 FLOATS_PER_UNIT = 1024
@@ -101,6 +106,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.model_names: frozenset[str] = frozenset()  # the models the node serves
         # What its Ollama has loaded, as last passed on to be written (heartbeat ``loaded``).
         self.loaded: dict[str, protocol.LoadedModel] = {}
+        self._loaded_written_at = -math.inf
+        self._loaded_held: tuple[protocol.LoadedModel, ...] | None = None
+        self._loaded_timer: asyncio.TimerHandle | None = None
         # Embedding requests among ``requests``, each with the check of its vectors so far.
         self.embeds: dict[str, protocol.EmbedCheck] = {}
         self.last_frame = time.monotonic()
@@ -270,9 +278,28 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if loaded is None:
             return  # the node says nothing about it
         loaded = tuple(model for model in loaded if model.name in self.model_names)
-        if protocol.loaded_changed(self.loaded, loaded, slack=LOADED_SLACK_S):
-            self.loaded = {model.name: model for model in loaded}
-            worker.session_loaded(self.session_id, loaded)
+        if not protocol.loaded_changed(self.loaded, loaded, slack=LOADED_SLACK_S):
+            self._loaded_held = None
+            return
+        wait = self._loaded_written_at + LOADED_MIN_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._write_loaded(loaded)
+            return
+        # Written when the interval is over, as the node's latest report says then.
+        self._loaded_held = loaded
+        if self._loaded_timer is None:
+            self._loaded_timer = asyncio.get_running_loop().call_later(wait, self._write_held)
+
+    def _write_held(self) -> None:
+        self._loaded_timer = None
+        if self._loaded_held is not None and self.session_id is not None:
+            self._write_loaded(self._loaded_held)
+
+    def _write_loaded(self, loaded: tuple[protocol.LoadedModel, ...]) -> None:
+        self._loaded_held = None
+        self._loaded_written_at = time.monotonic()
+        self.loaded = {model.name: model for model in loaded}
+        worker.session_loaded(self.session_id, loaded)
 
     async def _wake_queues(self, models: list[str]) -> None:
         """New capacity: the requests waiting longest for these models may take it."""
@@ -551,6 +578,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.cancel()
+        loaded_timer = getattr(self, "_loaded_timer", None)
+        if loaded_timer is not None:
+            loaded_timer.cancel()
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import BigIntegerField, Case, DateTimeField, Q, Value, When
 from django.utils import timezone
 from django_ratelimit.core import get_usage
 
@@ -327,14 +327,20 @@ def node_models_loaded(*, reports: dict[int, tuple[LoadedModel, ...]]) -> None:
     (``protocol.loaded_changed``)."""
     with transaction.atomic():
         for session_id, loaded in reports.items():
-            names = [model.name for model in loaded]
-            NodeModel.objects.filter(session_id=session_id, loaded_until__isnull=False).exclude(
-                name__in=names
-            ).update(loaded_until=None, size_vram=0)
-            for model in loaded:
-                NodeModel.objects.filter(session_id=session_id, name=model.name).update(
-                    loaded_until=model.expires_at, size_vram=model.size_vram
-                )
+            # One statement per session however many models it names: a node may report up to
+            # MAX_MODELS of them, and statements per report were what a flapping node cost.
+            NodeModel.objects.filter(session_id=session_id).update(
+                loaded_until=Case(
+                    *(When(name=m.name, then=Value(m.expires_at)) for m in loaded),
+                    default=Value(None),
+                    output_field=DateTimeField(null=True),
+                ),
+                size_vram=Case(
+                    *(When(name=m.name, then=Value(m.size_vram)) for m in loaded),
+                    default=Value(0),
+                    output_field=BigIntegerField(),
+                ),
+            )
 
 
 def node_session_close(*, session_id: int) -> list[Orphan]:

@@ -140,7 +140,7 @@ FROM ("""
 WHERE NOT EXISTS ("""
     + _OLDER_WAITING
     + """)
-ORDER BY load, warm DESC, penalty, speed DESC, max_concurrent DESC
+ORDER BY load, penalty, warm DESC, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
 """)
 

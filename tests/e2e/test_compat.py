@@ -542,7 +542,7 @@ def test_ollama_ps_lists_a_model_once_a_chat_loaded_it(olc):
     assert small not in running(olc)
     olc.chat(model=small, messages=[{"role": "user", "content": "load it"}])
     # The node reports soon after a request that loaded its model, not at its next heartbeat.
-    loaded = procs.wait_until(lambda: running(olc).get(small), timeout=5, what="ps to list it")
+    loaded = procs.wait_until(lambda: running(olc).get(small), timeout=12, what="ps to list it")
     assert loaded.name == small
     assert loaded.size_vram == loaded.size == 270898672
     assert loaded.expires_at > datetime.now(UTC)
@@ -568,7 +568,7 @@ def test_show_list_and_v1_models_carry_the_nodes_details(olc, oai):
 def test_requests_go_to_the_node_that_has_the_model_loaded(olc, network):
     router_url, warm_url = network
     olc.chat(model=THINKER, messages=[{"role": "user", "content": "warm up"}], think=False)
-    procs.wait_until(lambda: THINKER in running(olc), timeout=5, what="the node's report")
+    procs.wait_until(lambda: THINKER in running(olc), timeout=12, what="the node's report")
     # A second node serving the same model, idle like the first, whose Ollama has nothing
     # loaded; not yet measured, so without the preference it would even be ranked first.
     cold, cold_url = procs.start_emulator()

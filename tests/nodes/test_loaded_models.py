@@ -4,13 +4,14 @@ compatible APIs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 
-from nodes import worker
+from nodes import consumers, worker
 from nodes.models import NodeModel
 from nodes.protocol import LoadedModel, loaded_changed, parse_details, parse_loaded
 from tests.routing.test_views import HttpClient
@@ -130,7 +131,11 @@ def test_an_expiry_moving_less_than_the_slack_is_no_change():
     assert loaded_changed({}, (LoadedModel(MODEL, at, 5),), slack=30)
 
 
-async def test_details_and_loaded_models_reach_tags_show_ps_and_v1_models(channel_layer):
+async def test_details_and_loaded_models_reach_tags_show_ps_and_v1_models(
+    channel_layer, monkeypatch
+):
+    # Each node's reports follow each other here faster than the router writes them down.
+    monkeypatch.setattr(consumers, "LOADED_MIN_INTERVAL_S", 0.0)
     first = await registered(
         "first",
         "10.0.0.1",
@@ -181,6 +186,25 @@ async def test_details_and_loaded_models_reach_tags_show_ps_and_v1_models(channe
     assert (await get_json("/ollama/api/ps"))["models"] == []
     for node in (first, second, third):
         await node.disconnect()
+
+
+async def test_a_node_changing_its_report_with_every_heartbeat_is_written_once_an_interval(
+    channel_layer, monkeypatch
+):
+    """Red-team M1 of issue 19: a node flipping its report with each heartbeat cost the
+    database a write per heartbeat and model."""
+    monkeypatch.setattr(consumers, "LOADED_MIN_INTERVAL_S", 0.5)
+    node = await registered("flapper", "10.0.0.1", [{"name": MODEL}, {"name": "qwen3:0.6b"}])
+    await heartbeat(node, [{"name": MODEL, "expires_at": in_minutes(5)}])  # written at once
+    for report in ([], [{"name": "qwen3:0.6b", "expires_at": in_minutes(5)}], []):
+        await heartbeat(node, report)  # within the interval: held back
+        assert (await loaded_rows())[("flapper", MODEL)][0] is not None
+    # When the interval is over, the node's latest word is written, without another heartbeat.
+    await asyncio.sleep(0.6)
+    await worker.flush_loaded_models()
+    rows = await loaded_rows()
+    assert rows[("flapper", MODEL)] == rows[("flapper", "qwen3:0.6b")] == (None, 0)
+    await node.disconnect()
 
 
 async def test_a_node_cannot_report_loaded_models_it_does_not_serve(channel_layer):
