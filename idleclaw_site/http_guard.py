@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -441,9 +442,24 @@ def refusal(target: bytes, status: int, message: str) -> bytes:
         + b"Content-Type: " + response["Content-Type"].encode("latin-1") + b"\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         + request_id_line()
+        + _cors_lines(path)
         + b"Connection: close\r\n\r\n"
     )
     return head + body
+
+
+def _cors_lines(path: str) -> bytes:
+    """With CORS open to every origin (``IDLECLAW_CORS_ORIGINS`` ``*``, the default), what
+    django-cors-headers would add to an API answer, so that a page sees the 413 or 408 rather
+    than a failed fetch. With a list of origins the request's ``Origin`` would have to be
+    checked; those refusals then carry none, and a page sees a failed fetch."""
+    if not settings.CORS_ALLOW_ALL_ORIGINS or not re.match(settings.CORS_URLS_REGEX, path):
+        return b""
+    exposed = ", ".join(settings.CORS_EXPOSE_HEADERS)
+    return (
+        b"Access-Control-Allow-Origin: *\r\n"
+        + f"Access-Control-Expose-Headers: {exposed}\r\n".encode("latin-1")
+    )
 
 
 def request_id_line() -> bytes:

@@ -259,6 +259,13 @@ def test_the_413_is_in_the_shape_of_the_api_asked(shared_router, path, error):
     answer = post_big_body(shared_router.port, path, size=MAX_BODY_BYTES + 1, chunked=False)
     assert answer.status == 413
     assert error(json.loads(answer.body)) == f"request body is larger than {MAX_BODY_BYTES} bytes"
+    # A page on another site may read the refusal of an API (CORS open to all, the default),
+    # never of the admin.
+    if path.startswith("/admin"):
+        assert "access-control-allow-origin" not in answer.headers
+    else:
+        assert answer.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" in answer.headers["access-control-expose-headers"]
 
 
 def test_a_client_expecting_100_continue_gets_the_413_instead(shared_router):
