@@ -354,7 +354,12 @@ class Relay:
                 except _Failover as failure:
                     if self.attempts >= settings.IDLECLAW_MAX_ATTEMPTS:
                         raise RelayError(failure.code) from None
-                    logger.info("request for %s fails over after %s", self.model, failure.code)
+                    logger.info(
+                        "request %s for %s fails over after %s",
+                        self.queue_id,
+                        self.model,
+                        failure.code,
+                    )
                     result = await self._try_claim()
                     if result is not None:
                         if not result.served:
