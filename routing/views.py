@@ -430,12 +430,11 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
         parsed = parse(request.body)
     except BadRequest as error:
         return ollama_error(400, error.detail)
-    not_found = ollama_error(404, f'model "{parsed.model}" not found')
     if parsed.embed_params is None:
         # Nothing to embed: Ollama loads the model and answers an empty list.
         await worker.ensure_started()
         if not await db(selectors.embeddings_served)(model=parsed.model):
-            return not_found
+            return ollama_model_not_found(parsed.model)
         empty: dict[str, Any] = {"embedding": []} if legacy else {
             "model": parsed.model, "embeddings": []}
         return JsonResponse(empty)
@@ -447,15 +446,8 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
         if error.code == shutdown.RESTARTING:
             return ollama_error(503, error.message, retry=True)
         return ollama_error(502, error.message)
-    if isinstance(answer, TooMany):
-        return ollama_error(429, answer.message, retry=True)
-    if isinstance(answer, Unavailable):
-        if answer.restarting:
-            return ollama_error(503, answer.message, retry=True)
-        if not answer.served:
-            return not_found
-        return ollama_error(503, "server busy, please try again.  maximum pending requests "
-                            "exceeded", retry=True)
+    if isinstance(answer, TooMany | Unavailable):
+        return ollama_refusal(answer)
     if legacy:
         return JsonResponse({"embedding": answer.vectors[0]})
     return EventStream(ollama_api.embed_parts(answer, model=parsed.model), "application/json")

@@ -204,7 +204,7 @@ async def test_ollama_empty_input_only_loads_like_ollama(channel_layer):
             {"model": EMBEDDER, "embeddings": []},
         ),
         ("/ollama/api/embeddings", {"model": EMBEDDER, "prompt": ""}, {"embedding": []}),
-        ("/ollama/api/embed", {"model": "nobody:1b"}, {"error": 'model "nobody:1b" not found'}),
+        ("/ollama/api/embed", {"model": "nobody:1b"}, {"error": "model 'nobody:1b' not found"}),
     ]:
         status, _, answer = await answer_of(await ask(path, body))
         assert answer == expected
@@ -234,7 +234,7 @@ async def test_a_node_that_did_not_declare_embeddings_never_gets_one(channel_lay
     status, _, body = await answer_of(
         await ask("/ollama/api/embed", {"model": EMBEDDER, "input": "x"})
     )
-    assert (status, body) == (404, {"error": f'model "{EMBEDDER}" not found'})
+    assert (status, body) == (404, {"error": f"model '{EMBEDDER}' not found"})
     assert await node.nothing_sent()
     await node.disconnect()
 
