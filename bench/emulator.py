@@ -385,7 +385,7 @@ def _search_call(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | N
     match = _SEARCH_REQUEST.search(text)
     if last.get("role") != "user" or match is None or not _offers(tools, SEARCH_TOOL):
         return None
-    query = (text[match.end():].strip() or text.strip())[:MAX_SEARCH_QUERY_CHARS]
+    query = (text[match.end() :].strip() or text.strip())[:MAX_SEARCH_QUERY_CHARS]
     return {"function": {"name": SEARCH_TOOL, "arguments": {"query": query}}}
 
 

@@ -244,9 +244,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                     self.node_id,
                     len(warnings),
                 )
-            await db(services.node_models_replace)(
-                session_id=self.session_id, offers=offers
-            )
+            await db(services.node_models_replace)(session_id=self.session_id, offers=offers)
             self.model_names = frozenset(offer.name for offer in offers)
             self.loaded = {}  # the next report is written whole, onto the new rows
             await self._wake_queues([offer.name for offer in offers])

@@ -36,11 +36,25 @@ KNOWN_CAPABILITIES = ("completion", "tools", "thinking", "vision", "embedding", 
 PROTOCOL_VERSION = 2
 
 # Keys of ollama_params a router may send (PROTOCOL §1).
-OLLAMA_PARAM_KEYS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
-                     "format")
+OLLAMA_PARAM_KEYS = (
+    "model",
+    "messages",
+    "stream",
+    "think",
+    "keep_alive",
+    "options",
+    "tools",
+    "format",
+)
 # Final-chunk stats relayed from Ollama (nanoseconds and counts).
-STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-             "eval_count", "eval_duration")
+STAT_KEYS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 ERROR_CODES = ("invalid_request", "ollama_unavailable", "ollama_error")
 # Most chunks one ``inference_chunks`` frame may carry (docs/node-protocol-extensions.md).
 MAX_CHUNKS_PER_FRAME = 256

@@ -127,7 +127,8 @@ SELECT * FROM (
 ) {alias}
 """
 
-_CANDIDATES_SQL = _sql("""
+_CANDIDATES_SQL = _sql(
+    """
 SELECT id, channel_name, node_id, max_concurrent,
        CAST(active AS REAL) / max_concurrent AS load, warm,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
@@ -141,7 +142,8 @@ WHERE NOT EXISTS ("""
     + """)
 ORDER BY load, warm DESC, penalty, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
-""")
+"""
+)
 
 _ID_RANGE_SQL = _sql("SELECT MIN(id), MAX(id) FROM {T.model} WHERE name = %(model)s")
 

@@ -264,9 +264,7 @@ class Relay:
             self._claim_id = None
             if self.queued:
                 self.queued = False  # the claim removed the queue row
-                await self._wake(
-                    await db(services.queue_heads)(models=[self.model])
-                )
+                await self._wake(await db(services.queue_heads)(models=[self.model]))
             return None
         self.attempts -= 1
         return result
@@ -296,9 +294,7 @@ class Relay:
             if now >= self.queue_deadline:
                 raise RelayError("queue_timeout")
             if now >= next_notice:
-                position = await db(selectors.queue_position)(
-                    request_id=self.queue_id
-                )
+                position = await db(selectors.queue_position)(request_id=self.queue_id)
                 yield Queued(position=position)
                 next_notice = now + interval
             await self._wait_for_wake(min(self.queue_deadline, next_notice))
@@ -463,8 +459,12 @@ class Relay:
                             # round, which continues the same text (one sanitizer for all).
                             cleaned = sanitizer.clean({**raw, "done": False})
                             # Its stats and done stay; text not shown yet is held, not lost.
-                            chunk = {**raw, "message": {"role": "assistant"}, **(cleaned or {}),
-                                     "done": True}
+                            chunk = {
+                                **raw,
+                                "message": {"role": "assistant"},
+                                **(cleaned or {}),
+                                "done": True,
+                            }
                         else:
                             chunk = sanitizer.clean(raw)
                         if chunk is not None and "tool_calls" in chunk["message"]:
@@ -482,8 +482,13 @@ class Relay:
                             chunk, size = {"message": {"role": "assistant"}, "done": False}, 0
                         if size > char_budget or (size == char_budget and not chunk["done"]):
                             out.append(_truncated(chunk, max(char_budget, 0)))
-                            out.append({"message": {"role": "assistant"}, "done": True,
-                                        "done_reason": "length"})
+                            out.append(
+                                {
+                                    "message": {"role": "assistant"},
+                                    "done": True,
+                                    "done_reason": "length",
+                                }
+                            )
                             outcome = _measured("completed", sent_at, first_at, chunks, None)
                             yield out
                             return
@@ -598,9 +603,7 @@ class Relay:
             kind = "failed"
         return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
-    async def _release(
-        self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool
-    ) -> None:
+    async def _release(self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool) -> None:
         if cancel:
             await self.layer.send(
                 claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
@@ -612,9 +615,7 @@ class Relay:
             )
             self.queued = self.counted = False
         else:
-            wake = await db(services.inflight_finish)(
-                request_id=claim.request_id, outcome=outcome
-            )
+            wake = await db(services.inflight_finish)(request_id=claim.request_id, outcome=outcome)
         await self._wake(wake)
 
     async def _unless_aborted(self, work: Coroutine[Any, Any, None]) -> None:

@@ -221,7 +221,9 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     except RelayError as error:
         restarting = error.code == shutdown.RESTARTING
         failure = openai_api.OpenAIError(
-            error.message, status=503 if restarting else 502, code=error.code,
+            error.message,
+            status=503 if restarting else 502,
+            code=error.code,
             kind="service_unavailable" if restarting else "server_error",
         )
         return openai_error(failure, retry=restarting)
@@ -230,7 +232,10 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
 
 def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
     model: dict[str, Any] = {
-        "id": info.name, "object": "model", "created": int(STARTED_WALL), "owned_by": "idleclaw",
+        "id": info.name,
+        "object": "model",
+        "created": int(STARTED_WALL),
+        "owned_by": "idleclaw",
     }
     # Extra fields, which OpenAI's clients keep: what the nodes' Ollama says of the model.
     details = {key: value for key, value in info.details.items() if key != "context_length"}
@@ -381,8 +386,11 @@ async def ollama_generate(request: HttpRequest) -> HttpResponse:
 @rate_limited("default")
 async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
     """Model management belongs to each contributor's own Ollama, not to the network."""
-    return ollama_error(501, f"{request.path.removeprefix('/ollama')} is not supported by the "
-                        "IdleClaw network; models are managed by each contributor")
+    return ollama_error(
+        501,
+        f"{request.path.removeprefix('/ollama')} is not supported by the "
+        "IdleClaw network; models are managed by each contributor",
+    )
 
 
 # --- Errors outside any view -----------------------------------------------------------------

@@ -57,23 +57,45 @@ MAX_CONTENT_CHARS = 10_000
 MAX_REQUEST_ID_CHARS = 64
 MAX_CONCURRENT_RANGE = (1, 10)
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool"})
-FORWARDED_PARAMS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
-                    "format")
+FORWARDED_PARAMS = (
+    "model",
+    "messages",
+    "stream",
+    "think",
+    "keep_alive",
+    "options",
+    "tools",
+    "format",
+)
 # Keys of one message passed on to Ollama; ``images`` and anything else are dropped.
 MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls", "tool_name")
 CHUNK_MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls")
-STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-             "eval_count", "eval_duration")
+STAT_KEYS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 # Options that decide how the contributor's hardware runs the model rather than what the answer
 # is; a stranger's request has no business pinning memory or choosing GPUs on this machine.
-HOST_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
-                          "low_vram", "vocab_only"})
+HOST_OPTIONS = frozenset(
+    {"num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only"}
+)
 THINK_LEVELS = frozenset({"low", "medium", "high"})
 
 # 1008 close reasons (PROTOCOL §1) that will not change by trying again.
-PERMANENT_REFUSALS = frozenset({"expected register message", "invalid node_id",
-                                "no models provided", "too many models", "invalid model name",
-                                "banned"})
+PERMANENT_REFUSALS = frozenset(
+    {
+        "expected register message",
+        "invalid node_id",
+        "no models provided",
+        "too many models",
+        "invalid model name",
+        "banned",
+    }
+)
 
 DEFAULT_HEARTBEAT_S = 15.0
 WS_CONNECT_TIMEOUT_S = 10.0
@@ -246,8 +268,9 @@ def encode_frame(frame: dict[str, Any]) -> str | None:
     return text
 
 
-def pack_chunks(request_id: str, chunks: Sequence[dict[str, Any]], *,
-                batched: bool) -> tuple[list[str], list[dict[str, Any]]]:
+def pack_chunks(
+    request_id: str, chunks: Sequence[dict[str, Any]], *, batched: bool
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Encode a request's chunks, in order, as frames of at most 100,000 bytes.
 
     ``batched``: as few ``inference_chunks`` frames as the size limit and the 256 chunks per
@@ -258,15 +281,19 @@ def pack_chunks(request_id: str, chunks: Sequence[dict[str, Any]], *,
     oversized: list[dict[str, Any]] = []
     if not batched:
         for chunk in chunks:
-            text = encode_frame({"type": "inference_chunk", "request_id": request_id,
-                                 "chunk": chunk})
+            text = encode_frame(
+                {"type": "inference_chunk", "request_id": request_id, "chunk": chunk}
+            )
             if text is None:
                 oversized.append(chunk)
             else:
                 frames.append(text)
         return frames, oversized
-    head = ('{"type":"inference_chunks","request_id":'
-            + json.dumps(request_id, ensure_ascii=False) + ',"chunks":[')
+    head = (
+        '{"type":"inference_chunks","request_id":'
+        + json.dumps(request_id, ensure_ascii=False)
+        + ',"chunks":['
+    )
     tail = "]}"
     room = MAX_FRAME_BYTES - len(head.encode("utf-8")) - len(tail)
     pieces: list[str] = []
@@ -505,8 +532,9 @@ def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[Loc
             continue
         name = entry.get("name") or entry.get("model")
         if not config.valid_model_name(name):
-            log.warning("skipping local model with a name the network does not accept: %r",
-                        str(name)[:80])
+            log.warning(
+                "skipping local model with a name the network does not accept: %r", str(name)[:80]
+            )
             continue
         size = entry.get("size")
         local.append(LocalModel(name=name, size=size if _is_int(size) and size > 0 else 0))
@@ -518,8 +546,12 @@ def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[Loc
     chosen = select_models(local, wanted)
     available = len(local) if not wanted else len(set(wanted))
     if len(chosen) < available:
-        log.warning("the network takes at most %d models: sharing the %d largest of %d",
-                    MAX_MODELS, len(chosen), available)
+        log.warning(
+            "the network takes at most %d models: sharing the %d largest of %d",
+            MAX_MODELS,
+            len(chosen),
+            available,
+        )
     try:
         version = _get_json("GET", f"{ollama}/api/version").get("version")
     except (requests.RequestException, ValueError, AttributeError):
@@ -766,8 +798,15 @@ class _SessionEnd:
 class Contributor:
     """A contributor node: one process-lifetime ``node_id``, reconnecting until stopped."""
 
-    def __init__(self, *, server: str, ollama: str, models: Sequence[LocalModel],
-                 max_concurrent: int, ollama_version: str) -> None:
+    def __init__(
+        self,
+        *,
+        server: str,
+        ollama: str,
+        models: Sequence[LocalModel],
+        max_concurrent: int,
+        ollama_version: str,
+    ) -> None:
         self.server = server
         self.url = config.ws_url(server)
         self.ollama = ollama
@@ -828,15 +867,21 @@ class Contributor:
                 log.info("connecting to %s", self.url)
             try:
                 ws = websocket.create_connection(
-                    self.url, timeout=WS_CONNECT_TIMEOUT_S, enable_multithread=True,
+                    self.url,
+                    timeout=WS_CONNECT_TIMEOUT_S,
+                    enable_multithread=True,
                     header=[f"User-Agent: {config.CLIENT_NAME}"],
                 )
             except (websocket.WebSocketException, OSError) as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() < restart_until:
                     delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
-                log.warning("cannot reach the router at %s (%s); retrying in %.1f s",
-                            self.url, _describe(exc), delay)
+                log.warning(
+                    "cannot reach the router at %s (%s); retrying in %.1f s",
+                    self.url,
+                    _describe(exc),
+                    delay,
+                )
                 announce = False
                 time.sleep(delay)
                 continue
@@ -909,8 +954,9 @@ class Contributor:
     def _decode(self, data: bytes | str) -> dict[str, Any] | None:
         size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
         if size > MAX_FRAME_BYTES:
-            log.warning("dropped a frame of %d bytes from the router (limit %d)",
-                        size, MAX_FRAME_BYTES)
+            log.warning(
+                "dropped a frame of %d bytes from the router (limit %d)", size, MAX_FRAME_BYTES
+            )
             return None
         try:
             message = json.loads(data)
@@ -948,10 +994,15 @@ class Contributor:
                 if isinstance(warning, str):
                     # The router's words, escaped: no control character reaches the terminal.
                     log.warning("the router says: %s", ascii(warning[:300])[1:-1])
-        log.info("registered with %s as node %s: %d models (%s), max_concurrent %d, "
-                 "heartbeat %g s", self.server, self.node_id, len(self.models),
-                 ", ".join(m.name for m in self.models), self.max_concurrent,
-                 self.heartbeat_interval)
+        log.info(
+            "registered with %s as node %s: %d models (%s), max_concurrent %d, heartbeat %g s",
+            self.server,
+            self.node_id,
+            len(self.models),
+            ", ".join(m.name for m in self.models),
+            self.max_concurrent,
+            self.heartbeat_interval,
+        )
         _start_thread(self._heartbeat_loop, conn, name="heartbeat")
 
     def _heartbeat_loop(self, conn: _Connection) -> None:
@@ -1006,8 +1057,11 @@ class Contributor:
 
     def _on_request(self, conn: _Connection, message: dict[str, Any]) -> None:
         request_id = message.get("request_id")
-        if (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
-                or not request_id.isprintable()):  # it goes into the log
+        if (
+            not isinstance(request_id, str)
+            or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+            or not request_id.isprintable()
+        ):  # it goes into the log
             log.warning("ignored an inference_request without a valid request_id")
             return
         try:
@@ -1025,14 +1079,22 @@ class Contributor:
                 inflight = _InFlight(request_id=request_id, model=params["model"], conn=conn)
                 self._inflight[request_id] = inflight
         if busy:
-            log.warning("request %s refused: already serving %d (max_concurrent)",
-                        request_id, self.max_concurrent)
+            log.warning(
+                "request %s refused: already serving %d (max_concurrent)",
+                request_id,
+                self.max_concurrent,
+            )
             conn.send(self._error(request_id, BUSY_ERROR))
             return
-        log.info("request %s started: model=%s messages=%d", request_id, params["model"],
-                 len(params["messages"]))
-        inflight.thread = _start_thread(self._serve, inflight, params,
-                                        name=f"request-{request_id[:12]}")
+        log.info(
+            "request %s started: model=%s messages=%d",
+            request_id,
+            params["model"],
+            len(params["messages"]),
+        )
+        inflight.thread = _start_thread(
+            self._serve, inflight, params, name=f"request-{request_id[:12]}"
+        )
 
     def _on_cancel(self, conn: _Connection, message: dict[str, Any]) -> None:
         request_id = message.get("request_id")
@@ -1073,7 +1135,9 @@ class Contributor:
         try:
             try:
                 response = requests.post(
-                    f"{self.ollama}/api/chat", json=params, stream=True,
+                    f"{self.ollama}/api/chat",
+                    json=params,
+                    stream=True,
                     timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
                     headers={"User-Agent": config.CLIENT_NAME},
                 )
@@ -1083,8 +1147,10 @@ class Contributor:
             if not inflight.attach(response):
                 return
             if response.status_code >= 400:
-                fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
-                     f"{_ollama_error_text(response)}")
+                fail(
+                    "ollama_error",
+                    f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
+                )
                 return
             # Several chunks per frame only for a router that takes them (PROTOCOL: a node
             # uses an extension only when the router listed it).
@@ -1092,22 +1158,23 @@ class Contributor:
             reader = _LineReader(response, name=f"ollama-{rid[:12]}")
             for lines in reader.batches():
                 chunks, problem = chunks_of_lines(lines)
-                tokens += sum(1 for c in chunks
-                              if c["message"].get("content") or c["message"].get("thinking"))
+                tokens += sum(
+                    1 for c in chunks if c["message"].get("content") or c["message"].get("thinking")
+                )
                 frames, oversized = pack_chunks(rid, chunks, batched=batched)
                 for text in frames:
                     if not inflight.send_text(text):
                         if not inflight.cancelled:
-                            log.warning("request %s abandoned: connection to the router lost",
-                                        rid)
+                            log.warning("request %s abandoned: connection to the router lost", rid)
                         return
                 sent_chunks += len(chunks) - len(oversized)
                 sent_frames += len(frames)
                 final = chunks[-1] if chunks and chunks[-1]["done"] else None
                 for chunk in oversized:
                     if chunk is not final:
-                        log.warning("request %s: dropped a chunk over %d bytes", rid,
-                                    MAX_FRAME_BYTES)
+                        log.warning(
+                            "request %s: dropped a chunk over %d bytes", rid, MAX_FRAME_BYTES
+                        )
                 if problem is not None:
                     fail("ollama_error", problem)
                     return
@@ -1120,8 +1187,12 @@ class Contributor:
                     outcome = "finished"
                     return
             fail("ollama_error", "Ollama's stream ended before done")
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
-                ValueError) as exc:
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
             if not inflight.cancelled:
                 fail("ollama_error", _describe(exc))
         except Exception:  # a worker must never die silently with its slot taken
@@ -1144,9 +1215,15 @@ class Contributor:
                 inflight.conn.wake.set()
             elapsed = time.monotonic() - started
             if outcome == "finished":
-                log.info("request %s finished: model=%s tokens=%d in %.1f s (%d chunks in %d "
-                         "frames)", rid, inflight.model, tokens, elapsed, sent_chunks,
-                         sent_frames)
+                log.info(
+                    "request %s finished: model=%s tokens=%d in %.1f s (%d chunks in %d frames)",
+                    rid,
+                    inflight.model,
+                    tokens,
+                    elapsed,
+                    sent_chunks,
+                    sent_frames,
+                )
             elif inflight.cancelled:
                 log.info("request %s stopped after %.1f s", rid, elapsed)
 
@@ -1210,11 +1287,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs until Ctrl+C. Uses IDLECLAW_SERVER (default https://api.idleclaw.com) and "
         "OLLAMA_HOST (default http://localhost:11434).",
     )
-    parser.add_argument("--models", type=_model_list, metavar="A,B",
-                        help="share only these local models (comma separated; default: all, "
-                        f"at most the {MAX_MODELS} largest)")
-    parser.add_argument("--max-concurrent", type=_max_concurrent, default=2, metavar="N",
-                        help="requests served at the same time, 1..10 (default 2)")
+    parser.add_argument(
+        "--models",
+        type=_model_list,
+        metavar="A,B",
+        help="share only these local models (comma separated; default: all, "
+        f"at most the {MAX_MODELS} largest)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=_max_concurrent,
+        default=2,
+        metavar="N",
+        help="requests served at the same time, 1..10 (default 2)",
+    )
     return parser
 
 
@@ -1230,9 +1316,12 @@ def _on_signal(signum: int, _frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the contributor; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
     for name in ("urllib3", "websocket"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
@@ -1249,10 +1338,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StartupError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
-        log.info("Ollama %s at %s: sharing %d models: %s", version, ollama, len(models),
-                 ", ".join(m.name for m in models))
-        node = Contributor(server=server, ollama=ollama, models=models,
-                           max_concurrent=args.max_concurrent, ollama_version=version)
+        log.info(
+            "Ollama %s at %s: sharing %d models: %s",
+            version,
+            ollama,
+            len(models),
+            ", ".join(m.name for m in models),
+        )
+        node = Contributor(
+            server=server,
+            ollama=ollama,
+            models=models,
+            max_concurrent=args.max_concurrent,
+            ollama_version=version,
+        )
     except StopRequested:
         log.info("stopped; goodbye")
         return 0
