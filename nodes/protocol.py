@@ -68,6 +68,10 @@ MAX_CONTEXT_LENGTH = 2**27  # 134M tokens: well above any model's, far below abs
 # absurd dates out of arithmetic and out of the database.
 LOADED_FOREVER = datetime(3000, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP_CHARS = 40
+# The Ollama options a node may cap in ``register.limits`` (docs/node-protocol-extensions.md),
+# and the largest cap believed: as large as any context, small enough for any integer column.
+LIMIT_OPTIONS = ("num_ctx", "num_predict")
+MAX_LIMIT = MAX_CONTEXT_LENGTH
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -84,6 +88,7 @@ class FrameType(StrEnum):
     CANCEL_REQUEST = "cancel_request"
     MODELS_UPDATE = "models_update"
     DRAIN = "drain"
+    UNDRAIN = "undrain"
 
 
 class Feature(StrEnum):
@@ -92,9 +97,19 @@ class Feature(StrEnum):
 
     INFERENCE_CHUNKS = "inference_chunks"
     LOADED_MODELS = "loaded_models"
+    # ``drain`` and ``undrain`` frames, and ``draining`` in ``register``: a node pauses and
+    # resumes without reconnecting.
+    DRAIN = "drain"
+    # ``models_update`` frames: a node's model list changes without reconnecting.
+    MODELS_UPDATE = "models_update"
 
 
-ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS, Feature.LOADED_MODELS)
+ROUTER_FEATURES = (
+    Feature.INFERENCE_CHUNKS,
+    Feature.LOADED_MODELS,
+    Feature.DRAIN,
+    Feature.MODELS_UPDATE,
+)
 
 
 class CloseReason(StrEnum):
@@ -197,6 +212,11 @@ class Registration:
     extra: dict[str, Any] = field(default_factory=dict)
     # What the router dropped from the frame and tells the node in ``registered.warnings``.
     warnings: tuple[str, ...] = ()
+    # The node's caps on a request's options (``parse_limits``), and whether it registers
+    # paused (``draining``); both extensions.
+    max_ctx: int | None = None
+    max_predict: int | None = None
+    draining: bool = False
 
 
 def valid_model_name(name: Any) -> bool:
@@ -417,6 +437,21 @@ def loaded_changed(
     return False
 
 
+def parse_limits(raw: Any) -> dict[str, int]:
+    """The caps of ``register.limits`` (docs/node-protocol-extensions.md): for each option of
+    ``LIMIT_OPTIONS``, an integer in 1..``MAX_LIMIT``. Anything else is dropped, never an error:
+    a node whose caps are unreadable is taken to have none, as a node that does not know the
+    extension."""
+    if not isinstance(raw, dict):
+        return {}
+    limits = {}
+    for option in LIMIT_OPTIONS:
+        value = safe_int(raw.get(option))
+        if value is not None and 0 < value <= MAX_LIMIT:
+            limits[option] = value
+    return limits
+
+
 def parse_register(frame: dict[str, Any]) -> Registration:
     """Validate a ``register`` frame (PROTOCOL §1 Handshake)."""
     if frame.get("type") != FrameType.REGISTER:
@@ -437,6 +472,7 @@ def parse_register(frame: dict[str, Any]) -> Registration:
     protocol = safe_int(frame.get("protocol", 1))
     if protocol is None or not 1 <= protocol <= 1000:
         protocol = 1  # stored in a small integer column: an absurd version must not reach it
+    limits = parse_limits(frame.get("limits"))
     return Registration(
         node_id=node_id,
         models=models,
@@ -446,6 +482,9 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         client=_clean_text(frame.get("client"), MAX_CLIENT_CHARS),
         resume_token=_clean_text(frame.get("resume_token"), 128),
         warnings=warnings,
+        max_ctx=limits.get("num_ctx"),
+        max_predict=limits.get("num_predict"),
+        draining=frame.get("draining") is True,
     )
 
 
@@ -457,6 +496,7 @@ NODE_FRAME_TYPES = frozenset(
         FrameType.INFERENCE_ERROR,
         FrameType.MODELS_UPDATE,
         FrameType.DRAIN,
+        FrameType.UNDRAIN,
         FrameType.REGISTER,
     }
 )

@@ -258,6 +258,9 @@ def node_session_open(
             client=registration.client,
             protocol=registration.protocol,
             resume_token_hash=_token_hash(token),
+            max_ctx=registration.max_ctx,
+            max_predict=registration.max_predict,
+            draining=registration.draining,
             connected_at=now,
             last_seen=now,
         )
@@ -294,6 +297,12 @@ def node_sessions_touch(*, session_ids: Collection[int]) -> set[int]:
 
 def node_session_drain(*, session_id: int) -> None:
     NodeSession.objects.filter(pk=session_id).update(draining=True, last_seen=timezone.now())
+
+
+def node_session_undrain(*, session_id: int) -> None:
+    """A node that drained takes new requests again (``undrain``,
+    docs/node-protocol-extensions.md)."""
+    NodeSession.objects.filter(pk=session_id).update(draining=False, last_seen=timezone.now())
 
 
 def node_models_replace(*, session_id: int, offers: tuple[ModelOffer, ...]) -> None:

@@ -30,7 +30,7 @@ from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
 from routing.sanitize import ChunkSanitizer
-from routing.services import Claim, NoSlot, Outcome
+from routing.services import Claim, Demand, NoSlot, Outcome, OverLimit
 from routing.tool_calls import ToolPolicy
 from routing.tools import for_request as tools_for_request
 from routing.tools import services as tool_services
@@ -160,6 +160,8 @@ class Relay:
                 ],
             }
         self.params = ollama_params
+        # What the request asks of a node's caps: only nodes that take it are chosen.
+        self.demand = Demand.of(ollama_params.get("options"))
         self.rounds = ToolRounds(model, server_tools, ollama_params) if server_tools else None
         # Whether the consumer's stream shows the router's tool calls (``ToolStatus``).
         self.tool_status = tool_status
@@ -185,9 +187,10 @@ class Relay:
 
     # --- getting a slot ----------------------------------------------------------------------
 
-    async def start(self, *, hold: float) -> Unavailable | TooMany | None:
+    async def start(self, *, hold: float) -> Unavailable | TooMany | OverLimit | None:
         """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
-        (the request has a slot or is still queued); otherwise why it cannot (503 or 429)."""
+        (the request has a slot or is still queued); otherwise why it cannot (503, 429, or 400
+        for a request over every node's caps)."""
         await worker.ensure_started()
         self.layer = get_channel_layer()
         self.reply_channel = await self.layer.new_channel()
@@ -201,6 +204,7 @@ class Relay:
             attempt_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             arrived_at=self.arrived_at,
+            demand=self.demand,
         )
         if admitted is None:
             return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
@@ -210,6 +214,9 @@ class Relay:
             self._claim_id = None
             return None
         self.attempts -= 1
+        if admitted.over is not None:
+            await self._close()
+            return admitted.over
         try:
             refusal = await self._first_slot(admitted, hold)
         except BaseException:
@@ -258,6 +265,7 @@ class Relay:
             arrived_at=self.arrived_at,
             queued_as=self.queue_id if self.queued else None,
             exclude=self.tried,
+            demand=self.demand,
         )
         if isinstance(result, Claim):
             self.claim = result
@@ -700,8 +708,8 @@ async def open_relay(
     client_ip: str | None,
     stream: bool = True,
     tool_status: bool = False,
-) -> Events | Unavailable | TooMany:
-    """Start a ``Relay`` and return its events, or why it cannot start (a 503).
+) -> Events | Unavailable | TooMany | OverLimit:
+    """Start a ``Relay`` and return its events, or why it cannot start (a 503, 429 or 400).
 
     A streaming request waits for a slot up to the queue notice interval before its response
     starts; a non-streaming one up to the whole queue timeout. ``tool_status``: the events

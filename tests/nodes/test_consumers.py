@@ -627,3 +627,55 @@ async def test_tool_calls_in_a_batch_cost_eight_frames_each(channel_layer, setti
     # One chunk of 3 tool calls: 25 frames' worth, more than the burst of 20.
     await node.chunks("r1", [chunk])
     assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
+
+
+# --- caps, drain and undrain (docs/node-protocol-extensions.md) ------------------------------
+
+
+async def test_caps_and_draining_in_register_are_stored_and_undrain_serves_again(channel_layer):
+    node = ScriptedNode()
+    reply = await node.register(
+        limits={"num_ctx": 8192, "num_predict": "lots", "num_gpu": 1}, draining=True
+    )
+    assert {"drain", "models_update"} <= set(reply["features"])
+    [session] = await sessions()
+    assert (session.max_ctx, session.max_predict, session.draining) == (8192, None, True)
+    await node.send({"type": "undrain"})
+    await node.nothing_sent()
+    [session] = await sessions()
+    assert not session.draining
+    await node.send({"type": "drain"})
+    await node.nothing_sent()
+    assert (await sessions())[0].draining
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"num_ctx": 0, "num_predict": -1},
+        {"num_ctx": True, "num_predict": 2.5},
+        {"num_ctx": 2**27 + 1, "num_predict": "64"},
+        [8192, 64],
+        "8192",
+    ],
+)
+async def test_caps_that_are_not_whole_numbers_in_range_count_as_none(channel_layer, limits):
+    node = ScriptedNode()
+    await node.register(limits=limits)
+    [session] = await sessions()
+    assert (session.max_ctx, session.max_predict) == (None, None)
+    await node.disconnect()
+
+
+async def test_a_node_the_router_is_moving_away_cannot_undrain(channel_layer):
+    node = await registered_node("moving")
+    await serving(channel_layer, node)  # a request in flight keeps it connected for now
+    [session] = await sessions()
+    await channel_layer.send(session.channel_name, {"type": "node.move"})
+    await node.send({"type": "undrain"})
+    await node.nothing_sent()
+    assert (await sessions())[0].draining
+    await node.chunk("r1", "", done=True)
+    assert await node.closed() == (1012, "router restarting")
+    await node.disconnect()

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
-from routing.models import InflightRequest
+from routing.models import InflightRequest, QueuedRequest
 from routing.services import Claim, inflight_claim, inflight_finish
 
 pytestmark = pytest.mark.django_db
@@ -321,3 +321,84 @@ def test_an_expired_load_or_the_switched_off_preference_counts_as_not_loaded(
             inflight_finish(request_id=claimed.request_id)
     # Ties go either way at random: each node is chosen about half the time.
     assert min(chosen.values()) >= 3 and set(chosen) == {"expired", "other", "warm", "cold"}
+
+
+# --- caps a node set in register.limits (docs/node-protocol-extensions.md) -------------------
+
+
+def demand(num_ctx=0, num_predict=0):
+    from routing.services import Demand
+
+    return Demand(num_ctx=num_ctx, num_predict=num_predict)
+
+
+def refusal(**kwargs):
+    result = inflight_claim(
+        model="llama3.2:3b",
+        request_id=uuid.uuid4().hex,
+        reply_channel="reply",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+        **kwargs,
+    )
+    assert not isinstance(result, Claim), result
+    return result
+
+
+def test_a_request_goes_only_to_nodes_whose_caps_take_it(router_worker):
+    make_node(router_worker, "small", max_ctx=2048, max_predict=128, max_concurrent=10)
+    make_node(router_worker, "open")  # no caps: takes anything
+    # "small" is idle and the lighter loaded, but its caps are lower than asked.
+    assert claim(demand=demand(num_ctx=4096)).node_id == "open"
+    assert claim(demand=demand(num_ctx=4096)).node_id == "open"
+    # "open" is full (2 of 2): a request over small's caps waits rather than going there.
+    over = refusal(demand=demand(num_ctx=4096))
+    assert (over.served, over.over) == (True, None)
+    assert claim(demand=demand(num_ctx=2048, num_predict=128)).node_id == "small"
+    assert claim().node_id == "small"
+
+
+def test_a_request_over_every_live_nodes_caps_is_refused_naming_the_largest_cap(router_worker):
+    from routing.services import OverLimit
+
+    make_node(router_worker, "a", max_ctx=2048, max_predict=128)
+    make_node(router_worker, "b", max_ctx=8192, max_predict=64, draining=True)
+    stale = make_node(router_worker, "stale", max_ctx=65536)
+    NodeSession.objects.filter(pk=stale.pk).update(last_seen=timezone.now() - timedelta(hours=1))
+    # Even while others wait in the model's queue: nothing will ever take it.
+    QueuedRequest.objects.create(
+        request_id="older",
+        model="llama3.2:3b",
+        reply_channel="r",
+        worker_id="w1",
+        arrived_at=timezone.now() - timedelta(seconds=5),
+    )
+    assert refusal(demand=demand(num_ctx=9000)).over == OverLimit(
+        model="llama3.2:3b", option="num_ctx", limit=8192
+    )
+    assert refusal(demand=demand(num_predict=129)).over == OverLimit(
+        model="llama3.2:3b", option="num_predict", limit=128
+    )
+    # Each fits a node alone, but no node takes both.
+    both = refusal(demand=demand(num_ctx=4096, num_predict=100))
+    assert both.over == OverLimit(model="llama3.2:3b", option="")
+    assert not both.served
+    # Within a cap it is no refusal: it waits its turn (b drains, a waits for "older").
+    assert refusal(demand=demand(num_ctx=8192)).over is None
+
+
+def test_a_node_without_caps_or_a_request_without_demand_is_never_over_a_limit(router_worker):
+    make_node(router_worker, "capped", max_ctx=2048, max_predict=128, max_concurrent=1)
+    assert claim().node_id == "capped"
+    assert refusal().over is None  # busy, not over anything
+    make_node(router_worker, "open", max_concurrent=1)
+    assert claim(demand=demand(num_ctx=10**6, num_predict=10**6)).node_id == "open"
+
+
+def test_demand_is_read_from_positive_number_options_only():
+    from routing.services import MAX_DEMAND, Demand
+
+    assert Demand.of(None) == Demand() and not Demand()
+    assert Demand.of({"num_ctx": 4096.2, "num_predict": -1}) == Demand(num_ctx=4097)
+    assert Demand.of({"num_predict": True, "num_ctx": "8192"}) == Demand()
+    assert Demand.of({"num_ctx": 1e300}).num_ctx == MAX_DEMAND
