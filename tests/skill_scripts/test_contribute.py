@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -777,16 +778,21 @@ def test_node_reconnects_with_its_resume_token(node):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_node_promptly_during_a_request(slow_node, sig):
+def test_a_first_signal_refuses_new_requests_and_a_second_stops_at_once(slow_node, sig):
     proc, router, ollama, _ = slow_node
-    router.send(
-        {
-            "type": "inference_request",
-            "request_id": "slow-9",
-            "ollama_params": {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]},
-        }
-    )
+    params = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}
+    router.send({"type": "inference_request", "request_id": "slow-9", "ollama_params": params})
     router.recv()
+    proc.proc.send_signal(sig)
+    proc.wait_for("stopping: finishing 1 request in flight first (Ctrl+C again stops at once)")
+    # This router does not take drain: what it still sends is refused, and it tries elsewhere.
+    router.send({"type": "inference_request", "request_id": "late-1", "ollama_params": params})
+    assert router.recv(skip=("heartbeat", "inference_chunk")) == {
+        "type": "inference_error",
+        "request_id": "late-1",
+        "error": "node paused: not taking requests",
+    }
+    assert ollama.stats()["chat_started"] == 1
     code, took = proc.stop(sig)
     assert code == 0
     assert took < 2.5
@@ -795,6 +801,7 @@ def test_signal_stops_the_node_promptly_during_a_request(slow_node, sig):
         timeout=2,
         what="Ollama to see its stream closed",
     )
+    proc.wait_for("stopping at once: 1 request in flight cancelled", timeout=2)
     proc.wait_for("stopped; goodbye", timeout=2)
     assert not any("Traceback" in line for line in proc.lines)
 
@@ -929,3 +936,91 @@ def test_the_routers_registration_warnings_are_shown_escaped(started_scripts, ol
         line = proc.wait_for("the router says")
         assert "model 'bad name\\x1b]0;title\\x07' dropped" in line
         assert "\x1b" not in line and "\x07" not in line
+
+
+# --------------------------------------------------------------------------- routers without
+# the drain and models_update extensions (docs/node-protocol-extensions.md)
+
+
+def test_a_paused_node_leaves_a_router_without_drain_and_returns_when_the_program_ends(
+    started_scripts, ollama
+):
+    game = "idleclaw-test-game"
+    dummy = subprocess.Popen(["bash", "-c", f"exec -a {game} sleep 30"])
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--pause-while",
+                f"other-game,{game}",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            proc.wait_for(f"paused: {game} is running")
+            router.accept()
+            register = router.recv()
+            assert register["draining"] is True  # for a router that knows the extension
+            router.send({"type": "registered", "node_id": register["node_id"]})
+            # This one does not (no "drain" in features): the node leaves it while paused.
+            assert router.recv(skip=("heartbeat",))["type"] == "_closed"
+            proc.wait_for("paused; disconnected from the router until serving again")
+            assert router.connections.empty()
+            dummy.kill()
+            dummy.wait()
+            router.accept()
+            again = router.recv()
+            assert again["node_id"] == register["node_id"]
+            assert "draining" not in again
+            proc.wait_for(f"resumed (was paused: {game} is running)")
+    finally:
+        dummy.kill()
+        dummy.wait()
+
+
+def test_warmup_loads_each_model_and_an_old_router_hears_of_new_models_by_a_new_register(
+    started_scripts,
+):
+    ollama = Emulator(
+        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}", "--model", "gone:1b,size=5"
+    )
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--warmup",
+                "--keep-alive",
+                "3m",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            router.accept()
+            register = router.recv()
+            # Both models were loaded before the node registered, with the node's keep_alive.
+            assert ollama.stats()["requests"] == [
+                {"model": PLAIN_MODEL, "stream": False, "keep_alive": "3m"},
+                {"model": "gone:1b", "stream": False, "keep_alive": "3m"},
+            ]
+            assert [m["name"] for m in register["models"]] == [PLAIN_MODEL, "gone:1b"]
+            router.send({"type": "registered", "node_id": register["node_id"], "resume_token": "t"})
+            proc.wait_for("registered")
+            status, _ = http_json(
+                f"{ollama.url}/_emulator/models",
+                {"models": [f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}", "new:7b,size=7"]},
+            )
+            assert status == 200
+            # No models_update in features: the node registers again, in the same name.
+            assert router.recv(skip=("heartbeat",))["type"] == "_closed"
+            router.accept()
+            again = router.recv()
+            assert (again["node_id"], again["resume_token"]) == (register["node_id"], "t")
+            assert [m["name"] for m in again["models"]] == [PLAIN_MODEL, "new:7b"]
+            proc.wait_for(
+                f"Ollama's models changed: sharing 2 models: {PLAIN_MODEL}, new:7b "
+                "(added: new:7b; removed: gone:1b)"
+            )
+    finally:
+        ollama.proc.stop()
