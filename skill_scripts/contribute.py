@@ -218,7 +218,7 @@ def _clean_message(raw: Any) -> dict[str, Any]:
 
 
 def sanitize_params(params: Any, models: Collection[str]) -> dict[str, Any]:
-    """Reduce a router's ``ollama_params`` to what may be sent to Ollama (PROTOCOL §4).
+    """Reduce a router's ``ollama_params`` to what may be sent to Ollama (docs/protocol.md §4).
 
     Keeps only ``model, messages, stream, think, keep_alive, options, tools, format``, forces
     ``stream`` to true, and requires a model from ``models`` and 0..50 messages with an allowed
