@@ -739,21 +739,11 @@ class _Connection:
         finally:
             self.send_lock.release()
 
-    def close(self, graceful: bool) -> None:
-        """Close the socket: with a close handshake when stopping, at once otherwise. Only the
-        receive loop's thread may close gracefully (the handshake reads the router's answer);
-        other threads use ``send_close``."""
+    def close(self) -> None:
+        """Close the socket at once, when the session is over. A close handshake is started
+        beforehand with ``send_close`` (by this node) or came from the router."""
         self.closed.set()
         self.wake.set()
-        # A worker stuck in a send holds the lock; stopping must not wait for it.
-        if graceful and self.send_lock.acquire(timeout=0.5):
-            try:
-                # close() waits for the router's close frame at most 1 s.
-                self.ws.close(status=websocket.STATUS_NORMAL, timeout=1)
-            except (websocket.WebSocketException, OSError):
-                pass
-            finally:
-                self.send_lock.release()
         self.ws.shutdown()
 
 
@@ -1070,6 +1060,9 @@ class Contributor:
                     if notice_at:
                         log.info("stopping: still finishing %s in flight", _requests(active))
                     notice_at = time.monotonic() + DRAIN_NOTICE_S
+        if self._stopping:  # the connection ended while draining: nothing is left in flight
+            log.info("stopped; goodbye", extra=event("stopped"))
+            return 0
         return self._exit_code
 
     def _begin_stop(self) -> None:
@@ -1713,7 +1706,7 @@ class Contributor:
     # ---- teardown
 
     def _end_connection(self, conn: _Connection) -> None:
-        conn.close(graceful=False)
+        conn.close()
         with self._lock:
             orphans = [r for r in self._inflight.values() if r.conn is conn]
         for inflight in orphans:

@@ -1024,3 +1024,35 @@ def test_warmup_loads_each_model_and_an_old_router_hears_of_new_models_by_a_new_
             )
     finally:
         ollama.proc.stop()
+
+
+def test_while_ollama_is_gone_the_node_drains_and_it_undrains_when_ollama_is_back(
+    started_scripts,
+):
+    spec = f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}"
+    ollama = Emulator("--model", spec)
+    port = ollama.url.rsplit(":", 1)[1]
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            router.accept()
+            register = router.recv()
+            assert "draining" not in register
+            router.send(
+                {"type": "registered", "node_id": register["node_id"], "features": ["drain"]}
+            )
+            proc.wait_for("registered")
+            ollama.proc.stop()
+            assert router.recv() == {"type": "drain"}
+            proc.wait_for(f"paused: cannot reach Ollama at {ollama.url} (connection refused)")
+            ollama = Emulator("--port", port, "--model", spec)  # the same address
+            assert router.recv() == {"type": "undrain"}
+            proc.wait_for("resumed (was paused: cannot reach Ollama")
+    finally:
+        ollama.proc.stop()
