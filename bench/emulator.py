@@ -41,8 +41,10 @@ Loaded models work as in Ollama: a request loads its model (taking ``load_delay`
 the requests that wait for the same load), which then stays ``keep_alive`` (default 5m) after
 the last request that used it; ``keep_alive: 0`` unloads it; ``/api/ps`` lists what is loaded.
 
-Test-only observability lives under ``/_emulator/`` so it cannot collide with Ollama's
-API: ``GET /_emulator/stats`` and ``POST /_emulator/reset``.
+Test-only observability and control live under ``/_emulator/`` so they cannot collide with
+Ollama's API: ``GET /_emulator/stats``, ``POST /_emulator/reset``, and ``POST
+/_emulator/models`` with ``{"models": ["SPEC", ...]}`` (specs as ``--model`` takes them), which
+replaces the installed models as ``ollama pull`` and ``ollama rm`` would.
 
 Run it with ``python -m bench.emulator --port 0``; it prints ``listening on URL``.
 """
@@ -421,7 +423,7 @@ def _search_call(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | N
     match = _SEARCH_REQUEST.search(text)
     if last.get("role") != "user" or match is None or not _offers(tools, SEARCH_TOOL):
         return None
-    query = (text[match.end():].strip() or text.strip())[:MAX_SEARCH_QUERY_CHARS]
+    query = (text[match.end() :].strip() or text.strip())[:MAX_SEARCH_QUERY_CHARS]
     return {"function": {"name": SEARCH_TOOL, "arguments": {"query": query}}}
 
 
@@ -743,6 +745,7 @@ class OllamaEmulator:
         app.router.add_post("/api/embeddings", self._embeddings)
         app.router.add_get("/_emulator/stats", self._stats_view)
         app.router.add_post("/_emulator/reset", self._reset_view)
+        app.router.add_post("/_emulator/models", self._models_view)
         return app
 
     async def start(self) -> str:
@@ -809,6 +812,13 @@ class OllamaEmulator:
         self._stats.counts.clear()
         self._stats.requests.clear()
 
+    def install(self, models: Sequence[ModelSpec]) -> None:
+        """Replace the installed models, as pulling and removing models would; a removed
+        model is unloaded."""
+        self.models = {m.key: m for m in models}
+        for key in [key for key in self._loaded if key not in self.models]:
+            del self._loaded[key]
+
     def expected_reply(self, path: str, body: Mapping[str, Any]) -> Reply | None:
         """The reply this emulator gives to ``body`` posted on ``/api/chat`` or ``/api/generate``.
 
@@ -853,7 +863,8 @@ class OllamaEmulator:
         forever = now + 2**63 - 1 - 1_000_000_000  # Go's time.Now().Add(math.MaxInt64)
         running = []
         for key, expires in list(self._loaded.items()):
-            if expires is not None and expires <= now:
+            # Expired, or removed (``install``) while a request still used it.
+            if (expires is not None and expires <= now) or key not in self.models:
                 del self._loaded[key]
                 continue
             running.append((expires if expires is not None else forever, self.models[key]))
@@ -918,6 +929,18 @@ class OllamaEmulator:
     async def _reset_view(self, request: web.Request) -> web.Response:
         self.reset()
         return _json_response(self.stats())
+
+    async def _models_view(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, "EmulatorModels")
+        specs = body.get("models")
+        if not isinstance(specs, list) or not all(isinstance(spec, str) for spec in specs):
+            raise _ApiError(400, "models: a list of model specs is required")
+        try:
+            models = [parse_model_spec(spec) for spec in specs]
+        except ValueError as exc:
+            raise _ApiError(400, str(exc)) from None
+        self.install(models)
+        return await self._tags(request)
 
     # ----- generation endpoints
 

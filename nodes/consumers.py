@@ -229,11 +229,12 @@ class NodeConsumer(AsyncWebsocketConsumer):
             }
         )
         logger.info(
-            "node %s registered: %d models (%d dropped for invalid names), max_concurrent %d",
+            "node %s registered: %d models (%d dropped for invalid names), max_concurrent %d%s",
             registration.node_id,
             len(registration.models),
             len(registration.warnings),
             registration.max_concurrent,
+            ", draining" if registration.draining else "",
         )
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
@@ -259,16 +260,24 @@ class NodeConsumer(AsyncWebsocketConsumer):
                     self.node_id,
                     len(warnings),
                 )
-            await db(services.node_models_replace)(
-                session_id=self.session_id, offers=offers
-            )
+            await db(services.node_models_replace)(session_id=self.session_id, offers=offers)
             self.model_names = frozenset(offer.name for offer in offers)
             self.loaded = {}  # the next report is written whole, onto the new rows
             await self._wake_queues([offer.name for offer in offers])
         elif kind == FrameType.DRAIN:
             await db(services.node_session_drain)(session_id=self.session_id)
+        elif kind == FrameType.UNDRAIN:
+            await self._undrain()
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
+
+    async def _undrain(self) -> None:
+        """The node serves again after a ``drain`` (docs/node-protocol-extensions.md); not while
+        the router itself is moving it away (shutdown), which drained it too."""
+        if self.moving:
+            return
+        await db(services.node_session_undrain)(session_id=self.session_id)
+        await self._wake_queues(sorted(self.model_names))
 
     def _note_loaded(self, frame: dict[str, Any]) -> None:
         """A heartbeat's ``loaded`` extension (docs/node-protocol-extensions.md): the models

@@ -38,6 +38,11 @@ class NodeSession(models.Model):
     # Extensions the node said it accepts from the router in ``register.features``
     # (docs/node-protocol-extensions.md); a router sends a node nothing else.
     features = models.JSONField(default=list, blank=True)
+    # The largest ``num_ctx`` and ``num_predict`` the node lets a request set (``register.limits``,
+    # docs/node-protocol-extensions.md); empty when it set none. A request asking more is never
+    # sent to it.
+    max_ctx = models.PositiveIntegerField(null=True, blank=True)
+    max_predict = models.PositiveIntegerField(null=True, blank=True)
     connected_at = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
     # Measured from this session's real traffic (moving averages), never from what it claims.

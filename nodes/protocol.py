@@ -36,11 +36,25 @@ KNOWN_CAPABILITIES = ("completion", "tools", "thinking", "vision", "embedding", 
 PROTOCOL_VERSION = 2
 
 # Keys of ollama_params a router may send (PROTOCOL §1).
-OLLAMA_PARAM_KEYS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
-                     "format")
+OLLAMA_PARAM_KEYS = (
+    "model",
+    "messages",
+    "stream",
+    "think",
+    "keep_alive",
+    "options",
+    "tools",
+    "format",
+)
 # Final-chunk stats relayed from Ollama (nanoseconds and counts).
-STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-             "eval_count", "eval_duration")
+STAT_KEYS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 ERROR_CODES = ("invalid_request", "ollama_unavailable", "ollama_error")
 # Most chunks one ``inference_chunks`` frame may carry (docs/node-protocol-extensions.md).
 MAX_CHUNKS_PER_FRAME = 256
@@ -64,6 +78,10 @@ EMBED_PARAM_KEYS = ("model", "input", "truncate", "dimensions", "keep_alive", "o
 EMBED_STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count")
 # Most entries of ``register.features`` looked at; the rest are ignored.
 MAX_DECLARED_FEATURES = 32
+# The Ollama options a node may cap in ``register.limits`` (docs/node-protocol-extensions.md),
+# and the largest cap believed: as large as any context, small enough for any integer column.
+LIMIT_OPTIONS = ("num_ctx", "num_predict")
+MAX_LIMIT = MAX_CONTEXT_LENGTH
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -82,6 +100,7 @@ class FrameType(StrEnum):
     DRAIN = "drain"
     EMBED_REQUEST = "embed_request"
     EMBED_VECTORS = "embed_vectors"
+    UNDRAIN = "undrain"
 
 
 class Feature(StrEnum):
@@ -91,9 +110,20 @@ class Feature(StrEnum):
     INFERENCE_CHUNKS = "inference_chunks"
     LOADED_MODELS = "loaded_models"
     EMBEDDINGS = "embeddings"
+    # ``drain`` and ``undrain`` frames, and ``draining`` in ``register``: a node pauses and
+    # resumes without reconnecting.
+    DRAIN = "drain"
+    # ``models_update`` frames: a node's model list changes without reconnecting.
+    MODELS_UPDATE = "models_update"
 
 
-ROUTER_FEATURES = (Feature.INFERENCE_CHUNKS, Feature.LOADED_MODELS, Feature.EMBEDDINGS)
+ROUTER_FEATURES = (
+    Feature.INFERENCE_CHUNKS,
+    Feature.LOADED_MODELS,
+    Feature.EMBEDDINGS,
+    Feature.DRAIN,
+    Feature.MODELS_UPDATE,
+)
 # Extensions a node declares in ``register.features``: the router sends such requests only to
 # nodes that declared them. Other names are ignored.
 NODE_FEATURES = (Feature.EMBEDDINGS,)
@@ -211,6 +241,11 @@ class Registration:
     extra: dict[str, Any] = field(default_factory=dict)
     # What the router dropped from the frame and tells the node in ``registered.warnings``.
     warnings: tuple[str, ...] = ()
+    # The node's caps on a request's options (``parse_limits``), and whether it registers
+    # paused (``draining``); both extensions.
+    max_ctx: int | None = None
+    max_predict: int | None = None
+    draining: bool = False
 
 
 def valid_model_name(name: Any) -> bool:
@@ -431,6 +466,21 @@ def loaded_changed(
     return False
 
 
+def parse_limits(raw: Any) -> dict[str, int]:
+    """The caps of ``register.limits`` (docs/node-protocol-extensions.md): for each option of
+    ``LIMIT_OPTIONS``, an integer in 1..``MAX_LIMIT``. Anything else is dropped, never an error:
+    a node whose caps are unreadable is taken to have none, as a node that does not know the
+    extension."""
+    if not isinstance(raw, dict):
+        return {}
+    limits = {}
+    for option in LIMIT_OPTIONS:
+        value = safe_int(raw.get(option))
+        if value is not None and 0 < value <= MAX_LIMIT:
+            limits[option] = value
+    return limits
+
+
 def parse_register(frame: dict[str, Any]) -> Registration:
     """Validate a ``register`` frame (PROTOCOL §1 Handshake)."""
     if frame.get("type") != FrameType.REGISTER:
@@ -451,6 +501,7 @@ def parse_register(frame: dict[str, Any]) -> Registration:
     protocol = safe_int(frame.get("protocol", 1))
     if protocol is None or not 1 <= protocol <= 1000:
         protocol = 1  # stored in a small integer column: an absurd version must not reach it
+    limits = parse_limits(frame.get("limits"))
     return Registration(
         node_id=node_id,
         models=models,
@@ -461,6 +512,9 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         resume_token=_clean_text(frame.get("resume_token"), 128),
         features=_declared_features(frame.get("features")),
         warnings=warnings,
+        max_ctx=limits.get("num_ctx"),
+        max_predict=limits.get("num_predict"),
+        draining=frame.get("draining") is True,
     )
 
 
@@ -481,6 +535,7 @@ NODE_FRAME_TYPES = frozenset(
         FrameType.INFERENCE_ERROR,
         FrameType.MODELS_UPDATE,
         FrameType.DRAIN,
+        FrameType.UNDRAIN,
         FrameType.REGISTER,
         FrameType.EMBED_VECTORS,
     }

@@ -86,9 +86,7 @@ def router_worker_beat(
 def _orphans_of_sessions(session_filter: Q) -> list[Orphan]:
     from routing.models import InflightRequest
 
-    rows = InflightRequest.objects.filter(session_filter).values_list(
-        "request_id", "reply_channel"
-    )
+    rows = InflightRequest.objects.filter(session_filter).values_list("request_id", "reply_channel")
     return [Orphan(request_id=rid, reply_channel=channel) for rid, channel in rows]
 
 
@@ -112,9 +110,7 @@ def router_workers_reap(*, worker_id: str, everyone_else: bool = False) -> Reape
     from routing.models import InflightRequest
 
     with transaction.atomic():
-        dead = RouterWorker.objects.select_for_update(skip_locked=True).exclude(
-            worker_id=worker_id
-        )
+        dead = RouterWorker.objects.select_for_update(skip_locked=True).exclude(worker_id=worker_id)
         if not everyone_else:
             dead = dead.filter(last_seen__lt=worker_cutoff())
         dead_ids = list(dead.values_list("worker_id", flat=True))
@@ -224,14 +220,15 @@ def node_session_open(
         evicted_channel = None
         orphans: list[Orphan] = []
         existing = (
-            NodeSession.objects.select_for_update()
-            .filter(node_id=registration.node_id)
-            .first()
+            NodeSession.objects.select_for_update().filter(node_id=registration.node_id).first()
         )
         if existing is not None:
-            alive = existing.last_seen >= live_cutoff(now) and RouterWorker.objects.filter(
-                pk=existing.worker_id, last_seen__gte=worker_cutoff(now)
-            ).exists()
+            alive = (
+                existing.last_seen >= live_cutoff(now)
+                and RouterWorker.objects.filter(
+                    pk=existing.worker_id, last_seen__gte=worker_cutoff(now)
+                ).exists()
+            )
             token_ok = bool(registration.resume_token) and hmac.compare_digest(
                 existing.resume_token_hash, _token_hash(registration.resume_token)
             )
@@ -262,6 +259,9 @@ def node_session_open(
             protocol=registration.protocol,
             resume_token_hash=_token_hash(token),
             features=list(registration.features),
+            max_ctx=registration.max_ctx,
+            max_predict=registration.max_predict,
+            draining=registration.draining,
             connected_at=now,
             last_seen=now,
         )
@@ -291,15 +291,19 @@ def node_sessions_touch(*, session_ids: Collection[int]) -> set[int]:
             batch = ids[start : start + TOUCH_BATCH]
             updated = NodeSession.objects.filter(pk__in=batch).update(last_seen=now)
             if updated < len(batch):
-                present = set(
-                    NodeSession.objects.filter(pk__in=batch).values_list("pk", flat=True)
-                )
+                present = set(NodeSession.objects.filter(pk__in=batch).values_list("pk", flat=True))
                 gone.update(pk for pk in batch if pk not in present)
     return gone
 
 
 def node_session_drain(*, session_id: int) -> None:
     NodeSession.objects.filter(pk=session_id).update(draining=True, last_seen=timezone.now())
+
+
+def node_session_undrain(*, session_id: int) -> None:
+    """A node that drained takes new requests again (``undrain``,
+    docs/node-protocol-extensions.md)."""
+    NodeSession.objects.filter(pk=session_id).update(draining=False, last_seen=timezone.now())
 
 
 def node_models_replace(*, session_id: int, offers: tuple[ModelOffer, ...]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from django.conf import settings
 
 from nodes.protocol import EMBED_STAT_KEYS, EventType, Feature
-from routing.services import Outcome
+from routing.services import Demand, Outcome, OverLimit
 from routing.streaming import (
     Queued,
     Relay,
@@ -62,6 +62,8 @@ class EmbedRelay(Relay):
         self.model = model
         self.client_ip = client_ip
         self.params = embed_params
+        # A node's context cap holds for embeddings too; nothing is predicted.
+        self.demand = Demand(num_ctx=Demand.of(embed_params.get("options")).num_ctx)
         self._begin()
 
     async def _attempt(self) -> AsyncIterator[Embeddings]:
@@ -144,7 +146,7 @@ def _add(vectors: list[list[float]], piece: dict[str, Any]) -> None:
 
 async def embed(
     *, model: str, embed_params: dict[str, Any], client_ip: str | None
-) -> Embeddings | Unavailable | TooMany:
+) -> Embeddings | Unavailable | TooMany | OverLimit:
     """Embed ``embed_params["input"]`` with ``model`` on a node that declared the extension.
     Returns why it cannot start (404/503/429 for the front ends) or the whole answer; raises
     ``RelayError`` when every attempt failed."""

@@ -15,8 +15,9 @@ halfway.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -51,12 +52,58 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Demand:
+    """What a request asks of a node beyond its model: the ``num_ctx`` and ``num_predict``
+    options it set, 0 for one it did not set (or set to 0 or less: Ollama's "no limit", which a
+    node with a cap replaces by its cap). A node whose caps (``register.limits``) are smaller
+    is never sent the request."""
+
+    num_ctx: int = 0
+    num_predict: int = 0
+
+    @classmethod
+    def of(cls, options: Mapping[str, object] | None) -> Demand:
+        """The demand of a request's Ollama ``options`` (already checked to be numbers)."""
+
+        def wanted(key: str) -> int:
+            value = (options or {}).get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                return 0
+            # Bounded: above any cap, and within any database's integers.
+            return min(math.ceil(value), MAX_DEMAND)
+
+        return cls(num_ctx=wanted("num_ctx"), num_predict=wanted("num_predict"))
+
+    def __bool__(self) -> bool:
+        return bool(self.num_ctx or self.num_predict)
+
+
+NO_DEMAND = Demand()
+# More than any node's cap (nodes.protocol.MAX_LIMIT), less than a 32-bit integer column holds.
+MAX_DEMAND = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A request that asks more than every live node serving its model allows (their
+    ``register.limits``): refused with a 400 at once. ``option`` is the one over the largest
+    cap and ``limit`` that cap; ``option`` is empty when each alone fits some node but no node
+    takes both."""
+
+    model: str
+    option: str
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
 class NoSlot:
-    """Why no slot was taken: ``served`` is False when no live node has the model at all;
-    ``blocked`` when an older request for the model is still waiting."""
+    """Why no slot was taken: ``served`` is False when no live node has the model at all (or
+    none takes the request's demand, which ``over`` then says); ``blocked`` when an older
+    request for the model is still waiting."""
 
     served: bool
     blocked: bool = False
+    over: OverLimit | None = None
 
 
 class _Tables:
@@ -103,6 +150,11 @@ WHERE q.model = %(model)s AND q.request_id <> %(own)s
        OR (q.arrived_at = %(arrived_at)s AND q.request_id < %(own)s))
 """
 
+# A node whose caps (``register.limits``) take the request's demand; a demand of 0 (the option
+# not set) fits every node.
+_FITS = """AND (s.max_ctx IS NULL OR s.max_ctx >= %(num_ctx)s)
+      AND (s.max_predict IS NULL OR s.max_predict >= %(num_predict)s)"""
+
 # A window of live nodes with a free slot, in id order from a random point of the model's rows
 # (and from its first row, for a window that runs past the last one). Every predicate sits
 # before the LIMIT, so busy, dead or cooling nodes never use up the window.
@@ -119,6 +171,7 @@ SELECT * FROM (
     WHERE m.name = %(model)s AND m.id {bound} %(start)s
       AND NOT s.draining AND s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
       {{feature}}
+      {fits}
       AND (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) < s.max_concurrent
       AND (s.consecutive_failures < %(cooldown_after)s
            OR (s.cooldown_until <= %(now)s
@@ -128,7 +181,10 @@ SELECT * FROM (
 ) {alias}
 """
 
-_CANDIDATES_TEMPLATE = _sql("""
+_WINDOW_SQL = _WINDOW_SQL.replace("{fits}", _FITS)
+
+_CANDIDATES_TEMPLATE = _sql(
+    """
 SELECT id, channel_name, node_id, max_concurrent,
        CAST(active AS REAL) / max_concurrent AS load, warm,
        CASE WHEN failures >= %(cooldown_after)s THEN 0 ELSE failures END AS penalty, speed
@@ -142,7 +198,8 @@ WHERE NOT EXISTS ("""
     + """)
 ORDER BY load, penalty, warm DESC, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
-""")
+"""
+)
 
 # Only sessions that declared an extension (``NodeSession.features``) in ``register``. The list
 # holds known names only (nodes.protocol.NODE_FEATURES), so a match on the quoted name is exact;
@@ -181,12 +238,14 @@ def _candidates(
     own: str,
     arrived_at: datetime,
     feature: str | None = None,
+    demand: Demand = NO_DEMAND,
 ) -> list[_Candidate]:
-    """Live nodes with a free slot, best first: the least loaded, then those whose Ollama has
-    the model loaded (the others would load it first, seconds before the first token; the
-    node's heartbeats say, docs/node-protocol-extensions.md), then the most reliable and
-    fastest. A cooled-down node is skipped; once its cooldown is over it gets one trial request
-    at a time until it succeeds, ranked like a fresh node so that the trial really happens.
+    """Live nodes with a free slot whose caps take ``demand``, best first: the least loaded,
+    then the most reliable, then those whose Ollama has the model loaded (the others would load
+    it first, seconds before the first token; the node's heartbeats say,
+    docs/node-protocol-extensions.md), then the fastest. A cooled-down node is skipped; once its
+    cooldown is over it gets one trial request at a time until it succeeds, ranked like a fresh
+    node so that the trial really happens.
     None at all while a request for the model that arrived before ``arrived_at`` waits in the
     queue (``own`` is the caller's own place in it, if any). With ``feature``, only nodes that
     declared that extension.
@@ -218,6 +277,8 @@ def _candidates(
         "arrived_at": _at(arrived_at),
         # Sessions this request already failed on are dropped here rather than in SQL.
         "limit": CANDIDATES + len(exclude),
+        "num_ctx": demand.num_ctx,
+        "num_predict": demand.num_predict,
     }
     sql = _CANDIDATES_SQL
     if feature is not None:
@@ -257,10 +318,62 @@ JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
 JOIN {T.worker} w ON w.worker_id = s.worker_id
 WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
   {{feature}}
+  {{fits}}
 LIMIT %(limit)s
+""").replace("{fits}", _FITS)
+
+# The largest caps of the live nodes serving a model, and how many have none (NULL): read only
+# for a request that no node's caps take, to say which limit it broke.
+_LIMITS_SQL = _sql("""
+SELECT COUNT(*), MAX(s.max_ctx), MAX(s.max_predict),
+       SUM(CASE WHEN s.max_ctx IS NULL THEN 1 ELSE 0 END),
+       SUM(CASE WHEN s.max_predict IS NULL THEN 1 ELSE 0 END)
+FROM {T.session} s
+JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
+JOIN {T.worker} w ON w.worker_id = s.worker_id
+WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
 """)
 _SERVED_SQL = _with_feature(_SERVED_TEMPLATE, None)
 _FEATURE_SERVED_SQL = _with_feature(_SERVED_TEMPLATE, "feature")
+
+
+def _served(
+    model: str, now: datetime, demand: Demand, limit: int, feature: str | None = None
+) -> list[int]:
+    """Up to ``limit`` live sessions serving ``model`` whose caps take ``demand`` (and that
+    declared ``feature``), busy, draining or cooling down alike."""
+    params: dict[str, object] = {
+        "model": model,
+        "node_cutoff": _at(live_cutoff(now)),
+        "worker_cutoff": _at(worker_cutoff(now)),
+        "limit": limit,
+        "num_ctx": demand.num_ctx,
+        "num_predict": demand.num_predict,
+    }
+    if feature is not None:
+        params["feature"] = _feature_pattern(feature)
+    rows = _rows(_FEATURE_SERVED_SQL if feature else _SERVED_SQL, params)
+    return [row[0] for row in rows]
+
+
+def _over_limit(model: str, now: datetime, demand: Demand) -> OverLimit | None:
+    """Why no live node serving ``model`` takes ``demand``, or None when one does (or when
+    none serves the model at all: that is no limit's fault)."""
+    if _served(model, now, demand, 1):
+        return None
+    params = {
+        "model": model,
+        "node_cutoff": _at(live_cutoff(now)),
+        "worker_cutoff": _at(worker_cutoff(now)),
+    }
+    nodes, max_ctx, max_predict, unbounded_ctx, unbounded_predict = _rows(_LIMITS_SQL, params)[0]
+    if not nodes:
+        return None
+    if not unbounded_ctx and demand.num_ctx > max_ctx:
+        return OverLimit(model=model, option="num_ctx", limit=max_ctx)
+    if not unbounded_predict and demand.num_predict > max_predict:
+        return OverLimit(model=model, option="num_predict", limit=max_predict)
+    return OverLimit(model=model, option="")
 
 
 def inflight_claim(
@@ -273,21 +386,24 @@ def inflight_claim(
     queued_as: str | None = None,
     exclude: Collection[int] = (),
     feature: str | None = None,
+    demand: Demand = NO_DEMAND,
 ) -> Claim | NoSlot:
-    """Take a free slot on the best live node serving ``model`` (and, with ``feature``, that
-    declared that extension: a node serving the model without it does not serve the request).
+    """Take a free slot on the best live node serving ``model`` whose caps take ``demand``
+    (and, with ``feature``, that declared that extension: a node serving the model without it
+    does not serve the request).
 
     ``arrived_at`` is when the consumer's request arrived: a claim is refused while an older
     request for the model waits in the queue (``queued_as`` is the caller's own queue row).
     ``exclude`` lists sessions that already failed this request. On PostgreSQL the node's row
     is locked while its slots are counted, so two workers never both take the last slot;
-    SQLite runs one writer at a time anyway.
+    SQLite runs one writer at a time anyway. A request whose ``demand`` no live node serving
+    the model takes gets ``NoSlot(served=False, over=...)`` at once, even while others wait.
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         own = queued_as or ""
         candidates = _candidates(
-            model, exclude, now, own=own, arrived_at=arrived_at, feature=feature
+            model, exclude, now, own=own, arrived_at=arrived_at, feature=feature, demand=demand
         )
         for tried, candidate in enumerate(candidates):
             max_concurrent = candidate.max_concurrent
@@ -321,21 +437,17 @@ def inflight_claim(
                 node_channel=candidate.channel_name,
                 node_id=candidate.node_id,
             )
+        if demand:
+            over = _over_limit(model, now, demand)
+            if over is not None:
+                return NoSlot(served=False, over=over)
         waiting = _rows(
             _OLDER_WAITING_SQL, {"model": model, "own": own, "arrived_at": _at(arrived_at)}
         )
         if waiting:
             return NoSlot(served=True, blocked=True)
-        served: dict[str, object] = {
-            "model": model,
-            "node_cutoff": _at(live_cutoff(now)),
-            "worker_cutoff": _at(worker_cutoff(now)),
-            "limit": len(exclude) + 1,
-        }
-        if feature is not None:
-            served["feature"] = _feature_pattern(feature)
-        serving = _rows(_FEATURE_SERVED_SQL if feature else _SERVED_SQL, served)
-    return NoSlot(served=any(row[0] not in exclude for row in serving))
+        serving = _served(model, now, demand, len(exclude) + 1, feature)
+    return NoSlot(served=any(session not in exclude for session in serving))
 
 
 @dataclass(frozen=True)
@@ -493,10 +605,12 @@ def request_admit(
     reply_channel: str,
     arrived_at: datetime,
     feature: str | None = None,
+    demand: Demand = NO_DEMAND,
 ) -> Claim | NoSlot | None:
     """A consumer's request arrives: count it against its address and try for a slot, in one
     trip to the database thread. None when the address has too many requests open. ``feature``:
-    the extension the node must have declared (``inflight_claim``)."""
+    the extension the node must have declared, ``demand``: what the request asks of a node's
+    caps (``inflight_claim``)."""
     with transaction.atomic():
         if not consumer_stream_open(
             request_id=request_id, client_ip=client_ip, worker_id=worker_id
@@ -509,6 +623,7 @@ def request_admit(
             worker_id=worker_id,
             arrived_at=arrived_at,
             feature=feature,
+            demand=demand,
         )
 
 

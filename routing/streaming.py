@@ -30,7 +30,7 @@ from nodes import worker
 from nodes.protocol import STAT_KEYS, EventType
 from routing import selectors, services
 from routing.sanitize import ChunkSanitizer
-from routing.services import Claim, NoSlot, Outcome
+from routing.services import Claim, Demand, NoSlot, Outcome, OverLimit
 from routing.tool_calls import ToolPolicy
 from routing.tools import for_request as tools_for_request
 from routing.tools import services as tool_services
@@ -165,6 +165,8 @@ class Relay:
                 ],
             }
         self.params = ollama_params
+        # What the request asks of a node's caps: only nodes that take it are chosen.
+        self.demand = Demand.of(ollama_params.get("options"))
         self.rounds = ToolRounds(model, server_tools, ollama_params) if server_tools else None
         # Whether the consumer's stream shows the router's tool calls (``ToolStatus``).
         self.tool_status = tool_status
@@ -195,9 +197,10 @@ class Relay:
 
     # --- getting a slot ----------------------------------------------------------------------
 
-    async def start(self, *, hold: float) -> Unavailable | TooMany | None:
+    async def start(self, *, hold: float) -> Unavailable | TooMany | OverLimit | None:
         """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
-        (the request has a slot or is still queued); otherwise why it cannot (503 or 429)."""
+        (the request has a slot or is still queued); otherwise why it cannot (503, 429, or 400
+        for a request over every node's caps)."""
         await worker.ensure_started()
         self.layer = get_channel_layer()
         self.reply_channel = await self.layer.new_channel()
@@ -212,6 +215,7 @@ class Relay:
             reply_channel=self.reply_channel,
             arrived_at=self.arrived_at,
             feature=self.feature,
+            demand=self.demand,
         )
         if admitted is None:
             return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
@@ -221,6 +225,9 @@ class Relay:
             self._claim_id = None
             return None
         self.attempts -= 1
+        if admitted.over is not None:
+            await self._close()
+            return admitted.over
         try:
             refusal = await self._first_slot(admitted, hold)
         except BaseException:
@@ -270,15 +277,14 @@ class Relay:
             queued_as=self.queue_id if self.queued else None,
             exclude=self.tried,
             feature=self.feature,
+            demand=self.demand,
         )
         if isinstance(result, Claim):
             self.claim = result
             self._claim_id = None
             if self.queued:
                 self.queued = False  # the claim removed the queue row
-                await self._wake(
-                    await db(services.queue_heads)(models=[self.model])
-                )
+                await self._wake(await db(services.queue_heads)(models=[self.model]))
             return None
         self.attempts -= 1
         return result
@@ -308,9 +314,7 @@ class Relay:
             if now >= self.queue_deadline:
                 raise RelayError("queue_timeout")
             if now >= next_notice:
-                position = await db(selectors.queue_position)(
-                    request_id=self.queue_id
-                )
+                position = await db(selectors.queue_position)(request_id=self.queue_id)
                 yield Queued(position=position)
                 next_notice = now + interval
             await self._wait_for_wake(min(self.queue_deadline, next_notice))
@@ -480,8 +484,12 @@ class Relay:
                             # round, which continues the same text (one sanitizer for all).
                             cleaned = sanitizer.clean({**raw, "done": False})
                             # Its stats and done stay; text not shown yet is held, not lost.
-                            chunk = {**raw, "message": {"role": "assistant"}, **(cleaned or {}),
-                                     "done": True}
+                            chunk = {
+                                **raw,
+                                "message": {"role": "assistant"},
+                                **(cleaned or {}),
+                                "done": True,
+                            }
                         else:
                             chunk = sanitizer.clean(raw)
                         if chunk is not None and "tool_calls" in chunk["message"]:
@@ -499,8 +507,13 @@ class Relay:
                             chunk, size = {"message": {"role": "assistant"}, "done": False}, 0
                         if size > char_budget or (size == char_budget and not chunk["done"]):
                             out.append(_truncated(chunk, max(char_budget, 0)))
-                            out.append({"message": {"role": "assistant"}, "done": True,
-                                        "done_reason": "length"})
+                            out.append(
+                                {
+                                    "message": {"role": "assistant"},
+                                    "done": True,
+                                    "done_reason": "length",
+                                }
+                            )
                             outcome = _measured("completed", sent_at, first_at, chunks, None)
                             yield out
                             return
@@ -615,9 +628,7 @@ class Relay:
             kind = "failed"
         return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
-    async def _release(
-        self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool
-    ) -> None:
+    async def _release(self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool) -> None:
         if cancel:
             await self.layer.send(
                 claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
@@ -629,9 +640,7 @@ class Relay:
             )
             self.queued = self.counted = False
         else:
-            wake = await db(services.inflight_finish)(
-                request_id=claim.request_id, outcome=outcome
-            )
+            wake = await db(services.inflight_finish)(request_id=claim.request_id, outcome=outcome)
         await self._wake(wake)
 
     async def _unless_aborted(self, work: Coroutine[Any, Any, None]) -> None:
@@ -716,8 +725,8 @@ async def open_relay(
     client_ip: str | None,
     stream: bool = True,
     tool_status: bool = False,
-) -> Events | Unavailable | TooMany:
-    """Start a ``Relay`` and return its events, or why it cannot start (a 503).
+) -> Events | Unavailable | TooMany | OverLimit:
+    """Start a ``Relay`` and return its events, or why it cannot start (a 503, 429 or 400).
 
     A streaming request waits for a slot up to the queue notice interval before its response
     starts; a non-streaming one up to the whole queue timeout. ``tool_status``: the events

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from django.conf import settings
@@ -17,6 +17,7 @@ from nodes import worker
 from routing import ollama_api, openai_api, selectors
 from routing.embeddings import embed
 from routing.limits import rate_limited, request_ip
+from routing.services import OverLimit
 from routing.streaming import RelayError, TooMany, Unavailable, collect, open_relay, sse_chat
 from routing.validation import BadRequest, check_model, parse_chat_request, parse_json_object
 
@@ -54,6 +55,20 @@ def detail(status: int, message: str, *, retry: bool = False) -> JsonResponse:
     return json_error({"detail": message}, status, retry=retry)
 
 
+def over_limit_message(over: OverLimit, names: Mapping[str, str]) -> str:
+    """Why a request over the nodes' caps is refused, naming the limit in the words of the
+    API it came through (``names`` maps ``num_ctx``/``num_predict`` to them)."""
+    if not over.option:
+        return (
+            f"{names['num_ctx']} and {names['num_predict']}: no node serving {over.model} "
+            "allows both this large at once; lower one of them"
+        )
+    return (
+        f"{names[over.option]}: at most {over.limit} for {over.model} on this network "
+        "(the largest any node serving it allows)"
+    )
+
+
 def _method_not_allowed(allowed: str) -> JsonResponse:
     response = detail(405, f"method not allowed; use {allowed}")
     response["Allow"] = allowed
@@ -87,6 +102,8 @@ async def chat(request: HttpRequest) -> HttpResponse:
         return detail(429, chunks.message, retry=True)
     if isinstance(chunks, Unavailable):
         return detail(503, chunks.message, retry=True)
+    if isinstance(chunks, OverLimit):  # not today: this API sets no options
+        return detail(400, over_limit_message(chunks, OLLAMA_OPTION_NAMES))
     return event_stream(sse_chat(chunks, model=chat_request.model))
 
 
@@ -171,10 +188,21 @@ def wants_network_contract(request: HttpRequest) -> bool:
     return request.headers.get(NETWORK_CONTRACT_HEADER) == "network"
 
 
-def openai_refusal(refusal: TooMany | Unavailable, *, network: bool = False) -> JsonResponse:
-    """Why a relay could not start, in OpenAI's shape: 429 over the client's limit, 404 for a
-    model no node serves (503 under the network's contract), else 503 (busy, or restarting)
-    with ``Retry-After``."""
+# The Ollama options a node may cap, as each API calls them (the OpenAI API has no num_ctx).
+OPENAI_OPTION_NAMES = {"num_ctx": "num_ctx", "num_predict": "max_tokens"}
+OLLAMA_OPTION_NAMES = {"num_ctx": "options.num_ctx", "num_predict": "options.num_predict"}
+
+
+def openai_refusal(
+    refusal: TooMany | Unavailable | OverLimit, *, network: bool = False
+) -> JsonResponse:
+    """Why a relay could not start, in OpenAI's shape: 429 over the client's limit, 400 over
+    every node's caps, 404 for a model no node serves (503 under the network's contract), else
+    503 (busy, or restarting) with ``Retry-After``."""
+    if isinstance(refusal, OverLimit):
+        message = over_limit_message(refusal, OPENAI_OPTION_NAMES)
+        param = OPENAI_OPTION_NAMES.get(refusal.option)
+        return openai_error(openai_api.OpenAIError(message, status=400, param=param))
     if isinstance(refusal, TooMany):
         error = openai_api.OpenAIError(
             refusal.message, status=429, code="too_many_requests", kind="rate_limit_error"
@@ -209,7 +237,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         client_ip=request_ip(request),
         stream=completion.stream,
     )
-    if isinstance(chunks, TooMany | Unavailable):
+    if isinstance(chunks, TooMany | Unavailable | OverLimit):
         return openai_refusal(chunks, network=wants_network_contract(request))
     if completion.stream:
         return event_stream(
@@ -222,7 +250,9 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     except RelayError as error:
         restarting = error.code == shutdown.RESTARTING
         failure = openai_api.OpenAIError(
-            error.message, status=503 if restarting else 502, code=error.code,
+            error.message,
+            status=503 if restarting else 502,
+            code=error.code,
             kind="service_unavailable" if restarting else "server_error",
         )
         return openai_error(failure, retry=restarting)
@@ -232,7 +262,10 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
 def _openai_model(info: selectors.ModelInfo) -> dict[str, Any]:
     # ``capabilities`` is ours (Ollama's names): how a client tells an embedding model.
     model: dict[str, Any] = {
-        "id": info.name, "object": "model", "created": int(STARTED_WALL), "owned_by": "idleclaw",
+        "id": info.name,
+        "object": "model",
+        "created": int(STARTED_WALL),
+        "owned_by": "idleclaw",
         "capabilities": ollama_api.capabilities_of(info),
     }
     # Extra fields, which OpenAI's clients keep: what the nodes' Ollama says of the model.
@@ -287,23 +320,8 @@ async def openai_embeddings(request: HttpRequest) -> HttpResponse:
             kind="service_unavailable" if restarting else "server_error",
         )
         return openai_error(failure, retry=restarting)
-    if isinstance(answer, TooMany):
-        error = openai_api.OpenAIError(
-            answer.message, status=429, code="too_many_requests", kind="rate_limit_error"
-        )
-        return openai_error(error, retry=True)
-    if isinstance(answer, Unavailable):
-        if not answer.served and not answer.restarting:
-            # A 404 tells the SDKs not to retry: no node will have it in a few seconds either.
-            return openai_error(openai_api.OpenAIError(
-                f"The model `{parsed.model}` does not exist or no node serves it", status=404,
-                param="model", code="model_not_found",
-            ))
-        error = openai_api.OpenAIError(
-            answer.message, status=503, param="model", code="model_unavailable",
-            kind="service_unavailable",
-        )
-        return openai_error(error, retry=True)
+    if isinstance(answer, TooMany | Unavailable | OverLimit):
+        return openai_refusal(answer)
     parts = openai_api.embedding_parts(answer, model=parsed.model, base64=parsed.base64)
     return EventStream(parts, "application/json")
 
@@ -320,9 +338,11 @@ def ollama_model_not_found(model: str) -> JsonResponse:
     return ollama_error(404, f"model '{model}' not found")
 
 
-def ollama_refusal(refusal: TooMany | Unavailable) -> JsonResponse:
-    """Why a relay could not start, in Ollama's shape: 429, 404 for a model no node serves, 503
-    with ``Retry-After`` when busy or restarting."""
+def ollama_refusal(refusal: TooMany | Unavailable | OverLimit) -> JsonResponse:
+    """Why a relay could not start, in Ollama's shape: 429, 400 over every node's caps, 404
+    for a model no node serves, 503 with ``Retry-After`` when busy or restarting."""
+    if isinstance(refusal, OverLimit):
+        return ollama_error(400, over_limit_message(refusal, OLLAMA_OPTION_NAMES))
     if isinstance(refusal, TooMany):
         return ollama_error(429, refusal.message, retry=True)
     if refusal.restarting:
@@ -395,7 +415,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         client_ip=request_ip(request),
         stream=parsed.stream,
     )
-    if isinstance(chunks, TooMany | Unavailable):
+    if isinstance(chunks, TooMany | Unavailable | OverLimit):
         return ollama_refusal(chunks)
     if parsed.stream:
         lines = ollama_api.ndjson_chat if chat else ollama_api.ndjson_generate
@@ -446,7 +466,7 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
         if error.code == shutdown.RESTARTING:
             return ollama_error(503, error.message, retry=True)
         return ollama_error(502, error.message)
-    if isinstance(answer, TooMany | Unavailable):
+    if isinstance(answer, TooMany | Unavailable | OverLimit):
         return ollama_refusal(answer)
     if legacy:
         return JsonResponse({"embedding": answer.vectors[0]})
@@ -471,8 +491,11 @@ async def ollama_embeddings(request: HttpRequest) -> HttpResponse:
 @rate_limited("default")
 async def ollama_unsupported(request: HttpRequest) -> HttpResponse:
     """Model management belongs to each contributor's own Ollama, not to the network."""
-    return ollama_error(501, f"{request.path.removeprefix('/ollama')} is not supported by the "
-                        "IdleClaw network; models are managed by each contributor")
+    return ollama_error(
+        501,
+        f"{request.path.removeprefix('/ollama')} is not supported by the "
+        "IdleClaw network; models are managed by each contributor",
+    )
 
 
 # --- Errors outside any view -----------------------------------------------------------------

@@ -1,14 +1,20 @@
 """Share this machine's Ollama models with the IdleClaw network.
 
-Connects to the router's node WebSocket (PROTOCOL.md §1), registers the local models (with what
-Ollama's ``/api/show`` says of them) and serves ``inference_request`` frames by streaming from
-the local Ollama; to a router that offers the ``inference_chunks`` extension it sends the chunks
-that arrived together in one frame, and to one that offers ``loaded_models`` it says with its
-heartbeats which shared models Ollama has loaded (docs/node-protocol-extensions.md). It declares
-the ``embeddings`` extension and serves the router's ``embed_request`` frames from Ollama's
-``/api/embed``. The router is untrusted input: requests are reduced to the whitelisted
-parameters of PROTOCOL §4 before they reach Ollama, and only the whitelisted answer fields go
-back.
+Connects to the router's node WebSocket (docs/protocol.md §1), registers the local models (with
+what Ollama's ``/api/show`` says of them) and serves ``inference_request`` frames by streaming
+from the local Ollama; to a router that offers the ``inference_chunks`` extension it sends the
+chunks that arrived together in one frame, and to one that offers ``loaded_models`` it says with
+its heartbeats which shared models Ollama has loaded (docs/node-protocol-extensions.md). It
+declares the ``embeddings`` extension and serves the router's ``embed_request`` frames from
+Ollama's ``/api/embed``. The router is untrusted input: requests are reduced to the whitelisted
+parameters of docs/protocol.md §4 before they reach Ollama, and only the whitelisted answer
+fields go back.
+
+The contributor stays in charge (``node_control``): caps on a request's context and length
+(also stated in ``register``, so a router sends nothing larger), the ``keep_alive`` its Ollama
+gets, serving hours, pausing while named programs run, and a drain on Ctrl+C that lets the
+answers in flight finish. It reads Ollama's models again every minute, tells the router when
+they change, and stops taking requests while Ollama is gone.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
 never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
@@ -18,6 +24,7 @@ or the router refused this node for good, 2 bad configuration or arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -34,9 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import idleclaw_config as config
+import node_control
 import requests
 import urllib3
 import websocket
+from node_control import RequestPolicy, ServingHours, apply_policy, escaped, event
 
 log = logging.getLogger("idleclaw.contribute")
 
@@ -47,6 +56,10 @@ MAX_CHUNKS_PER_FRAME = 256
 INFERENCE_CHUNKS = "inference_chunks"
 # ... and when it takes the models Ollama has loaded (``/api/ps``) with each heartbeat.
 LOADED_MODELS = "loaded_models"
+# ... when it takes drain and undrain (and draining in register): a node pauses while connected.
+DRAIN = "drain"
+# ... when it takes models_update: a node's models change while it stays connected.
+MODELS_UPDATE = "models_update"
 # Keys of Ollama's ``details`` of a model sent at registration, and their longest value.
 DETAIL_KEYS = ("format", "family", "parameter_size", "quantization_level")
 MAX_DETAIL_CHARS = 32
@@ -70,23 +83,45 @@ MAX_CONTENT_CHARS = 10_000
 MAX_REQUEST_ID_CHARS = 64
 MAX_CONCURRENT_RANGE = (1, 10)
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "tool"})
-FORWARDED_PARAMS = ("model", "messages", "stream", "think", "keep_alive", "options", "tools",
-                    "format")
+FORWARDED_PARAMS = (
+    "model",
+    "messages",
+    "stream",
+    "think",
+    "keep_alive",
+    "options",
+    "tools",
+    "format",
+)
 # Keys of one message passed on to Ollama; ``images`` and anything else are dropped.
 MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls", "tool_name")
 CHUNK_MESSAGE_KEYS = ("role", "content", "thinking", "tool_calls")
-STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-             "eval_count", "eval_duration")
+STAT_KEYS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 # Options that decide how the contributor's hardware runs the model rather than what the answer
 # is; a stranger's request has no business pinning memory or choosing GPUs on this machine.
-HOST_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa",
-                          "low_vram", "vocab_only"})
+HOST_OPTIONS = frozenset(
+    {"num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only"}
+)
 THINK_LEVELS = frozenset({"low", "medium", "high"})
 
-# 1008 close reasons (PROTOCOL §1) that will not change by trying again.
-PERMANENT_REFUSALS = frozenset({"expected register message", "invalid node_id",
-                                "no models provided", "too many models", "invalid model name",
-                                "banned"})
+# 1008 close reasons (docs/protocol.md §1) that will not change by trying again.
+PERMANENT_REFUSALS = frozenset(
+    {
+        "expected register message",
+        "invalid node_id",
+        "no models provided",
+        "too many models",
+        "invalid model name",
+        "banned",
+    }
+)
 
 DEFAULT_HEARTBEAT_S = 15.0
 WS_CONNECT_TIMEOUT_S = 10.0
@@ -106,11 +141,30 @@ PS_MIN_INTERVAL_S = 1.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 # A router that is restarting closes its nodes with 1012 (RFC 6455 "Service Restart", an
-# extension of PROTOCOL §1); it, or another worker, takes them back within seconds.
+# extension of docs/protocol.md §1); it, or another worker, takes them back within seconds.
 ROUTER_RESTART_CODE = 1012
 RESTART_RETRY_S = 1.0
 RESTART_WINDOW_S = 60.0
 BUSY_ERROR = "node busy: max_concurrent reached"
+# Free text (docs/protocol.md §1): the router treats it as ollama_error and tries another node.
+PAUSED_ERROR = "node paused: not taking requests"
+# How often Ollama's model list is read again (--recheck-seconds), and how often the serving
+# hours and the programs of --pause-while are looked at (more often when rechecks are).
+RECHECK_DEFAULT_S = 60.0
+PAUSE_CHECK_S = 5.0
+# How often the main thread looks for Ctrl+C/SIGTERM and for the end of a drain.
+MAIN_POLL_S = 0.2
+# While stopping with answers in flight, how often the log says what it waits for.
+DRAIN_NOTICE_S = 30.0
+# How long a close this node started may wait for the router's answer.
+LEAVE_WAIT_S = 2.0
+# Loading a model for --warmup: a large one takes minutes from a slow disk.
+WARMUP_TIMEOUT = (5.0, 600.0)
+# Why the node does not take requests (``Contributor.set_paused``), by cause.
+PAUSE_HOURS = "hours"
+PAUSE_PROGRAMS = "programs"
+PAUSE_OLLAMA = "ollama"
+PAUSE_STOP = "stop"
 
 
 class InvalidRequest(ValueError):
@@ -126,20 +180,20 @@ class StartupError(Exception):
 
 
 class StopRequested(BaseException):
-    """Raised in the main thread by the SIGINT/SIGTERM handler.
+    """Raised in the main thread by the SIGINT/SIGTERM handler while the node starts.
 
     A BaseException so that no ``except Exception`` on the way swallows it.
     """
 
 
-# Set once Ctrl+C or SIGTERM arrived; read by the threads of the running node. A plain flag,
-# not an Event: a second signal may interrupt the handler itself, and Event.set takes a lock.
-_stop_requested = False
+class _Signals:
+    """Ctrl+C and SIGTERM, counted by the handler (it runs in the main thread). While the node
+    starts (``raising``) the first one ends the script at once; once it serves, the main thread
+    reads ``count``: the first drains, the second stops at once. Plain attributes, no lock: a
+    signal may interrupt the handler itself."""
 
-
-def stop_requested() -> bool:
-    """Whether Ctrl+C or SIGTERM asked the node to stop."""
-    return _stop_requested
+    count = 0
+    raising = True
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -178,7 +232,7 @@ def _clean_message(raw: Any) -> dict[str, Any]:
 
 
 def sanitize_params(params: Any, models: Collection[str]) -> dict[str, Any]:
-    """Reduce a router's ``ollama_params`` to what may be sent to Ollama (PROTOCOL §4).
+    """Reduce a router's ``ollama_params`` to what may be sent to Ollama (docs/protocol.md §4).
 
     Keeps only ``model, messages, stream, think, keep_alive, options, tools, format``, forces
     ``stream`` to true, and requires a model from ``models`` and 0..50 messages with an allowed
@@ -392,8 +446,9 @@ def encode_frame(frame: dict[str, Any]) -> str | None:
     return text
 
 
-def pack_chunks(request_id: str, chunks: Sequence[dict[str, Any]], *,
-                batched: bool) -> tuple[list[str], list[dict[str, Any]]]:
+def pack_chunks(
+    request_id: str, chunks: Sequence[dict[str, Any]], *, batched: bool
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Encode a request's chunks, in order, as frames of at most 100,000 bytes.
 
     ``batched``: as few ``inference_chunks`` frames as the size limit and the 256 chunks per
@@ -404,15 +459,19 @@ def pack_chunks(request_id: str, chunks: Sequence[dict[str, Any]], *,
     oversized: list[dict[str, Any]] = []
     if not batched:
         for chunk in chunks:
-            text = encode_frame({"type": "inference_chunk", "request_id": request_id,
-                                 "chunk": chunk})
+            text = encode_frame(
+                {"type": "inference_chunk", "request_id": request_id, "chunk": chunk}
+            )
             if text is None:
                 oversized.append(chunk)
             else:
                 frames.append(text)
         return frames, oversized
-    head = ('{"type":"inference_chunks","request_id":'
-            + json.dumps(request_id, ensure_ascii=False) + ',"chunks":[')
+    head = (
+        '{"type":"inference_chunks","request_id":'
+        + json.dumps(request_id, ensure_ascii=False)
+        + ',"chunks":['
+    )
     tail = "]}"
     room = MAX_FRAME_BYTES - len(head.encode("utf-8")) - len(tail)
     pieces: list[str] = []
@@ -597,9 +656,12 @@ def _get_json(
     return response.json()
 
 
-def select_models(local: Sequence[LocalModel], wanted: Sequence[str] | None) -> list[LocalModel]:
+def select_models(
+    local: Sequence[LocalModel], wanted: Sequence[str] | None, *, missing_ok: bool = False
+) -> list[LocalModel]:
     """Pick the models to share: those named in ``wanted`` (``name`` matches ``name:latest``)
-    or all, at most 20, largest first. Raises ``StartupError`` (exit 2) for unknown names."""
+    or all, at most 20, largest first. Raises ``StartupError`` (exit 2) for unknown names,
+    unless ``missing_ok`` (a model removed while the node runs is just no longer shared)."""
     by_name = {m.name: m for m in local}
     chosen: list[LocalModel] = []
     if wanted:
@@ -610,7 +672,7 @@ def select_models(local: Sequence[LocalModel], wanted: Sequence[str] | None) -> 
                 unknown.append(name)
             elif model not in chosen:
                 chosen.append(model)
-        if unknown:
+        if unknown and not missing_ok:
             raise StartupError(
                 f"not a local model: {', '.join(unknown)} (local models: "
                 f"{', '.join(sorted(by_name)) or 'none'})",
@@ -622,11 +684,10 @@ def select_models(local: Sequence[LocalModel], wanted: Sequence[str] | None) -> 
     return chosen[:MAX_MODELS]
 
 
-def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[LocalModel], str]:
-    """Read the local models and the Ollama version, and choose the models to share.
-
-    Raises ``StartupError`` with a message that says what to do.
-    """
+def local_models(ollama: str, *, warn: bool = True) -> list[LocalModel]:
+    """The models Ollama lists (``/api/tags``) under names the network accepts (``warn``: say
+    which are skipped). Raises ``StartupError`` with a message that says what to do when Ollama
+    cannot be reached or does not answer as Ollama."""
     try:
         tags = _get_json("GET", f"{ollama}/api/tags")
     except requests.ConnectionError as exc:
@@ -651,11 +712,23 @@ def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[Loc
             continue
         name = entry.get("name") or entry.get("model")
         if not config.valid_model_name(name):
-            log.warning("skipping local model with a name the network does not accept: %r",
-                        str(name)[:80])
+            if warn:
+                log.warning(
+                    "skipping local model with a name the network does not accept: %r",
+                    str(name)[:80],
+                )
             continue
         size = entry.get("size")
         local.append(LocalModel(name=name, size=size if _is_int(size) and size > 0 else 0))
+    return local
+
+
+def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[LocalModel], str]:
+    """Read the local models and the Ollama version, and choose the models to share.
+
+    Raises ``StartupError`` with a message that says what to do.
+    """
+    local = local_models(ollama)
     if not local:
         raise StartupError(
             f"Ollama at {ollama} has no models to share; pull one first, "
@@ -664,8 +737,12 @@ def discover_models(ollama: str, wanted: Sequence[str] | None) -> tuple[list[Loc
     chosen = select_models(local, wanted)
     available = len(local) if not wanted else len(set(wanted))
     if len(chosen) < available:
-        log.warning("the network takes at most %d models: sharing the %d largest of %d",
-                    MAX_MODELS, len(chosen), available)
+        log.warning(
+            "the network takes at most %d models: sharing the %d largest of %d",
+            MAX_MODELS,
+            len(chosen),
+            available,
+        )
     try:
         version = _get_json("GET", f"{ollama}/api/version").get("version")
     except (requests.RequestException, ValueError, AttributeError):
@@ -696,6 +773,36 @@ def _described(ollama: str, model: LocalModel) -> LocalModel:
     )
 
 
+def warm_up(ollama: str, models: Sequence[LocalModel], keep_alive: Any = None) -> None:
+    """Load each model into Ollama's memory once (``--warmup``), as Ollama itself does for a
+    request without a prompt, with the node's ``keep_alive``. A model that cannot generate
+    (embeddings only) is left alone; a failure is logged, never fatal."""
+    for model in models:
+        if model.capabilities is not None and "completion" not in model.capabilities:
+            continue
+        body: dict[str, Any] = {"model": model.name, "stream": False}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        started = time.monotonic()
+        try:
+            _get_json("POST", f"{ollama}/api/generate", json=body, timeout=WARMUP_TIMEOUT)
+        except (requests.RequestException, ValueError) as exc:
+            log.warning(
+                "could not warm up %s: %s",
+                model.name,
+                _describe(exc),
+                extra=event("warmup", model=model.name, ok=False),
+            )
+            continue
+        seconds = time.monotonic() - started
+        log.info(
+            "warmed up %s in %.1f s",
+            model.name,
+            seconds,
+            extra=event("warmup", model=model.name, ok=True, seconds=round(seconds, 3)),
+        )
+
+
 # --------------------------------------------------------------------------- connection state
 
 
@@ -712,10 +819,21 @@ class _Connection:
         self.wake = threading.Event()
         # Extensions the router listed in ``registered``; set before any request arrives.
         self.features: frozenset[str] = frozenset()
+        self.registered = False
+        # The models entries this connection's router was last told of (register or
+        # models_update), and what it was last told of the node pausing (register's draining,
+        # drain, undrain): None for a router that does not take drain.
+        self.offered: list[dict[str, Any]] = []
+        self.drained: bool | None = None
+        # Orders those messages when several threads have news at once.
+        self.state_lock = threading.Lock()
+        # Why this node closes the connection itself, once it has sent its close frame.
+        self.leaving: str | None = None
+        self.leaving_at = 0.0
 
     def send_text(self, text: str) -> bool:
-        """Send one encoded frame; False when the connection is gone."""
-        if self.closed.is_set():
+        """Send one encoded frame; False when the connection is gone or closing."""
+        if self.closed.is_set() or self.leaving is not None:
             return False
         try:
             with self.send_lock:
@@ -751,19 +869,28 @@ class _Connection:
         self.wake.set()
         self.ws.abort()
 
-    def close(self, graceful: bool) -> None:
-        """Close the socket: with a close handshake when stopping, at once otherwise."""
+    def send_close(self, reason: str) -> None:
+        """Start the close handshake from any thread: the receive loop ends when the router
+        answers it (or ``LEAVE_WAIT_S`` later). ``reason`` is for this node's log."""
+        if self.leaving is not None or self.closed.is_set():
+            return
+        self.leaving = reason
+        self.leaving_at = time.monotonic()
+        if not self.send_lock.acquire(timeout=0.5):  # a send is stuck: do not wait for it
+            self.lost()
+            return
+        try:
+            self.ws.send_close(websocket.STATUS_NORMAL)
+        except (websocket.WebSocketException, OSError, AttributeError):
+            self.lost()
+        finally:
+            self.send_lock.release()
+
+    def close(self) -> None:
+        """Close the socket at once, when the session is over. A close handshake is started
+        beforehand with ``send_close`` (by this node) or came from the router."""
         self.closed.set()
         self.wake.set()
-        # A worker stuck in a send holds the lock; stopping must not wait for it.
-        if graceful and self.send_lock.acquire(timeout=0.5):
-            try:
-                # close() waits for the router's close frame at most 1 s.
-                self.ws.close(status=websocket.STATUS_NORMAL, timeout=1)
-            except (websocket.WebSocketException, OSError):
-                pass
-            finally:
-                self.send_lock.release()
         self.ws.shutdown()
 
 
@@ -904,36 +1031,85 @@ class _SessionEnd:
     fatal: bool = False
     restarting: bool = False  # the router closed with 1012: it is restarting (or draining)
     registered: bool = False  # the session had registered before it ended
+    planned: bool = False  # this node closed it (to pause, or to register other models)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What the node keeps an eye on besides the router: Ollama's models every ``recheck_s``
+    (``wanted``: the ones named by ``--models``), the serving ``hours`` and the programs of
+    ``--pause-while``."""
+
+    recheck_s: float = RECHECK_DEFAULT_S
+    wanted: tuple[str, ...] | None = None
+    hours: ServingHours | None = None
+    pause_while: tuple[str, ...] = ()
+
+
+NO_POLICY = RequestPolicy()
+DEFAULT_WATCH = Watch()
 
 
 # --------------------------------------------------------------------------- the node
 
 
 class Contributor:
-    """A contributor node: one process-lifetime ``node_id``, reconnecting until stopped."""
+    """A contributor node: one process-lifetime ``node_id``, reconnecting until stopped.
 
-    def __init__(self, *, server: str, ollama: str, models: Sequence[LocalModel],
-                 max_concurrent: int, ollama_version: str) -> None:
+    Threads: the main thread handles signals and the drain (``run``); one thread keeps the
+    connection to the router and reads its frames; one watches Ollama's models, the serving
+    hours and the programs to pause for; each connection has a heartbeat thread and each
+    request one of its own."""
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        ollama: str,
+        models: Sequence[LocalModel],
+        max_concurrent: int,
+        ollama_version: str,
+        policy: RequestPolicy = NO_POLICY,
+        watch: Watch = DEFAULT_WATCH,
+    ) -> None:
         self.server = server
         self.url = config.ws_url(server)
         self.ollama = ollama
+        # Replaced whole (never changed in place) when Ollama's models change.
         self.models = list(models)
         self.model_names = frozenset(m.name for m in models)
         self.max_concurrent = max_concurrent
         self.ollama_version = ollama_version
+        self.policy = policy
+        self.watch = watch
         self.node_id = str(uuid.uuid4())
         self.resume_token: str | None = None
         self.heartbeat_interval = DEFAULT_HEARTBEAT_S
         self._lock = threading.Lock()
         self._inflight: dict[str, _InFlight] = {}
+        # Why the node takes no new requests now, by cause (PAUSE_*): it serves while this is
+        # empty. Changed under ``_lock``, with the check a request makes, so no request starts
+        # after a pause took effect.
+        self._pauses: dict[str, str] = {}
         self._conn: _Connection | None = None
+        # Whether the last router that registered this node takes drain (None: none yet).
+        self._router_drains: bool | None = None
+        self._stopping = False  # Ctrl+C: draining, to stop once nothing is in flight
+        self._quit = threading.Event()  # the router and watch threads end
+        self._done = threading.Event()  # the router thread ended
+        self._exit_code = 0
+        # Wakes the watch thread: Ollama failed a request (its models are read again now), or
+        # the node stops.
+        self._watch_wake = threading.Event()
         # The shared models Ollama had loaded at the last /api/ps (heartbeat thread writes it).
         self._loaded_names: frozenset[str] = frozenset()
 
     # ---- frames
 
     def register_frame(self) -> dict[str, Any]:
-        """The ``register`` frame, with the resume token of the previous session if any."""
+        """The ``register`` frame, with the resume token of the previous session if any, the
+        node's caps (``limits``) and, while it is paused, ``draining``
+        (docs/node-protocol-extensions.md)."""
         frame: dict[str, Any] = {
             "type": "register",
             "node_id": self.node_id,
@@ -946,6 +1122,11 @@ class Contributor:
             # does not know the field ignores it.
             "features": [EMBEDDINGS],
         }
+        limits = self.policy.limits()
+        if limits:
+            frame["limits"] = limits
+        if self.paused:
+            frame["draining"] = True
         if self.resume_token:
             frame["resume_token"] = self.resume_token
         return frame
@@ -955,16 +1136,130 @@ class Contributor:
         with self._lock:
             return len(self._inflight)
 
+    # ---- pausing
+
+    @property
+    def paused(self) -> bool:
+        """Whether the node takes no new requests now."""
+        return bool(self._pauses)
+
+    def set_paused(self, cause: str, reason: str | None) -> None:
+        """Pause for ``cause`` with ``reason`` (what the log says), or end that cause's pause
+        with None; the router hears of it when the node pauses or serves again."""
+        with self._lock:
+            before = self._pauses.get(cause)
+            if before == reason:
+                return
+            if reason is None:
+                del self._pauses[cause]
+            else:
+                self._pauses[cause] = reason
+            others = [text for key, text in self._pauses.items() if key != cause]
+        if cause != PAUSE_STOP:
+            if reason is not None:
+                log.info("paused: %s", reason, extra=event("pause", reason=reason))
+            elif others:
+                log.info(
+                    "no longer paused for %s, but still: %s",
+                    before,
+                    "; ".join(others),
+                    extra=event("pause", reason="; ".join(others), ended=before),
+                )
+            else:
+                log.info(
+                    "resumed (was paused: %s); taking requests again",
+                    before,
+                    extra=event("resume", ended=before),
+                )
+        self._sync_router()
+
+    def check_pauses(self) -> None:
+        """Pause or resume for the serving hours and the programs of ``--pause-while``."""
+        self.set_paused(PAUSE_HOURS, node_control.outside_hours(self.watch.hours))
+        if self.watch.pause_while:
+            names = node_control.process_names() or set()
+            running = node_control.running_programs(self.watch.pause_while, names)
+            reason = None
+            if running:
+                reason = f"{', '.join(running)} {'is' if len(running) == 1 else 'are'} running"
+            self.set_paused(PAUSE_PROGRAMS, reason)
+
     # ---- main loop
 
     def run(self) -> int:
-        """Connect, register and serve until stopped; the process exit code."""
-        try:
-            return self._run()
-        except StopRequested:
-            self._shutdown()
-            log.info("stopped; goodbye")
+        """Serve until stopped; the process exit code. Runs in the main thread, which alone
+        receives Ctrl+C and SIGTERM: the first one drains (no new requests; the answers in
+        flight finish, then the script exits 0), a second one stops at once."""
+        self.check_pauses()
+        _Signals.raising = False
+        handled = _Signals.count
+        _start_thread(self._serve_router, name="router")
+        _start_thread(self._watch_loop, name="watch")
+        notice_at = 0.0
+        while not self._done.wait(MAIN_POLL_S):
+            received, handled = _Signals.count - handled, _Signals.count
+            if received and (self._stopping or received > 1):
+                return self._stop_now()
+            if received:
+                self._begin_stop()
+            if self._stopping:
+                active = self.active_requests()
+                if not active:
+                    return self._finish_stop()
+                if time.monotonic() >= notice_at:
+                    if notice_at:
+                        log.info("stopping: still finishing %s in flight", _requests(active))
+                    notice_at = time.monotonic() + DRAIN_NOTICE_S
+        if self._stopping:  # the connection ended while draining: nothing is left in flight
+            log.info("stopped; goodbye", extra=event("stopped"))
             return 0
+        return self._exit_code
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        self.set_paused(PAUSE_STOP, "stopping")
+        active = self.active_requests()
+        if active:
+            log.info(
+                "stopping: finishing %s in flight first (Ctrl+C again stops at once)",
+                _requests(active),
+                extra=event("stop", in_flight=active),
+            )
+        else:
+            log.info("stopping", extra=event("stop", in_flight=0))
+
+    def _finish_stop(self) -> int:
+        """Nothing is in flight any more: close the connection and end."""
+        self._quit.set()
+        self._watch_wake.set()
+        if self._conn is not None:
+            self._conn.send_close("stopping")
+        self._done.wait(LEAVE_WAIT_S)  # the router answers the close: the session ends
+        log.info("stopped; goodbye", extra=event("stopped"))
+        return 0
+
+    def _stop_now(self) -> int:
+        """A second Ctrl+C: cancel what is in flight and end."""
+        self._quit.set()
+        self._watch_wake.set()
+        cancelled = self._shutdown()
+        log.info(
+            "stopping at once: %s in flight cancelled",
+            _requests(cancelled),
+            extra=event("stop", cancelled=cancelled),
+        )
+        log.info("stopped; goodbye", extra=event("stopped"))
+        return 0
+
+    def _serve_router(self) -> None:
+        """The router thread: connect, register and serve until ``_quit`` or a refusal."""
+        try:
+            self._exit_code = self._run()
+        except Exception:
+            log.exception("the connection to the router failed")
+            self._exit_code = 1
+        finally:
+            self._done.set()
 
     def _run(self) -> int:
         backoff = Backoff()
@@ -972,22 +1267,34 @@ class Contributor:
         # After a restart notice the router is back within seconds (or another worker takes the
         # node at once): retry about every second until then, not on the growing backoff.
         restart_until = 0.0
-        while True:
+        while not self._quit.is_set():
+            if self.paused and self._router_drains is False:
+                # A router that cannot be told to pause is left while paused (``_sync_router``)
+                # and only come back to once serving again.
+                self._quit.wait(MAIN_POLL_S)
+                continue
             if announce:
                 log.info("connecting to %s", self.url)
             try:
                 ws = websocket.create_connection(
-                    self.url, timeout=WS_CONNECT_TIMEOUT_S, enable_multithread=True,
+                    self.url,
+                    timeout=WS_CONNECT_TIMEOUT_S,
+                    enable_multithread=True,
                     header=[f"User-Agent: {config.CLIENT_NAME}"],
                 )
             except (websocket.WebSocketException, OSError) as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() < restart_until:
                     delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
-                log.warning("cannot reach the router at %s (%s); retrying in %.1f s",
-                            self.url, _describe(exc), delay)
+                log.warning(
+                    "cannot reach the router at %s (%s); retrying in %.1f s",
+                    self.url,
+                    _describe(exc),
+                    delay,
+                    extra=event("reconnect", reason=_describe(exc), delay=round(delay, 1)),
+                )
                 announce = False
-                time.sleep(delay)
+                self._quit.wait(delay)
                 continue
             announce = True
             conn = _Connection(ws)
@@ -997,32 +1304,50 @@ class Contributor:
             finally:
                 self._end_connection(conn)
             if end.fatal:
-                log.error("%s", end.message)
+                log.error("%s", end.message, extra=event("refused", reason=end.message))
                 return 1
+            if self._quit.is_set() or self._stopping:
+                return 0
+            if end.planned:
+                log.info("%s", end.message, extra=event("leave", reason=end.message))
+                continue
             if end.restarting and end.registered:
                 # Sent away by a router that is restarting: straight back (another worker
                 # takes the node, or this one is back within seconds).
                 restart_until = time.monotonic() + RESTART_WINDOW_S
-                log.info("%s; reconnecting at once", end.message)
-                continue
-            if end.restarting and time.monotonic() < restart_until:
-                delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
-                log.info("%s; reconnecting in %.1f s", end.message, delay)
-                time.sleep(delay)
+                log.info(
+                    "%s; reconnecting at once",
+                    end.message,
+                    extra=event("reconnect", reason=end.message, delay=0),
+                )
                 continue
             delay = backoff.next_delay()
-            log.warning("%s; reconnecting in %.1f s", end.message, delay)
-            time.sleep(delay)
+            if end.restarting and time.monotonic() < restart_until:
+                delay = RESTART_RETRY_S / 2 + random.random() * RESTART_RETRY_S / 2
+            log.log(
+                logging.INFO if end.restarting else logging.WARNING,
+                "%s; reconnecting in %.1f s",
+                end.message,
+                delay,
+                extra=event("reconnect", reason=end.message, delay=round(delay, 1)),
+            )
+            self._quit.wait(delay)
+        return 0
 
     def _session(self, conn: _Connection, backoff: Backoff) -> _SessionEnd:
         ws = conn.ws
         ws.settimeout(WS_POLL_S)
-        if not conn.send(self.register_frame()):
+        register = self.register_frame()
+        conn.offered = register["models"]
+        draining = register.get("draining", False)
+        if not conn.send(register):
             return _SessionEnd("connection lost while registering")
         registered = False
         started = last_seen = time.monotonic()
         while True:
             now = time.monotonic()
+            if conn.leaving is not None and now - conn.leaving_at > LEAVE_WAIT_S:
+                return _SessionEnd(conn.leaving, planned=True)
             if not registered and now - started > REGISTER_WAIT_S:
                 return _SessionEnd(f"no answer to register within {REGISTER_WAIT_S:.0f} s")
             silent = now - last_seen
@@ -1033,9 +1358,13 @@ class Contributor:
             except websocket.WebSocketTimeoutException:
                 continue
             except (websocket.WebSocketException, OSError) as exc:
+                if conn.leaving is not None:
+                    return _SessionEnd(conn.leaving, planned=True)
                 return _SessionEnd(f"connection lost ({_describe(exc)})")
             last_seen = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
+                if conn.leaving is not None:
+                    return _SessionEnd(conn.leaving, planned=True)
                 return self._closed_by_router(frame.data, registered)
             if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                 continue  # ping/pong: only proof of life
@@ -1046,7 +1375,7 @@ class Contributor:
             if kind == "registered" and not registered:
                 registered = True
                 backoff.reset()
-                self._on_registered(conn, message)
+                self._on_registered(conn, message, draining=draining)
             elif not registered:
                 continue
             elif kind == "inference_request":
@@ -1055,13 +1384,15 @@ class Contributor:
                 self._on_embed(conn, message)
             elif kind == "cancel_request":
                 self._on_cancel(conn, message)
-            # Other frame types are from newer routers: ignore them (PROTOCOL: unknown → ignore).
+            # Other frame types are from newer routers: ignore them (docs/protocol.md: a field
+            # or frame a peer does not know is ignored).
 
     def _decode(self, data: bytes | str) -> dict[str, Any] | None:
         size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
         if size > MAX_FRAME_BYTES:
-            log.warning("dropped a frame of %d bytes from the router (limit %d)",
-                        size, MAX_FRAME_BYTES)
+            log.warning(
+                "dropped a frame of %d bytes from the router (limit %d)", size, MAX_FRAME_BYTES
+            )
             return None
         try:
             message = json.loads(data)
@@ -1074,7 +1405,8 @@ class Contributor:
 
     def _closed_by_router(self, data: bytes, registered: bool) -> _SessionEnd:
         code, reason = parse_close(data)
-        text = reason[:200] or "no reason given"
+        # The router's words, escaped: no control character reaches the terminal.
+        text = escaped(reason[:200]) or "no reason given"
         if code == 1008 and reason in PERMANENT_REFUSALS and not registered:
             return _SessionEnd(f"the router refused this node: {text}", fatal=True)
         if code == 1008:
@@ -1083,7 +1415,7 @@ class Contributor:
             return _SessionEnd("the router is restarting", restarting=True, registered=registered)
         return _SessionEnd(f"the router closed the connection (code {code}, {text})")
 
-    def _on_registered(self, conn: _Connection, message: dict[str, Any]) -> None:
+    def _on_registered(self, conn: _Connection, message: dict[str, Any], *, draining: bool) -> None:
         interval = message.get("heartbeat_interval")
         if isinstance(interval, int | float) and not isinstance(interval, bool):
             self.heartbeat_interval = float(min(300.0, max(1.0, interval)))
@@ -1098,12 +1430,63 @@ class Contributor:
             for warning in warnings[:20]:
                 if isinstance(warning, str):
                     # The router's words, escaped: no control character reaches the terminal.
-                    log.warning("the router says: %s", ascii(warning[:300])[1:-1])
-        log.info("registered with %s as node %s: %d models (%s), max_concurrent %d, "
-                 "heartbeat %g s", self.server, self.node_id, len(self.models),
-                 ", ".join(m.name for m in self.models), self.max_concurrent,
-                 self.heartbeat_interval)
+                    log.warning("the router says: %s", escaped(warning[:300]))
+        with conn.state_lock:
+            conn.registered = True
+            # A router that takes drain took register's ``draining`` too.
+            conn.drained = draining if DRAIN in conn.features else None
+        self._router_drains = DRAIN in conn.features
+        log.info(
+            "registered with %s as node %s: %d models (%s), max_concurrent %d, heartbeat %g s",
+            self.server,
+            self.node_id,
+            len(conn.offered),
+            ", ".join(entry["name"] for entry in conn.offered),
+            self.max_concurrent,
+            self.heartbeat_interval,
+            extra=event(
+                "registered",
+                server=self.server,
+                node_id=self.node_id,
+                models=[entry["name"] for entry in conn.offered],
+                max_concurrent=self.max_concurrent,
+                limits=self.policy.limits(),
+                draining=draining,
+            ),
+        )
         _start_thread(self._heartbeat_loop, conn, name="heartbeat")
+        self._sync_router(conn)  # what changed while registering
+
+    def _sync_router(self, conn: _Connection | None = None) -> None:
+        """Tell the router what changed: other models (``models_update``), or the node pausing
+        or serving again (``drain``/``undrain``). A router without those extensions is
+        registered with anew for the models, and left while the node is paused, once nothing is
+        in flight on it (docs/node-protocol-extensions.md)."""
+        conn = conn or self._conn
+        if conn is None or not conn.registered or conn.leaving is not None:
+            return
+        leave = None
+        # Read under the lock: of two threads with news, the later one sends the latest state.
+        with conn.state_lock:
+            paused = self.paused
+            offers = [m.offer() for m in self.models]
+            if offers != conn.offered:
+                if MODELS_UPDATE in conn.features:
+                    conn.offered = offers
+                    conn.send({"type": "models_update", "models": offers})
+                else:
+                    leave = "the shared models changed; registering again to say so"
+            if conn.drained is not None and conn.drained != paused:
+                conn.drained = paused
+                conn.send({"type": "drain" if paused else "undrain"})
+        if leave is None and paused and conn.drained is None and self._idle(conn):
+            leave = "paused; disconnected from the router until serving again"
+        if leave is not None:
+            conn.send_close(leave)
+
+    def _idle(self, conn: _Connection) -> bool:
+        with self._lock:
+            return not any(request.conn is conn for request in self._inflight.values())
 
     def _heartbeat_loop(self, conn: _Connection) -> None:
         """A heartbeat every interval; to a router that takes ``loaded_models``, each says what
@@ -1130,7 +1513,7 @@ class Contributor:
                 "type": "heartbeat",
                 "node_id": self.node_id,
                 "active_requests": active,
-                "available": active < self.max_concurrent and not stop_requested(),
+                "available": active < self.max_concurrent and not self.paused,
             }
             if reports:
                 last_ps = time.monotonic()
@@ -1153,6 +1536,76 @@ class Contributor:
         self._loaded_names = frozenset(entry["name"] for entry in loaded)
         return loaded
 
+    # ---- Ollama, the hours and the programs, watched
+
+    def _watch_loop(self) -> None:
+        """Every ``PAUSE_CHECK_S`` (or ``recheck_s`` if shorter), the serving hours and the
+        programs to pause for; every ``recheck_s``, or at once after Ollama failed a request,
+        Ollama's models."""
+        recheck = self.watch.recheck_s
+        tick = min(PAUSE_CHECK_S, recheck)
+        next_models = time.monotonic() + recheck
+        while True:
+            woken = self._watch_wake.wait(max(0.05, min(tick, next_models - time.monotonic())))
+            self._watch_wake.clear()
+            if self._quit.is_set():
+                return
+            try:
+                self.check_pauses()
+                if woken or time.monotonic() >= next_models:
+                    self.recheck_ollama()
+                    next_models = time.monotonic() + recheck
+            except Exception:  # the watch must go on
+                log.exception("checking Ollama, the hours or the programs failed")
+
+    def recheck_ollama(self) -> None:
+        """Read Ollama's models again: pause while it does not answer or has none of the
+        models to share, share the ones it has now, and serve again."""
+        try:
+            local = local_models(self.ollama, warn=False)
+        except StartupError as exc:
+            self.set_paused(PAUSE_OLLAMA, str(exc))
+            return
+        chosen = select_models(local, self.watch.wanted, missing_ok=True)
+        if not chosen:
+            wanted = ", ".join(self.watch.wanted or ())
+            self.set_paused(
+                PAUSE_OLLAMA,
+                f"Ollama at {self.ollama} has none of the models to share ({wanted})"
+                if wanted
+                else f"Ollama at {self.ollama} has no models to share",
+            )
+            return
+        known = {m.name: m for m in self.models}
+        models = [
+            known[m.name]
+            if m.name in known and known[m.name].size == m.size
+            else _described(self.ollama, m)
+            for m in chosen
+        ]
+        if [m.offer() for m in models] != [m.offer() for m in self.models]:
+            self._share(models)
+        else:
+            log.debug("Ollama's models unchanged")
+        self.set_paused(PAUSE_OLLAMA, None)
+
+    def _share(self, models: list[LocalModel]) -> None:
+        before = {m.name for m in self.models}
+        after = [m.name for m in models]
+        self.models = list(models)
+        self.model_names = frozenset(after)
+        added = [name for name in after if name not in before]
+        removed = sorted(before - set(after))
+        log.info(
+            "Ollama's models changed: sharing %d models: %s (added: %s; removed: %s)",
+            len(after),
+            ", ".join(after),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+            extra=event("models", models=after, added=added, removed=removed),
+        )
+        self._sync_router()
+
     # ---- requests
 
     def _on_request(self, conn: _Connection, message: dict[str, Any]) -> None:
@@ -1162,16 +1615,29 @@ class Contributor:
         try:
             params = sanitize_params(message.get("ollama_params"), self.model_names)
         except InvalidRequest as exc:
-            log.warning("request %s refused: %s", request_id, exc)
+            log.warning(
+                "request %s refused: %s",
+                request_id,
+                exc,
+                extra=event("request", id=request_id, outcome="invalid", reason=str(exc)),
+            )
             conn.send(self._error(request_id, "invalid_request"))
             return
+        params, changes = apply_policy(params, self.policy)
         inflight = self._take_slot(conn, request_id, params["model"])
         if inflight is None:
             return
-        log.info("request %s started: model=%s messages=%d", request_id, params["model"],
-                 len(params["messages"]))
-        inflight.thread = _start_thread(self._serve, inflight, params,
-                                        name=f"request-{request_id[:12]}")
+        log.info(
+            "request %s started: model=%s messages=%d",
+            request_id,
+            params["model"],
+            len(params["messages"]),
+        )
+        if changes:
+            log.debug("request %s: %s", request_id, "; ".join(changes))
+        inflight.thread = _start_thread(
+            self._serve, inflight, params, name=f"request-{request_id[:12]}"
+        )
 
     def _on_embed(self, conn: _Connection, message: dict[str, Any]) -> None:
         """An ``embed_request`` (the ``embeddings`` extension): served like an inference
@@ -1185,6 +1651,9 @@ class Contributor:
             log.warning("embed request %s refused: %s", request_id, exc)
             conn.send(self._error(request_id, "invalid_request"))
             return
+        # The contributor's keep_alive and context cap hold for embeddings too; an embedding
+        # predicts nothing, so the answer-length cap has nothing to hold.
+        params, _ = apply_policy(params, dataclasses.replace(self.policy, max_predict=None))
         inflight = self._take_slot(conn, request_id, params["model"])
         if inflight is None:
             return
@@ -1209,14 +1678,20 @@ class Contributor:
             if request_id in self._inflight:
                 log.warning("ignored a second request %s", request_id)
                 return None
+            paused = next(iter(self._pauses.values()), None)
             busy = len(self._inflight) >= self.max_concurrent
-            if not busy:
+            if paused is None and not busy:
                 inflight = _InFlight(request_id=request_id, model=model, conn=conn)
                 self._inflight[request_id] = inflight
-        if busy:
-            log.warning("request %s refused: already serving %d (max_concurrent)",
-                        request_id, self.max_concurrent)
-            conn.send(self._error(request_id, BUSY_ERROR))
+        if paused is not None or busy:
+            why = f"paused ({paused})" if paused else f"already serving {self.max_concurrent}"
+            log.warning(
+                "request %s refused: %s",
+                request_id,
+                why,
+                extra=event("request", id=request_id, model=model, outcome="refused"),
+            )
+            conn.send(self._error(request_id, PAUSED_ERROR if paused else BUSY_ERROR))
             return None
         return inflight
 
@@ -1246,6 +1721,7 @@ class Contributor:
         """Worker thread: stream one request from Ollama to the router."""
         started = time.monotonic()
         tokens = sent_chunks = sent_frames = 0
+        eval_seconds: float | None = None  # Ollama's own time for the tokens, when it says
         outcome = "failed"
         response: requests.Response | None = None
         rid = inflight.request_id
@@ -1253,13 +1729,32 @@ class Contributor:
         def fail(error: str, why: str) -> None:
             nonlocal outcome
             if inflight.send(self._error(rid, error)):
-                log.warning("request %s failed: %s (%s)", rid, error, why)
+                log.warning(
+                    "request %s failed: %s (%s)",
+                    rid,
+                    error,
+                    why,
+                    extra=event(
+                        "request",
+                        id=rid,
+                        model=inflight.model,
+                        outcome="failed",
+                        error=error,
+                        reason=why,
+                        tokens=tokens,
+                        seconds=round(time.monotonic() - started, 3),
+                    ),
+                )
+            if error == "ollama_unavailable":
+                self._watch_wake.set()  # is Ollama gone? look now, not in a minute
             outcome = "reported"
 
         try:
             try:
                 response = requests.post(
-                    f"{self.ollama}/api/chat", json=params, stream=True,
+                    f"{self.ollama}/api/chat",
+                    json=params,
+                    stream=True,
                     timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
                     headers={"User-Agent": config.CLIENT_NAME},
                 )
@@ -1269,31 +1764,35 @@ class Contributor:
             if not inflight.attach(response):
                 return
             if response.status_code >= 400:
-                fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
-                     f"{_ollama_error_text(response)}")
+                fail(
+                    "ollama_error",
+                    f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
+                )
                 return
-            # Several chunks per frame only for a router that takes them (PROTOCOL: a node
-            # uses an extension only when the router listed it).
+            # Several chunks per frame only for a router that takes them (docs/protocol.md: a
+            # node uses an extension only when the router listed it).
             batched = INFERENCE_CHUNKS in inflight.conn.features
             reader = _LineReader(response, name=f"ollama-{rid[:12]}")
             for lines in reader.batches():
                 chunks, problem = chunks_of_lines(lines)
-                tokens += sum(1 for c in chunks
-                              if c["message"].get("content") or c["message"].get("thinking"))
+                tokens += sum(
+                    1 for c in chunks if c["message"].get("content") or c["message"].get("thinking")
+                )
                 frames, oversized = pack_chunks(rid, chunks, batched=batched)
                 for text in frames:
                     if not inflight.send_text(text):
                         if not inflight.cancelled:
-                            log.warning("request %s abandoned: connection to the router lost",
-                                        rid)
+                            outcome = "abandoned"
+                            log.warning("request %s abandoned: connection to the router lost", rid)
                         return
                 sent_chunks += len(chunks) - len(oversized)
                 sent_frames += len(frames)
                 final = chunks[-1] if chunks and chunks[-1]["done"] else None
                 for chunk in oversized:
                     if chunk is not final:
-                        log.warning("request %s: dropped a chunk over %d bytes", rid,
-                                    MAX_FRAME_BYTES)
+                        log.warning(
+                            "request %s: dropped a chunk over %d bytes", rid, MAX_FRAME_BYTES
+                        )
                 if problem is not None:
                     fail("ollama_error", problem)
                     return
@@ -1303,11 +1802,17 @@ class Contributor:
                         return
                     if _is_int(final.get("eval_count")):
                         tokens = final["eval_count"]
+                        if _is_int(final.get("eval_duration")) and final["eval_duration"] > 0:
+                            eval_seconds = final["eval_duration"] / 1e9
                     outcome = "finished"
                     return
             fail("ollama_error", "Ollama's stream ended before done")
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
-                ValueError) as exc:
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
             if not inflight.cancelled:
                 fail("ollama_error", _describe(exc))
         except Exception:  # a worker must never die silently with its slot taken
@@ -1328,13 +1833,62 @@ class Contributor:
                 # Ollama loaded the model for it, or its keep_alive moved or ended the model's
                 # stay: tell the router soon rather than at the next heartbeat.
                 inflight.conn.wake.set()
-            elapsed = time.monotonic() - started
-            if outcome == "finished":
-                log.info("request %s finished: model=%s tokens=%d in %.1f s (%d chunks in %d "
-                         "frames)", rid, inflight.model, tokens, elapsed, sent_chunks,
-                         sent_frames)
-            elif inflight.cancelled:
-                log.info("request %s stopped after %.1f s", rid, elapsed)
+            self._log_end(
+                inflight, outcome, started, tokens, eval_seconds, sent_chunks, sent_frames
+            )
+            if self.paused:
+                self._sync_router(inflight.conn)  # a router without drain is left once idle
+
+    def _log_end(
+        self,
+        inflight: _InFlight,
+        outcome: str,
+        started: float,
+        tokens: int,
+        eval_seconds: float | None,
+        chunks: int,
+        frames: int,
+    ) -> None:
+        """The log line of a request that finished or was stopped (failures have theirs)."""
+        elapsed = time.monotonic() - started
+        rid = inflight.request_id
+        if outcome == "finished":
+            # Ollama's generation time when it says, else the whole request's.
+            speed = tokens / (eval_seconds or max(elapsed, 1e-3))
+            log.info(
+                "request %s finished: model=%s tokens=%d in %.1f s, %.1f tokens/s "
+                "(%d chunks in %d frames)",
+                rid,
+                inflight.model,
+                tokens,
+                elapsed,
+                speed,
+                chunks,
+                frames,
+                extra=event(
+                    "request",
+                    id=rid,
+                    model=inflight.model,
+                    outcome="finished",
+                    tokens=tokens,
+                    tokens_per_s=round(speed, 1),
+                    seconds=round(elapsed, 3),
+                ),
+            )
+        elif inflight.cancelled:
+            log.info(
+                "request %s stopped after %.1f s",
+                rid,
+                elapsed,
+                extra=event(
+                    "request",
+                    id=rid,
+                    model=inflight.model,
+                    outcome="cancelled",
+                    tokens=tokens,
+                    seconds=round(elapsed, 3),
+                ),
+            )
 
     def _serve_embed(self, inflight: _InFlight, params: dict[str, Any]) -> None:
         """Worker thread: one embedding request from Ollama's ``/api/embed`` to the router."""
@@ -1411,23 +1965,31 @@ class Contributor:
     # ---- teardown
 
     def _end_connection(self, conn: _Connection) -> None:
-        conn.close(graceful=stop_requested())
+        conn.close()
         with self._lock:
             orphans = [r for r in self._inflight.values() if r.conn is conn]
         for inflight in orphans:
             self._cancel(inflight)
 
-    def _shutdown(self) -> None:
-        if self._conn is not None:
-            self._conn.close(graceful=True)
+    def _shutdown(self) -> int:
+        """Cancel every request in flight and close the connection; how many were cancelled."""
         with self._lock:
             inflight = list(self._inflight.values())
         for request in inflight:
             self._cancel(request)
+        conn = self._conn
+        if conn is not None:
+            conn.send_close("stopping")
+            conn.lost()
         deadline = time.monotonic() + 1.0
         for request in inflight:
             if request.thread is not None:
                 request.thread.join(max(0.0, deadline - time.monotonic()))
+        return len(inflight)
+
+
+def _requests(count: int) -> str:
+    return f"{count} request" if count == 1 else f"{count} requests"
 
 
 def _read_at_most(response: requests.Response, limit: int) -> bytes | None:
@@ -1467,10 +2029,47 @@ def _max_concurrent(value: str) -> int:
     return number
 
 
+def _cap(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= number <= node_control.MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {node_control.MAX_LIMIT}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0.1 <= number <= 86_400:
+        raise argparse.ArgumentTypeError("must be between 0.1 and 86400 seconds")
+    return number
+
+
+def _parsed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def check(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return check
+
+
 def _model_list(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give at least one model name")
+    return names
+
+
+def _program_list(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one program name")
     return names
 
 
@@ -1479,56 +2078,156 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="contribute.py",
         description="Share your local Ollama models with the IdleClaw network. "
-        "Runs until Ctrl+C. Uses IDLECLAW_SERVER (default https://api.idleclaw.com) and "
+        "Runs until Ctrl+C: the first one lets the answers in flight finish, a second one "
+        "stops at once. Uses IDLECLAW_SERVER (default https://api.idleclaw.com) and "
         "OLLAMA_HOST (default http://localhost:11434).",
     )
-    parser.add_argument("--models", type=_model_list, metavar="A,B",
-                        help="share only these local models (comma separated; default: all, "
-                        f"at most the {MAX_MODELS} largest)")
-    parser.add_argument("--max-concurrent", type=_max_concurrent, default=2, metavar="N",
-                        help="requests served at the same time, 1..10 (default 2)")
+    parser.add_argument(
+        "--models",
+        type=_model_list,
+        metavar="A,B",
+        help="share only these local models (comma separated; default: all, "
+        f"at most the {MAX_MODELS} largest)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=_max_concurrent,
+        default=2,
+        metavar="N",
+        help="requests served at the same time, 1..10 (default 2)",
+    )
+    limits = parser.add_argument_group("what a request may ask of your Ollama")
+    limits.add_argument(
+        "--keep-alive",
+        type=_parsed(node_control.parse_keep_alive),
+        metavar="DURATION",
+        help="how long Ollama keeps a model loaded after a request, e.g. 10m, 1h, 0, or -1 "
+        "for ever (default: Ollama's own, 5m)",
+    )
+    limits.add_argument(
+        "--allow-keep-alive",
+        action="store_true",
+        help="let a request's own keep_alive through (default: ignored)",
+    )
+    limits.add_argument(
+        "--max-ctx",
+        type=_cap,
+        metavar="N",
+        help="largest context (num_ctx) a request may ask; the router sends nothing larger",
+    )
+    limits.add_argument(
+        "--max-predict",
+        type=_cap,
+        metavar="N",
+        help="longest answer (num_predict) in tokens; the router sends nothing asking more, "
+        "and requests that set none get N",
+    )
+    limits.add_argument(
+        "--warmup",
+        action="store_true",
+        help="load each shared model into Ollama once at start",
+    )
+    when = parser.add_argument_group("when to serve")
+    when.add_argument(
+        "--hours",
+        type=_parsed(node_control.parse_hours),
+        metavar="HH:MM-HH:MM",
+        help="serve only in this daily window of local time, e.g. 22:00-08:00",
+    )
+    when.add_argument(
+        "--pause-while",
+        type=_program_list,
+        metavar="PROGRAM,PROGRAM",
+        help="take no requests while any of these programs runs (its process name, e.g. "
+        "blender,steam); checked every 5 s",
+    )
+    when.add_argument(
+        "--recheck-seconds",
+        type=_seconds,
+        default=RECHECK_DEFAULT_S,
+        metavar="S",
+        help="how often Ollama's models are read again (default 60)",
+    )
+    logs = parser.add_argument_group("the log (stderr)")
+    verbosity = logs.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    verbosity.add_argument("--verbose", action="store_true", help="debugging details too")
+    logs.add_argument(
+        "--json-log", action="store_true", help="one JSON object per line, for other programs"
+    )
     return parser
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
-    # A second signal while stopping is ignored: the cleanup is short and bounded.
-    global _stop_requested
-    if _stop_requested:
-        return
-    _stop_requested = True
-    raise StopRequested
+    _Signals.count += 1
+    if _Signals.raising:
+        # While starting, one signal ends the script; a second one during that short clean-up
+        # is ignored.
+        _Signals.raising = False
+        raise StopRequested
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the contributor; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
-    for name in ("urllib3", "websocket"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    node_control.setup_logging(quiet=args.quiet, verbose=args.verbose, json_lines=args.json_log)
+
+    def fail(message: str, code: int) -> int:
+        if args.json_log:
+            log.error("%s", message, extra=event("error", exit_code=code))
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return code
+
     try:
         server = config.server_from_env()
         ollama = config.ollama_host_from_env()
     except config.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
+    if args.pause_while and node_control.process_names() is None:
+        return fail("--pause-while cannot see the running programs on this system", 2)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    policy = RequestPolicy(
+        keep_alive=args.keep_alive,
+        allow_keep_alive=args.allow_keep_alive,
+        max_ctx=args.max_ctx,
+        max_predict=args.max_predict,
+    )
+    watch = Watch(
+        recheck_s=args.recheck_seconds,
+        wanted=tuple(args.models) if args.models else None,
+        hours=args.hours,
+        pause_while=tuple(args.pause_while or ()),
+    )
     try:
         try:
             models, version = discover_models(ollama, args.models)
         except StartupError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        log.info("Ollama %s at %s: sharing %d models: %s", version, ollama, len(models),
-                 ", ".join(m.name for m in models))
-        node = Contributor(server=server, ollama=ollama, models=models,
-                           max_concurrent=args.max_concurrent, ollama_version=version)
+            return fail(str(exc), exc.exit_code)
+        log.info(
+            "Ollama %s at %s: sharing %d models: %s",
+            version,
+            ollama,
+            len(models),
+            ", ".join(m.name for m in models),
+            extra=event("ollama", version=version, models=[m.name for m in models]),
+        )
+        if args.warmup:
+            warm_up(ollama, models, policy.keep_alive)
+        node = Contributor(
+            server=server,
+            ollama=ollama,
+            models=models,
+            max_concurrent=args.max_concurrent,
+            ollama_version=version,
+            policy=policy,
+            watch=watch,
+        )
+        return node.run()
     except StopRequested:
-        log.info("stopped; goodbye")
+        log.info("stopped; goodbye", extra=event("stopped"))
         return 0
-    return node.run()
 
 
 if __name__ == "__main__":

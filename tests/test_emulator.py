@@ -783,3 +783,28 @@ def test_embedding_models_are_listed_and_shown_with_their_capability(
     assert {"nomic-embed-text:latest", "all-minilm:latest", "llama3.2:3b"} <= names
     assert shown.capabilities == ["embedding"]
     assert shown.modelinfo["nomic.embedding_length"] == 768
+async def test_models_can_be_pulled_and_removed_through_the_control_endpoint() -> None:
+    first = ModelSpec("first:1b", 1234)
+    async with OllamaEmulator(models=[first]) as emulator:
+        client = ollama.AsyncClient(host=emulator.url, timeout=10)
+        try:
+            await client.generate(model="first:1b")  # loaded
+            async with httpx.AsyncClient() as http:
+                installed = await http.post(
+                    f"{emulator.url}/_emulator/models",
+                    json={"models": ["second:7b,size=7000,caps=completion+tools"]},
+                )
+                refused = await http.post(
+                    f"{emulator.url}/_emulator/models", json={"models": ["x,caps=magic"]}
+                )
+            listed = await client.list()
+            running = await client.ps()
+            with pytest.raises(ollama.ResponseError) as gone:
+                await client.chat(model="first:1b", messages=_user("still there?"))
+        finally:
+            await client.close()
+    assert [m["name"] for m in installed.json()["models"]] == ["second:7b"]
+    assert refused.status_code == 400 and "magic" in refused.json()["error"]
+    assert [(m.model, m.size) for m in listed.models] == [("second:7b", 7000)]
+    assert running.models == []  # the removed model was unloaded
+    assert gone.value.status_code == 404

@@ -256,12 +256,17 @@ async def test_cancel_event_sends_cancel_request_to_the_node(channel_layer):
     reply_channel = await channel_layer.new_channel()
     await channel_layer.send(
         session.channel_name,
-        {"type": EventType.NODE_REQUEST, "request_id": "r2", "reply_channel": reply_channel,
-         "ollama_params": {}},
+        {
+            "type": EventType.NODE_REQUEST,
+            "request_id": "r2",
+            "reply_channel": reply_channel,
+            "ollama_params": {},
+        },
     )
     await node.recv()
-    await channel_layer.send(session.channel_name, {"type": EventType.NODE_CANCEL,
-                                                    "request_id": "r2"})
+    await channel_layer.send(
+        session.channel_name, {"type": EventType.NODE_CANCEL, "request_id": "r2"}
+    )
     assert await node.recv() == {"type": "cancel_request", "request_id": "r2"}
     # After the cancel, late chunks for that request go nowhere.
     await node.chunk("r2", "late")
@@ -284,14 +289,22 @@ async def test_unknown_fields_are_ignored(channel_layer):
         ({"type": "heartbeat", "active_requests": "many"}, CloseReason.INVALID_FRAME),
         ({"type": "heartbeat", "available": "yes"}, CloseReason.INVALID_FRAME),
         ({"type": "inference_chunk", "request_id": 5, "chunk": {}}, CloseReason.INVALID_FRAME),
-        ({"type": "inference_chunk", "request_id": "r", "chunk": "text"},
-         CloseReason.INVALID_FRAME),
-        ({"type": "inference_chunk", "request_id": "r", "chunk": {"message": []}},
-         CloseReason.INVALID_FRAME),
-        ({"type": "inference_error", "request_id": "r", "error": {"x": 1}},
-         CloseReason.INVALID_FRAME),
-        ({"type": "inference_chunks", "request_id": 5, "chunks": [text_chunk("x")]},
-         CloseReason.INVALID_FRAME),
+        (
+            {"type": "inference_chunk", "request_id": "r", "chunk": "text"},
+            CloseReason.INVALID_FRAME,
+        ),
+        (
+            {"type": "inference_chunk", "request_id": "r", "chunk": {"message": []}},
+            CloseReason.INVALID_FRAME,
+        ),
+        (
+            {"type": "inference_error", "request_id": "r", "error": {"x": 1}},
+            CloseReason.INVALID_FRAME,
+        ),
+        (
+            {"type": "inference_chunks", "request_id": 5, "chunks": [text_chunk("x")]},
+            CloseReason.INVALID_FRAME,
+        ),
         ({"type": "inference_chunks", "chunks": [text_chunk("x")]}, CloseReason.INVALID_FRAME),
         ({"type": "models_update", "models": []}, CloseReason.NO_MODELS),
         (register_frame(), CloseReason.INVALID_FRAME),
@@ -457,12 +470,19 @@ async def test_batched_chunks_reach_the_consumer_in_order_one_message_per_frame(
     first = await channel_layer.receive(reply_channel)
     assert (first["seq"], len(first["chunks"])) == (0, 5)
     await node.chunk("r1", words[5])  # classic frames still count in the same sequence
-    await node.chunks("r1", [text_chunk(w) for w in words[6:]]
-                      + [text_chunk("", done=True, done_reason="stop", eval_count=12)])
+    await node.chunks(
+        "r1",
+        [text_chunk(w) for w in words[6:]]
+        + [text_chunk("", done=True, done_reason="stop", eval_count=12)],
+    )
     events, chunks = await received(channel_layer, reply_channel, seen=5)
     assert [c["message"]["content"] for c in first["chunks"] + chunks[:-1]] == words
-    assert chunks[-1] == {"message": {"role": "assistant"}, "done": True, "done_reason": "stop",
-                          "eval_count": 12}
+    assert chunks[-1] == {
+        "message": {"role": "assistant"},
+        "done": True,
+        "done_reason": "stop",
+        "eval_count": 12,
+    }
     assert len(events) <= 2
     # The request is over: a later batch for it is dropped, not relayed.
     await node.chunks("r1", [text_chunk("late")])
@@ -520,10 +540,12 @@ async def test_big_batches_cannot_flood_the_router(channel_layer, settings):
         pytest.param([text_chunk("x")] * (MAX_CHUNKS_PER_FRAME + 1), id="257-chunks"),
         pytest.param([text_chunk("x", done=True), text_chunk("y")], id="done-not-last"),
         pytest.param([text_chunk("x"), "y", text_chunk("z")], id="chunk-not-an-object"),
-        pytest.param([text_chunk("x"), {"message": ["y"], "done": False}],
-                     id="message-not-an-object"),
-        pytest.param([text_chunk("x"), {"message": {"content": "y"}, "done": "yes"}],
-                     id="done-not-a-boolean"),
+        pytest.param(
+            [text_chunk("x"), {"message": ["y"], "done": False}], id="message-not-an-object"
+        ),
+        pytest.param(
+            [text_chunk("x"), {"message": {"content": "y"}, "done": "yes"}], id="done-not-a-boolean"
+        ),
     ],
 )
 async def test_a_malformed_batch_fails_the_request_and_keeps_the_node(channel_layer, batch):
@@ -535,8 +557,11 @@ async def test_a_malformed_batch_fails_the_request_and_keeps_the_node(channel_la
     events, chunks = await received(channel_layer, reply_channel)
     # What came before the bad frame reaches the consumer, nothing of the frame, then the error.
     assert [c["message"]["content"] for c in chunks] == ["before "]
-    assert events[-1] == {"type": EventType.STREAM_ERROR, "request_id": "r1",
-                          "error": "ollama_error"}
+    assert events[-1] == {
+        "type": EventType.STREAM_ERROR,
+        "request_id": "r1",
+        "error": "ollama_error",
+    }
     # The connection is fine and serves the next request.
     await node.send({"type": "heartbeat", "node_id": "clumsy"})
     reply_channel = await serving(channel_layer, node, "r2")
@@ -570,13 +595,16 @@ async def test_a_batched_answer_reaches_an_sse_consumer_token_by_token(channel_l
     from tests.routing.test_views import HttpClient, sse_events
 
     node = await registered_node("sse-batcher")
-    client = HttpClient("POST", "/api/chat", {
-        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "count"}]})
+    client = HttpClient(
+        "POST",
+        "/api/chat",
+        {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "count"}]},
+    )
     assert (await client.start())[0] == 200
     request = await node.recv()
     words = [f"{i} " for i in range(30)]
     for start in range(0, 30, 7):
-        await node.chunks(request["request_id"], [text_chunk(w) for w in words[start:start + 7]])
+        await node.chunks(request["request_id"], [text_chunk(w) for w in words[start : start + 7]])
     await node.chunks(request["request_id"], [text_chunk("", done=True, done_reason="stop")])
     events = sse_events(await client.read_all())
     deltas = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
@@ -592,8 +620,62 @@ async def test_tool_calls_in_a_batch_cost_eight_frames_each(channel_layer, setti
     node = await registered_node("tool-flooder")
     await serving(channel_layer, node)
     call = {"function": {"name": "f", "arguments": {}}}
-    chunk = {"message": {"role": "assistant", "content": "", "tool_calls": [call] * 3},
-             "done": False}
+    chunk = {
+        "message": {"role": "assistant", "content": "", "tool_calls": [call] * 3},
+        "done": False,
+    }
     # One chunk of 3 tool calls: 25 frames' worth, more than the burst of 20.
     await node.chunks("r1", [chunk])
     assert await node.closed() == (1008, CloseReason.RATE_LIMITED)
+
+
+# --- caps, drain and undrain (docs/node-protocol-extensions.md) ------------------------------
+
+
+async def test_caps_and_draining_in_register_are_stored_and_undrain_serves_again(channel_layer):
+    node = ScriptedNode()
+    reply = await node.register(
+        limits={"num_ctx": 8192, "num_predict": "lots", "num_gpu": 1}, draining=True
+    )
+    assert {"drain", "models_update"} <= set(reply["features"])
+    [session] = await sessions()
+    assert (session.max_ctx, session.max_predict, session.draining) == (8192, None, True)
+    await node.send({"type": "undrain"})
+    await node.nothing_sent()
+    [session] = await sessions()
+    assert not session.draining
+    await node.send({"type": "drain"})
+    await node.nothing_sent()
+    assert (await sessions())[0].draining
+    await node.disconnect()
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"num_ctx": 0, "num_predict": -1},
+        {"num_ctx": True, "num_predict": 2.5},
+        {"num_ctx": 2**27 + 1, "num_predict": "64"},
+        [8192, 64],
+        "8192",
+    ],
+)
+async def test_caps_that_are_not_whole_numbers_in_range_count_as_none(channel_layer, limits):
+    node = ScriptedNode()
+    await node.register(limits=limits)
+    [session] = await sessions()
+    assert (session.max_ctx, session.max_predict) == (None, None)
+    await node.disconnect()
+
+
+async def test_a_node_the_router_is_moving_away_cannot_undrain(channel_layer):
+    node = await registered_node("moving")
+    await serving(channel_layer, node)  # a request in flight keeps it connected for now
+    [session] = await sessions()
+    await channel_layer.send(session.channel_name, {"type": "node.move"})
+    await node.send({"type": "undrain"})
+    await node.nothing_sent()
+    assert (await sessions())[0].draining
+    await node.chunk("r1", "", done=True)
+    assert await node.closed() == (1012, "router restarting")
+    await node.disconnect()

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
-from routing.models import InflightRequest
+from routing.models import InflightRequest, QueuedRequest
 from routing.services import Claim, NoSlot, inflight_claim, inflight_finish
 
 pytestmark = pytest.mark.django_db
@@ -21,12 +21,18 @@ def router_worker() -> RouterWorker:
     return RouterWorker.objects.create(worker_id="w1", started_at=now, last_seen=now)
 
 
-def make_node(worker: RouterWorker, name: str, *, models=("llama3.2:3b",), max_concurrent=2,
-              **fields) -> NodeSession:
+def make_node(
+    worker: RouterWorker, name: str, *, models=("llama3.2:3b",), max_concurrent=2, **fields
+) -> NodeSession:
     now = timezone.now()
     session = NodeSession.objects.create(
-        node_id=name, channel_name=f"chan.{name}", worker=worker,
-        max_concurrent=max_concurrent, connected_at=now, last_seen=now, **fields,
+        node_id=name,
+        channel_name=f"chan.{name}",
+        worker=worker,
+        max_concurrent=max_concurrent,
+        connected_at=now,
+        last_seen=now,
+        **fields,
     )
     for model in models:
         NodeModel.objects.create(session=session, name=model, size=1)
@@ -35,8 +41,14 @@ def make_node(worker: RouterWorker, name: str, *, models=("llama3.2:3b",), max_c
 
 def claim(model="llama3.2:3b", **kwargs):
     """A claim's node, or None when no slot was taken."""
-    result = inflight_claim(model=model, request_id=uuid.uuid4().hex, reply_channel="reply",
-                            worker_id="w1", arrived_at=timezone.now(), **kwargs)
+    result = inflight_claim(
+        model=model,
+        request_id=uuid.uuid4().hex,
+        reply_channel="reply",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+        **kwargs,
+    )
     return result if isinstance(result, Claim) else None
 
 
@@ -68,9 +80,14 @@ def test_least_busy_node_is_chosen(router_worker):
     busy = make_node(router_worker, "busy", max_concurrent=4)
     make_node(router_worker, "idle", max_concurrent=4)
     for i in range(2):
-        InflightRequest.objects.create(request_id=f"x{i}", session=busy, worker=router_worker,
-                                       model="llama3.2:3b", reply_channel="r",
-                                       created_at=timezone.now())
+        InflightRequest.objects.create(
+            request_id=f"x{i}",
+            session=busy,
+            worker=router_worker,
+            model="llama3.2:3b",
+            reply_channel="r",
+            created_at=timezone.now(),
+        )
     assert claim().node_id == "idle"
     assert claim().node_id == "idle"
     # Both now carry 2 of 4: the next two go one to each.
@@ -80,9 +97,14 @@ def test_least_busy_node_is_chosen(router_worker):
 def test_load_is_a_ratio_of_max_concurrent(router_worker):
     big = make_node(router_worker, "big", max_concurrent=10)
     make_node(router_worker, "tiny", max_concurrent=1)
-    InflightRequest.objects.create(request_id="b1", session=big, worker=router_worker,
-                                   model="llama3.2:3b", reply_channel="r",
-                                   created_at=timezone.now())
+    InflightRequest.objects.create(
+        request_id="b1",
+        session=big,
+        worker=router_worker,
+        model="llama3.2:3b",
+        reply_channel="r",
+        created_at=timezone.now(),
+    )
     # tiny is idle (0/1) and big is 1/10: tiny first, then big takes the rest.
     assert claim().node_id == "tiny"
     assert claim().node_id == "big"
@@ -150,8 +172,10 @@ def test_rows_left_by_a_response_that_never_started_are_reaped(router_worker, se
 def finish(claimed, kind, *, ttft_ms=None, tokens_per_s=None):
     from routing.services import Outcome
 
-    return inflight_finish(request_id=claimed.request_id,
-                           outcome=Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s))
+    return inflight_finish(
+        request_id=claimed.request_id,
+        outcome=Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s),
+    )
 
 
 def test_outcomes_become_moving_averages_and_counts(router_worker):
@@ -207,8 +231,13 @@ def test_queue_heads_are_the_oldest_waiting_request_of_each_model(router_worker)
     start = timezone.now()
     for rid, model in [("a2", "a:1b"), ("a1", "a:1b"), ("b1", "b:1b"), ("c1", "c:1b")]:
         arrived = start + timedelta(seconds=1 if rid == "a2" else 0)
-        QueuedRequest.objects.create(request_id=rid, model=model, worker=router_worker,
-                                     reply_channel=f"reply.{rid}", arrived_at=arrived)
+        QueuedRequest.objects.create(
+            request_id=rid,
+            model=model,
+            worker=router_worker,
+            reply_channel=f"reply.{rid}",
+            arrived_at=arrived,
+        )
     assert sorted(queue_heads(session_id=node.pk)) == ["reply.a1", "reply.b1"]
     assert queue_heads(models=["c:1b"]) == ["reply.c1"]
     assert queue_heads(models=[]) == []
@@ -222,8 +251,10 @@ def test_an_address_has_a_bounded_number_of_open_requests(router_worker, setting
     from routing.services import consumer_stream_open
 
     settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 2
-    opened = [consumer_stream_open(request_id=f"s{i}", client_ip="10.0.0.9", worker_id="w1")
-              for i in range(3)]
+    opened = [
+        consumer_stream_open(request_id=f"s{i}", client_ip="10.0.0.9", worker_id="w1")
+        for i in range(3)
+    ]
     assert opened == [True, True, False]
     assert consumer_stream_open(request_id="other", client_ip="10.0.0.10", worker_id="w1")
     assert consumer_stream_open(request_id="unknown", client_ip=None, worker_id="w1")
@@ -236,9 +267,14 @@ def test_a_pool_larger_than_the_selection_window_still_finds_its_one_free_node(r
     free = nodes[len(nodes) // 2]
     for node in nodes:
         if node is not free:
-            InflightRequest.objects.create(request_id=f"busy-{node.pk}", session=node,
-                                           worker=router_worker, model="llama3.2:3b",
-                                           reply_channel="r", created_at=timezone.now())
+            InflightRequest.objects.create(
+                request_id=f"busy-{node.pk}",
+                session=node,
+                worker=router_worker,
+                model="llama3.2:3b",
+                reply_channel="r",
+                created_at=timezone.now(),
+            )
     for _ in range(5):  # wherever the window starts
         claimed = claim()
         assert claimed.node_id == free.node_id
@@ -308,3 +344,84 @@ def test_an_expired_load_or_the_switched_off_preference_counts_as_not_loaded(
             inflight_finish(request_id=claimed.request_id)
     # Ties go either way at random: each node is chosen about half the time.
     assert min(chosen.values()) >= 3 and set(chosen) == {"expired", "other", "warm", "cold"}
+
+
+# --- caps a node set in register.limits (docs/node-protocol-extensions.md) -------------------
+
+
+def demand(num_ctx=0, num_predict=0):
+    from routing.services import Demand
+
+    return Demand(num_ctx=num_ctx, num_predict=num_predict)
+
+
+def refusal(**kwargs):
+    result = inflight_claim(
+        model="llama3.2:3b",
+        request_id=uuid.uuid4().hex,
+        reply_channel="reply",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+        **kwargs,
+    )
+    assert not isinstance(result, Claim), result
+    return result
+
+
+def test_a_request_goes_only_to_nodes_whose_caps_take_it(router_worker):
+    make_node(router_worker, "small", max_ctx=2048, max_predict=128, max_concurrent=10)
+    make_node(router_worker, "open")  # no caps: takes anything
+    # "small" is idle and the lighter loaded, but its caps are lower than asked.
+    assert claim(demand=demand(num_ctx=4096)).node_id == "open"
+    assert claim(demand=demand(num_ctx=4096)).node_id == "open"
+    # "open" is full (2 of 2): a request over small's caps waits rather than going there.
+    over = refusal(demand=demand(num_ctx=4096))
+    assert (over.served, over.over) == (True, None)
+    assert claim(demand=demand(num_ctx=2048, num_predict=128)).node_id == "small"
+    assert claim().node_id == "small"
+
+
+def test_a_request_over_every_live_nodes_caps_is_refused_naming_the_largest_cap(router_worker):
+    from routing.services import OverLimit
+
+    make_node(router_worker, "a", max_ctx=2048, max_predict=128)
+    make_node(router_worker, "b", max_ctx=8192, max_predict=64, draining=True)
+    stale = make_node(router_worker, "stale", max_ctx=65536)
+    NodeSession.objects.filter(pk=stale.pk).update(last_seen=timezone.now() - timedelta(hours=1))
+    # Even while others wait in the model's queue: nothing will ever take it.
+    QueuedRequest.objects.create(
+        request_id="older",
+        model="llama3.2:3b",
+        reply_channel="r",
+        worker_id="w1",
+        arrived_at=timezone.now() - timedelta(seconds=5),
+    )
+    assert refusal(demand=demand(num_ctx=9000)).over == OverLimit(
+        model="llama3.2:3b", option="num_ctx", limit=8192
+    )
+    assert refusal(demand=demand(num_predict=129)).over == OverLimit(
+        model="llama3.2:3b", option="num_predict", limit=128
+    )
+    # Each fits a node alone, but no node takes both.
+    both = refusal(demand=demand(num_ctx=4096, num_predict=100))
+    assert both.over == OverLimit(model="llama3.2:3b", option="")
+    assert not both.served
+    # Within a cap it is no refusal: it waits its turn (b drains, a waits for "older").
+    assert refusal(demand=demand(num_ctx=8192)).over is None
+
+
+def test_a_node_without_caps_or_a_request_without_demand_is_never_over_a_limit(router_worker):
+    make_node(router_worker, "capped", max_ctx=2048, max_predict=128, max_concurrent=1)
+    assert claim().node_id == "capped"
+    assert refusal().over is None  # busy, not over anything
+    make_node(router_worker, "open", max_concurrent=1)
+    assert claim(demand=demand(num_ctx=10**6, num_predict=10**6)).node_id == "open"
+
+
+def test_demand_is_read_from_positive_number_options_only():
+    from routing.services import MAX_DEMAND, Demand
+
+    assert Demand.of(None) == Demand() and not Demand()
+    assert Demand.of({"num_ctx": 4096.2, "num_predict": -1}) == Demand(num_ctx=4097)
+    assert Demand.of({"num_predict": True, "num_ctx": "8192"}) == Demand()
+    assert Demand.of({"num_ctx": 1e300}).num_ctx == MAX_DEMAND

@@ -33,12 +33,21 @@ def script_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_script(name: str, *args: str, env: dict[str, str] | None = None,
-               stdin: str | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+def run_script(
+    name: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 20,
+) -> subprocess.CompletedProcess:
     """Run ``python skill_scripts/<name> args`` to completion."""
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *args], env=env or script_env(), input=stdin,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(SCRIPTS / name), *args],
+        env=env or script_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -54,8 +63,11 @@ class ScriptProcess:
 
     def __init__(self, name: str, *args: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPTS / name), *args], env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, str(SCRIPTS / name), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
@@ -124,8 +136,11 @@ class Emulator:
 
     def reset(self) -> None:
         """Forget earlier requests, once the streams of earlier tests have ended."""
-        wait_until(lambda: self.stats()["active"] == 0, timeout=5,
-                   what="the emulator's streams from an earlier test to end")
+        wait_until(
+            lambda: self.stats()["active"] == 0,
+            timeout=5,
+            what="the emulator's streams from an earlier test to end",
+        )
         status, _ = http_json(f"{self.url}/_emulator/reset", {}, timeout=5)
         assert status == 200
 
@@ -139,8 +154,10 @@ class Emulator:
 @pytest.fixture(scope="module")
 def _ollama_process():
     emulator = Emulator(
-        "--model", f"{THINKING_MODEL},size={THINKING_MODEL_SIZE},caps=completion+tools+thinking",
-        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion",
+        "--model",
+        f"{THINKING_MODEL},size={THINKING_MODEL_SIZE},caps=completion+tools+thinking",
+        "--model",
+        f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion",
     )
     yield emulator
     emulator.proc.stop()
@@ -148,16 +165,23 @@ def _ollama_process():
 
 @pytest.fixture(scope="module")
 def _slow_ollama_process():
-    emulator = Emulator("--token-delay", "0.05", "--reply-tokens", "200",
-                        "--model", f"{SLOW_MODEL},size=2019393189,caps=completion+tools")
+    emulator = Emulator(
+        "--token-delay",
+        "0.05",
+        "--reply-tokens",
+        "200",
+        "--model",
+        f"{SLOW_MODEL},size=2019393189,caps=completion+tools",
+    )
     yield emulator
     emulator.proc.stop()
 
 
 @pytest.fixture(scope="module")
 def _long_ollama_process():
-    emulator = Emulator("--reply-tokens", "300",
-                        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion")
+    emulator = Emulator(
+        "--reply-tokens", "300", "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE},caps=completion"
+    )
     yield emulator
     emulator.proc.stop()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -46,13 +47,31 @@ def _params(**overrides):
 
 def test_params_keep_only_the_whitelisted_keys_and_force_stream():
     clean = contribute.sanitize_params(
-        _params(stream=False, think=True, keep_alive="5m", options={"temperature": 0.2},
-                tools=[{"type": "function", "function": {"name": "f"}}], format="json",
-                raw=True, template="{{ .Prompt }}", system="evil", images=["x"], suffix="s"),
+        _params(
+            stream=False,
+            think=True,
+            keep_alive="5m",
+            options={"temperature": 0.2},
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            format="json",
+            raw=True,
+            template="{{ .Prompt }}",
+            system="evil",
+            images=["x"],
+            suffix="s",
+        ),
         MODELS,
     )
-    assert set(clean) == {"model", "messages", "stream", "think", "keep_alive", "options",
-                          "tools", "format"}
+    assert set(clean) == {
+        "model",
+        "messages",
+        "stream",
+        "think",
+        "keep_alive",
+        "options",
+        "tools",
+        "format",
+    }
     assert clean["stream"] is True
 
 
@@ -70,32 +89,35 @@ def test_params_drop_options_that_control_the_contributors_hardware():
     assert clean["options"] == {"temperature": 0.1}
 
 
-@pytest.mark.parametrize("params", [
-    None,
-    [],
-    _params(model="other:7b"),
-    _params(model=None),
-    _params(messages="hi"),
-    _params(messages=[{"role": "user", "content": "x"}] * 51),
-    _params(messages=[{"role": "root", "content": "x"}]),
-    _params(messages=[{"role": "user", "content": "x" * 10_001}]),
-    _params(messages=[{"role": "user", "content": 5}]),
-    _params(messages=[{"role": "user"}]),
-    _params(messages=["hi"]),
-    _params(think="very"),
-    _params(options="fast"),
-    _params(tools="all"),
-    _params(format=5),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        [],
+        _params(model="other:7b"),
+        _params(model=None),
+        _params(messages="hi"),
+        _params(messages=[{"role": "user", "content": "x"}] * 51),
+        _params(messages=[{"role": "root", "content": "x"}]),
+        _params(messages=[{"role": "user", "content": "x" * 10_001}]),
+        _params(messages=[{"role": "user", "content": 5}]),
+        _params(messages=[{"role": "user"}]),
+        _params(messages=["hi"]),
+        _params(think="very"),
+        _params(options="fast"),
+        _params(tools="all"),
+        _params(format=5),
+    ],
+)
 def test_params_outside_the_protocol_limits_are_invalid(params):
     with pytest.raises(contribute.InvalidRequest):
         contribute.sanitize_params(params, MODELS)
 
 
 def test_params_at_the_limits_are_accepted():
-    messages = [{"role": r, "content": "x" * 10_000}
-                for r in ("system", "user", "assistant", "tool")] * 12 + [
-        {"role": "user", "content": ""}, {"role": "user", "content": "y"}]
+    messages = [
+        {"role": r, "content": "x" * 10_000} for r in ("system", "user", "assistant", "tool")
+    ] * 12 + [{"role": "user", "content": ""}, {"role": "user", "content": "y"}]
     assert len(messages) == 50
     clean = contribute.sanitize_params(_params(messages=messages), MODELS)
     assert len(clean["messages"]) == 50
@@ -105,27 +127,58 @@ def test_params_at_the_limits_are_accepted():
 
 
 def test_chunk_keeps_only_the_answer_fields():
-    line = {"model": "tiny:1b", "created_at": "now", "message": {
-        "role": "assistant", "content": "Hi", "thinking": "hm", "images": ["x"],
-        "tool_calls": [{"function": {"name": "f", "arguments": {}}}], "extra": 1},
-        "done": False, "context": [1, 2], "eval_count": 9}
+    line = {
+        "model": "tiny:1b",
+        "created_at": "now",
+        "message": {
+            "role": "assistant",
+            "content": "Hi",
+            "thinking": "hm",
+            "images": ["x"],
+            "tool_calls": [{"function": {"name": "f", "arguments": {}}}],
+            "extra": 1,
+        },
+        "done": False,
+        "context": [1, 2],
+        "eval_count": 9,
+    }
     assert contribute.build_chunk(line) == {
-        "message": {"role": "assistant", "content": "Hi", "thinking": "hm",
-                    "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        "message": {
+            "role": "assistant",
+            "content": "Hi",
+            "thinking": "hm",
+            "tool_calls": [{"function": {"name": "f", "arguments": {}}}],
+        },
         "done": False,
     }
 
 
 def test_final_chunk_carries_done_reason_and_stats_only():
-    line = {"message": {"role": "assistant", "content": ""}, "done": True,
-            "done_reason": "stop", "total_duration": 10, "load_duration": 1,
-            "prompt_eval_count": 3, "prompt_eval_duration": 2, "eval_count": 4,
-            "eval_duration": 5, "context": [1, 2, 3], "model": "tiny:1b"}
+    line = {
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 10,
+        "load_duration": 1,
+        "prompt_eval_count": 3,
+        "prompt_eval_duration": 2,
+        "eval_count": 4,
+        "eval_duration": 5,
+        "context": [1, 2, 3],
+        "model": "tiny:1b",
+    }
     chunk = contribute.build_chunk(line)
-    assert chunk == {"message": {"role": "assistant", "content": ""}, "done": True,
-                     "done_reason": "stop", "total_duration": 10, "load_duration": 1,
-                     "prompt_eval_count": 3, "prompt_eval_duration": 2, "eval_count": 4,
-                     "eval_duration": 5}
+    assert chunk == {
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 10,
+        "load_duration": 1,
+        "prompt_eval_count": 3,
+        "prompt_eval_duration": 2,
+        "eval_count": 4,
+        "eval_duration": 5,
+    }
 
 
 def _text_chunk(content: str, done: bool = False) -> dict:
@@ -138,7 +191,8 @@ def test_chunks_are_packed_in_order_into_frames_of_at_most_256_chunks():
     decoded = [json.loads(frame) for frame in frames]
     assert [len(frame["chunks"]) for frame in decoded] == [256, 256, 89]
     assert {(frame["type"], frame["request_id"]) for frame in decoded} == {
-        ("inference_chunks", "r-1")}
+        ("inference_chunks", "r-1")
+    }
     assert [chunk for frame in decoded for chunk in frame["chunks"]] == chunks
     assert oversized == []
 
@@ -158,8 +212,13 @@ def test_a_batch_of_exactly_100000_bytes_is_one_frame():
     def frames_for(extra: int) -> list[str]:
         empty = len(contribute.pack_chunks("r", [_text_chunk("")], batched=True)[0][0])
         # Two chunks of equal size whose frame is 100,000 bytes plus ``extra``.
-        filler = (100_000 - 2 * empty + len('{"type":"inference_chunks","request_id":"r",'
-                                            '"chunks":[]}') - 1 + extra)
+        filler = (
+            100_000
+            - 2 * empty
+            + len('{"type":"inference_chunks","request_id":"r","chunks":[]}')
+            - 1
+            + extra
+        )
         chunks = [_text_chunk("a" * (filler // 2)), _text_chunk("b" * (filler - filler // 2))]
         return contribute.pack_chunks("r", chunks, batched=True)[0]
 
@@ -179,8 +238,11 @@ def test_without_batching_each_chunk_is_its_own_inference_chunk_frame():
 
 def test_frames_over_100000_bytes_are_not_encoded():
     small = {"type": "inference_chunk", "request_id": "r", "chunk": {"message": {}}}
-    big = {"type": "inference_chunk", "request_id": "r", "chunk": {"message": {
-        "content": "é" * 50_000}}}
+    big = {
+        "type": "inference_chunk",
+        "request_id": "r",
+        "chunk": {"message": {"content": "é" * 50_000}},
+    }
     assert json.loads(contribute.encode_frame(small)) == small
     assert contribute.encode_frame(big) is None
 
@@ -329,8 +391,10 @@ def test_selecting_more_than_twenty_models_keeps_the_twenty_largest():
 
 
 def test_selecting_models_by_name_accepts_the_latest_tag_and_refuses_unknown_names():
-    local = [contribute.LocalModel(name="llama3.2:latest", size=1),
-             contribute.LocalModel(name="qwen3:8b", size=2)]
+    local = [
+        contribute.LocalModel(name="llama3.2:latest", size=1),
+        contribute.LocalModel(name="qwen3:8b", size=2),
+    ]
     assert [m.name for m in contribute.select_models(local, ["llama3.2"])] == ["llama3.2:latest"]
     with pytest.raises(contribute.StartupError, match="not a local model: nope") as info:
         contribute.select_models(local, ["qwen3:8b", "nope"])
@@ -341,8 +405,10 @@ def test_selecting_models_by_name_accepts_the_latest_tag_and_refuses_unknown_nam
 
 
 def test_exits_1_with_advice_when_ollama_is_not_running():
-    env = script_env(OLLAMA_HOST=f"127.0.0.1:{closed_port()}",
-                     IDLECLAW_SERVER=f"http://127.0.0.1:{closed_port()}")
+    env = script_env(
+        OLLAMA_HOST=f"127.0.0.1:{closed_port()}",
+        IDLECLAW_SERVER=f"http://127.0.0.1:{closed_port()}",
+    )
     result = run_script("contribute.py", env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -366,13 +432,24 @@ def test_exits_2_for_a_model_that_is_not_local(ollama):
 
 def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator, **registered):
     with FakeRouter() as router:
-        proc = ScriptProcess("contribute.py", "--max-concurrent", "1",
-                             env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
+        proc = ScriptProcess(
+            "contribute.py",
+            "--max-concurrent",
+            "1",
+            env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+        )
         started_scripts.append(proc)
         router.accept()
         register = router.recv()
-        router.send({"type": "registered", "node_id": register["node_id"],
-                     "heartbeat_interval": 1, "resume_token": "tok-1", **registered})
+        router.send(
+            {
+                "type": "registered",
+                "node_id": register["node_id"],
+                "heartbeat_interval": 1,
+                "resume_token": "tok-1",
+                **registered,
+            }
+        )
         proc.wait_for("registered")
         yield proc, router, ollama, register
 
@@ -399,8 +476,9 @@ def batching_node(started_scripts, long_ollama):
 def _direct_chunks(ollama: Emulator, params: dict) -> list[dict]:
     """What Ollama streams for ``params``, asked directly, reduced as a node reduces it, without
     the timings of the last chunk (they differ from run to run)."""
-    with requests.post(f"{ollama.url}/api/chat", json={**params, "stream": True}, stream=True,
-                       timeout=20) as response:
+    with requests.post(
+        f"{ollama.url}/api/chat", json={**params, "stream": True}, stream=True, timeout=20
+    ) as response:
         lines = [json.loads(line) for line in response.iter_lines() if line]
     return [(chunk["message"], chunk["done"]) for chunk in map(contribute.build_chunk, lines)]
 
@@ -425,19 +503,21 @@ def test_node_sends_the_chunks_that_arrived_together_in_one_frame(batching_node)
     assert {frame["type"] for frame in frames} == {"inference_chunks"}
     chunks = [chunk for frame in frames for chunk in frame["chunks"]]
     # Every token, in order, each its own chunk, as Ollama sent them.
-    assert [(chunk["message"], chunk["done"]) for chunk in chunks] == _direct_chunks(
-        ollama, params)
+    assert [(chunk["message"], chunk["done"]) for chunk in chunks] == _direct_chunks(ollama, params)
     assert len(chunks) == 301
     assert len(frames) < len(chunks)
     assert all(1 <= len(frame["chunks"]) <= 256 for frame in frames)
     proc.wait_for(f"({len(chunks)} chunks in {len(frames)} frames)")
 
 
-@pytest.mark.parametrize("registered", [
-    pytest.param({}, id="no-features"),
-    pytest.param({"features": ["some_other_extension"]}, id="other-features"),
-    pytest.param({"features": "inference_chunks"}, id="features-not-a-list"),
-])
+@pytest.mark.parametrize(
+    "registered",
+    [
+        pytest.param({}, id="no-features"),
+        pytest.param({"features": ["some_other_extension"]}, id="other-features"),
+        pytest.param({"features": "inference_chunks"}, id="features-not-a-list"),
+    ],
+)
 def test_node_sends_only_inference_chunk_to_a_router_without_the_feature(
     started_scripts, long_ollama, registered
 ):
@@ -447,7 +527,8 @@ def test_node_sends_only_inference_chunk_to_a_router_without_the_feature(
     frames = _frames(router, "old-1")
     assert {frame["type"] for frame in frames} == {"inference_chunk"}
     assert [(f["chunk"]["message"], f["chunk"]["done"]) for f in frames] == _direct_chunks(
-        ollama, params)
+        ollama, params
+    )
     proc.wait_for("(301 chunks in 301 frames)")
 
 
@@ -514,42 +595,79 @@ def test_node_registers_its_models_with_capabilities_and_details(node):
 def test_node_streams_whitelisted_chunks_and_logs_no_text(node):
     proc, router, ollama, _ = node
     messages = [{"role": "user", "content": "secret prompt"}]
-    router.send({"type": "inference_request", "request_id": "req-1", "ollama_params": {
-        "model": THINKING_MODEL, "messages": messages, "stream": False, "raw": True,
-        "options": {"num_gpu": 1, "seed": 7}}})
+    router.send(
+        {
+            "type": "inference_request",
+            "request_id": "req-1",
+            "ollama_params": {
+                "model": THINKING_MODEL,
+                "messages": messages,
+                "stream": False,
+                "raw": True,
+                "options": {"num_gpu": 1, "seed": 7},
+            },
+        }
+    )
     chunks = _answer(router, "req-1")
-    assert ollama.stats()["requests"] == [{
-        "model": THINKING_MODEL, "messages": messages, "stream": True, "options": {"seed": 7}}]
-    expected = ollama.answer({"model": THINKING_MODEL, "messages": messages,
-                              "options": {"seed": 7}})
+    assert ollama.stats()["requests"] == [
+        {"model": THINKING_MODEL, "messages": messages, "stream": True, "options": {"seed": 7}}
+    ]
+    expected = ollama.answer(
+        {"model": THINKING_MODEL, "messages": messages, "options": {"seed": 7}}
+    )
     assert expected["message"]["thinking"] and expected["message"]["content"]
     assert "".join(c["message"]["content"] for c in chunks) == expected["message"]["content"]
-    assert "".join(c["message"].get("thinking", "") for c in chunks) == (
-        expected["message"]["thinking"])
+    assert (
+        "".join(c["message"].get("thinking", "") for c in chunks)
+        == (expected["message"]["thinking"])
+    )
     # Ollama's model and created_at stay on this machine.
     assert all(set(c) == {"message", "done"} for c in chunks[:-1])
     assert all(set(c["message"]) <= {"role", "content", "thinking"} for c in chunks)
-    assert set(chunks[-1]) == {"message", "done", "done_reason", "total_duration",
-                               "load_duration", "prompt_eval_count", "prompt_eval_duration",
-                               "eval_count", "eval_duration"}
+    assert set(chunks[-1]) == {
+        "message",
+        "done",
+        "done_reason",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    }
     assert chunks[-1]["done_reason"] == "stop"
     assert chunks[-1]["eval_count"] == expected["eval_count"]
     finished = proc.wait_for("request req-1 finished")
     assert f"model={THINKING_MODEL} tokens={expected['eval_count']}" in finished
-    words = [piece.strip() for c in chunks
-             for piece in (c["message"]["content"], c["message"].get("thinking", ""))
-             if piece.strip()]
+    words = [
+        piece.strip()
+        for c in chunks
+        for piece in (c["message"]["content"], c["message"].get("thinking", ""))
+        if piece.strip()
+    ]
     assert not any("secret" in line or any(w in line for w in words) for line in proc.lines)
 
 
 def test_node_forwards_tool_calls_and_logs_ollamas_token_count(node):
     proc, router, ollama, _ = node
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}
-    params = {"model": THINKING_MODEL, "think": False, "tools": [tool],
-              "messages": [{"role": "user", "content": "weather in Oslo?"}]}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    params = {
+        "model": THINKING_MODEL,
+        "think": False,
+        "tools": [tool],
+        "messages": [{"role": "user", "content": "weather in Oslo?"}],
+    }
     router.send({"type": "inference_request", "request_id": "req-5", "ollama_params": params})
     chunks = _answer(router, "req-5")
     expected = ollama.answer(params)
@@ -562,19 +680,39 @@ def test_node_forwards_tool_calls_and_logs_ollamas_token_count(node):
 
 def test_node_refuses_a_model_it_did_not_register(node):
     _, router, ollama, _ = node
-    router.send({"type": "inference_request", "request_id": "req-2",
-                 "ollama_params": {"model": "huge:70b", "messages": []}})
-    assert router.recv() == {"type": "inference_error", "request_id": "req-2",
-                             "error": "invalid_request"}
+    router.send(
+        {
+            "type": "inference_request",
+            "request_id": "req-2",
+            "ollama_params": {"model": "huge:70b", "messages": []},
+        }
+    )
+    assert router.recv() == {
+        "type": "inference_error",
+        "request_id": "req-2",
+        "error": "invalid_request",
+    }
     assert ollama.stats()["requests"] == []
 
 
 def test_node_reports_ollama_error_when_ollama_rejects_the_request(node):
     proc, router, ollama, _ = node
-    router.send({"type": "inference_request", "request_id": "req-4", "ollama_params": {
-        "model": PLAIN_MODEL, "messages": [{"role": "user", "content": "hi"}], "think": True}})
-    assert router.recv() == {"type": "inference_error", "request_id": "req-4",
-                             "error": "ollama_error"}
+    router.send(
+        {
+            "type": "inference_request",
+            "request_id": "req-4",
+            "ollama_params": {
+                "model": PLAIN_MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "think": True,
+            },
+        }
+    )
+    assert router.recv() == {
+        "type": "inference_error",
+        "request_id": "req-4",
+        "error": "ollama_error",
+    }
     assert ollama.stats()["rejected"] == 1
     failed = proc.wait_for("request req-4 failed")
     assert "HTTP 400" in failed and "does not support thinking" in failed
@@ -584,8 +722,12 @@ def test_node_sends_heartbeats_and_ignores_unknown_frames(node):
     _, router, _, register = node
     router.send({"type": "something_new", "x": 1})
     heartbeat = router.recv(timeout=3, skip=())
-    assert heartbeat == {"type": "heartbeat", "node_id": register["node_id"],
-                         "active_requests": 0, "available": True}
+    assert heartbeat == {
+        "type": "heartbeat",
+        "node_id": register["node_id"],
+        "active_requests": 0,
+        "available": True,
+    }
 
 
 def test_show_and_ps_answers_are_reduced_to_what_the_router_reads():
@@ -680,8 +822,11 @@ def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(slow_node):
     assert refused["type"] == "inference_error" and refused["request_id"] == "slow-2"
     assert ollama.stats()["chat_started"] == 1
     router.send({"type": "cancel_request", "request_id": "slow-1"})
-    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=3,
-               what="Ollama to see its stream closed")
+    wait_until(
+        lambda: ollama.stats()["chat_cancelled"] == 1,
+        timeout=3,
+        what="Ollama to see its stream closed",
+    )
     proc.wait_for("request slow-1 stopped")
     time.sleep(0.3)
     # Chunks already on the wire when the cancel was sent may arrive, but no error, and
@@ -691,8 +836,13 @@ def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(slow_node):
     time.sleep(0.5)
     assert _late_frames(router) == []
     # The slot is free again.
-    router.send({"type": "inference_request", "request_id": "slow-3", "ollama_params": {
-        **params, "options": {"num_predict": 2}}})
+    router.send(
+        {
+            "type": "inference_request",
+            "request_id": "slow-3",
+            "ollama_params": {**params, "options": {"num_predict": 2}},
+        }
+    )
     assert _answer(router, "slow-3")[-1]["done_reason"] == "length"
     stats = ollama.stats()
     assert (stats["chat_started"], stats["chat_completed"]) == (2, 1)
@@ -701,8 +851,9 @@ def test_cancel_closes_the_ollama_stream_and_nothing_more_is_sent(slow_node):
 @pytest.fixture
 def loading_node(started_scripts):
     """A registered contributor whose Ollama spends 1 s loading the model for each request."""
-    ollama = Emulator("--load-delay", "1", "--token-delay", "0.05",
-                      "--model", f"{SLOW_MODEL},caps=completion")
+    ollama = Emulator(
+        "--load-delay", "1", "--token-delay", "0.05", "--model", f"{SLOW_MODEL},caps=completion"
+    )
     try:
         yield from _registered_node(started_scripts, ollama)
     finally:
@@ -713,16 +864,25 @@ def test_cancel_while_ollama_loads_the_model_frees_the_slot_at_once(loading_node
     proc, router, ollama, _ = loading_node
     params = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}
     router.send({"type": "inference_request", "request_id": "load-1", "ollama_params": params})
-    wait_until(lambda: ollama.stats()["chat_started"] == 1, timeout=3,
-               what="the request to reach Ollama")
+    wait_until(
+        lambda: ollama.stats()["chat_started"] == 1, timeout=3, what="the request to reach Ollama"
+    )
     router.send({"type": "cancel_request", "request_id": "load-1"})
     proc.wait_for("request load-1 cancelled")
     # Ollama has sent nothing yet, but the router counts the slot as free: so does the node.
-    router.send({"type": "inference_request", "request_id": "load-2", "ollama_params": {
-        **params, "options": {"num_predict": 2}}})
+    router.send(
+        {
+            "type": "inference_request",
+            "request_id": "load-2",
+            "ollama_params": {**params, "options": {"num_predict": 2}},
+        }
+    )
     assert _answer(router, "load-2")[-1]["done_reason"] == "length"
-    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=3,
-               what="Ollama to see the cancelled stream closed")
+    wait_until(
+        lambda: ollama.stats()["chat_cancelled"] == 1,
+        timeout=3,
+        what="Ollama to see the cancelled stream closed",
+    )
     assert _late_frames(router) == []
 
 
@@ -738,24 +898,39 @@ def test_node_reconnects_with_its_resume_token(node):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_node_promptly_during_a_request(slow_node, sig):
+def test_a_first_signal_refuses_new_requests_and_a_second_stops_at_once(slow_node, sig):
     proc, router, ollama, _ = slow_node
-    router.send({"type": "inference_request", "request_id": "slow-9", "ollama_params": {
-        "model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}})
+    params = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "go"}]}
+    router.send({"type": "inference_request", "request_id": "slow-9", "ollama_params": params})
     router.recv()
+    proc.proc.send_signal(sig)
+    proc.wait_for("stopping: finishing 1 request in flight first (Ctrl+C again stops at once)")
+    # This router does not take drain: what it still sends is refused, and it tries elsewhere.
+    router.send({"type": "inference_request", "request_id": "late-1", "ollama_params": params})
+    assert router.recv(skip=("heartbeat", "inference_chunk")) == {
+        "type": "inference_error",
+        "request_id": "late-1",
+        "error": "node paused: not taking requests",
+    }
+    assert ollama.stats()["chat_started"] == 1
     code, took = proc.stop(sig)
     assert code == 0
     assert took < 2.5
-    wait_until(lambda: ollama.stats()["chat_cancelled"] == 1, timeout=2,
-               what="Ollama to see its stream closed")
+    wait_until(
+        lambda: ollama.stats()["chat_cancelled"] == 1,
+        timeout=2,
+        what="Ollama to see its stream closed",
+    )
+    proc.wait_for("stopping at once: 1 request in flight cancelled", timeout=2)
     proc.wait_for("stopped; goodbye", timeout=2)
     assert not any("Traceback" in line for line in proc.lines)
 
 
 def test_permanent_refusal_exits_1_with_the_reason(started_scripts, ollama):
     with FakeRouter() as router:
-        proc = ScriptProcess("contribute.py",
-                             env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
+        proc = ScriptProcess(
+            "contribute.py", env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url)
+        )
         started_scripts.append(proc)
         router.accept()
         router.recv()
@@ -768,20 +943,30 @@ def test_permanent_refusal_exits_1_with_the_reason(started_scripts, ollama):
 def test_batched_answer_reaches_the_consumer_through_the_real_router_token_by_token(
     router, long_ollama, started_scripts
 ):
-    proc = ScriptProcess("contribute.py",
-                         env=script_env(OLLAMA_HOST=long_ollama.url, IDLECLAW_SERVER=router.url))
+    proc = ScriptProcess(
+        "contribute.py", env=script_env(OLLAMA_HOST=long_ollama.url, IDLECLAW_SERVER=router.url)
+    )
     started_scripts.append(proc)
     proc.wait_for("registered")
     messages = [{"role": "user", "content": "tell me everything"}]
-    expected = [message["content"] for message, done in
-                _direct_chunks(long_ollama, {"model": PLAIN_MODEL, "messages": messages})
-                if message["content"]]
+    expected = [
+        message["content"]
+        for message, done in _direct_chunks(
+            long_ollama, {"model": PLAIN_MODEL, "messages": messages}
+        )
+        if message["content"]
+    ]
     assert len(expected) == 300
-    with requests.post(f"{router.url}/api/chat", json={"model": PLAIN_MODEL,
-                       "messages": messages}, stream=True, timeout=30) as response:
+    with requests.post(
+        f"{router.url}/api/chat",
+        json={"model": PLAIN_MODEL, "messages": messages},
+        stream=True,
+        timeout=30,
+    ) as response:
         assert response.status_code == 200, router.output
-        events = [line[len(b"data: "):] for line in response.iter_lines()
-                  if line.startswith(b"data: ")]
+        events = [
+            line[len(b"data: ") :] for line in response.iter_lines() if line.startswith(b"data: ")
+        ]
     assert events[-1] == b"[DONE]"
     deltas = [json.loads(event)["choices"][0] for event in events[:-1]]
     assert [d["delta"]["content"] for d in deltas if d["delta"].get("content")] == expected
@@ -794,8 +979,12 @@ def test_batched_answer_reaches_the_consumer_through_the_real_router_token_by_to
 
 def _read_answer(url: str, *, name: str):
     """A streamed answer from the emulator at ``url``, read by a contributor's line reader."""
-    response = requests.post(f"{url}/api/chat", stream=True, timeout=10, json={
-        "model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    response = requests.post(
+        f"{url}/api/chat",
+        stream=True,
+        timeout=10,
+        json={"model": "m:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
     return response, contribute._LineReader(response, name=name).batches()
 
 
@@ -837,8 +1026,9 @@ def test_a_request_that_stops_early_releases_its_reader(monkeypatch):
         response, batches = _read_answer(url, name="test-reader-stop")
         next(batches)
         batches.close()  # the request ended (cancelled, or the router went away)
-        wait_until(lambda: not any(t.name == "test-reader-stop" for t in threading.enumerate()),
-                   timeout=5)
+        wait_until(
+            lambda: not any(t.name == "test-reader-stop" for t in threading.enumerate()), timeout=5
+        )
         response.close()
     finally:
         proc.stop()
@@ -846,14 +1036,143 @@ def test_a_request_that_stops_early_releases_its_reader(monkeypatch):
 
 def test_the_routers_registration_warnings_are_shown_escaped(started_scripts, ollama):
     with FakeRouter() as router:
-        proc = ScriptProcess("contribute.py", "--max-concurrent", "1",
-                             env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url))
+        proc = ScriptProcess(
+            "contribute.py",
+            "--max-concurrent",
+            "1",
+            env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+        )
         started_scripts.append(proc)
         router.accept()
         register = router.recv()
-        router.send({"type": "registered", "node_id": register["node_id"],
-                     "heartbeat_interval": 1,
-                     "warnings": ["model 'bad name\x1b]0;title\x07' dropped"]})
+        router.send(
+            {
+                "type": "registered",
+                "node_id": register["node_id"],
+                "heartbeat_interval": 1,
+                "warnings": ["model 'bad name\x1b]0;title\x07' dropped"],
+            }
+        )
         line = proc.wait_for("the router says")
         assert "model 'bad name\\x1b]0;title\\x07' dropped" in line
         assert "\x1b" not in line and "\x07" not in line
+
+
+# --------------------------------------------------------------------------- routers without
+# the drain and models_update extensions (docs/node-protocol-extensions.md)
+
+
+def test_a_paused_node_leaves_a_router_without_drain_and_returns_when_the_program_ends(
+    started_scripts, ollama
+):
+    game = "idleclaw-test-game"
+    dummy = subprocess.Popen(["bash", "-c", f"exec -a {game} sleep 30"])
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--pause-while",
+                f"other-game,{game}",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            proc.wait_for(f"paused: {game} is running")
+            router.accept()
+            register = router.recv()
+            assert register["draining"] is True  # for a router that knows the extension
+            router.send({"type": "registered", "node_id": register["node_id"]})
+            # This one does not (no "drain" in features): the node leaves it while paused.
+            assert router.recv(skip=("heartbeat",))["type"] == "_closed"
+            proc.wait_for("paused; disconnected from the router until serving again")
+            assert router.connections.empty()
+            dummy.kill()
+            dummy.wait()
+            router.accept()
+            again = router.recv()
+            assert again["node_id"] == register["node_id"]
+            assert "draining" not in again
+            proc.wait_for(f"resumed (was paused: {game} is running)")
+    finally:
+        dummy.kill()
+        dummy.wait()
+
+
+def test_warmup_loads_each_model_and_an_old_router_hears_of_new_models_by_a_new_register(
+    started_scripts,
+):
+    ollama = Emulator(
+        "--model", f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}", "--model", "gone:1b,size=5"
+    )
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--warmup",
+                "--keep-alive",
+                "3m",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            router.accept()
+            register = router.recv()
+            # Both models were loaded before the node registered, with the node's keep_alive.
+            assert ollama.stats()["requests"] == [
+                {"model": PLAIN_MODEL, "stream": False, "keep_alive": "3m"},
+                {"model": "gone:1b", "stream": False, "keep_alive": "3m"},
+            ]
+            assert [m["name"] for m in register["models"]] == [PLAIN_MODEL, "gone:1b"]
+            router.send({"type": "registered", "node_id": register["node_id"], "resume_token": "t"})
+            proc.wait_for("registered")
+            status, _ = http_json(
+                f"{ollama.url}/_emulator/models",
+                {"models": [f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}", "new:7b,size=7"]},
+            )
+            assert status == 200
+            # No models_update in features: the node registers again, in the same name.
+            assert router.recv(skip=("heartbeat",))["type"] == "_closed"
+            router.accept()
+            again = router.recv()
+            assert (again["node_id"], again["resume_token"]) == (register["node_id"], "t")
+            assert [m["name"] for m in again["models"]] == [PLAIN_MODEL, "new:7b"]
+            proc.wait_for(
+                f"Ollama's models changed: sharing 2 models: {PLAIN_MODEL}, new:7b "
+                "(added: new:7b; removed: gone:1b)"
+            )
+    finally:
+        ollama.proc.stop()
+
+
+def test_while_ollama_is_gone_the_node_drains_and_it_undrains_when_ollama_is_back(
+    started_scripts,
+):
+    spec = f"{PLAIN_MODEL},size={PLAIN_MODEL_SIZE}"
+    ollama = Emulator("--model", spec)
+    port = ollama.url.rsplit(":", 1)[1]
+    try:
+        with FakeRouter() as router:
+            proc = ScriptProcess(
+                "contribute.py",
+                "--recheck-seconds",
+                "0.3",
+                env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
+            )
+            started_scripts.append(proc)
+            router.accept()
+            register = router.recv()
+            assert "draining" not in register
+            router.send(
+                {"type": "registered", "node_id": register["node_id"], "features": ["drain"]}
+            )
+            proc.wait_for("registered")
+            ollama.proc.stop()
+            assert router.recv() == {"type": "drain"}
+            proc.wait_for(f"paused: cannot reach Ollama at {ollama.url} (connection refused)")
+            ollama = Emulator("--port", port, "--model", spec)  # the same address
+            assert router.recv() == {"type": "undrain"}
+            proc.wait_for("resumed (was paused: cannot reach Ollama")
+    finally:
+        ollama.proc.stop()
