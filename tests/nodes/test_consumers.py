@@ -458,7 +458,9 @@ async def registered_node(node_id: str, **register) -> ScriptedNode:
 async def test_registered_offers_the_router_features(channel_layer):
     node = ScriptedNode()
     reply = await node.register()
-    assert reply["features"] == ["inference_chunks", "loaded_models", "embeddings"]
+    assert reply["features"] == [
+        "inference_chunks", "loaded_models", "embeddings", "drain", "models_update"
+    ]
     await node.disconnect()
 
 

@@ -225,7 +225,7 @@ async def test_a_node_that_did_not_declare_embeddings_never_gets_one(channel_lay
     assert "retry-after" not in headers
     assert body == {
         "error": {
-            "message": f"The model `{EMBEDDER}` does not exist or no node serves it",
+            "message": f"The model '{EMBEDDER}' is not served by any node right now",
             "type": "invalid_request_error",
             "param": "model",
             "code": "model_not_found",
