@@ -28,6 +28,7 @@ from idleclaw_site.dispatch import dispatch_from
 from idleclaw_site.net import scope_client_ip
 from nodes import protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
+from routing import metrics
 
 logger = logging.getLogger("idleclaw.nodes")
 
@@ -111,6 +112,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             client_ip=scope_client_ip(self.scope)
         )
         if not allowed:
+            metrics.rate_limited("node_register")
             # Accepted first so the node learns why (PROTOCOL §1 close reasons).
             await self._refuse(ProtocolError(CloseReason.RATE_LIMITED))
             return
@@ -124,12 +126,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
             async with asyncio.timeout(settings.IDLECLAW_REGISTRATION_TIMEOUT):
                 await self.registered.wait()
         except TimeoutError:
+            metrics.node_error(CloseReason.REGISTRATION_TIMEOUT)
             await self._refuse(ProtocolError(CloseReason.REGISTRATION_TIMEOUT))
             return
         timeout = settings.IDLECLAW_NODE_TIMEOUT
         while not self.closing:
             silent = time.monotonic() - self.last_frame
             if silent >= timeout:
+                metrics.node_error(CloseReason.NODE_TIMEOUT)
                 await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
                 return
             await asyncio.sleep(min(timeout - silent, settings.IDLECLAW_HEARTBEAT_INTERVAL) + 0.05)
@@ -160,6 +164,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 protocol.check_node_frame(frame)
                 await self._dispatch(frame)
         except ProtocolError as error:
+            metrics.node_error(error.reason)
             await self._refuse(error)
 
     def _spend_frame_allowance(self, now: float) -> None:
@@ -260,6 +265,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         chunk = protocol.clean_chunk(frame.get("chunk"))
         if chunk is None:
+            metrics.node_error("invalid_chunk")
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, [chunk])
@@ -275,6 +281,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         chunks = protocol.clean_chunks(frame.get("chunks"))
         if chunks is None:
+            metrics.node_error("invalid_chunk")
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, chunks)
@@ -365,7 +372,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if request_id not in self.requests:
             self._strike()
             return
-        await self._fail_request(request_id, protocol.error_code_of(frame), cancel=False)
+        error = protocol.error_code_of(frame)
+        metrics.node_error(error)
+        await self._fail_request(request_id, error, cancel=False)
 
     async def _fail_request(self, request_id: str, error: str, *, cancel: bool) -> None:
         reply_channel = self.requests.pop(request_id, None)

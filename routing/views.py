@@ -14,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
-from routing import ollama_api, openai_api, selectors
+from routing import metrics, ollama_api, openai_api, selectors
 from routing.limits import rate_limited, request_ip
 from routing.streaming import RelayError, TooMany, Unavailable, collect, open_relay, sse_chat
 from routing.validation import BadRequest, check_model, parse_chat_request, parse_json_object
@@ -81,6 +81,7 @@ async def chat(request: HttpRequest) -> HttpResponse:
         ollama_params=params,
         client_ip=request_ip(request),
         tool_status=True,
+        api=metrics.API_CHAT,
     )
     if isinstance(chunks, TooMany):
         return detail(429, chunks.message, retry=True)
@@ -163,6 +164,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         ollama_params=completion.ollama_params,
         client_ip=request_ip(request),
         stream=completion.stream,
+        api=metrics.API_OPENAI,
     )
     if isinstance(chunks, TooMany):
         error = openai_api.OpenAIError(
@@ -290,6 +292,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         ollama_params=parsed.ollama_params,
         client_ip=request_ip(request),
         stream=parsed.stream,
+        api=metrics.API_OLLAMA,
     )
     if isinstance(chunks, TooMany):
         return ollama_error(429, chunks.message, retry=True)
