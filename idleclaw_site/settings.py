@@ -106,7 +106,8 @@ if IDLECLAW_HTTPS:
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    # django.contrib.admin, with the network's overview on its index page (issue 17)
+    "idleclaw_site.admin_site.OperatorAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

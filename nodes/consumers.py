@@ -26,7 +26,7 @@ from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from idleclaw_site.dispatch import dispatch_from
 from idleclaw_site.net import scope_client_ip
-from nodes import protocol, services, worker
+from nodes import actions, protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
 from routing import metrics
 
@@ -425,6 +425,22 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def node_banned(self, event: dict[str, Any]) -> None:
         """An operator banned this node (or its address) while it was connected."""
         await self._refuse(ProtocolError(CloseReason.BANNED))
+
+    async def node_disconnect(self, event: dict[str, Any]) -> None:
+        """An operator disconnected this node (``nodes.actions``): closed with a reason it logs."""
+        await self._refuse(ProtocolError(actions.CLOSE_REASON))
+
+    async def node_drain(self, event: dict[str, Any]) -> None:
+        """An operator drained this node: the admin already took it out of selection; what it
+        is serving finishes."""
+        logger.info("node %s drained by an operator; %d requests in flight finish",
+                    self.node_id, len(self.requests))
+
+    async def node_operator_cancel(self, event: dict[str, Any]) -> None:
+        """An operator cancelled a request this node serves: the node gets ``cancel_request``,
+        the consumer an error saying so (after the chunks already on their way to it)."""
+        if event["request_id"] in self.requests and not self.closing:
+            await self._fail_request(event["request_id"], actions.OPERATOR_CANCELLED, cancel=True)
 
     async def node_gone(self, event: dict[str, Any]) -> None:
         """This connection's session row no longer exists (it was reaped while the socket
