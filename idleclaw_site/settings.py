@@ -362,6 +362,11 @@ IDLECLAW_MAX_RESPONSE_CHARS = envint("IDLECLAW_MAX_RESPONSE_CHARS", 16_000, mini
 IDLECLAW_NODE_COOLDOWN = envfloat("IDLECLAW_NODE_COOLDOWN", 30.0, minimum=0.0)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
+# The Bearer token Prometheus presents at GET /metrics (issue 17). Unset: /metrics answers 404.
+# Compared in constant time; at least 16 characters, so that guessing it is hopeless.
+IDLECLAW_METRICS_TOKEN = os.environ.get("IDLECLAW_METRICS_TOKEN", "").strip()
+if IDLECLAW_METRICS_TOKEN and len(IDLECLAW_METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("IDLECLAW_METRICS_TOKEN must be at least 16 characters")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

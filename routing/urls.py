@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from routing import views
+from routing import exposition, views
 
 urlpatterns = [
     # The network's own API (PROTOCOL §2)
     path("api/chat", views.chat, name="chat"),
     path("health", views.health, name="health"),
     path("api/models", views.models, name="models"),
+    # Prometheus, for operators (token-guarded; README "Operate")
+    path("metrics", exposition.metrics, name="metrics"),
     # OpenAI-compatible
     path("v1/chat/completions", views.openai_chat_completions, name="openai-chat"),
     path("v1/models", views.openai_models, name="openai-models"),
