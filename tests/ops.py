@@ -79,3 +79,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def sample(found: dict, name: str, **labels: str) -> float:
+    """One sample of ``samples()`` by name and labels."""
+    return found[name, tuple(sorted(labels.items()))]

@@ -13,7 +13,7 @@ from django.test import AsyncClient
 
 from routing import metrics, overview
 from routing.models import RequestCount
-from tests.ops import TOKEN, get, samples
+from tests.ops import TOKEN, get, sample, samples
 from tests.routing.test_relay import answer, chat
 from tests.routing.test_views import HttpClient, sse_events
 from tests.scripted_node import ScriptedNode
@@ -29,10 +29,6 @@ async def scrape() -> dict:
     assert status == 200, body
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
     return samples(body.decode())
-
-
-def counter(found: dict, name: str, **labels: str) -> float:
-    return found[name, tuple(sorted(labels.items()))]
 
 
 async def test_metrics_and_the_overview_count_known_traffic(channel_layer, settings):
@@ -75,17 +71,17 @@ async def test_metrics_and_the_overview_count_known_traffic(channel_layer, setti
         f"ok/chat/{MODEL}": 2, f"length/openai/{MODEL}": 1, f"error/chat/{MODEL}": 1,
         "refused/chat/(unserved)": 1,
     }  # fmt: skip
-    assert counter(found, "idleclaw_tokens_total", model=MODEL) == 3 + 2 + 1 + 1
-    assert counter(found, "idleclaw_time_to_first_token_seconds_count", model=MODEL) == 4
-    assert counter(found, "idleclaw_time_to_first_token_seconds_bucket", model=MODEL,
+    assert sample(found, "idleclaw_tokens_total", model=MODEL) == 3 + 2 + 1 + 1
+    assert sample(found, "idleclaw_time_to_first_token_seconds_count", model=MODEL) == 4
+    assert sample(found, "idleclaw_time_to_first_token_seconds_bucket", model=MODEL,
                    le="+Inf") == 4  # fmt: skip
-    assert counter(found, "idleclaw_request_duration_seconds_count", model=MODEL) == 4
-    assert counter(found, "idleclaw_node_errors_total", reason="ollama_error") == 1
-    assert counter(found, "idleclaw_nodes_connected") == 1
-    assert counter(found, "idleclaw_model_nodes", model=MODEL) == 1
-    assert counter(found, "idleclaw_model_free_slots", model=MODEL) == 2
-    assert counter(found, "idleclaw_requests_in_flight") == 0
-    assert counter(found, "idleclaw_workers_alive") == 1
+    assert sample(found, "idleclaw_request_duration_seconds_count", model=MODEL) == 4
+    assert sample(found, "idleclaw_node_errors_total", reason="ollama_error") == 1
+    assert sample(found, "idleclaw_nodes_connected") == 1
+    assert sample(found, "idleclaw_model_nodes", model=MODEL) == 1
+    assert sample(found, "idleclaw_model_free_slots", model=MODEL) == 2
+    assert sample(found, "idleclaw_requests_in_flight") == 0
+    assert sample(found, "idleclaw_workers_alive") == 1
 
     superuser = await sync_to_async(User.objects.create_superuser)("root", password="unused")
     admin = AsyncClient()
@@ -111,7 +107,7 @@ async def test_refusals_by_a_rate_limit_are_counted(channel_layer, settings):
     statuses = [(await chat().start())[0] for _ in range(3)]
     assert statuses == [503, 429, 429]  # no node; then the chat rate of the address
     await metrics.flush()
-    assert counter(await scrape(), "idleclaw_rate_limited_total", limit="chat") == 2
+    assert sample(await scrape(), "idleclaw_rate_limited_total", limit="chat") == 2
 
 
 async def test_metrics_are_404_until_a_token_is_set_and_401_without_it(
