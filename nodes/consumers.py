@@ -433,8 +433,11 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def node_drain(self, event: dict[str, Any]) -> None:
         """An operator drained this node: the admin already took it out of selection; what it
         is serving finishes."""
-        logger.info("node %s drained by an operator; %d requests in flight finish",
-                    self.node_id, len(self.requests))
+        logger.info(
+            "node %s drained by an operator; %d requests in flight finish",
+            self.node_id,
+            len(self.requests),
+        )
 
     async def node_operator_cancel(self, event: dict[str, Any]) -> None:
         """An operator cancelled a request this node serves: the node gets ``cancel_request``,

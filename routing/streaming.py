@@ -616,7 +616,12 @@ class Relay:
         return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
     async def _release(
-        self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool,
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        *,
+        cancel: bool,
+        final: bool,
         ended: BaseException | None = None,
     ) -> None:
         if cancel:
@@ -626,7 +631,9 @@ class Relay:
         if final:
             # The request is over: everything it held goes in one trip.
             wake = await db(services.request_end)(
-                request_id=self.queue_id, attempt_id=claim.request_id, outcome=outcome,
+                request_id=self.queue_id,
+                attempt_id=claim.request_id,
+                outcome=outcome,
                 record=self.tally.record(ended),
             )
             self.queued = self.counted = False
@@ -663,14 +670,18 @@ class Relay:
             self.queued = self.counted = False
             self._in_background(
                 db(services.request_end)(
-                    request_id=self.queue_id, attempt_id=None, outcome=None,
+                    request_id=self.queue_id,
+                    attempt_id=None,
+                    outcome=None,
                     record=self.tally.record(self.tally.ended),
                 )
             )
         if self.queued or self.counted:
             self.queued = self.counted = False
             await db(services.request_end)(
-                request_id=self.queue_id, attempt_id=None, outcome=None,
+                request_id=self.queue_id,
+                attempt_id=None,
+                outcome=None,
                 record=self.tally.record(self.tally.ended),
             )
 
@@ -736,7 +747,10 @@ async def open_relay(
         metrics.request_refused(model=model, api=api)
         return Unavailable(model=model, served=True, restarting=True)
     relay = Relay(
-        model=model, ollama_params=ollama_params, client_ip=client_ip, tool_status=tool_status,
+        model=model,
+        ollama_params=ollama_params,
+        client_ip=client_ip,
+        tool_status=tool_status,
         api=api,
     )
     hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
