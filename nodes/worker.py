@@ -164,12 +164,13 @@ async def _flush_loop() -> None:
 
 
 async def _last_counts() -> None:
-    """A worker leaving for good writes what it counted since its last flush."""
+    """A worker leaving for good writes what it counted since its last flush, for at most a
+    second: the database may be why it is shutting down (idleclaw_site/shutdown.py)."""
     from routing import metrics
 
     try:
-        async with asyncio.timeout(5):  # not wait_for: CPython gh-86296 on 3.11
-            await metrics.flush()
+        async with asyncio.timeout(1.0):  # not wait_for: CPython gh-86296 on 3.11
+            await metrics.flush(progress=False)
     except Exception:
         logger.exception("could not write the last counters")
 

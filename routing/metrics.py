@@ -244,22 +244,23 @@ def _progress() -> list[tuple[RequestTally, tuple[Any, ...]]]:
     return changed
 
 
-async def flush() -> None:
+async def flush(*, progress: bool = True) -> None:
     """Add what this process counted since the last flush to the database, and write the
-    progress of its requests in flight; one trip to a database thread, none when idle."""
+    progress of its requests in flight (unless ``progress`` is False: a worker leaving); one
+    trip to a database thread, none when idle."""
     global _events, _refused
-    progress = _progress()
-    if not _events and not _refused and not progress:
+    changed = _progress() if progress else []
+    if not _events and not _refused and not changed:
         return
     events, refused = _events, _refused
     _events, _refused = Counter(), Counter()
     try:
-        await db(_write)(events=events, refused=refused, progress=progress)
+        await db(_write)(events=events, refused=refused, progress=changed)
     except BaseException:
         _events.update(events)  # counted at the next flush instead
         _refused.update(refused)
         raise
-    for tally, values in progress:
+    for tally, values in changed:
         tally.written = values
 
 
