@@ -230,13 +230,20 @@ def request_refused(*, model: str, api: str) -> None:
     _refused[model, api] += 1
 
 
+# Requests in flight younger than this are not written yet: most answers are over before an
+# operator could look at them, and a busy router would otherwise write every request's row.
+PROGRESS_AFTER = 1.0
+
+
 def _progress() -> list[tuple[RequestTally, tuple[Any, ...]]]:
-    """This process's requests in flight whose progress changed since it was last written."""
+    """This process's requests in flight (of at least ``PROGRESS_AFTER`` seconds) whose
+    progress changed since it was last written."""
     changed = []
+    young = time.time() - PROGRESS_AFTER
     for relay in list(shutdown.state.relays):
         claim = relay.claim
         tally = getattr(relay, "tally", None)
-        if claim is None or tally is None:
+        if claim is None or tally is None or tally.arrived > young:
             continue
         values = (claim.request_id, tally.first_token_at, tally.tokens)
         if values != tally.written:

@@ -107,8 +107,9 @@ async def test_ban_asks_what_to_ban_then_bans_and_disconnects(channel_layer):
 
 
 async def test_cancel_ends_the_request_for_the_consumer_and_the_node_and_frees_the_slot(
-    channel_layer,
+    channel_layer, monkeypatch
 ):
+    monkeypatch.setattr(metrics, "PROGRESS_AFTER", 0.0)  # the row's progress without waiting
     node = ScriptedNode()
     await node.register(node_id="node-serving")
     consumer = chat("a long story")
