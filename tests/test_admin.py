@@ -36,14 +36,22 @@ def live_node():
         "/admin/routing/inflightrequest/",
         "/admin/routing/queuedrequest/",
         "/admin/routing/consumerstream/",
-        "/admin/",
-        "/admin/admin/logentry/",
-        "/admin/nodes/nodesession/?model=llama3.2%3A3b&cooled_down=no&draining__exact=0",
     ],
 )
 def test_admin_lists_render(admin_client, live_node, url):
     response = admin_client.get(url)
     assert response.status_code == 200
+
+
+def test_the_operators_pages_render(admin_client, live_node):
+    for url in (
+        "/admin/",
+        "/admin/admin/logentry/",
+        "/admin/nodes/nodesession/?model=llama3.2%3A3b&cooled_down=no&draining__exact=0",
+    ):
+        assert admin_client.get(url).status_code == 200, url
+    filtered = admin_client.get("/admin/nodes/nodesession/?cooled_down=yes").content.decode()
+    assert "node-shown" not in filtered
 
 
 def test_admin_shows_the_node_and_does_not_let_it_be_edited(admin_client, live_node):
