@@ -204,6 +204,9 @@ class NodeSessionAdmin(ReadOnlyAdmin):
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("nodes.operate_nodesession")
 
+    def has_ban_permission(self, request: HttpRequest) -> bool:
+        return self.has_operate_permission(request) and request.user.has_perm("nodes.add_nodeban")
+
     @admin.display(description="contributor")
     def contributor(self, obj: NodeSession) -> str:
         return "—"  # the contributor's name, once nodes have one (issue 20)
@@ -253,7 +256,7 @@ class NodeSessionAdmin(ReadOnlyAdmin):
             messages.SUCCESS,
         )
 
-    @admin.action(permissions=["operate"], description="Ban the selected nodes…")
+    @admin.action(permissions=["ban"], description="Ban the selected nodes…")
     def ban(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
         """Asks what to ban (node ids, addresses) and for how long, then bans and
         disconnects. The form carries the values, so a node that reconnected in between (as
