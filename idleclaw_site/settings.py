@@ -122,7 +122,8 @@ if IDLECLAW_HTTPS:
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    # django.contrib.admin, with the network's overview on its index page (issue 17)
+    "idleclaw_site.admin_site.OperatorAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -426,6 +427,11 @@ CORS_ALLOW_HEADERS = (
 )
 # Response headers a page may read besides the always-readable ones.
 CORS_EXPOSE_HEADERS = ("retry-after", "x-request-id")
+# The Bearer token Prometheus presents at GET /metrics (issue 17). Unset: /metrics answers 404.
+# Compared in constant time; at least 16 characters, so that guessing it is hopeless.
+IDLECLAW_METRICS_TOKEN = os.environ.get("IDLECLAW_METRICS_TOKEN", "").strip()
+if IDLECLAW_METRICS_TOKEN and len(IDLECLAW_METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("IDLECLAW_METRICS_TOKEN must be at least 16 characters")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -1,13 +1,30 @@
-"""The operator's view of the live network: read-only sessions, editable bans."""
+"""The operator's view of the live network: sessions (with actions that reach their sockets on
+any worker, ``nodes.actions``), workers and bans.
+
+Staff in the "viewer" group look; the "operator" group may also act (the
+``nodes.operate_nodesession`` permission) and edit bans (routing/migrations/0005).
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_ipv46_address
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.timesince import timesince
 
+from nodes import actions
 from nodes.models import NodeBan, NodeModel, NodeSession, RouterWorker
+from nodes.protocol import MAX_NODE_ID_CHARS
+from routing.models import InflightRequest
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -31,36 +48,257 @@ class NodeModelInline(admin.TabularInline):
         return False
 
 
+class LiveRequestInline(admin.TabularInline):
+    """The requests the node is serving now; cancelled from "Requests in flight"."""
+
+    model = InflightRequest
+    verbose_name = "request in flight"
+    verbose_name_plural = "requests in flight"
+    fields = (
+        "request_id",
+        "model",
+        "state",
+        "api",
+        "client_ip",
+        "created_at",
+        "first_token_at",
+        "tokens",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="state")
+    def state(self, obj: Any) -> str:
+        return "streaming" if obj.first_token_at else "queued"
+
+
+class ModelFilter(admin.SimpleListFilter):
+    title = "model"
+    parameter_name = "model"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = NodeModel.objects.values_list("name", flat=True).distinct().order_by("name")
+        return [(name, name) for name in names[:200]]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value():
+            return queryset.filter(models__name=self.value())
+        return queryset
+
+
+class CooledDownFilter(admin.SimpleListFilter):
+    title = "cooled down"
+    parameter_name = "cooled_down"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Yes"), ("no", "No")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        cooling = Q(cooldown_until__gt=timezone.now())
+        if self.value() == "yes":
+            return queryset.filter(cooling)
+        if self.value() == "no":
+            return queryset.exclude(cooling)
+        return queryset
+
+
+# Ban lengths the ban form offers; None: until an operator lifts it.
+BAN_LENGTHS = {
+    "1h": ("an hour", timedelta(hours=1)),
+    "1d": ("a day", timedelta(days=1)),
+    "7d": ("a week", timedelta(days=7)),
+    "30d": ("30 days", timedelta(days=30)),
+    "forever": ("until lifted", None),
+}
+
+
+class BanForm(forms.Form):
+    """What a ban of the selected nodes covers (issue 17: the node id and/or the IP)."""
+
+    node_ids = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Node ids"
+    )
+    ips = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="IP addresses"
+    )
+    length = forms.ChoiceField(
+        choices=[(key, label) for key, (label, _) in BAN_LENGTHS.items()], initial="1d"
+    )
+    reason = forms.CharField(max_length=255, required=False)
+
+    def __init__(self, *args: Any, node_ids: list[str], ips: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["node_ids"].choices = [(value, value) for value in node_ids]
+        self.fields["ips"].choices = [(value, value) for value in ips]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if not data.get("node_ids") and not data.get("ips"):
+            raise ValidationError("Choose at least one node id or IP address to ban.")
+        for value in data.get("node_ids", []):
+            if len(value) > MAX_NODE_ID_CHARS:
+                raise ValidationError("A node id has at most 64 characters.")
+        for value in data.get("ips", []):
+            validate_ipv46_address(value)
+        return data
+
+
 @admin.register(NodeSession)
 class NodeSessionAdmin(ReadOnlyAdmin):
     list_display = (
-        "node_id", "client_ip", "model_names", "active_requests", "max_concurrent", "draining",
-        "tokens_per_s", "ttft_ms", "completed", "failed", "timed_out", "cooldown_until",
-        "ollama_version", "client", "connected_at", "last_seen",
+        "node_id",
+        "contributor",
+        "model_names",
+        "client_ip",
+        "client_version",
+        "connected_for",
+        "load",
+        "ttft_ms",
+        "tokens_per_s",
+        "completed_failed",
+        "cooldown_until",
+        "draining",
+        "worker",
     )
-    list_filter = ("draining", "worker")
-    search_fields = ("node_id", "client_ip", "models__name")
+    list_filter = (ModelFilter, CooledDownFilter, "draining", "worker")
+    search_fields = ("node_id", "client_ip")
+    list_select_related = ("worker",)
     readonly_fields = (
-        "node_id", "channel_name", "worker", "max_concurrent", "client_ip", "ollama_version",
-        "client", "protocol", "draining", "connected_at", "last_seen", "ttft_ms", "tokens_per_s",
-        "completed", "failed", "timed_out", "dropped_tool_calls", "consecutive_failures",
+        "node_id",
+        "channel_name",
+        "worker",
+        "max_concurrent",
+        "client_ip",
+        "ollama_version",
+        "client",
+        "protocol",
+        "draining",
+        "connected_at",
+        "last_seen",
+        "ttft_ms",
+        "tokens_per_s",
+        "completed",
+        "failed",
+        "timed_out",
+        "dropped_tool_calls",
+        "consecutive_failures",
         "cooldown_until",
     )
-    exclude = ("resume_token_hash",)
-    inlines = [NodeModelInline]
+    exclude = ("resume_token_hash", "features")
+    inlines = [NodeModelInline, LiveRequestInline]
+    actions = ["disconnect", "drain", "ban"]
 
     def get_queryset(self, request: HttpRequest) -> Any:
-        from django.db.models import Count
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(active=Count("inflight", distinct=True))
+            .prefetch_related("models")
+        )
 
-        return super().get_queryset(request).annotate(active=Count("inflight", distinct=True))
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("nodes.operate_nodesession")
+
+    def has_ban_permission(self, request: HttpRequest) -> bool:
+        return self.has_operate_permission(request) and request.user.has_perm("nodes.add_nodeban")
+
+    @admin.display(description="contributor")
+    def contributor(self, obj: NodeSession) -> str:
+        return "—"  # the contributor's name, once nodes have one (issue 20)
 
     @admin.display(description="models")
     def model_names(self, obj: NodeSession) -> str:
         return ", ".join(m.name for m in obj.models.all())
 
-    @admin.display(description="active", ordering="active")
-    def active_requests(self, obj: Any) -> int:
-        return obj.active
+    @admin.display(description="client")
+    def client_version(self, obj: NodeSession) -> str:
+        parts = [obj.client or "unknown client"]
+        if obj.ollama_version:
+            parts.append(f"Ollama {obj.ollama_version}")
+        return ", ".join(parts)
+
+    @admin.display(description="connected for", ordering="connected_at")
+    def connected_for(self, obj: NodeSession) -> str:
+        return timesince(obj.connected_at)
+
+    @admin.display(description="load", ordering="active")
+    def load(self, obj: Any) -> str:
+        return f"{obj.active} / {obj.max_concurrent}"
+
+    @admin.display(description="completed / failed")
+    def completed_failed(self, obj: NodeSession) -> str:
+        return f"{obj.completed} / {obj.failed + obj.timed_out}"
+
+    def _log(self, request: HttpRequest, sessions: list[NodeSession], message: str) -> None:
+        for session in sessions:
+            self.log_change(request, session, message)
+
+    @admin.action(permissions=["operate"], description="Disconnect the selected nodes")
+    def disconnect(self, request: HttpRequest, queryset: QuerySet) -> None:
+        sessions = list(queryset)
+        told = actions.nodes_disconnect(session_ids=[s.pk for s in sessions])
+        self._log(request, sessions, "Disconnected by an operator")
+        self.message_user(request, f"Disconnected {told} node(s).", messages.SUCCESS)
+
+    @admin.action(permissions=["operate"], description="Drain the selected nodes")
+    def drain(self, request: HttpRequest, queryset: QuerySet) -> None:
+        sessions = list(queryset)
+        drained = actions.nodes_drain(session_ids=[s.pk for s in sessions])
+        self._log(request, sessions, "Drained: no new requests; those in flight finish")
+        self.message_user(
+            request,
+            f"Drained {drained} node(s): no new requests; those in flight finish.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(permissions=["ban"], description="Ban the selected nodes…")
+    def ban(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        """Asks what to ban (node ids, addresses) and for how long, then bans and
+        disconnects. The form carries the values, so a node that reconnected in between (as
+        a new session) is still banned and closed."""
+        sessions = list(queryset)
+        node_ids = sorted({s.node_id for s in sessions} | set(request.POST.getlist("node_ids")))
+        ips = sorted(
+            {s.client_ip for s in sessions if s.client_ip} | set(request.POST.getlist("ips"))
+        )
+        form = BanForm(
+            request.POST if "apply" in request.POST else None,
+            node_ids=node_ids,
+            ips=ips,
+            initial={"node_ids": node_ids, "ips": ips},
+        )
+        if not form.is_valid():
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Ban nodes",
+                "form": form,
+                "sessions": sessions,
+                "opts": self.model._meta,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/nodes/nodesession/ban.html", context)
+        label, length = BAN_LENGTHS[form.cleaned_data["length"]]
+        banned = actions.nodes_ban(
+            node_ids=form.cleaned_data["node_ids"],
+            ips=form.cleaned_data["ips"],
+            expires_at=None if length is None else timezone.now() + length,
+            reason=form.cleaned_data["reason"],
+        )
+        for ban in banned.bans:
+            self.log_addition(request, ban, f"Banned for {label} by an operator")
+        self._log(request, sessions, f"Banned for {label} and disconnected")
+        self.message_user(
+            request,
+            f"Banned {', '.join(str(b) for b in banned.bans)} for {label}; "
+            f"disconnected {banned.disconnected} node(s).",
+            messages.SUCCESS,
+        )
+        return None
 
 
 @admin.register(RouterWorker)

@@ -28,8 +28,9 @@ from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from idleclaw_site.dispatch import dispatch_from
 from idleclaw_site.net import scope_client_ip
-from nodes import protocol, services, worker
+from nodes import actions, protocol, services, worker
 from nodes.protocol import CloseReason, EventType, FrameType, ProtocolError
+from routing import metrics
 
 logger = logging.getLogger("idleclaw.nodes")
 
@@ -131,6 +132,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             client_ip=scope_client_ip(self.scope)
         )
         if not allowed:
+            metrics.rate_limited("node_register")
             # Accepted first so the node learns why (PROTOCOL §1 close reasons).
             await self._refuse(ProtocolError(CloseReason.RATE_LIMITED))
             return
@@ -144,12 +146,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
             async with asyncio.timeout(settings.IDLECLAW_REGISTRATION_TIMEOUT):
                 await self.registered.wait()
         except TimeoutError:
+            metrics.node_error(CloseReason.REGISTRATION_TIMEOUT)
             await self._refuse(ProtocolError(CloseReason.REGISTRATION_TIMEOUT))
             return
         timeout = settings.IDLECLAW_NODE_TIMEOUT
         while not self.closing:
             silent = time.monotonic() - self.last_frame
             if silent >= timeout:
+                metrics.node_error(CloseReason.NODE_TIMEOUT)
                 await self._refuse(ProtocolError(CloseReason.NODE_TIMEOUT))
                 return
             await asyncio.sleep(min(timeout - silent, settings.IDLECLAW_HEARTBEAT_INTERVAL) + 0.05)
@@ -180,6 +184,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 protocol.check_node_frame(frame)
                 await self._dispatch(frame)
         except ProtocolError as error:
+            metrics.node_error(error.reason)
             await self._refuse(error)
 
     def _spend_frame_allowance(self, now: float) -> None:
@@ -325,6 +330,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         chunk = protocol.clean_chunk(frame.get("chunk"))
         if chunk is None or (self.embeds and request_id in self.embeds):
+            metrics.node_error("invalid_chunk")
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, [chunk])
@@ -340,6 +346,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             return
         chunks = protocol.clean_chunks(frame.get("chunks"))
         if chunks is None or (self.embeds and request_id in self.embeds):
+            metrics.node_error("invalid_chunk")
             await self._fail_request(request_id, "ollama_error", cancel=True)
             return
         await self._enqueue(request_id, reply_channel, chunks)
@@ -461,7 +468,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if request_id not in self.requests:
             self._strike()
             return
-        await self._fail_request(request_id, protocol.error_code_of(frame), cancel=False)
+        error = protocol.error_code_of(frame)
+        metrics.node_error(error)
+        await self._fail_request(request_id, error, cancel=False)
 
     async def _fail_request(self, request_id: str, error: str, *, cancel: bool) -> None:
         reply_channel = self.requests.pop(request_id, None)
@@ -528,6 +537,25 @@ class NodeConsumer(AsyncWebsocketConsumer):
     async def node_banned(self, event: dict[str, Any]) -> None:
         """An operator banned this node (or its address) while it was connected."""
         await self._refuse(ProtocolError(CloseReason.BANNED))
+
+    async def node_disconnect(self, event: dict[str, Any]) -> None:
+        """An operator disconnected this node (``nodes.actions``): closed with a reason it logs."""
+        await self._refuse(ProtocolError(actions.CLOSE_REASON))
+
+    async def node_drain(self, event: dict[str, Any]) -> None:
+        """An operator drained this node: the admin already took it out of selection; what it
+        is serving finishes."""
+        logger.info(
+            "node %s drained by an operator; %d requests in flight finish",
+            self.node_id,
+            len(self.requests),
+        )
+
+    async def node_operator_cancel(self, event: dict[str, Any]) -> None:
+        """An operator cancelled a request this node serves: the node gets ``cancel_request``,
+        the consumer an error saying so (after the chunks already on their way to it)."""
+        if event["request_id"] in self.requests and not self.closing:
+            await self._fail_request(event["request_id"], actions.OPERATOR_CANCELLED, cancel=True)
 
     async def node_gone(self, event: dict[str, Any]) -> None:
         """This connection's session row no longer exists (it was reaped while the socket

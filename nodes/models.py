@@ -60,6 +60,7 @@ class NodeSession(models.Model):
 
     class Meta:
         ordering = ["connected_at"]
+        permissions = [("operate_nodesession", "Can disconnect, drain and ban nodes")]
 
     def __str__(self) -> str:
         return self.node_id

@@ -97,8 +97,11 @@ async def flush_loaded_models() -> None:
 
 async def notify_orphans(orphans: list[services.Orphan], error: str) -> None:
     """Tell consumers whose node went away that their request failed."""
+    from routing import metrics
+
     layer = get_channel_layer()
     for orphan in orphans:
+        metrics.node_error(error)
         await layer.send(
             orphan.reply_channel,
             {"type": EventType.STREAM_ERROR, "request_id": orphan.request_id, "error": error},
@@ -126,6 +129,7 @@ async def _beat(first: bool) -> None:
 
 
 async def _tidy() -> None:
+    from routing import metrics
     from routing.services import stale_requests_reap
 
     await notify_orphans(await db(services.node_sessions_reap)(), "node_disconnected")
@@ -133,6 +137,7 @@ async def _tidy() -> None:
     layer = get_channel_layer()
     for channel in await db(services.banned_sessions)(worker_id=WORKER_ID):
         await layer.send(channel, {"type": "node.banned"})
+    await metrics.fold_when_due()
 
 
 async def _cancel_on_nodes(requests: list[Any]) -> None:
@@ -164,6 +169,8 @@ async def _housekeeping_loop() -> None:
 
 async def _flush_loop() -> None:
     # Its own task, so that a slow housekeeping step never holds back the liveness writes.
+    from routing import metrics
+
     while True:
         try:
             await flush_seen_sessions()
@@ -172,7 +179,26 @@ async def _flush_loop() -> None:
             raise
         except Exception:
             logger.exception("writing node last_seen failed; retrying")
+        try:
+            # What this worker counted for /metrics, and its requests' progress (issue 17).
+            await metrics.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("writing counters failed; retrying")
         await asyncio.sleep(SEEN_FLUSH_INTERVAL)
+
+
+async def _last_counts() -> None:
+    """A worker leaving for good writes what it counted since its last flush, for at most a
+    second: the database may be why it is shutting down (idleclaw_site/shutdown.py)."""
+    from routing import metrics
+
+    try:
+        async with asyncio.timeout(1.0):  # not wait_for: CPython gh-86296 on 3.11
+            await metrics.flush(progress=False)
+    except Exception:
+        logger.exception("could not write the last counters")
 
 
 def _stale(task: asyncio.Task[None] | None, loop: asyncio.AbstractEventLoop) -> bool:
@@ -203,6 +229,8 @@ async def stop(*, for_good: bool = False) -> None:
     and its beat would write the liveness row back)."""
     global _loop_task, _flush_task, _left
     _left = _left or for_good
+    if for_good:
+        await _last_counts()
     tasks = (_loop_task, _flush_task)
     _loop_task = _flush_task = None
     for task in tasks:

@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 
 from nodes.protocol import EMBED_STAT_KEYS, EventType, Feature
+from routing import metrics
 from routing.services import Demand, Outcome, OverLimit
 from routing.streaming import (
     Queued,
@@ -57,11 +58,18 @@ class EmbedRelay(Relay):
     feature = Feature.EMBEDDINGS
 
     def __init__(
-        self, *, model: str, embed_params: dict[str, Any], client_ip: str | None = None
+        self,
+        *,
+        model: str,
+        embed_params: dict[str, Any],
+        client_ip: str | None = None,
+        api: str = metrics.API_OPENAI,
     ) -> None:
         self.model = model
         self.client_ip = client_ip
         self.params = embed_params
+        # Counted once when it ends, as chat requests are (routing/metrics.py).
+        self.tally = metrics.RequestTally(model=model, api=api, client_ip=client_ip)
         # A node's context cap holds for embeddings too; nothing is predicted.
         self.demand = Demand(num_ctx=Demand.of(embed_params.get("options")).num_ctx)
         self._begin()
@@ -145,12 +153,12 @@ def _add(vectors: list[list[float]], piece: dict[str, Any]) -> None:
 
 
 async def embed(
-    *, model: str, embed_params: dict[str, Any], client_ip: str | None
+    *, model: str, embed_params: dict[str, Any], client_ip: str | None, api: str
 ) -> Embeddings | Unavailable | TooMany | OverLimit:
     """Embed ``embed_params["input"]`` with ``model`` on a node that declared the extension.
     Returns why it cannot start (404/503/429 for the front ends) or the whole answer; raises
     ``RelayError`` when every attempt failed."""
-    relay = EmbedRelay(model=model, embed_params=embed_params, client_ip=client_ip)
+    relay = EmbedRelay(model=model, embed_params=embed_params, client_ip=client_ip, api=api)
     refusal = await relay.start(hold=settings.IDLECLAW_QUEUE_TIMEOUT)
     if refusal is not None:
         return refusal

@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
 from idleclaw_site.net import client_ip
+from routing import metrics
 
 View = Callable[..., Awaitable[HttpResponse]]
 
@@ -50,6 +51,7 @@ def rate_limited(group: str) -> Callable[[View], View]:
                     group, rate, request_ip(request)
                 )
             if usage is not None and usage["should_limit"]:
+                metrics.rate_limited(group)
                 retry_after = max(1, int(usage["time_left"]))
                 response = error_for_path(
                     request.path, 429, f"rate limit exceeded ({rate}); retry in {retry_after} s"
@@ -73,6 +75,7 @@ def admin_login(request: HttpRequest, extra_context: dict | None = None) -> Http
     if request.method == "POST":
         usage = _usage("admin-login", settings.IDLECLAW_RATE_DEFAULT, request_ip(request))
         if usage is not None and usage["should_limit"]:
+            metrics.rate_limited("admin_login")
             retry_after = max(1, int(usage["time_left"]))
             response = HttpResponse(
                 f"Too many login attempts; try again in {retry_after} s.",

@@ -17,6 +17,16 @@ class InflightRequest(models.Model):
     model = models.CharField(max_length=64)
     reply_channel = models.CharField(max_length=255)
     created_at = models.DateTimeField()
+    # For the operator's view of requests in flight, written by the consumer's worker about
+    # once a second from its live relays (routing/metrics.py), never per token. Database
+    # defaults: the claim inserts the row without them.
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    api = models.CharField(max_length=8, blank=True, default="", db_default="")
+    first_token_at = models.DateTimeField(null=True, blank=True)
+    tokens = models.PositiveIntegerField(default=0, db_default=0)
+
+    class Meta:
+        permissions = [("cancel_inflightrequest", "Can cancel a request in flight")]
 
     def __str__(self) -> str:
         return self.request_id
@@ -51,3 +61,50 @@ class ConsumerStream(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class RequestCount(models.Model):
+    """Consumer requests that ended, counted for /metrics and the admin's overview (issue 17).
+
+    One row per minute and per model, front end, outcome and the histogram buckets that the
+    request's time to first token and duration fell in (``routing.metrics``); a request adds
+    itself to its row in the transaction that frees its slot. Minutes older than an hour are
+    folded into ``minute`` 0, so the table stays small and every sum stays exact.
+    """
+
+    minute = models.BigIntegerField(help_text="Minutes since the epoch; 0 for all older ones")
+    model = models.CharField(max_length=64)
+    api = models.CharField(max_length=8)
+    outcome = models.CharField(max_length=16)
+    ttft_bucket = models.SmallIntegerField(help_text="-1: no first token")
+    duration_bucket = models.SmallIntegerField(help_text="-1: not timed (refused)")
+    requests = models.BigIntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    ttft_seconds = models.FloatField(default=0.0, help_text="Sum over the requests")
+    duration_seconds = models.FloatField(default=0.0, help_text="Sum over the requests")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["minute", "model", "api", "outcome", "ttft_bucket", "duration_bucket"],
+                name="request_count_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.minute} {self.model} {self.api} {self.outcome}"
+
+
+class EventCount(models.Model):
+    """Events counted for /metrics other than requests: node errors by reason, refusals by the
+    limit that refused them. Each worker adds what it counted about once a second."""
+
+    kind = models.CharField(max_length=16)
+    label = models.CharField(max_length=64)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "label"], name="event_count_key")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.label}"

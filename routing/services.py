@@ -28,6 +28,7 @@ from django.utils import timezone
 from nodes.models import NodeModel, NodeSession, RouterWorker
 from nodes.protocol import LOADED_FOREVER
 from nodes.services import live_cutoff, worker_cutoff
+from routing import metrics
 from routing.models import ConsumerStream, InflightRequest, QueuedRequest
 
 # How many of the best candidates a claim tries before giving up on a race.
@@ -627,13 +628,22 @@ def request_admit(
         )
 
 
-def request_end(*, request_id: str, attempt_id: str | None, outcome: Outcome | None) -> list[str]:
-    """A consumer's request is over: free its slot, its queue place and its count, in one trip.
-    Returns the reply channels of queued requests that may now take the slot."""
+def request_end(
+    *,
+    request_id: str,
+    attempt_id: str | None,
+    outcome: Outcome | None,
+    record: metrics.RequestRecord | None = None,
+) -> list[str]:
+    """A consumer's request is over: free its slot, its queue place and its count, and count it
+    for the operator (``record``, routing/metrics.py), in one trip. Returns the reply channels
+    of queued requests that may now take the slot."""
     with transaction.atomic():
         wake = inflight_finish(request_id=attempt_id, outcome=outcome) if attempt_id else []
         _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": request_id})
         _run(_sql("DELETE FROM {T.stream} WHERE request_id = %(id)s"), {"id": request_id})
+        if record is not None:
+            metrics.request_count(record=record)
     return wake
 
 

@@ -27,8 +27,9 @@ from django.utils import timezone
 from idleclaw_site import request_ids, shutdown
 from idleclaw_site.db import db
 from nodes import worker
+from nodes.actions import OPERATOR_CANCELLED
 from nodes.protocol import STAT_KEYS, EventType
-from routing import selectors, services
+from routing import metrics, selectors, services
 from routing.sanitize import ChunkSanitizer
 from routing.services import Claim, Demand, NoSlot, Outcome, OverLimit
 from routing.tool_calls import ToolPolicy
@@ -52,6 +53,7 @@ ERROR_MESSAGES = {
     "no_node": "no node is serving this model right now",
     "bad_embeddings": "the node sent invalid embeddings",
     "internal": "the router failed while relaying this answer; try again",
+    OPERATOR_CANCELLED: "an operator ended this request",
     shutdown.RESTARTING: "the router is restarting; try again in a few seconds",
 }
 
@@ -139,9 +141,12 @@ class Relay:
         ollama_params: dict[str, Any],
         client_ip: str | None = None,
         tool_status: bool = False,
+        api: str = metrics.API_CHAT,
     ) -> None:
         self.model = model
         self.client_ip = client_ip
+        # What the request did, counted once when it ends (routing/metrics.py).
+        self.tally = metrics.RequestTally(model=model, api=api, client_ip=client_ip)
         # The router's own tools this request may be offered, judged on the consumer's request
         # before the operator's system prompt joins it (routing.tools).
         server_tools = tools_for_request(model, ollama_params)
@@ -218,6 +223,8 @@ class Relay:
             demand=self.demand,
         )
         if admitted is None:
+            metrics.rate_limited("concurrent_requests")
+            metrics.request_refused(model=self.model, api=self.tally.api)
             return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
         self.counted = True
         if isinstance(admitted, Claim):
@@ -230,10 +237,12 @@ class Relay:
             return admitted.over
         try:
             refusal = await self._first_slot(admitted, hold)
-        except BaseException:
+        except BaseException as error:
+            self.tally.ended = error
             await asyncio.shield(self._close())
             raise
         if refusal is not None:
+            self.tally.ended = refusal
             await self._close()
         return refusal
 
@@ -369,12 +378,14 @@ class Relay:
                         if not result.served:
                             raise RelayError(failure.code) from None
                         await self._requeue()
-        except (RelayError, asyncio.CancelledError, GeneratorExit):
+        except (RelayError, asyncio.CancelledError, GeneratorExit) as error:
+            self.tally.ended = error
             raise
         except Exception:
             # Whatever went wrong in here, the consumer still gets its final error event and
             # the end of its stream (the front ends turn a RelayError into both), never a hang.
             logger.exception("relaying a request for %s failed", self.model)
+            self.tally.ended = RelayError("internal")
             raise RelayError("internal") from None
         finally:
             await asyncio.shield(self._close())
@@ -410,6 +421,7 @@ class Relay:
         outcome = Outcome(kind="cancelled")
         node_done = False
         failing_over = False
+        ended: BaseException | None = None  # why the attempt ended, if not with the answer
         # Whether the consumer has been sent anything of this attempt; until then a failure
         # may fail over (after a round of tool calls, the node has sent chunks already).
         shown = False
@@ -442,6 +454,7 @@ class Relay:
                     if self.aborted:
                         raise RelayError(self.aborted) from None
                     code = "timeout" if remaining <= stall else "stalled"
+                    metrics.node_error(code)
                     outcome = Outcome(kind="timed_out")
                     if first_at is None and not shown:
                         raise _Failover(code) from None
@@ -458,6 +471,13 @@ class Relay:
                         node_done = True
                         code = str(event.get("error"))
                         outcome = Outcome(kind="failed")
+                        if code == OPERATOR_CANCELLED:
+                            # Ended on purpose: no other node takes it, and this one is not
+                            # blamed for it.
+                            outcome = Outcome(kind="cancelled")
+                            if out:
+                                yield out
+                            raise RelayError(code)
                         if first_at is None and not shown:
                             raise _Failover(code)
                         if out:
@@ -473,6 +493,8 @@ class Relay:
                         raise RelayError("lost_chunks")
                     if first_at is None:
                         first_at = self.loop.time()
+                        self.tally.first_token()
+                    self.tally.tokens += len(batch) - (1 if batch[-1]["done"] else 0)
                     for raw in batch:
                         chunks += 1
                         # The budget counts what the node sent, not what is left once markup is
@@ -514,6 +536,7 @@ class Relay:
                                     "done_reason": "length",
                                 }
                             )
+                            self.tally.length = True
                             outcome = _measured("completed", sent_at, first_at, chunks, None)
                             yield out
                             return
@@ -521,6 +544,7 @@ class Relay:
                         out.append(chunk)
                         if chunk["done"]:
                             node_done = True
+                            self.tally.length = chunk.get("done_reason") == "length"
                             outcome = _measured("completed", sent_at, first_at, chunks, chunk)
                             if rounds is not None:
                                 calls = rounds.round_over(out)
@@ -559,7 +583,7 @@ class Relay:
                         if not shown:
                             raise _Failover("node_disconnected")
                         raise RelayError("node_disconnected")
-                    claim = dataclasses.replace(claim, request_id=next_id)
+                    claim = self.claim = dataclasses.replace(claim, request_id=next_id)
                     params = rounds.next(self.tools)
                     sent_at, first_at, chunks, calls = self.loop.time(), None, 0, None
                     node_done = False
@@ -576,12 +600,17 @@ class Relay:
         except _Failover:
             failing_over = True
             raise
+        except BaseException as error:
+            ended = error
+            raise
         finally:
             self.claim = None
             self.tried.add(claim.session_id)
             if self.tools.dropped != dropped_before[0]:
                 outcome = self._with_dropped_calls(outcome, *dropped_before, claim)
-            release = self._release(claim, outcome, cancel=not node_done, final=not failing_over)
+            release = self._release(
+                claim, outcome, cancel=not node_done, final=not failing_over, ended=ended
+            )
             if self.aborted:
                 # A shutdown's grace is over: the consumer's error event goes out now, not
                 # after the database (which may be why the shutdown is slow).
@@ -628,7 +657,15 @@ class Relay:
             kind = "failed"
         return dataclasses.replace(outcome, kind=kind, dropped_tool_calls=dropped)
 
-    async def _release(self, claim: Claim, outcome: Outcome, *, cancel: bool, final: bool) -> None:
+    async def _release(
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        *,
+        cancel: bool,
+        final: bool,
+        ended: BaseException | None = None,
+    ) -> None:
         if cancel:
             await self.layer.send(
                 claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
@@ -636,7 +673,10 @@ class Relay:
         if final:
             # The request is over: everything it held goes in one trip.
             wake = await db(services.request_end)(
-                request_id=self.queue_id, attempt_id=claim.request_id, outcome=outcome
+                request_id=self.queue_id,
+                attempt_id=claim.request_id,
+                outcome=outcome,
+                record=self.tally.record(ended),
             )
             self.queued = self.counted = False
         else:
@@ -669,11 +709,21 @@ class Relay:
         if self.aborted and (self.queued or self.counted):
             self.queued = self.counted = False
             self._in_background(
-                db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
+                db(services.request_end)(
+                    request_id=self.queue_id,
+                    attempt_id=None,
+                    outcome=None,
+                    record=self.tally.record(self.tally.ended),
+                )
             )
         if self.queued or self.counted:
             self.queued = self.counted = False
-            await db(services.request_end)(request_id=self.queue_id, attempt_id=None, outcome=None)
+            await db(services.request_end)(
+                request_id=self.queue_id,
+                attempt_id=None,
+                outcome=None,
+                record=self.tally.record(self.tally.ended),
+            )
 
 
 # Clean-up work of aborted relays, kept referenced until done.
@@ -725,6 +775,7 @@ async def open_relay(
     client_ip: str | None,
     stream: bool = True,
     tool_status: bool = False,
+    api: str = metrics.API_CHAT,
 ) -> Events | Unavailable | TooMany | OverLimit:
     """Start a ``Relay`` and return its events, or why it cannot start (a 503, 429 or 400).
 
@@ -733,9 +784,14 @@ async def open_relay(
     include a ``ToolStatus`` around each call the router runs for the model.
     """
     if shutdown.draining():
+        metrics.request_refused(model=model, api=api)
         return Unavailable(model=model, served=True, restarting=True)
     relay = Relay(
-        model=model, ollama_params=ollama_params, client_ip=client_ip, tool_status=tool_status
+        model=model,
+        ollama_params=ollama_params,
+        client_ip=client_ip,
+        tool_status=tool_status,
+        api=api,
     )
     hold = settings.IDLECLAW_QUEUE_NOTICE_INTERVAL if stream else settings.IDLECLAW_QUEUE_TIMEOUT
     refusal = await relay.start(hold=hold)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import include, path, re_path
 
-from routing import views
+from routing import exposition, views
 
 # OpenAI-compatible, at /v1 and, as Ollama serves its own OpenAI API beside its native one, at
 # /ollama/v1: whatever is added here is served at both.
@@ -18,6 +18,8 @@ urlpatterns = [
     path("api/chat", views.chat, name="chat"),
     path("health", views.health, name="health"),
     path("api/models", views.models, name="models"),
+    # Prometheus, for operators (token-guarded; README "Operate")
+    path("metrics", exposition.metrics, name="metrics"),
     path("v1/", include(openai_urlpatterns)),
     # Ollama-compatible
     path("ollama", views.ollama_root),

@@ -14,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
-from routing import ollama_api, openai_api, selectors
+from routing import metrics, ollama_api, openai_api, selectors
 from routing.embeddings import embed
 from routing.limits import rate_limited, request_ip
 from routing.services import OverLimit
@@ -97,6 +97,7 @@ async def chat(request: HttpRequest) -> HttpResponse:
         ollama_params=params,
         client_ip=request_ip(request),
         tool_status=True,
+        api=metrics.API_CHAT,
     )
     if isinstance(chunks, TooMany):
         return detail(429, chunks.message, retry=True)
@@ -236,6 +237,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         ollama_params=completion.ollama_params,
         client_ip=request_ip(request),
         stream=completion.stream,
+        api=metrics.API_OPENAI,
     )
     if isinstance(chunks, TooMany | Unavailable | OverLimit):
         return openai_refusal(chunks, network=wants_network_contract(request))
@@ -311,7 +313,10 @@ async def openai_embeddings(request: HttpRequest) -> HttpResponse:
         return openai_error(error)
     try:
         answer = await embed(
-            model=parsed.model, embed_params=parsed.embed_params, client_ip=request_ip(request)
+            model=parsed.model,
+            embed_params=parsed.embed_params,
+            client_ip=request_ip(request),
+            api=metrics.API_OPENAI,
         )
     except RelayError as error:
         restarting = error.code == shutdown.RESTARTING
@@ -414,6 +419,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         ollama_params=parsed.ollama_params,
         client_ip=request_ip(request),
         stream=parsed.stream,
+        api=metrics.API_OLLAMA,
     )
     if isinstance(chunks, TooMany | Unavailable | OverLimit):
         return ollama_refusal(chunks)
@@ -460,7 +466,10 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
         return JsonResponse(empty)
     try:
         answer = await embed(
-            model=parsed.model, embed_params=parsed.embed_params, client_ip=request_ip(request)
+            model=parsed.model,
+            embed_params=parsed.embed_params,
+            client_ip=request_ip(request),
+            api=metrics.API_OLLAMA,
         )
     except RelayError as error:
         if error.code == shutdown.RESTARTING:

@@ -15,8 +15,13 @@ def live_node():
     now = timezone.now()
     worker = RouterWorker.objects.create(worker_id="w", started_at=now, last_seen=now)
     session = NodeSession.objects.create(
-        node_id="node-shown", channel_name="c", worker=worker, connected_at=now, last_seen=now,
-        client_ip="10.0.0.1", tokens_per_s=42.0,
+        node_id="node-shown",
+        channel_name="c",
+        worker=worker,
+        connected_at=now,
+        last_seen=now,
+        client_ip="10.0.0.1",
+        tokens_per_s=42.0,
     )
     NodeModel.objects.create(session=session, name="llama3.2:3b", size=1)
     return session
@@ -36,6 +41,17 @@ def live_node():
 def test_admin_lists_render(admin_client, live_node, url):
     response = admin_client.get(url)
     assert response.status_code == 200
+
+
+def test_the_operators_pages_render(admin_client, live_node):
+    for url in (
+        "/admin/",
+        "/admin/admin/logentry/",
+        "/admin/nodes/nodesession/?model=llama3.2%3A3b&cooled_down=no&draining__exact=0",
+    ):
+        assert admin_client.get(url).status_code == 200, url
+    filtered = admin_client.get("/admin/nodes/nodesession/?cooled_down=yes").content.decode()
+    assert "node-shown" not in filtered
 
 
 def test_admin_shows_the_node_and_does_not_let_it_be_edited(admin_client, live_node):
@@ -63,3 +79,18 @@ def test_an_ip_ban_must_name_an_ip_address(admin_client):
     )
     assert response.status_code == 200  # the form again, with the error
     assert b"valid IPv4 or IPv6 address" in response.content
+
+
+def test_the_migrations_create_the_viewer_and_operator_groups():
+    from django.contrib.auth.models import Group
+
+    def codenames(group: str) -> set[str]:
+        return set(Group.objects.get(name=group).permissions.values_list("codename", flat=True))
+
+    viewer, operator = codenames("viewer"), codenames("operator")
+    assert {"view_nodesession", "view_inflightrequest", "view_nodeban", "view_logentry"} <= viewer
+    assert all(name.startswith("view_") for name in viewer)
+    assert operator - viewer == {
+        "operate_nodesession", "cancel_inflightrequest", "add_nodeban", "change_nodeban",
+        "delete_nodeban",
+    }  # fmt: skip

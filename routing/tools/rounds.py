@@ -38,6 +38,7 @@ from django.conf import settings
 
 from idleclaw_site.db import db
 from nodes.protocol import MAX_FRAME_BYTES
+from routing import metrics
 from routing.tool_calls import ToolPolicy
 from routing.tools import Tool, node_supports_tools, selectors, services
 from routing.validation import MAX_MESSAGES
@@ -200,6 +201,7 @@ class ToolRounds:
                 "this node made too many tool calls in the last minute; answer without it"
             )
         if len(runnable) > allowed:
+            metrics.rate_limited("tool_calls")
             logger.warning(
                 "node session %s: %d tool calls over its allowance of %d a minute",
                 session_id, len(runnable) - allowed, settings.IDLECLAW_TOOL_CALLS_PER_MINUTE,
