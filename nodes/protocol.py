@@ -703,12 +703,23 @@ class EmbedError(Exception):
     """What is wrong with a node's vectors; safe to log (counts and lengths, never values)."""
 
 
+# The largest float32: clients decode embeddings as float32 (OpenAI's base64, numpy), where a
+# larger finite double is an infinity (red-team M1 of issue 19).
+MAX_FLOAT32 = 3.4028234663852886e38
+
+
+def _float32(values: list[float]) -> list[float]:
+    if values and (max(values) > MAX_FLOAT32 or min(values) < -MAX_FLOAT32):
+        raise EmbedError("a number out of float32's range")
+    return values
+
+
 def _numbers(raw: list[Any]) -> list[float]:
     """``raw`` as floats, or ``EmbedError`` if an element is not a number. The strict frame
     decoder has already refused NaN and infinities; JSON integers (Go writes ``0`` for 0.0) are
     numbers too, booleans are not."""
     if all(type(value) is float for value in raw):
-        return raw
+        return _float32(raw)
     values = []
     for value in raw:
         kind = type(value)
@@ -721,7 +732,7 @@ def _numbers(raw: list[Any]) -> list[float]:
                 raise EmbedError("a number out of range") from None
         else:
             raise EmbedError(f"a vector holds a {kind.__name__}, not a number")
-    return values
+    return _float32(values)
 
 
 @dataclass

@@ -116,8 +116,12 @@ class EmbedRelay(Relay):
                     continue  # a wake-up, or a late event of an earlier attempt
                 if event.get("type") == EventType.STREAM_ERROR:
                     node_done = True
+                    code = str(event.get("error"))
                     outcome = Outcome(kind="failed")
-                    raise _Failover(str(event.get("error")))
+                    if code == "invalid_request":
+                        outcome = Outcome(kind="cancelled")
+                        self._refused_by_node()
+                    raise _Failover(code)
                 if event.get("seq") != received:
                     # A message the channel layer lost: the router's fault, not the node's.
                     raise _Failover("lost_chunks")

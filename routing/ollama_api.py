@@ -4,6 +4,7 @@ and the NDJSON and JSON shapes the official ``ollama`` client reads."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -93,6 +94,20 @@ _GO_DURATION = re.compile(
 )
 
 
+def check_keep_alive(value: Any) -> str | int | float | None:
+    """``keep_alive`` as Ollama reads it: a number of seconds or a Go duration string; None when
+    absent. Anything else is a 400 here, as at Ollama: sent on, a node's Ollama would refuse
+    it, and a consumer could make honest nodes fail with it (red-team C1 of issue 19)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return value
+    elif isinstance(value, str) and len(value) <= 64 and _GO_DURATION.fullmatch(value):
+        return value
+    raise BadRequest("keep_alive: a number of seconds or a duration such as \"5m\"", 400)
+
+
 def _is_zero_duration(value: Any) -> bool:
     """Whether Ollama reads ``keep_alive`` as zero: a number of seconds below a nanosecond
     (negative means forever), or a duration string whose every number is zero."""
@@ -119,8 +134,8 @@ def _common(data: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
     output_format = check_format(data.get("format"))
     if output_format is not None:
         params["format"] = output_format
-    keep_alive = data.get("keep_alive")
-    if isinstance(keep_alive, str | int | float) and not isinstance(keep_alive, bool):
+    keep_alive = check_keep_alive(data.get("keep_alive"))
+    if keep_alive is not None:
         params["keep_alive"] = keep_alive
     stream = data.get("stream", True)
     if stream is None:
@@ -378,8 +393,8 @@ def _embed_common(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     options = check_options(data.get("options"))
     if options:
         extra["options"] = options
-    keep_alive = data.get("keep_alive")
-    if isinstance(keep_alive, str | int | float) and not isinstance(keep_alive, bool):
+    keep_alive = check_keep_alive(data.get("keep_alive"))
+    if keep_alive is not None:
         extra["keep_alive"] = keep_alive
     return model, extra
 

@@ -44,7 +44,10 @@ ERROR_MESSAGES = {
     "node_disconnected": "the node serving this request disconnected",
     "stalled": "the node stopped responding",
     "timeout": "the response took too long",
-    "invalid_request": "the node refused the request",
+    "invalid_request": (
+        "the model server refused the request as invalid (check options such as keep_alive, "
+        "num_ctx or truncate)"
+    ),
     "ollama_unavailable": "the node's model server is unavailable",
     "ollama_error": "the node's model server failed",
     "consumer_stalled": "the stream was not read fast enough",
@@ -62,6 +65,14 @@ class RelayError(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of a whole (non-streamed) answer that failed this way: 400 for a
+        request two nodes' Ollama refused as invalid, 503 while the router restarts, else 502."""
+        if self.code == "invalid_request":
+            return 400
+        return 503 if self.code == shutdown.RESTARTING else 502
 
     @property
     def message(self) -> str:
@@ -180,6 +191,7 @@ class Relay:
     def _begin(self) -> None:
         """The state of every kind of request, once the subclass has set its own."""
         self.counted = False
+        self.refusals = 0  # nodes whose Ollama refused the request as invalid
         # The request's first node id (``idleclaw_site.request_ids``): the consumer's
         # ``x-request-id``. It also names the request's queue place and its count against the
         # client (other tables than the slots'); the first node request is sent under it.
@@ -390,6 +402,16 @@ class Relay:
         finally:
             await asyncio.shield(self._close())
 
+    def _refused_by_node(self) -> None:
+        """A node's Ollama refused the request as invalid (``invalid_request``: a bad
+        ``keep_alive``, an input longer than the context with ``truncate`` false). That is not
+        held against the node, or any consumer could cool honest nodes down with requests
+        Ollama refuses (red-team C1 of issue 19). One node's word may be a hostile node's, so
+        another node tries; when a second one refuses it too, the request is what is wrong."""
+        self.refusals += 1
+        if self.refusals >= 2:
+            raise RelayError("invalid_request")
+
     async def _requeue(self) -> None:
         # The wait starts afresh: the consumer already waited for a node that then failed.
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
@@ -478,6 +500,10 @@ class Relay:
                             if out:
                                 yield out
                             raise RelayError(code)
+                        if code == "invalid_request":
+                            outcome = Outcome(kind="cancelled")
+                            if first_at is None and not shown:
+                                self._refused_by_node()
                         if first_at is None and not shown:
                             raise _Failover(code)
                         if out:

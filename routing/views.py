@@ -166,6 +166,16 @@ def openai_error(error: openai_api.OpenAIError, *, retry: bool = False) -> JsonR
     return json_error(error.body(), error.status, retry=retry)
 
 
+def openai_relay_error(error: RelayError) -> JsonResponse:
+    """A whole answer that failed, in OpenAI's shape (``RelayError.status``)."""
+    kinds = {400: "invalid_request_error", 503: "service_unavailable"}
+    failure = openai_api.OpenAIError(
+        error.message, status=error.status, code=error.code,
+        kind=kinds.get(error.status, "server_error"),
+    )
+    return openai_error(failure, retry=error.status == 503)
+
+
 def openai_model_not_found(model: str) -> JsonResponse:
     """404 ``model_not_found`` for a model no live node serves, as OpenAI answers for a model it
     does not have: the OpenAI SDKs raise ``NotFoundError`` at once instead of retrying."""
@@ -250,14 +260,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         answer = await collect(chunks)
     except RelayError as error:
-        restarting = error.code == shutdown.RESTARTING
-        failure = openai_api.OpenAIError(
-            error.message,
-            status=503 if restarting else 502,
-            code=error.code,
-            kind="service_unavailable" if restarting else "server_error",
-        )
-        return openai_error(failure, retry=restarting)
+        return openai_relay_error(error)
     return JsonResponse(openai_api.completion_body(answer, model=completion.model))
 
 
@@ -319,12 +322,7 @@ async def openai_embeddings(request: HttpRequest) -> HttpResponse:
             api=metrics.API_OPENAI,
         )
     except RelayError as error:
-        restarting = error.code == shutdown.RESTARTING
-        failure = openai_api.OpenAIError(
-            error.message, status=503 if restarting else 502, code=error.code,
-            kind="service_unavailable" if restarting else "server_error",
-        )
-        return openai_error(failure, retry=restarting)
+        return openai_relay_error(error)
     if isinstance(answer, TooMany | Unavailable | OverLimit):
         return openai_refusal(answer)
     parts = openai_api.embedding_parts(answer, model=parsed.model, base64=parsed.base64)
@@ -429,9 +427,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
     try:
         answer = await collect(chunks)
     except RelayError as error:
-        if error.code == shutdown.RESTARTING:
-            return ollama_error(503, error.message, retry=True)
-        return ollama_error(502, error.message)
+        return ollama_error(error.status, error.message, retry=error.status == 503)
     body = ollama_api.chat_body if chat else ollama_api.generate_body
     return JsonResponse(body(answer, model=parsed.model))
 
@@ -472,9 +468,7 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
             api=metrics.API_OLLAMA,
         )
     except RelayError as error:
-        if error.code == shutdown.RESTARTING:
-            return ollama_error(503, error.message, retry=True)
-        return ollama_error(502, error.message)
+        return ollama_error(error.status, error.message, retry=error.status == 503)
     if isinstance(answer, TooMany | Unavailable | OverLimit):
         return ollama_refusal(answer)
     if legacy:

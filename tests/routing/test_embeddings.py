@@ -349,6 +349,10 @@ async def test_bad_ollama_requests_get_a_400(channel_layer, body, error):
         pytest.param([{"embeddings": [[], []], "done": True}], id="empty-vectors"),
         pytest.param([{"embeddings": [[1, 2], [1, 2]], "done": "yes"}], id="done-not-bool"),
         pytest.param([{"embeddings": [[10**400, 1], [1, 2]], "done": True}], id="huge-integer"),
+        # Finite as a double, an infinity as the float32 clients decode it into.
+        pytest.param([{"embeddings": [[1e300, 1.0], [1.0, 2.0]], "done": True}], id="float32-inf"),
+        pytest.param([{"embeddings": [[0.5, -1e39], [1.0, 2.0]], "done": True}], id="float32-neg"),
+        pytest.param([{"embeddings": [[10**39, 1], [1, 2]], "done": True}], id="int-over-f32"),
     ],
 )
 async def test_invalid_vectors_are_a_node_error(channel_layer, frames):

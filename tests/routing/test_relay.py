@@ -214,6 +214,65 @@ async def test_failover_stops_after_max_attempts(channel_layer, settings):
         await node.disconnect()
 
 
+async def next_request(nodes: list[ScriptedNode]) -> tuple[ScriptedNode, dict]:
+    """The next inference request any of ``nodes`` receives, and which node got it."""
+    for _ in range(100):
+        for node in nodes:
+            if not await node.nothing_sent(0.02):
+                message = await node.recv()
+                if message["type"] == "inference_request":
+                    return node, message
+    raise AssertionError("no node received the request")
+
+
+@sync_to_async
+def failures_of(*node_ids: str) -> list[int]:
+    sessions = {s.node_id: s for s in NodeSession.objects.filter(node_id__in=node_ids)}
+    return [sessions[node_id].consecutive_failures for node_id in node_ids]
+
+
+async def test_a_request_two_nodes_refuse_as_invalid_is_a_400_and_blames_neither(channel_layer):
+    """Red-team C1 of issue 19: a request every Ollama refuses (a bad option) counted as a
+    failure of each node it was tried on, so three such requests cooled honest nodes down."""
+    first, second = ScriptedNode(ip="10.0.0.1"), ScriptedNode(ip="10.0.0.2")
+    await first.register(node_id="first")
+    await second.register(node_id="second")
+    for _ in range(3):
+        client = chat("refused", path="/ollama/api/chat", stream=False)
+        await client.app.send_input({"type": "http.request", "body": client.body})
+        tried = set()
+        for _ in range(2):  # one node, then the other: each says its Ollama refused it
+            node, request = await next_request([first, second])
+            tried.add(node)
+            await node.send({"type": "inference_error", "request_id": request["request_id"],
+                             "error": "invalid_request"})
+        assert tried == {first, second}
+        start = await client.app.receive_output(5)
+        assert start["status"] == 400
+        assert "refused the request as invalid" in json.loads(await client.read_all())["error"]
+    assert await failures_of("first", "second") == [0, 0]
+    assert await leftovers() == (0, 0)
+    for node in (first, second):
+        await node.disconnect()
+
+
+async def test_one_node_refusing_as_invalid_hands_the_request_to_another(channel_layer):
+    """A hostile node cannot deny a consumer by calling every request invalid."""
+    liar, honest = ScriptedNode(ip="10.0.0.1"), ScriptedNode(ip="10.0.0.2")
+    await liar.register(node_id="liar")
+    client = chat()
+    await client.start()
+    request = await liar.recv()
+    await honest.register(node_id="honest")
+    await liar.send({"type": "inference_error", "request_id": request["request_id"],
+                     "error": "invalid_request"})
+    retried = await honest.recv(timeout=3)
+    await answer(honest, retried, ["served"])
+    assert text_of(sse_events(await client.read_all())) == "served"
+    for node in (liar, honest):
+        await node.disconnect()
+
+
 async def test_failure_after_the_first_token_is_an_error_not_a_retry(channel_layer):
     first, spare = ScriptedNode(ip="10.0.0.1"), ScriptedNode(ip="10.0.0.2")
     await first.register(node_id="first")

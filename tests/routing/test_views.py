@@ -501,17 +501,34 @@ async def test_cors_allows_any_origin_by_default_on_the_event_loops_thread(chann
 
 async def test_a_keep_alive_built_to_backtrack_is_answered_at_once(channel_layer):
     """Red-team C1 of issue 19: this 64-character near-miss held the event loop for ten seconds
-    in the duration pattern; the answer is Ollama's "load" in microseconds now (the bound is
-    a thousand times that, and ten times below what the old pattern took)."""
+    in the duration pattern; it is refused in microseconds now (the bound is a thousand times
+    that, and ten times below what the old pattern took)."""
     node = ScriptedNode()
     await node.register()
     for keep_alive in ["11111s" * 10 + "111x", "111s" * 15 + "111x", "1" * 63 + "x"]:
         body = {"model": "llama3.2:3b", "prompt": "", "stream": False, "keep_alive": keep_alive}
         started = time.perf_counter()
         client = HttpClient("POST", "/ollama/api/generate", body)
-        assert (await client.start())[0] == 200
-        assert json.loads(await client.read_all())["done_reason"] == "load"
+        assert (await client.start())[0] == 400
         assert time.perf_counter() - started < 1.0, keep_alive
+    await node.disconnect()
+
+
+async def test_a_keep_alive_ollama_would_refuse_is_refused_here_and_never_reaches_a_node(
+    channel_layer,
+):
+    """Red-team C1 of issue 19 (second pass): a node's Ollama refused "banana", and each such
+    request counted as that node's failure."""
+    node = ScriptedNode()
+    await node.register()
+    for keep_alive in ["banana", "300", "5 m", True, [], {"s": 1}]:
+        for path, extra in (("/ollama/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
+                            ("/ollama/api/embed", {"input": "hi"})):
+            body = {"model": "llama3.2:3b", "keep_alive": keep_alive, **extra}
+            client = HttpClient("POST", path, body)
+            assert (await client.start())[0] == 400, (path, keep_alive)
+            assert "keep_alive" in json.loads(await client.read_all())["error"]
+    assert await node.nothing_sent()
     await node.disconnect()
 
 
