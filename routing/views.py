@@ -143,6 +143,8 @@ async def models(request: HttpRequest) -> HttpResponse:
                 info.name: {
                     "thinking": "thinking" in info.capabilities,
                     "tool_calls": "tools" in info.capabilities,
+                    # An embedding-only model cannot chat (the chat page leaves it out).
+                    "chat": "completion" in ollama_api.capabilities_of(info),
                 }
                 for info in infos
             },

@@ -279,8 +279,10 @@ async def test_health_and_models_describe_live_nodes(channel_layer):
     await client.start()
     models = json.loads(await client.read_all())
     assert models["models"] == ["llama3.2:3b", "qwen3:0.6b", "smollm2:135m"]
-    assert models["capabilities"]["qwen3:0.6b"] == {"thinking": True, "tool_calls": True}
-    assert models["capabilities"]["smollm2:135m"] == {"thinking": False, "tool_calls": False}
+    assert models["capabilities"]["qwen3:0.6b"] == {
+        "thinking": True, "tool_calls": True, "chat": True}
+    assert models["capabilities"]["smollm2:135m"] == {
+        "thinking": False, "tool_calls": False, "chat": True}
     assert models["details"]["llama3.2:3b"]["free_slots"] == 3
     await big.disconnect()
     client = HttpClient("GET", "/api/models")

@@ -72,7 +72,7 @@ class Network:
 def network(tmp_path_factory) -> Iterator[Network]:
     db = tmp_path_factory.mktemp("webchat-router") / "router.sqlite3"
     emulator, emulator_url = procs.start_emulator(
-        "--token-delay", TOKEN_DELAY, "--reply-tokens", REPLY_TOKENS
+        "--token-delay", TOKEN_DELAY, "--reply-tokens", REPLY_TOKENS, "--embedding-models"
     )
     router, url = procs.start_router(db, ROUTER_ENV)
     contributor = procs.start_contributor(url, emulator_url, "--max-concurrent", "2")

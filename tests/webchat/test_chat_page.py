@@ -118,6 +118,10 @@ def test_the_admin_keeps_djangos_own_pages(network):
 # --- models and the header ---------------------------------------------------------------------
 
 
+def network_models(page) -> list[str]:
+    return page.evaluate("fetch('/api/models').then((r) => r.json()).then((b) => b.models)")
+
+
 def test_the_model_picker_lists_live_models_with_nodes_slots_and_capabilities(page):
     open_chat(page)
     picker = page.get_by_label("Model", exact=True)
@@ -126,6 +130,9 @@ def test_the_model_picker_lists_live_models_with_nodes_slots_and_capabilities(pa
     assert re.search(r"1 node · 2 free slots · can: tools\)$", llama.inner_text())
     assert "can: thinking, tools" in qwen.inner_text()
     assert picker.locator("option[value='smollm2:135m']").count() == 1
+    # The node serves embedding models too; they cannot chat, so they are not offered.
+    assert "nomic-embed-text:latest" in network_models(page)
+    assert picker.locator("option[value='nomic-embed-text:latest']").count() == 0
     # Think is offered only for a model that thinks.
     picker.select_option(LLAMA)
     assert page.get_by_label("Think").is_disabled()

@@ -52,7 +52,9 @@ async function getJson(path) {
  */
 export async function fetchModels() {
   const body = await getJson("/api/models");
-  return body.models.map((name) => ({
+  // Embedding models are listed too, flagged ``chat: false``; they cannot answer a chat.
+  const chatting = body.models.filter((name) => body.capabilities?.[name]?.chat !== false);
+  return chatting.map((name) => ({
     name,
     nodes: body.details?.[name]?.nodes ?? 0,
     freeSlots: body.details?.[name]?.free_slots ?? 0,
