@@ -108,6 +108,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         # What its Ollama has loaded, as last passed on to be written (heartbeat ``loaded``).
         self.loaded: dict[str, protocol.LoadedModel] = {}
         self._loaded_written_at = -math.inf
+        self.operator_drained = False  # by the admin's drain action (nodes.actions)
         self._loaded_held: tuple[protocol.LoadedModel, ...] | None = None
         self._loaded_timer: asyncio.TimerHandle | None = None
         # Embedding requests among ``requests``, each with the check of its vectors so far.
@@ -280,6 +281,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         """The node serves again after a ``drain`` (docs/node-protocol-extensions.md); not while
         the router itself is moving it away (shutdown), which drained it too."""
         if self.moving:
+            return
+        if self.operator_drained:
+            logger.info("node %s asked to serve again; an operator drained it", self.node_id)
             return
         await db(services.node_session_undrain)(session_id=self.session_id)
         await self._wake_queues(sorted(self.model_names))
@@ -544,7 +548,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
 
     async def node_drain(self, event: dict[str, Any]) -> None:
         """An operator drained this node: the admin already took it out of selection; what it
-        is serving finishes."""
+        is serving finishes. The node's own ``undrain`` does not undo it (red-team H1 of
+        issue 17): only a new connection does, which the operator can refuse with a ban."""
+        self.operator_drained = True
         logger.info(
             "node %s drained by an operator; %d requests in flight finish",
             self.node_id,

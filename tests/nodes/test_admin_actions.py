@@ -72,6 +72,11 @@ async def test_drain_lets_the_request_in_flight_finish_and_sends_the_node_no_new
     assert await log() == [
         ("operator", "node-drained", "Drained: no new requests; those in flight finish")
     ]
+    # The node cannot undo the operator's drain with its own undrain (red-team H1).
+    await node.send({"type": FrameType.UNDRAIN})
+    assert await node.nothing_sent()
+    assert (await session_of("node-drained")).draining
+    await node.disconnect()
 
 
 async def test_ban_asks_what_to_ban_then_bans_and_disconnects(channel_layer):
