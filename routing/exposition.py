@@ -7,6 +7,7 @@ each scrape, never from this process's memory: two workers behind one proxy answ
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from django.conf import settings
@@ -134,7 +135,9 @@ async def metrics(request: HttpRequest) -> HttpResponse:
         return response
     await worker.ensure_started()
     snapshot = await db(overview.metrics_snapshot)()
-    body, content_type = render(snapshot, request.headers.get("Accept"))
+    # Off the event loop: a large registry takes a while to write out, and the relays of this
+    # worker must not wait for it.
+    body, content_type = await asyncio.to_thread(render, snapshot, request.headers.get("Accept"))
     response = HttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"
     return response

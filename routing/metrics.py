@@ -127,6 +127,7 @@ class RequestTally:
 def outcome_of(ended: object, *, length: bool = False) -> str:
     """The outcome label of a request that ended with ``ended`` (None: with its answer)."""
     from nodes.actions import OPERATOR_CANCELLED
+    from routing.services import OverLimit
     from routing.streaming import RelayError, Unavailable
 
     if ended is None:
@@ -140,6 +141,8 @@ def outcome_of(ended: object, *, length: bool = False) -> str:
     if isinstance(ended, Unavailable):
         waited = ended.served and not ended.queue_full and not ended.restarting
         return QUEUE_TIMEOUT if waited else REFUSED
+    if isinstance(ended, OverLimit):
+        return REFUSED
     return ERROR
 
 

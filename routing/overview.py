@@ -121,12 +121,29 @@ def _request_rows(minute_from: int | None = None):
     )
 
 
+# Models named in /metrics' labels: the most requested ones. Nodes choose model names, so a
+# node and a consumer together could otherwise add series without end, and each scrape would
+# grow with them (red-team H2 of issue 17); the rest are summed under one label.
+MAX_MODEL_SERIES = 100
+OTHER_MODELS = "(other)"
+
+
+def _named_models(rows: list[tuple]) -> set[str]:
+    totals: dict[str, int] = defaultdict(int)
+    for row in rows:
+        totals[row[0]] += row[5]
+    ranked = sorted(totals, key=lambda model: (-totals[model], model))
+    return set(ranked[:MAX_MODEL_SERIES])
+
+
 def metrics_snapshot() -> Snapshot:
     """Gauges now and counters since the first request (``GET /metrics``)."""
     requests: dict[tuple[str, str, str], int] = defaultdict(int)
     tokens: dict[str, int] = defaultdict(int)
     ttft: dict[str, Histogram] = {}
     duration: dict[str, Histogram] = {}
+    rows = list(_request_rows())
+    named = _named_models(rows)
     for (
         model,
         api,
@@ -137,7 +154,9 @@ def metrics_snapshot() -> Snapshot:
         toks,
         ttft_s,
         dur_s,
-    ) in _request_rows():
+    ) in rows:
+        if model not in named:
+            model = OTHER_MODELS
         requests[model, api, outcome] += n
         if outcome != metrics.REFUSED:
             tokens[model] += toks

@@ -245,6 +245,7 @@ class Relay:
             return None
         self.attempts -= 1
         if admitted.over is not None:
+            self.tally.ended = admitted.over  # refused, not served (red-team M2 of issue 17)
             await self._close()
             return admitted.over
         try:

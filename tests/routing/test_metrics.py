@@ -154,3 +154,34 @@ def test_folding_old_minutes_keeps_every_total():
     recent = overview.recent_traffic(now=now)
     assert (recent.requests, recent.tokens) == (4, 40)  # the last 15 minutes only
     assert recent.ttft.quantile(0.5) == pytest.approx(0.25 + 0.25 * 2 / 4)
+
+
+def test_models_beyond_the_most_requested_share_one_label(settings):
+    """Red-team H2 of issue 17: a node and a consumer together named a new model with every
+    request, and each became a series of /metrics for good."""
+    now = time.time()
+    for index in range(overview.MAX_MODEL_SERIES + 20):
+        record = metrics.RequestRecord(model=f"m{index:03}", api="chat", outcome="ok", tokens=1,
+                                       ttft=0.1, duration=0.2)  # fmt: skip
+        for _ in range(2 if index < overview.MAX_MODEL_SERIES else 1):
+            metrics.request_count(record=record, at=now)
+    snapshot = overview.metrics_snapshot()
+    models = {model for model, _, _ in snapshot.requests}
+    assert len(models) == overview.MAX_MODEL_SERIES + 1
+    assert "m000" in models and "m120" not in models
+    assert snapshot.requests[overview.OTHER_MODELS, "chat", "ok"] == 20
+    assert sum(snapshot.requests.values()) == 2 * overview.MAX_MODEL_SERIES + 20
+    assert set(snapshot.ttft) == models
+
+
+async def test_a_request_over_every_nodes_caps_is_counted_refused(channel_layer):
+    """Red-team M2 of issue 17: the 400 for a request over the nodes' caps counted as ok."""
+    node = ScriptedNode()
+    await node.register(limits={"num_ctx": 1024})
+    client = chat("too long", path="/ollama/api/chat", options={"num_ctx": 4096})
+    assert (await client.start())[0] == 400
+    await client.read_all()
+    assert await node.nothing_sent()
+    snapshot = await sync_to_async(overview.metrics_snapshot)()
+    assert snapshot.requests == {(MODEL, "ollama", "refused"): 1}
+    await node.disconnect()
