@@ -47,6 +47,9 @@ LOADED_SLACK_S = 30.0
 # written at its end): a node that changes its report with every heartbeat (it may send one a
 # second) must not cost the database a write for each.
 LOADED_MIN_INTERVAL_S = 5.0
+# The shortest time between two ``models_update`` frames a node may send; contribute.py sends
+# one when Ollama's models change, checked once a minute.
+MODELS_UPDATE_MIN_INTERVAL_S = 1.0
 # Numbers of an ``embed_vectors`` frame that together cost as much as one frame: a frame full of
 # numbers (about 7,000) is parsed number by number, several frames' work.
 FLOATS_PER_UNIT = 1024
@@ -108,6 +111,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         # What its Ollama has loaded, as last passed on to be written (heartbeat ``loaded``).
         self.loaded: dict[str, protocol.LoadedModel] = {}
         self._loaded_written_at = -math.inf
+        self._models_updated_at = -math.inf
         self.operator_drained = False  # by the admin's drain action (nodes.actions)
         self._loaded_held: tuple[protocol.LoadedModel, ...] | None = None
         self._loaded_timer: asyncio.TimerHandle | None = None
@@ -259,6 +263,13 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.HEARTBEAT:
             self._note_loaded(frame)
         elif kind == FrameType.MODELS_UPDATE:
+            now = time.monotonic()
+            if now - self._models_updated_at < MODELS_UPDATE_MIN_INTERVAL_S:
+                # Each one rewrites the node's model rows: a node sending hundreds a second
+                # kept the database busy (red-team M1 of issue 17). Dropped, and counted.
+                self._strike()
+                return
+            self._models_updated_at = now
             offers, warnings = protocol.parse_models(frame.get("models"))
             if warnings:
                 logger.warning(
