@@ -117,7 +117,10 @@ STREAM_ERRORS = (
     ("node serving this request disconnected", "node_disconnected"),
     ("node stopped responding", "stalled"),
     ("response took too long", "timeout"),
-    ("node refused the request", "invalid_request"),
+    ("refused the request as invalid", "invalid_request"),
+    ("node refused the request", "invalid_request"),  # the words of routers before issue 19
+    ("sent invalid embeddings", "bad_embeddings"),
+    ("an operator ended", "operator_cancelled"),
     ("model server is unavailable", "ollama_unavailable"),
     ("model server failed", "ollama_error"),
     ("no node is serving this model", "no_node"),
