@@ -50,8 +50,8 @@ INTERRUPTED = 130  # Ctrl+C, as shells report SIGINT
 EXIT_CODES = """\
 exit codes:
   0    the answer was printed (-i: the chat ended and every turn was answered)
-  1    server or network error: the router could not be reached or failed, or the answer
-       stream broke off
+  1    server or network error: the router could not be reached, failed or redirected
+       elsewhere (redirects are not followed), or the answer stream broke off
   2    usage error: bad arguments or IDLECLAW_SERVER, an empty or too long prompt, or a
        request the router refused as invalid (HTTP 4xx)
   3    no node can take the model now: no node serves it (run status.py to see the models on
