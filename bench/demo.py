@@ -40,6 +40,22 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
 
+# Settings of the environment that would point the demo's router at another database, channel
+# layer or configuration (the operator's own, say): the demo uses its own, thrown away after.
+FOREIGN_SETTINGS = ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
+
+
+def demo_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without ``FOREIGN_SETTINGS`` and every ``IDLECLAW_*``
+    setting (``IDLECLAW_SQLITE_PATH``, ``IDLECLAW_SERVER``...), plus ``extra``."""
+    clean = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in FOREIGN_SETTINGS and not name.startswith("IDLECLAW_")
+    }
+    return {**clean, **extra}
+
+
 class DemoError(Exception):
     """A part of the network did not start; the message says which and shows its log."""
 
@@ -54,7 +70,7 @@ class Part:
             self.process = subprocess.Popen(
                 argv,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                env=demo_environ(PYTHONUNBUFFERED="1", **env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -133,7 +149,7 @@ def run_demo(model: str, prompt: str, work: Path, parts: list[Part]) -> int:
     migrate = subprocess.run(
         [PYTHON, "manage.py", "migrate", "--noinput", "-v0"],
         cwd=ROOT,
-        env={**os.environ, **router_env},
+        env=demo_environ(**router_env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -175,7 +191,7 @@ def run_demo(model: str, prompt: str, work: Path, parts: list[Part]) -> int:
     consumer = subprocess.Popen(
         [PYTHON, "skill_scripts/consume.py", "--model", model, "--prompt", prompt],
         cwd=ROOT,
-        env={**os.environ, "IDLECLAW_SERVER": router},
+        env=demo_environ(IDLECLAW_SERVER=router),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )

@@ -37,6 +37,8 @@ MAX_MODELS_BYTES = 1_000_000
 MAX_PROMPT_CHARS = 10_000
 MAX_MESSAGES = 50
 MAX_TOTAL_CHARS = 100_000
+# Most of one SSE event (its data: lines joined) that is held: the protocol's 1 MB per line.
+MAX_EVENT_BYTES = config.MAX_LINE_BYTES
 
 OK = 0
 FAILED = 1  # the router or the network failed, or the answer stream broke
@@ -48,8 +50,8 @@ INTERRUPTED = 130  # Ctrl+C, as shells report SIGINT
 EXIT_CODES = """\
 exit codes:
   0    the answer was printed (-i: the chat ended and every turn was answered)
-  1    server or network error: the router could not be reached or failed, or the answer
-       stream broke off
+  1    server or network error: the router could not be reached, failed or redirected
+       elsewhere (redirects are not followed), or the answer stream broke off
   2    usage error: bad arguments or IDLECLAW_SERVER, an empty or too long prompt, or a
        request the router refused as invalid (HTTP 4xx)
   3    no node can take the model now: no node serves it (run status.py to see the models on
@@ -81,7 +83,7 @@ class ChatFailed(Exception):
 def retry_after_seconds(response: requests.Response) -> int | None:
     """The server's ``Retry-After`` in seconds (delta-seconds or an HTTP date), if any."""
     value = (response.headers.get("Retry-After") or "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() too, which int() refuses
         return min(int(value), 86_400)
     try:
         when = parsedate_to_datetime(value)
@@ -118,6 +120,7 @@ def served_models(session: requests.Session, server: str) -> list[str] | None:
             f"{server}/api/models",
             timeout=(5.0, 10.0),
             stream=True,
+            allow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": config.CLIENT_NAME},
         ) as response:
             body = config.read_json(response, MAX_MODELS_BYTES)
@@ -139,6 +142,13 @@ def http_error(
 ) -> ChatFailed:
     """What a router answer other than 200 means for the user."""
     status = response.status_code
+    if 300 <= status < 400:
+        # Requests go only to the configured router (SKILL.md): a redirect is not followed.
+        location = config.printable_line(response.headers.get("Location") or "nowhere")[:200]
+        return ChatFailed(
+            f"the router answered HTTP {status}, a redirect to {location}, which is not "
+            "followed; set IDLECLAW_SERVER to the router's own URL"
+        )
     detail = _detail(response)
     if status == 503:
         served = served_models(session, server)
@@ -184,22 +194,30 @@ class SseReader:
     lines starting with ``:`` are comments, other fields are ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int = MAX_EVENT_BYTES) -> None:
         self._data: list[str] = []
+        self._size = 0
+        self._max_event = max_event
 
     def feed(self, line: str) -> tuple[str, str] | None:
-        """One line in; ``("data", payload)``, ``("comment", text)`` or None."""
+        """One line in; ``("data", payload)``, ``("comment", text)`` or None. Raises
+        ``ValueError`` when the ``data`` of one event grows past ``max_event`` characters."""
         if line == "":
             if not self._data:
                 return None
             payload = "\n".join(self._data)
             self._data = []
+            self._size = 0
             return "data", payload
         if line.startswith(":"):
             return "comment", line[1:].strip()
         field, _, value = line.partition(":")
         if field == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
+            data = value[1:] if value.startswith(" ") else value
+            self._size += len(data) + 1
+            if self._size > self._max_event:
+                raise ValueError("event too long")
+            self._data.append(data)
         return None
 
     def flush(self) -> tuple[str, str] | None:
@@ -213,7 +231,8 @@ class AnswerPrinter:
     Unless ``raw``, each of the two streams passes its own ``TerminalFilter``: an escape
     sequence split over deltas of one stream is removed whole. ``buffered`` (``--no-stream``)
     holds the answer back until ``finish``; ``events`` (``--json``) prints each event instead.
-    Whatever the mode, ``answer`` collects the answer as received, for a chat's history.
+    ``answer`` collects the answer as received: all of it when ``buffered``, else its first
+    ``keep`` characters (a chat's history), so a long stream is printed without being held.
     """
 
     def __init__(
@@ -224,6 +243,7 @@ class AnswerPrinter:
         raw: bool = False,
         buffered: bool = False,
         events: bool = False,
+        keep: int = 0,
     ) -> None:
         self.out = out
         self.err = err
@@ -234,6 +254,8 @@ class AnswerPrinter:
         self.answer_filter = config.TerminalFilter()
         self.thinking_filter = config.TerminalFilter()
         self.answer: list[str] = []
+        self.keep = keep
+        self.kept = 0
         self.wrote_answer = False
         self.wrote_thinking = False
         self.queue_notice = ""
@@ -260,7 +282,11 @@ class AnswerPrinter:
                 self.err.flush()
                 self.wrote_thinking = True
             return
-        self.answer.append(content)
+        if self.buffered:
+            self.answer.append(content)
+        elif self.kept < self.keep:
+            self.answer.append(content[: self.keep - self.kept])
+            self.kept += len(self.answer[-1])
         if self.events or self.buffered:
             return
         self._end_thinking()
@@ -350,7 +376,8 @@ class Client:
         self.session = requests.Session()
 
     def ask(self, model: str, messages: list[dict[str, str]]) -> str:
-        """Ask ``model``, print the answer as ``args`` say; return the answer as received.
+        """Ask ``model``, print the answer as ``args`` say; return the answer as received (all of
+        it with ``--no-stream``, its first ``MAX_PROMPT_CHARS`` chars in a chat, else nothing).
 
         Raises ``ChatFailed``, or ``KeyboardInterrupt`` after closing the connection (which is
         how the router learns that nobody is listening any more).
@@ -368,6 +395,7 @@ class Client:
             raw=args.raw,
             buffered=args.no_stream,
             events=args.json,
+            keep=MAX_PROMPT_CHARS if args.interactive else 0,
         )
         response: requests.Response | None = None
         try:
@@ -377,6 +405,7 @@ class Client:
                 stream=True,
                 timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                 headers={"Accept": "text/event-stream", "User-Agent": config.CLIENT_NAME},
+                allow_redirects=False,
             )
             if response.status_code != 200:
                 raise http_error(
@@ -403,6 +432,12 @@ class Client:
             raise ChatFailed(
                 f"cannot reach the IdleClaw router at {self.server} ({reason})"
             ) from None
+        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL) as exc:
+            printer.abandon()
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "invalid URL"
+            raise ChatFailed(
+                f"cannot ask the IdleClaw router at {self.server}: {config.printable_line(reason)}"
+            ) from None
         except (
             requests.RequestException,
             urllib3.exceptions.HTTPError,
@@ -416,7 +451,7 @@ class Client:
                 exc, requests.Timeout | urllib3.exceptions.ReadTimeoutError | TimeoutError
             )
             what = f"no data for {READ_TIMEOUT_S:.0f} s" if timed_out else "connection lost"
-            if isinstance(exc, ValueError):  # config.iter_lines: a line without end
+            if isinstance(exc, ValueError):  # a line without end, or data without a blank line
                 what = "an event of over 1 MB"
             raise ChatFailed(f"the answer stream from {self.server} failed ({what})") from None
         finally:

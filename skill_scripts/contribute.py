@@ -71,9 +71,11 @@ EMBEDDINGS = "embeddings"
 MAX_EMBED_INPUTS = 256
 MAX_EMBED_DIMENSIONS = 8192
 EMBED_STAT_KEYS = ("total_duration", "load_duration", "prompt_eval_count")
-# Ollama's answer to the largest request (256 vectors of 8192 numbers) is about 50 MB of JSON;
-# a longer one is not read.
-MAX_EMBED_ANSWER_BYTES = 64 * 1024 * 1024
+# Most of Ollama's /api/embed answer that is read, per input: one vector of 8192 numbers of at
+# most 25 characters each ("-0.012345678901234567e-05,"), plus room for the statistics. The
+# largest request (256 inputs) is so read up to ~50 MB, a one-input request up to ~200 KB.
+EMBED_ANSWER_BYTES_PER_NUMBER = 25
+EMBED_ANSWER_SLACK_BYTES = 65_536
 # Lines read from Ollama but not yet sent on: past this the reader stops reading, so a slow link
 # to the router slows Ollama down instead of piling a whole answer up in memory.
 MAX_WAITING_LINES = 1024
@@ -299,8 +301,11 @@ def sanitize_embed_params(params: Any, models: Collection[str]) -> dict[str, Any
     if not isinstance(model, str) or model not in models:
         raise InvalidRequest("model not shared by this node")
     texts = params.get("input")
-    if (not isinstance(texts, list) or not 0 < len(texts) <= MAX_EMBED_INPUTS
-            or not all(isinstance(text, str) for text in texts)):
+    if (
+        not isinstance(texts, list)
+        or not 0 < len(texts) <= MAX_EMBED_INPUTS
+        or not all(isinstance(text, str) for text in texts)
+    ):
         raise InvalidRequest(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")
     clean: dict[str, Any] = {"model": model, "input": texts}
     truncate = params.get("truncate")
@@ -328,22 +333,31 @@ def _normalized(vector: list[float]) -> list[float]:
     return [value / norm for value in vector]
 
 
-def embeddings_of(answer: Any, inputs: int,
-                  dimensions: int | None) -> tuple[list[list[float]], str | None]:
+def embeddings_of(
+    answer: Any, inputs: int, dimensions: int | None
+) -> tuple[list[list[float]], str | None]:
     """The vectors of Ollama's ``/api/embed`` answer, or why they cannot be sent: one list of
     finite numbers per input, all of one length of 1..8192. Vectors longer than ``dimensions``
     are cut and normalized again, as Ollama does since it knows ``dimensions`` (an older Ollama
     ignores the field)."""
     vectors = answer.get("embeddings") if isinstance(answer, dict) else None
     if not isinstance(vectors, list) or len(vectors) != inputs:
-        return [], f"Ollama sent {len(vectors) if isinstance(vectors, list) else 'no'} " \
-                   f"embeddings for {inputs} inputs"
+        return (
+            [],
+            f"Ollama sent {len(vectors) if isinstance(vectors, list) else 'no'} "
+            f"embeddings for {inputs} inputs",
+        )
     length = None
     clean = []
     for vector in vectors:
-        if (not isinstance(vector, list) or not vector
-                or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                           and math.isfinite(v) for v in vector)):
+        if (
+            not isinstance(vector, list)
+            or not vector
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in vector
+            )
+        ):
             return [], "Ollama sent an embedding that is not a list of finite numbers"
         if dimensions is not None and len(vector) > dimensions:
             vector = _normalized(vector[:dimensions])
@@ -355,22 +369,28 @@ def embeddings_of(answer: Any, inputs: int,
     return clean, None
 
 
-def pack_vectors(request_id: str, vectors: Sequence[Sequence[float]],
-                 stats: dict[str, int]) -> list[str]:
+def pack_vectors(
+    request_id: str, vectors: Sequence[Sequence[float]], stats: dict[str, int]
+) -> list[str]:
     """Encode an embedding answer as ``embed_vectors`` frames of at most 100,000 bytes, in
     order: whole vectors while they fit, and a vector too long for any frame in parts, each
     frame after the first part saying ``continued``. The last frame is ``done`` and carries
     ``stats``."""
-    head = ('{"type":"embed_vectors","request_id":' + json.dumps(request_id)
-            + ',"embeddings":[')
+    head = '{"type":"embed_vectors","request_id":' + json.dumps(request_id) + ',"embeddings":['
     final = "".join(f",{json.dumps(key)}:{int(value)}" for key, value in stats.items())
 
     def tail(continued: bool, done: bool) -> str:
-        return (f'],"continued":{json.dumps(continued)},"done":{json.dumps(done)}'
-                + (final if done else "") + "}")
+        return (
+            f'],"continued":{json.dumps(continued)},"done":{json.dumps(done)}'
+            + (final if done else "")
+            + "}"
+        )
 
-    room = MAX_FRAME_BYTES - len(head) - max(
-        len(tail(continued, done)) for continued in (False, True) for done in (False, True))
+    room = (
+        MAX_FRAME_BYTES
+        - len(head)
+        - max(len(tail(continued, done)) for continued in (False, True) for done in (False, True))
+    )
     frames: list[str] = []
     pieces: list[str] = []  # the vectors (or parts of one) of the frame being filled
     used = 0  # their length, commas included
@@ -1657,16 +1677,24 @@ class Contributor:
         inflight = self._take_slot(conn, request_id, params["model"])
         if inflight is None:
             return
-        log.info("embed request %s started: model=%s inputs=%d", request_id, params["model"],
-                 len(params["input"]))
-        inflight.thread = _start_thread(self._serve_embed, inflight, params,
-                                        name=f"embed-{request_id[:12]}")
+        log.info(
+            "embed request %s started: model=%s inputs=%d",
+            request_id,
+            params["model"],
+            len(params["input"]),
+        )
+        inflight.thread = _start_thread(
+            self._serve_embed, inflight, params, name=f"embed-{request_id[:12]}"
+        )
 
     @staticmethod
     def _request_id(message: dict[str, Any]) -> str | None:
         request_id = message.get("request_id")
-        if (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
-                or not request_id.isprintable()):  # it goes into the log
+        if (
+            not isinstance(request_id, str)
+            or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+            or not request_id.isprintable()
+        ):  # it goes into the log
             log.warning("ignored a %s without a valid request_id", message.get("type"))
             return None
         return request_id
@@ -1765,7 +1793,7 @@ class Contributor:
                 return
             if response.status_code >= 400:
                 fail(
-                    "ollama_error",
+                    _error_for_status(response.status_code),
                     f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
                 )
                 return
@@ -1908,7 +1936,9 @@ class Contributor:
         try:
             try:
                 response = requests.post(
-                    f"{self.ollama}/api/embed", json=params, stream=True,
+                    f"{self.ollama}/api/embed",
+                    json=params,
+                    stream=True,
                     timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
                     headers={"User-Agent": config.CLIENT_NAME},
                 )
@@ -1918,16 +1948,18 @@ class Contributor:
             if not inflight.attach(response):
                 return
             if response.status_code >= 400:
-                fail("ollama_error", f"Ollama answered HTTP {response.status_code}"
-                     f"{_ollama_error_text(response)}")
+                fail(
+                    _error_for_status(response.status_code),
+                    f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
+                )
                 return
-            body = _read_at_most(response, MAX_EMBED_ANSWER_BYTES)
+            limit = embed_answer_limit(len(params["input"]))
+            body = _read_at_most(response, limit)
             if body is None:
-                fail("ollama_error", f"Ollama's answer is over {MAX_EMBED_ANSWER_BYTES} bytes")
+                fail("ollama_error", f"Ollama's answer is over {limit} bytes")
                 return
             answer = json.loads(body)
-            vectors, problem = embeddings_of(answer, len(params["input"]),
-                                             params.get("dimensions"))
+            vectors, problem = embeddings_of(answer, len(params["input"]), params.get("dimensions"))
             if problem is not None:
                 fail("ollama_error", problem)
                 return
@@ -1936,12 +1968,17 @@ class Contributor:
             for text in frames:
                 if not inflight.send_text(text):
                     if not inflight.cancelled:
-                        log.warning("embed request %s abandoned: connection to the router lost",
-                                    rid)
+                        log.warning(
+                            "embed request %s abandoned: connection to the router lost", rid
+                        )
                     return
             outcome = "finished"
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
-                ValueError) as exc:
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
             if not inflight.cancelled:
                 fail("ollama_error", _describe(exc))
         except Exception:  # a worker must never die silently with its slot taken
@@ -1956,9 +1993,15 @@ class Contributor:
                     del self._inflight[rid]
             elapsed = time.monotonic() - started
             if outcome == "finished":
-                log.info("embed request %s finished: model=%s vectors=%d of %d in %.1f s "
-                         "(%d frames)", rid, inflight.model, len(vectors), len(vectors[0]),
-                         elapsed, len(frames))
+                log.info(
+                    "embed request %s finished: model=%s vectors=%d of %d in %.1f s (%d frames)",
+                    rid,
+                    inflight.model,
+                    len(vectors),
+                    len(vectors[0]),
+                    elapsed,
+                    len(frames),
+                )
             elif inflight.cancelled:
                 log.info("embed request %s stopped after %.1f s", rid, elapsed)
 
@@ -2006,13 +2049,27 @@ def _read_at_most(response: requests.Response, limit: int) -> bytes | None:
         parts.append(part)
 
 
+def embed_answer_limit(inputs: int) -> int:
+    """How much of Ollama's /api/embed answer to ``inputs`` texts is read at most."""
+    return inputs * MAX_EMBED_DIMENSIONS * EMBED_ANSWER_BYTES_PER_NUMBER + EMBED_ANSWER_SLACK_BYTES
+
+
+def _error_for_status(status: int) -> str:
+    """The ``inference_error`` for an Ollama answer with HTTP ``status``: a 400 refuses the
+    request itself (a bad keep_alive or option, an input over the context with truncate false),
+    which no other node would take either, so the router is told it is invalid, not that this
+    node failed."""
+    return "invalid_request" if status == 400 else "ollama_error"
+
+
 def _ollama_error_text(response: requests.Response) -> str:
     try:
         body = response.raw.read(2048, decode_content=True)
         error = json.loads(body).get("error")
     except (ValueError, AttributeError, OSError, urllib3.exceptions.HTTPError):
         return ""
-    return f": {str(error)[:120]}" if error else ""
+    # Ollama's words, escaped here too: they reach the log and --json-log's "reason".
+    return f": {escaped(str(error)[:120])}" if error else ""
 
 
 # --------------------------------------------------------------------------- command line

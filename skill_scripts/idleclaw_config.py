@@ -127,15 +127,18 @@ def ws_url(server: str) -> str:
     raise ConfigError(f"not an http:// or https:// URL: {server!r}")
 
 
-def read_json(response: Any, limit: int) -> Any:
+def read_json(response: Any, limit: int, *, finite: bool = False) -> Any:
     """The JSON body of a ``requests`` response opened with ``stream=True``, read no further
     than ``limit`` bytes: a router could otherwise make a script hold any amount of memory.
-    Raises ``ValueError`` when the body is longer or not JSON."""
+    With ``finite``, ``NaN`` and ``Infinity`` (which Python's decoder takes, though JSON has
+    neither) become None. Raises ``ValueError`` when the body is longer or not JSON."""
     body = bytearray()
     for data in response.iter_content(chunk_size=65536):
         body += data
         if len(body) > limit:
             raise ValueError(f"more than {limit} bytes")
+    if finite:
+        return json.loads(body, parse_constant=lambda _name: None)
     return json.loads(body)
 
 

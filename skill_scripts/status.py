@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +32,9 @@ DEFAULT_WATCH_S = 5.0
 MIN_WATCH_S = 1.0
 # Cursor home and clear screen: a watched report is redrawn in place on a terminal.
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+# Figures above this are shown as ">999999": a router's 10**100 nodes would fill the screen.
+MAX_FIGURE = 999_999
+MAX_UPTIME_DAYS = 999_999
 
 OK = 0
 OFFLINE = 1
@@ -43,8 +47,15 @@ class StatusError(Exception):
 
 def format_uptime(seconds: Any) -> str:
     """Human-readable duration: ``45s``, ``3m 5s``, ``2h 3m``, ``4d 1h``."""
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds < 0
+    ):
         return "unknown"
+    if seconds >= (MAX_UPTIME_DAYS + 1) * 86_400:
+        return f">{MAX_UPTIME_DAYS}d"
     total = int(seconds)
     days, rest = divmod(total, 86_400)
     hours, rest = divmod(rest, 3_600)
@@ -72,6 +83,8 @@ def fetch_json(
             timeout=TIMEOUT,
             stream=True,
             headers={"Accept": "application/json", "User-Agent": config.CLIENT_NAME},
+            # Only the configured router is asked (SKILL.md): a redirect is reported instead.
+            allow_redirects=False,
         )
     except requests.ConnectionError as exc:
         reason = "connection refused" if "refused" in str(exc).lower() else "connection failed"
@@ -84,10 +97,17 @@ def fetch_json(
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise StatusError(f"cannot ask the IdleClaw router at {server}: {reason}") from None
     try:
+        if 300 <= response.status_code < 400:
+            location = response.headers.get("Location") or "nowhere"
+            raise StatusError(
+                f"{url} answered HTTP {response.status_code}, a redirect to {location[:200]}, "
+                "which is not followed"
+            )
         if response.status_code not in accept:
             raise StatusError(f"{url} answered HTTP {response.status_code}")
         try:
-            data = config.read_json(response, MAX_ANSWER_BYTES)
+            # NaN and Infinity become None: --json prints strict JSON, and no figure is NaN.
+            data = config.read_json(response, MAX_ANSWER_BYTES, finite=True)
         except requests.RequestException as exc:
             raise StatusError(f"the answer of {url} broke off ({type(exc).__name__})") from None
         except ValueError as exc:
@@ -142,9 +162,10 @@ def _count(value: Any) -> int | None:
 
 
 def _speed(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        return None
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None  # not a number, negative, or NaN
+    # float() of a 400-digit int overflows; such a speed is shown as ">999999" anyway.
+    return float(min(value, 10 * MAX_FIGURE))
 
 
 @dataclass
@@ -167,9 +188,10 @@ def model_rows(models: dict[str, Any], network: dict[str, Any] | None = None) ->
     entries of ``models`` or in a per-model object under any top-level key (this router's
     ``details``), and ``tokens_per_s`` from ``/network.json``'s ``models``.
     """
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered, and a name is looked up in O(1)
     per_model: dict[str, dict[str, Any]] = {}
-    for entry in models.get("models") or []:
+    entries = models.get("models")
+    for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, str):
             name = entry
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
@@ -177,21 +199,25 @@ def model_rows(models: dict[str, Any], network: dict[str, Any] | None = None) ->
             per_model.setdefault(name, {}).update(entry)
         else:
             continue
-        if name not in names:
-            names.append(name)
+        names.setdefault(name)
     for key, value in models.items():
         if key == "models" or not isinstance(value, dict):
             continue
         for name, info in value.items():
-            if name not in names:
+            if not isinstance(name, str) or name not in names:
                 continue
             if isinstance(info, dict):
                 per_model.setdefault(name, {}).update(info)
             elif key in ("nodes", "free_slots", "queued"):  # {"nodes": {"llama3.2:3b": 2}}
                 per_model.setdefault(name, {})[key] = info
-    if network is not None:
-        for entry in network.get("models") or []:
-            if isinstance(entry, dict) and entry.get("name") in names:
+    measured_entries = network.get("models") if network is not None else None
+    if isinstance(measured_entries, list):
+        for entry in measured_entries:
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("name"), str)
+                and (entry["name"] in names)
+            ):
                 measured = per_model.setdefault(entry["name"], {})
                 for key in ("nodes", "free_slots", "queued", "tokens_per_s"):
                     measured.setdefault(key, entry.get(key))
@@ -225,6 +251,8 @@ def _as_received(text: str) -> str:
 def _figure(value: int | float | None) -> str:
     if value is None:
         return "-"
+    if value > MAX_FIGURE:
+        return f">{MAX_FIGURE}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
@@ -264,17 +292,17 @@ def render(snapshot: Snapshot, raw: bool = False) -> str:
         )
     health, network = snapshot.health, snapshot.network or {}
     nodes = _count(health.get("node_count"))
-    nodes_text = "unknown" if nodes is None else f"{nodes} online"
+    nodes_text = "unknown" if nodes is None else f"{_figure(nodes)} online"
     slots, free = _count(network.get("slots")), _count(network.get("free_slots"))
     if slots is not None and free is not None:
-        nodes_text += f", {free} of {slots} slots free"
+        nodes_text += f", {_figure(free)} of {_figure(slots)} slots free"
     active = _count(health.get("active_requests"))
     queued = _count(health.get("queued_requests"))
     requests_text = ", ".join(
         text
         for text in (
-            None if active is None else f"{active} in flight",
-            None if queued is None else f"{queued} waiting",
+            None if active is None else f"{_figure(active)} in flight",
+            None if queued is None else f"{_figure(queued)} waiting",
         )
         if text
     )
@@ -365,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show(snapshot: Snapshot, args: argparse.Namespace, *, redraw: bool) -> None:
     if args.json:
-        text = json.dumps(snapshot.as_json(), indent=None if args.watch else 2)
+        # Strict JSON: fetch_json turned NaN and Infinity into None.
+        text = json.dumps(snapshot.as_json(), indent=None if args.watch else 2, allow_nan=False)
     else:
         text = render(snapshot, raw=args.raw)
         if args.watch:

@@ -303,3 +303,72 @@ def test_queue_notice_is_printed_once_per_position():
         "waiting for a free node (position 3)...",
         "waiting for a free node (position 1)...",
     ]
+
+
+def test_a_redirect_is_not_followed_and_exits_1_naming_the_status_and_location():
+    with sse_server(_event("stolen"), b"data: [DONE]\n\n") as elsewhere:
+        targets = [f"{elsewhere.url}/steal", "file:///etc/passwd"]
+        with FakeHTTPServer(
+            lambda h: send_json(h, 307, {}, {"Location": targets[len(redirecting.requests) - 1]})
+        ) as redirecting:
+            results = [
+                run_script(
+                    "consume.py", "--model", "m", "--prompt", "hi", env=consume_env(redirecting.url)
+                )
+                for _ in targets
+            ]
+    assert elsewhere.requests == []
+    for result, target in zip(results, targets, strict=True):
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip() == (
+            f"error: the router answered HTTP 307, a redirect to {target}, which is not "
+            "followed; set IDLECLAW_SERVER to the router's own URL"
+        )
+        assert result.stdout == ""
+
+
+def test_a_503_with_a_retry_after_of_non_ascii_digits_still_exits_3():
+    with busy_router(["llama3.2:3b"], retry_after="\u00b2") as server:
+        result = run_script(
+            "consume.py", "--model", "llama3.2:3b", "--prompt", "hi", env=consume_env(server.url)
+        )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == "error: all nodes serving llama3.2:3b are busy; retry later\n"
+
+
+def test_data_lines_without_a_blank_line_past_1_mb_end_the_stream_with_an_error():
+    line = b"data: " + b"y" * 8000 + b"\n"
+    with sse_server(*[line * 8] * 20) as server:  # 1.28 MB of one event
+        result = run_script(
+            "consume.py", "--model", "m", "--prompt", "hi", env=consume_env(server.url)
+        )
+    assert result.returncode == 1
+    assert "(an event of over 1 MB)" in result.stderr
+
+
+def test_a_long_answer_is_printed_without_being_held_in_memory():
+    """64 MB of answer; the script's peak memory stays near that of a short one."""
+    part = _event("x" * 8000) * 16  # 128 KB
+    runner = (
+        "import resource, runpy, sys\n"
+        "sys.argv = ['consume.py', '--model', 'm', '--prompt', 'hi']\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPTS / 'consume.py')!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    peaks = {}
+    for parts in (1, 512):
+        with sse_server(*[part] * parts, b"data: [DONE]\n\n") as server:
+            result = subprocess.run(
+                [sys.executable, "-c", runner],
+                env=consume_env(server.url),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+                cwd=str(SCRIPTS),
+            )
+        assert "maxrss" in result.stderr, result.stderr
+        peaks[parts] = int(result.stderr.split("maxrss")[1].split()[0])  # KiB on Linux
+    assert peaks[512] - peaks[1] < 8_000, peaks

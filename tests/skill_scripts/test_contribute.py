@@ -255,28 +255,41 @@ def _embed_params(**overrides):
 
 
 def test_embed_params_keep_only_the_whitelisted_keys():
-    params = _embed_params(truncate=False, dimensions=64, keep_alive="5m", stream=True,
-                           options={"num_ctx": 512, "num_gpu": 99}, format="json")
+    params = _embed_params(
+        truncate=False,
+        dimensions=64,
+        keep_alive="5m",
+        stream=True,
+        options={"num_ctx": 512, "num_gpu": 99},
+        format="json",
+    )
     assert contribute.sanitize_embed_params(params, MODELS) == {
-        "model": "tiny:1b", "input": ["a", "b"], "truncate": False, "dimensions": 64,
-        "keep_alive": "5m", "options": {"num_ctx": 512},
+        "model": "tiny:1b",
+        "input": ["a", "b"],
+        "truncate": False,
+        "dimensions": 64,
+        "keep_alive": "5m",
+        "options": {"num_ctx": 512},
     }
 
 
-@pytest.mark.parametrize("params", [
-    _embed_params(model="other:1b"),
-    _embed_params(input="a"),
-    _embed_params(input=[]),
-    _embed_params(input=["a"] * 257),
-    _embed_params(input=["a", 1]),
-    _embed_params(truncate="yes"),
-    _embed_params(dimensions=0),
-    _embed_params(dimensions=8193),
-    _embed_params(dimensions=True),
-    _embed_params(keep_alive="x" * 33),
-    _embed_params(options=[]),
-    None,
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        _embed_params(model="other:1b"),
+        _embed_params(input="a"),
+        _embed_params(input=[]),
+        _embed_params(input=["a"] * 257),
+        _embed_params(input=["a", 1]),
+        _embed_params(truncate="yes"),
+        _embed_params(dimensions=0),
+        _embed_params(dimensions=8193),
+        _embed_params(dimensions=True),
+        _embed_params(keep_alive="x" * 33),
+        _embed_params(options=[]),
+        None,
+    ],
+)
 def test_embed_params_outside_the_protocol_limits_are_invalid(params):
     with pytest.raises(contribute.InvalidRequest):
         contribute.sanitize_embed_params(params, MODELS)
@@ -336,34 +349,107 @@ def test_ollamas_vectors_are_checked_and_cut_to_the_dimensions_asked():
 def test_node_serves_an_embed_request_from_ollamas_api_embed(node):
     proc, router, ollama, _ = node
     texts = ["one", "two", "three", "four"]
-    router.send({"type": "embed_request", "request_id": "emb-1", "embed_params": {
-        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500, "stream": True}})
+    router.send(
+        {
+            "type": "embed_request",
+            "request_id": "emb-1",
+            "embed_params": {
+                "model": PLAIN_MODEL,
+                "input": texts,
+                "dimensions": 1500,
+                "stream": True,
+            },
+        }
+    )
     frames = []
     while not frames or not frames[-1]["done"]:
         frames.append(router.recv())
     assert {(f["type"], f["request_id"]) for f in frames} == {("embed_vectors", "emb-1")}
     vectors, last = _joined([json.dumps(frame) for frame in frames])
-    direct = requests.post(f"{ollama.url}/api/embed", timeout=10, json={
-        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500}).json()
+    direct = requests.post(
+        f"{ollama.url}/api/embed",
+        timeout=10,
+        json={"model": PLAIN_MODEL, "input": texts, "dimensions": 1500},
+    ).json()
     assert vectors == direct["embeddings"]
     assert last["prompt_eval_count"] == direct["prompt_eval_count"]
     assert ollama.stats()["requests"][0] == {
-        "model": PLAIN_MODEL, "input": texts, "dimensions": 1500}
+        "model": PLAIN_MODEL,
+        "input": texts,
+        "dimensions": 1500,
+    }
     line = proc.wait_for("embed request emb-1 finished")
     assert "vectors=4 of 1500" in line and "one" not in line
 
 
 def test_node_refuses_an_embed_request_it_cannot_serve(node):
     _, router, ollama, _ = node
-    router.send({"type": "embed_request", "request_id": "emb-2",
-                 "embed_params": {"model": "huge:70b", "input": ["x"]}})
-    assert router.recv() == {"type": "inference_error", "request_id": "emb-2",
-                             "error": "invalid_request"}
-    router.send({"type": "embed_request", "request_id": "emb-3", "embed_params": {
-        "model": PLAIN_MODEL, "input": ["x" * 20_000], "truncate": False}})
-    assert router.recv() == {"type": "inference_error", "request_id": "emb-3",
-                             "error": "ollama_error"}
+    router.send(
+        {
+            "type": "embed_request",
+            "request_id": "emb-2",
+            "embed_params": {"model": "huge:70b", "input": ["x"]},
+        }
+    )
+    assert router.recv() == {
+        "type": "inference_error",
+        "request_id": "emb-2",
+        "error": "invalid_request",
+    }
+    # Ollama's HTTP 400 refuses the request, not the node: another node would refuse it too.
+    router.send(
+        {
+            "type": "embed_request",
+            "request_id": "emb-3",
+            "embed_params": {"model": PLAIN_MODEL, "input": ["x" * 20_000], "truncate": False},
+        }
+    )
+    assert router.recv() == {
+        "type": "inference_error",
+        "request_id": "emb-3",
+        "error": "invalid_request",
+    }
     assert ollama.stats()["rejected"] == 0  # Ollama refused it only after loading the model
+
+
+@pytest.fixture
+def keep_alive_node(started_scripts, ollama):
+    """A registered contributor that passes the consumer's keep_alive on to Ollama."""
+    yield from _registered_node(started_scripts, ollama, args=("--allow-keep-alive",))
+
+
+def test_an_embed_request_ollama_refuses_is_invalid_and_its_words_are_logged_escaped(
+    keep_alive_node,
+):
+    proc, router, ollama, _ = keep_alive_node
+    router.send(
+        {
+            "type": "embed_request",
+            "request_id": "emb-4",
+            "embed_params": {"model": PLAIN_MODEL, "input": ["x"], "keep_alive": "\x1b[31mred"},
+        }
+    )
+    assert router.recv() == {
+        "type": "inference_error",
+        "request_id": "emb-4",
+        "error": "invalid_request",
+    }
+    line = proc.wait_for("embed request emb-4 failed")
+    assert "HTTP 400" in line and "invalid duration" in line
+    assert "\x1b" not in line and "\\x1b[31mred" in line
+
+
+def test_an_embed_answer_is_read_up_to_25_bytes_a_number_of_8192_per_input():
+    assert contribute.embed_answer_limit(1) == 8192 * 25 + contribute.EMBED_ANSWER_SLACK_BYTES
+    assert contribute.embed_answer_limit(256) < 64 * 1024 * 1024
+    widest = json.dumps(
+        {
+            "embeddings": [[-0.012345678901234567e-05] * 8192] * 3,
+            "total_duration": 10**15,
+            "prompt_eval_count": 10**6,
+        }
+    )
+    assert len(widest) <= contribute.embed_answer_limit(3)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -430,12 +516,15 @@ def test_exits_2_for_a_model_that_is_not_local(ollama):
     assert "not a local model: huge:70b" in result.stderr
 
 
-def _registered_node(started_scripts: list[ScriptProcess], ollama: Emulator, **registered):
+def _registered_node(
+    started_scripts: list[ScriptProcess], ollama: Emulator, args: tuple[str, ...] = (), **registered
+):
     with FakeRouter() as router:
         proc = ScriptProcess(
             "contribute.py",
             "--max-concurrent",
             "1",
+            *args,
             env=script_env(OLLAMA_HOST=ollama.url, IDLECLAW_SERVER=router.url),
         )
         started_scripts.append(proc)
@@ -695,7 +784,7 @@ def test_node_refuses_a_model_it_did_not_register(node):
     assert ollama.stats()["requests"] == []
 
 
-def test_node_reports_ollama_error_when_ollama_rejects_the_request(node):
+def test_node_reports_invalid_request_when_ollama_refuses_the_request_with_400(node):
     proc, router, ollama, _ = node
     router.send(
         {
@@ -711,7 +800,7 @@ def test_node_reports_ollama_error_when_ollama_rejects_the_request(node):
     assert router.recv() == {
         "type": "inference_error",
         "request_id": "req-4",
-        "error": "ollama_error",
+        "error": "invalid_request",
     }
     assert ollama.stats()["rejected"] == 1
     failed = proc.wait_for("request req-4 failed")

@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 
 import pytest
 import status
@@ -51,6 +52,10 @@ def router(health=HEALTH, models=MODELS, network=None):
         (90_000, "1d 1h"),
         (None, "unknown"),
         (-1, "unknown"),
+        (float("nan"), "unknown"),
+        (float("inf"), "unknown"),
+        (1e308, ">999999d"),
+        pytest.param(10**100, ">999999d", id="googol"),
     ],
 )
 def test_uptime_is_human_readable(seconds, text):
@@ -196,3 +201,71 @@ def test_non_200_or_non_json_exits_1():
 def test_bad_server_exits_2():
     result = run_script("status.py", env=script_env(IDLECLAW_SERVER="ftp://x"))
     assert result.returncode == 2
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_hostile_routers_nan_infinity_and_huge_figures_are_shown_bounded_and_json_is_strict():
+    health = {"status": "healthy", "uptime_seconds": float("inf"), "node_count": 10**100}
+    models = {
+        "models": ["good:1b", "odd:1b"],
+        "details": {
+            "good:1b": {"nodes": 10**100, "free_slots": 2, "tokens_per_s": 1e308},
+            "odd:1b": {"nodes": 1, "free_slots": 10**400, "tokens_per_s": -(10**400)},
+        },
+    }
+    network = {
+        "slots": 3,
+        "free_slots": float("nan"),
+        "models": [{"name": "good:1b", "tokens_per_s": float("nan")}, {"name": ["x"]}, "odd:1b"],
+    }
+    with router(health, models, network) as server:
+        env = script_env(IDLECLAW_SERVER=server.url)
+        shown = run_script("status.py", env=env)
+        printed = run_script("status.py", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[2:] == [
+        "uptime:    unknown",
+        "nodes:     >999999 online",
+        "models:    2",
+        "  MODEL      NODES     FREE  QUEUED  TOKENS/S  CAPABILITIES",
+        "  good:1b  >999999        2       -   >999999  -",
+        "  odd:1b         1  >999999       -         -  -",
+    ]
+    assert printed.returncode == 0, printed.stderr
+    answer = _strict(printed.stdout)
+    assert answer["health"]["uptime_seconds"] is None
+    assert answer["network"]["free_slots"] is None
+    assert answer["health"]["node_count"] == 10**100
+
+
+def test_tens_of_thousands_of_models_are_tabled_in_linear_time():
+    names = [f"m{i}:1b" for i in range(20_000)]
+    models = {"models": names, "details": {name: {"nodes": 1} for name in names}}
+    network = {"models": [{"name": name, "tokens_per_s": 1.0} for name in names]}
+    started = time.monotonic()
+    rows = status.model_rows(models, network)
+    assert time.monotonic() - started < 2.0
+    assert [row.name for row in rows] == names
+    assert rows[-1].nodes == 1 and rows[-1].tokens_per_s == 1.0
+
+
+def test_a_redirect_is_not_followed_and_exits_1():
+    with (
+        router() as elsewhere,
+        FakeHTTPServer(
+            lambda h: send_json(h, 302, {}, {"Location": f"{elsewhere.url}/health"})
+        ) as redirecting,
+    ):
+        result = run_script("status.py", env=script_env(IDLECLAW_SERVER=redirecting.url))
+    assert result.returncode == 1
+    assert elsewhere.requests == []
+    assert result.stdout.splitlines()[1] == (
+        f"OFFLINE: {redirecting.url}/health answered HTTP 302, a redirect to "
+        f"{elsewhere.url}/health, which is not followed"
+    )
