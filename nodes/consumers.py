@@ -47,8 +47,9 @@ LOADED_SLACK_S = 30.0
 # written at its end): a node that changes its report with every heartbeat (it may send one a
 # second) must not cost the database a write for each.
 LOADED_MIN_INTERVAL_S = 5.0
-# The shortest time between two ``models_update`` frames a node may send; contribute.py sends
-# one when Ollama's models change, checked once a minute.
+# The shortest time between two ``models_update`` frames the router applies (a faster one is
+# held, and the latest applied when the time is over); contribute.py sends one when Ollama's
+# models change, checked once a minute.
 MODELS_UPDATE_MIN_INTERVAL_S = 1.0
 # Numbers of an ``embed_vectors`` frame that together cost as much as one frame: a frame full of
 # numbers (about 7,000) is parsed number by number, several frames' work.
@@ -112,6 +113,8 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.loaded: dict[str, protocol.LoadedModel] = {}
         self._loaded_written_at = -math.inf
         self._models_updated_at = -math.inf
+        self._models_held: dict[str, Any] | None = None
+        self._models_timer: asyncio.TimerHandle | None = None
         self.operator_drained = False  # by the admin's drain action (nodes.actions)
         self._loaded_held: tuple[protocol.LoadedModel, ...] | None = None
         self._loaded_timer: asyncio.TimerHandle | None = None
@@ -263,30 +266,50 @@ class NodeConsumer(AsyncWebsocketConsumer):
         elif kind == FrameType.HEARTBEAT:
             self._note_loaded(frame)
         elif kind == FrameType.MODELS_UPDATE:
-            now = time.monotonic()
-            if now - self._models_updated_at < MODELS_UPDATE_MIN_INTERVAL_S:
+            wait = self._models_updated_at + MODELS_UPDATE_MIN_INTERVAL_S - time.monotonic()
+            if wait > 0:
                 # Each one rewrites the node's model rows: a node sending hundreds a second
-                # kept the database busy (red-team M1 of issue 17). Dropped, and counted.
-                self._strike()
+                # kept the database busy (red-team M1 of issue 17). The latest is applied when
+                # the second is over.
+                self._models_held = frame
+                if self._models_timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._models_timer = loop.call_later(wait, self._apply_held_models)
                 return
-            self._models_updated_at = now
-            offers, warnings = protocol.parse_models(frame.get("models"))
-            if warnings:
-                logger.warning(
-                    "node %s: %d models dropped from models_update for invalid names",
-                    self.node_id,
-                    len(warnings),
-                )
-            await db(services.node_models_replace)(session_id=self.session_id, offers=offers)
-            self.model_names = frozenset(offer.name for offer in offers)
-            self.loaded = {}  # the next report is written whole, onto the new rows
-            await self._wake_queues([offer.name for offer in offers])
+            await self._models_update(frame)
         elif kind == FrameType.DRAIN:
             await db(services.node_session_drain)(session_id=self.session_id)
         elif kind == FrameType.UNDRAIN:
             await self._undrain()
         elif kind == FrameType.REGISTER:
             raise ProtocolError(CloseReason.INVALID_FRAME)
+
+    async def _models_update(self, frame: dict[str, Any]) -> None:
+        """A ``models_update``: the node's model list replaces the one the router has."""
+        self._models_updated_at = time.monotonic()
+        offers, warnings = protocol.parse_models(frame.get("models"))
+        if warnings:
+            logger.warning(
+                "node %s: %d models dropped from models_update for invalid names",
+                self.node_id,
+                len(warnings),
+            )
+        await db(services.node_models_replace)(session_id=self.session_id, offers=offers)
+        self.model_names = frozenset(offer.name for offer in offers)
+        self.loaded = {}  # the next report is written whole, onto the new rows
+        await self._wake_queues([offer.name for offer in offers])
+
+    def _apply_held_models(self) -> None:
+        self._models_timer = None
+        frame, self._models_held = self._models_held, None
+        if frame is not None and self.session_id is not None and not self.closing:
+            self._models_task = asyncio.ensure_future(self._apply_models_later(frame))
+
+    async def _apply_models_later(self, frame: dict[str, Any]) -> None:
+        try:
+            await self._models_update(frame)
+        except ProtocolError as error:
+            await self._refuse(error)
 
     async def _undrain(self) -> None:
         """The node serves again after a ``drain`` (docs/node-protocol-extensions.md); not while
@@ -632,9 +655,9 @@ class NodeConsumer(AsyncWebsocketConsumer):
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.cancel()
-        loaded_timer = getattr(self, "_loaded_timer", None)
-        if loaded_timer is not None:
-            loaded_timer.cancel()
+        for timer in (getattr(self, "_loaded_timer", None), getattr(self, "_models_timer", None)):
+            if timer is not None:
+                timer.cancel()
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None

@@ -70,7 +70,11 @@ async def test_a_registration_left_without_a_model_is_refused(channel_layer, nam
     await node.disconnect()
 
 
-async def test_models_update_drops_invalid_names_too(channel_layer):
+async def test_models_update_drops_invalid_names_too(channel_layer, monkeypatch):
+    from nodes import consumers
+
+    # Two updates in a row here; a node may send one a second.
+    monkeypatch.setattr(consumers, "MODELS_UPDATE_MIN_INTERVAL_S", 0.0)
     node = ScriptedNode()
     await node.register()
     await node.send({"type": "models_update",
