@@ -44,6 +44,8 @@ CANCEL = "node.operator_cancel"
 CLOSE_REASON = "disconnected by an operator"
 # The error a cancelled request's consumer gets (``routing.streaming.ERROR_MESSAGES``).
 OPERATOR_CANCELLED = "operator_cancelled"
+# To a queued request's relay, on its reply channel: end it with ``code`` (routing/streaming.py).
+ABORT = "relay.abort"
 
 
 def _send(messages: Iterable[tuple[str, dict[str, str]]]) -> int:
@@ -104,6 +106,15 @@ def nodes_ban(
     covered = NodeSession.objects.filter(Q(node_id__in=list(node_ids)) | Q(client_ip__in=list(ips)))
     channels = covered.values_list("channel_name", flat=True)
     return Banned(bans=bans, disconnected=_send((c, {"type": BANNED}) for c in channels))
+
+
+def queued_cancel(*, request_ids: Collection[str]) -> int:
+    """End these requests still waiting in the router's queue, on whichever worker holds them:
+    their consumers are told an operator ended them. Returns how many relays were told."""
+    from routing.models import QueuedRequest
+
+    rows = QueuedRequest.objects.filter(pk__in=request_ids).values_list("reply_channel", flat=True)
+    return _send((channel, {"type": ABORT, "code": OPERATOR_CANCELLED}) for channel in rows)
 
 
 def requests_cancel(*, request_ids: Collection[str]) -> int:

@@ -74,9 +74,28 @@ class InflightRequestAdmin(ReadOnlyAdmin):
 
 @admin.register(QueuedRequest)
 class QueuedRequestAdmin(ReadOnlyAdmin):
+    """Requests waiting in the router's queue for a free node (state "waiting")."""
+
     list_display = ("request_id", "model", "worker", "arrived_at")
     list_filter = ("model",)
     readonly_fields = ("request_id", "model", "worker", "reply_channel", "arrived_at")
+    actions = ["cancel"]
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("routing.cancel_inflightrequest")
+
+    @admin.action(permissions=["cancel"], description="Cancel the selected waiting requests")
+    def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
+        rows = list(queryset)
+        told = actions.queued_cancel(request_ids=[row.request_id for row in rows])
+        for row in rows:
+            self.log_change(request, row, "Cancelled by an operator while it waited")
+        self.message_user(
+            request,
+            f"Asked {told} waiting request(s) to end: their consumers are told an operator "
+            "ended them.",
+            messages.SUCCESS,
+        )
 
 
 @admin.register(ConsumerStream)

@@ -139,6 +139,8 @@ def outcome_of(ended: object, *, length: bool = False) -> str:
             return QUEUE_TIMEOUT
         return CANCELLED if ended.code == OPERATOR_CANCELLED else ERROR
     if isinstance(ended, Unavailable):
+        if ended.cancelled:
+            return CANCELLED
         waited = ended.served and not ended.queue_full and not ended.restarting
         return QUEUE_TIMEOUT if waited else REFUSED
     if isinstance(ended, OverLimit):

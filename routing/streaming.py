@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from idleclaw_site import request_ids, shutdown
 from idleclaw_site.db import db
-from nodes import worker
+from nodes import actions, worker
 from nodes.actions import OPERATOR_CANCELLED
 from nodes.protocol import STAT_KEYS, EventType
 from routing import metrics, selectors, services
@@ -87,9 +87,12 @@ class Unavailable:
     served: bool
     queue_full: bool = False
     restarting: bool = False
+    cancelled: bool = False  # by an operator, while it waited
 
     @property
     def message(self) -> str:
+        if self.cancelled:
+            return ERROR_MESSAGES[OPERATOR_CANCELLED]
         if self.restarting:
             return ERROR_MESSAGES[shutdown.RESTARTING]
         if not self.served:
@@ -276,6 +279,8 @@ class Relay:
         until = min(self.queue_deadline, self.loop.time() + hold)
         while self.loop.time() < until:
             await self._wait_for_wake(until)
+            if self.aborted == OPERATOR_CANCELLED:
+                return Unavailable(model=self.model, served=True, cancelled=True)
             if self.aborted:
                 return Unavailable(model=self.model, served=True, restarting=True)
             result = await self._try_claim()
@@ -323,6 +328,10 @@ class Relay:
                 while True:
                     event = await self.layer.receive(self.reply_channel)
                     if event.get("type") == WAKE:
+                        return
+                    if event.get("type") == actions.ABORT and self.claim is None:
+                        # An operator cancelled it while it waited (nodes.actions).
+                        self.aborted = OPERATOR_CANCELLED
                         return
         except TimeoutError:
             return

@@ -17,13 +17,15 @@ from django.utils import timezone
 from nodes.models import NodeBan, NodeSession
 from nodes.protocol import CloseReason, FrameType
 from routing import metrics
-from routing.models import InflightRequest
+from routing.models import InflightRequest, QueuedRequest
 from tests.ops import NODES, REQUESTS, act, staff_client
 from tests.routing.test_relay import answer, chat, leftovers
 from tests.routing.test_views import sse_events, text_of
 from tests.scripted_node import ScriptedNode, register_frame
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
+
+QUEUED = "/admin/routing/queuedrequest/"
 
 
 @sync_to_async
@@ -167,3 +169,34 @@ async def test_a_viewer_sees_the_network_but_cannot_act(channel_layer):
     assert await log() == []
     assert (await viewer.get("/admin/")).status_code == 200
     assert (await viewer.get("/admin/nodes/nodeban/add/")).status_code == 403
+
+
+async def test_cancel_ends_a_request_still_waiting_in_the_queue(channel_layer, settings):
+    """Requests waiting for a free node are listed (the queue's admin) and can be cancelled:
+    the consumer is told an operator ended it, and the queue forgets it."""
+    settings.IDLECLAW_QUEUE_NOTICE_INTERVAL = 0.2
+    node = ScriptedNode()
+    await node.register(node_id="node-busy", max_concurrent=1)
+    serving = chat("first")
+    await serving.start()
+    first = await node.recv()
+    waiting = chat("second")
+    assert (await waiting.start())[0] == 200  # the stream starts with queue notices
+    [queued] = await sync_to_async(list)(QueuedRequest.objects.all())
+    operator = await staff_client("operator")
+    listing = (await operator.get(QUEUED)).content.decode()
+    assert queued.request_id in listing
+    await act(operator, QUEUED, "cancel", [queued.request_id])
+    events = sse_events(await waiting.read_all())
+    assert text_of(events) == "\n\n[Error: an operator ended this request]"
+    assert events[-1] == "[DONE]"
+    assert await sync_to_async(QueuedRequest.objects.count)() == 0
+    # The request on the node goes on, untouched.
+    await answer(node, first, ["served"])
+    assert text_of(sse_events(await serving.read_all())) == "served"
+    assert await log() == [
+        ("operator", queued.request_id, "Cancelled by an operator while it waited")
+    ]
+    viewer = await staff_client("viewer")
+    assert "Cancel the selected" not in (await viewer.get(QUEUED)).content.decode()
+    await node.disconnect()
