@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests import procs
+from tests.conftest import ROOMY_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +45,25 @@ def wait_for_model(router_url: str, model: str = MODEL, nodes: int = 1) -> None:
     procs.wait_until(served, what=f"{nodes} node(s) serving {model}")
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One router, emulator and contributor for the tests that only read from them."""
+    router, router_url = procs.start_router(
+        tmp_path_factory.mktemp("skeleton") / "router.sqlite3", ROOMY_ENV
+    )
+    router.url = router_url
+    emulator, emulator_url = procs.start_emulator()
+    emulator.url = emulator_url
+    contributor = procs.start_contributor(router_url, emulator_url)
+    try:
+        contributor.wait_for_line("registered")
+        yield router, emulator, contributor
+    finally:
+        contributor.stop()
+        emulator.stop()
+        router.stop()
+
+
 @pytest.fixture
 def contributor(router, emulator):
     proc = procs.start_contributor(router.url, emulator.url)
@@ -52,7 +72,8 @@ def contributor(router, emulator):
     proc.stop()
 
 
-def test_consume_prints_the_complete_answer_in_order(router, emulator, contributor):
+def test_consume_prints_the_complete_answer_in_order(shared):
+    router, emulator, contributor = shared
     wait_for_model(router.url)
     result = procs.run_script(
         "consume.py", "--model", MODEL, "--prompt", "hello there", server=router.url
@@ -64,7 +85,8 @@ def test_consume_prints_the_complete_answer_in_order(router, emulator, contribut
     contributor.wait_for_line(r"finished: model=llama3\.2:3b tokens=20")
 
 
-def test_status_shows_the_node_and_its_models(router, contributor):
+def test_status_shows_the_node_and_its_models(shared):
+    router, _, contributor = shared
     wait_for_model(router.url)
     result = procs.run_script("status.py", server=router.url)
     assert result.returncode == 0, result.stderr
@@ -82,7 +104,8 @@ def test_status_exits_1_when_the_router_is_down(router):
     assert f"OFFLINE: cannot reach the IdleClaw router at {url}" in result.stdout
 
 
-def test_consume_reports_a_model_nobody_serves(router, contributor):
+def test_consume_reports_a_model_nobody_serves(shared):
+    router, _, contributor = shared
     wait_for_model(router.url)
     result = procs.run_script(
         "consume.py", "--model", "mistral:7b", "--prompt", "hi", server=router.url
@@ -92,7 +115,8 @@ def test_consume_reports_a_model_nobody_serves(router, contributor):
     assert "status.py" in result.stderr
 
 
-def test_thinking_arrives_as_reasoning_and_the_answer_as_content(router, emulator, contributor):
+def test_thinking_arrives_as_reasoning_and_the_answer_as_content(shared):
+    router, emulator, contributor = shared
     wait_for_model(router.url, "qwen3:0.6b")
     body = {
         "model": "qwen3:0.6b",
