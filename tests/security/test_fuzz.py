@@ -29,7 +29,7 @@ from tests.security.hostile import MODEL, chat_body, leftovers, read_answer, rea
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 FUZZ_SETTINGS = settings(
-    max_examples=200,
+    max_examples=150,
     deadline=None,
     database=None,  # no .hypothesis/ directory in the repository
     # The fixtures are the shared router under test, not per-example state (module docstring).

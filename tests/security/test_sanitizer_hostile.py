@@ -169,7 +169,7 @@ FRAGMENTS = [
 ]
 hostile_text = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=40).map("".join)
 some_text = st.one_of(hostile_text, st.text(alphabet="<>/`~\n\r -1.|\\ab=\"'!?", max_size=60))
-FAST = settings(max_examples=400, deadline=None,
+FAST = settings(max_examples=250, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
