@@ -343,6 +343,11 @@ def ollama_model_not_found(model: str) -> JsonResponse:
     return ollama_error(404, f"model '{model}' not found")
 
 
+def ollama_relay_error(error: RelayError) -> JsonResponse:
+    """A whole answer that failed, in Ollama's shape (``RelayError.status``)."""
+    return ollama_error(error.status, error.message, retry=error.status == 503)
+
+
 def ollama_refusal(refusal: TooMany | Unavailable | OverLimit) -> JsonResponse:
     """Why a relay could not start, in Ollama's shape: 429, 400 over every node's caps, 404
     for a model no node serves, 503 with ``Retry-After`` when busy or restarting."""
@@ -429,7 +434,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
     try:
         answer = await collect(chunks)
     except RelayError as error:
-        return ollama_error(error.status, error.message, retry=error.status == 503)
+        return ollama_relay_error(error)
     body = ollama_api.chat_body if chat else ollama_api.generate_body
     return JsonResponse(body(answer, model=parsed.model))
 
@@ -470,7 +475,7 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
             api=metrics.API_OLLAMA,
         )
     except RelayError as error:
-        return ollama_error(error.status, error.message, retry=error.status == 503)
+        return ollama_relay_error(error)
     if isinstance(answer, TooMany | Unavailable | OverLimit):
         return ollama_refusal(answer)
     if legacy:

@@ -1723,6 +1723,36 @@ class Contributor:
             return None
         return inflight
 
+    def _open_ollama(
+        self,
+        path: str,
+        params: dict[str, Any],
+        inflight: _InFlight,
+        fail: Callable[[str, str], None],
+    ) -> requests.Response | None:
+        """POST a request in flight to Ollama's ``path`` and return its streamed answer; None
+        when it cannot be served (reported through ``fail``) or was cancelled meanwhile."""
+        try:
+            response = requests.post(
+                f"{self.ollama}{path}",
+                json=params,
+                stream=True,
+                timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
+                headers={"User-Agent": config.CLIENT_NAME},
+            )
+        except requests.ConnectionError as exc:
+            fail("ollama_unavailable", _describe(exc))
+            return None
+        if not inflight.attach(response):
+            return None
+        if response.status_code >= 400:
+            fail(
+                _error_for_status(response.status_code),
+                f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
+            )
+            return None
+        return response
+
     def _on_cancel(self, conn: _Connection, message: dict[str, Any]) -> None:
         request_id = message.get("request_id")
         with self._lock:
@@ -1778,24 +1808,8 @@ class Contributor:
             outcome = "reported"
 
         try:
-            try:
-                response = requests.post(
-                    f"{self.ollama}/api/chat",
-                    json=params,
-                    stream=True,
-                    timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
-                    headers={"User-Agent": config.CLIENT_NAME},
-                )
-            except requests.ConnectionError as exc:
-                fail("ollama_unavailable", _describe(exc))
-                return
-            if not inflight.attach(response):
-                return
-            if response.status_code >= 400:
-                fail(
-                    _error_for_status(response.status_code),
-                    f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
-                )
+            response = self._open_ollama("/api/chat", params, inflight, fail)
+            if response is None:
                 return
             # Several chunks per frame only for a router that takes them (docs/protocol.md: a
             # node uses an extension only when the router listed it).
@@ -1934,24 +1948,8 @@ class Contributor:
             outcome = "reported"
 
         try:
-            try:
-                response = requests.post(
-                    f"{self.ollama}/api/embed",
-                    json=params,
-                    stream=True,
-                    timeout=(OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_READ_TIMEOUT_S),
-                    headers={"User-Agent": config.CLIENT_NAME},
-                )
-            except requests.ConnectionError as exc:
-                fail("ollama_unavailable", _describe(exc))
-                return
-            if not inflight.attach(response):
-                return
-            if response.status_code >= 400:
-                fail(
-                    _error_for_status(response.status_code),
-                    f"Ollama answered HTTP {response.status_code}{_ollama_error_text(response)}",
-                )
+            response = self._open_ollama("/api/embed", params, inflight, fail)
+            if response is None:
                 return
             limit = embed_answer_limit(len(params["input"]))
             body = _read_at_most(response, limit)

@@ -64,18 +64,6 @@ def network(tmp_path_factory):
         router.stop()
 
 
-@pytest.fixture
-def oai(network):
-    client = openai.OpenAI(base_url=f"{network[0]}/v1", api_key="ignored", max_retries=0)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def olc(network):
-    client = ollama.Client(host=f"{network[0]}/ollama")
-    with contextlib.closing(client):
-        yield client
 
 
 @pytest.fixture
