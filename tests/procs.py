@@ -81,6 +81,12 @@ class Proc:
                     )
                 self._changed.wait(min(remaining, 0.2))
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit and for its last lines to be read; return its exit code."""
+        self.popen.wait(timeout)
+        self._reader.join(5)
+        return self.popen.returncode
+
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signum)
@@ -164,6 +170,11 @@ def _fresh_database(db_path: Path, env: dict[str, str]) -> None:
             _migrated.append(folder / "template.sqlite3")
     shutil.copyfile(_migrated[0], db_path)
     db_path.chmod(0o600)
+
+
+def migrate_database(db_path: Path) -> None:
+    """A freshly migrated SQLite file at ``db_path``, as ``manage.py migrate`` writes it."""
+    _fresh_database(db_path, {**FAST_STOP_ENV, "IDLECLAW_SQLITE_PATH": str(db_path)})
 
 
 def start_router(db_path: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+
 import pytest
 from django.utils import timezone
 
 from nodes.models import NodeModel, NodeSession, RouterWorker
+from tests import procs
 
 pytestmark = pytest.mark.django_db
 
@@ -81,13 +85,24 @@ def test_an_ip_ban_must_name_an_ip_address(admin_client):
     assert b"valid IPv4 or IPv6 address" in response.content
 
 
-def test_the_migrations_create_the_viewer_and_operator_groups():
-    from django.contrib.auth.models import Group
+def test_the_migrations_create_the_viewer_and_operator_groups(tmp_path):
+    # Read from a database `manage.py migrate` wrote: the test database may have been flushed
+    # by a transactional test before this one (they run in any order under xdist).
+    db_path = tmp_path / "migrated.sqlite3"
+    procs.migrate_database(db_path)
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
 
-    def codenames(group: str) -> set[str]:
-        return set(Group.objects.get(name=group).permissions.values_list("codename", flat=True))
+        def codenames(group: str) -> set[str]:
+            return {
+                codename for (codename,) in db.execute(
+                    "SELECT p.codename FROM auth_group g"
+                    " JOIN auth_group_permissions gp ON gp.group_id = g.id"
+                    " JOIN auth_permission p ON p.id = gp.permission_id WHERE g.name = ?",
+                    (group,),
+                )
+            }  # fmt: skip
 
-    viewer, operator = codenames("viewer"), codenames("operator")
+        viewer, operator = codenames("viewer"), codenames("operator")
     assert {"view_nodesession", "view_inflightrequest", "view_nodeban", "view_logentry"} <= viewer
     assert all(name.startswith("view_") for name in viewer)
     assert operator - viewer == {

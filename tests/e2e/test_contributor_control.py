@@ -134,7 +134,7 @@ def test_ctrl_c_drains_the_node_and_exits_0_once_the_answer_in_flight_is_complet
     node.wait_for_line(r"stopping: finishing 1 request in flight first")
     # The router sends it nothing new: its slots are gone from the network at once.
     procs.wait_until(lambda: network.free_slots(DRAINING) == 0, timeout=5, what="the drain")
-    assert node.popen.wait(10) == 0
+    assert node.wait(10) == 0
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
     assert len([line for line in lines if line["message"]["content"]]) == 40
     assert "stopped; goodbye" in node.output

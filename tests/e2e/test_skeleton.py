@@ -197,7 +197,7 @@ def test_killing_the_contributor_mid_stream_ends_the_consumer_with_an_error(rout
         node.wait_for_line("request .* started")
         time.sleep(0.5)  # a few tokens are on their way
         node.kill()
-        code = consumer.popen.wait(timeout=15)
+        code = consumer.wait(15)
         assert code == 1
         assert "error: the node serving this request disconnected" in consumer.output
         # The consumer saw the start of the answer (tokens carry their index), then the error,

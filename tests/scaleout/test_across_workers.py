@@ -78,7 +78,7 @@ def test_node_leaving_a_ends_the_stream_on_b_with_an_error(workers, slow_emulato
         node.wait_for_line("request .* started")
         time.sleep(0.5)  # a few tokens are on their way
         node.kill()
-        assert consumer.popen.wait(timeout=15) == 1
+        assert consumer.wait(15) == 1
         assert "error: the node serving this request disconnected" in consumer.output
         assert re.match(r"[a-z]+0 [a-z]+1 ", consumer.output)
         assert not re.search(r"[a-z]+199\b", consumer.output)

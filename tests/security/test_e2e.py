@@ -45,11 +45,13 @@ class RawNode:
     def close_frame(self) -> tuple[int | None, str]:
         """Read until the router closes the socket; return its (code, reason)."""
         while True:
-            opcode, data = self.ws.recv_data(control_frame=True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                if len(data) < 2:
+            # recv_frame, not recv_data: recv_data answers the close frame, and that answer
+            # meets a broken pipe when the router has already dropped the connection.
+            frame = self.ws.recv_frame()
+            if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+                if len(frame.data) < 2:
                     return None, ""
-                return struct.unpack("!H", data[:2])[0], data[2:].decode()
+                return struct.unpack("!H", frame.data[:2])[0], frame.data[2:].decode()
 
     def close(self) -> None:
         self.ws.close()
