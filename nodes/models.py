@@ -21,6 +21,71 @@ class RouterWorker(models.Model):
         return f"{self.hostname}:{self.pid}"
 
 
+class Contributor(models.Model):
+    """A contributor's record across restarts and address changes (issue 20): operator data,
+    never chat content. A node proves its contributor key at registration; the router keeps only
+    hashes of the key and of the consumer token derived from it."""
+
+    key_hash = models.CharField(max_length=64, unique=True)
+    # SHA-256 of the bearer token `contribute.py --print-token` prints (derived from the key):
+    # a request carrying it is this contributor's (priority, higher limits).
+    token_hash = models.CharField(max_length=64, unique=True)
+    # Pseudonymous, what everyone else sees; never the IP.
+    name = models.CharField(max_length=64, unique=True)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    served = models.PositiveBigIntegerField(default=0, help_text="Requests answered")
+    failed = models.PositiveBigIntegerField(default=0)
+    tokens = models.PositiveBigIntegerField(default=0, help_text="Tokens answered")
+    probes_passed = models.PositiveIntegerField(default=0)
+    probes_failed = models.PositiveIntegerField(default=0)
+    probed_at = models.DateTimeField(null=True, blank=True)
+    # 0 to 1; 0.5 is neutral and where it decays back to. Below IDLECLAW_REPUTATION_FLOOR the
+    # contributor's nodes get no consumer traffic until they pass probes again.
+    reputation = models.FloatField(default=0.5)
+    notes = models.TextField(blank=True, help_text="The operators' own notes")
+
+    class Meta:
+        ordering = ["-last_seen"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ContributorModel(models.Model):
+    """A contributor's measurements for one model, from real traffic (moving averages)."""
+
+    contributor = models.ForeignKey(Contributor, on_delete=models.CASCADE, related_name="models")
+    model = models.CharField(max_length=64)
+    served = models.PositiveBigIntegerField(default=0)
+    tokens = models.PositiveBigIntegerField(default=0)
+    ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token, ms")
+    tokens_per_s = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["contributor", "model"], name="unique_model_per_contributor"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contributor} {self.model}"
+
+
+class ContributorHour(models.Model):
+    """Tokens a contributor served in one hour: the last 24 rows make its priority."""
+
+    contributor = models.ForeignKey(Contributor, on_delete=models.CASCADE, related_name="hours")
+    hour = models.DateTimeField()
+    tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["contributor", "hour"], name="unique_contributor_hour")
+        ]
+
+
 class NodeSession(models.Model):
     """A contributor node's live WebSocket connection to one router worker."""
 
@@ -35,6 +100,13 @@ class NodeSession(models.Model):
     # Only a hash: whoever can read the admin must not be able to take a session over.
     resume_token_hash = models.CharField(max_length=64, blank=True)
     draining = models.BooleanField(default=False)
+    # The contributor whose key the node proved at registration; empty for an anonymous node.
+    contributor = models.ForeignKey(
+        Contributor, on_delete=models.SET_NULL, null=True, blank=True, related_name="sessions"
+    )
+    # The contributor's reputation (or, anonymous, this session's own), 0 to 1: routing skips
+    # the node below IDLECLAW_REPUTATION_FLOOR.
+    reputation = models.FloatField(default=0.5, db_default=0.5)
     # Extensions the node said it accepts from the router in ``register.features``
     # (docs/node-protocol-extensions.md); a router sends a node nothing else.
     features = models.JSONField(default=list, blank=True)

@@ -42,12 +42,40 @@ class QueuedRequest(models.Model):
     # Where a wake-up is sent when a slot frees.
     reply_channel = models.CharField(max_length=255)
     arrived_at = models.DateTimeField(db_index=True)
+    # Fair queueing (issue 20): who asked (a consumer key's or contributor's id, else the
+    # address), how many of that consumer's requests for the model were queued ahead when it
+    # joined (its turn: round-robin across consumers), and its priority (higher first).
+    consumer = models.CharField(max_length=80, blank=True, default="", db_default="")
+    turn = models.PositiveIntegerField(default=0, db_default=0)
+    priority = models.IntegerField(default=0, db_default=0)
 
     class Meta:
-        ordering = ["arrived_at", "request_id"]
+        ordering = ["-priority", "turn", "arrived_at", "request_id"]
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class ConsumerKey(models.Model):
+    """An API key an operator issued to a consumer (issue 20), hashed at rest, with its own
+    limits; anonymous use stays allowed at the anonymous limits."""
+
+    name = models.CharField(max_length=100, help_text="Who it was issued to")
+    prefix = models.CharField(max_length=16, help_text="The key's first characters, to tell it")
+    key_hash = models.CharField(max_length=64, unique=True)
+    rate_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Chat requests a minute; empty: the anonymous rate"
+    )
+    max_concurrent = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Requests at once; empty: the anonymous limit"
+    )
+    priority = models.SmallIntegerField(default=0, help_text="Added to its requests' priority")
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
 
 
 class ConsumerStream(models.Model):
