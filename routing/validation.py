@@ -118,6 +118,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 MAX_TOOLS = 32
 MAX_TOOLS_JSON_CHARS = 32_000
 MAX_STOP_SEQUENCES = 4
+# The largest context a node may advertise (nodes.protocol.MAX_CONTEXT_LENGTH): far beyond any
+# model's window, small enough that no arithmetic on it overflows on the way to the runner.
+MAX_NUM_CTX = 2**27
 # Ollama options a consumer may set; the rest (GPU placement, threads, memory mapping) are the
 # contributor's business.
 OPTION_KEYS = (
@@ -230,6 +233,11 @@ def check_options(value: Any, *, param: str = "options") -> dict[str, Any]:
                     clean[key] = option
                     continue
                 raise BadRequest(f"{param}.{key}: must be a number", 400)
+            elif key == "num_ctx" and not (
+                isinstance(option, int) and 1 <= option <= MAX_NUM_CTX
+            ):
+                # Ollama reads it into an integer; 0 or less would reach its runner as is.
+                raise BadRequest(f"{param}.num_ctx: a whole number from 1 to {MAX_NUM_CTX}", 400)
             else:
                 clean[key] = option
     return clean

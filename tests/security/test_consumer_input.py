@@ -117,6 +117,22 @@ async def test_model_name_with_a_trailing_newline_is_refused(channel_layer, path
     assert "model" in error_message(path, body)
 
 
+@pytest.mark.parametrize("num_ctx", [0, -4096, 2.5, 2**27 + 1])
+@pytest.mark.parametrize("path", ["/ollama/api/chat", "/ollama/api/generate"])
+async def test_a_context_size_ollama_cannot_use_is_a_400_and_no_node_sees_it(
+    channel_layer, path, num_ctx
+):
+    node = await honest_node()
+    body = {"model": MODEL, "options": {"num_ctx": num_ctx}, "stream": False}
+    body |= {"prompt": "hi"} if path.endswith("generate") else {
+        "messages": [{"role": "user", "content": "hi"}]}
+    status, _, answer = await exchange("POST", path, body)
+    assert status == 400
+    assert error_message(path, answer) == "options.num_ctx: a whole number from 1 to 134217728"
+    assert await node.nothing_sent()
+    await node.disconnect()
+
+
 @pytest.mark.parametrize(
     "body",
     [
