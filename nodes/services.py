@@ -475,3 +475,18 @@ def banned_sessions(*, worker_id: str) -> list[str]:
         .filter(Q(client_ip__in=banned_ips) | Q(node_id__in=banned_ids))
         .values_list("channel_name", flat=True)
     )
+
+
+def contributors_prune(*, days: int, dry_run: bool = False) -> int:
+    """Remove the records of contributors not seen for ``days`` days that have no live node
+    (``manage.py contributors_prune``), with their per-model and per-hour rows; return how many
+    records were (or, ``dry_run``, would be) removed."""
+    cutoff = timezone.now() - timedelta(days=days)
+    old = Contributor.objects.filter(last_seen__lt=cutoff).exclude(
+        sessions__last_seen__gte=live_cutoff()
+    )
+    if dry_run:
+        return old.count()
+    with transaction.atomic():
+        _, removed = old.delete()
+    return removed.get(Contributor._meta.label, 0)
