@@ -29,9 +29,8 @@ class Command(BaseCommand):
         if days < 1:
             raise CommandError("--days must be at least 1")
         count = contributors_prune(days=days, dry_run=dry_run)
+        what = f"contributor record(s) not seen for {days} days"
         if dry_run:
-            self.stdout.write(
-                f"{count} contributor record(s) not seen for {days} days would be removed"
-            )
+            self.stdout.write(f"would remove {count} {what}")
         else:
-            self.stdout.write(f"removed {count} contributor record(s) not seen for {days} days")
+            self.stdout.write(f"removed {count} {what}")
