@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import BigIntegerField, Count, F, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -169,7 +169,11 @@ def network_nodes() -> dict[str, Any]:
     live = live_sessions()
     count = live.count()
     sessions = list(
-        live.annotate(served=Coalesce(F("contributor__served"), F("completed")))
+        live.annotate(
+            served=Coalesce(
+                F("contributor__served"), F("completed"), output_field=BigIntegerField()
+            )
+        )
         .order_by("-served", "pk")
         .values_list(
             "pk",

@@ -1518,7 +1518,7 @@ class Contributor:
             log.info(
                 "contributing as %s (the name others see)",
                 name,
-                extra=event("contributor", name=name),
+                extra=event("contributor", contributor=name),
             )
         self.contributor_name = name
 
