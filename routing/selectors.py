@@ -162,7 +162,8 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def network_nodes() -> dict[str, Any]:
     """The live nodes as the public sees them (``GET /api/network/nodes``): the contributor's
     name ("anonymous" without a key), the models with their measured speed (the contributor's
-    figures for the model when it has a record, else this connection's), the reputation band,
+    figures for the model when it has a record, else this connection's), the reputation band
+    (of the record's reputation, else the session's),
     the requests served (the record's, across restarts) and whether it is draining. Never an
     address, a node id, a key or a hash. At most MAX_LISTED_NODES, those that served most
     first."""
@@ -172,7 +173,8 @@ def network_nodes() -> dict[str, Any]:
         live.annotate(
             served=Coalesce(
                 F("contributor__served"), F("completed"), output_field=BigIntegerField()
-            )
+            ),
+            standing=Coalesce(F("contributor__reputation"), F("reputation")),
         )
         .order_by("-served", "pk")
         .values_list(
@@ -180,7 +182,7 @@ def network_nodes() -> dict[str, Any]:
             "contributor_id",
             "contributor__name",
             "served",
-            "reputation",
+            "standing",
             "draining",
             "ttft_ms",
             "tokens_per_s",
