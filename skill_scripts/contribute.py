@@ -16,8 +16,14 @@ gets, serving hours, pausing while named programs run, and a drain on Ctrl+C tha
 answers in flight finish. It reads Ollama's models again every minute, tells the router when
 they change, and stops taking requests while Ollama is gone.
 
+It proves a contributor key (``contributor_key``: made once in the user's config folder,
+``--key-file``) at each registration, so the router keeps the contributor's record and public
+name across restarts and address changes (docs/node-protocol-extensions.md ``contributor``);
+``--name`` chooses the name, ``--print-token`` prints the consumer token derived from the key,
+``--anonymous`` registers without one.
+
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
-never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
+never contain prompt or answer text, nor the key. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
 or the router refused this node for good, 2 bad configuration or arguments.
 """
 

@@ -39,9 +39,7 @@ class Network:
         return response.text, response.json()["nodes"]
 
     def nodes_serving(self, model: str) -> list[dict]:
-        return [
-            node for node in self.nodes()[1] if model in [m["name"] for m in node["models"]]
-        ]
+        return [node for node in self.nodes()[1] if model in [m["name"] for m in node["models"]]]
 
     def ask(self, model: str) -> None:
         response = requests.post(
@@ -130,8 +128,12 @@ def _raw_register(router: str, node_id: str, model: str) -> websocket.WebSocket:
     ws = websocket.create_connection(router.replace("http", "ws", 1) + "/ws/node", timeout=10)
     ws.send(
         json.dumps(
-            {"type": "register", "node_id": node_id, "models": [{"name": model}],
-             "max_concurrent": 1}
+            {
+                "type": "register",
+                "node_id": node_id,
+                "models": [{"name": model}],
+                "max_concurrent": 1,
+            }
         )  # fmt: skip
     )
     return ws

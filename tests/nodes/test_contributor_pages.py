@@ -61,7 +61,7 @@ async def test_the_admin_lists_records_and_operators_edit_them(channel_layer):
     assert page.status_code == 200
     text = page.content.decode()
     assert "ada" in text and KEY not in text and record.key_hash not in text
-    assert "<td class=\"field-live_nodes\">2</td>" in text
+    assert '<td class="field-live_nodes">2</td>' in text
     assert (await viewer.get(CONTRIBUTORS + "?q=ad")).status_code == 200
     detail = await viewer.get(f"{CONTRIBUTORS}{record.pk}/change/")
     assert detail.status_code == 200
@@ -92,7 +92,9 @@ async def test_the_admin_lists_records_and_operators_edit_them(channel_layer):
     assert saved.status_code == 302, saved.content.decode()[:3000]
     record = await sync_to_async(Contributor.objects.get)()
     assert (record.name, record.reputation, record.notes) == (
-        "ada-lovelace", 0.2, "answers checked by hand"
+        "ada-lovelace",
+        0.2,
+        "answers checked by hand",
     )
     # The live nodes are routed by the new reputation at once.
     reputations = await sync_to_async(

@@ -98,9 +98,10 @@ def test_a_good_contributor_object_is_taken_and_extra_fields_ignored():
 
 def test_key_hash_and_token_follow_the_documented_definition():
     assert identity.key_hash(KEY) == hashlib.sha256(KEY.encode("ascii")).hexdigest()
-    expected = "icc_" + hmac.new(
-        bytes.fromhex(KEY), b"idleclaw consumer token", hashlib.sha256
-    ).hexdigest()
+    expected = (
+        "icc_"
+        + hmac.new(bytes.fromhex(KEY), b"idleclaw consumer token", hashlib.sha256).hexdigest()
+    )
     assert identity.token_of(KEY) == expected
     assert identity.token_hash(expected) == hashlib.sha256(expected.encode()).hexdigest()
 

@@ -55,8 +55,10 @@ def test_one_key_on_two_workers_is_one_record_counted_once_per_request(
             assert reply.status_code == 200, reply.text
         for worker in (a, b):
             procs.wait_until(
-                lambda w=worker: [(n["contributor"], n["served"]) for n in _listed(w.url)]
-                == [(name, 3), (name, 3)],
+                lambda w=worker: (
+                    [(n["contributor"], n["served"]) for n in _listed(w.url)]
+                    == [(name, 3), (name, 3)]
+                ),
                 what=f"{worker.name} to list both nodes with the record's three requests",
             )
     finally:
