@@ -28,9 +28,10 @@ MODELS = [RESTARTED, STOLEN, NAMED, OPEN]
 
 
 class Network:
-    def __init__(self, router: str, emulator: str) -> None:
+    def __init__(self, router: str, emulator: str, log: procs.Proc | None = None) -> None:
         self.router = router
         self.emulator = emulator
+        self.log = log  # the router's process, for its log
 
     def nodes(self) -> tuple[str, list[dict]]:
         """The public node list: its body as text, and its nodes."""
@@ -119,7 +120,7 @@ def one_node_per_address(network, tmp_path):
         tmp_path / "router.sqlite3", {**ROOMY_ENV, "IDLECLAW_MAX_NODES_PER_IP": "1"}
     )
     try:
-        yield Network(url, network.emulator)
+        yield Network(url, network.emulator, router)
     finally:
         router.stop()
 
@@ -193,6 +194,11 @@ def test_the_record_survives_a_restart_and_an_address_change(one_node_per_addres
         for secret in [*secrets, key_file.read_text().strip()]:
             assert secret not in body
         assert set(listed) == {"contributor", "models", "reputation", "served", "draining"}
+        # The key reaches no log; the name does.
+        key = key_file.read_text().strip()
+        for log in (first.output, second.output, network.log.output):
+            assert key not in log
+        assert f"contributor {name}" in network.log.output
     finally:
         second.stop()
         relay.close()
