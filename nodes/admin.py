@@ -417,6 +417,7 @@ class ContributorAdmin(admin.ModelAdmin):
         return obj.live
 
     def save_model(self, request: HttpRequest, obj: Contributor, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
         # Its live nodes are routed by their own copy of the reputation (set at registration).
+        # Sessions first, then the record: the order a finishing request locks them in.
         NodeSession.objects.filter(contributor=obj).update(reputation=obj.reputation)
+        super().save_model(request, obj, form, change)

@@ -443,8 +443,13 @@ def node_session_close(*, session_id: int) -> list[Orphan]:
     """Remove a closed connection's session and return the requests it was serving."""
     with transaction.atomic():
         orphans = _orphans_of_sessions(Q(session_id=session_id))
-        Contributor.objects.filter(sessions__pk=session_id).update(last_seen=timezone.now())
-        NodeSession.objects.filter(pk=session_id).delete()
+        closing = NodeSession.objects.filter(pk=session_id)
+        contributor_id = closing.values_list("contributor_id", flat=True).first()
+        closing.delete()
+        # After the session: rows are locked session first, then contributor, everywhere
+        # (a finishing request does the same), so two transactions never wait on each other.
+        if contributor_id is not None:
+            Contributor.objects.filter(pk=contributor_id).update(last_seen=timezone.now())
     return orphans
 
 
