@@ -23,8 +23,9 @@ name across restarts and address changes (docs/node-protocol-extensions.md ``con
 ``--anonymous`` registers without one.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
-never contain prompt or answer text, nor the key. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
-or the router refused this node for good, 2 bad configuration or arguments.
+never contain prompt or answer text, nor the key. Exit codes: 0 stopped by Ctrl+C/SIGTERM,
+1 Ollama unusable or the router refused this node for good, 2 bad configuration or arguments
+(an unusable key file included).
 """
 
 from __future__ import annotations

@@ -120,17 +120,24 @@ def _write_new(path: Path, key: str) -> bool:
 
 
 def _read(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as file:
-        status = os.fstat(file.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # no permission, ...
+        raise KeyFileError(f"cannot read the contributor key {path}: {exc.strerror}") from None
+    try:
+        status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise KeyFileError(f"{path} is not a regular file")
+            raise KeyFileError(f"cannot read the contributor key {path}: not a regular file")
         if CHECK_MODES and status.st_mode & 0o077:
             raise KeyFileError(
                 f"{path} may be read or written by others (mode {status.st_mode & 0o777:o}): "
                 f"the key is your identity; make it private with `chmod 600 {path}`"
             )
-        data = file.read(MAX_KEY_FILE_BYTES + 1)
+        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
     text = data.decode("ascii", errors="replace").strip()
     if len(data) > MAX_KEY_FILE_BYTES or KEY_HEX.fullmatch(text) is None:
         raise KeyFileError(

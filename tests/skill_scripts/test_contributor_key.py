@@ -80,6 +80,12 @@ def test_a_file_that_holds_no_key_is_refused_and_left_alone(tmp_path, content):
     assert key_file.read_text() == content
 
 
+def test_a_key_path_that_is_a_folder_is_refused_clearly(tmp_path):
+    result = run_script("contribute.py", "--print-token", "--key-file", str(tmp_path))
+    assert result.returncode == 2
+    assert "cannot read the contributor key" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_nodes_starting_together_share_one_new_key(tmp_path):
     key_file = tmp_path / "new.key"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
