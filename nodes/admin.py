@@ -1,5 +1,6 @@
 """The operator's view of the live network: sessions (with actions that reach their sockets on
-any worker, ``nodes.actions``), workers and bans.
+any worker, ``nodes.actions``), workers and bans; and the contributors' records (issue 20),
+whose name, reputation and notes operators may edit.
 
 Staff in the "viewer" group look; the "operator" group may also act (the
 ``nodes.operate_nodesession`` permission) and edit bans (routing/migrations/0005).
@@ -21,9 +22,17 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.timesince import timesince
 
-from nodes import actions
-from nodes.models import NodeBan, NodeModel, NodeSession, RouterWorker
+from nodes import actions, identity
+from nodes.models import (
+    Contributor,
+    ContributorModel,
+    NodeBan,
+    NodeModel,
+    NodeSession,
+    RouterWorker,
+)
 from nodes.protocol import MAX_NODE_ID_CHARS
+from nodes.services import live_cutoff
 from routing.models import InflightRequest
 
 
@@ -152,7 +161,7 @@ class BanForm(forms.Form):
 class NodeSessionAdmin(ReadOnlyAdmin):
     list_display = (
         "node_id",
-        "contributor",
+        "contributor_name",
         "model_names",
         "client_ip",
         "client_version",
@@ -167,9 +176,11 @@ class NodeSessionAdmin(ReadOnlyAdmin):
     )
     list_filter = (ModelFilter, CooledDownFilter, "draining", "worker")
     search_fields = ("node_id", "client_ip")
-    list_select_related = ("worker",)
+    list_select_related = ("worker", "contributor")
     readonly_fields = (
         "node_id",
+        "contributor",
+        "reputation",
         "channel_name",
         "worker",
         "max_concurrent",
@@ -207,9 +218,9 @@ class NodeSessionAdmin(ReadOnlyAdmin):
     def has_ban_permission(self, request: HttpRequest) -> bool:
         return self.has_operate_permission(request) and request.user.has_perm("nodes.add_nodeban")
 
-    @admin.display(description="contributor")
-    def contributor(self, obj: NodeSession) -> str:
-        return "—"  # the contributor's name, once nodes have one (issue 20)
+    @admin.display(description="contributor", ordering="contributor__name")
+    def contributor_name(self, obj: NodeSession) -> str:
+        return obj.contributor.name if obj.contributor is not None else "anonymous"
 
     @admin.display(description="models")
     def model_names(self, obj: NodeSession) -> str:
@@ -312,3 +323,101 @@ class NodeBanAdmin(admin.ModelAdmin):
     list_display = ("kind", "value", "reason", "created_at", "expires_at")
     list_filter = ("kind",)
     search_fields = ("value", "reason")
+
+
+class ContributorModelInline(admin.TabularInline):
+    """The contributor's figures per model, from real traffic."""
+
+    model = ContributorModel
+    fields = ("model", "served", "tokens", "ttft_ms", "tokens_per_s")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ContributorForm(forms.ModelForm):
+    class Meta:
+        model = Contributor
+        fields = ("name", "reputation", "notes")
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        problem = identity.name_problem(name)
+        if problem is not None:
+            raise ValidationError(problem[0].upper() + problem[1:] + ".")
+        taken = Contributor.objects.filter(name__iexact=name).exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise ValidationError("Another contributor has this name.")
+        return name
+
+    def clean_reputation(self) -> float:
+        reputation = self.cleaned_data["reputation"]
+        if not 0.0 <= reputation <= 1.0:
+            raise ValidationError("Reputation is from 0 to 1.")
+        return reputation
+
+
+@admin.register(Contributor)
+class ContributorAdmin(admin.ModelAdmin):
+    """Contributors' records: operator data (never chat content). Made by the router when a
+    node first proves a key; removed by ``manage.py contributors_prune``."""
+
+    form = ContributorForm
+    list_display = (
+        "name",
+        "reputation",
+        "served",
+        "failed",
+        "tokens",
+        "live_nodes",
+        "first_seen",
+        "last_seen",
+    )
+    search_fields = ("name",)
+    fields = (
+        "name",
+        "reputation",
+        "notes",
+        "served",
+        "failed",
+        "tokens",
+        "probes_passed",
+        "probes_failed",
+        "probed_at",
+        "first_seen",
+        "last_seen",
+    )
+    readonly_fields = (
+        "served",
+        "failed",
+        "tokens",
+        "probes_passed",
+        "probes_failed",
+        "probed_at",
+        "first_seen",
+        "last_seen",
+    )
+    inlines = [ContributorModelInline]
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        live = Q(sessions__last_seen__gte=live_cutoff())
+        return super().get_queryset(request).annotate(live=Count("sessions", filter=live))
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # a record is made by a node proving its key
+
+    @admin.display(description="live nodes", ordering="live")
+    def live_nodes(self, obj: Any) -> int:
+        return obj.live
+
+    def save_model(self, request: HttpRequest, obj: Contributor, form: Any, change: bool) -> None:
+        # Its live nodes are routed by their own copy of the reputation (set at registration).
+        # Sessions first, then the record: the order a finishing request locks them in.
+        NodeSession.objects.filter(contributor=obj).update(reputation=obj.reputation)
+        super().save_model(request, obj, form, change)

@@ -239,14 +239,18 @@ class NodeConsumer(AsyncWebsocketConsumer):
                 "resume_token": opened.resume_token,
                 "features": list(protocol.ROUTER_FEATURES),
                 **({"warnings": list(registration.warnings)} if registration.warnings else {}),
+                **_contributor_reply(opened),
             }
         )
+        # The contributor's public name only: never the key.
         logger.info(
-            "node %s registered: %d models (%d dropped for invalid names), max_concurrent %d%s",
+            "node %s registered: %d models (%d dropped for invalid names), max_concurrent %d, "
+            "contributor %s%s",
             registration.node_id,
             len(registration.models),
             len(registration.warnings),
             registration.max_concurrent,
+            opened.contributor_name or "anonymous",
             ", draining" if registration.draining else "",
         )
 
@@ -665,3 +669,14 @@ class NodeConsumer(AsyncWebsocketConsumer):
         orphans = await db(services.node_session_close)(session_id=session_id)
         await worker.notify_orphans(orphans, "node_disconnected")
         logger.info("node %s disconnected (code %s)", self.node_id, code)
+
+
+def _contributor_reply(opened: services.SessionOpened) -> dict[str, Any]:
+    """``registered.contributor`` (docs/node-protocol-extensions.md): the name in effect for a
+    node that proved a key, and why it is not the one asked for; nothing for an anonymous node."""
+    if opened.contributor_name is None:
+        return {}
+    reply = {"name": opened.contributor_name}
+    if opened.contributor_note:
+        reply["note"] = opened.contributor_note
+    return {"contributor": reply}

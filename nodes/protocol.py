@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypedDict
 
+from nodes import identity
+
 MAX_FRAME_BYTES = 100_000
 MAX_NODE_ID_CHARS = 64
 MAX_MODELS = 20
@@ -147,6 +149,9 @@ class CloseReason(StrEnum):
     UNKNOWN_FRAME_TYPE = "unknown frame type"
     TOO_MANY_STRIKES = "too many frames for unknown requests"
     NODE_TIMEOUT = "heartbeat timeout"
+    # The ``contributor`` extension of ``register`` (docs/node-protocol-extensions.md): sent by
+    # new nodes only, so no existing client meets it.
+    INVALID_CONTRIBUTOR = "invalid contributor"
 
 
 class EventType(StrEnum):
@@ -246,6 +251,11 @@ class Registration:
     max_ctx: int | None = None
     max_predict: int | None = None
     draining: bool = False
+    # The ``contributor`` extension: the key the node proved (never logged, never stored: the
+    # router keeps its hash), the name it asked for, and why that name was not taken.
+    contributor_key: str | None = field(default=None, repr=False)
+    contributor_name: str | None = None
+    name_problem: str | None = None
 
 
 def valid_model_name(name: Any) -> bool:
@@ -502,6 +512,7 @@ def parse_register(frame: dict[str, Any]) -> Registration:
     if protocol is None or not 1 <= protocol <= 1000:
         protocol = 1  # stored in a small integer column: an absurd version must not reach it
     limits = parse_limits(frame.get("limits"))
+    key, name, problem = parse_contributor(frame.get("contributor"))
     return Registration(
         node_id=node_id,
         models=models,
@@ -515,7 +526,30 @@ def parse_register(frame: dict[str, Any]) -> Registration:
         max_ctx=limits.get("num_ctx"),
         max_predict=limits.get("num_predict"),
         draining=frame.get("draining") is True,
+        contributor_key=key,
+        contributor_name=name,
+        name_problem=problem,
     )
+
+
+def parse_contributor(raw: Any) -> tuple[str | None, str | None, str | None]:
+    """The ``contributor`` object of ``register`` (docs/node-protocol-extensions.md) as
+    ``(key, name, why the name is refused)``. Absent (or null): an anonymous node. A node that
+    sends one means to prove a key, so anything but an object whose ``key`` is exactly 64
+    lowercase hex characters refuses the registration (``invalid contributor``) rather than
+    quietly making the node anonymous. A bad ``name`` only loses the name: the node keeps the
+    one it had, and ``registered`` says why."""
+    if raw is None:
+        return None, None, None
+    if not isinstance(raw, dict) or not identity.valid_key(raw.get("key")):
+        raise ProtocolError(CloseReason.INVALID_CONTRIBUTOR)
+    name = raw.get("name")
+    if name is None:
+        return raw["key"], None, None
+    problem = identity.name_problem(name)
+    if problem is not None:
+        return raw["key"], None, f"name not changed: {problem}"
+    return raw["key"], name, None
 
 
 def _declared_features(raw: Any) -> tuple[str, ...]:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import BigIntegerField, Case, DateTimeField, Q, Value, When
 from django.utils import timezone
 from django_ratelimit.core import get_usage
 
-from nodes.models import NodeBan, NodeModel, NodeSession, RouterWorker
+from nodes import identity
+from nodes.models import Contributor, NodeBan, NodeModel, NodeSession, RouterWorker
 from nodes.protocol import CloseReason, LoadedModel, ModelOffer, ProtocolError, Registration
 
 
@@ -52,6 +53,10 @@ class SessionOpened:
     resume_token: str
     evicted_channel: str | None = None
     orphans: list[Orphan] = field(default_factory=list)
+    # The name in effect when the node proved a contributor key (None: anonymous), and why it
+    # is not the name the node asked for, if it is not.
+    contributor_name: str | None = None
+    contributor_note: str | None = None
 
 
 def _token_hash(token: str) -> str:
@@ -247,6 +252,9 @@ def node_session_open(
             ).count()
             if same_ip >= settings.IDLECLAW_MAX_NODES_PER_IP:
                 raise ProtocolError(CloseReason.TOO_MANY_NODES)
+        contributor, note = None, None
+        if registration.contributor_key is not None:
+            contributor, note = _contributor_proven(registration=registration, now=now)
         token = secrets.token_urlsafe(32)
         session = NodeSession.objects.create(
             node_id=registration.node_id,
@@ -262,6 +270,8 @@ def node_session_open(
             max_ctx=registration.max_ctx,
             max_predict=registration.max_predict,
             draining=registration.draining,
+            contributor=contributor,
+            reputation=contributor.reputation if contributor is not None else 0.5,
             connected_at=now,
             last_seen=now,
         )
@@ -271,7 +281,89 @@ def node_session_open(
         resume_token=token,
         evicted_channel=evicted_channel,
         orphans=orphans,
+        contributor_name=contributor.name if contributor is not None else None,
+        contributor_note=note,
     )
+
+
+# Tries at a free generated name before giving up on a registration (with 3.7 million names,
+# reaching the last one means something else is wrong).
+NAME_TRIES = 20
+
+
+def _name_taken(name: str, *, other_than: int | None = None) -> bool:
+    # Case-insensitive: "Amber-Otter-417" must not pass for "amber-otter-417".
+    taken = Contributor.objects.filter(name__iexact=name)
+    if other_than is not None:
+        taken = taken.exclude(pk=other_than)
+    return taken.exists()
+
+
+def _contributor_proven(
+    *, registration: Registration, now: datetime
+) -> tuple[Contributor, str | None]:
+    """The record of the key a registering node proved, made at its first registration, with
+    the name the node asked for when it is free. Found by the key's hash only: neither a node id
+    nor an address leads to a record. Returns the record and, when the name in effect is not
+    the one asked for, why."""
+    key = registration.contributor_key
+    assert key is not None
+    hashed = identity.key_hash(key)
+    wanted = registration.contributor_name
+    note = registration.name_problem
+    contributor = Contributor.objects.select_for_update().filter(key_hash=hashed).first()
+    if contributor is None:
+        contributor, note = _contributor_create(
+            key=key, key_hash=hashed, wanted=wanted, note=note, now=now
+        )
+    elif wanted is not None and wanted != contributor.name:
+        if _name_taken(wanted, other_than=contributor.pk):
+            note = _taken(wanted, contributor.name)
+        else:
+            try:
+                with transaction.atomic():
+                    Contributor.objects.filter(pk=contributor.pk).update(name=wanted)
+                contributor.name = wanted
+            except IntegrityError:  # another contributor took it a moment ago
+                note = _taken(wanted, contributor.name)
+    Contributor.objects.filter(pk=contributor.pk).update(last_seen=now)
+    return contributor, note
+
+
+def _taken(wanted: str, name: str) -> str:
+    return f"name not changed: {wanted} is another contributor's name; you stay {name}"
+
+
+def _contributor_create(
+    *, key: str, key_hash: str, wanted: str | None, note: str | None, now: datetime
+) -> tuple[Contributor, str | None]:
+    token_hash = identity.token_hash(identity.token_of(key))
+    for attempt in range(NAME_TRIES):
+        name = wanted if attempt == 0 and wanted is not None else identity.generated_name()
+        if _name_taken(name):
+            if name == wanted:
+                note = f"name not changed: {wanted} is another contributor's name"
+            continue
+        try:
+            # A savepoint: on PostgreSQL a failed INSERT would end the whole transaction.
+            with transaction.atomic():
+                created = Contributor.objects.create(
+                    key_hash=key_hash,
+                    token_hash=token_hash,
+                    name=name,
+                    first_seen=now,
+                    last_seen=now,
+                )
+            if name != wanted and wanted is not None and note is None:
+                note = f"name not changed: {wanted} is another contributor's name"
+            return created, note
+        except IntegrityError:
+            # The same key registering on another connection at this moment made the record
+            # first, or another contributor took the name: look again.
+            existing = Contributor.objects.select_for_update().filter(key_hash=key_hash).first()
+            if existing is not None:
+                return existing, note
+    raise ProtocolError(CloseReason.INVALID_CONTRIBUTOR)
 
 
 # Ids per UPDATE statement: well under SQLite's 999 bound parameters of old builds.
@@ -351,7 +443,13 @@ def node_session_close(*, session_id: int) -> list[Orphan]:
     """Remove a closed connection's session and return the requests it was serving."""
     with transaction.atomic():
         orphans = _orphans_of_sessions(Q(session_id=session_id))
-        NodeSession.objects.filter(pk=session_id).delete()
+        closing = NodeSession.objects.filter(pk=session_id)
+        contributor_id = closing.values_list("contributor_id", flat=True).first()
+        closing.delete()
+        # After the session: rows are locked session first, then contributor, everywhere
+        # (a finishing request does the same), so two transactions never wait on each other.
+        if contributor_id is not None:
+            Contributor.objects.filter(pk=contributor_id).update(last_seen=timezone.now())
     return orphans
 
 
@@ -382,3 +480,18 @@ def banned_sessions(*, worker_id: str) -> list[str]:
         .filter(Q(client_ip__in=banned_ips) | Q(node_id__in=banned_ids))
         .values_list("channel_name", flat=True)
     )
+
+
+def contributors_prune(*, days: int, dry_run: bool = False) -> int:
+    """Remove the records of contributors not seen for ``days`` days that have no live node
+    (``manage.py contributors_prune``), with their per-model and per-hour rows; return how many
+    records were (or, ``dry_run``, would be) removed."""
+    cutoff = timezone.now() - timedelta(days=days)
+    old = Contributor.objects.filter(last_seen__lt=cutoff).exclude(
+        sessions__last_seen__gte=live_cutoff()
+    )
+    if dry_run:
+        return old.count()
+    with transaction.atomic():
+        _, removed = old.delete()
+    return removed.get(Contributor._meta.label, 0)

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import BigIntegerField, Count, F, Q, QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from nodes.models import NodeModel, NodeSession
+from nodes.identity import ANONYMOUS
+from nodes.models import ContributorModel, NodeModel, NodeSession
 from nodes.services import live_cutoff, worker_cutoff
 
 
@@ -131,3 +133,96 @@ def embeddings_served(*, model: str) -> bool:
     # as JSON lookups differ between SQLite and PostgreSQL.
     features = live_sessions().filter(models__name=model).values_list("features", flat=True)
     return any(Feature.EMBEDDINGS in (names or ()) for names in features)
+
+
+# Most nodes ``GET /api/network/nodes`` lists (those that served most first); ``count`` says how
+# many are live in all.
+MAX_LISTED_NODES = 500
+# Reputation bands of the public node list (README "Contributor names and records"): below
+# POOR_BELOW a node is "poor" whatever it served; otherwise "new" until it has served
+# NEW_UNTIL requests, then "good" from GOOD_FROM and "fair" between.
+POOR_BELOW = 0.4
+GOOD_FROM = 0.6
+NEW_UNTIL = 10
+
+
+def reputation_band(reputation: float, served: int) -> str:
+    """The public word for a node's reputation (0 to 1) and requests served."""
+    if reputation < POOR_BELOW:
+        return "poor"
+    if served < NEW_UNTIL:
+        return "new"
+    return "good" if reputation >= GOOD_FROM else "fair"
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def network_nodes() -> dict[str, Any]:
+    """The live nodes as the public sees them (``GET /api/network/nodes``): the contributor's
+    name ("anonymous" without a key), the models with their measured speed (the contributor's
+    figures for the model when it has a record, else this connection's), the reputation band
+    (of the record's reputation, else the session's),
+    the requests served (the record's, across restarts) and whether it is draining. Never an
+    address, a node id, a key or a hash. At most MAX_LISTED_NODES, those that served most
+    first."""
+    live = live_sessions()
+    count = live.count()
+    sessions = list(
+        live.annotate(
+            served=Coalesce(
+                F("contributor__served"), F("completed"), output_field=BigIntegerField()
+            ),
+            standing=Coalesce(F("contributor__reputation"), F("reputation")),
+        )
+        .order_by("-served", "pk")
+        .values_list(
+            "pk",
+            "contributor_id",
+            "contributor__name",
+            "served",
+            "standing",
+            "draining",
+            "ttft_ms",
+            "tokens_per_s",
+        )[:MAX_LISTED_NODES]
+    )
+    ids = [row[0] for row in sessions]
+    models: dict[int, list[str]] = defaultdict(list)
+    for session_id, name in (
+        NodeModel.objects.filter(session_id__in=ids)
+        .order_by("name")
+        .values_list("session_id", "name")
+    ):
+        models[session_id].append(name)
+    contributors = {row[1] for row in sessions if row[1] is not None}
+    names = {name for listed in models.values() for name in listed}
+    figures = {
+        (contributor, model): (ttft, speed)
+        for contributor, model, ttft, speed in ContributorModel.objects.filter(
+            contributor_id__in=contributors, model__in=names
+        ).values_list("contributor_id", "model", "ttft_ms", "tokens_per_s")
+    }
+    nodes = []
+    for pk, contributor, name, served, reputation, draining, ttft, speed in sessions:
+        listed = []
+        for model in models[pk]:
+            model_ttft, model_speed = figures.get((contributor, model), (ttft, speed))
+            listed.append(
+                {
+                    "name": model,
+                    "ttft_ms": _rounded(model_ttft, 1),
+                    "tokens_per_s": _rounded(model_speed, 1),
+                }
+            )
+        nodes.append(
+            {
+                "contributor": name or ANONYMOUS,
+                "models": listed,
+                "reputation": reputation_band(reputation, served),
+                "served": served,
+                "draining": draining,
+            }
+        )
+    return {"nodes": nodes, "count": count, "limit": MAX_LISTED_NODES}

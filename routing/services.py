@@ -25,7 +25,14 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from nodes.models import NodeModel, NodeSession, RouterWorker
+from nodes.models import (
+    Contributor,
+    ContributorHour,
+    ContributorModel,
+    NodeModel,
+    NodeSession,
+    RouterWorker,
+)
 from nodes.protocol import LOADED_FOREVER
 from nodes.services import live_cutoff, worker_cutoff
 from routing import metrics
@@ -116,6 +123,9 @@ class _Tables:
     session = NodeSession._meta.db_table
     model = NodeModel._meta.db_table
     worker = RouterWorker._meta.db_table
+    contributor = Contributor._meta.db_table
+    contributor_model = ContributorModel._meta.db_table
+    contributor_hour = ContributorHour._meta.db_table
 
 
 T = _Tables
@@ -460,6 +470,8 @@ class Outcome:
     tokens_per_s: float | None = None
     # Tool calls the node made that the request never offered (or that broke a strict schema).
     dropped_tool_calls: int = 0
+    # Tokens of the answer as the router counted them, for the contributor's record.
+    tokens: int = 0
 
 
 # One statement folds an outcome into the node's measurements. In an UPDATE every column on the
@@ -481,6 +493,41 @@ UPDATE {T.session} SET
                           WHEN consecutive_failures + 1 >= %(cooldown_after)s THEN %(cool_until)s
                           ELSE cooldown_until END
 WHERE id = %(session)s
+RETURNING contributor_id
+""")
+# A node that proved a contributor key adds the outcome to the contributor's record, its
+# figures for the model (moving averages as the session's) and its tokens of this hour (the
+# contributor's priority): three statements more, only for such nodes. A timed-out request is
+# a failure of the contributor's.
+_CONTRIBUTOR_SQL = _sql("""
+UPDATE {T.contributor} SET
+    served = served + %(completed)s,
+    failed = failed + %(failed)s,
+    tokens = tokens + %(tokens)s,
+    last_seen = %(now)s
+WHERE id = %(contributor)s
+""")
+_CONTRIBUTOR_MODEL_SQL = _sql("""
+INSERT INTO {T.contributor_model} (contributor_id, model, served, tokens, ttft_ms, tokens_per_s)
+VALUES (%(contributor)s, %(model)s, %(completed)s, %(tokens)s, %(ttft)s, %(speed)s)
+ON CONFLICT (contributor_id, model) DO UPDATE SET
+    served = {T.contributor_model}.served + excluded.served,
+    tokens = {T.contributor_model}.tokens + excluded.tokens,
+    ttft_ms = CASE WHEN excluded.ttft_ms IS NULL THEN {T.contributor_model}.ttft_ms
+                   WHEN {T.contributor_model}.ttft_ms IS NULL THEN excluded.ttft_ms
+                   ELSE {T.contributor_model}.ttft_ms
+                        + %(weight)s * (excluded.ttft_ms - {T.contributor_model}.ttft_ms) END,
+    tokens_per_s = CASE WHEN excluded.tokens_per_s IS NULL THEN {T.contributor_model}.tokens_per_s
+                        WHEN {T.contributor_model}.tokens_per_s IS NULL
+                            THEN excluded.tokens_per_s
+                        ELSE {T.contributor_model}.tokens_per_s + %(weight)s
+                             * (excluded.tokens_per_s - {T.contributor_model}.tokens_per_s) END
+""")
+_CONTRIBUTOR_HOUR_SQL = _sql("""
+INSERT INTO {T.contributor_hour} (contributor_id, hour, tokens)
+VALUES (%(contributor)s, %(hour)s, %(tokens)s)
+ON CONFLICT (contributor_id, hour) DO UPDATE SET
+    tokens = {T.contributor_hour}.tokens + excluded.tokens
 """)
 
 
@@ -489,28 +536,34 @@ def inflight_finish(*, request_id: str, outcome: Outcome | None = None) -> list[
     and return the reply channels of queued requests that may now take a slot."""
     with transaction.atomic(savepoint=False):
         freed = _rows(
-            _sql("DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id"),
+            _sql(
+                "DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id, model"
+            ),
             {"id": request_id},
         )
         if not freed:
             return []
-        session_id = freed[0][0]
+        session_id, model = freed[0]
         if outcome is not None and outcome.kind != "cancelled":
-            _record(session_id, outcome)
+            _record(session_id, model, outcome)
     return queue_heads(session_id=session_id)
 
 
-def _record(session_id: int, outcome: Outcome) -> None:
-    cool_until = timezone.now() + timedelta(seconds=settings.IDLECLAW_NODE_COOLDOWN)
-    _run(
+def _record(session_id: int, model: str, outcome: Outcome) -> None:
+    now = timezone.now()
+    cool_until = now + timedelta(seconds=settings.IDLECLAW_NODE_COOLDOWN)
+    # Typed for PostgreSQL, which cannot infer the type of a bare NULL parameter.
+    ttft = None if outcome.ttft_ms is None else float(outcome.ttft_ms)
+    speed = None if outcome.tokens_per_s is None else float(outcome.tokens_per_s)
+    completed = int(outcome.kind == "completed")
+    owners = _rows(
         _RECORD_SQL,
         {
             "session": session_id,
-            # Typed for PostgreSQL, which cannot infer the type of a bare NULL parameter.
-            "ttft": None if outcome.ttft_ms is None else float(outcome.ttft_ms),
-            "speed": None if outcome.tokens_per_s is None else float(outcome.tokens_per_s),
+            "ttft": ttft,
+            "speed": speed,
             "weight": EMA_WEIGHT,
-            "completed": int(outcome.kind == "completed"),
+            "completed": completed,
             "failed": int(outcome.kind not in ("completed", "timed_out")),
             "timed_out": int(outcome.kind == "timed_out"),
             "dropped": int(outcome.dropped_tool_calls),
@@ -518,6 +571,41 @@ def _record(session_id: int, outcome: Outcome) -> None:
             "cool_until": _at(cool_until),
         },
     )
+    if not owners or owners[0][0] is None:
+        return  # an anonymous node, or one gone meanwhile
+    contributor = owners[0][0]
+    tokens = max(0, int(outcome.tokens))
+    _run(
+        _CONTRIBUTOR_SQL,
+        {
+            "contributor": contributor,
+            "completed": completed,
+            "failed": 1 - completed,
+            "tokens": tokens,
+            "now": _at(now),
+        },
+    )
+    _run(
+        _CONTRIBUTOR_MODEL_SQL,
+        {
+            "contributor": contributor,
+            "model": model,
+            "completed": completed,
+            "tokens": tokens,
+            "ttft": ttft,
+            "speed": speed,
+            "weight": EMA_WEIGHT,
+        },
+    )
+    if tokens:
+        _run(
+            _CONTRIBUTOR_HOUR_SQL,
+            {
+                "contributor": contributor,
+                "hour": _at(now.replace(minute=0, second=0, microsecond=0)),
+                "tokens": tokens,
+            },
+        )
 
 
 def queue_join(

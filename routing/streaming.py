@@ -801,7 +801,10 @@ def _measured(
         # Ollama's own figure is more exact, but only believed as far as the router's timing
         # supports it: a node cannot rank itself first by claiming to be fast.
         tokens_per_s = min(final["eval_count"] / (final["eval_duration"] / 1e9), seen)
-    return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
+    # Tokens as the router saw them (a chunk each; the final chunk carries none), never the
+    # node's own count: they make a contributor's record and priority.
+    tokens = max(0, chunks - (1 if final is not None else 0))
+    return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, tokens=tokens)
 
 
 async def open_relay(

@@ -18,6 +18,7 @@ urlpatterns = [
     path("api/chat", views.chat, name="chat"),
     path("health", views.health, name="health"),
     path("api/models", views.models, name="models"),
+    path("api/network/nodes", views.network_nodes, name="network-nodes"),
     # Prometheus, for operators (token-guarded; README "Operate")
     path("metrics", exposition.metrics, name="metrics"),
     path("v1/", include(openai_urlpatterns)),

@@ -161,6 +161,16 @@ async def models(request: HttpRequest) -> HttpResponse:
     )
 
 
+@rate_limited("default")
+async def network_nodes(request: HttpRequest) -> HttpResponse:
+    """``GET /api/network/nodes``: the live nodes by contributor name, with their models,
+    measured speed, reputation band and requests served; never addresses or node ids."""
+    if request.method not in ("GET", "HEAD"):
+        return _method_not_allowed("GET")
+    await worker.ensure_started()
+    return JsonResponse(await db(selectors.network_nodes)())
+
+
 # --- OpenAI-compatible API (/v1) -------------------------------------------------------------
 
 

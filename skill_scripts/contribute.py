@@ -16,9 +16,16 @@ gets, serving hours, pausing while named programs run, and a drain on Ctrl+C tha
 answers in flight finish. It reads Ollama's models again every minute, tells the router when
 they change, and stops taking requests while Ollama is gone.
 
+It proves a contributor key (``contributor_key``: made once in the user's config folder,
+``--key-file``) at each registration, so the router keeps the contributor's record and public
+name across restarts and address changes (docs/node-protocol-extensions.md ``contributor``);
+``--name`` chooses the name, ``--print-token`` prints the consumer token derived from the key,
+``--anonymous`` registers without one.
+
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
-never contain prompt or answer text. Exit codes: 0 stopped by Ctrl+C/SIGTERM, 1 Ollama unusable
-or the router refused this node for good, 2 bad configuration or arguments.
+never contain prompt or answer text, nor the key. Exit codes: 0 stopped by Ctrl+C/SIGTERM,
+1 Ollama unusable or the router refused this node for good, 2 bad configuration or arguments
+(an unusable key file included).
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import contributor_key
 import idleclaw_config as config
 import node_control
 import requests
@@ -122,6 +131,7 @@ PERMANENT_REFUSALS = frozenset(
         "too many models",
         "invalid model name",
         "banned",
+        "invalid contributor",
     }
 )
 
@@ -1070,6 +1080,15 @@ NO_POLICY = RequestPolicy()
 DEFAULT_WATCH = Watch()
 
 
+@dataclass(frozen=True)
+class Identity:
+    """The contributor key this node proves at registration, and the name it asks for (None:
+    keep the one the router has, or get a generated one)."""
+
+    key: str = field(repr=False)
+    name: str | None = None
+
+
 # --------------------------------------------------------------------------- the node
 
 
@@ -1091,8 +1110,13 @@ class Contributor:
         ollama_version: str,
         policy: RequestPolicy = NO_POLICY,
         watch: Watch = DEFAULT_WATCH,
+        identity: Identity | None = None,
     ) -> None:
         self.server = server
+        # The contributor key proved at registration, and the name asked for; None: anonymous.
+        self.identity = identity
+        # The public name the router said is in effect.
+        self.contributor_name: str | None = None
         self.url = config.ws_url(server)
         self.ollama = ollama
         # Replaced whole (never changed in place) when Ollama's models change.
@@ -1149,6 +1173,13 @@ class Contributor:
             frame["draining"] = True
         if self.resume_token:
             frame["resume_token"] = self.resume_token
+        if self.identity is not None:
+            # The contributor extension (docs/node-protocol-extensions.md): a router that does
+            # not know it ignores it. The key goes only here, never to the log.
+            contributor = {"key": self.identity.key}
+            if self.identity.name:
+                contributor["name"] = self.identity.name
+            frame["contributor"] = contributor
         return frame
 
     def active_requests(self) -> int:
@@ -1451,6 +1482,7 @@ class Contributor:
                 if isinstance(warning, str):
                     # The router's words, escaped: no control character reaches the terminal.
                     log.warning("the router says: %s", escaped(warning[:300]))
+        self._note_contributor(message.get("contributor"))
         with conn.state_lock:
             conn.registered = True
             # A router that takes drain took register's ``draining`` too.
@@ -1476,6 +1508,26 @@ class Contributor:
         )
         _start_thread(self._heartbeat_loop, conn, name="heartbeat")
         self._sync_router(conn)  # what changed while registering
+
+    def _note_contributor(self, raw: Any) -> None:
+        """Log the public name the router gave this contributor (``registered.contributor``),
+        and its note when that is not the name asked for."""
+        if self.identity is None:
+            return
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            log.info("the router keeps no contributor record (it does not know contributor keys)")
+            return
+        name = escaped(raw["name"][:64])
+        note = raw.get("note")
+        if isinstance(note, str) and note:
+            log.warning("the router says: %s", escaped(note[:300]))
+        if name != self.contributor_name:
+            log.info(
+                "contributing as %s (the name others see)",
+                name,
+                extra=event("contributor", contributor=name),
+            )
+        self.contributor_name = name
 
     def _sync_router(self, conn: _Connection | None = None) -> None:
         """Tell the router what changed: other models (``models_update``), or the node pausing
@@ -2128,6 +2180,13 @@ def _program_list(value: str) -> list[str]:
     return names
 
 
+def _contributor_name(value: str) -> str:
+    problem = contributor_key.name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -2203,6 +2262,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how often Ollama's models are read again (default 60)",
     )
+    who = parser.add_argument_group(
+        "who you are (a key kept in a private file keeps your name and record)"
+    )
+    who.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="your contributor key; made there at first start (default: "
+        "$XDG_CONFIG_HOME/idleclaw/contributor.key, i.e. ~/.config/idleclaw/contributor.key)",
+    )
+    who.add_argument(
+        "--name",
+        type=_contributor_name,
+        metavar="NAME",
+        help="the public name others see instead of a generated one such as amber-otter-417 "
+        "(1-64 letters, digits and . _ : / -); the router keeps it until changed",
+    )
+    who.add_argument(
+        "--print-token",
+        action="store_true",
+        help="print the consumer token derived from your key (a secret: requests carrying it "
+        "get a contributor's priority) and exit",
+    )
+    who.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="register without a key: no name, no record kept across restarts",
+    )
     logs = parser.add_argument_group("the log (stderr)")
     verbosity = logs.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -2234,6 +2321,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
         return code
 
+    if args.anonymous and (args.key_file or args.name or args.print_token):
+        return fail("--anonymous is without a key: no --key-file, --name or --print-token", 2)
+    identity = None
+    if not args.anonymous:
+        key_path = args.key_file or contributor_key.default_key_path()
+        try:
+            key, created = contributor_key.load_or_create(key_path)
+        except contributor_key.KeyFileError as exc:
+            return fail(f"{exc} (or run with --anonymous)", 2)
+        if created:
+            log.info(
+                "made a new contributor key in %s: it is your identity on the network, keep it",
+                key_path,
+                extra=event("key_created", path=str(key_path)),
+            )
+        if args.print_token:
+            print(contributor_key.token_of(key))
+            return 0
+        identity = Identity(key=key, name=args.name)
     try:
         server = config.server_from_env()
         ollama = config.ollama_host_from_env()
@@ -2278,6 +2384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ollama_version=version,
             policy=policy,
             watch=watch,
+            identity=identity,
         )
         return node.run()
     except StopRequested:

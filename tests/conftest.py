@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,12 @@ from django.core.cache import cache
 
 from nodes import worker
 from tests import procs
+
+# contribute.py keeps its contributor key in $XDG_CONFIG_HOME/idleclaw: the suite's nodes (all
+# started from this environment) share a key of their own, never the tester's.
+_CONFIG_HOME = tempfile.mkdtemp(prefix="idleclaw-test-config-")
+atexit.register(shutil.rmtree, _CONFIG_HOME, True)
+os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
 
 # Limits loose enough for tests that run many nodes and consumers on 127.0.0.1.
 ROOMY_ENV = {

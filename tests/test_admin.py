@@ -107,5 +107,6 @@ def test_the_migrations_create_the_viewer_and_operator_groups(tmp_path):
     assert all(name.startswith("view_") for name in viewer)
     assert operator - viewer == {
         "operate_nodesession", "cancel_inflightrequest", "add_nodeban", "change_nodeban",
-        "delete_nodeban",
+        "delete_nodeban", "change_contributor",
     }  # fmt: skip
+    assert {"view_contributor", "view_contributormodel"} <= viewer

@@ -41,3 +41,15 @@ def test_racing_claims_never_take_more_slots_than_a_node_has(database_url):
     assert seen["held"]["small"] <= 2 and seen["held"]["tiny"] <= 1
     winners = [r for r in seen["results"] if r != "none"]
     assert len(winners) == sum(seen["held"].values()) >= 2
+
+
+def test_contributor_records_pass_their_tests_on_postgresql(database_url):
+    # The per-request upserts of a contributor's figures are hand-written SQL too (issue 20).
+    result = subprocess.run(
+        [procs.PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "tests/nodes/test_identity.py"],
+        cwd=procs.ROOT, env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "database: postgresql" in result.stdout
+    assert " passed" in result.stdout and "skipped" not in result.stdout

@@ -1,0 +1,93 @@
+"""Contributor identity (issue 20): what the router derives from a contributor key, and the
+public names contributors go by.
+
+A contributor key is 32 random bytes that ``contribute.py`` keeps in a file and writes as 64
+lowercase hex characters. The router never stores it: it keeps the key's SHA-256 (to find the
+contributor's record again) and the SHA-256 of the consumer token derived from it (to know the
+contributor's own requests). ``contribute.py --print-token`` derives the same token, with the
+same definition; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any
+
+KEY_HEX_CHARS = 64
+KEY_HEX = re.compile(r"[0-9a-f]{64}")
+TOKEN_PREFIX = "icc_"
+TOKEN_MESSAGE = b"idleclaw consumer token"
+# The longest name, as a model name (nodes.protocol.MAX_MODEL_NAME_CHARS).
+MAX_NAME_CHARS = 64
+# What the public node list shows for a node without a key: no contributor may be called so.
+ANONYMOUS = "anonymous"
+
+ADJECTIVES = (
+    "amber", "azure", "bold", "brave", "bright", "brisk", "calm", "clever", "coral", "cosmic",
+    "crimson", "curious", "dapper", "eager", "early", "gentle", "gilded", "glad", "golden",
+    "happy", "hazel", "honest", "humble", "indigo", "ivory", "jade", "jolly", "keen", "kind",
+    "lively", "lucky", "lunar", "mellow", "merry", "mighty", "misty", "modest", "nimble",
+    "noble", "olive", "patient", "plucky", "polite", "proud", "quick", "quiet", "rapid",
+    "rosy", "russet", "sage", "scarlet", "silent", "silver", "sleepy", "snowy", "solar",
+    "spry", "steady", "sunny", "swift", "tidy", "velvet", "witty", "zesty",
+)  # fmt: skip
+ANIMALS = (
+    "badger", "beaver", "bison", "crane", "cricket", "dingo", "dolphin", "eagle", "falcon",
+    "ferret", "finch", "fox", "gecko", "gibbon", "heron", "hedgehog", "ibis", "jackal",
+    "jaguar", "koala", "lemur", "lynx", "magpie", "marmot", "marten", "mole", "moose", "newt",
+    "ocelot", "okapi", "orca", "osprey", "otter", "owl", "panda", "pelican", "penguin",
+    "puffin", "quail", "rabbit", "raven", "robin", "salmon", "seal", "shrew", "sparrow",
+    "squid", "stoat", "swan", "tapir", "tern", "tiger", "toad", "trout", "turtle", "vole",
+    "walrus", "weasel", "whale", "wombat", "wren", "yak", "zebra", "lark",
+)  # fmt: skip
+
+# Same rule as a model name (nodes.protocol.MODEL_NAME): what everyone sees must not carry
+# markup, look-alike letters or spaces.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+
+def valid_key(key: Any) -> bool:
+    """Whether ``key`` is a contributor key as written: exactly 64 lowercase hex characters."""
+    return isinstance(key, str) and len(key) == KEY_HEX_CHARS and KEY_HEX.fullmatch(key) is not None
+
+
+def key_hash(key: str) -> str:
+    """What the router stores to recognise a key: its SHA-256, in hex."""
+    return hashlib.sha256(key.encode("ascii")).hexdigest()
+
+
+def token_of(key: str) -> str:
+    """The consumer token of a key (``contribute.py --print-token``): a bearer secret that marks
+    a request as this contributor's."""
+    mac = hmac.new(bytes.fromhex(key), TOKEN_MESSAGE, hashlib.sha256).hexdigest()
+    return TOKEN_PREFIX + mac
+
+
+def token_hash(token: str) -> str:
+    """What the router stores of a consumer token, and looks a request's token up by."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a contributor's name, or None when it can: 1-64 ASCII letters,
+    digits and ``. _ : / -``, starting with a letter or digit, no ``..``, not "anonymous"."""
+    if not isinstance(name, str):
+        return "a name is text"
+    if not name or len(name) > MAX_NAME_CHARS:
+        return f"a name is 1-{MAX_NAME_CHARS} characters"
+    if NAME.fullmatch(name) is None or ".." in name:
+        return "a name is ASCII letters, digits and . _ : / - (starting with a letter or digit)"
+    if name.lower() == ANONYMOUS:
+        return f'"{ANONYMOUS}" is what nodes without a key are called'
+    return None
+
+
+def generated_name() -> str:
+    """A fresh adjective-animal-number name, e.g. ``amber-otter-417``; whether it is free is
+    the caller's business (about 3.7 million of them)."""
+    return "-".join(
+        (secrets.choice(ADJECTIVES), secrets.choice(ANIMALS), str(100 + secrets.randbelow(900)))
+    )
