@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -272,5 +273,31 @@ def test_probe_nodes_exits_with_an_error_when_the_router_cannot_be_reached(route
         assert reputations(db) == before
         assert not any(node.frames for node in nodes)
     finally:
+        for node in nodes:
+            node.close()
+
+
+def test_probe_nodes_every_runs_rounds_until_sigterm_and_then_exits_cleanly(router, tmp_path):
+    db = tmp_path / "router.sqlite3"
+    nodes = [RecordingNode(router.url, f"looped-{i}", "recorded:1b") for i in range(2)]
+    prober = procs.Proc(
+        "probe_nodes",
+        [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url, "--every", "0.5"],
+        env={"IDLECLAW_SQLITE_PATH": str(db)},
+    )
+    try:
+        procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
+        procs.wait_until(
+            lambda: sum("1 models probed" in line for line in prober.lines) >= 2,
+            what="two rounds",
+        )
+        prober.signal(signal.SIGTERM)
+        assert prober.wait(30) == 0, prober.output
+        rounds = sum("1 models probed" in line for line in prober.lines)
+        # One probe per node per round, never more.
+        assert [len(node.frames) for node in nodes] == [rounds, rounds]
+        assert all(value > 0.5 for value in reputations(db).values())
+    finally:
+        prober.stop()
         for node in nodes:
             node.close()
