@@ -37,6 +37,7 @@ from django.conf import settings
 from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
+from nodes.actions import OPERATOR_CANCELLED
 from nodes.models import NodeModel
 from nodes.protocol import EventType
 from nodes.services import live_cutoff
@@ -51,6 +52,12 @@ ANSWERED = "answered"
 BUSY = "busy"  # no free slot on the node (or consumers waiting): not sent; try again later
 FAILED = "failed"  # the node failed, fell silent or took too long
 GONE = "gone"  # no such live session, or the router is shutting down
+ABORTED = "aborted"  # ended by the router or an operator, not by the node: nobody is judged
+
+# Relay errors that are no fault of the node: a probe ended by one of them judges nobody.
+_NOT_THE_NODES = frozenset(
+    {shutdown.RESTARTING, OPERATOR_CANCELLED, "lost_chunks", "internal", "consumer_stalled"}
+)
 
 
 def probe_token() -> str:
@@ -166,7 +173,8 @@ async def probe_send(
     try:
         answer = await collect(relay.events())
     except RelayError as error:
-        return ProbeAnswer(status=FAILED, error=error.code)
+        status = ABORTED if error.code in _NOT_THE_NODES else FAILED
+        return ProbeAnswer(status=status, error=error.code)
     return ProbeAnswer(
         status=ANSWERED,
         content=answer.content,

@@ -301,3 +301,29 @@ def test_probe_nodes_every_runs_rounds_until_sigterm_and_then_exits_cleanly(rout
         prober.stop()
         for node in nodes:
             node.close()
+
+
+def test_two_probers_at_once_probe_each_node_once_per_round_they_ran(router, tmp_path):
+    db = tmp_path / "router.sqlite3"
+    nodes = [RecordingNode(router.url, f"shared-{i}", "recorded:1b") for i in range(2)]
+    try:
+        procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
+        command = [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url]
+        env = {**os.environ, "IDLECLAW_SQLITE_PATH": str(db)}
+        running = [
+            subprocess.Popen(command, cwd=procs.ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [proc.communicate(timeout=120) for proc in running]
+        assert [proc.returncode for proc in running] == [0, 0], outputs
+        probed = sum(out.count("1 models probed") for out, _ in outputs)
+        held = sum(out.count("(1 held by another prober)") for out, _ in outputs)
+        assert probed >= 1 and probed + held == 2
+        # Each round that ran sent each node exactly one probe, and judged it once.
+        assert [len(node.frames) for node in nodes] == [probed, probed]
+        expected = {1: 0.625, 2: 0.71875}[probed]
+        assert list(reputations(db).values()) == [pytest.approx(expected, abs=1e-3)] * 2
+    finally:
+        for node in nodes:
+            node.close()
