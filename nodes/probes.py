@@ -378,10 +378,18 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
     if not judged:
         return recorded
     with transaction.atomic():
+        # Contributors first, then sessions, each in id order: every prober takes its locks in
+        # the same order, so two of them judging one contributor's nodes of two models wait for
+        # each other instead of deadlocking (the contributor's update writes all its sessions).
+        owners = sorted(
+            set(
+                NodeSession.objects.filter(pk__in=judged, contributor__isnull=False)
+                .values_list("contributor_id", flat=True)
+            )
+        )
+        list(Contributor.objects.select_for_update().filter(pk__in=owners).order_by("pk"))
         sessions = list(
-            NodeSession.objects.select_for_update()
-            .filter(pk__in=judged)
-            .order_by("pk")
+            NodeSession.objects.select_for_update().filter(pk__in=judged).order_by("pk")
         )
         by_contributor: dict[int, list[NodeSession]] = {}
         for session in sessions:
