@@ -142,12 +142,17 @@ class RecordingNode:
     """A node written by hand: records each ``inference_request`` frame and answers it with a
     fixed text, so probes of two such nodes agree."""
 
-    def __init__(self, router_url: str, node_id: str, model: str) -> None:
+    def __init__(
+        self, router_url: str, node_id: str, model: str, capabilities: tuple[str, ...] = ()
+    ) -> None:
         self.ws = websocket.create_connection(
             router_url.replace("http", "ws", 1) + "/ws/node", timeout=30
         )
+        offer: dict[str, Any] = {"name": model}
+        if capabilities:
+            offer["capabilities"] = list(capabilities)
         self.ws.send(json.dumps({"type": "register", "node_id": node_id,
-                                 "models": [{"name": model}], "max_concurrent": 2}))
+                                 "models": [offer], "max_concurrent": 2}))
         assert json.loads(self.ws.recv())["type"] == "registered"
         self.frames: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -324,6 +329,26 @@ def test_two_probers_at_once_probe_each_node_once_per_round_they_ran(router, tmp
         assert [len(node.frames) for node in nodes] == [probed, probed]
         expected = {1: 0.625, 2: 0.71875}[probed]
         assert list(reputations(db).values()) == [pytest.approx(expected, abs=1e-3)] * 2
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_nodes_that_declare_thinking_and_tools_they_do_not_have_fail_those_probes(router, tmp_path):
+    db = tmp_path / "router.sqlite3"
+    declared = ("completion", "tools", "thinking")
+    nodes = [RecordingNode(router.url, f"boastful-{i}", "recorded:1b", declared) for i in range(2)]
+    try:
+        procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
+        result = probe_nodes(router, db)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # They agree with each other (the text probe), but neither thinks nor calls the tool.
+        assert "nodes passed 0, failed 2" in result.stdout
+        assert "probes passed 2, failed 4" in result.stdout
+        assert all(value < 0.5 for value in reputations(db).values())
+        frames = [frame["ollama_params"] for frame in nodes[0].frames]
+        assert any(params.get("think") is True for params in frames)
+        assert any(params.get("tools") for params in frames)
     finally:
         for node in nodes:
             node.close()
