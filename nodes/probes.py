@@ -53,7 +53,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from nodes.models import Contributor, NodeModel, NodeSession, ProbeLease
-from nodes.reputation import reputation_after
+from nodes.reputation import decayed, reputation_after
 from nodes.services import live_cutoff
 
 MAX_NODES = 5
@@ -360,22 +360,22 @@ class Tally:
 
 @dataclass
 class Recorded:
-    """What a round wrote: the new reputation of each session judged."""
+    """What a round wrote: the new reputation of each session probed."""
 
     reputations: dict[int, float] = field(default_factory=dict)
 
 
 def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None = None) -> Recorded:
     """Fold a round's verdicts (by session id) into reputations: a contributor's record when
-    the session has one (all its sessions judged in the round together, and the result copied
-    to its live sessions), else the session's own. Counters move by ``F()``; each reputation is
-    read and written under a row lock, so two probers judging the same contributor on two
-    models never lose an update."""
+    the session has one (all its sessions probed in the round together, and the result copied
+    to its live sessions), else the session's own. A session probed without a verdict (busy,
+    split, undecided, alone with its model) only decays toward neutral, so that a node left
+    below the floor with nobody to compare it to comes back in time. Counters move by ``F()``;
+    each reputation is read and written under a row lock, so two probers judging the same
+    contributor on two models never lose an update."""
     now = now or timezone.now()
-    half_life = settings.IDLECLAW_REPUTATION_HALF_LIFE_HOURS
-    judged = {sid: t for sid, t in tallies.items() if t.passed or t.failed}
     recorded = Recorded()
-    if not judged:
+    if not tallies:
         return recorded
     with transaction.atomic():
         # Contributors first, then sessions, each in id order: every prober takes its locks in
@@ -383,56 +383,31 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
         # each other instead of deadlocking (the contributor's update writes all its sessions).
         owners = sorted(
             set(
-                NodeSession.objects.filter(pk__in=judged, contributor__isnull=False)
+                NodeSession.objects.filter(pk__in=tallies, contributor__isnull=False)
                 .values_list("contributor_id", flat=True)
             )
         )
         list(Contributor.objects.select_for_update().filter(pk__in=owners).order_by("pk"))
         sessions = list(
-            NodeSession.objects.select_for_update().filter(pk__in=judged).order_by("pk")
+            NodeSession.objects.select_for_update().filter(pk__in=tallies).order_by("pk")
         )
         by_contributor: dict[int, list[NodeSession]] = {}
         for session in sessions:
             if session.contributor_id is None:
-                tally = judged[session.pk]
-                session.reputation = reputation_after(
-                    session.reputation,
-                    probed_at=session.probed_at,
-                    now=now,
-                    passed=tally.passed,
-                    failed=tally.failed,
-                    completed=session.completed,
-                    errors=session.failed + session.timed_out,
-                    cooling=_cooling(session, now),
-                    half_life_hours=half_life,
-                )
-                NodeSession.objects.filter(pk=session.pk).update(
-                    reputation=session.reputation, probed_at=now
-                )
-                recorded.reputations[session.pk] = session.reputation
+                value = _reputation(session.reputation, session.probed_at, [session], tallies, now)
+                NodeSession.objects.filter(pk=session.pk).update(reputation=value, probed_at=now)
+                recorded.reputations[session.pk] = value
             else:
                 by_contributor.setdefault(session.contributor_id, []).append(session)
         for contributor_id in sorted(by_contributor):
             own = by_contributor[contributor_id]
-            contributor = Contributor.objects.select_for_update().get(pk=contributor_id)
-            passed = sum(judged[s.pk].passed for s in own)
-            failed = sum(judged[s.pk].failed for s in own)
-            value = reputation_after(
-                contributor.reputation,
-                probed_at=contributor.probed_at,
-                now=now,
-                passed=passed,
-                failed=failed,
-                completed=sum(s.completed for s in own),
-                errors=sum(s.failed + s.timed_out for s in own),
-                cooling=any(_cooling(s, now) for s in own),
-                half_life_hours=half_life,
-            )
+            contributor = Contributor.objects.get(pk=contributor_id)
+            value = _reputation(contributor.reputation, contributor.probed_at, own, tallies, now)
             Contributor.objects.filter(pk=contributor_id).update(
                 reputation=value,
                 probed_at=now,
-                probes_passed=F("probes_passed") + passed,
-                probes_failed=F("probes_failed") + failed,
+                probes_passed=F("probes_passed") + sum(tallies[s.pk].passed for s in own),
+                probes_failed=F("probes_failed") + sum(tallies[s.pk].failed for s in own),
             )
             NodeSession.objects.filter(contributor_id=contributor_id).update(
                 reputation=value, probed_at=now
@@ -440,6 +415,32 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
             for session in own:
                 recorded.reputations[session.pk] = value
     return recorded
+
+
+def _reputation(
+    value: float,
+    probed_at: datetime | None,
+    sessions: Sequence[NodeSession],
+    tallies: Mapping[int, Tally],
+    now: datetime,
+) -> float:
+    """The next reputation of one node (or contributor, over its ``sessions``)."""
+    half_life = settings.IDLECLAW_REPUTATION_HALF_LIFE_HOURS
+    passed = sum(tallies[s.pk].passed for s in sessions)
+    failed = sum(tallies[s.pk].failed for s in sessions)
+    if not passed and not failed:
+        return decayed(value, since=probed_at, now=now, half_life_hours=half_life)
+    return reputation_after(
+        value,
+        probed_at=probed_at,
+        now=now,
+        passed=passed,
+        failed=failed,
+        completed=sum(s.completed for s in sessions),
+        errors=sum(s.failed + s.timed_out for s in sessions),
+        cooling=any(_cooling(s, now) for s in sessions),
+        half_life_hours=half_life,
+    )
 
 
 def _cooling(session: NodeSession, now: datetime) -> bool:

@@ -15,6 +15,9 @@ judged in a round (nodes/probes.py). The figures, also in the README ("Reputatio
 - **Errors in real traffic.** Once the node answered at least ``MIN_REQUESTS`` requests, its
   error rate ``e`` (failed and timed-out over all) costs like ``e / 2`` of a failed probe: a node
   failing every request loses 20 % a round even while it passes probes.
+- **No verdict.** A node probed in a round without a verdict (busy, alone with its model, a
+  split pair) only decays (``decayed``), so one left below the floor with nobody to compare it
+  to comes back above it in time (0.18 to 0.25 in about 8.5 h).
 - **Cooldown.** A node cooling down (``COOLDOWN_AFTER`` failures in a row, routing/services.py)
   when judged costs like one more failed probe.
 """

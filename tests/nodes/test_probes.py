@@ -152,13 +152,22 @@ def test_an_expired_lease_is_taken_over_and_a_kept_one_holds_until_its_time():
 @pytest.mark.django_db
 def test_an_anonymous_session_keeps_its_own_reputation(router_worker):
     node = session(router_worker, "anonymous")
-    bystander = session(router_worker, "bystander")
-    recorded = probe_results_record(tallies={node.pk: Tally(failed=1), bystander.pk: Tally()})
+    recorded = probe_results_record(tallies={node.pk: Tally(failed=1)})
     node.refresh_from_db()
-    bystander.refresh_from_db()
     assert node.reputation == pytest.approx(0.3) == recorded.reputations[node.pk]
     assert node.probed_at is not None
-    assert bystander.reputation == 0.5 and bystander.probed_at is None
+
+
+@pytest.mark.django_db
+def test_a_node_probed_without_a_verdict_only_decays_toward_neutral(router_worker):
+    day_ago = timezone.now() - timedelta(hours=24)
+    alone = session(router_worker, "alone", reputation=0.1, probed_at=day_ago, failed=50)
+    untouched = session(router_worker, "untouched", reputation=0.1, probed_at=day_ago)
+    probe_results_record(tallies={alone.pk: Tally()})
+    alone.refresh_from_db()
+    untouched.refresh_from_db()
+    assert alone.reputation == pytest.approx(0.3, abs=1e-3)
+    assert untouched.reputation == 0.1
 
 
 @pytest.mark.django_db
