@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 import requests
 
 from tests import procs
 from tests.scaleout import cluster
+
+pytestmark = [pytest.mark.scaleout, pytest.mark.e2e]
 
 MODEL = "smollm2:135m"
 
