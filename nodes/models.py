@@ -85,6 +85,9 @@ class ContributorHour(models.Model):
             models.UniqueConstraint(fields=["contributor", "hour"], name="unique_contributor_hour")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.contributor} {self.hour:%Y-%m-%d %H:00}"
+
 
 class NodeSession(models.Model):
     """A contributor node's live WebSocket connection to one router worker."""
