@@ -37,6 +37,15 @@ Reply tokens:
   after a ``tool`` message it answers ``From the web: <first line of the result>``, so a test
   can see that the result reached the model.
 
+A lying Ollama, for tests of probes (issue 20), on request and never by default:
+
+* ``answer_as`` (``--answer-as MODEL``) answers every chat and generate request as ``MODEL``
+  would: the words come from the hash of that model instead of the one asked for, so the same
+  prompt and seed get different words than an honest node of the asked model gives (a
+  mislabelled model). Everything else (validation, capabilities, lengths) is the asked model's.
+* ``garble`` (``--garble``) answers random words: the hash also takes fresh random bytes for
+  each request, so the same request never gets the same answer twice.
+
 Loaded models work as in Ollama: a request loads its model (taking ``load_delay``, shared by
 the requests that wait for the same load), which then stays ``keep_alive`` (default 5m) after
 the last request that used it; ``keep_alive: 0`` unloads it; ``/api/ps`` lists what is loaded.
@@ -56,6 +65,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import struct
@@ -459,6 +469,7 @@ def reply_for(
     num_predict: int | None = None,
     reply_tokens: int = DEFAULT_REPLY_TOKENS,
     searches: bool = False,
+    salt: bytes = b"",
 ) -> Reply:
     """Compute the emulator's reply to a chat (``messages``) or generate (``prompt``) request.
 
@@ -469,7 +480,8 @@ def reply_for(
     ``num_predict`` only truncates, so a truncated reply is a prefix of the full one.
     ``tools`` produce a call to the first tool when the last message is from the user;
     ``output_format`` (``"json"`` or a JSON schema) makes the content JSON text.
-    ``searches``: the model of a ``searches=yes`` spec (module docstring).
+    ``searches``: the model of a ``searches=yes`` spec (module docstring). ``salt`` joins the
+    hash the words are drawn from (``garble``: random bytes, so the reply is too).
     """
     if (messages is None) == (prompt is None):
         raise ValueError("pass exactly one of messages (chat) or prompt (generate)")
@@ -478,14 +490,14 @@ def reply_for(
     key = canonical_model_name(model)
     if messages is not None:
         conversation = [[str(m.get("role", "")), _message_text(m)] for m in messages]
-        seed = _digest(key, "chat", conversation)
+        seed = _digest(key, "chat", conversation) + salt
         prompt_eval_count = sum(4 + _approx_tokens(text) for _, text in conversation)
         if tools:
             prompt_eval_count += _approx_tokens(json.dumps(list(tools), sort_keys=True))
         wants_tool = bool(tools) and bool(messages) and messages[-1].get("role") == "user"
     else:
         assert prompt is not None
-        seed = _digest(key, "generate", prompt, system or "", list(context or []))
+        seed = _digest(key, "generate", prompt, system or "", list(context or [])) + salt
         prompt_eval_count = 4 + _approx_tokens(prompt) + len(context or [])
         if system:
             prompt_eval_count += 4 + _approx_tokens(system)
@@ -711,6 +723,8 @@ class OllamaEmulator:
         token_delay: float = 0.0,
         load_delay: float = 0.0,
         version: str = DEFAULT_VERSION,
+        answer_as: str | None = None,
+        garble: bool = False,
     ) -> None:
         if reply_tokens < 1:
             raise ValueError("reply_tokens must be at least 1")
@@ -723,6 +737,9 @@ class OllamaEmulator:
         self.token_delay = token_delay
         self.load_delay = load_delay
         self.version = version
+        # A lying Ollama (module docstring): never by default.
+        self.answer_as = answer_as
+        self.garble = garble
         self.url: str | None = None
         self._stats = _Stats()
         self._loaded: dict[str, int | None] = {}  # model key -> expiry (ns) or None = forever
@@ -1124,7 +1141,7 @@ class OllamaEmulator:
             raise _ApiError(400, f"{json.dumps(job.model_field)} does not support chat")
         if messages:
             job.reply = reply_for(
-                job.model.name,
+                self.answer_as or job.model.name,
                 messages=messages,
                 think=job.thinks,
                 tools=tools,
@@ -1132,6 +1149,7 @@ class OllamaEmulator:
                 num_predict=job.num_predict,
                 reply_tokens=self.reply_tokens,
                 searches=job.model.searches,
+                salt=self._salt(),
             )
         return job
 
@@ -1152,7 +1170,7 @@ class OllamaEmulator:
             raise _ApiError(400, f"{json.dumps(job.model_field)} does not support generate")
         if prompt:
             job.reply = reply_for(
-                job.model.name,
+                self.answer_as or job.model.name,
                 prompt=prompt,
                 system=system,
                 context=context,
@@ -1160,8 +1178,12 @@ class OllamaEmulator:
                 output_format=job.output_format,
                 num_predict=job.num_predict,
                 reply_tokens=self.reply_tokens,
+                salt=self._salt(),
             )
         return job
+
+    def _salt(self) -> bytes:
+        return os.urandom(16) if self.garble else b""
 
     # ----- running a generation
 
@@ -1497,6 +1519,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "replaces the default models",
     )
     parser.add_argument(
+        "--answer-as",
+        metavar="MODEL",
+        help="a mislabelled model, for tests of probes: answer every request as MODEL would",
+    )
+    parser.add_argument(
+        "--garble",
+        action="store_true",
+        help="a garbling node, for tests of probes: answer random words, never the same twice",
+    )
+    parser.add_argument(
         "--embedding-models",
         action="store_true",
         help="also serve nomic-embed-text:latest and all-minilm:latest (embeddings only)",
@@ -1516,6 +1548,8 @@ async def _serve(args: argparse.Namespace) -> None:
         token_delay=args.token_delay,
         load_delay=args.load_delay,
         version=args.version,
+        answer_as=args.answer_as,
+        garble=args.garble,
     )
     url = await emulator.start()
     stop = asyncio.Event()

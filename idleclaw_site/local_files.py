@@ -271,6 +271,25 @@ def _restrict(path: Path, failures: list[str], *, must_own: bool) -> list[str]:
     """Drop group and other bits of one file, without following a link: a one-line list saying
     what changed, or an empty one (a failure is added to ``failures``). With ``must_own``, a
     file of another user's is refused with ``ImproperlyConfigured``."""
+    # A private file of ours is left unopened. Opening and closing a SQLite file drops every
+    # POSIX lock this process holds on it (fcntl(2): locks go with any close of the file), the
+    # ones of its open connections included; another process's connection closing then takes
+    # itself for the last one and deletes the -wal and -shm files from under this process, whose
+    # later writes nobody else sees (sqlite.org/howtocorrupt.html, 2.2). That is what
+    # `manage.py probe_nodes` beside a running router met (issue 20).
+    try:
+        seen = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    except OSError:
+        seen = None
+    if (
+        seen is not None
+        and stat.S_ISREG(seen.st_mode)
+        and not stat.S_IMODE(seen.st_mode) & NOT_OWNER
+        and (not must_own or seen.st_uid == os.geteuid())
+    ):
+        return []
     try:
         # O_NOFOLLOW: a link is refused (ELOOP), never followed; O_NONBLOCK: a FIFO does not
         # wait for a writer. The change is made on the descriptor, so a file swapped after the

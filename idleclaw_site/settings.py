@@ -380,6 +380,15 @@ IDLECLAW_MAX_ATTEMPTS = envint("IDLECLAW_MAX_ATTEMPTS", 3, minimum=1)
 IDLECLAW_MAX_RESPONSE_CHARS = envint("IDLECLAW_MAX_RESPONSE_CHARS", 16_000, minimum=1)
 # A node failing 3 times in a row is not routed to for this long, then gets one trial request.
 IDLECLAW_NODE_COOLDOWN = envfloat("IDLECLAW_NODE_COOLDOWN", 30.0, minimum=0.0)
+# Reputation (0 to 1, neutral 0.5; README "Reputation and probes"): a node below the floor gets
+# no consumer traffic until it passes probes again (`manage.py probe_nodes`); reputation decays
+# toward 0.5 with this half-life.
+IDLECLAW_REPUTATION_FLOOR = envfloat("IDLECLAW_REPUTATION_FLOOR", 0.25, minimum=0.0)
+if IDLECLAW_REPUTATION_FLOOR > 1:
+    raise ImproperlyConfigured("IDLECLAW_REPUTATION_FLOOR must be at most 1")
+IDLECLAW_REPUTATION_HALF_LIFE_HOURS = envfloat(
+    "IDLECLAW_REPUTATION_HALF_LIFE_HOURS", 24.0, minimum=0.01
+)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
 # Embeddings (/v1/embeddings, /ollama/api/embed): most inputs in one request (a node takes at

@@ -110,6 +110,9 @@ class NodeSession(models.Model):
     # The contributor's reputation (or, anonymous, this session's own), 0 to 1: routing skips
     # the node below IDLECLAW_REPUTATION_FLOOR.
     reputation = models.FloatField(default=0.5, db_default=0.5)
+    # When probes last judged this session (``manage.py probe_nodes``): an anonymous node's
+    # reputation decays toward neutral from here (a contributor's from ``Contributor.probed_at``).
+    probed_at = models.DateTimeField(null=True, blank=True)
     # Extensions the node said it accepts from the router in ``register.features``
     # (docs/node-protocol-extensions.md); a router sends a node nothing else.
     features = models.JSONField(default=list, blank=True)
@@ -165,6 +168,19 @@ class NodeModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ProbeLease(models.Model):
+    """One model's probe round, held by one ``probe_nodes`` process until ``expires_at``: two
+    probers on different hosts never probe the same model at once (and never count one round
+    twice). A row, not the cache: the embedded cache is per process."""
+
+    model = models.CharField(max_length=64, primary_key=True)
+    holder = models.CharField(max_length=64)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.model
 
 
 class NodeBan(models.Model):

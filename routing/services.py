@@ -182,6 +182,7 @@ SELECT * FROM (
     WHERE m.name = %(model)s AND m.id {bound} %(start)s
       AND NOT s.draining AND s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
       {{feature}}
+      {{pin}}
       {fits}
       AND (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) < s.max_concurrent
       AND (s.consecutive_failures < %(cooldown_after)s
@@ -216,15 +217,26 @@ LIMIT %(limit)s
 # holds known names only (nodes.protocol.NODE_FEATURES), so a match on the quoted name is exact;
 # CAST makes it text on SQLite and PostgreSQL (jsonb) alike.
 _FEATURE_PREDICATE = "AND CAST(s.features AS TEXT) LIKE %(feature)s"
+# Consumer traffic goes only to nodes at or above the reputation floor (README "Reputation and
+# probes"); a probe is pinned to the one session it was sent for, whatever its reputation, so
+# that a node below the floor can pass probes again.
+_FLOOR_PREDICATE = "AND s.reputation >= %(floor)s"
+_PIN_PREDICATE = "AND s.id = %(session)s"
 
 
 def _with_feature(template: str, feature: str | None) -> str:
     return template.replace("{feature}", _FEATURE_PREDICATE if feature else "")
 
 
-_CANDIDATES_SQL = _with_feature(_CANDIDATES_TEMPLATE, None)
+def _with_pin(template: str, pinned: bool) -> str:
+    return template.replace("{pin}", _PIN_PREDICATE if pinned else _FLOOR_PREDICATE)
+
+
+_CANDIDATES_SQL = _with_pin(_with_feature(_CANDIDATES_TEMPLATE, None), False)
 # Requests that need an extension of the node: embeddings.
-_FEATURE_CANDIDATES_SQL = _with_feature(_CANDIDATES_TEMPLATE, "feature")
+_FEATURE_CANDIDATES_SQL = _with_pin(_with_feature(_CANDIDATES_TEMPLATE, "feature"), False)
+# A probe (routing/probes.py): one given session.
+_PINNED_CANDIDATES_SQL = _with_pin(_with_feature(_CANDIDATES_TEMPLATE, None), True)
 
 
 def _feature_pattern(feature: str) -> str:
@@ -250,6 +262,7 @@ def _candidates(
     arrived_at: datetime,
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
+    session: int | None = None,
 ) -> list[_Candidate]:
     """Live nodes with a free slot whose caps take ``demand``, best first: the least loaded,
     then the most reliable, then those whose Ollama has the model loaded (the others would load
@@ -259,7 +272,8 @@ def _candidates(
     node so that the trial really happens.
     None at all while a request for the model that arrived before ``arrived_at`` waits in the
     queue (``own`` is the caller's own place in it, if any). With ``feature``, only nodes that
-    declared that extension.
+    declared that extension. A node below ``IDLECLAW_REPUTATION_FLOOR`` gets none, except a
+    probe's: with ``session``, only that session is a candidate, whatever its reputation.
 
     The choice is among the free nodes of two windows of at most ``WINDOW`` rows each, read
     from a random point of the model's rows and from its first row, so it costs about the same
@@ -290,9 +304,13 @@ def _candidates(
         "limit": CANDIDATES + len(exclude),
         "num_ctx": demand.num_ctx,
         "num_predict": demand.num_predict,
+        "floor": settings.IDLECLAW_REPUTATION_FLOOR,
     }
     sql = _CANDIDATES_SQL
-    if feature is not None:
+    if session is not None:
+        sql = _PINNED_CANDIDATES_SQL
+        params["session"] = session
+    elif feature is not None:
         sql = _FEATURE_CANDIDATES_SQL
         params["feature"] = _feature_pattern(feature)
     found = _rows(sql, params)
@@ -328,6 +346,7 @@ SELECT s.id FROM {T.session} s
 JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
 JOIN {T.worker} w ON w.worker_id = s.worker_id
 WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+  AND s.reputation >= %(floor)s
   {{feature}}
   {{fits}}
 LIMIT %(limit)s
@@ -343,6 +362,7 @@ FROM {T.session} s
 JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s
 JOIN {T.worker} w ON w.worker_id = s.worker_id
 WHERE s.last_seen >= %(node_cutoff)s AND w.last_seen >= %(worker_cutoff)s
+  AND s.reputation >= %(floor)s
 """)
 _SERVED_SQL = _with_feature(_SERVED_TEMPLATE, None)
 _FEATURE_SERVED_SQL = _with_feature(_SERVED_TEMPLATE, "feature")
@@ -352,9 +372,11 @@ def _served(
     model: str, now: datetime, demand: Demand, limit: int, feature: str | None = None
 ) -> list[int]:
     """Up to ``limit`` live sessions serving ``model`` whose caps take ``demand`` (and that
-    declared ``feature``), busy, draining or cooling down alike."""
+    declared ``feature``), busy, draining or cooling down alike; not those below the reputation
+    floor, which serve no consumer."""
     params: dict[str, object] = {
         "model": model,
+        "floor": settings.IDLECLAW_REPUTATION_FLOOR,
         "node_cutoff": _at(live_cutoff(now)),
         "worker_cutoff": _at(worker_cutoff(now)),
         "limit": limit,
@@ -376,6 +398,7 @@ def _over_limit(model: str, now: datetime, demand: Demand) -> OverLimit | None:
         "model": model,
         "node_cutoff": _at(live_cutoff(now)),
         "worker_cutoff": _at(worker_cutoff(now)),
+        "floor": settings.IDLECLAW_REPUTATION_FLOOR,
     }
     nodes, max_ctx, max_predict, unbounded_ctx, unbounded_predict = _rows(_LIMITS_SQL, params)[0]
     if not nodes:
@@ -398,6 +421,7 @@ def inflight_claim(
     exclude: Collection[int] = (),
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
+    session: int | None = None,
 ) -> Claim | NoSlot:
     """Take a free slot on the best live node serving ``model`` whose caps take ``demand``
     (and, with ``feature``, that declared that extension: a node serving the model without it
@@ -409,12 +433,24 @@ def inflight_claim(
     is locked while its slots are counted, so two workers never both take the last slot;
     SQLite runs one writer at a time anyway. A request whose ``demand`` no live node serving
     the model takes gets ``NoSlot(served=False, over=...)`` at once, even while others wait.
+
+    ``session`` pins the claim to that one session (a probe, routing/probes.py): the same
+    checks (live, not draining, a free slot, no older request waiting for the model), but not
+    the reputation floor. Without a slot there it is ``NoSlot(served=False)``: no other node
+    will do.
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         own = queued_as or ""
         candidates = _candidates(
-            model, exclude, now, own=own, arrived_at=arrived_at, feature=feature, demand=demand
+            model,
+            exclude,
+            now,
+            own=own,
+            arrived_at=arrived_at,
+            feature=feature,
+            demand=demand,
+            session=session,
         )
         for tried, candidate in enumerate(candidates):
             max_concurrent = candidate.max_concurrent
@@ -448,6 +484,8 @@ def inflight_claim(
                 node_channel=candidate.channel_name,
                 node_id=candidate.node_id,
             )
+        if session is not None:
+            return NoSlot(served=False)
         if demand:
             over = _over_limit(model, now, demand)
             if over is not None:

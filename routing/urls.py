@@ -17,6 +17,8 @@ urlpatterns = [
     # The network's own API (PROTOCOL §2)
     path("api/chat", views.chat, name="chat"),
     path("health", views.health, name="health"),
+    # For `manage.py probe_nodes` only: 404 without its token (routing/probes.py)
+    path("api/internal/probe", views.internal_probe, name="internal-probe"),
     path("api/models", views.models, name="models"),
     path("api/network/nodes", views.network_nodes, name="network-nodes"),
     # Prometheus, for operators (token-guarded; README "Operate")

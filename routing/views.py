@@ -14,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 from idleclaw_site import shutdown
 from idleclaw_site.db import db
 from nodes import worker
-from routing import metrics, ollama_api, openai_api, selectors
+from routing import metrics, ollama_api, openai_api, probes, selectors
 from routing.embeddings import embed
 from routing.limits import rate_limited, request_ip
 from routing.services import OverLimit
@@ -535,6 +535,29 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
     if isinstance(exception, RequestDataTooBig):
         return error_for_path(request.path, 413, "request body is too large")
     return error_for_path(request.path, 400, "bad request")
+
+
+@csrf_exempt
+async def internal_probe(request: HttpRequest) -> HttpResponse:
+    """``POST /api/internal/probe?session=ID``: send the OpenAI-shaped body to that one node as
+    a probe and answer with what it said (routing/probes.py). 404 without the probe token."""
+    if not probes.probe_authorized(request.headers.get("Authorization")):
+        return not_found(request)
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    session = request.GET.get("session", "")
+    if not session.isascii() or not session.isdigit() or len(session) > 18 or int(session) < 1:
+        return detail(400, "session: the id of a live node session is required")
+    try:
+        completion = openai_api.parse_completion_request(request.body)
+    except BadRequest as error:
+        return detail(error.status, error.detail)
+    answer = await probes.probe_send(
+        session_id=int(session), model=completion.model, ollama_params=completion.ollama_params
+    )
+    response = JsonResponse(answer.as_json())
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

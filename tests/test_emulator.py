@@ -808,3 +808,21 @@ async def test_models_can_be_pulled_and_removed_through_the_control_endpoint() -
     assert [(m.model, m.size) for m in listed.models] == [("second:7b", 7000)]
     assert running.models == []  # the removed model was unloaded
     assert gone.value.status_code == 404
+
+
+def test_a_lying_emulator_answers_as_another_model_or_at_random_and_never_by_default() -> None:
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def replies(**kwargs: object) -> list[str]:
+        emulator = OllamaEmulator(**kwargs)  # type: ignore[arg-type]
+        return ["".join(emulator.expected_reply("/api/chat", body).content) for _ in range(2)]
+
+    honest = asyncio.run(replies())
+    assert honest[0] == honest[1] == "".join(
+        reply_for("smollm2:135m", messages=body["messages"]).content
+    )
+    mislabelled = asyncio.run(replies(answer_as="llama3.2:3b"))
+    assert mislabelled[0] == mislabelled[1] != honest[0]
+    assert mislabelled[0] == "".join(reply_for("llama3.2:3b", messages=body["messages"]).content)
+    garbled = asyncio.run(replies(garble=True))
+    assert garbled[0] != garbled[1] and honest[0] not in garbled

@@ -425,3 +425,42 @@ def test_demand_is_read_from_positive_number_options_only():
     assert Demand.of({"num_ctx": 4096.2, "num_predict": -1}) == Demand(num_ctx=4097)
     assert Demand.of({"num_predict": True, "num_ctx": "8192"}) == Demand()
     assert Demand.of({"num_ctx": 1e300}).num_ctx == MAX_DEMAND
+
+
+def test_a_node_below_the_reputation_floor_gets_no_consumer_request(router_worker, settings):
+    settings.IDLECLAW_REPUTATION_FLOOR = 0.25
+    make_node(router_worker, "distrusted", reputation=0.2)
+    make_node(router_worker, "trusted", reputation=0.25)
+    assert {claim().node_id for _ in range(2)} == {"trusted"}
+    assert claim() is None
+
+
+def test_a_model_served_only_below_the_floor_counts_as_not_served(router_worker, settings):
+    settings.IDLECLAW_REPUTATION_FLOOR = 0.25
+    make_node(router_worker, "distrusted", reputation=0.1)
+    result = inflight_claim(
+        model="llama3.2:3b",
+        request_id=uuid.uuid4().hex,
+        reply_channel="reply",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+    )
+    assert result == NoSlot(served=False)
+
+
+def test_a_pinned_claim_takes_that_session_only_whatever_its_reputation(router_worker):
+    distrusted = make_node(router_worker, "distrusted", reputation=0.0, max_concurrent=1)
+    make_node(router_worker, "free")
+    assert claim(session=distrusted.pk).node_id == "distrusted"
+    # No free slot there: no other node will do.
+    assert claim(session=distrusted.pk) is None
+    assert InflightRequest.objects.filter(session__node_id="free").count() == 0
+
+
+def test_a_pinned_claim_does_not_overtake_waiting_consumers(router_worker):
+    node = make_node(router_worker, "node")
+    QueuedRequest.objects.create(
+        request_id="waiting", model="llama3.2:3b", reply_channel="r", worker_id="w1",
+        arrived_at=timezone.now() - timedelta(seconds=1),
+    )
+    assert claim(session=node.pk) is None

@@ -1,0 +1,196 @@
+"""``manage.py probe_nodes``: probe the live nodes of each model and update their reputation
+(issue 20; README "Reputation and probes"; what is sent and how it is judged: nodes/probes.py).
+
+Runs one round and prints a summary, or with ``--every SECONDS`` a round every so often until
+SIGTERM or SIGINT. It reads the nodes from the router's database and sends each probe through
+the router (``POST /api/internal/probe``, routing/probes.py), whose token it derives from the
+same ``SECRET_KEY``. Several probers, on one host or many, may run at once: a model is probed by
+one of them at a time (``nodes.probes.probe_lease_take``). Never prints a prompt or an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from nodes import probes
+from nodes.probes import BUSY, FAIL, PASS, SPLIT, UNDECIDED, Tally, Target
+from routing.probes import ANSWERED, FAILED, probe_token
+
+DEFAULT_ROUTER = "http://127.0.0.1:8000"
+# The most of an answer read from the router: it caps answers far below this
+# (IDLECLAW_MAX_RESPONSE_CHARS).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+# A looping prober keeps each model it probed for this share of its interval.
+KEEP_SHARE = 0.9
+
+
+class RouterUnreachable(Exception):
+    pass
+
+
+class RouterClient:
+    """``POST /api/internal/probe`` on one router."""
+
+    def __init__(self, url: str, token: str, timeout: float) -> None:
+        self.url = url.rstrip("/") + "/api/internal/probe"
+        self.token = token
+        self.timeout = timeout
+
+    def probe(self, session_id: int, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The router's answer for one probe; None when it could not take it (a bad request,
+        its own error). Raises ``RouterUnreachable``."""
+        request = urllib.request.Request(
+            f"{self.url}?{urllib.parse.urlencode({'session': session_id})}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read(MAX_ANSWER_BYTES))
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                raise RouterUnreachable(
+                    f"{self.url} answered 404: not an IdleClaw router, or one with another "
+                    "SECRET_KEY (the probe token derives from it)"
+                ) from None
+            return None
+        except (urllib.error.URLError, OSError) as error:
+            raise RouterUnreachable(f"{self.url}: {error}") from None
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) else None
+
+
+class Command(BaseCommand):
+    help = (
+        "Send the live nodes of each model probes that look like ordinary requests, compare "
+        "their answers and update their reputation. One round, or one every --every seconds."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--router",
+            default=os.environ.get("IDLECLAW_ROUTER_URL") or DEFAULT_ROUTER,
+            help="the router's base URL (default: $IDLECLAW_ROUTER_URL, else "
+            f"{DEFAULT_ROUTER})",
+        )
+        parser.add_argument(
+            "--every", type=float, default=None, metavar="SECONDS",
+            help="run a round every SECONDS until SIGTERM or SIGINT",
+        )
+        parser.add_argument("--model", default=None, help="probe only this model")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        every = options["every"]
+        if every is not None and not every > 0:
+            raise CommandError("--every must be a positive number of seconds")
+        self.stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+        self.rng = random.SystemRandom()
+        self.holder = probes.lease_holder()
+        timeout = settings.IDLECLAW_RESPONSE_TIMEOUT + 30
+        self.client = RouterClient(options["router"], probe_token(), timeout)
+        self.every = every
+        while True:
+            started = time.monotonic()
+            try:
+                self._round(options["model"])
+            except RouterUnreachable as error:
+                if every is None:
+                    raise CommandError(f"the router could not be reached: {error}") from None
+                self.stderr.write(f"the router could not be reached: {error}")
+            if every is None or self.stop.wait(max(0.0, every - (time.monotonic() - started))):
+                break
+
+    def _round(self, only: str | None) -> None:
+        counts: Counter[str] = Counter()
+        nodes: dict[int, Tally] = {}
+        for model in probes.probe_models(only=only):
+            if self.stop.is_set():
+                break
+            # The lease outlives the longest round on a model: three probes in turn.
+            seconds = 3 * self.client.timeout + 60
+            if not probes.probe_lease_take(model=model, holder=self.holder, seconds=seconds):
+                counts["held elsewhere"] += 1
+                continue
+            keep_until = None
+            if self.every is not None:
+                keep_until = timezone.now() + timedelta(seconds=KEEP_SHARE * self.every)
+            try:
+                tallies = self._probe_model(model, counts)
+                probes.probe_results_record(tallies=tallies)
+            finally:
+                probes.probe_lease_end(model=model, holder=self.holder, keep_until=keep_until)
+            counts["models"] += 1
+            nodes.update(tallies)
+        judged = [t for t in nodes.values() if t.passed or t.failed]
+        self.stdout.write(
+            f"probe round: {counts['models']} models probed"
+            f" ({counts['held elsewhere']} held by another prober);"
+            f" nodes passed {sum(1 for t in judged if not t.failed)},"
+            f" failed {sum(1 for t in judged if t.failed)};"
+            f" probes passed {counts[PASS]}, failed {counts[FAIL]}, split {counts[SPLIT]},"
+            f" undecided {counts[UNDECIDED]}, busy {counts[BUSY]}"
+        )
+
+    def _probe_model(self, model: str, counts: Counter[str]) -> dict[int, Tally]:
+        targets = probes.probe_targets(model=model, rng=self.rng)
+        tallies = {target.session_id: Tally() for target in targets}
+
+        def judge(verdicts: dict[int, str]) -> None:
+            for session_id, verdict in verdicts.items():
+                counts[verdict] += 1
+                tallies[session_id].add(verdict)
+
+        if len(targets) >= 2:
+            answers = self._send(targets, probes.text_probe(model, self.rng))
+            judge(
+                probes.verdicts(
+                    {sid: (a["content"] if a else None) for sid, a in answers.items()}
+                )
+            )
+            counts[BUSY] += len(targets) - len(answers)
+        thinkers = [t for t in targets if "thinking" in t.capabilities]
+        if thinkers:
+            answers = self._send(thinkers, probes.thinking_probe(model, self.rng))
+            judge({sid: probes.thinking_verdict(a) for sid, a in answers.items()})
+        tool_users = [t for t in targets if "tools" in t.capabilities]
+        if tool_users:
+            body = probes.tool_probe(model, self.rng)
+            offered = [tool["function"]["name"] for tool in body["tools"]]
+            answers = self._send(tool_users, body)
+            judge({sid: probes.tool_verdict(a, offered) for sid, a in answers.items()})
+        return tallies
+
+    def _send(self, targets: list[Target], body: dict[str, Any]) -> dict[int, dict | None]:
+        """The same probe to each target at once: its answer, None when it failed; nodes that
+        were busy (or gone, or the router could not take the probe) are left out."""
+        with ThreadPoolExecutor(len(targets)) as pool:
+            replies = list(pool.map(lambda t: self.client.probe(t.session_id, body), targets))
+        answers: dict[int, dict | None] = {}
+        for target, reply in zip(targets, replies, strict=True):
+            if reply is None:
+                continue
+            if reply.get("status") == ANSWERED:
+                answers[target.session_id] = reply
+            elif reply.get("status") == FAILED:
+                answers[target.session_id] = None
+        return answers

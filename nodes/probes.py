@@ -1,0 +1,447 @@
+"""Probes that cannot be told from traffic (issue 20): what ``manage.py probe_nodes`` sends, how
+it judges the answers, and what it writes.
+
+**What is sent.** An ordinary request, as an OpenAI client sends it to ``/v1/chat/completions``:
+one of ``PROMPTS`` (a few dozen everyday questions of varied length, no marker of any kind),
+sometimes after a short system message as API users write them, with ``temperature: 0``, a
+``seed`` drawn per probe and ``max_tokens`` drawn from ``MAX_TOKENS``. Real requests carry these
+fields too (routing/openai_api.py maps them to Ollama's ``options`` the same way), and the
+router sends a probe through the consumer's own relay (routing/probes.py), so the node sees
+nothing a consumer's request of the same shape would not show it.
+
+**How answers are judged.** Every live node of a model (at most ``MAX_NODES``, drawn at random
+when there are more) gets the same probe. Two answers agree when the similarity of their words
+(``similarity``: difflib's ``SequenceMatcher`` ratio over the lower-cased words, the first
+``MAX_COMPARE_WORDS`` of each) is at least ``AGREE_AT`` (0.5). Temperature 0 with one seed is
+deterministic on one machine, but different hardware or quantization may drift after a while;
+a drift shares a long prefix and most of its words, so it stays above 0.5, while an answer from
+another model, or random words, shares almost none (well under 0.2).
+
+- With three or more answers, a node that disagrees with the majority fails (the majority is
+  the largest group that agrees with one answer, if it holds more than half of them); with no
+  majority nobody is judged.
+- With two answers that agree, both pass; two that disagree cannot tell who is wrong, so
+  neither is judged (``SPLIT``, counted in the summary).
+- A node that answers with an error, or not at all, fails. One whose slots are all taken is
+  skipped this round (``BUSY``).
+
+**Capabilities.** A node declaring ``thinking`` for the model is asked with
+``reasoning_effort`` (Ollama's ``think: true``) and must think; one declaring ``tools`` is
+offered a tool and asked to use it, and must answer with a call to it whose arguments are an
+object.
+
+Results go to ``nodes.reputation.reputation_after``: on the contributor's record when the node
+has one (and copied to its live sessions), else on the session.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random
+import re
+import socket
+import uuid
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from nodes.models import Contributor, NodeModel, NodeSession, ProbeLease
+from nodes.reputation import decayed, reputation_after
+from nodes.services import live_cutoff
+
+MAX_NODES = 5
+AGREE_AT = 0.5
+MAX_COMPARE_WORDS = 2000
+# Answer lengths as API clients ask for them.
+MAX_TOKENS = (96, 128, 160, 200, 256)
+
+PASS = "pass"
+FAIL = "fail"
+SPLIT = "split"  # two answers that disagree: neither is judged
+UNDECIDED = "undecided"  # nothing to compare with, or no majority
+BUSY = "busy"  # not sent: no free slot
+
+PROMPTS = (
+    "What is the capital of Australia?",
+    "Give me three tips for sleeping better.",
+    "How do I boil an egg so the yolk stays soft?",
+    "Explain what a prime number is to a ten-year-old.",
+    "Write a short haiku about autumn rain.",
+    "What's the difference between weather and climate?",
+    "Can you suggest a name for a small bakery in a seaside town?",
+    "How many minutes are there in a week?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What are the main ingredients of a classic pancake batter?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Why is the sky blue?",
+    "What is a good way to start learning to play the guitar?",
+    "Write a polite email declining a meeting invitation for Friday.",
+    "List five fruits that are high in vitamin C.",
+    "How does a refrigerator keep food cold?",
+    "What does HTTP stand for, and what is it used for?",
+    "Give me a simple recipe for tomato soup.",
+    "What is the difference between a list and a tuple in Python?",
+    "How far is the Moon from the Earth, roughly?",
+    "Suggest a weekend itinerary for two days in Lisbon.",
+    "What are some easy houseplants for beginners?",
+    "Explain compound interest with a small example.",
+    "Write a limerick about a cat who loves boxes.",
+    "How can I make my morning routine more productive?",
+    "What causes the seasons on Earth?",
+    "Describe the water cycle in a few sentences.",
+    "What should I pack for a three-day hiking trip?",
+    "I have eggs, spinach and cheese. What can I cook for dinner?",
+    "Explain the rules of chess for the knight piece.",
+    "What is photosynthesis?",
+    "How do vaccines help the immune system?",
+    "Write a two-line birthday message for a coworker.",
+    "What are the pros and cons of working from home?",
+    "My tomato plants have yellow leaves at the bottom. What could be wrong, and what can I "
+    "do about it this week? They get about six hours of sun and I water them every evening.",
+    "I'm writing a short story about a lighthouse keeper who finds a message in a bottle. "
+    "Can you suggest how the story could open, in one paragraph?",
+    "We are planning a team lunch for twelve people with two vegetarians and one person who "
+    "cannot eat gluten. What kind of food could we order so everyone is happy?",
+    "Compare trains and planes for a 600 km trip in Europe, considering time, cost and "
+    "comfort.",
+)
+
+SYSTEM_MESSAGES = (
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer briefly.",
+    "You are a friendly assistant that answers clearly.",
+)
+
+TOOL_PROBES = (
+    (
+        "What's the weather like in Oslo right now?",
+        {
+            "name": "get_weather",
+            "description": "Get the current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city name"}},
+                "required": ["city"],
+            },
+        },
+    ),
+    (
+        "How much is 250 euros in US dollars today?",
+        {
+            "name": "convert_currency",
+            "description": "Convert an amount between two currencies at today's rate",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "amount": {"type": "number"},
+                    "source": {"type": "string", "description": "ISO code, e.g. EUR"},
+                    "target": {"type": "string", "description": "ISO code, e.g. USD"},
+                },
+                "required": ["amount", "source", "target"],
+            },
+        },
+    ),
+    (
+        "What time is it in Tokyo?",
+        {
+            "name": "get_local_time",
+            "description": "Get the current local time in a time zone",
+            "parameters": {
+                "type": "object",
+                "properties": {"timezone": {"type": "string", "description": "IANA name"}},
+                "required": ["timezone"],
+            },
+        },
+    ),
+)
+
+THINKING_PROMPTS = (
+    "A train leaves at 9:40 and the trip takes 2 hours 35 minutes. When does it arrive?",
+    "If I have 3 boxes with 7 apples each and give away 5 apples, how many are left?",
+    "Which is larger, 0.7 or 0.65? Explain briefly.",
+)
+
+
+# --- What is sent ---------------------------------------------------------------------------
+
+
+def text_probe(model: str, rng: random.Random) -> dict[str, Any]:
+    """An OpenAI ``chat/completions`` body: an ordinary prompt, temperature 0, a seed."""
+    messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
+    if rng.random() < 0.3:
+        messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_MESSAGES)})
+    return _body(model, messages, rng)
+
+
+def thinking_probe(model: str, rng: random.Random) -> dict[str, Any]:
+    body = _body(model, [{"role": "user", "content": rng.choice(THINKING_PROMPTS)}], rng)
+    body["reasoning_effort"] = "medium"  # as the chat page asks a thinking model
+    return body
+
+
+def tool_probe(model: str, rng: random.Random) -> dict[str, Any]:
+    prompt, function = rng.choice(TOOL_PROBES)
+    body = _body(model, [{"role": "user", "content": prompt}], rng)
+    body["tools"] = [{"type": "function", "function": function}]
+    return body
+
+
+def _body(model: str, messages: list[dict[str, str]], rng: random.Random) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": rng.choice(MAX_TOKENS),
+        "temperature": 0,
+        "seed": rng.randrange(1, 2**31),
+        "stream": True,
+    }
+
+
+# --- How answers are judged -----------------------------------------------------------------
+
+_WORD = re.compile(r"\w+")
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())[:MAX_COMPARE_WORDS]
+
+
+def similarity(first: str, second: str) -> float:
+    """How alike two answers are, 0 to 1: difflib's ratio over their lower-cased words (the
+    first ``MAX_COMPARE_WORDS``; quadratic at worst, so bounded). Two empty answers are alike."""
+    a, b = words_of(first), words_of(second)
+    if not a and not b:
+        return 1.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def verdicts(answers: Mapping[K, str | None]) -> dict[K, str]:
+    """Each node's verdict on one probe, from what it answered (None: an error or nothing);
+    see the module docstring."""
+    result: dict[K, str] = {key: FAIL for key, text in answers.items() if text is None}
+    given = [(key, text) for key, text in answers.items() if text is not None]
+    if len(given) < 2:
+        result.update((key, UNDECIDED) for key, _ in given)
+        return result
+    agree = {
+        (i, j): similarity(given[i][1], given[j][1]) >= AGREE_AT
+        for i in range(len(given))
+        for j in range(i + 1, len(given))
+    }
+
+    def agrees(i: int, j: int) -> bool:
+        return i == j or agree[(min(i, j), max(i, j))]
+
+    if len(given) == 2:
+        verdict = PASS if agrees(0, 1) else SPLIT
+        result.update((key, verdict) for key, _ in given)
+        return result
+    groups = [sum(agrees(i, j) for j in range(len(given))) for i in range(len(given))]
+    anchor = max(range(len(given)), key=lambda i: groups[i])
+    if groups[anchor] * 2 <= len(given):
+        result.update((key, UNDECIDED) for key, _ in given)
+        return result
+    for i, (key, _) in enumerate(given):
+        result[key] = PASS if agrees(i, anchor) else FAIL
+    return result
+
+
+def thinking_verdict(answer: Mapping[str, Any] | None) -> str:
+    """A node declaring ``thinking``, asked to think, must think."""
+    if answer is None:
+        return FAIL
+    return PASS if str(answer.get("thinking") or "").strip() else FAIL
+
+
+def tool_verdict(answer: Mapping[str, Any] | None, offered: Sequence[str]) -> str:
+    """A node declaring ``tools``, offered one and asked to use it, must call it well-formed."""
+    if answer is None:
+        return FAIL
+    calls = answer.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        return FAIL
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or function.get("name") not in offered:
+            return FAIL
+        if not isinstance(function.get("arguments"), dict):
+            return FAIL
+    return PASS
+
+
+# --- What is read and written ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A live node serving the model under probe."""
+
+    session_id: int
+    capabilities: tuple[str, ...]
+
+
+def probe_models(*, only: str | None = None) -> list[str]:
+    """The models live nodes serve (or just ``only``), in name order."""
+    rows = NodeModel.objects.filter(
+        session__last_seen__gte=live_cutoff(), session__draining=False
+    )
+    if only is not None:
+        rows = rows.filter(name=only)
+    return sorted(set(rows.values_list("name", flat=True)))
+
+
+def probe_targets(*, model: str, rng: random.Random) -> list[Target]:
+    """Up to ``MAX_NODES`` live sessions serving ``model``, drawn at random."""
+    rows = list(
+        NodeModel.objects.filter(
+            name=model, session__last_seen__gte=live_cutoff(), session__draining=False
+        ).values_list("session_id", "capabilities")
+    )
+    rng.shuffle(rows)
+    return [
+        Target(session_id=session, capabilities=tuple(caps if isinstance(caps, list) else ()))
+        for session, caps in rows[:MAX_NODES]
+    ]
+
+
+def lease_holder() -> str:
+    """This prober's name on the leases it takes."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def probe_lease_take(*, model: str, holder: str, seconds: float) -> bool:
+    """Take the model's probe lease for ``seconds``; False while another prober holds it."""
+    now = timezone.now()
+    with transaction.atomic():
+        ProbeLease.objects.filter(model=model, expires_at__lt=now).delete()
+        try:
+            with transaction.atomic():
+                ProbeLease.objects.create(
+                    model=model, holder=holder, expires_at=now + timedelta(seconds=seconds)
+                )
+        except IntegrityError:
+            return False
+    return True
+
+
+def probe_lease_end(*, model: str, holder: str, keep_until: datetime | None = None) -> None:
+    """Give the lease back, or with ``keep_until`` keep it until then (a looping prober keeps
+    a model for most of its interval, so another prober does not probe it again meanwhile)."""
+    leases = ProbeLease.objects.filter(model=model, holder=holder)
+    if keep_until is not None and keep_until > timezone.now():
+        leases.update(expires_at=keep_until)
+    else:
+        leases.delete()
+
+
+@dataclass
+class Tally:
+    """A node's verdicts in one round."""
+
+    passed: int = 0
+    failed: int = 0
+
+    def add(self, verdict: str) -> None:
+        if verdict == PASS:
+            self.passed += 1
+        elif verdict == FAIL:
+            self.failed += 1
+
+
+@dataclass
+class Recorded:
+    """What a round wrote: the new reputation of each session probed."""
+
+    reputations: dict[int, float] = field(default_factory=dict)
+
+
+def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None = None) -> Recorded:
+    """Fold a round's verdicts (by session id) into reputations: a contributor's record when
+    the session has one (all its sessions probed in the round together, and the result copied
+    to its live sessions), else the session's own. A session probed without a verdict (busy,
+    split, undecided, alone with its model) only decays toward neutral, so that a node left
+    below the floor with nobody to compare it to comes back in time. Counters move by ``F()``;
+    each reputation is read and written under a row lock, so two probers judging the same
+    contributor on two models never lose an update."""
+    now = now or timezone.now()
+    recorded = Recorded()
+    if not tallies:
+        return recorded
+    with transaction.atomic():
+        # Contributors first, then sessions, each in id order: every prober takes its locks in
+        # the same order, so two of them judging one contributor's nodes of two models wait for
+        # each other instead of deadlocking (the contributor's update writes all its sessions).
+        owners = sorted(
+            set(
+                NodeSession.objects.filter(pk__in=tallies, contributor__isnull=False)
+                .values_list("contributor_id", flat=True)
+            )
+        )
+        list(Contributor.objects.select_for_update().filter(pk__in=owners).order_by("pk"))
+        sessions = list(
+            NodeSession.objects.select_for_update().filter(pk__in=tallies).order_by("pk")
+        )
+        by_contributor: dict[int, list[NodeSession]] = {}
+        for session in sessions:
+            if session.contributor_id is None:
+                value = _reputation(session.reputation, session.probed_at, [session], tallies, now)
+                NodeSession.objects.filter(pk=session.pk).update(reputation=value, probed_at=now)
+                recorded.reputations[session.pk] = value
+            else:
+                by_contributor.setdefault(session.contributor_id, []).append(session)
+        for contributor_id in sorted(by_contributor):
+            own = by_contributor[contributor_id]
+            contributor = Contributor.objects.get(pk=contributor_id)
+            value = _reputation(contributor.reputation, contributor.probed_at, own, tallies, now)
+            Contributor.objects.filter(pk=contributor_id).update(
+                reputation=value,
+                probed_at=now,
+                probes_passed=F("probes_passed") + sum(tallies[s.pk].passed for s in own),
+                probes_failed=F("probes_failed") + sum(tallies[s.pk].failed for s in own),
+            )
+            NodeSession.objects.filter(contributor_id=contributor_id).update(
+                reputation=value, probed_at=now
+            )
+            for session in own:
+                recorded.reputations[session.pk] = value
+    return recorded
+
+
+def _reputation(
+    value: float,
+    probed_at: datetime | None,
+    sessions: Sequence[NodeSession],
+    tallies: Mapping[int, Tally],
+    now: datetime,
+) -> float:
+    """The next reputation of one node (or contributor, over its ``sessions``)."""
+    half_life = settings.IDLECLAW_REPUTATION_HALF_LIFE_HOURS
+    passed = sum(tallies[s.pk].passed for s in sessions)
+    failed = sum(tallies[s.pk].failed for s in sessions)
+    if not passed and not failed:
+        return decayed(value, since=probed_at, now=now, half_life_hours=half_life)
+    return reputation_after(
+        value,
+        probed_at=probed_at,
+        now=now,
+        passed=passed,
+        failed=failed,
+        completed=sum(s.completed for s in sessions),
+        errors=sum(s.failed + s.timed_out for s in sessions),
+        cooling=any(_cooling(s, now) for s in sessions),
+        half_life_hours=half_life,
+    )
+
+
+def _cooling(session: NodeSession, now: datetime) -> bool:
+    return session.cooldown_until is not None and session.cooldown_until > now
