@@ -192,6 +192,13 @@ def start_router(db_path: Path, env: dict[str, str] | None = None) -> tuple[Proc
 
 
 def start_contributor(server: str, ollama: str, *args: str) -> Proc:
+    """The real ``contribute.py``. Unless ``args`` choose a key (``--key-file``) or none
+    (``--anonymous``), each one is a contributor of its own, as nodes on different machines
+    are: a fresh key file, so no test's reputation or record leaks into another's."""
+    if "--key-file" not in args and "--anonymous" not in args:
+        folder = Path(tempfile.mkdtemp(prefix="idleclaw-key-"))
+        atexit.register(shutil.rmtree, folder, True)
+        args = (*args, "--key-file", str(folder / "contributor.key"))
     return Proc(
         "contribute.py",
         [PYTHON, "skill_scripts/contribute.py", *args],

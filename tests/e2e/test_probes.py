@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import threading
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -57,7 +59,12 @@ def start_node(stack: ExitStack, router_url: str, *emulator_args: str) -> tuple[
     """An emulator and a real contributor in front of it: (node id, emulator URL)."""
     emulator, emulator_url = procs.start_emulator(*emulator_args)
     stack.callback(emulator.stop)
-    node = procs.start_contributor(router_url, emulator_url, "--max-concurrent", "2")
+    # A key of its own: nodes of one key are one contributor, with one reputation.
+    keys = Path(tempfile.mkdtemp(prefix="idleclaw-probe-key-"))
+    stack.callback(shutil.rmtree, keys, True)
+    node = procs.start_contributor(
+        router_url, emulator_url, "--max-concurrent", "2", "--key-file", str(keys / "key")
+    )
     stack.callback(node.stop)
     node_id = node.wait_for_line(r"registered with \S+ as node (\S+):").group(1)
     return node_id, emulator_url
