@@ -21,12 +21,14 @@ REQUESTS = "/admin/routing/inflightrequest/"
 TOKEN = "metrics-token-for-tests-0123456789"
 
 _groups = importlib.import_module("routing.migrations.0005_ops_staff_groups")
+_key_groups = importlib.import_module("routing.migrations.0007_fairness_consumer_stream")
 
 
 def staff_user(name: str, group: str) -> User:
     """A staff member in the "viewer" or "operator" group, as the data migration makes them
     (transactional tests flush the groups away; they are filled in again here)."""
     _groups.fill_groups(apps)
+    _key_groups.fill_groups(apps)
     user = User.objects.create_user(name, password="unused", is_staff=True)
     user.groups.add(Group.objects.get(name=group))
     return user
