@@ -272,6 +272,24 @@ def _restrict(path: Path, failures: list[str], *, must_own: bool) -> list[str]:
     what changed, or an empty one (a failure is added to ``failures``). With ``must_own``, a
     file of another user's is refused with ``ImproperlyConfigured``."""
     try:
+        seen = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    except OSError:
+        pass  # the open below says why
+    else:
+        if (
+            stat.S_ISREG(seen.st_mode)
+            and not stat.S_IMODE(seen.st_mode) & NOT_OWNER
+            and (not must_own or seen.st_uid == os.geteuid())
+        ):
+            # Already private: no descriptor is opened. Closing one would drop every POSIX lock
+            # this process holds on the file (fcntl(2)), SQLite's locks of the process's other
+            # connections on the database and its -wal and -shm among them; another process
+            # closing its own connection would then take itself for the last one, checkpoint
+            # and remove the WAL under them, and this process would stop seeing its writes.
+            return []
+    try:
         # O_NOFOLLOW: a link is refused (ELOOP), never followed; O_NONBLOCK: a FIFO does not
         # wait for a writer. The change is made on the descriptor, so a file swapped after the
         # check is not the one changed.
