@@ -123,12 +123,13 @@ def network(tmp_path_factory):
 
 
 class Ask(threading.Thread):
-    """One streamed /api/chat as a consumer makes it; the label goes on ``served`` when its
-    first token arrives (one slot: the order of first tokens is the order of service)."""
+    """One streamed /api/chat as a consumer makes it, to ``router`` (anything with the router's
+    ``url``); the label goes on ``served`` when its first token arrives (one slot: the order of
+    first tokens is the order of service)."""
 
-    def __init__(self, network: Network, label: str, served: list[str], **headers: str) -> None:
+    def __init__(self, router: Any, label: str, served: list[str], **headers: str) -> None:
         super().__init__(daemon=True)
-        self.network, self.label, self.served = network, label, served
+        self.router, self.label, self.served = router, label, served
         self.headers = headers
         self.status: int | None = None
         self.positions: list[int] = []
@@ -138,7 +139,7 @@ class Ask(threading.Thread):
     def run(self) -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": self.label}]}
         with requests.post(
-            f"{self.network.url}/api/chat",
+            f"{self.router.url}/api/chat",
             json=body,
             headers=self.headers,
             stream=True,
