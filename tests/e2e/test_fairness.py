@@ -244,9 +244,7 @@ def chat_body(prompt: str = "hi", **extra: Any) -> dict[str, Any]:
 )
 def test_an_unknown_idleclaw_token_is_refused_in_each_apis_own_shape(network, path, body, shape):
     for token in ("icc_" + "ab" * 32, "ick_" + "cd" * 24, "ick_not-even-hex"):
-        reply = requests.post(
-            f"{network.url}{path}", json=body, headers=bearer(token), timeout=10
-        )
+        reply = requests.post(f"{network.url}{path}", json=body, headers=bearer(token), timeout=10)
         assert reply.status_code == 401, reply.text
         answer = reply.json()
         for key in shape.split("."):
@@ -279,9 +277,7 @@ def test_the_official_clients_work_with_a_dummy_key_and_with_a_consumer_key(netw
         ollama.Client(host=f"{network.url}/ollama", headers=bearer(key))
     ) as client:
         assert client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}]).message
-    unknown = openai.OpenAI(
-        base_url=f"{network.url}/v1", api_key="ick_" + "0" * 48, max_retries=0
-    )
+    unknown = openai.OpenAI(base_url=f"{network.url}/v1", api_key="ick_" + "0" * 48, max_retries=0)
     with contextlib.closing(unknown), pytest.raises(openai.AuthenticationError):
         unknown.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
 

@@ -184,7 +184,10 @@ def test_a_consumer_key_has_its_own_limits_and_priority(settings):
     row, key = consumer_key(rate_per_minute=7, priority=2)
     found = consumer_resolve(token=key, client_ip="10.0.0.1")
     assert (found.id, found.rate, found.max_concurrent, found.priority) == (
-        f"key:{row.pk}", "7/m", 3, 2
+        f"key:{row.pk}",
+        "7/m",
+        3,
+        2,
     )
 
 
