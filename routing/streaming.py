@@ -289,6 +289,14 @@ class Relay:
             return Unavailable(model=self.model, served=True, queue_full=True)
         self.queued = True
         self.turn = turn
+        # Its turn may put it ahead of a request already woken for a slot that just freed,
+        # whose claim then gives way to this one: this one tries at once instead of waiting
+        # for the next wake-up.
+        result = await self._try_claim()
+        if result is None:
+            return None
+        if not result.served:
+            return Unavailable(model=self.model, served=False)
         until = min(self.queue_deadline, self.loop.time() + hold)
         while self.loop.time() < until:
             await self._wait_for_wake(until)
@@ -454,6 +462,7 @@ class Relay:
             raise RelayError("queue_timeout")
         self.queued = True
         self.turn = turn
+        await self._try_claim()  # as in ``_first_slot``: it may be first now
 
     async def _attempt(self) -> AsyncIterator[ToolStatus | list[dict[str, Any]]]:
         """Serve the request on the claimed node. Raises ``_Failover`` when the node fails
