@@ -295,6 +295,12 @@ IDLECLAW_RATE_NODE_REGISTER = envrate("IDLECLAW_RATE_NODE_REGISTER", "5/m")
 IDLECLAW_RATE_CHAT = envrate("IDLECLAW_RATE_CHAT", "20/m")
 IDLECLAW_RATE_DEFAULT = envrate("IDLECLAW_RATE_DEFAULT", "60/m")
 IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = envint("IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP", 3, minimum=1)
+# Priority for contributors (issue 20, README "Fair queues and priority"): a request with a
+# contributor's token gets one step of priority per this many tokens its nodes served in the last
+# 24 hours (at least 1 for any), up to the maximum; its chat rate and concurrent-request limit are
+# the anonymous ones times (1 + priority / 2).
+IDLECLAW_PRIORITY_TOKENS = envint("IDLECLAW_PRIORITY_TOKENS", 2000, minimum=1)
+IDLECLAW_PRIORITY_MAX = envint("IDLECLAW_PRIORITY_MAX", 10, minimum=0)
 # Reverse proxies whose X-Forwarded-For is believed (comma-separated CIDRs); none by default.
 IDLECLAW_TRUSTED_PROXIES = envlist("IDLECLAW_TRUSTED_PROXIES", [])
 for _cidr in IDLECLAW_TRUSTED_PROXIES:

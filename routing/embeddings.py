@@ -24,7 +24,8 @@ from typing import Any
 from django.conf import settings
 
 from nodes.protocol import EMBED_STAT_KEYS, EventType, Feature
-from routing import metrics
+from routing import identity, metrics
+from routing.identity import Consumer
 from routing.services import Demand, Outcome, OverLimit
 from routing.streaming import (
     Queued,
@@ -63,10 +64,12 @@ class EmbedRelay(Relay):
         model: str,
         embed_params: dict[str, Any],
         client_ip: str | None = None,
+        consumer: Consumer | None = None,
         api: str = metrics.API_OPENAI,
     ) -> None:
         self.model = model
         self.client_ip = client_ip
+        self.consumer = consumer or identity.anonymous(client_ip)
         self.params = embed_params
         # Counted once when it ends, as chat requests are (routing/metrics.py).
         self.tally = metrics.RequestTally(model=model, api=api, client_ip=client_ip)
@@ -157,12 +160,19 @@ def _add(vectors: list[list[float]], piece: dict[str, Any]) -> None:
 
 
 async def embed(
-    *, model: str, embed_params: dict[str, Any], client_ip: str | None, api: str
+    *,
+    model: str,
+    embed_params: dict[str, Any],
+    client_ip: str | None,
+    api: str,
+    consumer: Consumer | None = None,
 ) -> Embeddings | Unavailable | TooMany | OverLimit:
     """Embed ``embed_params["input"]`` with ``model`` on a node that declared the extension.
     Returns why it cannot start (404/503/429 for the front ends) or the whole answer; raises
     ``RelayError`` when every attempt failed."""
-    relay = EmbedRelay(model=model, embed_params=embed_params, client_ip=client_ip, api=api)
+    relay = EmbedRelay(
+        model=model, embed_params=embed_params, client_ip=client_ip, consumer=consumer, api=api
+    )
     refusal = await relay.start(hold=settings.IDLECLAW_QUEUE_TIMEOUT)
     if refusal is not None:
         return refusal

@@ -1,5 +1,7 @@
-"""Per-address limits for consumers: request rates on the shared cache (django-ratelimit) and
-concurrent requests in the database."""
+"""Per-consumer limits: request rates on the shared cache (django-ratelimit) and concurrent
+requests in the database. A chat or embedding request is counted against its consumer
+(``routing.identity``: a consumer key, a contributor, else its address); everything else
+against its address."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
+from idleclaw_site.db import db
 from idleclaw_site.net import client_ip
-from routing import metrics
+from routing import identity, metrics
+from routing.identity import Consumer, UnknownToken
 
 View = Callable[..., Awaitable[HttpResponse]]
 
@@ -21,9 +25,9 @@ def request_ip(request: HttpRequest) -> str | None:
     return client_ip(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
 
 
-def _usage(group: str, rate: str, ip: str | None) -> dict | None:
+def _usage(group: str, rate: str, who: str | None) -> dict | None:
     return get_usage(
-        None, group=group, key=lambda group, request: ip or "unknown", rate=rate, increment=True
+        None, group=group, key=lambda group, request: who or "unknown", rate=rate, increment=True
     )
 
 
@@ -31,33 +35,70 @@ def _cache_in_process() -> bool:
     return settings.CACHES["default"]["BACKEND"].endswith(".LocMemCache")
 
 
+async def _counted(group: str, rate: str, who: str | None) -> dict | None:
+    if _cache_in_process():
+        return _usage(group, rate, who)  # a dict lookup: no I/O
+    # Redis: not on the event loop, and not queued behind the ORM.
+    return await sync_to_async(_usage, thread_sensitive=False)(group, rate, who)
+
+
+def _too_many(request: HttpRequest, group: str, rate: str, usage: dict) -> HttpResponse:
+    from routing.views import error_for_path
+
+    metrics.rate_limited(group)
+    retry_after = max(1, int(usage["time_left"]))
+    response = error_for_path(
+        request.path, 429, f"rate limit exceeded ({rate}); retry in {retry_after} s"
+    )
+    response["Retry-After"] = str(retry_after)
+    return response
+
+
+async def consumer_of(request: HttpRequest) -> Consumer | None:
+    """Who sent ``request`` (``routing.identity``); None when it carries an IdleClaw token that
+    names no active key or contributor. Anonymous requests cost no database read."""
+    ip = request_ip(request)
+    token = identity.bearer_of(request)
+    if token is None:
+        return identity.anonymous(ip)
+    try:
+        return await db(identity.consumer_resolve)(token=token, client_ip=ip)
+    except UnknownToken:
+        return None
+
+
 def rate_limited(group: str) -> Callable[[View], View]:
     """Count each call against the client's ``chat`` or ``default`` rate; over it, answer 429
-    with ``Retry-After`` in the API's own error shape."""
+    with ``Retry-After`` in the API's own error shape.
+
+    ``chat`` (every chat and embedding endpoint) first finds out who the consumer is
+    (``consumer_of``), counts the call against that consumer's own rate and leaves it on
+    ``request.consumer`` for the view; a token that names nobody is a 401 (counted against the
+    address, so guessing costs the guesser)."""
 
     def decorate(view: View) -> View:
         @functools.wraps(view)
         async def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
             from routing.views import error_for_path
 
-            rate = (
-                settings.IDLECLAW_RATE_CHAT if group == "chat" else settings.IDLECLAW_RATE_DEFAULT
-            )
-            if _cache_in_process():
-                usage = _usage(group, rate, request_ip(request))  # a dict lookup: no I/O
-            else:
-                # Redis: not on the event loop, and not queued behind the ORM.
-                usage = await sync_to_async(_usage, thread_sensitive=False)(
-                    group, rate, request_ip(request)
-                )
+            if group != "chat":
+                rate = settings.IDLECLAW_RATE_DEFAULT
+                usage = await _counted(group, rate, request_ip(request))
+                if usage is not None and usage["should_limit"]:
+                    return _too_many(request, group, rate, usage)
+                return await view(request, *args, **kwargs)
+            consumer = await consumer_of(request)
+            if consumer is None:
+                rate = settings.IDLECLAW_RATE_CHAT
+                usage = await _counted(group, rate, f"ip:{request_ip(request)}")
+                if usage is not None and usage["should_limit"]:
+                    return _too_many(request, group, rate, usage)
+                metrics.rate_limited("unknown_key")
+                return error_for_path(request.path, 401, UnknownToken.message)
+            usage = await _counted(group, consumer.rate, consumer.id or None)
             if usage is not None and usage["should_limit"]:
-                metrics.rate_limited(group)
-                retry_after = max(1, int(usage["time_left"]))
-                response = error_for_path(
-                    request.path, 429, f"rate limit exceeded ({rate}); retry in {retry_after} s"
-                )
-                response["Retry-After"] = str(retry_after)
-                return response
+                return _too_many(request, group, consumer.rate, usage)
+            request.consumer = consumer  # type: ignore[attr-defined]
             return await view(request, *args, **kwargs)
 
         # API views take no cookies, so CSRF has nothing to protect; exempting them lets a wrong

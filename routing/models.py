@@ -33,8 +33,9 @@ class InflightRequest(models.Model):
 
 
 class QueuedRequest(models.Model):
-    """A consumer's request waiting for a free slot. The queue is per model and first in, first
-    out across all workers: ``arrived_at`` (then ``request_id``) orders it."""
+    """A consumer's request waiting for a free slot. The queue is per model and fair across all
+    workers: priority, then round-robin across consumers (``turn``), then ``arrived_at`` (then
+    ``request_id``) order it (``routing.services``)."""
 
     request_id = models.CharField(max_length=64, primary_key=True)
     model = models.CharField(max_length=64, db_index=True)
@@ -80,10 +81,15 @@ class ConsumerKey(models.Model):
 
 class ConsumerStream(models.Model):
     """A consumer's request from the moment it is accepted until its answer ends (queued, in
-    flight, or between failover attempts): counts concurrent requests per client address."""
+    flight, or between failover attempts): counts concurrent requests per consumer."""
 
     request_id = models.CharField(max_length=64, primary_key=True)
     client_ip = models.GenericIPAddressField(null=True, blank=True, db_index=True)
+    # Whose request it is (``routing.identity.Consumer.id``): ``key:<id>``,
+    # ``contributor:<id>`` or ``ip:<address>``; what the concurrent-request limit counts.
+    consumer = models.CharField(
+        max_length=80, blank=True, default="", db_default="", db_index=True
+    )
     worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="consumers")
     started_at = models.DateTimeField()
 

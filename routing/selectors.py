@@ -104,15 +104,25 @@ def network_health() -> dict[str, int]:
 
 
 def queue_position(*, request_id: str) -> int:
-    """1 for the next request to be served; 0 when the request is no longer queued."""
+    """1 for the next request to be served; 0 when the request is no longer queued. Counts the
+    requests ordered ahead of this one in the queue's fair order (``QueuedRequest.Meta``):
+    what the consumer cannot overtake, not everything that arrived before it."""
     from routing.models import QueuedRequest
 
-    row = QueuedRequest.objects.filter(request_id=request_id).values("model", "arrived_at").first()
+    row = (
+        QueuedRequest.objects.filter(request_id=request_id)
+        .values("model", "priority", "turn", "arrived_at")
+        .first()
+    )
     if row is None:
         return 0
-    ahead = QueuedRequest.objects.filter(model=row["model"]).filter(
+    same_turn = Q(turn=row["turn"]) & (
         Q(arrived_at__lt=row["arrived_at"])
         | Q(arrived_at=row["arrived_at"], request_id__lt=request_id)
+    )
+    same_priority = Q(priority=row["priority"]) & (Q(turn__lt=row["turn"]) | same_turn)
+    ahead = QueuedRequest.objects.filter(model=row["model"]).filter(
+        Q(priority__gt=row["priority"]) | same_priority
     )
     return ahead.count() + 1
 

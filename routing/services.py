@@ -1,9 +1,10 @@
 """Claiming and releasing node slots, and the per-model queue for when none is free.
 
 A slot is an ``InflightRequest`` row; a node's load is the count of its rows, so there is no
-counter to drift. A waiting request is a ``QueuedRequest`` row; a claim is refused while an
-older request for the same model still waits, which makes the queue first in, first out across
-every worker.
+counter to drift. A waiting request is a ``QueuedRequest`` row; a claim is refused while a
+request ordered ahead of it for the same model still waits, which makes the queue's order hold
+across every worker. The order is fair (issue 20): higher priority first, then round-robin
+across consumers (each request's ``turn``), then arrival.
 
 The statements that run for every consumer request (admitting it, ending it) are hand-written
 SQL: Django compiles each ORM query afresh, which cost about 2 ms of the single database thread
@@ -152,14 +153,33 @@ def _rows(sql: str, params: dict[str, object]) -> list[tuple]:
         return cursor.fetchall()
 
 
-# A request for the model that arrived before this one and still waits in the queue (``own`` is
-# this request's own place in it, if any): while there is one, this request may not claim.
-_OLDER_WAITING = """
-SELECT 1 FROM {T.queued} q
-WHERE q.model = %(model)s AND q.request_id <> %(own)s
-  AND (q.arrived_at < %(arrived_at)s
-       OR (q.arrived_at = %(arrived_at)s AND q.request_id < %(own)s))
-"""
+# Whether queued request ``o`` is ordered ahead of ``q`` in their model's queue: higher
+# priority first, then the lower turn (round-robin across consumers), then the earlier arrival,
+# then the request id. The same order as ``QueuedRequest.Meta.ordering``.
+_AHEAD = """(o.priority > q.priority
+      OR (o.priority = q.priority
+          AND (o.turn < q.turn
+               OR (o.turn = q.turn
+                   AND (o.arrived_at < q.arrived_at
+                        OR (o.arrived_at = q.arrived_at AND o.request_id < q.request_id))))))"""
+
+# A request for the model ordered ahead of this one that still waits in the queue (``own`` is
+# this request's own place in it, if any; one not queued has the last turn of its priority):
+# while there is one, this request may not claim.
+_OLDER_WAITING = (
+    """
+SELECT 1 FROM {T.queued} o
+WHERE o.model = %(model)s AND o.request_id <> %(own)s
+  AND """
+    + _AHEAD.replace("q.priority", "%(priority)s")
+    .replace("q.turn", "%(turn)s")
+    .replace("q.arrived_at", "%(arrived_at)s")
+    .replace("q.request_id", "%(own)s")
+    + "\n"
+)
+
+# The turn of a request that has not joined the queue: after every queued one of its priority.
+LAST_TURN = 2**31 - 1
 
 # A node whose caps (``register.limits``) take the request's demand; a demand of 0 (the option
 # not set) fits every node.
@@ -260,6 +280,8 @@ def _candidates(
     *,
     own: str,
     arrived_at: datetime,
+    priority: int = 0,
+    turn: int = LAST_TURN,
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
     session: int | None = None,
@@ -270,10 +292,11 @@ def _candidates(
     docs/node-protocol-extensions.md), then the fastest. A cooled-down node is skipped; once its
     cooldown is over it gets one trial request at a time until it succeeds, ranked like a fresh
     node so that the trial really happens.
-    None at all while a request for the model that arrived before ``arrived_at`` waits in the
-    queue (``own`` is the caller's own place in it, if any). With ``feature``, only nodes that
-    declared that extension. A node below ``IDLECLAW_REPUTATION_FLOOR`` gets none, except a
-    probe's: with ``session``, only that session is a candidate, whatever its reputation.
+    None at all while a request for the model ordered ahead of the caller waits in the queue
+    (``own`` is the caller's own place in it, if any, with its ``priority``, ``turn`` and
+    ``arrived_at``). With ``feature``, only nodes that declared that extension. A node below
+    ``IDLECLAW_REPUTATION_FLOOR`` gets none, except a probe's: with ``session``, only that
+    session is a candidate, whatever its reputation.
 
     The choice is among the free nodes of two windows of at most ``WINDOW`` rows each, read
     from a random point of the model's rows and from its first row, so it costs about the same
@@ -300,6 +323,8 @@ def _candidates(
         "loaded_after": _at(now if settings.IDLECLAW_PREFER_LOADED_NODES else LOADED_FOREVER),
         "own": own,
         "arrived_at": _at(arrived_at),
+        "priority": priority,
+        "turn": turn,
         # Sessions this request already failed on are dropped here rather than in SQL.
         "limit": CANDIDATES + len(exclude),
         "num_ctx": demand.num_ctx,
@@ -418,6 +443,8 @@ def inflight_claim(
     worker_id: str,
     arrived_at: datetime,
     queued_as: str | None = None,
+    priority: int = 0,
+    turn: int = LAST_TURN,
     exclude: Collection[int] = (),
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
@@ -427,8 +454,11 @@ def inflight_claim(
     (and, with ``feature``, that declared that extension: a node serving the model without it
     does not serve the request).
 
-    ``arrived_at`` is when the consumer's request arrived: a claim is refused while an older
-    request for the model waits in the queue (``queued_as`` is the caller's own queue row).
+    ``arrived_at`` is when the consumer's request arrived, ``priority`` its consumer's priority
+    and ``turn`` its turn in the queue (``LAST_TURN`` before it joined): a claim is refused while
+    a request for the model ordered ahead of it waits in the queue (``queued_as`` is the
+    caller's own queue row). A request of higher priority than every waiting one may claim at
+    once.
     ``exclude`` lists sessions that already failed this request. On PostgreSQL the node's row
     is locked while its slots are counted, so two workers never both take the last slot;
     SQLite runs one writer at a time anyway. A request whose ``demand`` no live node serving
@@ -448,6 +478,8 @@ def inflight_claim(
             now,
             own=own,
             arrived_at=arrived_at,
+            priority=priority,
+            turn=turn,
             feature=feature,
             demand=demand,
             session=session,
@@ -491,7 +523,14 @@ def inflight_claim(
             if over is not None:
                 return NoSlot(served=False, over=over)
         waiting = _rows(
-            _OLDER_WAITING_SQL, {"model": model, "own": own, "arrived_at": _at(arrived_at)}
+            _OLDER_WAITING_SQL,
+            {
+                "model": model,
+                "own": own,
+                "arrived_at": _at(arrived_at),
+                "priority": priority,
+                "turn": turn,
+            },
         )
         if waiting:
             return NoSlot(served=True, blocked=True)
@@ -646,39 +685,71 @@ def _record(session_id: int, model: str, outcome: Outcome) -> None:
         )
 
 
+_TURNS_SQL = _sql("""
+SELECT MIN(turn), MAX(CASE WHEN consumer = %(consumer)s THEN turn END)
+FROM {T.queued} WHERE model = %(model)s
+""")
+
+
 def queue_join(
-    *, request_id: str, model: str, reply_channel: str, worker_id: str, arrived_at: datetime
-) -> bool:
-    """Put a request in its model's queue; False when the queue is full."""
+    *,
+    request_id: str,
+    model: str,
+    reply_channel: str,
+    worker_id: str,
+    arrived_at: datetime,
+    consumer: str = "",
+    priority: int = 0,
+    resume: bool = False,
+) -> int | None:
+    """Put a request in its model's queue and return its turn; None when the queue is full.
+
+    Turns make the queue round-robin across consumers: a request's turn is one after its
+    consumer's last queued one, and never below the lowest turn still waiting (the round being
+    served), so a consumer arriving late neither waits behind all of another's backlog nor
+    jumps ahead of it by more than a round. ``resume``: the request already had a node that
+    failed it; it takes the current round's turn, ahead of its consumer's later requests.
+    """
     with transaction.atomic():
         serialize_on(f"queue:{model}")
         if QueuedRequest.objects.filter(model=model).count() >= settings.IDLECLAW_MAX_QUEUE:
-            return False
+            return None
+        lowest, last = _rows(_TURNS_SQL, {"model": model, "consumer": consumer})[0]
+        current = lowest if lowest is not None else 0
+        if resume or last is None:
+            turn = current
+        else:
+            turn = max(current, last + 1)
         QueuedRequest.objects.create(
             request_id=request_id,
             model=model,
             reply_channel=reply_channel,
             worker_id=worker_id,
             arrived_at=arrived_at,
+            consumer=consumer,
+            priority=priority,
+            turn=turn,
         )
-    return True
+    return turn
 
 
-_HEADS_SQL = _sql("""
+_HEADS_SQL = _sql(
+    """
 SELECT q.reply_channel FROM {T.queued} q
 WHERE q.model IN ({{models}})
   AND NOT EXISTS (
       SELECT 1 FROM {T.queued} o
-      WHERE o.model = q.model
-        AND (o.arrived_at < q.arrived_at
-             OR (o.arrived_at = q.arrived_at AND o.request_id < q.request_id))
+      WHERE o.model = q.model AND """
+    + _AHEAD
+    + """
   )
-""")
+"""
+)
 
 
 def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
-    """Reply channels of the oldest waiting request of each model (given, or served by the
-    session): the only ones allowed to claim next. One query."""
+    """Reply channels of the first waiting request of each model (given, or served by the
+    session) in the queue's fair order: the only ones allowed to claim next. One query."""
     if session_id is not None:
         which = _sql("SELECT name FROM {T.model} WHERE session_id = %(session)s")
         params: dict[str, object] = {"session": session_id}
@@ -700,24 +771,43 @@ def serialize_on(key: str) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
 
 
-def consumer_stream_open(*, request_id: str, client_ip: str | None, worker_id: str) -> bool:
-    """Count a consumer's request against its address; False when the address already has
-    ``IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP`` requests open."""
+def consumer_stream_open(
+    *,
+    request_id: str,
+    client_ip: str | None,
+    worker_id: str,
+    consumer: str | None = None,
+    limit: int | None = None,
+) -> bool:
+    """Count a request against its consumer (``routing.identity``; by default its address);
+    False when the consumer already has ``limit`` requests open (by default
+    ``IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP``). A request whose consumer is unknown (no address)
+    is not limited."""
+    if consumer is None:
+        consumer = f"ip:{client_ip}" if client_ip else ""
+    if limit is None:
+        limit = settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP
     with transaction.atomic(savepoint=False):
-        if client_ip is not None:
-            serialize_on(f"consumer:{client_ip}")
+        if consumer:
+            serialize_on(f"consumer:{consumer}")
             open_now = _rows(
-                _sql("SELECT COUNT(*) FROM {T.stream} WHERE client_ip = %(ip)s"),
-                {"ip": client_ip},
+                _sql("SELECT COUNT(*) FROM {T.stream} WHERE consumer = %(consumer)s"),
+                {"consumer": consumer},
             )[0][0]
-            if open_now >= settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP:
+            if open_now >= limit:
                 return False
         _run(
             _sql(
-                "INSERT INTO {T.stream} (request_id, client_ip, worker_id, started_at)"
-                " VALUES (%(id)s, %(ip)s, %(worker)s, %(now)s)"
+                "INSERT INTO {T.stream} (request_id, client_ip, consumer, worker_id, started_at)"
+                " VALUES (%(id)s, %(ip)s, %(consumer)s, %(worker)s, %(now)s)"
             ),
-            {"id": request_id, "ip": client_ip, "worker": worker_id, "now": _at(timezone.now())},
+            {
+                "id": request_id,
+                "ip": client_ip,
+                "consumer": consumer,
+                "worker": worker_id,
+                "now": _at(timezone.now()),
+            },
         )
     return True
 
@@ -731,16 +821,23 @@ def request_admit(
     attempt_id: str,
     reply_channel: str,
     arrived_at: datetime,
+    consumer: str | None = None,
+    max_concurrent: int | None = None,
+    priority: int = 0,
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
 ) -> Claim | NoSlot | None:
-    """A consumer's request arrives: count it against its address and try for a slot, in one
-    trip to the database thread. None when the address has too many requests open. ``feature``:
-    the extension the node must have declared, ``demand``: what the request asks of a node's
-    caps (``inflight_claim``)."""
+    """A consumer's request arrives: count it against its consumer (``consumer_stream_open``)
+    and try for a slot, in one trip to the database thread. None when the consumer has too many
+    requests open. ``priority``: its consumer's; ``feature``: the extension the node must have
+    declared, ``demand``: what the request asks of a node's caps (``inflight_claim``)."""
     with transaction.atomic():
         if not consumer_stream_open(
-            request_id=request_id, client_ip=client_ip, worker_id=worker_id
+            request_id=request_id,
+            client_ip=client_ip,
+            worker_id=worker_id,
+            consumer=consumer,
+            limit=max_concurrent,
         ):
             return None
         return inflight_claim(
@@ -749,6 +846,7 @@ def request_admit(
             reply_channel=reply_channel,
             worker_id=worker_id,
             arrived_at=arrived_at,
+            priority=priority,
             feature=feature,
             demand=demand,
         )

@@ -29,7 +29,8 @@ from idleclaw_site.db import db
 from nodes import actions, worker
 from nodes.actions import OPERATOR_CANCELLED
 from nodes.protocol import STAT_KEYS, EventType
-from routing import metrics, selectors, services
+from routing import identity, metrics, selectors, services
+from routing.identity import Consumer
 from routing.sanitize import ChunkSanitizer
 from routing.services import Claim, Demand, NoSlot, Outcome, OverLimit
 from routing.tool_calls import ToolPolicy
@@ -154,11 +155,14 @@ class Relay:
         model: str,
         ollama_params: dict[str, Any],
         client_ip: str | None = None,
+        consumer: Consumer | None = None,
         tool_status: bool = False,
         api: str = metrics.API_CHAT,
     ) -> None:
         self.model = model
         self.client_ip = client_ip
+        # Who asked (``routing.identity``): its limits, priority and turns in the queue.
+        self.consumer = consumer or identity.anonymous(client_ip)
         # What the request did, counted once when it ends (routing/metrics.py).
         self.tally = metrics.RequestTally(model=model, api=api, client_ip=client_ip)
         # The router's own tools this request may be offered, judged on the consumer's request
@@ -206,6 +210,9 @@ class Relay:
         self.loop = asyncio.get_running_loop()
         self.claim: Claim | None = None
         self.queued = False
+        # The request's turn in its model's queue (``services.queue_join``); the last one until
+        # it joins.
+        self.turn = services.LAST_TURN
         self.tried: set[int] = set()
         self.attempts = 0
         self.layer: BaseChannelLayer | None = None
@@ -234,13 +241,16 @@ class Relay:
             attempt_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             arrived_at=self.arrived_at,
+            consumer=self.consumer.id,
+            max_concurrent=self.consumer.max_concurrent,
+            priority=self.consumer.priority,
             feature=self.feature,
             demand=self.demand,
         )
         if admitted is None:
             metrics.rate_limited("concurrent_requests")
             metrics.request_refused(model=self.model, api=self.tally.api)
-            return TooMany(limit=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP)
+            return TooMany(limit=self.consumer.max_concurrent)
         self.counted = True
         if isinstance(admitted, Claim):
             self.claim = admitted
@@ -266,16 +276,27 @@ class Relay:
         """No slot was free on arrival: join the queue and wait up to ``hold``."""
         if not result.served:
             return Unavailable(model=self.model, served=False)
-        joined = await db(services.queue_join)(
+        turn = await db(services.queue_join)(
             request_id=self.queue_id,
             model=self.model,
             reply_channel=self.reply_channel,
             worker_id=worker.WORKER_ID,
             arrived_at=self.arrived_at,
+            consumer=self.consumer.id,
+            priority=self.consumer.priority,
         )
-        if not joined:
+        if turn is None:
             return Unavailable(model=self.model, served=True, queue_full=True)
         self.queued = True
+        self.turn = turn
+        # Its turn may put it ahead of a request already woken for a slot that just freed,
+        # whose claim then gives way to this one: this one tries at once instead of waiting
+        # for the next wake-up.
+        result = await self._try_claim()
+        if result is None:
+            return None
+        if not result.served:
+            return Unavailable(model=self.model, served=False)
         until = min(self.queue_deadline, self.loop.time() + hold)
         while self.loop.time() < until:
             await self._wait_for_wake(until)
@@ -302,6 +323,8 @@ class Relay:
             worker_id=worker.WORKER_ID,
             arrived_at=self.arrived_at,
             queued_as=self.queue_id if self.queued else None,
+            priority=self.consumer.priority,
+            turn=self.turn if self.queued else services.LAST_TURN,
             exclude=self.tried,
             feature=self.feature,
             demand=self.demand,
@@ -425,15 +448,21 @@ class Relay:
     async def _requeue(self) -> None:
         # The wait starts afresh: the consumer already waited for a node that then failed.
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
-        self.queued = await db(services.queue_join)(
+        turn = await db(services.queue_join)(
             request_id=self.queue_id,
             model=self.model,
             reply_channel=self.reply_channel,
             worker_id=worker.WORKER_ID,
             arrived_at=self.arrived_at,
+            consumer=self.consumer.id,
+            priority=self.consumer.priority,
+            resume=True,
         )
-        if not self.queued:
+        if turn is None:
             raise RelayError("queue_timeout")
+        self.queued = True
+        self.turn = turn
+        await self._try_claim()  # as in ``_first_slot``: it may be first now
 
     async def _attempt(self) -> AsyncIterator[ToolStatus | list[dict[str, Any]]]:
         """Serve the request on the claimed node. Raises ``_Failover`` when the node fails
@@ -812,6 +841,7 @@ async def open_relay(
     model: str,
     ollama_params: dict[str, Any],
     client_ip: str | None,
+    consumer: Consumer | None = None,
     stream: bool = True,
     tool_status: bool = False,
     api: str = metrics.API_CHAT,
@@ -829,6 +859,7 @@ async def open_relay(
         model=model,
         ollama_params=ollama_params,
         client_ip=client_ip,
+        consumer=consumer,
         tool_status=tool_status,
         api=api,
     )

@@ -96,6 +96,7 @@ async def chat(request: HttpRequest) -> HttpResponse:
         model=chat_request.model,
         ollama_params=params,
         client_ip=request_ip(request),
+        consumer=request.consumer,
         tool_status=True,
         api=metrics.API_CHAT,
     )
@@ -246,8 +247,9 @@ def openai_refusal(
 @csrf_exempt
 @rate_limited("chat")
 async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
-    """``POST /v1/chat/completions``, streaming or not. ``Authorization`` is accepted and
-    ignored: the network has no keys."""
+    """``POST /v1/chat/completions``, streaming or not. ``Authorization`` names the consumer
+    when it holds an IdleClaw key or contributor token; any other key is accepted and ignored
+    (``routing.identity``)."""
     if request.method != "POST":
         return openai_error(openai_api.OpenAIError("use POST", status=405))
     try:
@@ -258,6 +260,7 @@ async def openai_chat_completions(request: HttpRequest) -> HttpResponse:
         model=completion.model,
         ollama_params=completion.ollama_params,
         client_ip=request_ip(request),
+        consumer=request.consumer,
         stream=completion.stream,
         api=metrics.API_OPENAI,
     )
@@ -331,6 +334,7 @@ async def openai_embeddings(request: HttpRequest) -> HttpResponse:
             model=parsed.model,
             embed_params=parsed.embed_params,
             client_ip=request_ip(request),
+            consumer=request.consumer,
             api=metrics.API_OPENAI,
         )
     except RelayError as error:
@@ -433,6 +437,7 @@ async def _ollama_answer(request: HttpRequest, *, chat: bool) -> HttpResponse:
         model=parsed.model,
         ollama_params=parsed.ollama_params,
         client_ip=request_ip(request),
+        consumer=request.consumer,
         stream=parsed.stream,
         api=metrics.API_OLLAMA,
     )
@@ -482,6 +487,7 @@ async def _ollama_embed(request: HttpRequest, *, legacy: bool) -> HttpResponse:
             model=parsed.model,
             embed_params=parsed.embed_params,
             client_ip=request_ip(request),
+            consumer=request.consumer,
             api=metrics.API_OLLAMA,
         )
     except RelayError as error:

@@ -22,6 +22,7 @@ TOKEN = "metrics-token-for-tests-0123456789"
 
 _groups = importlib.import_module("routing.migrations.0005_ops_staff_groups")
 _identity_groups = importlib.import_module("nodes.migrations.0009_identity_staff_permissions")
+_key_groups = importlib.import_module("routing.migrations.0007_fairness_consumer_stream")
 
 
 def staff_user(name: str, group: str) -> User:
@@ -29,6 +30,7 @@ def staff_user(name: str, group: str) -> User:
     (transactional tests flush the groups away; they are filled in again here)."""
     _groups.fill_groups(apps)
     _identity_groups.fill_groups(apps)
+    _key_groups.fill_groups(apps)
     user = User.objects.create_user(name, password="unused", is_staff=True)
     user.groups.add(Group.objects.get(name=group))
     return user

@@ -40,6 +40,7 @@ def live_node():
         "/admin/routing/inflightrequest/",
         "/admin/routing/queuedrequest/",
         "/admin/routing/consumerstream/",
+        "/admin/routing/consumerkey/",
     ],
 )
 def test_admin_lists_render(admin_client, live_node, url):
@@ -105,8 +106,71 @@ def test_the_migrations_create_the_viewer_and_operator_groups(tmp_path):
         viewer, operator = codenames("viewer"), codenames("operator")
     assert {"view_nodesession", "view_inflightrequest", "view_nodeban", "view_logentry"} <= viewer
     assert all(name.startswith("view_") for name in viewer)
+    assert "view_consumerkey" in viewer
     assert operator - viewer == {
         "operate_nodesession", "cancel_inflightrequest", "add_nodeban", "change_nodeban",
-        "delete_nodeban", "change_contributor",
+        "delete_nodeban", "change_contributor", "add_consumerkey", "change_consumerkey",
     }  # fmt: skip
     assert {"view_contributor", "view_contributormodel"} <= viewer
+
+
+# --- consumer keys (issue 20) ----------------------------------------------------------------
+
+
+def staff(group: str):
+    from django.test import Client
+
+    from tests import ops
+
+    client = Client()
+    client.force_login(ops.staff_user(group, group))
+    return client
+
+
+def test_an_operator_issues_a_consumer_key_shown_once_and_stored_only_as_a_hash():
+    import hashlib
+    import re
+
+    from routing.models import ConsumerKey
+
+    operator = staff("operator")
+    page = operator.post(
+        "/admin/routing/consumerkey/add/",
+        {"name": "Ada's lab", "rate_per_minute": "30", "max_concurrent": "4", "priority": "1"},
+    )
+    assert page.status_code == 200
+    assert "no-store" in page["Cache-Control"]
+    key = re.search(r"ick_[0-9a-f]{48}", page.content.decode()).group(0)
+    row = ConsumerKey.objects.get()
+    assert row.key_hash == hashlib.sha256(key.encode("ascii")).hexdigest()
+    assert (row.prefix, row.rate_per_minute, row.max_concurrent, row.priority, row.active) == (
+        key[4:12], 30, 4, 1, True
+    )
+    # Never again: neither the list nor the key's own page shows the key or its hash.
+    for url in ("/admin/routing/consumerkey/", f"/admin/routing/consumerkey/{row.pk}/change/"):
+        shown = operator.get(url).content.decode()
+        assert "Ada&#x27;s lab" in shown and row.prefix in shown
+        assert key not in shown and row.key_hash not in shown
+
+
+def test_an_operator_revokes_keys_and_a_viewer_only_looks():
+    from routing import identity
+    from routing.models import ConsumerKey
+
+    _, prefix, hashed = identity.new_consumer_key()
+    row = ConsumerKey.objects.create(name="old", prefix=prefix, key_hash=hashed)
+    viewer = staff("viewer")
+    assert viewer.get("/admin/routing/consumerkey/").status_code == 200
+    assert viewer.get("/admin/routing/consumerkey/add/").status_code == 403
+    viewer.post(
+        "/admin/routing/consumerkey/", {"action": "revoke", "_selected_action": [str(row.pk)]}
+    )
+    row.refresh_from_db()
+    assert row.active
+    operator = staff("operator")
+    response = operator.post(
+        "/admin/routing/consumerkey/", {"action": "revoke", "_selected_action": [str(row.pk)]}
+    )
+    assert response.status_code == 302
+    row.refresh_from_db()
+    assert not row.active

@@ -103,6 +103,38 @@ def test_a_fresh_router_keeps_its_folder_database_and_secret_key_private(tmp_pat
 
 
 @pytest.mark.e2e
+def test_the_router_keeps_seeing_what_another_process_writes_to_its_database(tmp_path):
+    # Regression: checking the files' modes opened and closed them for every new connection,
+    # and closing a descriptor drops all of the process's POSIX locks on the file, SQLite's
+    # among them. A writer in another process (manage.py, an operator's script) then took
+    # itself for the last connection, checkpointed and removed the WAL, and the router never
+    # saw a later write again.
+    import contextlib
+    import sqlite3
+
+    local = tmp_path / "local"
+    db_path = local / "db.sqlite3"
+    router, url = procs.start_router(db_path, {**router_env(local), **ROOMY_ENV})
+    seen = []
+    try:
+        for n in range(4):
+            with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db, db:
+                db.execute(
+                    "INSERT INTO routing_queuedrequest (request_id, model, worker_id,"
+                    " reply_channel, arrived_at) VALUES (?, 'other:1b', 'elsewhere', 'x',"
+                    " '2026-01-01 00:00:00')",
+                    (f"written-elsewhere-{n}",),
+                )
+            # A request between writes opens the router's connections.
+            requests.post(f"{url}/api/chat", json={"model": "none:1b", "messages": [
+                {"role": "user", "content": "hi"}]}, timeout=10)
+            seen.append(requests.get(f"{url}/health", timeout=10).json()["queued_requests"])
+    finally:
+        router.stop()
+    assert seen == [1, 2, 3, 4]
+
+
+@pytest.mark.e2e
 def test_loose_modes_are_repaired_at_start_and_the_repair_is_logged(tmp_path, usual_umask):
     local = tmp_path / "local"
     db = local / "db.sqlite3"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from idleclaw_site.net import client_ip
+from routing import metrics
 from tests.routing.test_views import HttpClient
 from tests.scripted_node import ScriptedNode
 
@@ -108,3 +109,73 @@ async def test_trusted_proxy_passes_the_client_address(channel_layer, settings):
 def test_client_ip_is_the_rightmost_untrusted_hop(settings, peer, header, trusted, expected):
     settings.IDLECLAW_TRUSTED_PROXIES = trusted
     assert client_ip(peer, header) == expected
+
+
+# --- limits per consumer (issue 20) ---------------------------------------------------------
+
+
+def _contributor_token(tokens: int) -> str:
+    import secrets
+
+    from django.utils import timezone
+
+    from nodes.models import Contributor, ContributorHour
+    from routing.identity import token_hash
+
+    token = "icc_" + secrets.token_hex(32)
+    now = timezone.now()
+    person = Contributor.objects.create(
+        key_hash=secrets.token_hex(32), token_hash=token_hash(token), name="quiet-wren-3",
+        first_seen=now, last_seen=now,
+    )  # fmt: skip
+    ContributorHour.objects.create(
+        contributor=person, hour=now.replace(minute=0, second=0, microsecond=0), tokens=tokens
+    )
+    return token
+
+
+def _key(**fields) -> str:
+    from routing import identity
+    from routing.models import ConsumerKey
+
+    key, prefix, hashed = identity.new_consumer_key()
+    ConsumerKey.objects.create(name="t", prefix=prefix, key_hash=hashed, **fields)
+    return key
+
+
+def with_token(path: str, token: str) -> HttpClient:
+    exchange = client(path)
+    exchange.app.scope["headers"].append((b"authorization", f"Bearer {token}".encode()))
+    return exchange
+
+
+async def test_a_contributors_open_requests_limit_grows_with_its_priority(channel_layer, settings):
+    from asgiref.sync import sync_to_async
+
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 1
+    settings.IDLECLAW_PRIORITY_TOKENS = 1000
+    token = await sync_to_async(_contributor_token)(2000)  # priority 2: limits times 2
+    node = ScriptedNode()
+    await node.register(max_concurrent=10)
+    statuses = [(await with_token("/api/chat", token).start())[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    # The address without the token is another consumer, at the anonymous limit.
+    assert (await client("/api/chat").start())[0] == 200
+    assert (await client("/api/chat").start())[0] == 429
+    await node.disconnect()
+    await metrics.flush()  # the refusals, counted in memory: into this test's database
+
+
+async def test_a_consumer_keys_own_open_requests_limit_applies(channel_layer, settings):
+    from asgiref.sync import sync_to_async
+
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 3
+    key = await sync_to_async(_key)(max_concurrent=1)
+    node = ScriptedNode()
+    await node.register(max_concurrent=10)
+    assert (await with_token("/api/chat", key).start())[0] == 200
+    refused = with_token("/ollama/api/chat", key)
+    assert (await refused.start())[0] == 429
+    assert "at most 1 requests at once" in json.loads(await refused.read_all())["error"]
+    await node.disconnect()
+    await metrics.flush()  # the refusal, counted in memory: into this test's database

@@ -243,7 +243,7 @@ def test_queue_heads_are_the_oldest_waiting_request_of_each_model(router_worker)
     assert queue_heads(models=[]) == []
     # A claim is refused while an older request for the model waits.
     assert claim(model="a:1b") is None
-    assert claim(model="a:1b", queued_as="a1") is not None
+    assert claim(model="a:1b", queued_as="a1", turn=0) is not None
     assert not QueuedRequest.objects.filter(request_id="a1").exists()
 
 

@@ -1,0 +1,213 @@
+"""Fair queues and priority (issue 20) against the real database: turns, the order heads and
+positions follow, who a token names, and limits per consumer. The end-to-end behaviour, through
+daphne and a real node, is in tests/e2e/test_fairness.py."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from nodes.models import Contributor, ContributorHour, RouterWorker
+from routing import identity
+from routing.identity import UnknownToken, consumer_resolve, token_hash
+from routing.models import ConsumerKey, QueuedRequest
+from routing.selectors import queue_position
+from routing.services import Claim, consumer_stream_open, inflight_claim, queue_heads, queue_join
+from tests.routing.test_services import make_node
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "llama3.2:3b"
+
+
+@pytest.fixture
+def router_worker() -> RouterWorker:
+    now = timezone.now()
+    return RouterWorker.objects.create(worker_id="w1", started_at=now, last_seen=now)
+
+
+def claim(queued_as: str | None = None, **kwargs) -> Claim | None:
+    """A claim as a relay makes it: a queued request with its own place's arrival and turn."""
+    arrived_at = timezone.now()
+    if queued_as is not None:
+        arrived_at = QueuedRequest.objects.get(request_id=queued_as).arrived_at
+    result = inflight_claim(
+        model=MODEL,
+        request_id=secrets.token_hex(8),
+        reply_channel="reply",
+        worker_id="w1",
+        arrived_at=arrived_at,
+        queued_as=queued_as,
+        **kwargs,
+    )
+    return result if isinstance(result, Claim) else None
+
+
+def join(request_id: str, consumer: str, priority: int = 0, **kwargs) -> int | None:
+    return queue_join(
+        request_id=request_id,
+        model=MODEL,
+        reply_channel=f"reply.{request_id}",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+        consumer=consumer,
+        priority=priority,
+        **kwargs,
+    )
+
+
+def order() -> list[str]:
+    return list(QueuedRequest.objects.filter(model=MODEL).values_list("request_id", flat=True))
+
+
+def test_a_consumer_with_many_waiting_requests_delays_another_by_one_turn(router_worker):
+    turns = [join(f"x{i}", "ip:10.0.0.1") for i in range(8)]
+    assert turns == list(range(8))
+    assert join("y0", "ip:10.0.0.2") == 0
+    assert order() == ["x0", "y0", "x1", "x2", "x3", "x4", "x5", "x6", "x7"]
+    assert queue_heads(models=[MODEL]) == ["reply.x0"]
+    assert [queue_position(request_id=rid) for rid in ("x0", "y0", "x1", "x7")] == [1, 2, 3, 9]
+
+
+def test_a_late_consumer_joins_the_round_being_served_not_the_first(router_worker):
+    for i in range(6):
+        join(f"x{i}", "ip:10.0.0.1")
+    QueuedRequest.objects.filter(request_id__in=["x0", "x1", "x2"]).delete()  # served
+    assert join("y0", "ip:10.0.0.2") == 3
+    assert join("y1", "ip:10.0.0.2") == 4
+    assert order() == ["x3", "y0", "x4", "y1", "x5"]
+
+
+def test_a_request_that_failed_over_goes_back_to_the_front_of_its_consumers_line(router_worker):
+    for i in range(3):
+        join(f"x{i}", "ip:10.0.0.1")
+    assert join("x-retry", "ip:10.0.0.1", resume=True) == 0
+
+
+def test_higher_priority_is_served_first_and_may_claim_past_waiting_requests(router_worker):
+    make_node(router_worker, "one", max_concurrent=1)
+    join("anon0", "ip:10.0.0.1")
+    join("anon1", "ip:10.0.0.2")
+    assert join("giver", "contributor:1", priority=2) == 0
+    assert order()[0] == "giver"
+    assert queue_position(request_id="anon0") == 2
+    assert queue_heads(models=[MODEL]) == ["reply.giver"]
+    # A new anonymous request waits behind them all; a new one of higher priority than every
+    # waiting request takes the free slot at once; one of equal priority does not.
+    assert claim() is None
+    assert claim(priority=2) is None
+    assert claim(priority=3) is not None
+
+
+def test_only_the_head_in_fair_order_may_claim(router_worker):
+    make_node(router_worker, "one", max_concurrent=1)
+    join("x0", "ip:10.0.0.1")
+    join("x1", "ip:10.0.0.1")
+    join("y0", "ip:10.0.0.2")
+    assert claim(queued_as="x1", turn=1) is None
+    assert claim(queued_as="y0", turn=0) is None  # x0 arrived first in turn 0
+    assert claim(queued_as="x0", turn=0) is not None
+
+
+def test_open_requests_are_counted_per_consumer_against_its_own_limit(router_worker):
+    opened = [
+        consumer_stream_open(
+            request_id=f"k{i}", client_ip="10.0.0.9", worker_id="w1", consumer="key:1", limit=3
+        )
+        for i in range(4)
+    ]
+    assert opened == [True, True, True, False]
+    # The same address without the key is another consumer.
+    assert consumer_stream_open(request_id="anon", client_ip="10.0.0.9", worker_id="w1")
+
+
+# --- who a token names ----------------------------------------------------------------------
+
+
+def contributor(tokens_by_hours_ago: dict[int, int]) -> tuple[Contributor, str]:
+    token = "icc_" + secrets.token_hex(32)
+    now = timezone.now()
+    person = Contributor.objects.create(
+        key_hash=secrets.token_hex(32),
+        token_hash=token_hash(token),
+        name=f"brave-otter-{secrets.randbelow(1000)}",
+        first_seen=now,
+        last_seen=now,
+    )
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    for ago, tokens in tokens_by_hours_ago.items():
+        ContributorHour.objects.create(
+            contributor=person, hour=hour - timedelta(hours=ago), tokens=tokens
+        )
+    return person, token
+
+
+def test_a_contributors_priority_grows_with_tokens_served_in_the_last_day(settings):
+    settings.IDLECLAW_PRIORITY_TOKENS = 1000
+    settings.IDLECLAW_PRIORITY_MAX = 10
+    settings.IDLECLAW_RATE_CHAT = "20/m"
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 3
+    person, token = contributor({0: 2500, 5: 1600, 30: 90_000})  # 30 h ago: too old
+    found = consumer_resolve(token=token, client_ip="10.0.0.1")
+    assert found.id == f"contributor:{person.pk}"
+    assert found.priority == 4  # 4,100 tokens // 1,000
+    assert (found.rate, found.max_concurrent) == ("60/m", 9)  # times 1 + 4/2
+
+
+def test_priority_is_capped_and_any_recent_tokens_earn_at_least_one(settings):
+    settings.IDLECLAW_PRIORITY_TOKENS = 1000
+    settings.IDLECLAW_PRIORITY_MAX = 5
+    _, rich = contributor({1: 10**9})
+    _, modest = contributor({2: 3})
+    assert consumer_resolve(token=rich, client_ip=None).priority == 5
+    assert consumer_resolve(token=modest, client_ip=None).priority == 1
+
+
+def test_a_contributor_with_no_recent_tokens_gets_no_priority_or_extra_limits(settings):
+    settings.IDLECLAW_RATE_CHAT = "20/m"
+    _, token = contributor({25: 50_000})
+    found = consumer_resolve(token=token, client_ip=None)
+    assert found.priority == 0 and found.rate == "20/m"
+    assert not found.anonymous
+
+
+def consumer_key(**fields) -> tuple[ConsumerKey, str]:
+    key, prefix, hashed = identity.new_consumer_key()
+    return ConsumerKey.objects.create(name="lab", prefix=prefix, key_hash=hashed, **fields), key
+
+
+def test_a_consumer_key_has_its_own_limits_and_priority(settings):
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 3
+    row, key = consumer_key(rate_per_minute=7, priority=2)
+    found = consumer_resolve(token=key, client_ip="10.0.0.1")
+    assert (found.id, found.rate, found.max_concurrent, found.priority) == (
+        f"key:{row.pk}",
+        "7/m",
+        3,
+        2,
+    )
+
+
+def test_a_revoked_or_unknown_token_names_nobody():
+    row, key = consumer_key(active=False)
+    for token in (key, "ick_" + "0" * 48, "icc_" + "0" * 64, "ick_short", "icc_NOTHEX"):
+        with pytest.raises(UnknownToken):
+            consumer_resolve(token=token, client_ip=None)
+
+
+def test_a_keys_last_use_is_written_at_most_once_a_minute():
+    row, key = consumer_key()
+    consumer_resolve(token=key, client_ip=None)
+    row.refresh_from_db()
+    first = row.last_used_at
+    assert first is not None
+    consumer_resolve(token=key, client_ip=None)
+    row.refresh_from_db()
+    assert row.last_used_at == first
+    ConsumerKey.objects.filter(pk=row.pk).update(last_used_at=first - timedelta(minutes=2))
+    consumer_resolve(token=key, client_ip=None)
+    row.refresh_from_db()
+    assert row.last_used_at > first - timedelta(minutes=2)
