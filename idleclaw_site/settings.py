@@ -395,6 +395,9 @@ if IDLECLAW_REPUTATION_FLOOR > 1:
 IDLECLAW_REPUTATION_HALF_LIFE_HOURS = envfloat(
     "IDLECLAW_REPUTATION_HALF_LIFE_HOURS", 24.0, minimum=0.01
 )
+# probe_nodes sends a model's probe to its nodes one after another, in random order, each after
+# a random pause; the pauses of one model add up to at most this (seconds; --stagger).
+IDLECLAW_PROBE_STAGGER = envfloat("IDLECLAW_PROBE_STAGGER", 10.0, minimum=0.0)
 # Retry-After for a 503 when no node serves the model.
 IDLECLAW_RETRY_AFTER = envint("IDLECLAW_RETRY_AFTER", 10, minimum=1)
 # Embeddings (/v1/embeddings, /ollama/api/embed): most inputs in one request (a node takes at

@@ -3,35 +3,47 @@ it judges the answers, and what it writes.
 
 **What is sent.** An ordinary request, as an OpenAI client sends it to ``/v1/chat/completions``:
 one of ``PROMPTS`` (a few dozen everyday questions of varied length, no marker of any kind),
-sometimes after a short system message as API users write them, with ``temperature: 0``, a
-``seed`` drawn per probe and ``max_tokens`` drawn from ``MAX_TOKENS``. Real requests carry these
-fields too (routing/openai_api.py maps them to Ollama's ``options`` the same way), and the
-router sends a probe through the consumer's own relay (routing/probes.py), so the node sees
-nothing a consumer's request of the same shape would not show it.
+sometimes after a short system message as API users write them, with ``temperature: 0`` (greedy
+decoding; no ``seed``, which would change nothing at temperature 0 and mark the probe) and
+``max_tokens`` drawn from ``MAX_TOKENS``. Real requests carry these fields too
+(routing/openai_api.py maps them to Ollama's ``options`` the same way), and the router sends a
+probe through the consumer's own relay (routing/probes.py), so the node sees nothing a
+consumer's request of the same shape would not show it. The prober sends a probe to a model's
+nodes in random order, after random pauses (``--stagger``), not to all at one moment. What
+still sets probes apart is in SECURITY.md.
 
 **How answers are judged.** Every live node of a model (at most ``MAX_NODES``, drawn at random
-when there are more) gets the same probe. Two answers agree when the similarity of their words
-(``similarity``: difflib's ``SequenceMatcher`` ratio over the lower-cased words, the first
-``MAX_COMPARE_WORDS`` of each) is at least ``AGREE_AT`` (0.5). Temperature 0 with one seed is
-deterministic on one machine, but different hardware or quantization may drift after a while;
-a drift shares a long prefix and most of its words, so it stays above 0.5, while an answer from
-another model, or random words, shares almost none (well under 0.2).
+when there are more, one node of each voice before a second of any) gets the same probe. Two
+answers agree when the similarity of their words (``similarity``: difflib's
+``SequenceMatcher`` ratio over the lower-cased words, the first ``MAX_COMPARE_WORDS`` of each)
+is at least ``AGREE_AT`` (0.5). Temperature 0 is deterministic on one machine, but different
+hardware or quantization may drift after a while; a drift shares a long prefix and most of its
+words, so it stays above 0.5, while an answer from another model, or random words, shares
+almost none (well under 0.2).
 
-- With three or more answers, a node that disagrees with the majority fails (the majority is
-  the largest group that agrees with one answer, if it holds more than half of them); with no
-  majority nobody is judged.
-- With two answers that agree, both pass; two that disagree cannot tell who is wrong, so
-  neither is judged (``SPLIT``, counted in the summary).
-- A node that answers with an error, or not at all, fails. One whose slots are all taken is
-  skipped this round (``BUSY``).
+Agreement is counted between **voices**, not nodes: a voice is a contributor (all the nodes
+of one key), or for an anonymous node its address. A group of one contributor's nodes that
+agree is one voice, so one key running several nodes can neither outvote an honest node nor
+vouch for itself.
+
+- With three or more voices, a node that disagrees with the majority fails (the majority is
+  the largest set of voices that agree with one answer, if it holds more than half of them);
+  with no majority nobody is judged.
+- With two voices that agree, their nodes pass (a node disagreeing with that answer fails);
+  two that disagree cannot tell who is wrong, so neither is judged (``SPLIT``, counted in the
+  summary). With one voice there is nobody to compare with (``UNDECIDED``).
+- A node that answers with an error, or not at all, fails. One whose slot does not come free
+  in time is skipped this round (``BUSY``).
 
 **Capabilities.** A node declaring ``thinking`` for the model is asked with
 ``reasoning_effort`` (Ollama's ``think: true``) and must think; one declaring ``tools`` is
 offered a tool and asked to use it, and must answer with a call to it whose arguments are an
 object.
 
-Results go to ``nodes.reputation.reputation_after``: on the contributor's record when the node
-has one (and copied to its live sessions), else on the session.
+Results go to ``nodes.reputation.reputation_after``, once per round: on the contributor's
+record when the node has one (and copied to its live sessions), else on the session. A round in
+which any of a contributor's nodes failed counts as a failure with no pass credit (fails
+dominate), so lying on one model is not offset by answering well on another.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from nodes.models import Contributor, NodeModel, NodeSession, ProbeLease
@@ -59,8 +71,8 @@ from nodes.services import live_cutoff
 MAX_NODES = 5
 AGREE_AT = 0.5
 MAX_COMPARE_WORDS = 2000
-# Answer lengths as API clients ask for them.
-MAX_TOKENS = (96, 128, 160, 200, 256)
+# Answer lengths as API clients ask for them: the round figures people pick, short to long.
+MAX_TOKENS = (64, 100, 128, 150, 200, 250, 256, 300, 400, 500, 512, 600, 800, 1000, 1024)
 
 PASS = "pass"
 FAIL = "fail"
@@ -173,7 +185,7 @@ THINKING_PROMPTS = (
 
 
 def text_probe(model: str, rng: random.Random) -> dict[str, Any]:
-    """An OpenAI ``chat/completions`` body: an ordinary prompt, temperature 0, a seed."""
+    """An OpenAI ``chat/completions`` body: an ordinary prompt, temperature 0."""
     messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_MESSAGES)})
@@ -198,8 +210,9 @@ def _body(model: str, messages: list[dict[str, str]], rng: random.Random) -> dic
         "model": model,
         "messages": messages,
         "max_tokens": rng.choice(MAX_TOKENS),
+        # Greedy decoding: the same model gives the same answer. No ``seed``: at temperature 0
+        # it changes nothing, and a seed on every request would mark the probes.
         "temperature": 0,
-        "seed": rng.randrange(1, 2**31),
         "stream": True,
     }
 
@@ -225,12 +238,18 @@ def similarity(first: str, second: str) -> float:
 K = TypeVar("K", bound=Hashable)
 
 
-def verdicts(answers: Mapping[K, str | None]) -> dict[K, str]:
+def verdicts(
+    answers: Mapping[K, str | None], voices: Mapping[K, Hashable] | None = None
+) -> dict[K, str]:
     """Each node's verdict on one probe, from what it answered (None: an error or nothing);
-    see the module docstring."""
+    see the module docstring. ``voices`` says who stands behind each node (its contributor,
+    or for an anonymous node its address; by default each node is its own): agreement counts
+    between voices, not nodes, so one contributor's nodes never outvote or vouch for anyone."""
+    voice_of = {key: (voices[key] if voices is not None else key) for key in answers}
     result: dict[K, str] = {key: FAIL for key, text in answers.items() if text is None}
     given = [(key, text) for key, text in answers.items() if text is not None]
-    if len(given) < 2:
+    heard = {voice_of[key] for key, _ in given}
+    if len(heard) < 2:
         result.update((key, UNDECIDED) for key, _ in given)
         return result
     agree = {
@@ -242,14 +261,16 @@ def verdicts(answers: Mapping[K, str | None]) -> dict[K, str]:
     def agrees(i: int, j: int) -> bool:
         return i == j or agree[(min(i, j), max(i, j))]
 
-    if len(given) == 2:
-        verdict = PASS if agrees(0, 1) else SPLIT
+    # The voices that agree with each answer: a voice counts once however many nodes it has.
+    support = [
+        {voice_of[given[j][0]] for j in range(len(given)) if agrees(i, j)}
+        for i in range(len(given))
+    ]
+    anchor = max(range(len(given)), key=lambda i: len(support[i]))
+    if len(support[anchor]) * 2 <= len(heard):
+        # Two voices that disagree cannot tell who is wrong; more with no majority neither.
+        verdict = SPLIT if len(heard) == 2 else UNDECIDED
         result.update((key, verdict) for key, _ in given)
-        return result
-    groups = [sum(agrees(i, j) for j in range(len(given))) for i in range(len(given))]
-    anchor = max(range(len(given)), key=lambda i: groups[i])
-    if groups[anchor] * 2 <= len(given):
-        result.update((key, UNDECIDED) for key, _ in given)
         return result
     for i, (key, _) in enumerate(given):
         result[key] = PASS if agrees(i, anchor) else FAIL
@@ -288,6 +309,8 @@ class Target:
 
     session_id: int
     capabilities: tuple[str, ...]
+    # Who stands behind the node: its contributor, or an anonymous node's address.
+    voice: str = ""
 
 
 def probe_models(*, only: str | None = None) -> list[str]:
@@ -305,13 +328,35 @@ def probe_targets(*, model: str, rng: random.Random) -> list[Target]:
     rows = list(
         NodeModel.objects.filter(
             name=model, session__last_seen__gte=live_cutoff(), session__draining=False
-        ).values_list("session_id", "capabilities")
+        ).values_list(
+            "session_id", "capabilities", "session__contributor_id", "session__client_ip"
+        )
     )
     rng.shuffle(rows)
+    # One node of each voice first: a contributor with many nodes cannot crowd others out.
+    seen: set[str] = set()
+    firsts = []
+    for row in rows:
+        voice = _voice(row[0], row[2], row[3])
+        firsts.append(voice in seen)
+        seen.add(voice)
+    rows = [row for _, row in sorted(zip(firsts, rows, strict=True), key=lambda pair: pair[0])]
     return [
-        Target(session_id=session, capabilities=tuple(caps if isinstance(caps, list) else ()))
-        for session, caps in rows[:MAX_NODES]
+        Target(
+            session_id=session,
+            capabilities=tuple(caps if isinstance(caps, list) else ()),
+            voice=_voice(session, contributor, address),
+        )
+        for session, caps, contributor, address in rows[:MAX_NODES]
     ]
+
+
+def _voice(session: int, contributor: int | None, address: str | None) -> str:
+    if contributor is not None:
+        return f"contributor:{contributor}"
+    if address:
+        return f"address:{address}"
+    return f"session:{session}"
 
 
 def lease_holder() -> str:
@@ -351,6 +396,10 @@ class Tally:
     passed: int = 0
     failed: int = 0
 
+    def merge(self, other: Tally) -> None:
+        self.passed += other.passed
+        self.failed += other.failed
+
     def add(self, verdict: str) -> None:
         if verdict == PASS:
             self.passed += 1
@@ -370,29 +419,41 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
     the session has one (all its sessions probed in the round together, and the result copied
     to its live sessions), else the session's own. A session probed without a verdict (busy,
     split, undecided, alone with its model) only decays toward neutral, so that a node left
-    below the floor with nobody to compare it to comes back in time. Counters move by ``F()``;
-    each reputation is read and written under a row lock, so two probers judging the same
-    contributor on two models never lose an update."""
+    below the floor with nobody to compare it to comes back in time. A round in which any of a
+    contributor's nodes failed is a failure for it, with no pass credit (``_reputation``).
+    Counters move by ``F()``; each reputation is read and written under a row lock, so two
+    probers judging the same contributor on two models never lose an update."""
     now = now or timezone.now()
     recorded = Recorded()
     if not tallies:
         return recorded
     with transaction.atomic():
-        # Contributors first, then sessions, each in id order: every prober takes its locks in
-        # the same order, so two of them judging one contributor's nodes of two models wait for
-        # each other instead of deadlocking (the contributor's update writes all its sessions).
+        # Sessions first, then contributors, each in id order: the order every other writer
+        # takes them in (a finishing request, a node registering or leaving, the admin), so
+        # nobody deadlocks with a prober. Every session of each contributor judged is locked,
+        # as the contributor's reputation is copied to all of them.
         owners = sorted(
             set(
                 NodeSession.objects.filter(pk__in=tallies, contributor__isnull=False)
                 .values_list("contributor_id", flat=True)
             )
         )
-        list(Contributor.objects.select_for_update().filter(pk__in=owners).order_by("pk"))
-        sessions = list(
-            NodeSession.objects.select_for_update().filter(pk__in=tallies).order_by("pk")
+        locked = list(
+            NodeSession.objects.select_for_update()
+            .filter(Q(pk__in=tallies) | Q(contributor_id__in=owners))
+            .order_by("pk")
         )
+        contributors = {
+            c.pk: c
+            for c in Contributor.objects.select_for_update().filter(pk__in=owners).order_by("pk")
+        }
         by_contributor: dict[int, list[NodeSession]] = {}
-        for session in sessions:
+        copies: dict[int, list[int]] = {}
+        for session in locked:
+            if session.contributor_id is not None:
+                copies.setdefault(session.contributor_id, []).append(session.pk)
+            if session.pk not in tallies:
+                continue
             if session.contributor_id is None:
                 value = _reputation(session.reputation, session.probed_at, [session], tallies, now)
                 NodeSession.objects.filter(pk=session.pk).update(reputation=value, probed_at=now)
@@ -400,8 +461,10 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
             else:
                 by_contributor.setdefault(session.contributor_id, []).append(session)
         for contributor_id in sorted(by_contributor):
+            contributor = contributors.get(contributor_id)
+            if contributor is None:
+                continue  # pruned meanwhile
             own = by_contributor[contributor_id]
-            contributor = Contributor.objects.get(pk=contributor_id)
             value = _reputation(contributor.reputation, contributor.probed_at, own, tallies, now)
             Contributor.objects.filter(pk=contributor_id).update(
                 reputation=value,
@@ -409,7 +472,9 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
                 probes_passed=F("probes_passed") + sum(tallies[s.pk].passed for s in own),
                 probes_failed=F("probes_failed") + sum(tallies[s.pk].failed for s in own),
             )
-            NodeSession.objects.filter(contributor_id=contributor_id).update(
+            # Only the sessions locked above: one registering meanwhile copies the record
+            # itself, after this commits.
+            NodeSession.objects.filter(pk__in=copies[contributor_id]).update(
                 reputation=value, probed_at=now
             )
             for session in own:
@@ -428,6 +493,9 @@ def _reputation(
     half_life = settings.IDLECLAW_REPUTATION_HALF_LIFE_HOURS
     passed = sum(tallies[s.pk].passed for s in sessions)
     failed = sum(tallies[s.pk].failed for s in sessions)
+    if failed:
+        # Fails dominate: lying on one model is not offset by passing on another.
+        passed = 0
     if not passed and not failed:
         return decayed(value, since=probed_at, now=now, half_life_hours=half_life)
     return reputation_after(

@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import tempfile
 import threading
+import urllib.parse
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2:135m"  # completion only: the text probe
 CAPABLE = "qwen3:0.6b"  # completion, tools and thinking: every probe
 CAPABLE_SPEC = f"{CAPABLE},caps=completion+tools+thinking"
+# Probes sent at once: the random pauses between a model's nodes only slow the suite.
+NO_STAGGER = {"IDLECLAW_PROBE_STAGGER": "0"}
 
 
 def probe_nodes(router: procs.Proc, db: Path, *args: str) -> subprocess.CompletedProcess:
@@ -35,7 +39,7 @@ def probe_nodes(router: procs.Proc, db: Path, *args: str) -> subprocess.Complete
     return subprocess.run(
         [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url, *args],
         cwd=procs.ROOT,
-        env={**os.environ, **procs.FAST_STOP_ENV, "IDLECLAW_SQLITE_PATH": str(db)},
+        env={**os.environ, **procs.FAST_STOP_ENV, **NO_STAGGER, "IDLECLAW_SQLITE_PATH": str(db)},
         capture_output=True,
         text=True,
         timeout=180,
@@ -55,15 +59,23 @@ def emulator_stats(url: str) -> dict[str, Any]:
     return requests.get(f"{url}/_emulator/stats", timeout=5).json()
 
 
-def start_node(stack: ExitStack, router_url: str, *emulator_args: str) -> tuple[str, str]:
+def new_key(stack: ExitStack) -> Path:
+    """Where a contributor key will be made: one contributor."""
+    keys = Path(tempfile.mkdtemp(prefix="idleclaw-probe-key-"))
+    stack.callback(shutil.rmtree, keys, True)
+    return keys / "key"
+
+
+def start_node(
+    stack: ExitStack, router_url: str, *emulator_args: str, key: Path | None = None
+) -> tuple[str, str]:
     """An emulator and a real contributor in front of it: (node id, emulator URL)."""
     emulator, emulator_url = procs.start_emulator(*emulator_args)
     stack.callback(emulator.stop)
-    # A key of its own: nodes of one key are one contributor, with one reputation.
-    keys = Path(tempfile.mkdtemp(prefix="idleclaw-probe-key-"))
-    stack.callback(shutil.rmtree, keys, True)
+    # A key of its own unless given: nodes of one key are one contributor, one reputation.
+    key = key or new_key(stack)
     node = procs.start_contributor(
-        router_url, emulator_url, "--max-concurrent", "2", "--key-file", str(keys / "key")
+        router_url, emulator_url, "--max-concurrent", "2", "--key-file", str(key)
     )
     stack.callback(node.stop)
     node_id = node.wait_for_line(r"registered with \S+ as node (\S+):").group(1)
@@ -95,11 +107,11 @@ def test_an_honest_pair_agrees_passes_every_probe_and_gains_reputation(router, t
         assert "probes passed 6, failed 0" in result.stdout
         after = reputations(db)
         assert after[first] > 0.5 and after[second] > 0.5
-        # The probes reached the nodes' Ollama as ordinary requests, temperature 0, a seed.
+        # The probes reached the nodes' Ollama as ordinary requests, temperature 0, no seed.
         for url in (first_url, second_url):
             bodies = emulator_stats(url)["requests"]
             assert len(bodies) == 3
-            assert all(b["options"]["temperature"] == 0 and "seed" in b["options"]
+            assert all(b["options"]["temperature"] == 0 and "seed" not in b["options"]
                        for b in bodies)
             assert any(b.get("think") is True for b in bodies)
             assert any(b.get("tools") for b in bodies)
@@ -145,15 +157,71 @@ def test_a_lying_node_loses_reputation_and_then_all_consumer_traffic(router, tmp
         assert emulator_stats(liar_url)["chat_started"] == served_before + 1
 
 
+def test_one_key_with_two_lying_nodes_cannot_outvote_an_honest_node(router, tmp_path):
+    # Red team F2a: the two nodes of one key are one voice, so this is a split, not 2 to 1.
+    db = tmp_path / "router.sqlite3"
+    with ExitStack() as stack:
+        honest, honest_url = start_node(stack, router.url, "--model", MODEL)
+        key = new_key(stack)
+        for _ in range(2):
+            start_node(stack, router.url, "--model", MODEL, "--answer-as", "llama3.2:3b", key=key)
+        procs.wait_until(lambda: len(reputations(db)) == 3, what="three sessions")
+        for _ in range(2):
+            result = probe_nodes(router, db)
+            assert "nodes passed 0, failed 0" in result.stdout, result.stdout + result.stderr
+            assert "split 3" in result.stdout
+        assert reputations(db)[honest] >= 0.5
+        before = emulator_stats(honest_url)["chat_started"]
+        for i in range(6):
+            ask(router.url, MODEL, f"question {i}")
+        assert emulator_stats(honest_url)["chat_started"] > before
+
+
+def test_a_contributor_lying_on_one_model_is_not_saved_by_its_node_passing_on_another(
+    router, tmp_path
+):
+    # Red team F2b: a failure on one model and a pass on another, in one round, is a failure.
+    db = tmp_path / "router.sqlite3"
+    other = "tinyllama:1.1b"
+    with ExitStack() as stack:
+        for model in (MODEL, MODEL, other):
+            start_node(stack, router.url, "--model", model)
+        key = new_key(stack)
+        liar, liar_url = start_node(
+            stack, router.url, "--model", MODEL, "--answer-as", "llama3.2:3b", key=key
+        )
+        start_node(stack, router.url, "--model", other, key=key)
+        procs.wait_until(lambda: len(reputations(db)) == 5, what="five sessions")
+        for _ in range(2):
+            result = probe_nodes(router, db)
+            assert "2 models probed" in result.stdout, result.stdout + result.stderr
+        assert reputations(db)[liar] < 0.25  # IDLECLAW_REPUTATION_FLOOR
+        before = emulator_stats(liar_url)["chat_started"]
+        for i in range(4):
+            ask(router.url, MODEL, f"question {i}")
+        assert emulator_stats(liar_url)["chat_started"] == before
+
+
 class RecordingNode:
     """A node written by hand: records each ``inference_request`` frame and answers it with a
-    fixed text, so probes of two such nodes agree."""
+    fixed text, so probes of two such nodes agree. Anonymous, so each connects from its own
+    loopback address (``127.0.0.<host>``): probes count one voice per address."""
 
     def __init__(
-        self, router_url: str, node_id: str, model: str, capabilities: tuple[str, ...] = ()
+        self,
+        router_url: str,
+        node_id: str,
+        model: str,
+        capabilities: tuple[str, ...] = (),
+        *,
+        host: int,
     ) -> None:
+        target = urllib.parse.urlsplit(router_url)
+        sock = socket.create_connection(
+            (target.hostname, target.port), timeout=30, source_address=(f"127.0.0.{host}", 0)
+        )
         self.ws = websocket.create_connection(
-            router_url.replace("http", "ws", 1) + "/ws/node", timeout=30
+            router_url.replace("http", "ws", 1) + "/ws/node", timeout=30, socket=sock
         )
         offer: dict[str, Any] = {"name": model}
         if capabilities:
@@ -198,7 +266,7 @@ def shape(value: Any) -> Any:
 def test_a_probe_cannot_be_told_from_a_consumer_request_of_the_same_shape(router, tmp_path):
     db = tmp_path / "router.sqlite3"
     model = "recorded:1b"
-    nodes = [RecordingNode(router.url, f"recording-{i}", model) for i in range(2)]
+    nodes = [RecordingNode(router.url, f"recording-{i}", model, host=2 + i) for i in range(2)]
     try:
         procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
         result = probe_nodes(router, db)
@@ -214,7 +282,6 @@ def test_a_probe_cannot_be_told_from_a_consumer_request_of_the_same_shape(router
             "messages": probes[0]["ollama_params"]["messages"],
             "max_tokens": options["num_predict"],
             "temperature": options["temperature"],
-            "seed": options["seed"],
         }
         response = requests.post(f"{router.url}/v1/chat/completions", json=body, timeout=30)
         assert response.status_code == 200
@@ -223,6 +290,8 @@ def test_a_probe_cannot_be_told_from_a_consumer_request_of_the_same_shape(router
         for node in nodes:
             node.close()
 
+    # No seed on a probe (a seed on every request would mark them).
+    assert "seed" not in options
     # Both nodes got the same probe; field by field it is what the consumer's request became:
     # the same keys in the same order, values of the same types, the same parameters ...
     assert probes[0]["ollama_params"] == probes[1]["ollama_params"]
@@ -268,7 +337,9 @@ def test_the_probe_endpoint_is_not_found_without_its_token_and_refuses_bad_bodie
 
 def test_probe_nodes_exits_with_an_error_when_the_router_cannot_be_reached(router, tmp_path):
     db = tmp_path / "router.sqlite3"
-    nodes = [RecordingNode(router.url, f"unreached-{i}", "recorded:1b") for i in range(2)]
+    nodes = [
+        RecordingNode(router.url, f"unreached-{i}", "recorded:1b", host=2 + i) for i in range(2)
+    ]
     try:
         procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
         before = reputations(db)
@@ -291,11 +362,11 @@ def test_probe_nodes_exits_with_an_error_when_the_router_cannot_be_reached(route
 
 def test_probe_nodes_every_runs_rounds_until_sigterm_and_then_exits_cleanly(router, tmp_path):
     db = tmp_path / "router.sqlite3"
-    nodes = [RecordingNode(router.url, f"looped-{i}", "recorded:1b") for i in range(2)]
+    nodes = [RecordingNode(router.url, f"looped-{i}", "recorded:1b", host=2 + i) for i in range(2)]
     prober = procs.Proc(
         "probe_nodes",
         [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url, "--every", "0.5"],
-        env={"IDLECLAW_SQLITE_PATH": str(db)},
+        env={"IDLECLAW_SQLITE_PATH": str(db), **NO_STAGGER},
     )
     try:
         procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
@@ -317,11 +388,11 @@ def test_probe_nodes_every_runs_rounds_until_sigterm_and_then_exits_cleanly(rout
 
 def test_two_probers_at_once_probe_each_node_once_per_round_they_ran(router, tmp_path):
     db = tmp_path / "router.sqlite3"
-    nodes = [RecordingNode(router.url, f"shared-{i}", "recorded:1b") for i in range(2)]
+    nodes = [RecordingNode(router.url, f"shared-{i}", "recorded:1b", host=2 + i) for i in range(2)]
     try:
         procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
         command = [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url]
-        env = {**os.environ, "IDLECLAW_SQLITE_PATH": str(db)}
+        env = {**os.environ, "IDLECLAW_SQLITE_PATH": str(db), **NO_STAGGER}
         running = [
             subprocess.Popen(command, cwd=procs.ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -344,7 +415,10 @@ def test_two_probers_at_once_probe_each_node_once_per_round_they_ran(router, tmp
 def test_nodes_that_declare_thinking_and_tools_they_do_not_have_fail_those_probes(router, tmp_path):
     db = tmp_path / "router.sqlite3"
     declared = ("completion", "tools", "thinking")
-    nodes = [RecordingNode(router.url, f"boastful-{i}", "recorded:1b", declared) for i in range(2)]
+    nodes = [
+        RecordingNode(router.url, f"boastful-{i}", "recorded:1b", declared, host=2 + i)
+        for i in range(2)
+    ]
     try:
         procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
         result = probe_nodes(router, db)

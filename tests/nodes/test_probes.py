@@ -11,10 +11,11 @@ import pytest
 from django.utils import timezone
 
 from bench.emulator import reply_for
-from nodes.models import Contributor, NodeSession, ProbeLease, RouterWorker
+from nodes.models import Contributor, NodeModel, NodeSession, ProbeLease, RouterWorker
 from nodes.probes import (
     AGREE_AT,
     FAIL,
+    MAX_NODES,
     MAX_TOKENS,
     PASS,
     PROMPTS,
@@ -24,6 +25,7 @@ from nodes.probes import (
     probe_lease_end,
     probe_lease_take,
     probe_results_record,
+    probe_targets,
     similarity,
     text_probe,
     thinking_probe,
@@ -64,6 +66,33 @@ def test_an_error_fails_and_two_agreeing_answers_pass():
     assert verdicts({1: honest, 2: honest, 3: None}) == {1: PASS, 2: PASS, 3: FAIL}
 
 
+def test_one_contributors_two_lying_nodes_cannot_outvote_an_honest_node():
+    # Red team F2a: three nodes, but two voices; who is wrong cannot be told.
+    lie = text("llama3.2:3b")
+    answers = {"honest": text("smollm2:135m"), "liar1": lie, "liar2": lie}
+    voices = {"honest": "contributor:1", "liar1": "contributor:2", "liar2": "contributor:2"}
+    assert verdicts(answers, voices) == dict.fromkeys(answers, SPLIT)
+    # Anonymous nodes behind one address are one voice too.
+    voices = {"honest": "address:10.0.0.1", "liar1": "address:10.0.0.2"}
+    voices["liar2"] = voices["liar1"]
+    assert verdicts(answers, voices) == dict.fromkeys(answers, SPLIT)
+
+
+def test_one_contributors_nodes_cannot_vouch_for_each_other():
+    lie = text("llama3.2:3b")
+    assert verdicts({1: lie, 2: lie}, {1: "c", 2: "c"}) == {1: UNDECIDED, 2: UNDECIDED}
+
+
+def test_a_contributors_lying_node_fails_beside_its_honest_sibling_and_two_other_voices():
+    honest, lie = text("smollm2:135m"), text("llama3.2:3b")
+    answers = {"a": honest, "b": honest, "sibling": honest, "liar": lie}
+    voices = {"a": "A", "b": "B", "sibling": "C", "liar": "C"}
+    assert verdicts(answers, voices) == {"a": PASS, "b": PASS, "sibling": PASS, "liar": FAIL}
+    # Two voices that agree: the sibling that answered otherwise fails.
+    answers = {"a": honest, "sibling": honest, "liar": lie}
+    assert verdicts(answers, voices) == {"a": PASS, "sibling": PASS, "liar": FAIL}
+
+
 def test_two_answers_that_disagree_judge_nobody():
     assert verdicts({1: text("smollm2:135m"), 2: text("llama3.2:3b")}) == {1: SPLIT, 2: SPLIT}
 
@@ -85,16 +114,21 @@ def test_a_tool_probe_wants_a_call_to_the_offered_tool_with_object_arguments():
     assert tool_verdict({"tool_calls": [text_args]}, ["get_weather"]) == FAIL
 
 
-def test_every_probe_is_an_ordinary_openai_request_with_temperature_zero_and_a_seed():
+def test_every_probe_is_an_ordinary_openai_request_with_temperature_zero_and_no_seed():
     rng = random.Random(1)
+    lengths = set()
     for build in (text_probe, thinking_probe, tool_probe):
-        for _ in range(20):
+        for _ in range(40):
             body = build("qwen3:0.6b", rng)
             params = parse_completion_request(_json(body)).ollama_params
             assert params["options"]["temperature"] == 0
-            assert isinstance(params["options"]["seed"], int)
+            # A seed on every request would mark the probes (red team F5); at temperature 0 it
+            # changes nothing.
+            assert "seed" not in body and "seed" not in params["options"]
             assert params["options"]["num_predict"] in MAX_TOKENS
-    # No marker: the same prompts appear, with different seeds, nothing else added.
+            lengths.add(params["options"]["num_predict"])
+    assert len(lengths) >= 10 and min(lengths) <= 64 and max(lengths) >= 1000
+    # No marker: the same prompts appear, nothing else added.
     seen = {text_probe("m:1b", rng)["messages"][-1]["content"] for _ in range(300)}
     assert seen <= set(PROMPTS) and len(seen) > len(PROMPTS) // 2
 
@@ -184,3 +218,44 @@ def test_a_contributor_record_takes_the_results_of_all_its_nodes_and_its_session
     assert owner.reputation == pytest.approx((1 - 0.5 * 0.75 * 0.75) * 0.6, abs=1e-3)
     copies = list(NodeSession.objects.values_list("reputation", flat=True))
     assert copies == [pytest.approx(owner.reputation)] * 2
+
+
+@pytest.mark.django_db
+def test_a_round_where_one_of_a_contributors_nodes_fails_gives_it_no_pass_credit(router_worker):
+    # Red team F2b: lying on one model was offset by a sibling node passing on another.
+    owner = contributor("owner")
+    liar = session(router_worker, "liar", contributor=owner)
+    honest = session(router_worker, "honest", contributor=owner)
+    for _ in range(2):
+        probe_results_record(tallies={liar.pk: Tally(failed=1), honest.pk: Tally(passed=1)})
+    owner.refresh_from_db()
+    assert owner.reputation == pytest.approx(0.5 * 0.6 * 0.6, abs=1e-3)
+    assert owner.reputation < 0.25  # below the default floor: no traffic to either node
+    assert (owner.probes_passed, owner.probes_failed) == (2, 2)
+
+
+@pytest.mark.django_db
+def test_a_contributors_reputation_reaches_all_its_sessions_even_those_not_probed(router_worker):
+    owner = contributor("owner")
+    probed = session(router_worker, "probed", contributor=owner)
+    other = session(router_worker, "other", contributor=owner)
+    probe_results_record(tallies={probed.pk: Tally(failed=1)})
+    other.refresh_from_db()
+    assert other.reputation == pytest.approx(0.3)
+
+
+@pytest.mark.django_db
+def test_targets_take_one_node_of_each_voice_before_a_second_of_any(router_worker):
+    many = contributor("many")
+    for index in range(MAX_NODES + 2):
+        node = session(router_worker, f"many{index}", contributor=many)
+        NodeModel.objects.create(session=node, name="m:1b")
+    for name in ("lone", "anon"):
+        fields = {"contributor": contributor(name)} if name == "lone" else {"client_ip": "10.0.0.9"}
+        NodeModel.objects.create(session=session(router_worker, name, **fields), name="m:1b")
+    for seed in range(5):
+        targets = probe_targets(model="m:1b", rng=random.Random(seed))
+        voices = [target.voice for target in targets]
+        assert len(targets) == MAX_NODES
+        assert {"address:10.0.0.9", f"contributor:{many.pk}"} <= set(voices)
+        assert len(set(voices)) == 3

@@ -21,7 +21,7 @@ def probe_nodes(worker_env: dict[str, str], router_url: str) -> subprocess.Compl
     return subprocess.run(
         [procs.PYTHON, "manage.py", "probe_nodes", "--router", router_url],
         cwd=procs.ROOT,
-        env={**os.environ, **worker_env},
+        env={**os.environ, **worker_env, "IDLECLAW_PROBE_STAGGER": "0"},
         capture_output=True,
         text=True,
         timeout=180,

@@ -53,3 +53,18 @@ def test_contributor_records_pass_their_tests_on_postgresql(database_url):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "database: postgresql" in result.stdout
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_a_prober_recording_results_never_deadlocks_with_finishing_requests(database_url):
+    # Red team F1: the prober locked the contributor before its sessions, a finishing request
+    # locks its session before the contributor; on PostgreSQL one of them died of a deadlock.
+    result = subprocess.run(
+        [procs.PYTHON, "-m", "tests.scaleout.probe_lock_race", "150"],
+        cwd=procs.ROOT, env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout)
+    assert seen["errors"] == []
+    # Every request and every probe round counted: 2 nodes x 150 of each.
+    assert (seen["served"], seen["probes_passed"], seen["left_inflight"]) == (300, 300, 0)

@@ -26,6 +26,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import OperationalError, close_old_connections
 from django.utils import timezone
 
 from nodes import probes
@@ -96,6 +97,11 @@ class Command(BaseCommand):
             help="run a round every SECONDS until SIGTERM or SIGINT",
         )
         parser.add_argument("--model", default=None, help="probe only this model")
+        parser.add_argument(
+            "--stagger", type=float, default=None, metavar="SECONDS",
+            help="the most a model's probes are spread over, in random pauses between its "
+            "nodes (default: $IDLECLAW_PROBE_STAGGER, 10)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         every = options["every"]
@@ -109,6 +115,10 @@ class Command(BaseCommand):
         timeout = settings.IDLECLAW_RESPONSE_TIMEOUT + 30
         self.client = RouterClient(options["router"], probe_token(), timeout)
         self.every = every
+        stagger = options["stagger"]
+        self.stagger = settings.IDLECLAW_PROBE_STAGGER if stagger is None else stagger
+        if not self.stagger >= 0:
+            raise CommandError("--stagger must be zero or more seconds")
         while True:
             started = time.monotonic()
             try:
@@ -117,30 +127,27 @@ class Command(BaseCommand):
                 if every is None:
                     raise CommandError(f"the router could not be reached: {error}") from None
                 self.stderr.write(f"the router could not be reached: {error}")
+            except OperationalError as error:
+                # A deadlock victim, a lost database connection: this round is lost, not the
+                # prober. (The message is the database's, never a prompt or an answer.)
+                if every is None:
+                    raise
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                self.stderr.write(f"probe round failed on the database: {first_line}")
+                close_old_connections()
             if every is None or self.stop.wait(max(0.0, every - (time.monotonic() - started))):
                 break
 
     def _round(self, only: str | None) -> None:
         counts: Counter[str] = Counter()
         nodes: dict[int, Tally] = {}
-        for model in probes.probe_models(only=only):
-            if self.stop.is_set():
-                break
-            # The lease outlives the longest round on a model: three probes in turn.
-            seconds = 3 * self.client.timeout + 60
-            if not probes.probe_lease_take(model=model, holder=self.holder, seconds=seconds):
-                counts["held elsewhere"] += 1
-                continue
-            keep_until = None
-            if self.every is not None:
-                keep_until = timezone.now() + timedelta(seconds=KEEP_SHARE * self.every)
-            try:
-                tallies = self._probe_model(model, counts)
-                probes.probe_results_record(tallies=tallies)
-            finally:
-                probes.probe_lease_end(model=model, holder=self.holder, keep_until=keep_until)
-            counts["models"] += 1
-            nodes.update(tallies)
+        try:
+            self._probe_models(only, counts, nodes)
+        finally:
+            # Recorded once for the whole round (also what was gathered before the router went
+            # away): a contributor failing on one model gets no pass credit from another
+            # (fails dominate, nodes.probes.probe_results_record).
+            probes.probe_results_record(tallies=nodes)
         judged = [t for t in nodes.values() if t.passed or t.failed]
         self.stdout.write(
             f"probe round: {counts['models']} models probed"
@@ -151,9 +158,31 @@ class Command(BaseCommand):
             f" undecided {counts[UNDECIDED]}, busy {counts[BUSY]}"
         )
 
+    def _probe_models(self, only: str | None, counts: Counter[str], nodes: dict[int, Tally]
+                      ) -> None:
+        for model in probes.probe_models(only=only):
+            if self.stop.is_set():
+                break
+            # The lease outlives the longest round on a model: three probes in turn.
+            seconds = 3 * (self.client.timeout + self.stagger) + 60
+            if not probes.probe_lease_take(model=model, holder=self.holder, seconds=seconds):
+                counts["held elsewhere"] += 1
+                continue
+            keep_until = None
+            if self.every is not None:
+                keep_until = timezone.now() + timedelta(seconds=KEEP_SHARE * self.every)
+            try:
+                tallies = self._probe_model(model, counts)
+            finally:
+                probes.probe_lease_end(model=model, holder=self.holder, keep_until=keep_until)
+            counts["models"] += 1
+            for session_id, tally in tallies.items():
+                nodes.setdefault(session_id, Tally()).merge(tally)
+
     def _probe_model(self, model: str, counts: Counter[str]) -> dict[int, Tally]:
         targets = probes.probe_targets(model=model, rng=self.rng)
         tallies = {target.session_id: Tally() for target in targets}
+        voices = {target.session_id: target.voice for target in targets}
 
         def judge(verdicts: dict[int, str]) -> None:
             for session_id, verdict in verdicts.items():
@@ -164,7 +193,8 @@ class Command(BaseCommand):
             answers = self._send(targets, probes.text_probe(model, self.rng))
             judge(
                 probes.verdicts(
-                    {sid: (a["content"] if a else None) for sid, a in answers.items()}
+                    {sid: (a["content"] if a else None) for sid, a in answers.items()},
+                    voices,
                 )
             )
             counts[BUSY] += len(targets) - len(answers)
@@ -181,12 +211,23 @@ class Command(BaseCommand):
         return tallies
 
     def _send(self, targets: list[Target], body: dict[str, Any]) -> dict[int, dict | None]:
-        """The same probe to each target at once: its answer, None when it failed; nodes that
-        were busy (or gone, or the router could not take the probe) are left out."""
-        with ThreadPoolExecutor(len(targets)) as pool:
-            replies = list(pool.map(lambda t: self.client.probe(t.session_id, body), targets))
+        """The same probe to each target: its answer, None when it failed; nodes that were busy
+        (or gone, or the router could not take the probe) are left out. The targets get it in
+        random order, each after a random pause, the pauses adding up to at most
+        ``self.stagger`` seconds, so the same prompt does not reach every node at one moment."""
+        order = list(targets)
+        self.rng.shuffle(order)
+        cuts = sorted(self.rng.uniform(0, self.stagger) for _ in order)
+
+        def send(index: int) -> dict[str, Any] | None:
+            if self.stop.wait(cuts[index]):
+                return None
+            return self.client.probe(order[index].session_id, body)
+
+        with ThreadPoolExecutor(len(order)) as pool:
+            replies = list(pool.map(send, range(len(order))))
         answers: dict[int, dict | None] = {}
-        for target, reply in zip(targets, replies, strict=True):
+        for target, reply in zip(order, replies, strict=True):
             if reply is None:
                 continue
             if reply.get("status") == ANSWERED:
