@@ -16,6 +16,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_ipv46_address
+from django.db import transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -417,7 +418,20 @@ class ContributorAdmin(admin.ModelAdmin):
         return obj.live
 
     def save_model(self, request: HttpRequest, obj: Contributor, form: Any, change: bool) -> None:
-        # Its live nodes are routed by their own copy of the reputation (set at registration).
-        # Sessions first, then the record: the order a finishing request locks them in.
-        NodeSession.objects.filter(contributor=obj).update(reputation=obj.reputation)
-        super().save_model(request, obj, form, change)
+        # Only the fields the form edits: a full-row save would put back the counters as they
+        # were when the page was loaded, losing what finishing requests and probes added since.
+        fields = ["name", "reputation", "notes"]
+        with transaction.atomic():
+            sessions = NodeSession.objects.filter(contributor=obj)
+            # Sessions first, then the record: the order a finishing request locks them in.
+            locked = list(sessions.select_for_update().order_by("pk").values_list("pk", flat=True))
+            if "reputation" in form.changed_data:
+                # The operator's value is the new starting point: decay runs from now, so the
+                # next probe round does not undo it as if it were old evidence.
+                obj.probed_at = timezone.now()
+                fields.append("probed_at")
+                # Its live nodes are routed by their own copy of the reputation.
+                NodeSession.objects.filter(pk__in=locked).update(
+                    reputation=obj.reputation, probed_at=obj.probed_at
+                )
+            obj.save(update_fields=fields)

@@ -6,11 +6,14 @@ look, operators edit name, reputation and notes), the node list naming the contr
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from nodes.models import Contributor, ContributorModel, NodeSession
+from nodes.probes import Tally, probe_results_record
 from routing import selectors
 from tests.ops import NODES, get, staff_client
 from tests.scripted_node import ScriptedNode, register_frame
@@ -116,6 +119,31 @@ async def test_the_admin_lists_records_and_operators_edit_them(channel_layer):
              "models-TOTAL_FORMS": "0", "models-INITIAL_FORMS": "0"},
         )  # fmt: skip
         assert page.status_code == 200 and says in page.content.decode(), bad
+
+
+async def test_an_operators_reputation_edit_is_not_undone_by_the_next_probe_round(channel_layer):
+    # Red team F7: the edit kept the old probed_at, so the next round decayed the operator's
+    # value toward neutral as if it were a day old.
+    await keyed_node(name="ada", node_id="node-ada")
+    day_ago = timezone.now() - timedelta(hours=24)
+    await sync_to_async(Contributor.objects.update)(reputation=0.9, probed_at=day_ago)
+    record = await sync_to_async(Contributor.objects.get)()
+    operator = await staff_client("operator")
+    saved = await operator.post(
+        f"{CONTRIBUTORS}{record.pk}/change/",
+        {"name": "ada", "reputation": "0.1", "notes": "caught lying by hand",
+         "models-TOTAL_FORMS": "0", "models-INITIAL_FORMS": "0"},
+    )  # fmt: skip
+    assert saved.status_code == 302, saved.content.decode()[:2000]
+    session = await sync_to_async(NodeSession.objects.get)()
+    # A round that probes the node without a verdict (alone with its model) only decays it.
+    await sync_to_async(probe_results_record)(tallies={session.pk: Tally()})
+    record = await sync_to_async(Contributor.objects.get)()
+    assert record.reputation == pytest.approx(0.1, abs=0.01)
+    assert record.notes == "caught lying by hand"
+    assert await sync_to_async(lambda: NodeSession.objects.get().reputation)() == pytest.approx(
+        0.1, abs=0.01
+    )
 
 
 async def test_the_public_list_shows_names_bands_and_counts_never_ids_or_addresses(
