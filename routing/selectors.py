@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db.models import BigIntegerField, Count, F, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -43,10 +44,13 @@ def live_sessions() -> QuerySet[NodeSession]:
 
 
 def network_models() -> list[ModelInfo]:
-    """Models that at least one live node serves, largest first."""
+    """Models that at least one live node at or above ``IDLECLAW_REPUTATION_FLOOR`` serves,
+    largest first: a node below the floor gets no consumer traffic, so neither its models nor
+    its slots are offered."""
     sessions = {
         pk: (max_concurrent, active, draining)
         for pk, max_concurrent, active, draining in live_sessions()
+        .filter(reputation__gte=settings.IDLECLAW_REPUTATION_FLOOR)
         .annotate(active=Count("inflight"))
         .values_list("pk", "max_concurrent", "active", "draining")
     }
@@ -149,8 +153,9 @@ def embeddings_served(*, model: str) -> bool:
 # many are live in all.
 MAX_LISTED_NODES = 500
 # Reputation bands of the public node list (README "Contributor names and records"): below
-# POOR_BELOW a node is "poor" whatever it served; otherwise "new" until it has served
-# NEW_UNTIL requests, then "good" from GOOD_FROM and "fair" between.
+# IDLECLAW_REPUTATION_FLOOR a node is "excluded" (no consumer traffic until it passes probes
+# again); below POOR_BELOW it is "poor" whatever it served; otherwise "new" until it has
+# served NEW_UNTIL requests, then "good" from GOOD_FROM and "fair" between.
 POOR_BELOW = 0.4
 GOOD_FROM = 0.6
 NEW_UNTIL = 10
@@ -158,6 +163,8 @@ NEW_UNTIL = 10
 
 def reputation_band(reputation: float, served: int) -> str:
     """The public word for a node's reputation (0 to 1) and requests served."""
+    if reputation < settings.IDLECLAW_REPUTATION_FLOOR:
+        return "excluded"
     if reputation < POOR_BELOW:
         return "poor"
     if served < NEW_UNTIL:

@@ -182,6 +182,8 @@ def test_reputation_bands():
     assert selectors.reputation_band(0.39, 0) == "poor"
     assert selectors.reputation_band(0.39, 1000) == "poor"
     assert selectors.reputation_band(0.5, 10) == "fair"
+    assert selectors.reputation_band(0.2, 0) == "excluded"  # below IDLECLAW_REPUTATION_FLOOR
+    assert selectors.reputation_band(0.2, 1000) == "excluded"
     assert selectors.reputation_band(0.6, 10) == "good"
 
 

@@ -549,3 +549,37 @@ async def test_keep_alive_zero_unloads_in_every_form_ollama_reads_as_zero(channe
         assert reason == ("unload" if keep_alive in unloading else "load"), keep_alive
     assert await node.nothing_sent()
     await node.disconnect()
+
+
+async def test_a_model_whose_nodes_are_all_below_the_floor_is_not_advertised(channel_layer):
+    # Red team F8: its nodes get no traffic, so neither the model nor their slots are offered.
+    from nodes.models import NodeSession
+
+    kept = ScriptedNode()
+    await kept.register(max_concurrent=2, models=[{"name": "smollm2:135m"}])
+    caught = ScriptedNode(ip="10.0.0.9")
+    await caught.register(
+        node_id="caught", max_concurrent=3,
+        models=[{"name": "llama3.2:3b"}, {"name": "smollm2:135m"}],
+    )  # fmt: skip
+    await sync_to_async(NodeSession.objects.filter(node_id="caught").update)(reputation=0.1)
+
+    async def get(path: str) -> Any:
+        client = HttpClient("GET", path)
+        assert (await client.start())[0] == 200
+        return json.loads(await client.read_all())
+
+    models = await get("/api/models")
+    assert models["models"] == ["smollm2:135m"]
+    assert models["details"]["smollm2:135m"]["free_slots"] == 2  # the kept node's only
+    assert [m["id"] for m in (await get("/v1/models"))["data"]] == ["smollm2:135m"]
+    assert [m["name"] for m in (await get("/ollama/api/tags"))["models"]] == ["smollm2:135m"]
+    body = {"model": "llama3.2:3b", "messages": MESSAGES, "stream": True}
+    refused = HttpClient("POST", "/v1/chat/completions", body)
+    assert (await refused.start())[0] == 404
+    assert json.loads(await refused.read_all())["error"]["code"] == "model_not_found"
+    # The public list says why the caught node is idle.
+    bands = sorted(node["reputation"] for node in (await get("/api/network/nodes"))["nodes"])
+    assert bands == ["excluded", "new"]
+    await caught.disconnect()
+    await kept.disconnect()
