@@ -78,7 +78,7 @@ PASS = "pass"
 FAIL = "fail"
 SPLIT = "split"  # two answers that disagree: neither is judged
 UNDECIDED = "undecided"  # nothing to compare with, or no majority
-BUSY = "busy"  # not sent: no free slot
+BUSY = "busy"  # not sent: no slot came free on the node in time
 
 PROMPTS = (
     "What is the capital of Australia?",

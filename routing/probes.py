@@ -12,10 +12,13 @@ What the node sees cannot be told from a consumer's request: the body is parsed 
 front end's own parser (``routing.openai_api.parse_completion_request``), and sent by the
 relay every front end uses (``routing.streaming.Relay``) under an id issued like any other
 (``idleclaw_site.request_ids``), with the operator's system prompt and the router's tools as
-any request gets them. It holds a slot through the same claim (``routing.services.
-inflight_claim``), pinned to the one session: with no free slot there, or consumers already
-waiting for the model, it is not sent at all ("busy"; the prober tries that node another
-round). It never fails over to another node.
+any request gets them. It holds one of the node's slots like any request, but is not held back
+by the model's queue (red team F4 of issue 20: a queue kept full by an accomplice shielded
+every node of a model from probes): it reserves the node's next free slot ahead of queued
+consumers (``routing.services.inflight_reserve``; the node counts as full meanwhile) and waits
+for it up to ``SLOT_WAIT`` seconds, else it is not sent at all ("busy"; the prober tries that
+node another round). It is one request per node per round, so the queue loses one slot for one
+answer. It never fails over to another node.
 
 What differs is after the answer: it counts against no consumer's limits (no
 ``ConsumerStream`` row), is not counted in the consumer metrics (``RequestCount``), and leaves
@@ -26,6 +29,7 @@ logged or stored.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from dataclasses import dataclass, field
@@ -49,10 +53,14 @@ from routing.streaming import Relay, RelayError, collect
 _TOKEN_PURPOSE = b"idleclaw internal probe v1"
 
 ANSWERED = "answered"
-BUSY = "busy"  # no free slot on the node (or consumers waiting): not sent; try again later
+BUSY = "busy"  # no slot came free on the node in time: not sent; try again later
 FAILED = "failed"  # the node failed, fell silent or took too long
 GONE = "gone"  # no such live session, or the router is shutting down
 ABORTED = "aborted"  # ended by the router or an operator, not by the node: nobody is judged
+
+# How long a probe waits for its node's next free slot, and how often it looks.
+SLOT_WAIT = 30.0
+SLOT_POLL = 0.25
 
 # Relay errors that are no fault of the node: a probe ended by one of them judges nobody.
 _NOT_THE_NODES = frozenset(
@@ -107,15 +115,40 @@ class ProbeRelay(Relay):
         super().__init__(model=model, ollama_params=ollama_params, api=metrics.API_OPENAI)
 
     async def claim_slot(self) -> bool:
-        """Take a slot on the session now, or not at all (False)."""
+        """Take the session's next free slot, ahead of any consumer queued for the model:
+        reserve it now (``services.inflight_reserve``), then wait until it is within the
+        node's slots, at most ``SLOT_WAIT`` seconds. False when there is no such session, or
+        no slot came free in time."""
         await worker.ensure_started()
         self.layer = get_channel_layer()
         self.reply_channel = await self.layer.new_channel()
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
-        if await self._try_claim() is not None:
+        self.attempts += 1
+        claim = await db(services.inflight_reserve)(
+            model=self.model,
+            request_id=self._next_claim_id(),
+            reply_channel=self.reply_channel,
+            worker_id=worker.WORKER_ID,
+            session=self.session_id,
+            demand=self.demand,
+        )
+        if claim is None:
+            self.attempts -= 1
             shutdown.relay_ended(self)
             return False
-        return True
+        self._claim_id = None
+        until = self.loop.time() + SLOT_WAIT
+        while True:
+            ready = await db(services.inflight_ready)(request_id=claim.request_id)
+            if ready:
+                self.claim = claim
+                return True
+            if ready is None or self.loop.time() >= until or shutdown.draining():
+                break
+            await asyncio.sleep(SLOT_POLL)
+        await self._release(claim, Outcome(kind="cancelled"), cancel=False, final=True)
+        shutdown.relay_ended(self)
+        return False
 
     async def _try_claim(self) -> NoSlot | None:
         # Only the pinned session; after it failed, nothing (``events`` then raises).

@@ -366,6 +366,77 @@ SELECT %(request_id)s, %(session)s, %(worker)s, %(model)s, %(reply_channel)s, %(
 WHERE (SELECT COUNT(*) FROM {T.inflight} WHERE session_id = %(session)s) < %(max_concurrent)s
 """)
 
+def inflight_reserve(
+    *,
+    model: str,
+    request_id: str,
+    reply_channel: str,
+    worker_id: str,
+    session: int,
+    demand: Demand = NO_DEMAND,
+) -> Claim | None:
+    """A probe's place on one session (routing/probes.py), ahead of the model's queue: a slot
+    row taken even when the node's slots are all in use, one beyond them at most. While it is
+    over, no consumer claims the node (its slots count as full), so the next slot that frees
+    there is the probe's: ``inflight_ready`` says when. None when the session is not live,
+    draining, does not serve the model, its caps do not take ``demand``, or already holds one
+    such extra row. The reputation floor and cooldowns do not apply: a probe is how a node
+    below the floor comes back."""
+    now = timezone.now()
+    with transaction.atomic(savepoint=False):
+        rows = NodeSession.objects.filter(
+            pk=session,
+            draining=False,
+            last_seen__gte=live_cutoff(now),
+            worker__last_seen__gte=worker_cutoff(now),
+            models__name=model,
+        )
+        if connection.vendor == "postgresql":
+            # Lock the node's row, then count its slots, as ``inflight_claim`` does.
+            rows = rows.select_for_update(of=("self",))
+        found = rows.values("channel_name", "node_id", "max_concurrent", "max_ctx", "max_predict")
+        target = next(iter(found), None)
+        if target is None:
+            return None
+        for cap, asked in (("max_ctx", demand.num_ctx), ("max_predict", demand.num_predict)):
+            if asked and target[cap] is not None and target[cap] < asked:
+                return None
+        taken = _run(
+            _TAKE_SLOT_SQL,
+            {
+                "request_id": request_id,
+                "session": session,
+                "worker": worker_id,
+                "model": model,
+                "reply_channel": reply_channel,
+                "now": _at(now),
+                "max_concurrent": target["max_concurrent"] + 1,
+            },
+        )
+        if not taken:
+            return None
+    return Claim(
+        request_id=request_id,
+        session_id=session,
+        node_channel=target["channel_name"],
+        node_id=target["node_id"],
+    )
+
+
+def inflight_ready(*, request_id: str) -> bool | None:
+    """Whether a reserved slot (``inflight_reserve``) is now within its node's slots, so the
+    request may be sent; None when the row is gone (the node left)."""
+    row = (
+        InflightRequest.objects.filter(request_id=request_id)
+        .values("session_id", "session__max_concurrent")
+        .first()
+    )
+    if row is None:
+        return None
+    held = InflightRequest.objects.filter(session_id=row["session_id"]).count()
+    return held <= row["session__max_concurrent"]
+
+
 _SERVED_TEMPLATE = _sql("""
 SELECT s.id FROM {T.session} s
 JOIN {T.model} m ON m.session_id = s.id AND m.name = %(model)s

@@ -18,7 +18,8 @@ def test_routing_services_pass_their_tests_on_postgresql(database_url):
     # (pytest-django creates its test database next to this test's database).
     result = subprocess.run(
         [procs.PYTHON, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider",
-         "tests/routing/test_services.py", "tests/routing/test_fair_queue.py"],
+         "tests/routing/test_services.py", "tests/routing/test_fair_queue.py",
+         "tests/routing/test_probes.py"],
         cwd=procs.ROOT, env={**os.environ, "DATABASE_URL": database_url},
         capture_output=True, text=True, timeout=120,
     )

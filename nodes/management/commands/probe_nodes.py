@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from nodes import probes
 from nodes.probes import BUSY, FAIL, PASS, SPLIT, UNDECIDED, Tally, Target
-from routing.probes import ANSWERED, FAILED, probe_token
+from routing.probes import ANSWERED, FAILED, SLOT_WAIT, probe_token
 
 DEFAULT_ROUTER = "http://127.0.0.1:8000"
 # The most of an answer read from the router: it caps answers far below this
@@ -112,7 +112,8 @@ class Command(BaseCommand):
             signal.signal(signum, lambda *_: self.stop.set())
         self.rng = random.SystemRandom()
         self.holder = probes.lease_holder()
-        timeout = settings.IDLECLAW_RESPONSE_TIMEOUT + 30
+        # The router may wait up to SLOT_WAIT for the node's next free slot, then the answer.
+        timeout = settings.IDLECLAW_RESPONSE_TIMEOUT + SLOT_WAIT + 30
         self.client = RouterClient(options["router"], probe_token(), timeout)
         self.every = every
         stagger = options["stagger"]
