@@ -120,6 +120,7 @@ class Command(BaseCommand):
         self.stagger = settings.IDLECLAW_PROBE_STAGGER if stagger is None else stagger
         if not self.stagger >= 0:
             raise CommandError("--stagger must be zero or more seconds")
+        self.spread = self.stagger
         while True:
             started = time.monotonic()
             try:
@@ -165,7 +166,7 @@ class Command(BaseCommand):
             if self.stop.is_set():
                 break
             # The lease outlives the longest round on a model: three probes in turn.
-            seconds = 3 * (self.client.timeout + self.stagger) + 60
+            seconds = 3 * self.client.timeout + self.stagger + 60
             if not probes.probe_lease_take(model=model, holder=self.holder, seconds=seconds):
                 counts["held elsewhere"] += 1
                 continue
@@ -190,6 +191,11 @@ class Command(BaseCommand):
                 counts[verdict] += 1
                 tallies[session_id].add(verdict)
 
+        thinkers = [t for t in targets if "thinking" in t.capabilities]
+        tool_users = [t for t in targets if "tools" in t.capabilities]
+        # The model's probes share the stagger: a round on it spreads over at most that long.
+        sends = (len(targets) >= 2) + bool(thinkers) + bool(tool_users)
+        self.spread = self.stagger / max(sends, 1)
         if len(targets) >= 2:
             answers = self._send(targets, probes.text_probe(model, self.rng))
             judge(
@@ -199,11 +205,9 @@ class Command(BaseCommand):
                 )
             )
             counts[BUSY] += len(targets) - len(answers)
-        thinkers = [t for t in targets if "thinking" in t.capabilities]
         if thinkers:
             answers = self._send(thinkers, probes.thinking_probe(model, self.rng))
             judge({sid: probes.thinking_verdict(a) for sid, a in answers.items()})
-        tool_users = [t for t in targets if "tools" in t.capabilities]
         if tool_users:
             body = probes.tool_probe(model, self.rng)
             offered = [tool["function"]["name"] for tool in body["tools"]]
@@ -215,10 +219,11 @@ class Command(BaseCommand):
         """The same probe to each target: its answer, None when it failed; nodes that were busy
         (or gone, or the router could not take the probe) are left out. The targets get it in
         random order, each after a random pause, the pauses adding up to at most
-        ``self.stagger`` seconds, so the same prompt does not reach every node at one moment."""
+        ``self.spread`` seconds (the model's share of ``--stagger``), so the same prompt does not
+        reach every node at one moment."""
         order = list(targets)
         self.rng.shuffle(order)
-        cuts = sorted(self.rng.uniform(0, self.stagger) for _ in order)
+        cuts = sorted(self.rng.uniform(0, self.spread) for _ in order)
 
         def send(index: int) -> dict[str, Any] | None:
             if self.stop.wait(cuts[index]):
