@@ -1,11 +1,18 @@
 """Contributor identity (issue 20): what the router derives from a contributor key, and the
 public names contributors go by.
 
-A contributor key is 32 random bytes that ``contribute.py`` keeps in a file and writes as 64
-lowercase hex characters. The router never stores it: it keeps the key's SHA-256 (to find the
-contributor's record again) and the SHA-256 of the consumer token derived from it (to know the
-contributor's own requests). ``contribute.py --print-token`` derives the same token, with the
-same definition; keep the two in step.
+A contributor key is 32 random bytes that ``contribute.py`` keeps in a file and never sends
+anywhere. What a router receives in ``register`` (the ``contributor.key`` field) is that
+router's own **router key**: ``HMAC-SHA256(key, b"idleclaw router key v1|" + origin)`` as 64
+lowercase hex, ``origin`` being the router's normalized origin as the node was configured with
+it (skill_scripts/contributor_key.py ``router_origin``). A hostile or look-alike router, or a
+proxy on the way, so learns only a value that is worth nothing on any other origin (red-team F6
+of issue 20).
+
+Here the router key is simply "the key": the router never stores it, it keeps its SHA-256 (to
+find the contributor's record again) and the SHA-256 of the consumer token derived from it (to
+know the contributor's own requests). ``contribute.py --print-token`` derives the same token
+from the same router key, with the same definition; keep the two in step.
 """
 
 from __future__ import annotations
@@ -50,18 +57,19 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 
 
 def valid_key(key: Any) -> bool:
-    """Whether ``key`` is a contributor key as written: exactly 64 lowercase hex characters."""
+    """Whether ``key`` is a router key as sent: exactly 64 lowercase hex characters."""
     return isinstance(key, str) and len(key) == KEY_HEX_CHARS and KEY_HEX.fullmatch(key) is not None
 
 
 def key_hash(key: str) -> str:
-    """What the router stores to recognise a key: its SHA-256, in hex."""
+    """What the router stores to recognise a router key: its SHA-256, in hex."""
     return hashlib.sha256(key.encode("ascii")).hexdigest()
 
 
 def token_of(key: str) -> str:
-    """The consumer token of a key (``contribute.py --print-token``): a bearer secret that marks
-    a request as this contributor's."""
+    """The consumer token of a router key (``contribute.py --print-token``):
+    ``"icc_" + HMAC-SHA256(bytes.fromhex(key), b"idleclaw consumer token")`` in hex, a bearer
+    secret that marks a request as this contributor's."""
     mac = hmac.new(bytes.fromhex(key), TOKEN_MESSAGE, hashlib.sha256).hexdigest()
     return TOKEN_PREFIX + mac
 

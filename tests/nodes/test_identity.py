@@ -97,6 +97,9 @@ def test_a_good_contributor_object_is_taken_and_extra_fields_ignored():
 
 
 def test_key_hash_and_token_follow_the_documented_definition():
+    """What ``register`` carries is the node's router key (a per-router HMAC of the contributor
+    key, red-team F6 of issue 20); to the router it is the key, hashed and turned into the
+    token as documented."""
     assert identity.key_hash(KEY) == hashlib.sha256(KEY.encode("ascii")).hexdigest()
     expected = (
         "icc_"
