@@ -254,6 +254,27 @@ def test_an_anonymous_nodes_requests_touch_no_record(router_worker):
     assert not ContributorModel.objects.exists() and not ContributorHour.objects.exists()
 
 
+def test_prune_removes_hourly_token_counts_older_than_48_hours(router_worker, capsys):
+    """Red-team F10 of issue 20: the per-hour counts behind priority no longer grow for ever;
+    the live contributor's record and its recent hours stay."""
+    opened = open_node(key=KEY, name="busy-bee")
+    record = Contributor.objects.get()
+    this_hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for hours_ago in (0, 23, 47, 49, 24 * 30):
+        ContributorHour.objects.create(
+            contributor=record, hour=this_hour - timedelta(hours=hours_ago), tokens=hours_ago + 1
+        )
+    call_command("contributors_prune", "--dry-run")
+    assert "would remove 2 hourly token count(s) older than 48 hours" in capsys.readouterr().out
+    assert ContributorHour.objects.count() == 5
+    call_command("contributors_prune")
+    assert "removed 2 hourly token count(s) older than 48 hours" in capsys.readouterr().out
+    kept = sorted(ContributorHour.objects.values_list("tokens", flat=True))
+    assert kept == [1, 24, 48]
+    assert Contributor.objects.get().name == "busy-bee"
+    assert NodeSession.objects.filter(pk=opened.session_id).exists()
+
+
 def test_prune_removes_old_records_without_live_nodes(router_worker, capsys):
     live = open_node(key=KEY, name="still-here")
     gone = open_node(key=OTHER_KEY, name="long-gone")
