@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
+import uuid
 from typing import Any
 
 KEY_HEX_CHARS = 64
@@ -51,9 +53,15 @@ ANIMALS = (
     "walrus", "weasel", "whale", "wombat", "wren", "yak", "zebra", "lark",
 )  # fmt: skip
 
-# Same rule as a model name (nodes.protocol.MODEL_NAME): what everyone sees must not carry
-# markup, look-alike letters or spaces.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# A model name's charset without ``:`` and ``/`` (red-team F9 of issue 20: a name must not read
+# as a model, a path or an address): what everyone sees carries no markup, look-alike letters
+# or spaces.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Names, and beginnings of names, that would pass for the network's own or an operator's
+# (compared without case). ``anonymous`` is what the node list calls nodes without a key.
+RESERVED_PREFIXES = ("anonymous", "admin", "idleclaw", "operator", "root", "system")
+# Digits and dots only: an address in one of the forms inet_aton takes (127.1, 2130706433).
+ADDRESS_LIKE = re.compile(r"[0-9.]+")
 
 
 def valid_key(key: Any) -> bool:
@@ -81,16 +89,35 @@ def token_hash(token: str) -> str:
 
 def name_problem(name: Any) -> str | None:
     """Why ``name`` cannot be a contributor's name, or None when it can: 1-64 ASCII letters,
-    digits and ``. _ : / -``, starting with a letter or digit, no ``..``, not "anonymous"."""
+    digits and ``. _ -``, starting with a letter or digit, no ``..``; not an IP address (nor
+    digits and dots only) or a UUID, which would pass for a node's address or id; not starting
+    with a reserved word (``RESERVED_PREFIXES``, in any case). skill_scripts/contributor_key.py
+    applies the same rule; keep the two in step."""
     if not isinstance(name, str):
         return "a name is text"
     if not name or len(name) > MAX_NAME_CHARS:
         return f"a name is 1-{MAX_NAME_CHARS} characters"
     if NAME.fullmatch(name) is None or ".." in name:
-        return "a name is ASCII letters, digits and . _ : / - (starting with a letter or digit)"
-    if name.lower() == ANONYMOUS:
+        return "a name is ASCII letters, digits and . _ - (starting with a letter or digit)"
+    lowered = name.lower()
+    if lowered.startswith(ANONYMOUS):
         return f'"{ANONYMOUS}" is what nodes without a key are called'
+    for word in RESERVED_PREFIXES:
+        if lowered.startswith(word):
+            return f'a name may not begin with "{word}": it would pass for the network\'s own'
+    if ADDRESS_LIKE.fullmatch(name) is not None or _parses(ipaddress.ip_address, name):
+        return "a name may not look like an address"
+    if _parses(uuid.UUID, name):
+        return "a name may not look like a node id (a UUID)"
     return None
+
+
+def _parses(parse: Any, text: str) -> bool:
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def generated_name() -> str:

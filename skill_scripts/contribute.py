@@ -2280,7 +2280,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_contributor_name,
         metavar="NAME",
         help="the public name others see instead of a generated one such as amber-otter-417 "
-        "(1-64 letters, digits and . _ : / -); the router keeps it until changed",
+        "(1-64 letters, digits and . _ -; not an address, a UUID or beginning with admin, "
+        "anonymous, idleclaw, operator, root or system); the router keeps it until changed",
     )
     who.add_argument(
         "--print-token",

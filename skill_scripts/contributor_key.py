@@ -18,12 +18,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
 import stat
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 KEY_FILE_NAME = "contributor.key"
@@ -36,11 +39,14 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 SCHEME_OF = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 # A key file is 65 bytes; anything much larger is not one, and is not read whole.
 MAX_KEY_FILE_BYTES = 256
-# The contributor name rule: that of model names (docs/protocol.md §4), and not the word the
-# public node list uses for nodes without a key.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# The contributor name rule (the router's, nodes/identity.py): the charset of model names
+# (docs/protocol.md §4) without ``:`` and ``/``; not an address or a UUID; not beginning with a
+# reserved word (the first is what the public node list calls nodes without a key).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_CHARS = 64
 ANONYMOUS = "anonymous"
+RESERVED_PREFIXES = ("anonymous", "admin", "idleclaw", "operator", "root", "system")
+ADDRESS_LIKE = re.compile(r"[0-9.]+")
 # POSIX permissions: on Windows the mode bits say nothing about who may read a file.
 CHECK_MODES = os.name == "posix"
 # Not on Windows, which has no such flag (nor, for most users, symbolic links).
@@ -67,10 +73,26 @@ def name_problem(name: str) -> str | None:
     if not 0 < len(name) <= MAX_NAME_CHARS:
         return f"a name is 1-{MAX_NAME_CHARS} characters"
     if NAME_RE.fullmatch(name) is None or ".." in name:
-        return "a name is ASCII letters, digits and . _ : / - (starting with a letter or digit)"
-    if name.lower() == ANONYMOUS:
+        return "a name is ASCII letters, digits and . _ - (starting with a letter or digit)"
+    lowered = name.lower()
+    if lowered.startswith(ANONYMOUS):
         return f'"{ANONYMOUS}" is what nodes without a key are called'
+    for word in RESERVED_PREFIXES:
+        if lowered.startswith(word):
+            return f'a name may not begin with "{word}": it would pass for the network\'s own'
+    if ADDRESS_LIKE.fullmatch(name) is not None or _parses(ipaddress.ip_address, name):
+        return "a name may not look like an address"
+    if _parses(uuid.UUID, name):
+        return "a name may not look like a node id (a UUID)"
     return None
+
+
+def _parses(parse: Any, text: str) -> bool:
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def router_origin(server: str) -> str:
