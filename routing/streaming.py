@@ -133,6 +133,10 @@ class _Failover(Exception):
 # died, or a node came back from its cooldown). Wake-ups come through the channel layer.
 QUEUE_RECHECK = 2.0
 WAKE = "queue.wake"
+# The most tokens one character of an answer can explain: a byte-level tokenizer may spend a
+# token per UTF-8 byte, and a character is at most four. ``eval_count`` above this many per
+# character the node sent (plus one per chunk that carried something) is cut down to it.
+MAX_TOKENS_PER_CHAR = 4
 
 
 class Relay:
@@ -476,7 +480,7 @@ class Relay:
         sent_at = self.loop.time()
         deadline = sent_at + settings.IDLECLAW_RESPONSE_TIMEOUT
         stall = settings.IDLECLAW_STALL_TIMEOUT
-        char_budget = settings.IDLECLAW_MAX_RESPONSE_CHARS
+        char_limit = char_budget = settings.IDLECLAW_MAX_RESPONSE_CHARS
         first_at: float | None = None
         chunks = 0  # every chunk of the round, as the node numbers them (``seq``)
         # The chunks that carry something (text, reasoning or a tool call): only these count as
@@ -613,6 +617,12 @@ class Relay:
                             yield out
                             return
                         char_budget -= size
+                        if chunk["done"]:
+                            # The node's own count, as consumers see it in their usage, believed
+                            # only as far as what it sent can explain (red-team F3 of issue 20).
+                            most = MAX_TOKENS_PER_CHAR * (char_limit - char_budget) + carrying
+                            if chunk.get("eval_count", 0) > most:
+                                chunk = {**chunk, "eval_count": most}
                         out.append(chunk)
                         if chunk["done"]:
                             node_done = True

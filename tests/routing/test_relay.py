@@ -409,8 +409,8 @@ async def test_answer_is_cut_at_max_response_chars_with_finish_reason_length(
 
 async def test_completed_requests_are_measured(channel_layer):
     node, client, request = await serving()
-    await answer(node, request, ["a", "b"], eval_count=50, eval_duration=1_000_000_000,
-                 prompt_eval_count=3)
+    await answer(node, request, ["Hello", " there", " friend"], eval_count=50,
+                 eval_duration=1_000_000_000, prompt_eval_count=3)
     await client.read_all()
     session = await sync_to_async(NodeSession.objects.get)()
     assert session.completed == 1 and session.failed == 0
@@ -432,8 +432,13 @@ async def test_empty_chunks_credit_no_tokens_and_no_speed(channel_layer):
     empty = text_chunk("")
     for _ in range(8):
         await node.chunks(rid, [empty] * 256)
-    await node.chunk(rid, "!", done=True, done_reason="stop")
-    assert text_of(sse_events(await client.read_all())) == "Hi!"
+    await node.chunk(rid, "!", done=True, done_reason="stop", eval_count=10**9,
+                     eval_duration=1, prompt_eval_count=3)
+    events = sse_events(await client.read_all())
+    assert text_of(events) == "Hi!"
+    # The node's own count is believed only as far as three characters explain it.
+    usage = next(event["usage"] for event in events if event.get("usage"))
+    assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] <= 4 * 3 + 2
     person = await sync_to_async(Contributor.objects.get)(name="padded-node")
     assert person.served == 1 and person.tokens == 2
     hours = await sync_to_async(list)(ContributorHour.objects.values_list("tokens", flat=True))
