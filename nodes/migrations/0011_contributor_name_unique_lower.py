@@ -28,7 +28,6 @@ def rename_case_duplicates(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
         ("nodes", "0010_merge_identity_probes"),
     ]
