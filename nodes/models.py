@@ -6,6 +6,7 @@ Rows here exist only while the thing they describe is alive; nothing here is cha
 from __future__ import annotations
 
 from django.db import models
+from django.db.models.functions import Lower
 
 
 class RouterWorker(models.Model):
@@ -47,6 +48,11 @@ class Contributor(models.Model):
 
     class Meta:
         ordering = ["-last_seen"]
+        constraints = [
+            # Names differing only in case would pass for one another (red-team F9 of
+            # issue 20): the database refuses the second, even when two insert at once.
+            models.UniqueConstraint(Lower("name"), name="unique_contributor_name_lower"),
+        ]
 
     def __str__(self) -> str:
         return self.name

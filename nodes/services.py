@@ -21,7 +21,14 @@ from django.utils import timezone
 from django_ratelimit.core import get_usage
 
 from nodes import identity
-from nodes.models import Contributor, NodeBan, NodeModel, NodeSession, RouterWorker
+from nodes.models import (
+    Contributor,
+    ContributorHour,
+    NodeBan,
+    NodeModel,
+    NodeSession,
+    RouterWorker,
+)
 from nodes.protocol import CloseReason, LoadedModel, ModelOffer, ProtocolError, Registration
 
 
@@ -495,3 +502,19 @@ def contributors_prune(*, days: int, dry_run: bool = False) -> int:
     with transaction.atomic():
         _, removed = old.delete()
     return removed.get(Contributor._meta.label, 0)
+
+
+# Hourly token counts older than this feed nothing (priority looks back 24 hours,
+# routing.identity.PRIORITY_WINDOW); the margin keeps a day's worth for an operator to look at.
+CONTRIBUTOR_HOURS_KEPT = timedelta(hours=48)
+
+
+def contributor_hours_prune(*, dry_run: bool = False) -> int:
+    """Remove contributors' per-hour token counts older than ``CONTRIBUTOR_HOURS_KEPT``
+    (``manage.py contributors_prune``; red-team F10 of issue 20: they grew for ever); return
+    how many rows were (or, ``dry_run``, would be) removed."""
+    old = ContributorHour.objects.filter(hour__lt=timezone.now() - CONTRIBUTOR_HOURS_KEPT)
+    if dry_run:
+        return old.count()
+    removed, _ = old.delete()
+    return removed

@@ -94,8 +94,8 @@ class RequestTally:
     client_ip: str | None = None
     arrived: float = field(default_factory=time.time)
     first_token_at: float | None = None
-    # Chunks the node sent, without each answer's final chunk: one per token (PROTOCOL §1), as
-    # seen by the router, whatever the node claims in ``eval_count``.
+    # Chunks the node sent that carried text, reasoning or a tool call: one per token
+    # (PROTOCOL §1), as seen by the router, whatever the node claims in ``eval_count``.
     tokens: int = 0
     length: bool = False
     # Why the request ended, when not with its answer: the exception, or the refusal.

@@ -133,6 +133,10 @@ class _Failover(Exception):
 # died, or a node came back from its cooldown). Wake-ups come through the channel layer.
 QUEUE_RECHECK = 2.0
 WAKE = "queue.wake"
+# The most tokens one character of an answer can explain: a byte-level tokenizer may spend a
+# token per UTF-8 byte, and a character is at most four. ``eval_count`` above this many per
+# character the node sent (plus one per chunk that carried something) is cut down to it.
+MAX_TOKENS_PER_CHAR = 4
 
 
 class Relay:
@@ -476,9 +480,12 @@ class Relay:
         sent_at = self.loop.time()
         deadline = sent_at + settings.IDLECLAW_RESPONSE_TIMEOUT
         stall = settings.IDLECLAW_STALL_TIMEOUT
-        char_budget = settings.IDLECLAW_MAX_RESPONSE_CHARS
+        char_limit = char_budget = settings.IDLECLAW_MAX_RESPONSE_CHARS
         first_at: float | None = None
-        chunks = 0
+        chunks = 0  # every chunk of the round, as the node numbers them (``seq``)
+        # The chunks that carry something (text, reasoning or a tool call): only these count as
+        # tokens and toward the measured speed, so that empty chunks inflate neither.
+        carrying = 0
         outcome = Outcome(kind="cancelled")
         node_done = False
         failing_over = False
@@ -559,12 +566,16 @@ class Relay:
                     if first_at is None:
                         first_at = self.loop.time()
                         self.tally.first_token()
-                    self.tally.tokens += len(batch) - (1 if batch[-1]["done"] else 0)
                     for raw in batch:
                         chunks += 1
                         # The budget counts what the node sent, not what is left once markup is
                         # stripped or held: text that never shows still costs the sanitizer.
                         sent = raw["message"]
+                        # A cleaned message holds its role and only what is not empty
+                        # (nodes.protocol.clean_chunk): more than the role is a token.
+                        if len(sent) > 1:
+                            carrying += 1
+                            self.tally.tokens += 1
                         size = len(sent.get("content", "")) + len(sent.get("thinking", ""))
                         if rounds is not None and rounds.ends_round(raw, self.tools):
                             # Not the answer's end: markup still held stays held into the next
@@ -602,15 +613,21 @@ class Relay:
                                 }
                             )
                             self.tally.length = True
-                            outcome = _measured("completed", sent_at, first_at, chunks, None)
+                            outcome = _measured("completed", sent_at, first_at, carrying)
                             yield out
                             return
                         char_budget -= size
+                        if chunk["done"]:
+                            # The node's own count, as consumers see it in their usage, believed
+                            # only as far as what it sent can explain (red-team F3 of issue 20).
+                            most = MAX_TOKENS_PER_CHAR * (char_limit - char_budget) + carrying
+                            if chunk.get("eval_count", 0) > most:
+                                chunk = {**chunk, "eval_count": most}
                         out.append(chunk)
                         if chunk["done"]:
                             node_done = True
                             self.tally.length = chunk.get("done_reason") == "length"
-                            outcome = _measured("completed", sent_at, first_at, chunks, chunk)
+                            outcome = _measured("completed", sent_at, first_at, carrying, chunk)
                             if rounds is not None:
                                 calls = rounds.round_over(out)
                             break
@@ -650,7 +667,7 @@ class Relay:
                         raise RelayError("node_disconnected")
                     claim = self.claim = dataclasses.replace(claim, request_id=next_id)
                     params = rounds.next(self.tools)
-                    sent_at, first_at, chunks, calls = self.loop.time(), None, 0, None
+                    sent_at, first_at, chunks, carrying, calls = self.loop.time(), None, 0, 0, None
                     node_done = False
                     outcome = Outcome(kind="cancelled")
                     await self.layer.send(
@@ -818,22 +835,27 @@ def _truncated(chunk: dict[str, Any], budget: int) -> dict[str, Any]:
 
 
 def _measured(
-    kind: str, sent_at: float, first_at: float, chunks: int, final: dict[str, Any] | None
+    kind: str,
+    sent_at: float,
+    first_at: float,
+    carrying: int,
+    final: dict[str, Any] | None = None,
 ) -> Outcome:
+    """The outcome of a round, from ``carrying``: the chunks the router relayed that carried
+    text, reasoning or a tool call (empty chunks count for nothing, red-team F3 of issue 20)."""
     now = asyncio.get_running_loop().time()
     ttft_ms = (first_at - sent_at) * 1000
-    # What the router itself saw: chunks over the time they took (a floor of 10 ms keeps a burst
+    # What the router itself saw: tokens over the time they took (a floor of 10 ms keeps a burst
     # of chunks from reading as infinitely fast).
-    seen = chunks / max(now - first_at, 0.01)
+    seen = carrying / max(now - first_at, 0.01)
     tokens_per_s = seen
     if final and final.get("eval_count") and final.get("eval_duration"):
         # Ollama's own figure is more exact, but only believed as far as the router's timing
         # supports it: a node cannot rank itself first by claiming to be fast.
         tokens_per_s = min(final["eval_count"] / (final["eval_duration"] / 1e9), seen)
-    # Tokens as the router saw them (a chunk each; the final chunk carries none), never the
-    # node's own count: they make a contributor's record and priority.
-    tokens = max(0, chunks - (1 if final is not None else 0))
-    return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, tokens=tokens)
+    # Tokens as the router saw them (one per chunk that carried something), never the node's own
+    # count: they make a contributor's record and priority.
+    return Outcome(kind=kind, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, tokens=carrying)
 
 
 async def open_relay(

@@ -18,9 +18,10 @@ they change, and stops taking requests while Ollama is gone.
 
 It proves a contributor key (``contributor_key``: made once in the user's config folder,
 ``--key-file``) at each registration, so the router keeps the contributor's record and public
-name across restarts and address changes (docs/node-protocol-extensions.md ``contributor``);
-``--name`` chooses the name, ``--print-token`` prints the consumer token derived from the key,
-``--anonymous`` registers without one.
+name across restarts and address changes (docs/node-protocol-extensions.md ``contributor``).
+The key never leaves this machine: a router is sent only its own derivation of it, bound to
+its origin. ``--name`` chooses the name, ``--print-token`` prints the consumer token for the
+router IDLECLAW_SERVER names, ``--anonymous`` registers without a key.
 
 Configuration: ``IDLECLAW_SERVER`` (router base URL) and ``OLLAMA_HOST``. Logs go to stderr and
 never contain prompt or answer text, nor the key. Exit codes: 0 stopped by Ctrl+C/SIGTERM,
@@ -1082,10 +1083,11 @@ DEFAULT_WATCH = Watch()
 
 @dataclass(frozen=True)
 class Identity:
-    """The contributor key this node proves at registration, and the name it asks for (None:
-    keep the one the router has, or get a generated one)."""
+    """What this node proves at registration: the router key derived from the contributor key
+    for this router's origin (``contributor_key.router_key``; never the key itself), and the
+    name it asks for (None: keep the one the router has, or get a generated one)."""
 
-    key: str = field(repr=False)
+    router_key: str = field(repr=False)
     name: str | None = None
 
 
@@ -1175,8 +1177,9 @@ class Contributor:
             frame["resume_token"] = self.resume_token
         if self.identity is not None:
             # The contributor extension (docs/node-protocol-extensions.md): a router that does
-            # not know it ignores it. The key goes only here, never to the log.
-            contributor = {"key": self.identity.key}
+            # not know it ignores it. The field is called ``key`` but carries this router's own
+            # derivation of it; it goes only here, never to the log.
+            contributor = {"key": self.identity.router_key}
             if self.identity.name:
                 contributor["name"] = self.identity.name
             frame["contributor"] = contributor
@@ -2277,13 +2280,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_contributor_name,
         metavar="NAME",
         help="the public name others see instead of a generated one such as amber-otter-417 "
-        "(1-64 letters, digits and . _ : / -); the router keeps it until changed",
+        "(1-64 letters, digits and . _ -; not an address, a UUID or beginning with admin, "
+        "anonymous, idleclaw, operator, root or system); the router keeps it until changed",
     )
     who.add_argument(
         "--print-token",
         action="store_true",
-        help="print the consumer token derived from your key (a secret: requests carrying it "
-        "get a contributor's priority) and exit",
+        help="print the consumer token derived from your key for the router IDLECLAW_SERVER "
+        "names (good on that router only; a secret: requests carrying it get a contributor's "
+        "priority) and exit; needs an existing key file (the first start makes it)",
     )
     who.add_argument(
         "--anonymous",
@@ -2323,9 +2328,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.anonymous and (args.key_file or args.name or args.print_token):
         return fail("--anonymous is without a key: no --key-file, --name or --print-token", 2)
+    try:
+        server = config.server_from_env()
+        ollama = config.ollama_host_from_env()
+        origin = contributor_key.router_origin(server)
+    except (config.ConfigError, ValueError) as exc:
+        return fail(str(exc), 2)
     identity = None
     if not args.anonymous:
         key_path = args.key_file or contributor_key.default_key_path()
+        if args.print_token:
+            # A token is worth something only once its key has served: it is never made here.
+            try:
+                key = contributor_key.load(key_path)
+            except FileNotFoundError:
+                return fail(
+                    f"no contributor key in {key_path} yet: it is made when contribute.py first "
+                    "starts; a token gets priority only once that key's nodes have served",
+                    2,
+                )
+            except contributor_key.KeyFileError as exc:
+                return fail(str(exc), 2)
+            print(contributor_key.token_of(contributor_key.router_key(key, server)))
+            print(
+                f"this token is good only on the router at {origin} (IDLECLAW_SERVER); "
+                "it is a secret: send it as `Authorization: Bearer <token>`",
+                file=sys.stderr,
+            )
+            return 0
         try:
             key, created = contributor_key.load_or_create(key_path)
         except contributor_key.KeyFileError as exc:
@@ -2336,15 +2366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key_path,
                 extra=event("key_created", path=str(key_path)),
             )
-        if args.print_token:
-            print(contributor_key.token_of(key))
-            return 0
-        identity = Identity(key=key, name=args.name)
-    try:
-        server = config.server_from_env()
-        ollama = config.ollama_host_from_env()
-    except config.ConfigError as exc:
-        return fail(str(exc), 2)
+        # The key itself never leaves this machine; the router gets its own derivation.
+        identity = Identity(router_key=contributor_key.router_key(key, server), name=args.name)
     if args.pause_while and node_control.process_names() is None:
         return fail("--pause-while cannot see the running programs on this system", 2)
     signal.signal(signal.SIGINT, _on_signal)

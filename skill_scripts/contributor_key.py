@@ -2,10 +2,15 @@
 proved to the router at registration so that the contributor's record and name survive restarts
 and address changes. Standard library only.
 
-The key is 32 random bytes written as 64 lowercase hex characters. The router stores only its
-SHA-256. The consumer token (``contribute.py --print-token``) is derived from it:
-``"icc_" + HMAC-SHA256(key bytes, b"idleclaw consumer token")`` in hex; the router computes the
-same (nodes/identity.py).
+The key is 32 random bytes written as 64 lowercase hex characters, and it never leaves this
+machine. What a router is sent is its own **router key**, derived from the key and the router's
+origin (``router_origin``):
+``HMAC-SHA256(key bytes, b"idleclaw router key v1|" + origin)`` as 64 lowercase hex. A router
+(or a look-alike, or a proxy on the way) learns only its own derivation, which is worth nothing
+on another origin (red-team F6 of issue 20). The router stores only the router key's SHA-256.
+The consumer token (``contribute.py --print-token``) is derived from the router key:
+``"icc_" + HMAC-SHA256(router key bytes, b"idleclaw consumer token")`` in hex; the router
+computes the same from what it was sent (nodes/identity.py).
 """
 
 from __future__ import annotations
@@ -13,26 +18,39 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
 import stat
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 KEY_FILE_NAME = "contributor.key"
 KEY_HEX = re.compile(r"[0-9a-f]{64}")
 TOKEN_PREFIX = "icc_"
 TOKEN_MESSAGE = b"idleclaw consumer token"
+ROUTER_KEY_MESSAGE = b"idleclaw router key v1|"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# The WebSocket schemes name the same origin as their HTTP ones.
+SCHEME_OF = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 # A key file is 65 bytes; anything much larger is not one, and is not read whole.
 MAX_KEY_FILE_BYTES = 256
-# The contributor name rule: that of model names (docs/protocol.md §4), and not the word the
-# public node list uses for nodes without a key.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# The contributor name rule (the router's, nodes/identity.py): the charset of model names
+# (docs/protocol.md §4) without ``:`` and ``/``; not an address or a UUID; not beginning with a
+# reserved word (the first is what the public node list calls nodes without a key).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_CHARS = 64
 ANONYMOUS = "anonymous"
+RESERVED_PREFIXES = ("anonymous", "admin", "idleclaw", "operator", "root", "system")
+ADDRESS_LIKE = re.compile(r"[0-9.]+")
 # POSIX permissions: on Windows the mode bits say nothing about who may read a file.
 CHECK_MODES = os.name == "posix"
+# Not on Windows, which has no such flag (nor, for most users, symbolic links).
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class KeyFileError(Exception):
@@ -55,15 +73,70 @@ def name_problem(name: str) -> str | None:
     if not 0 < len(name) <= MAX_NAME_CHARS:
         return f"a name is 1-{MAX_NAME_CHARS} characters"
     if NAME_RE.fullmatch(name) is None or ".." in name:
-        return "a name is ASCII letters, digits and . _ : / - (starting with a letter or digit)"
-    if name.lower() == ANONYMOUS:
+        return "a name is ASCII letters, digits and . _ - (starting with a letter or digit)"
+    lowered = name.lower()
+    if lowered.startswith(ANONYMOUS):
         return f'"{ANONYMOUS}" is what nodes without a key are called'
+    for word in RESERVED_PREFIXES:
+        if lowered.startswith(word):
+            return f'a name may not begin with "{word}": it would pass for the network\'s own'
+    if ADDRESS_LIKE.fullmatch(name) is not None or _parses(ipaddress.ip_address, name):
+        return "a name may not look like an address"
+    if _parses(uuid.UUID, name):
+        return "a name may not look like a node id (a UUID)"
     return None
 
 
-def token_of(key: str) -> str:
-    """The consumer token of a key: a bearer secret marking requests as this contributor's."""
-    return TOKEN_PREFIX + hmac.new(bytes.fromhex(key), TOKEN_MESSAGE, hashlib.sha256).hexdigest()
+def _parses(parse: Any, text: str) -> bool:
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+def router_origin(server: str) -> str:
+    """The normalized origin of a router URL: lower-case scheme (``ws``/``wss`` as
+    ``http``/``https``), lower-case host (IDNA-encoded, an IPv6 address in brackets), and the
+    port only when it is not the scheme's default; no user, path or query. Raises
+    ``ValueError`` for anything else."""
+    parts = urlsplit(server.strip())
+    scheme = SCHEME_OF.get(parts.scheme.lower())
+    host = parts.hostname  # lower-cased, without brackets or user
+    port = parts.port  # raises ValueError on a malformed one
+    if scheme is None or not host:
+        raise ValueError(f"not an http(s) or ws(s) URL with a host: {server!r}")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a host name: {parts.hostname!r}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def router_key(key: str, server: str) -> str:
+    """What ``contribute.py`` sends the router at ``server`` in place of the key: the key's
+    HMAC-SHA256 of ``b"idleclaw router key v1|" + router_origin(server)``, as 64 lowercase hex.
+    Each router origin gets its own; none leads back to the key or to another's."""
+    message = ROUTER_KEY_MESSAGE + router_origin(server).encode("ascii")
+    return hmac.new(bytes.fromhex(key), message, hashlib.sha256).hexdigest()
+
+
+def token_of(router_key: str) -> str:
+    """The consumer token of a router key (``router_key``): a bearer secret marking requests to
+    that router as this contributor's."""
+    mac = hmac.new(bytes.fromhex(router_key), TOKEN_MESSAGE, hashlib.sha256).hexdigest()
+    return TOKEN_PREFIX + mac
+
+
+def load(path: Path) -> str:
+    """The key in ``path``; raises ``FileNotFoundError`` when there is none (no key is made),
+    ``KeyFileError`` when the file cannot be used."""
+    return _read(path)
 
 
 def load_or_create(path: Path) -> tuple[str, bool]:
@@ -120,16 +193,28 @@ def _write_new(path: Path, key: str) -> bool:
 
 
 def _read(path: Path) -> str:
+    # O_NOFOLLOW: a symbolic link in the key's place (planted by someone who may write the
+    # folder) would make this process read, and use, a key of their choosing.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | NO_FOLLOW)
     except FileNotFoundError:
         raise
-    except OSError as exc:  # no permission, ...
+    except OSError as exc:  # no permission, a symbolic link, ...
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and NO_FOLLOW):
+            raise KeyFileError(
+                f"{path} is a symbolic link: a key file is refused through one; "
+                "give --key-file the file itself"
+            ) from None
         raise KeyFileError(f"cannot read the contributor key {path}: {exc.strerror}") from None
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             raise KeyFileError(f"cannot read the contributor key {path}: not a regular file")
+        if CHECK_MODES and status.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"{path} belongs to another user (uid {status.st_uid}): the key is your "
+                "identity and must be your own file; make a new one with another --key-file"
+            )
         if CHECK_MODES and status.st_mode & 0o077:
             raise KeyFileError(
                 f"{path} may be read or written by others (mode {status.st_mode & 0o777:o}): "

@@ -7,8 +7,11 @@ test's nodes share a model of their own, so no test sees another's node."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import socket
+import sqlite3
 import threading
 
 import pytest
@@ -71,6 +74,16 @@ def network(tmp_path_factory):
     finally:
         emulator.stop()
         router.stop()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _router_key(key: str, origin: str) -> str:
+    """The router key of docs/node-protocol-extensions.md ``contributor``, written out."""
+    message = b"idleclaw router key v1|" + origin.encode("ascii")
+    return hmac.new(bytes.fromhex(key), message, hashlib.sha256).hexdigest()
 
 
 class Relay:
@@ -149,7 +162,11 @@ def _closed_with(ws: websocket.WebSocket) -> tuple[int, str]:
 def test_the_record_survives_a_restart_and_an_address_change(one_node_per_address, tmp_path):
     network = one_node_per_address
     key_file = tmp_path / "contributor.key"
-    first = network.contributor("--models", RESTARTED, "--key-file", str(key_file))
+    # Both runs use one router URL (the relay's: a node's key is derived per router origin);
+    # the relay's outgoing address changes between them.
+    relay = Relay(network.router, source="127.0.0.1")
+    first = network.contributor("--models", RESTARTED, "--key-file", str(key_file),
+                                server=relay.url)  # fmt: skip
     try:
         name = first.wait_for_line(r"contributing as (\S+) ").group(1)
         node_id = first.wait_for_line(r"as node (\S+):").group(1)
@@ -168,7 +185,7 @@ def test_the_record_survives_a_restart_and_an_address_change(one_node_per_addres
     assert json.loads(blocker.recv())["type"] == "registered"
     refused = _raw_register(network.router, "a-second-one", OPEN)
     assert _closed_with(refused) == (1008, "too many nodes from this IP")
-    relay = Relay(network.router)
+    relay.source = "127.0.0.2"
     second = network.contributor(
         "--models", RESTARTED, "--key-file", str(key_file), server=relay.url
     )
@@ -199,6 +216,17 @@ def test_the_record_survives_a_restart_and_an_address_change(one_node_per_addres
         for log in (first.output, second.output, network.log.output):
             assert key not in log
         assert f"contributor {name}" in network.log.output
+        # The router was sent its own derivation of the key, never the key (red-team F6 of
+        # issue 20), and computes the token contribute.py prints for its URL.
+        printed = procs.run_script(
+            "contribute.py", "--print-token", "--key-file", str(key_file), server=relay.url
+        )
+        assert printed.returncode == 0, printed.stderr
+        token = printed.stdout.strip()
+        with contextlib.closing(sqlite3.connect(tmp_path / "router.sqlite3")) as db:
+            stored = db.execute("SELECT key_hash, token_hash FROM nodes_contributor").fetchall()
+        assert stored == [(_sha256(_router_key(key, relay.url)), _sha256(token))]
+        assert _sha256(key) not in {hashed for row in stored for hashed in row}
     finally:
         second.stop()
         relay.close()

@@ -11,9 +11,10 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from nodes import identity
+from nodes import identity, services
 from nodes.models import Contributor, ContributorHour, ContributorModel, NodeSession, RouterWorker
 from nodes.protocol import CloseReason, ProtocolError, parse_register
 from nodes.services import node_session_close, node_session_open
@@ -74,6 +75,23 @@ def test_a_malformed_contributor_object_refuses_the_registration(contributor):
         ["amber"],
         {"name": "amber"},
         "a" * 100_000,
+        # Red-team F9 of issue 20: nothing that reads as a model, a path, an address, a node
+        # id or the network's own.
+        "ada:latest",
+        "ada/lovelace",
+        "10.0.0.1",
+        "127.1",
+        "2130706433",
+        "9e51bf4b-f26e-4328-a904-66f019b56d29",
+        "9e51bf4bf26e4328a90466f019b56d29",
+        "Admin",
+        "admin-team",
+        "IdleClaw",
+        "idleclaw.official",
+        "OPERATOR_1",
+        "root",
+        "System-Bot",
+        "anonymous-2",
     ],
 )
 def test_a_bad_name_keeps_the_key_and_says_why(name):
@@ -97,6 +115,9 @@ def test_a_good_contributor_object_is_taken_and_extra_fields_ignored():
 
 
 def test_key_hash_and_token_follow_the_documented_definition():
+    """What ``register`` carries is the node's router key (a per-router HMAC of the contributor
+    key, red-team F6 of issue 20); to the router it is the key, hashed and turned into the
+    token as documented."""
     assert identity.key_hash(KEY) == hashlib.sha256(KEY.encode("ascii")).hexdigest()
     expected = (
         "icc_"
@@ -113,6 +134,16 @@ def test_generated_names_are_adjective_animal_number_and_valid():
         assert adjective in identity.ADJECTIVES and animal in identity.ANIMALS
         assert 100 <= int(number) <= 999
         assert identity.name_problem(name) is None
+    # Every one the generator can make, under the stricter rule of red-team F9 of issue 20.
+    for adjective in identity.ADJECTIVES:
+        for animal in identity.ANIMALS:
+            for number in ("100", "999"):
+                assert identity.name_problem(f"{adjective}-{animal}-{number}") is None
+
+
+@pytest.mark.parametrize("name", ["ada", "Ada.Lovelace_1", "r2-d2", "1st-place", "roo", "sys"])
+def test_ordinary_names_are_taken(name):
+    assert identity.name_problem(name) is None
 
 
 # --- Records, against the real database ------------------------------------------------------
@@ -188,6 +219,32 @@ def test_a_name_is_set_and_changed_and_a_taken_one_refused(router_worker):
     assert names == {"grace", taken.contributor_name}
 
 
+def test_the_database_refuses_a_name_that_differs_only_in_case(router_worker):
+    """Red-team F9 of issue 20: uniqueness without case is the database's own, so two
+    registrations that both passed the check cannot both have the name."""
+    open_node(key=KEY, name="ada")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Contributor.objects.create(
+            key_hash="1" * 64, token_hash="2" * 64, name="ADA",
+            first_seen=timezone.now(), last_seen=timezone.now(),
+        )  # fmt: skip
+
+
+def test_a_name_lost_to_a_concurrent_registration_is_a_taken_name(router_worker, monkeypatch):
+    """The registration that loses the race (its check saw the name free; the database refused
+    the second) gets a generated name and is told the name is another's."""
+    open_node(key=KEY, name="ada")
+    # The window between the check and the write, where the other registration's row appears.
+    monkeypatch.setattr(services, "_name_taken", lambda name, other_than=None: False)
+    late = open_node(key=OTHER_KEY, name="Ada")
+    assert late.contributor_name not in ("ada", "Ada")
+    assert "Ada is another contributor's name" in late.contributor_note
+    renamed = open_node(key=OTHER_KEY, name="ADA")
+    assert renamed.contributor_name == late.contributor_name
+    assert "you stay" in renamed.contributor_note
+    assert Contributor.objects.filter(name__iexact="ada").count() == 1
+
+
 def test_a_node_id_reused_without_the_key_gets_no_record(router_worker):
     keyed = open_node(key=KEY, node_id="node-a")
     # Live: the node id is refused outright.
@@ -249,6 +306,27 @@ def test_an_anonymous_nodes_requests_touch_no_record(router_worker):
     inflight_finish(request_id=claim_on(opened.session_id).request_id, outcome=served)
     assert NodeSession.objects.get(pk=opened.session_id).completed == 1
     assert not ContributorModel.objects.exists() and not ContributorHour.objects.exists()
+
+
+def test_prune_removes_hourly_token_counts_older_than_48_hours(router_worker, capsys):
+    """Red-team F10 of issue 20: the per-hour counts behind priority no longer grow for ever;
+    the live contributor's record and its recent hours stay."""
+    opened = open_node(key=KEY, name="busy-bee")
+    record = Contributor.objects.get()
+    this_hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for hours_ago in (0, 23, 47, 49, 24 * 30):
+        ContributorHour.objects.create(
+            contributor=record, hour=this_hour - timedelta(hours=hours_ago), tokens=hours_ago + 1
+        )
+    call_command("contributors_prune", "--dry-run")
+    assert "would remove 2 hourly token count(s) older than 48 hours" in capsys.readouterr().out
+    assert ContributorHour.objects.count() == 5
+    call_command("contributors_prune")
+    assert "removed 2 hourly token count(s) older than 48 hours" in capsys.readouterr().out
+    kept = sorted(ContributorHour.objects.values_list("tokens", flat=True))
+    assert kept == [1, 24, 48]
+    assert Contributor.objects.get().name == "busy-bee"
+    assert NodeSession.objects.filter(pk=opened.session_id).exists()
 
 
 def test_prune_removes_old_records_without_live_nodes(router_worker, capsys):

@@ -9,10 +9,10 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 
-from nodes.models import NodeSession
+from nodes.models import Contributor, ContributorHour, NodeSession
 from routing.models import InflightRequest, QueuedRequest
 from tests.routing.test_views import HttpClient, sse_events, text_of
-from tests.scripted_node import ScriptedNode
+from tests.scripted_node import ScriptedNode, text_chunk
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -409,13 +409,44 @@ async def test_answer_is_cut_at_max_response_chars_with_finish_reason_length(
 
 async def test_completed_requests_are_measured(channel_layer):
     node, client, request = await serving()
-    await answer(node, request, ["a", "b"], eval_count=50, eval_duration=1_000_000_000,
-                 prompt_eval_count=3)
+    await answer(node, request, ["Hello", " there", " friend"], eval_count=50,
+                 eval_duration=1_000_000_000, prompt_eval_count=3)
     await client.read_all()
     session = await sync_to_async(NodeSession.objects.get)()
     assert session.completed == 1 and session.failed == 0
     assert session.tokens_per_s == pytest.approx(50.0)
     assert session.ttft_ms is not None and session.ttft_ms >= 0
+    await node.disconnect()
+
+
+async def test_empty_chunks_credit_no_tokens_and_no_speed(channel_layer):
+    """Red-team F3 of issue 20: a node that pads its answer with empty chunks is credited, in
+    its contributor record and its measured speed, only what carried something."""
+    node = ScriptedNode()
+    await node.register(contributor={"key": "ab" * 32, "name": "padded-node"})
+    client = chat()
+    await client.start()
+    request = await node.recv()
+    rid = request["request_id"]
+    await node.chunk(rid, "Hi")
+    empty = text_chunk("")
+    for _ in range(8):
+        await node.chunks(rid, [empty] * 256)
+    await node.chunk(rid, "!", done=True, done_reason="stop", eval_count=10**9,
+                     eval_duration=1, prompt_eval_count=3)
+    events = sse_events(await client.read_all())
+    assert text_of(events) == "Hi!"
+    # The node's own count is believed only as far as three characters explain it.
+    usage = next(event["usage"] for event in events if event.get("usage"))
+    assert usage["prompt_tokens"] == 3 and usage["completion_tokens"] <= 4 * 3 + 2
+    person = await sync_to_async(Contributor.objects.get)(name="padded-node")
+    assert person.served == 1 and person.tokens == 2
+    hours = await sync_to_async(list)(ContributorHour.objects.values_list("tokens", flat=True))
+    assert hours == [2]
+    session = await sync_to_async(NodeSession.objects.get)()
+    # Two tokens over however long the frames took, with the router's 10 ms floor: at most
+    # 200/s, where counting the 2,048 empty chunks would read as more than 200,000/s.
+    assert session.tokens_per_s <= 200
     await node.disconnect()
 
 

@@ -31,14 +31,17 @@ def _listed(worker_url: str) -> list[dict]:
 
 
 def test_one_key_on_two_workers_is_one_record_counted_once_per_request(
-    workers, quick_emulator, tmp_path
+    workers, quick_emulator, tmp_path, database_url
 ):
     a, b = workers
     key_file = str(tmp_path / "shared.key")
+    # One public URL for both workers (a key is derived per router origin): each node's
+    # connection goes to the next worker in turn, so the two land on different workers.
+    balancer = cluster.Balancer([a, b])
     # Started together: the key file and the record are made once, whoever comes first.
     nodes = [
-        procs.start_contributor(worker.url, quick_emulator.url, "--key-file", key_file)
-        for worker in (a, b)
+        procs.start_contributor(balancer.url, quick_emulator.url, "--key-file", key_file)
+        for _ in range(2)
     ]
     try:
         names = {node.wait_for_line(r"contributing as (\S+) ").group(1) for node in nodes}
@@ -61,5 +64,9 @@ def test_one_key_on_two_workers_is_one_record_counted_once_per_request(
                 ),
                 what=f"{worker.name} to list both nodes with the record's three requests",
             )
+        # One node on each worker: each worker holds one of the sessions.
+        sessions = cluster.rows(database_url, "SELECT worker_id FROM nodes_nodesession")
+        assert len({worker_id for (worker_id,) in sessions}) == 2
     finally:
         cluster.stop_all(nodes)
+        balancer.close()

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from nodes.services import contributors_prune
+from nodes.services import CONTRIBUTOR_HOURS_KEPT, contributor_hours_prune, contributors_prune
 
 DEFAULT_DAYS = 180
 
@@ -16,7 +16,9 @@ class Command(BaseCommand):
         "Remove the records of contributors not seen for DAYS days (default "
         f"{DEFAULT_DAYS}) that have no live node, with their per-model and per-hour figures. "
         "A contributor whose record was removed starts afresh (a new generated name) the next "
-        "time a node proves its key."
+        "time a node proves its key. Also removes every contributor's per-hour token counts "
+        f"older than {CONTRIBUTOR_HOURS_KEPT.total_seconds() / 3600:.0f} hours (priority "
+        "looks back 24)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -29,8 +31,8 @@ class Command(BaseCommand):
         if days < 1:
             raise CommandError("--days must be at least 1")
         count = contributors_prune(days=days, dry_run=dry_run)
-        what = f"contributor record(s) not seen for {days} days"
-        if dry_run:
-            self.stdout.write(f"would remove {count} {what}")
-        else:
-            self.stdout.write(f"removed {count} {what}")
+        hours = contributor_hours_prune(dry_run=dry_run)
+        kept = f"{CONTRIBUTOR_HOURS_KEPT.total_seconds() / 3600:.0f} hours"
+        done = "would remove" if dry_run else "removed"
+        self.stdout.write(f"{done} {count} contributor record(s) not seen for {days} days")
+        self.stdout.write(f"{done} {hours} hourly token count(s) older than {kept}")
