@@ -230,7 +230,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         if opened.evicted_channel:
             await self.channel_layer.send(opened.evicted_channel, {"type": "node.evict"})
         await worker.notify_orphans(opened.orphans, "node_disconnected")
-        await self._wake_queues([offer.name for offer in registration.models])
+        await self._wake_queues()
         await self.send_frame(
             {
                 "type": FrameType.REGISTERED,
@@ -301,7 +301,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
         await db(services.node_models_replace)(session_id=self.session_id, offers=offers)
         self.model_names = frozenset(offer.name for offer in offers)
         self.loaded = {}  # the next report is written whole, onto the new rows
-        await self._wake_queues([offer.name for offer in offers])
+        await self._wake_queues()
 
     def _apply_held_models(self) -> None:
         self._models_timer = None
@@ -324,7 +324,7 @@ class NodeConsumer(AsyncWebsocketConsumer):
             logger.info("node %s asked to serve again; an operator drained it", self.node_id)
             return
         await db(services.node_session_undrain)(session_id=self.session_id)
-        await self._wake_queues(sorted(self.model_names))
+        await self._wake_queues()
 
     def _note_loaded(self, frame: dict[str, Any]) -> None:
         """A heartbeat's ``loaded`` extension (docs/node-protocol-extensions.md): the models
@@ -357,11 +357,12 @@ class NodeConsumer(AsyncWebsocketConsumer):
         self.loaded = {model.name: model for model in loaded}
         worker.session_loaded(self.session_id, loaded)
 
-    async def _wake_queues(self, models: list[str]) -> None:
-        """New capacity: the requests waiting longest for these models may take it."""
+    async def _wake_queues(self) -> None:
+        """New capacity: for each of this node's models, the first waiting request it could
+        serve may take it."""
         from routing.services import queue_heads
 
-        for channel in await db(queue_heads)(models=models):
+        for channel in await db(queue_heads)(session_id=self.session_id):
             await self.channel_layer.send(channel, {"type": "queue.wake"})
 
     async def _relay_chunk(self, frame: dict[str, Any]) -> None:

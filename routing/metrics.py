@@ -137,6 +137,8 @@ def outcome_of(ended: object, *, length: bool = False) -> str:
     if isinstance(ended, RelayError):
         if ended.code == "queue_timeout":
             return QUEUE_TIMEOUT
+        if ended.code == "queue_full":
+            return REFUSED  # a full queue gave its place to another consumer's request
         return CANCELLED if ended.code == OPERATOR_CANCELLED else ERROR
     if isinstance(ended, Unavailable):
         if ended.cancelled:

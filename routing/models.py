@@ -34,8 +34,8 @@ class InflightRequest(models.Model):
 
 class QueuedRequest(models.Model):
     """A consumer's request waiting for a free slot. The queue is per model and fair across all
-    workers: priority, then round-robin across consumers (``turn``), then ``arrived_at`` (then
-    ``request_id``) order it (``routing.services``)."""
+    workers: round-robin across consumers (``turn``), then priority within a round, then
+    ``arrived_at`` (then ``request_id``) order it (``routing.services``)."""
 
     request_id = models.CharField(max_length=64, primary_key=True)
     model = models.CharField(max_length=64, db_index=True)
@@ -44,14 +44,23 @@ class QueuedRequest(models.Model):
     reply_channel = models.CharField(max_length=255)
     arrived_at = models.DateTimeField(db_index=True)
     # Fair queueing (issue 20): who asked (a consumer key's or contributor's id, else the
-    # address), how many of that consumer's requests for the model were queued ahead when it
-    # joined (its turn: round-robin across consumers), and its priority (higher first).
+    # address), the round of the queue it is served in (its turn: round-robin across
+    # consumers; a consumer of priority p has 1 + p requests a round), and its priority
+    # (first within its round).
     consumer = models.CharField(max_length=80, blank=True, default="", db_default="")
     turn = models.PositiveIntegerField(default=0, db_default=0)
     priority = models.IntegerField(default=0, db_default=0)
+    # What it needs of a node (``routing.services.Demand``, the extension in ``feature``): a
+    # waiting request holds back only claims on nodes that could serve it.
+    feature = models.CharField(max_length=32, blank=True, default="", db_default="")
+    num_ctx = models.PositiveIntegerField(default=0, db_default=0)
+    num_predict = models.PositiveIntegerField(default=0, db_default=0)
 
     class Meta:
-        ordering = ["-priority", "turn", "arrived_at", "request_id"]
+        ordering = ["turn", "-priority", "arrived_at", "request_id"]
+        indexes = [
+            models.Index(fields=["model", "turn", "arrived_at"], name="queued_fair_order"),
+        ]
 
     def __str__(self) -> str:
         return self.request_id
@@ -70,7 +79,11 @@ class ConsumerKey(models.Model):
     max_concurrent = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Requests at once; empty: the anonymous limit"
     )
-    priority = models.SmallIntegerField(default=0, help_text="Added to its requests' priority")
+    priority = models.SmallIntegerField(
+        default=0,
+        help_text="Its requests' priority: first within each round of a model's queue, and "
+        "1 + priority requests a round (README, 'Fair queues and priority')",
+    )
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -87,9 +100,7 @@ class ConsumerStream(models.Model):
     client_ip = models.GenericIPAddressField(null=True, blank=True, db_index=True)
     # Whose request it is (``routing.identity.Consumer.id``): ``key:<id>``,
     # ``contributor:<id>`` or ``ip:<address>``; what the concurrent-request limit counts.
-    consumer = models.CharField(
-        max_length=80, blank=True, default="", db_default="", db_index=True
-    )
+    consumer = models.CharField(max_length=80, blank=True, default="", db_default="", db_index=True)
     worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="consumers")
     started_at = models.DateTimeField()
 

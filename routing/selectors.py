@@ -120,13 +120,13 @@ def queue_position(*, request_id: str) -> int:
     )
     if row is None:
         return 0
-    same_turn = Q(turn=row["turn"]) & (
+    same_priority = Q(priority=row["priority"]) & (
         Q(arrived_at__lt=row["arrived_at"])
         | Q(arrived_at=row["arrived_at"], request_id__lt=request_id)
     )
-    same_priority = Q(priority=row["priority"]) & (Q(turn__lt=row["turn"]) | same_turn)
+    same_turn = Q(turn=row["turn"]) & (Q(priority__gt=row["priority"]) | same_priority)
     ahead = QueuedRequest.objects.filter(model=row["model"]).filter(
-        Q(priority__gt=row["priority"]) | same_priority
+        Q(turn__lt=row["turn"]) | same_turn
     )
     return ahead.count() + 1
 

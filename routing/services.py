@@ -3,8 +3,9 @@
 A slot is an ``InflightRequest`` row; a node's load is the count of its rows, so there is no
 counter to drift. A waiting request is a ``QueuedRequest`` row; a claim is refused while a
 request ordered ahead of it for the same model still waits, which makes the queue's order hold
-across every worker. The order is fair (issue 20): higher priority first, then round-robin
-across consumers (each request's ``turn``), then arrival.
+across every worker. The order is fair (issue 20): round-robin across consumers (each
+request's ``turn``: the round it is served in), higher priority first within a round, then
+arrival. A waiting request holds back only claims on nodes that could serve it.
 
 The statements that run for every consumer request (admitting it, ending it) are hand-written
 SQL: Django compiles each ORM query afresh, which cost about 2 ms of the single database thread
@@ -153,19 +154,28 @@ def _rows(sql: str, params: dict[str, object]) -> list[tuple]:
         return cursor.fetchall()
 
 
-# Whether queued request ``o`` is ordered ahead of ``q`` in their model's queue: higher
-# priority first, then the lower turn (round-robin across consumers), then the earlier arrival,
-# then the request id. The same order as ``QueuedRequest.Meta.ordering``.
-_AHEAD = """(o.priority > q.priority
-      OR (o.priority = q.priority
-          AND (o.turn < q.turn
-               OR (o.turn = q.turn
+# Whether queued request ``o`` is ordered ahead of ``q`` in their model's queue: the lower turn
+# (the earlier round of the round-robin across consumers), then the higher priority, then the
+# earlier arrival, then the request id. The same order as ``QueuedRequest.Meta.ordering`` and
+# ``_FAIR_ORDER``.
+_AHEAD = """(o.turn < q.turn
+      OR (o.turn = q.turn
+          AND (o.priority > q.priority
+               OR (o.priority = q.priority
                    AND (o.arrived_at < q.arrived_at
                         OR (o.arrived_at = q.arrived_at AND o.request_id < q.request_id))))))"""
+_FAIR_ORDER = "q.turn, q.priority DESC, q.arrived_at, q.request_id"
+
+# Whether node ``n`` could serve waiting request ``o``: its caps take the request's demand and
+# it declared the extension the request needs (``NodeSession.features`` holds known names
+# only, so a match on the quoted name is exact).
+_NODE_SERVES_WAITING = """(o.num_ctx = 0 OR n.max_ctx IS NULL OR n.max_ctx >= o.num_ctx)
+  AND (o.num_predict = 0 OR n.max_predict IS NULL OR n.max_predict >= o.num_predict)
+  AND (o.feature = '' OR n.features LIKE '%%"' || o.feature || '"%%')"""
 
 # A request for the model ordered ahead of this one that still waits in the queue (``own`` is
-# this request's own place in it, if any; one not queued has the last turn of its priority):
-# while there is one, this request may not claim.
+# this request's own place in it, if any; one not queued comes after every queued one): while
+# there is one, this request may not claim.
 _OLDER_WAITING = (
     """
 SELECT 1 FROM {T.queued} o
@@ -178,7 +188,7 @@ WHERE o.model = %(model)s AND o.request_id <> %(own)s
     + "\n"
 )
 
-# The turn of a request that has not joined the queue: after every queued one of its priority.
+# The turn of a request that has not joined the queue: after every queued one.
 LAST_TURN = 2**31 - 1
 
 # A node whose caps (``register.limits``) take the request's demand; a demand of 0 (the option
@@ -194,6 +204,8 @@ SELECT * FROM (
     SELECT s.id AS id, s.channel_name AS channel_name, s.node_id AS node_id,
            s.max_concurrent AS max_concurrent, s.consecutive_failures AS failures,
            COALESCE(s.tokens_per_s, %(unmeasured)s) AS speed,
+           s.max_ctx AS max_ctx, s.max_predict AS max_predict,
+           CAST(s.features AS TEXT) AS features,
            (SELECT COUNT(*) FROM {T.inflight} i WHERE i.session_id = s.id) AS active,
            CASE WHEN m.loaded_until > %(loaded_after)s THEN 1 ELSE 0 END AS warm
     FROM {T.model} m
@@ -224,9 +236,11 @@ FROM ("""
     + _WINDOW_SQL.replace("{bound}", ">=").replace("{alias}", "ahead")
     + " UNION ALL "
     + _WINDOW_SQL.replace("{bound}", "<").replace("{alias}", "behind")
-    + """) c
+    + """) n
 WHERE NOT EXISTS ("""
     + _OLDER_WAITING
+    + "  AND "
+    + _NODE_SERVES_WAITING
     + """)
 ORDER BY load, penalty, warm DESC, speed DESC, max_concurrent DESC
 LIMIT %(limit)s
@@ -262,6 +276,7 @@ _PINNED_CANDIDATES_SQL = _with_pin(_with_feature(_CANDIDATES_TEMPLATE, None), Tr
 def _feature_pattern(feature: str) -> str:
     return f'%"{feature}"%'
 
+
 _ID_RANGE_SQL = _sql("SELECT MIN(id), MAX(id) FROM {T.model} WHERE name = %(model)s")
 
 
@@ -292,9 +307,11 @@ def _candidates(
     docs/node-protocol-extensions.md), then the fastest. A cooled-down node is skipped; once its
     cooldown is over it gets one trial request at a time until it succeeds, ranked like a fresh
     node so that the trial really happens.
-    None at all while a request for the model ordered ahead of the caller waits in the queue
-    (``own`` is the caller's own place in it, if any, with its ``priority``, ``turn`` and
-    ``arrived_at``). With ``feature``, only nodes that declared that extension. A node below
+    None that a request for the model ordered ahead of the caller and still waiting in the
+    queue could use (``own`` is the caller's own place in it, if any, with its ``priority``,
+    ``turn`` and ``arrived_at``): a waiting request whose demand or extension no free node
+    takes does not hold back the requests behind it (red-team M2 of issue 20). With
+    ``feature``, only nodes that declared that extension. A node below
     ``IDLECLAW_REPUTATION_FLOOR`` gets none, except a probe's: with ``session``, only that
     session is a candidate, whatever its reputation.
 
@@ -365,6 +382,7 @@ INSERT INTO {T.inflight} (request_id, session_id, worker_id, model, reply_channe
 SELECT %(request_id)s, %(session)s, %(worker)s, %(model)s, %(reply_channel)s, %(now)s
 WHERE (SELECT COUNT(*) FROM {T.inflight} WHERE session_id = %(session)s) < %(max_concurrent)s
 """)
+
 
 def inflight_reserve(
     *,
@@ -526,10 +544,9 @@ def inflight_claim(
     does not serve the request).
 
     ``arrived_at`` is when the consumer's request arrived, ``priority`` its consumer's priority
-    and ``turn`` its turn in the queue (``LAST_TURN`` before it joined): a claim is refused while
-    a request for the model ordered ahead of it waits in the queue (``queued_as`` is the
-    caller's own queue row). A request of higher priority than every waiting one may claim at
-    once.
+    and ``turn`` its turn in the queue (``LAST_TURN`` before it joined): a claim is refused on
+    any node that a request for the model ordered ahead of it, still waiting in the queue,
+    could use (``queued_as`` is the caller's own queue row).
     ``exclude`` lists sessions that already failed this request. On PostgreSQL the node's row
     is locked while its slots are counted, so two workers never both take the last slot;
     SQLite runs one writer at a time anyway. A request whose ``demand`` no live node serving
@@ -620,6 +637,10 @@ class Outcome:
     dropped_tool_calls: int = 0
     # Tokens of the answer as the router counted them, for the contributor's record.
     tokens: int = 0
+    # Who asked (``routing.identity.Consumer.id``) and from where: a contributor earns no
+    # priority answering itself.
+    consumer: str = ""
+    consumer_ip: str | None = None
 
 
 # One statement folds an outcome into the node's measurements. In an UPDATE every column on the
@@ -641,12 +662,12 @@ UPDATE {T.session} SET
                           WHEN consecutive_failures + 1 >= %(cooldown_after)s THEN %(cool_until)s
                           ELSE cooldown_until END
 WHERE id = %(session)s
-RETURNING contributor_id
+RETURNING contributor_id, client_ip
 """)
 # A node that proved a contributor key adds the outcome to the contributor's record, its
 # figures for the model (moving averages as the session's) and its tokens of this hour (the
-# contributor's priority): three statements more, only for such nodes. A timed-out request is
-# a failure of the contributor's.
+# contributor's priority; not for answers to itself): three statements more, only for such
+# nodes. A timed-out request is a failure of the contributor's.
 _CONTRIBUTOR_SQL = _sql("""
 UPDATE {T.contributor} SET
     served = served + %(completed)s,
@@ -684,9 +705,7 @@ def inflight_finish(*, request_id: str, outcome: Outcome | None = None) -> list[
     and return the reply channels of queued requests that may now take a slot."""
     with transaction.atomic(savepoint=False):
         freed = _rows(
-            _sql(
-                "DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id, model"
-            ),
+            _sql("DELETE FROM {T.inflight} WHERE request_id = %(id)s RETURNING session_id, model"),
             {"id": request_id},
         )
         if not freed:
@@ -721,7 +740,7 @@ def _record(session_id: int, model: str, outcome: Outcome) -> None:
     )
     if not owners or owners[0][0] is None:
         return  # an anonymous node, or one gone meanwhile
-    contributor = owners[0][0]
+    contributor, node_ip = owners[0]
     tokens = max(0, int(outcome.tokens))
     _run(
         _CONTRIBUTOR_SQL,
@@ -745,7 +764,7 @@ def _record(session_id: int, model: str, outcome: Outcome) -> None:
             "weight": EMA_WEIGHT,
         },
     )
-    if tokens:
+    if tokens and not _answers_itself(contributor, node_ip, outcome):
         _run(
             _CONTRIBUTOR_HOUR_SQL,
             {
@@ -756,10 +775,44 @@ def _record(session_id: int, model: str, outcome: Outcome) -> None:
         )
 
 
-_TURNS_SQL = _sql("""
-SELECT MIN(turn), MAX(CASE WHEN consumer = %(consumer)s THEN turn END)
+def _answers_itself(contributor: int, node_ip: str | None, outcome: Outcome) -> bool:
+    """Whether the request came from the contributor whose node answered it: under its own
+    token, or from the node's own address (red-team H1 of issue 20). Such answers count in the
+    record but earn no priority, or a contributor could serve itself into the queue's front."""
+    if outcome.consumer == f"contributor:{contributor}":
+        return True
+    return node_ip is not None and outcome.consumer_ip == str(node_ip)
+
+
+_QUEUE_SQL = _sql("""
+SELECT COUNT(*), SUM(CASE WHEN consumer = %(consumer)s THEN 1 ELSE 0 END), MIN(turn),
+       MAX(CASE WHEN consumer = %(consumer)s THEN turn END)
 FROM {T.queued} WHERE model = %(model)s
 """)
+_IN_TURN_SQL = _sql("""
+SELECT COUNT(*) FROM {T.queued}
+WHERE model = %(model)s AND consumer = %(consumer)s AND turn = %(turn)s
+""")
+# The consumer holding the most places in the model's queue, and how many.
+_LONGEST_SQL = _sql("""
+SELECT consumer, COUNT(*) AS held FROM {T.queued} WHERE model = %(model)s
+GROUP BY consumer ORDER BY held DESC, MAX(arrived_at) DESC LIMIT 1
+""")
+# A consumer's last place in the model's queue, in fair order.
+_LAST_PLACE_SQL = _sql("""
+SELECT request_id, reply_channel FROM {T.queued}
+WHERE model = %(model)s AND consumer = %(consumer)s
+ORDER BY turn DESC, priority, arrived_at DESC, request_id DESC LIMIT 1
+""")
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A request's place in its model's queue: its ``turn``, and the reply channel of the
+    request it pushed out of a full queue (``queue_join``), if any, to be told so."""
+
+    turn: int
+    pushed_out: str | None = None
 
 
 def queue_join(
@@ -772,23 +825,43 @@ def queue_join(
     consumer: str = "",
     priority: int = 0,
     resume: bool = False,
-) -> int | None:
-    """Put a request in its model's queue and return its turn; None when the queue is full.
+    feature: str | None = None,
+    demand: Demand = NO_DEMAND,
+) -> Joined | None:
+    """Put a request in its model's queue; None when the queue is full.
 
-    Turns make the queue round-robin across consumers: a request's turn is one after its
-    consumer's last queued one, and never below the lowest turn still waiting (the round being
-    served), so a consumer arriving late neither waits behind all of another's backlog nor
-    jumps ahead of it by more than a round. ``resume``: the request already had a node that
-    failed it; it takes the current round's turn, ahead of its consumer's later requests.
+    Turns make the queue round-robin across consumers: a consumer of priority ``p`` has up to
+    ``1 + p`` requests in each round (turn) and its requests come first within a round; a
+    request's turn is the round after its consumer's last full one, and never below the lowest
+    turn still waiting (the round being served). So a consumer arriving late neither waits
+    behind all of another's backlog nor jumps ahead of it by more than a round, and priority
+    is a larger share of each round, never a wait without end for the others. ``resume``: the
+    request already had a node that failed it; it takes the current round's turn, ahead of its
+    consumer's later requests.
+
+    A full queue (``IDLECLAW_MAX_QUEUE``) still takes a request whose consumer holds at least
+    two places fewer than the consumer holding the most: that one's last place is given up
+    (``Joined.pushed_out``), so no one consumer can keep the others out by filling it.
+    ``feature`` and ``demand`` say what the request needs of a node (``inflight_claim``).
     """
     with transaction.atomic():
         serialize_on(f"queue:{model}")
-        if QueuedRequest.objects.filter(model=model).count() >= settings.IDLECLAW_MAX_QUEUE:
-            return None
-        lowest, last = _rows(_TURNS_SQL, {"model": model, "consumer": consumer})[0]
+        where = {"model": model, "consumer": consumer}
+        total, held, lowest, last = _rows(_QUEUE_SQL, where)[0]
+        held = held or 0
+        pushed_out = None
+        if total >= settings.IDLECLAW_MAX_QUEUE:
+            longest = _rows(_LONGEST_SQL, {"model": model})
+            if not longest or longest[0][1] < held + 2:
+                return None
+            victim, channel = _rows(_LAST_PLACE_SQL, {"model": model, "consumer": longest[0][0]})[0]
+            _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": victim})
+            pushed_out = channel
         current = lowest if lowest is not None else 0
         if resume or last is None:
             turn = current
+        elif priority > 0 and _rows(_IN_TURN_SQL, {**where, "turn": last})[0][0] <= priority:
+            turn = max(current, last)  # room for 1 + priority in its last round
         else:
             turn = max(current, last + 1)
         QueuedRequest.objects.create(
@@ -800,37 +873,51 @@ def queue_join(
             consumer=consumer,
             priority=priority,
             turn=turn,
+            feature=feature or "",
+            num_ctx=demand.num_ctx,
+            num_predict=demand.num_predict,
         )
-    return turn
+    return Joined(turn=turn, pushed_out=pushed_out)
 
 
-_HEADS_SQL = _sql(
+# The first waiting request of a model in fair order.
+_HEAD_SQL = _sql(
     """
-SELECT q.reply_channel FROM {T.queued} q
-WHERE q.model IN ({{models}})
-  AND NOT EXISTS (
-      SELECT 1 FROM {T.queued} o
-      WHERE o.model = q.model AND """
-    + _AHEAD
+SELECT q.reply_channel FROM {T.queued} q WHERE q.model = %(model)s
+ORDER BY """
+    + _FAIR_ORDER
     + """
-  )
+LIMIT 1
+"""
+)
+# For each model a node serves, the first waiting request it could serve, in fair order.
+_SESSION_HEADS_SQL = _sql(
+    """
+SELECT (SELECT o.reply_channel FROM {T.queued} o
+        WHERE o.model = m.name AND """
+    + _NODE_SERVES_WAITING
+    + """
+        ORDER BY """
+    + _FAIR_ORDER.replace("q.", "o.")
+    + """
+        LIMIT 1)
+FROM {T.model} m
+JOIN (SELECT id, max_ctx, max_predict, CAST(features AS TEXT) AS features
+      FROM {T.session}) n ON n.id = m.session_id
+WHERE m.session_id = %(session)s
 """
 )
 
 
 def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
-    """Reply channels of the first waiting request of each model (given, or served by the
-    session) in the queue's fair order: the only ones allowed to claim next. One query."""
+    """Reply channels of the requests allowed to claim next: for each model given, its first
+    waiting request in the queue's fair order; for each model the session serves, the first
+    one that node could serve. One indexed read per model."""
     if session_id is not None:
-        which = _sql("SELECT name FROM {T.model} WHERE session_id = %(session)s")
-        params: dict[str, object] = {"session": session_id}
+        rows = _rows(_SESSION_HEADS_SQL, {"session": session_id})
     else:
-        names = list(models)
-        if not names:
-            return []
-        params = {f"m{i}": name for i, name in enumerate(names)}
-        which = ", ".join(f"%({key})s" for key in params)
-    return [row[0] for row in _rows(_HEADS_SQL.replace("{models}", which), params)]
+        rows = [row for model in models for row in _rows(_HEAD_SQL, {"model": model})]
+    return [row[0] for row in rows if row[0] is not None]
 
 
 def serialize_on(key: str) -> None:

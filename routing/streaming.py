@@ -53,6 +53,7 @@ ERROR_MESSAGES = {
     "ollama_error": "the node's model server failed",
     "consumer_stalled": "the stream was not read fast enough",
     "queue_timeout": "no node became free in time; try again later",
+    "queue_full": "too many requests are waiting for this model; try again later",
     "lost_chunks": "part of the answer was lost in the router; try again",
     "no_node": "no node is serving this model right now",
     "bad_embeddings": "the node sent invalid embeddings",
@@ -70,10 +71,11 @@ class RelayError(Exception):
     @property
     def status(self) -> int:
         """The HTTP status of a whole (non-streamed) answer that failed this way: 400 for a
-        request two nodes' Ollama refused as invalid, 503 while the router restarts, else 502."""
+        request two nodes' Ollama refused as invalid, 503 while the router restarts or when a
+        full queue gave the request's place away, else 502."""
         if self.code == "invalid_request":
             return 400
-        return 503 if self.code == shutdown.RESTARTING else 502
+        return 503 if self.code in (shutdown.RESTARTING, "queue_full") else 502
 
     @property
     def message(self) -> str:
@@ -133,6 +135,8 @@ class _Failover(Exception):
 # died, or a node came back from its cooldown). Wake-ups come through the channel layer.
 QUEUE_RECHECK = 2.0
 WAKE = "queue.wake"
+# To a queued request whose place a full queue gave to another consumer's (services.queue_join).
+PUSHED_OUT = "queue.pushed_out"
 # The most tokens one character of an answer can explain: a byte-level tokenizer may spend a
 # token per UTF-8 byte, and a character is at most four. ``eval_count`` above this many per
 # character the node sent (plus one per chunk that carried something) is cut down to it.
@@ -217,6 +221,8 @@ class Relay:
         # The request's turn in its model's queue (``services.queue_join``); the last one until
         # it joins.
         self.turn = services.LAST_TURN
+        # Set when a full queue gave its place to another consumer's request.
+        self.pushed_out = False
         self.tried: set[int] = set()
         self.attempts = 0
         self.layer: BaseChannelLayer | None = None
@@ -280,19 +286,8 @@ class Relay:
         """No slot was free on arrival: join the queue and wait up to ``hold``."""
         if not result.served:
             return Unavailable(model=self.model, served=False)
-        turn = await db(services.queue_join)(
-            request_id=self.queue_id,
-            model=self.model,
-            reply_channel=self.reply_channel,
-            worker_id=worker.WORKER_ID,
-            arrived_at=self.arrived_at,
-            consumer=self.consumer.id,
-            priority=self.consumer.priority,
-        )
-        if turn is None:
+        if not await self._join_queue():
             return Unavailable(model=self.model, served=True, queue_full=True)
-        self.queued = True
-        self.turn = turn
         # Its turn may put it ahead of a request already woken for a slot that just freed,
         # whose claim then gives way to this one: this one tries at once instead of waiting
         # for the next wake-up.
@@ -304,6 +299,8 @@ class Relay:
         until = min(self.queue_deadline, self.loop.time() + hold)
         while self.loop.time() < until:
             await self._wait_for_wake(until)
+            if self.pushed_out:
+                return Unavailable(model=self.model, served=True, queue_full=True)
             if self.aborted == OPERATOR_CANCELLED:
                 return Unavailable(model=self.model, served=True, cancelled=True)
             if self.aborted:
@@ -348,6 +345,29 @@ class Relay:
             self._claim_id = request_ids.issue()
         return self._claim_id
 
+    async def _join_queue(self, *, resume: bool = False) -> bool:
+        """Take a place in the model's queue (``services.queue_join``); False when it is full.
+        A request this one pushed out of a full queue is told so."""
+        joined = await db(services.queue_join)(
+            request_id=self.queue_id,
+            model=self.model,
+            reply_channel=self.reply_channel,
+            worker_id=worker.WORKER_ID,
+            arrived_at=self.arrived_at,
+            consumer=self.consumer.id,
+            priority=self.consumer.priority,
+            resume=resume,
+            feature=self.feature,
+            demand=self.demand,
+        )
+        if joined is None:
+            return False
+        self.queued = True
+        self.turn = joined.turn
+        if joined.pushed_out is not None:
+            await self.layer.send(joined.pushed_out, {"type": PUSHED_OUT})
+        return True
+
     async def _wait_for_wake(self, until: float) -> None:
         timeout = max(0.0, min(until - self.loop.time(), QUEUE_RECHECK))
         try:
@@ -355,6 +375,12 @@ class Relay:
                 while True:
                     event = await self.layer.receive(self.reply_channel)
                     if event.get("type") == WAKE:
+                        return
+                    if event.get("type") == PUSHED_OUT and self.claim is None:
+                        # A full queue gave this request's place to another consumer's
+                        # (``services.queue_join``).
+                        self.pushed_out = True
+                        self.queued = False
                         return
                     if event.get("type") == actions.ABORT and self.claim is None:
                         # An operator cancelled it while it waited (nodes.actions).
@@ -378,6 +404,8 @@ class Relay:
             await self._wait_for_wake(min(self.queue_deadline, next_notice))
             if self.aborted:
                 raise RelayError(self.aborted)
+            if self.pushed_out:
+                raise RelayError("queue_full")
             result = await self._try_claim()
             if result is not None and not result.served:
                 raise RelayError("node_disconnected" if self.tried else "no_node")
@@ -452,20 +480,8 @@ class Relay:
     async def _requeue(self) -> None:
         # The wait starts afresh: the consumer already waited for a node that then failed.
         self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
-        turn = await db(services.queue_join)(
-            request_id=self.queue_id,
-            model=self.model,
-            reply_channel=self.reply_channel,
-            worker_id=worker.WORKER_ID,
-            arrived_at=self.arrived_at,
-            consumer=self.consumer.id,
-            priority=self.consumer.priority,
-            resume=True,
-        )
-        if turn is None:
-            raise RelayError("queue_timeout")
-        self.queued = True
-        self.turn = turn
+        if not await self._join_queue(resume=True):
+            raise RelayError("queue_full")
         await self._try_claim()  # as in ``_first_slot``: it may be first now
 
     async def _attempt(self) -> AsyncIterator[ToolStatus | list[dict[str, Any]]]:
@@ -752,6 +768,9 @@ class Relay:
             await self.layer.send(
                 claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
             )
+        outcome = dataclasses.replace(
+            outcome, consumer=self.consumer.id, consumer_ip=self.client_ip
+        )
         if final:
             # The request is over: everything it held goes in one trip.
             wake = await db(services.request_end)(

@@ -300,6 +300,28 @@ def test_finished_requests_add_to_the_record_its_model_and_its_hour(router_worke
     assert hour.hour == timezone.now().replace(minute=0, second=0, microsecond=0)
 
 
+def test_answers_to_the_contributor_itself_count_in_the_record_but_earn_no_priority(
+    router_worker,
+):
+    """Red-team H1 of issue 20: a contributor answering its own requests (under its token, or
+    from its node's own address) must not serve itself into the queue's front."""
+    opened = open_node(key=KEY, ip="10.9.9.9")
+    record = Contributor.objects.get()
+    for consumer, consumer_ip in (
+        (f"contributor:{record.pk}", "10.1.1.1"),
+        ("ip:10.9.9.9", "10.9.9.9"),
+        ("key:7", "10.9.9.9"),
+    ):
+        served = Outcome(kind="completed", tokens=30, consumer=consumer, consumer_ip=consumer_ip)
+        inflight_finish(request_id=claim_on(opened.session_id).request_id, outcome=served)
+    record.refresh_from_db()
+    assert (record.served, record.tokens) == (3, 90)
+    assert not ContributorHour.objects.exists()
+    someone = Outcome(kind="completed", tokens=30, consumer="ip:10.1.1.1", consumer_ip="10.1.1.1")
+    inflight_finish(request_id=claim_on(opened.session_id).request_id, outcome=someone)
+    assert ContributorHour.objects.get(contributor=record).tokens == 30
+
+
 def test_an_anonymous_nodes_requests_touch_no_record(router_worker):
     opened = open_node()
     served = Outcome(kind="completed", ttft_ms=200.0, tokens_per_s=40.0, tokens=30)

@@ -15,7 +15,15 @@ from routing import identity
 from routing.identity import UnknownToken, consumer_resolve, token_hash
 from routing.models import ConsumerKey, QueuedRequest
 from routing.selectors import queue_position
-from routing.services import Claim, consumer_stream_open, inflight_claim, queue_heads, queue_join
+from routing.services import (
+    Claim,
+    Demand,
+    Joined,
+    consumer_stream_open,
+    inflight_claim,
+    queue_heads,
+    queue_join,
+)
 from tests.routing.test_services import make_node
 
 pytestmark = pytest.mark.django_db
@@ -46,7 +54,7 @@ def claim(queued_as: str | None = None, **kwargs) -> Claim | None:
     return result if isinstance(result, Claim) else None
 
 
-def join(request_id: str, consumer: str, priority: int = 0, **kwargs) -> int | None:
+def joined(request_id: str, consumer: str, priority: int = 0, **kwargs) -> Joined | None:
     return queue_join(
         request_id=request_id,
         model=MODEL,
@@ -57,6 +65,12 @@ def join(request_id: str, consumer: str, priority: int = 0, **kwargs) -> int | N
         priority=priority,
         **kwargs,
     )
+
+
+def join(request_id: str, consumer: str, priority: int = 0, **kwargs) -> int | None:
+    """The turn the request got, or None when the queue was full."""
+    place = joined(request_id, consumer, priority, **kwargs)
+    return None if place is None else place.turn
 
 
 def order() -> list[str]:
@@ -87,7 +101,7 @@ def test_a_request_that_failed_over_goes_back_to_the_front_of_its_consumers_line
     assert join("x-retry", "ip:10.0.0.1", resume=True) == 0
 
 
-def test_higher_priority_is_served_first_and_may_claim_past_waiting_requests(router_worker):
+def test_higher_priority_is_served_first_within_the_round(router_worker):
     make_node(router_worker, "one", max_concurrent=1)
     join("anon0", "ip:10.0.0.1")
     join("anon1", "ip:10.0.0.2")
@@ -95,11 +109,57 @@ def test_higher_priority_is_served_first_and_may_claim_past_waiting_requests(rou
     assert order()[0] == "giver"
     assert queue_position(request_id="anon0") == 2
     assert queue_heads(models=[MODEL]) == ["reply.giver"]
-    # A new anonymous request waits behind them all; a new one of higher priority than every
-    # waiting request takes the free slot at once; one of equal priority does not.
+    # A request not yet queued waits behind them all, whatever its priority: it joins the
+    # queue, and then claims as its head.
     assert claim() is None
-    assert claim(priority=2) is None
-    assert claim(priority=3) is not None
+    assert claim(priority=3) is None
+    assert claim(queued_as="anon0", turn=0) is None
+    assert claim(queued_as="giver", turn=0, priority=2) is not None
+
+
+def test_priority_is_a_larger_share_of_each_round_not_a_wait_without_end(router_worker):
+    """Red-team M1 of issue 20: a contributor of priority 2 flooding the queue gets three
+    requests a round; the anonymous consumer still gets one a round."""
+    turns = [join(f"c{i}", "contributor:1", priority=2) for i in range(7)]
+    assert turns == [0, 0, 0, 1, 1, 1, 2]
+    assert [join(f"a{i}", "ip:10.0.0.1") for i in range(3)] == [0, 1, 2]
+    assert order() == ["c0", "c1", "c2", "a0", "c3", "c4", "c5", "a1", "c6", "a2"]
+    assert queue_position(request_id="a1") == 8
+
+
+def test_a_full_queue_takes_a_newcomer_in_place_of_the_largest_consumers_last(
+    router_worker, settings
+):
+    """Red-team M1 of issue 20: one consumer filling the queue cannot keep others out."""
+    settings.IDLECLAW_MAX_QUEUE = 4
+    for i in range(4):
+        assert joined(f"x{i}", "ip:10.0.0.1") is not None
+    assert joined("x4", "ip:10.0.0.1") is None  # full, and X holds the most
+    assert joined("y0", "ip:10.0.0.2") == Joined(turn=0, pushed_out="reply.x3")
+    assert joined("z0", "ip:10.0.0.3").pushed_out == "reply.x2"
+    assert joined("w0", "ip:10.0.0.4").pushed_out == "reply.x1"
+    assert order() == ["x0", "y0", "z0", "w0"]
+    # One place each: a fifth consumer waits for one to free.
+    assert joined("v0", "ip:10.0.0.5") is None
+    assert joined("y1", "ip:10.0.0.2") is None
+
+
+def test_a_waiting_request_no_free_node_takes_does_not_hold_back_others(router_worker):
+    """Red-team M2 of issue 20: the head wants a larger context than the free node allows, or
+    an extension it lacks; the requests behind it may still use that node."""
+    small = make_node(router_worker, "small", max_concurrent=1, max_ctx=4096)
+    joined("big", "ip:10.0.0.1", demand=Demand(num_ctx=32768))
+    joined("embed", "ip:10.0.0.2", feature="embed")
+    joined("chat", "ip:10.0.0.3")
+    assert queue_heads(models=[MODEL]) == ["reply.big"]
+    assert queue_heads(session_id=small.pk) == ["reply.chat"]
+    assert claim(queued_as="chat", turn=0) is not None
+    # A node that takes the big one is held for it.
+    make_node(router_worker, "large", max_concurrent=1, max_ctx=65536, features=["embed"])
+    assert claim() is None
+    assert claim(queued_as="embed", turn=0, feature="embed") is None
+    assert claim(queued_as="big", turn=0, demand=Demand(num_ctx=32768)) is not None
+    assert claim(queued_as="embed", turn=0, feature="embed") is None  # every slot is taken
 
 
 def test_only_the_head_in_fair_order_may_claim(router_worker):
@@ -166,12 +226,28 @@ def test_priority_is_capped_and_any_recent_tokens_earn_at_least_one(settings):
     assert consumer_resolve(token=modest, client_ip=None).priority == 1
 
 
-def test_a_contributor_with_no_recent_tokens_gets_no_priority_or_extra_limits(settings):
+def test_a_contributor_with_no_recent_tokens_is_known_by_its_address(settings):
+    """Red-team H2 of issue 20: keys cost nothing, so a token alone must not make one address
+    many consumers with limits and turns of their own."""
     settings.IDLECLAW_RATE_CHAT = "20/m"
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 3
     _, token = contributor({25: 50_000})
-    found = consumer_resolve(token=token, client_ip=None)
-    assert found.priority == 0 and found.rate == "20/m"
-    assert not found.anonymous
+    found = consumer_resolve(token=token, client_ip="10.0.0.7")
+    assert found == identity.anonymous("10.0.0.7")
+    assert (found.id, found.priority, found.rate, found.max_concurrent) == (
+        "ip:10.0.0.7",
+        0,
+        "20/m",
+        3,
+    )
+
+
+def test_a_contributor_below_the_reputation_floor_earns_no_priority(settings):
+    settings.IDLECLAW_REPUTATION_FLOOR = 0.25
+    person, token = contributor({1: 50_000})
+    assert consumer_resolve(token=token, client_ip="10.0.0.7").priority > 0
+    Contributor.objects.filter(pk=person.pk).update(reputation=0.1)
+    assert consumer_resolve(token=token, client_ip="10.0.0.7").id == "ip:10.0.0.7"
 
 
 def consumer_key(**fields) -> tuple[ConsumerKey, str]:

@@ -79,6 +79,43 @@ async def test_full_queue_is_a_503_at_once(channel_layer, settings):
     await node.disconnect()
 
 
+async def test_a_full_queue_gives_the_largest_consumers_last_place_to_a_newcomer(
+    channel_layer, fast_queue, settings
+):
+    """Red-team M1 of issue 20: one consumer filling the queue cannot keep others out; the
+    request that gave its place up is told so, and the newcomer is served."""
+    settings.IDLECLAW_MAX_QUEUE = 2
+    node = ScriptedNode()
+    await node.register(max_concurrent=1)
+    busy = chat("busy")
+    await busy.start()
+    busy_request = await node.recv()
+    first = chat("first")
+    assert (await first.start())[0] == 200
+    waiting = chat("waiting")
+    assert (await waiting.start())[0] == 200
+    assert await waiting.read_part() == b": queued position=2\n\n"
+    newcomer = chat("newcomer")
+    newcomer.app.scope["client"] = ("10.3.0.1", 5000)
+    assert (await newcomer.start())[0] == 200
+    events = sse_events(await waiting.read_all())
+    assert events[-2]["choices"][0]["finish_reason"] == "error"
+    assert "too many requests are waiting" in json.dumps(events[-2]), events
+    # X's first queued request, then the newcomer.
+    await answer(node, busy_request, ["one"])
+    first_request = await node.recv()
+    assert first_request["ollama_params"]["messages"][0]["content"] == "first"
+    await answer(node, first_request, ["two"])
+    served = await node.recv()
+    assert served["ollama_params"]["messages"][0]["content"] == "newcomer"
+    await answer(node, served, ["three"])
+    assert text_of(sse_events(await busy.read_all())) == "one"
+    assert text_of(sse_events(await first.read_all())) == "two"
+    assert text_of(sse_events(await newcomer.read_all())) == "three"
+    assert await leftovers() == (0, 0)
+    await node.disconnect()
+
+
 async def test_queued_request_is_served_when_a_slot_frees(channel_layer, fast_queue):
     node = ScriptedNode()
     await node.register(max_concurrent=1)
