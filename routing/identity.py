@@ -4,7 +4,10 @@ A request's ``Authorization: Bearer …`` (or ``X-Api-Key``) names it:
 
 - ``ick_…``: a consumer key issued in the admin (``ConsumerKey``), with its own limits;
 - ``icc_…``: a contributor's consumer token (``contribute.py --print-token``), whose priority
-  and limits grow with the tokens its nodes served in the last 24 hours;
+  and limits grow with the tokens its nodes served others in the last 24 hours. A contributor
+  that earned no priority (nothing served lately, or a reputation below the floor) is known by
+  its address, like anyone: keys cost nothing to make, so a key alone must not make one
+  address many consumers with limits and turns of their own (red-team H2 of issue 20);
 - anything else, or nothing: anonymous, known by its address. Real SDKs send dummy keys
   (``sk-…``, ``ollama``), which must keep working.
 
@@ -127,11 +130,11 @@ def contributor_consumer(contributor_id: int, tokens: int) -> Consumer:
 
 
 _CONTRIBUTOR_SQL = f"""
-SELECT c.id, COALESCE(SUM(h.tokens), 0)
+SELECT c.id, COALESCE(SUM(h.tokens), 0), c.reputation
 FROM {Contributor._meta.db_table} c
 LEFT JOIN {ContributorHour._meta.db_table} h ON h.contributor_id = c.id AND h.hour >= %(since)s
 WHERE c.token_hash = %(hash)s
-GROUP BY c.id
+GROUP BY c.id, c.reputation
 """
 
 
@@ -155,7 +158,10 @@ def consumer_resolve(*, token: str, client_ip: str | None) -> Consumer:
             row = cursor.fetchone()
         if row is None:
             raise UnknownToken
-        return contributor_consumer(row[0], int(row[1]))
+        contributor_id, tokens, reputation = row
+        if reputation < settings.IDLECLAW_REPUTATION_FLOOR or not contributor_priority(tokens):
+            return anonymous(client_ip)
+        return contributor_consumer(contributor_id, int(tokens))
     if _KEY.fullmatch(token):
         found = (
             ConsumerKey.objects.filter(key_hash=token_hash(token), active=True)

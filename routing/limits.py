@@ -25,9 +25,13 @@ def request_ip(request: HttpRequest) -> str | None:
     return client_ip(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
 
 
-def _usage(group: str, rate: str, who: str | None) -> dict | None:
+def _usage(group: str, rate: str, who: str | None, increment: bool = True) -> dict | None:
     return get_usage(
-        None, group=group, key=lambda group, request: who or "unknown", rate=rate, increment=True
+        None,
+        group=group,
+        key=lambda group, request: who or "unknown",
+        rate=rate,
+        increment=increment,
     )
 
 
@@ -35,11 +39,16 @@ def _cache_in_process() -> bool:
     return settings.CACHES["default"]["BACKEND"].endswith(".LocMemCache")
 
 
-async def _counted(group: str, rate: str, who: str | None) -> dict | None:
+async def _counted(group: str, rate: str, who: str | None, increment: bool = True) -> dict | None:
     if _cache_in_process():
-        return _usage(group, rate, who)  # a dict lookup: no I/O
+        return _usage(group, rate, who, increment)  # a dict lookup: no I/O
     # Redis: not on the event loop, and not queued behind the ORM.
-    return await sync_to_async(_usage, thread_sensitive=False)(group, rate, who)
+    return await sync_to_async(_usage, thread_sensitive=False)(group, rate, who, increment)
+
+
+# Tokens that named nobody, counted per address: past the chat rate, an address's next token
+# gets a 429 before any database read, so guessing keys costs the guesser, not the router.
+UNKNOWN_KEYS = "unknown-key"
 
 
 def _too_many(request: HttpRequest, group: str, rate: str, usage: dict) -> HttpResponse:
@@ -73,8 +82,9 @@ def rate_limited(group: str) -> Callable[[View], View]:
 
     ``chat`` (every chat and embedding endpoint) first finds out who the consumer is
     (``consumer_of``), counts the call against that consumer's own rate and leaves it on
-    ``request.consumer`` for the view; a token that names nobody is a 401 (counted against the
-    address, so guessing costs the guesser)."""
+    ``request.consumer`` for the view; a token that names nobody is a 401, counted against the
+    address (``UNKNOWN_KEYS``): past the chat rate of those, the address's tokens get a 429
+    before they are looked up."""
 
     def decorate(view: View) -> View:
         @functools.wraps(view)
@@ -87,12 +97,15 @@ def rate_limited(group: str) -> Callable[[View], View]:
                 if usage is not None and usage["should_limit"]:
                     return _too_many(request, group, rate, usage)
                 return await view(request, *args, **kwargs)
+            if identity.bearer_of(request) is not None:
+                rate = settings.IDLECLAW_RATE_CHAT
+                guessed = await _counted(UNKNOWN_KEYS, rate, request_ip(request), increment=False)
+                # A peek: the count so far, not counting this request.
+                if guessed is not None and guessed["count"] >= guessed["limit"]:
+                    return _too_many(request, group, rate, guessed)
             consumer = await consumer_of(request)
             if consumer is None:
-                rate = settings.IDLECLAW_RATE_CHAT
-                usage = await _counted(group, rate, f"ip:{request_ip(request)}")
-                if usage is not None and usage["should_limit"]:
-                    return _too_many(request, group, rate, usage)
+                await _counted(UNKNOWN_KEYS, settings.IDLECLAW_RATE_CHAT, request_ip(request))
                 metrics.rate_limited("unknown_key")
                 return error_for_path(request.path, 401, UnknownToken.message)
             usage = await _counted(group, consumer.rate, consumer.id or None)

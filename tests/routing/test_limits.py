@@ -179,3 +179,22 @@ async def test_a_consumer_keys_own_open_requests_limit_applies(channel_layer, se
     assert "at most 1 requests at once" in json.loads(await refused.read_all())["error"]
     await node.disconnect()
     await metrics.flush()  # the refusal, counted in memory: into this test's database
+
+
+async def test_guessing_tokens_gets_a_429_before_any_lookup(channel_layer, settings):
+    """Red-team low of issue 20: an address's unknown tokens are counted; past the chat rate
+    its next token is refused with a 429 before it is looked up, even a real one."""
+    from asgiref.sync import sync_to_async
+
+    settings.IDLECLAW_RATE_CHAT = "3/h"
+    key = await sync_to_async(_key)()
+    guesses = ["ick_" + f"{i:048x}" for i in range(4)]
+    statuses = [(await with_token("/api/chat", guess).start())[0] for guess in guesses]
+    assert statuses == [401, 401, 401, 429]
+    assert (await with_token("/api/chat", key).start())[0] == 429
+    # Anonymous use of the address is its own count; another address's key is looked up.
+    assert (await client("/api/chat").start())[0] == 503
+    other = with_token("/api/chat", key)
+    other.app.scope["client"] = ("10.2.0.9", 5000)
+    assert (await other.start())[0] == 503
+    await metrics.flush()  # the refusals, counted in memory: into this test's database
