@@ -34,6 +34,7 @@ from routing.streaming import (
     TooMany,
     Unavailable,
     _Failover,
+    believed_prompt_count,
 )
 
 # Numbers written between two yields to the event loop while an answer goes out: a batch of
@@ -134,6 +135,10 @@ class EmbedRelay(Relay):
                     if piece["done"]:
                         node_done = True
                         answer.stats = {k: piece[k] for k in EMBED_STAT_KEYS if k in piece}
+                        if "prompt_eval_count" in answer.stats:
+                            answer.stats["prompt_eval_count"] = believed_prompt_count(
+                                answer.stats["prompt_eval_count"], self.params.get("input")
+                            )
             # Not a token stream: neither a time to first token nor a speed to rank it by.
             outcome = Outcome(kind="completed")
             yield answer

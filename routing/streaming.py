@@ -141,6 +141,20 @@ PUSHED_OUT = "queue.pushed_out"
 # token per UTF-8 byte, and a character is at most four. ``eval_count`` above this many per
 # character the node sent (plus one per chunk that carried something) is cut down to it.
 MAX_TOKENS_PER_CHAR = 4
+# Tokens a model's prompt template may add to a request's own (a Modelfile's system prompt,
+# role markers): ``prompt_eval_count`` up to this is believed as the node says.
+PROMPT_TEMPLATE_TOKENS = 8192
+
+
+def believed_prompt_count(count: int, prompt: object) -> int:
+    """A node's ``prompt_eval_count`` for ``prompt`` (the messages and tools it was sent, or
+    the inputs to embed), believed only as far as the prompt's characters explain it: a node
+    must not inflate what a consumer's usage (and any bill computed from it) says. The prompt is
+    serialised only for a count past ``PROMPT_TEMPLATE_TOKENS``, once per answer."""
+    if count <= PROMPT_TEMPLATE_TOKENS:
+        return count
+    chars = len(json.dumps(prompt, ensure_ascii=False, separators=(",", ":")))
+    return min(count, PROMPT_TEMPLATE_TOKENS + MAX_TOKENS_PER_CHAR * chars)
 
 
 class Relay:
@@ -639,6 +653,10 @@ class Relay:
                             most = MAX_TOKENS_PER_CHAR * (char_limit - char_budget) + carrying
                             if chunk.get("eval_count", 0) > most:
                                 chunk = {**chunk, "eval_count": most}
+                            if "prompt_eval_count" in chunk:
+                                prompt = [params.get("messages"), params.get("tools")]
+                                believed = believed_prompt_count(chunk["prompt_eval_count"], prompt)
+                                chunk = {**chunk, "prompt_eval_count": believed}
                         out.append(chunk)
                         if chunk["done"]:
                             node_done = True

@@ -128,6 +128,20 @@ async def test_openai_batch_put_together_from_frames_and_a_split_vector(channel_
     await node.disconnect()
 
 
+async def test_a_nodes_prompt_count_is_believed_only_as_far_as_the_input_explains(
+    channel_layer,
+):
+    """A node must not inflate the usage a consumer (or a bill computed from it) sees."""
+    node, _ = await embed_node()
+    client = await ask("/v1/embeddings", {"model": EMBEDDER, "input": ["ab"]})
+    request = await node.recv()
+    await vectors(node, request["request_id"], [[1.0]], done=True, prompt_eval_count=10**15)
+    status, _, body = await answer_of(client)
+    assert status == 200
+    assert 0 < body["usage"]["prompt_tokens"] <= 8192 + 4 * len('["ab"]')
+    await node.disconnect()
+
+
 async def test_openai_base64_is_little_endian_float32(channel_layer):
     node, _ = await embed_node()
     client = await ask(

@@ -456,6 +456,26 @@ async def test_completed_requests_are_measured(channel_layer):
     await node.disconnect()
 
 
+async def test_a_nodes_prompt_count_is_believed_only_as_far_as_the_prompt_explains(
+    channel_layer,
+):
+    """A node must not inflate the usage a consumer (or a bill computed from it) sees; an
+    honest count, even a template's thousands of tokens, is passed on as it is."""
+    node = ScriptedNode()
+    await node.register(max_concurrent=2)
+    for claimed, most in ((5000, 5000), (10**15, 8192 + 4 * 200)):
+        client = chat("hello")
+        await client.start()
+        request = await node.recv()
+        await answer(node, request, ["hi"], eval_count=1, prompt_eval_count=claimed)
+        events = sse_events(await client.read_all())
+        usage = next(event["usage"] for event in events if event.get("usage"))
+        assert 0 < usage["prompt_tokens"] <= most, usage
+        if claimed == most:
+            assert usage["prompt_tokens"] == claimed
+    await node.disconnect()
+
+
 async def test_empty_chunks_credit_no_tokens_and_no_speed(channel_layer):
     """Red-team F3 of issue 20: a node that pads its answer with empty chunks is credited, in
     its contributor record and its measured speed, only what carried something."""
