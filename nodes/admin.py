@@ -381,19 +381,6 @@ class ContributorAdmin(admin.ModelAdmin):
         "last_seen",
     )
     search_fields = ("name",)
-    fields = (
-        "name",
-        "reputation",
-        "notes",
-        "served",
-        "failed",
-        "tokens",
-        "probes_passed",
-        "probes_failed",
-        "probed_at",
-        "first_seen",
-        "last_seen",
-    )
     readonly_fields = (
         "served",
         "failed",
@@ -404,6 +391,8 @@ class ContributorAdmin(admin.ModelAdmin):
         "first_seen",
         "last_seen",
     )
+    # What an operator may change (the form's), then the router's figures.
+    fields = ContributorForm.Meta.fields + readonly_fields
     inlines = [ContributorModelInline]
 
     def get_queryset(self, request: HttpRequest) -> Any:

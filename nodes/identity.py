@@ -92,7 +92,7 @@ def name_problem(name: Any) -> str | None:
     digits and ``. _ -``, starting with a letter or digit, no ``..``; not an IP address (nor
     digits and dots only) or a UUID, which would pass for a node's address or id; not starting
     with a reserved word (``RESERVED_PREFIXES``, in any case). skill_scripts/contributor_key.py
-    applies the same rule; keep the two in step."""
+    applies the same rule; tests/skill_scripts/test_name_rule.py keeps the two in step."""
     if not isinstance(name, str):
         return "a name is text"
     if not name or len(name) > MAX_NAME_CHARS:

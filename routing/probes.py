@@ -43,7 +43,6 @@ from idleclaw_site.db import db
 from nodes import worker
 from nodes.actions import OPERATOR_CANCELLED
 from nodes.models import NodeModel
-from nodes.protocol import EventType
 from nodes.services import live_cutoff
 from routing import metrics, services
 from routing.services import Claim, NoSlot, Outcome
@@ -171,31 +170,19 @@ class ProbeRelay(Relay):
         self.attempts -= 1
         return result
 
-    async def _release(
-        self,
-        claim: Claim,
-        outcome: Outcome,
-        *,
-        cancel: bool,
-        final: bool,
-        ended: BaseException | None = None,
-    ) -> None:
-        if cancel:
-            await self.layer.send(
-                claim.node_channel, {"type": EventType.NODE_CANCEL, "request_id": claim.request_id}
-            )
-        # No outcome: the session's counters are the consumers' record, not the probes'.
-        wake = await db(services.inflight_finish)(request_id=claim.request_id, outcome=None)
-        await self._wake(wake)
+    async def _give_back(
+        self, claim: Claim, outcome: Outcome, *, final: bool, ended: BaseException | None
+    ) -> list[str]:
+        # Only the slot, with no outcome: the session's counters are the consumers' record, not
+        # the probes'.
+        return await db(services.inflight_finish)(request_id=claim.request_id, outcome=None)
 
     async def _close(self) -> None:
         # Nothing was counted against a consumer, so nothing is given back or recorded.
         shutdown.relay_ended(self)
 
 
-async def probe_send(
-    *, session_id: int, model: str, ollama_params: dict[str, Any]
-) -> ProbeAnswer:
+async def probe_send(*, session_id: int, model: str, ollama_params: dict[str, Any]) -> ProbeAnswer:
     """Send one probe to one session and gather its answer (module docstring)."""
     if shutdown.draining():
         return ProbeAnswer(status=GONE, error=shutdown.RESTARTING)

@@ -789,6 +789,13 @@ class Relay:
         outcome = dataclasses.replace(
             outcome, consumer=self.consumer.id, consumer_ip=self.client_ip
         )
+        await self._wake(await self._give_back(claim, outcome, final=final, ended=ended))
+
+    async def _give_back(
+        self, claim: Claim, outcome: Outcome, *, final: bool, ended: BaseException | None
+    ) -> list[str]:
+        """Give back the slot of ``claim`` (and, when ``final``, all the request held); the
+        channels of queued requests to wake."""
         if final:
             # The request is over: everything it held goes in one trip.
             wake = await db(services.request_end)(
@@ -798,9 +805,8 @@ class Relay:
                 record=self.tally.record(ended),
             )
             self.queued = self.counted = False
-        else:
-            wake = await db(services.inflight_finish)(request_id=claim.request_id, outcome=outcome)
-        await self._wake(wake)
+            return wake
+        return await db(services.inflight_finish)(request_id=claim.request_id, outcome=outcome)
 
     async def _unless_aborted(self, work: Coroutine[Any, Any, None]) -> None:
         """``work`` (the router's own tool calls), cut short by ``abort``."""

@@ -68,8 +68,11 @@ def default_key_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "idleclaw" / KEY_FILE_NAME
 
 
-def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a contributor name, or None when it can (the router's rule)."""
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a contributor name, or None when it can: the router's rule
+    (nodes/identity.py), kept in step by tests/skill_scripts/test_name_rule.py."""
+    if not isinstance(name, str):
+        return "a name is text"
     if not 0 < len(name) <= MAX_NAME_CHARS:
         return f"a name is 1-{MAX_NAME_CHARS} characters"
     if NAME_RE.fullmatch(name) is None or ".." in name:

@@ -5,17 +5,21 @@ show the logs when it fails."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +130,50 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
+
+
+class TcpRelay:
+    """A TCP relay on a loopback port of its own (``url``): each connection it accepts goes on,
+    byte for byte, to the next of ``targets`` (URLs) in turn, from the local address ``source``
+    (which a test may change between connections; None: the system's choice). In front of
+    several router workers it is an operator's load balancer; with ``source`` set, a node
+    behind it reaches the router from another address."""
+
+    def __init__(self, *targets: str, source: str | None = None) -> None:
+        self.targets = itertools.cycle(
+            [(parts.hostname, parts.port) for parts in map(urllib.parse.urlsplit, targets)]
+        )
+        self.source = source
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            source = None if self.source is None else (self.source, 0)
+            upstream = socket.create_connection(next(self.targets), source_address=source)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def start_emulator(*args: str) -> tuple[Proc, str]:

@@ -10,9 +10,7 @@ import contextlib
 import hashlib
 import hmac
 import json
-import socket
 import sqlite3
-import threading
 
 import pytest
 import requests
@@ -86,45 +84,6 @@ def _router_key(key: str, origin: str) -> str:
     return hmac.new(bytes.fromhex(key), message, hashlib.sha256).hexdigest()
 
 
-class Relay:
-    """A TCP relay whose connections reach the router from another loopback address
-    (127.0.0.2): to the router, a node behind it has changed address."""
-
-    def __init__(self, target: str, source: str = "127.0.0.2") -> None:
-        host, port = target.removeprefix("http://").split(":")
-        self.target = (host, int(port))
-        self.source = source
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target, source_address=(self.source, 0))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 @pytest.fixture
 def one_node_per_address(network, tmp_path):
     """A router of its own that takes one node per address: whether a node registers there
@@ -164,7 +123,7 @@ def test_the_record_survives_a_restart_and_an_address_change(one_node_per_addres
     key_file = tmp_path / "contributor.key"
     # Both runs use one router URL (the relay's: a node's key is derived per router origin);
     # the relay's outgoing address changes between them.
-    relay = Relay(network.router, source="127.0.0.1")
+    relay = procs.TcpRelay(network.router, source="127.0.0.1")
     first = network.contributor("--models", RESTARTED, "--key-file", str(key_file),
                                 server=relay.url)  # fmt: skip
     try:

@@ -4,12 +4,8 @@ PostgreSQL, as an operator runs them, plus the few database and HTTP reads the t
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import runpy
-import socket
-import threading
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -74,46 +70,13 @@ def contributor_on(worker: procs.Proc, ollama: procs.Proc, *args: str) -> procs.
     return node
 
 
-class Balancer:
+class Balancer(procs.TcpRelay):
     """One public URL in front of several workers, as an operator's load balancer: each TCP
     connection goes to the next worker in turn. Contributors reach the network by one URL (a
     contributor key is derived per router origin), and still land on different workers."""
 
     def __init__(self, workers: Sequence[procs.Proc]) -> None:
-        targets = []
-        for worker in workers:
-            parts = urllib.parse.urlsplit(worker.url)
-            targets.append((parts.hostname, parts.port))
-        self.targets = itertools.cycle(targets)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(next(self.targets))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+        super().__init__(*(worker.url for worker in workers))
 
 
 def get_json(url: str) -> Any:
