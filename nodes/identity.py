@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import socket
 import uuid
 from typing import Any
 
@@ -60,7 +61,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Names, and beginnings of names, that would pass for the network's own or an operator's
 # (compared without case). ``anonymous`` is what the node list calls nodes without a key.
 RESERVED_PREFIXES = ("anonymous", "admin", "idleclaw", "operator", "root", "system")
-# Digits and dots only: an address in one of the forms inet_aton takes (127.1, 2130706433).
+# Digits and dots only: an address in one of the forms inet_aton takes (127.1, 2130706433);
+# its hex forms (0x7f.1) are refused by asking inet_aton itself.
 ADDRESS_LIKE = re.compile(r"[0-9.]+")
 
 
@@ -105,7 +107,11 @@ def name_problem(name: Any) -> str | None:
     for word in RESERVED_PREFIXES:
         if lowered.startswith(word):
             return f'a name may not begin with "{word}": it would pass for the network\'s own'
-    if ADDRESS_LIKE.fullmatch(name) is not None or _parses(ipaddress.ip_address, name):
+    if (
+        ADDRESS_LIKE.fullmatch(name) is not None
+        or _parses(ipaddress.ip_address, name)
+        or _parses(socket.inet_aton, name)  # and its hex forms: 0x7f.1
+    ):
         return "a name may not look like an address"
     if _parses(uuid.UUID, name):
         return "a name may not look like a node id (a UUID)"
@@ -115,7 +121,7 @@ def name_problem(name: Any) -> str | None:
 def _parses(parse: Any, text: str) -> bool:
     try:
         parse(text)
-    except ValueError:
+    except (ValueError, OSError):  # inet_aton raises OSError
         return False
     return True
 

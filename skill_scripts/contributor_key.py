@@ -22,6 +22,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import stat
 import uuid
 from collections.abc import Mapping
@@ -83,7 +84,11 @@ def name_problem(name: Any) -> str | None:
     for word in RESERVED_PREFIXES:
         if lowered.startswith(word):
             return f'a name may not begin with "{word}": it would pass for the network\'s own'
-    if ADDRESS_LIKE.fullmatch(name) is not None or _parses(ipaddress.ip_address, name):
+    if (
+        ADDRESS_LIKE.fullmatch(name) is not None
+        or _parses(ipaddress.ip_address, name)
+        or _parses(socket.inet_aton, name)  # and its hex forms: 0x7f.1
+    ):
         return "a name may not look like an address"
     if _parses(uuid.UUID, name):
         return "a name may not look like a node id (a UUID)"
@@ -93,7 +98,7 @@ def name_problem(name: Any) -> str | None:
 def _parses(parse: Any, text: str) -> bool:
     try:
         parse(text)
-    except ValueError:
+    except (ValueError, OSError):  # inet_aton raises OSError
         return False
     return True
 
