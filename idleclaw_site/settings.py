@@ -395,6 +395,10 @@ if IDLECLAW_REPUTATION_FLOOR > 1:
 IDLECLAW_REPUTATION_HALF_LIFE_HOURS = envfloat(
     "IDLECLAW_REPUTATION_HALF_LIFE_HOURS", 24.0, minimum=0.01
 )
+# Probes a node passes within this many seconds after a failed round earn it nothing: with
+# several probers each judging other models, a pass on one model must not offset a failure on
+# another. Keep it longer than the probers' interval (--every).
+IDLECLAW_REPUTATION_FAIL_HOLD = envfloat("IDLECLAW_REPUTATION_FAIL_HOLD", 3600.0, minimum=0.0)
 # probe_nodes sends a model's probe to its nodes one after another, in random order, each after
 # a random pause; the pauses of one model add up to at most this (seconds; --stagger).
 IDLECLAW_PROBE_STAGGER = envfloat("IDLECLAW_PROBE_STAGGER", 10.0, minimum=0.0)

@@ -41,6 +41,9 @@ class Contributor(models.Model):
     probes_passed = models.PositiveIntegerField(default=0)
     probes_failed = models.PositiveIntegerField(default=0)
     probed_at = models.DateTimeField(null=True, blank=True)
+    # When a probe round last failed it: passes within IDLECLAW_REPUTATION_FAIL_HOLD of it earn
+    # nothing, whichever prober sent them.
+    failed_probe_at = models.DateTimeField(null=True, blank=True)
     # 0 to 1; 0.5 is neutral and where it decays back to. Below IDLECLAW_REPUTATION_FLOOR the
     # contributor's nodes get no consumer traffic until they pass probes again.
     reputation = models.FloatField(default=0.5)
@@ -119,6 +122,8 @@ class NodeSession(models.Model):
     # When probes last judged this session (``manage.py probe_nodes``): an anonymous node's
     # reputation decays toward neutral from here (a contributor's from ``Contributor.probed_at``).
     probed_at = models.DateTimeField(null=True, blank=True)
+    # When a probe round last failed this anonymous session (``Contributor.failed_probe_at``).
+    failed_probe_at = models.DateTimeField(null=True, blank=True)
     # Extensions the node said it accepts from the router in ``register.features``
     # (docs/node-protocol-extensions.md); a router sends a node nothing else.
     features = models.JSONField(default=list, blank=True)

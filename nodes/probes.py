@@ -43,7 +43,9 @@ object.
 Results go to ``nodes.reputation.reputation_after``, once per round: on the contributor's
 record when the node has one (and copied to its live sessions), else on the session. A round in
 which any of a contributor's nodes failed counts as a failure with no pass credit (fails
-dominate), so lying on one model is not offset by answering well on another.
+dominate), so lying on one model is not offset by answering well on another; and passes within
+``IDLECLAW_REPUTATION_FAIL_HOLD`` (an hour) of a failed round earn nothing either, so several
+probers each judging other models cannot soften a failure between them.
 """
 
 from __future__ import annotations
@@ -455,8 +457,19 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
             if session.pk not in tallies:
                 continue
             if session.contributor_id is None:
-                value = _reputation(session.reputation, session.probed_at, [session], tallies, now)
-                NodeSession.objects.filter(pk=session.pk).update(reputation=value, probed_at=now)
+                value = _reputation(
+                    session.reputation,
+                    session.probed_at,
+                    [session],
+                    tallies,
+                    now,
+                    failed_at=session.failed_probe_at,
+                )
+                NodeSession.objects.filter(pk=session.pk).update(
+                    reputation=value,
+                    probed_at=now,
+                    failed_probe_at=now if tallies[session.pk].failed else session.failed_probe_at,
+                )
                 recorded.reputations[session.pk] = value
             else:
                 by_contributor.setdefault(session.contributor_id, []).append(session)
@@ -465,10 +478,19 @@ def probe_results_record(*, tallies: Mapping[int, Tally], now: datetime | None =
             if contributor is None:
                 continue  # pruned meanwhile
             own = by_contributor[contributor_id]
-            value = _reputation(contributor.reputation, contributor.probed_at, own, tallies, now)
+            value = _reputation(
+                contributor.reputation,
+                contributor.probed_at,
+                own,
+                tallies,
+                now,
+                failed_at=contributor.failed_probe_at,
+            )
+            failed = any(tallies[s.pk].failed for s in own)
             Contributor.objects.filter(pk=contributor_id).update(
                 reputation=value,
                 probed_at=now,
+                failed_probe_at=now if failed else contributor.failed_probe_at,
                 probes_passed=F("probes_passed") + sum(tallies[s.pk].passed for s in own),
                 probes_failed=F("probes_failed") + sum(tallies[s.pk].failed for s in own),
             )
@@ -488,13 +510,18 @@ def _reputation(
     sessions: Sequence[NodeSession],
     tallies: Mapping[int, Tally],
     now: datetime,
+    *,
+    failed_at: datetime | None = None,
 ) -> float:
-    """The next reputation of one node (or contributor, over its ``sessions``)."""
+    """The next reputation of one node (or contributor, over its ``sessions``), whose last
+    failed round was at ``failed_at``."""
     half_life = settings.IDLECLAW_REPUTATION_HALF_LIFE_HOURS
     passed = sum(tallies[s.pk].passed for s in sessions)
     failed = sum(tallies[s.pk].failed for s in sessions)
-    if failed:
-        # Fails dominate: lying on one model is not offset by passing on another.
+    hold = timedelta(seconds=settings.IDLECLAW_REPUTATION_FAIL_HOLD)
+    if failed or (failed_at is not None and now - failed_at < hold):
+        # Fails dominate: lying on one model is not offset by passing on another, in this round
+        # or in another prober's soon after.
         passed = 0
     if not passed and not failed:
         return decayed(value, since=probed_at, now=now, half_life_hours=half_life)

@@ -149,8 +149,12 @@ def router_worker() -> RouterWorker:
 def session(worker: RouterWorker, name: str, **fields) -> NodeSession:
     now = timezone.now()
     return NodeSession.objects.create(
-        node_id=name, channel_name=f"chan.{name}", worker=worker, connected_at=now,
-        last_seen=now, **fields,
+        node_id=name,
+        channel_name=f"chan.{name}",
+        worker=worker,
+        connected_at=now,
+        last_seen=now,
+        **fields,
     )
 
 
@@ -232,6 +236,38 @@ def test_a_round_where_one_of_a_contributors_nodes_fails_gives_it_no_pass_credit
     assert owner.reputation == pytest.approx(0.5 * 0.6 * 0.6, abs=1e-3)
     assert owner.reputation < 0.25  # below the default floor: no traffic to either node
     assert (owner.probes_passed, owner.probes_failed) == (2, 2)
+
+
+@pytest.mark.django_db
+def test_passes_another_prober_records_soon_after_a_failure_earn_nothing(router_worker, settings):
+    """Red team 2 of issue 20: two probers, one judging the model a contributor lies about and
+    one a model it serves honestly, alternating, used to hold it above the floor for ever
+    (fixed point about 0.45); passes within the hold after a failure now earn nothing."""
+    settings.IDLECLAW_REPUTATION_FAIL_HOLD = 3600
+    owner = contributor("owner")
+    liar = session(router_worker, "liar", contributor=owner)
+    honest = session(router_worker, "honest", contributor=owner)
+    anonymous = session(router_worker, "anonymous")
+    start = timezone.now()
+    for minute in range(0, 60, 10):
+        at = start + timedelta(minutes=minute)
+        probe_results_record(
+            tallies={liar.pk: Tally(failed=1), anonymous.pk: Tally(failed=1)}, now=at
+        )
+        at += timedelta(minutes=5)
+        probe_results_record(
+            tallies={honest.pk: Tally(passed=1), anonymous.pk: Tally(passed=1)}, now=at
+        )
+    owner.refresh_from_db()
+    anonymous.refresh_from_db()
+    assert owner.reputation < 0.25 and anonymous.reputation < 0.25
+    assert (owner.probes_passed, owner.probes_failed) == (6, 6)
+    # An hour after its last failure, a pass counts again.
+    later = start + timedelta(minutes=50, hours=1, seconds=1)
+    before = owner.reputation
+    probe_results_record(tallies={honest.pk: Tally(passed=1)}, now=later)
+    owner.refresh_from_db()
+    assert owner.reputation > before + 0.1
 
 
 @pytest.mark.django_db
