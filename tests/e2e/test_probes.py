@@ -386,6 +386,40 @@ def test_probe_nodes_every_runs_rounds_until_sigterm_and_then_exits_cleanly(rout
             node.close()
 
 
+def test_probe_nodes_every_outlives_a_database_it_cannot_open_for_a_while(router, tmp_path):
+    """A round that fails on the database (here: the file cannot be opened) is lost, not the
+    prober: it says so on stderr and probes again once the database is back."""
+    db = tmp_path / "router.sqlite3"
+    link = tmp_path / "through.sqlite3"
+    link.symlink_to(tmp_path / "missing" / "router.sqlite3")
+    nodes = [RecordingNode(router.url, f"later-{i}", "recorded:1b", host=2 + i) for i in range(2)]
+    prober = procs.Proc(
+        "probe_nodes",
+        [procs.PYTHON, "manage.py", "probe_nodes", "--router", router.url, "--every", "0.5"],
+        env={"IDLECLAW_SQLITE_PATH": str(link), **NO_STAGGER},
+    )
+    try:
+        procs.wait_until(lambda: len(reputations(db)) == 2, what="both sessions")
+        procs.wait_until(
+            lambda: sum("failed on the database" in line for line in prober.lines) >= 2,
+            what="two lost rounds",
+        )
+        assert not any(node.frames for node in nodes)
+        link.unlink()
+        link.symlink_to(db)
+        procs.wait_until(
+            lambda: any("1 models probed" in line for line in prober.lines), what="a round"
+        )
+        prober.signal(signal.SIGTERM)
+        assert prober.wait(30) == 0, prober.output
+        assert all(node.frames for node in nodes)
+        assert "Traceback" not in prober.output
+    finally:
+        prober.stop()
+        for node in nodes:
+            node.close()
+
+
 def test_two_probers_at_once_probe_each_node_once_per_round_they_ran(router, tmp_path):
     db = tmp_path / "router.sqlite3"
     nodes = [RecordingNode(router.url, f"shared-{i}", "recorded:1b", host=2 + i) for i in range(2)]
