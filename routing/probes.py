@@ -35,7 +35,6 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 
 from idleclaw_site import shutdown
@@ -45,7 +44,7 @@ from nodes.actions import OPERATOR_CANCELLED
 from nodes.models import NodeModel
 from nodes.services import live_cutoff
 from routing import metrics, services
-from routing.services import Claim, NoSlot, Outcome
+from routing.services import Claim, Outcome
 from routing.streaming import Relay, RelayError, collect
 
 # What the probe token is derived from, beside SECRET_KEY: a token for nothing else.
@@ -109,7 +108,7 @@ class ProbeRelay(Relay):
     (module docstring)."""
 
     def __init__(self, *, session_id: int, model: str, ollama_params: dict[str, Any]) -> None:
-        self.session_id = session_id
+        self.session = session_id
         # As a /v1 request: the probe's body is one.
         super().__init__(model=model, ollama_params=ollama_params, api=metrics.API_OPENAI)
 
@@ -118,17 +117,14 @@ class ProbeRelay(Relay):
         reserve it now (``services.inflight_reserve``), then wait until it is within the
         node's slots, at most ``SLOT_WAIT`` seconds. False when there is no such session, or
         no slot came free in time."""
-        await worker.ensure_started()
-        self.layer = get_channel_layer()
-        self.reply_channel = await self.layer.new_channel()
-        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+        await self._open()
         self.attempts += 1
         claim = await db(services.inflight_reserve)(
             model=self.model,
             request_id=self._next_claim_id(),
             reply_channel=self.reply_channel,
             worker_id=worker.WORKER_ID,
-            session=self.session_id,
+            session=self.session,
             demand=self.demand,
         )
         if claim is None:
@@ -148,27 +144,6 @@ class ProbeRelay(Relay):
         await self._release(claim, Outcome(kind="cancelled"), cancel=False, final=True)
         shutdown.relay_ended(self)
         return False
-
-    async def _try_claim(self) -> NoSlot | None:
-        # Only the pinned session; after it failed, nothing (``events`` then raises).
-        if self.session_id in self.tried:
-            return NoSlot(served=False)
-        self.attempts += 1
-        result = await db(services.inflight_claim)(
-            model=self.model,
-            request_id=self._next_claim_id(),
-            reply_channel=self.reply_channel,
-            worker_id=worker.WORKER_ID,
-            arrived_at=self.arrived_at,
-            demand=self.demand,
-            session=self.session_id,
-        )
-        if isinstance(result, Claim):
-            self.claim = result
-            self._claim_id = None
-            return None
-        self.attempts -= 1
-        return result
 
     async def _give_back(
         self, claim: Claim, outcome: Outcome, *, final: bool, ended: BaseException | None

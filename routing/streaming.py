@@ -170,6 +170,8 @@ class Relay:
     # The extension a node must have declared to be chosen (``NodeSession.features``); None:
     # any node serving the model.
     feature: str | None = None
+    # The one session the request may go to (a probe, routing/probes.py); None: any.
+    session: int | None = None
 
     def __init__(
         self,
@@ -252,10 +254,7 @@ class Relay:
         """Take a slot, or wait for one up to ``hold`` seconds. ``None``: the answer may start
         (the request has a slot or is still queued); otherwise why it cannot (503, 429, or 400
         for a request over every node's caps)."""
-        await worker.ensure_started()
-        self.layer = get_channel_layer()
-        self.reply_channel = await self.layer.new_channel()
-        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+        await self._open()
         self.attempts += 1
         admitted = await db(services.request_admit)(
             request_id=self.queue_id,
@@ -328,8 +327,18 @@ class Relay:
             return Unavailable(model=self.model, served=True)
         return None
 
+    async def _open(self) -> None:
+        """What every way of getting a slot needs first: the worker's housekeeping, and this
+        request's own reply channel."""
+        await worker.ensure_started()
+        self.layer = get_channel_layer()
+        self.reply_channel = await self.layer.new_channel()
+        self.queue_deadline = self.loop.time() + settings.IDLECLAW_QUEUE_TIMEOUT
+
     async def _try_claim(self) -> NoSlot | None:
         """Claim a slot now; None on success."""
+        if self.session is not None and self.session in self.tried:
+            return NoSlot(served=False)  # pinned to a session that already failed it
         self.attempts += 1
         result = await db(services.inflight_claim)(
             model=self.model,
@@ -343,6 +352,7 @@ class Relay:
             exclude=self.tried,
             feature=self.feature,
             demand=self.demand,
+            session=self.session,
         )
         if isinstance(result, Claim):
             self.claim = result
