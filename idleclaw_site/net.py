@@ -37,19 +37,46 @@ def is_trusted_proxy(address: str | None) -> bool:
     return bool(address) and in_networks(address, proxies)
 
 
+def normalized(address: str) -> str:
+    """``address`` in one spelling: an IPv4 address mapped into IPv6 (``::ffff:1.2.3.4``, what
+    a dual-stack socket reports) as plain IPv4, IPv6 compressed; anything else unchanged."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def consumer_address(address: str) -> str:
+    """What an anonymous consumer at ``address`` is known by: the IPv4 address itself, or for
+    IPv6 its network of ``IDLECLAW_IPV6_CONSUMER_PREFIX`` bits (``2001:db8:1:2::/64``)."""
+    address = normalized(address)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return address
+    prefix = settings.IDLECLAW_IPV6_CONSUMER_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
 def client_ip(peer: str | None, forwarded_for: str | None) -> str | None:
-    """The client's address from the socket peer and an ``X-Forwarded-For`` header value."""
+    """The client's address from the socket peer and an ``X-Forwarded-For`` header value, in one
+    spelling (``normalized``)."""
     proxies = networks(tuple(settings.IDLECLAW_TRUSTED_PROXIES))
     if not peer or not proxies or not in_networks(peer, proxies):
-        return peer
+        return normalized(peer) if peer else peer
     hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
     for hop in reversed(hops):
         if not in_networks(hop, proxies):
             try:
-                return str(ipaddress.ip_address(hop))
+                return normalized(str(ipaddress.ip_address(hop)))
             except ValueError:
-                return peer  # garbage in the header: fall back to the proxy itself
-    return peer
+                return normalized(peer)  # garbage in the header: fall back to the proxy itself
+    return normalized(peer)
 
 
 def scope_client_ip(scope: dict) -> str | None:

@@ -295,6 +295,11 @@ IDLECLAW_RATE_NODE_REGISTER = envrate("IDLECLAW_RATE_NODE_REGISTER", "5/m")
 IDLECLAW_RATE_CHAT = envrate("IDLECLAW_RATE_CHAT", "20/m")
 IDLECLAW_RATE_DEFAULT = envrate("IDLECLAW_RATE_DEFAULT", "60/m")
 IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = envint("IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP", 3, minimum=1)
+# An anonymous consumer on IPv6 is its address's network of this prefix length, not the single
+# address: one host commonly holds a whole /64, and each address would be a consumer of its own.
+IDLECLAW_IPV6_CONSUMER_PREFIX = envint("IDLECLAW_IPV6_CONSUMER_PREFIX", 64, minimum=1)
+if IDLECLAW_IPV6_CONSUMER_PREFIX > 128:
+    raise ImproperlyConfigured("IDLECLAW_IPV6_CONSUMER_PREFIX must be at most 128")
 # Priority for contributors (issue 20, README "Fair queues and priority"): a request with a
 # contributor's token gets one step of priority per this many tokens its nodes served in the last
 # 24 hours (at least 1 for any), up to the maximum; its chat rate and concurrent-request limit are

@@ -32,6 +32,7 @@ from django.db import connection
 from django.http import HttpRequest
 from django.utils import timezone
 
+from idleclaw_site.net import consumer_address
 from nodes.models import Contributor, ContributorHour
 from routing.models import ConsumerKey
 
@@ -99,9 +100,10 @@ def _scaled(rate: str, factor: float) -> str:
 
 
 def anonymous(client_ip: str | None) -> Consumer:
-    """An anonymous consumer, known by its address, at the anonymous limits."""
+    """An anonymous consumer, known by its address (an IPv6 address by its /64,
+    ``idleclaw_site.net.consumer_address``), at the anonymous limits."""
     return Consumer(
-        id=f"ip:{client_ip}" if client_ip else "",
+        id=f"ip:{consumer_address(client_ip)}" if client_ip else "",
         rate=settings.IDLECLAW_RATE_CHAT,
         max_concurrent=settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP,
     )

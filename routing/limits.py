@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
 from idleclaw_site.db import db
-from idleclaw_site.net import client_ip
+from idleclaw_site.net import client_ip, consumer_address
 from routing import identity, metrics
 from routing.identity import Consumer, UnknownToken
 
@@ -23,6 +23,12 @@ View = Callable[..., Awaitable[HttpResponse]]
 
 def request_ip(request: HttpRequest) -> str | None:
     return client_ip(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
+
+
+def _address_of(request: HttpRequest) -> str | None:
+    """The client's address as an anonymous consumer is known (an IPv6 address by its /64)."""
+    ip = request_ip(request)
+    return consumer_address(ip) if ip else None
 
 
 def _usage(group: str, rate: str, who: str | None, increment: bool = True) -> dict | None:
@@ -99,13 +105,14 @@ def rate_limited(group: str) -> Callable[[View], View]:
                 return await view(request, *args, **kwargs)
             if identity.bearer_of(request) is not None:
                 rate = settings.IDLECLAW_RATE_CHAT
-                guessed = await _counted(UNKNOWN_KEYS, rate, request_ip(request), increment=False)
+                guesser = _address_of(request)
+                guessed = await _counted(UNKNOWN_KEYS, rate, guesser, increment=False)
                 # A peek: the count so far, not counting this request.
                 if guessed is not None and guessed["count"] >= guessed["limit"]:
                     return _too_many(request, group, rate, guessed)
             consumer = await consumer_of(request)
             if consumer is None:
-                await _counted(UNKNOWN_KEYS, settings.IDLECLAW_RATE_CHAT, request_ip(request))
+                await _counted(UNKNOWN_KEYS, settings.IDLECLAW_RATE_CHAT, _address_of(request))
                 metrics.rate_limited("unknown_key")
                 return error_for_path(request.path, 401, UnknownToken.message)
             usage = await _counted(group, consumer.rate, consumer.id or None)

@@ -55,6 +55,8 @@ class QueuedRequest(models.Model):
     feature = models.CharField(max_length=32, blank=True, default="", db_default="")
     num_ctx = models.PositiveIntegerField(default=0, db_default=0)
     num_predict = models.PositiveIntegerField(default=0, db_default=0)
+    # The sessions that already failed it (failover), as ",12,34,": it holds none of them back.
+    tried = models.TextField(blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["turn", "-priority", "arrived_at", "request_id"]
@@ -64,6 +66,38 @@ class QueuedRequest(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class QueueRound(models.Model):
+    """The round of a model's queue being served: the highest turn a queued request claimed a
+    slot in (issue 20). It only moves forward, so a consumer that keeps one request answering
+    and one waiting cannot keep joining a round it has already had its share of."""
+
+    model = models.CharField(max_length=64, primary_key=True)
+    turn = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.model}: round {self.turn}"
+
+
+class QueueAccount(models.Model):
+    """A consumer's share of its latest round in a model's queue: ``used`` of its requests were
+    given turn ``turn`` (served or still waiting). A consumer of priority p has 1 + p a round.
+    Accounts of rounds already over mean nothing and are pruned by the workers' housekeeping."""
+
+    model = models.CharField(max_length=64)
+    consumer = models.CharField(max_length=80, blank=True, default="")
+    turn = models.PositiveIntegerField()
+    used = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model", "consumer"], name="queue_account_unique")
+        ]
+        indexes = [models.Index(fields=["model", "turn"], name="queue_account_turn")]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.consumer}: {self.used} in round {self.turn}"
 
 
 class ConsumerKey(models.Model):

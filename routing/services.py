@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from idleclaw_site.net import consumer_address
 from nodes.models import (
     Contributor,
     ContributorHour,
@@ -38,7 +39,13 @@ from nodes.models import (
 from nodes.protocol import LOADED_FOREVER
 from nodes.services import live_cutoff, worker_cutoff
 from routing import metrics
-from routing.models import ConsumerStream, InflightRequest, QueuedRequest
+from routing.models import (
+    ConsumerStream,
+    InflightRequest,
+    QueueAccount,
+    QueuedRequest,
+    QueueRound,
+)
 
 # How many of the best candidates a claim tries before giving up on a race.
 CANDIDATES = 8
@@ -122,6 +129,8 @@ class _Tables:
     inflight = InflightRequest._meta.db_table
     queued = QueuedRequest._meta.db_table
     stream = ConsumerStream._meta.db_table
+    round = QueueRound._meta.db_table
+    account = QueueAccount._meta.db_table
     session = NodeSession._meta.db_table
     model = NodeModel._meta.db_table
     worker = RouterWorker._meta.db_table
@@ -166,12 +175,13 @@ _AHEAD = """(o.turn < q.turn
                         OR (o.arrived_at = q.arrived_at AND o.request_id < q.request_id))))))"""
 _FAIR_ORDER = "q.turn, q.priority DESC, q.arrived_at, q.request_id"
 
-# Whether node ``n`` could serve waiting request ``o``: its caps take the request's demand and
-# it declared the extension the request needs (``NodeSession.features`` holds known names
-# only, so a match on the quoted name is exact).
+# Whether node ``n`` could serve waiting request ``o``: its caps take the request's demand, it
+# declared the extension the request needs (``NodeSession.features`` holds known names only, so
+# a match on the quoted name is exact), and it has not failed the request already.
 _NODE_SERVES_WAITING = """(o.num_ctx = 0 OR n.max_ctx IS NULL OR n.max_ctx >= o.num_ctx)
   AND (o.num_predict = 0 OR n.max_predict IS NULL OR n.max_predict >= o.num_predict)
-  AND (o.feature = '' OR n.features LIKE '%%"' || o.feature || '"%%')"""
+  AND (o.feature = '' OR n.features LIKE '%%"' || o.feature || '"%%')
+  AND o.tried NOT LIKE '%%,' || CAST(n.id AS TEXT) || ',%%'"""
 
 # A request for the model ordered ahead of this one that still waits in the queue (``own`` is
 # this request's own place in it, if any; one not queued comes after every queued one): while
@@ -598,6 +608,7 @@ def inflight_claim(
                 continue
             if queued_as is not None:
                 _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": queued_as})
+                _run(_ROUND_SQL, {"model": model, "turn": turn})
             return Claim(
                 request_id=request_id,
                 session_id=candidate.session_id,
@@ -781,17 +792,14 @@ def _answers_itself(contributor: int, node_ip: str | None, outcome: Outcome) -> 
     record but earn no priority, or a contributor could serve itself into the queue's front."""
     if outcome.consumer == f"contributor:{contributor}":
         return True
-    return node_ip is not None and outcome.consumer_ip == str(node_ip)
+    if node_ip is None or outcome.consumer_ip is None:
+        return False
+    return consumer_address(outcome.consumer_ip) == consumer_address(str(node_ip))
 
 
 _QUEUE_SQL = _sql("""
-SELECT COUNT(*), SUM(CASE WHEN consumer = %(consumer)s THEN 1 ELSE 0 END), MIN(turn),
-       MAX(CASE WHEN consumer = %(consumer)s THEN turn END)
+SELECT COUNT(*), SUM(CASE WHEN consumer = %(consumer)s THEN 1 ELSE 0 END)
 FROM {T.queued} WHERE model = %(model)s
-""")
-_IN_TURN_SQL = _sql("""
-SELECT COUNT(*) FROM {T.queued}
-WHERE model = %(model)s AND consumer = %(consumer)s AND turn = %(turn)s
 """)
 # The consumer holding the most places in the model's queue, and how many.
 _LONGEST_SQL = _sql("""
@@ -803,6 +811,21 @@ _LAST_PLACE_SQL = _sql("""
 SELECT request_id, reply_channel FROM {T.queued}
 WHERE model = %(model)s AND consumer = %(consumer)s
 ORDER BY turn DESC, priority, arrived_at DESC, request_id DESC LIMIT 1
+""")
+_TURNS_SQL = _sql("""
+SELECT (SELECT turn FROM {T.round} WHERE model = %(model)s), a.turn, a.used
+FROM (SELECT 1) one
+LEFT JOIN {T.account} a ON a.model = %(model)s AND a.consumer = %(consumer)s
+""")
+_ACCOUNT_SQL = _sql("""
+INSERT INTO {T.account} (model, consumer, turn, used)
+VALUES (%(model)s, %(consumer)s, %(turn)s, %(used)s)
+ON CONFLICT (model, consumer) DO UPDATE SET turn = excluded.turn, used = excluded.used
+""")
+# A queued request took a slot in round ``turn``: the round being served is at least that one.
+_ROUND_SQL = _sql("""
+INSERT INTO {T.round} (model, turn) VALUES (%(model)s, %(turn)s)
+ON CONFLICT (model) DO UPDATE SET turn = excluded.turn WHERE {T.round}.turn < excluded.turn
 """)
 
 
@@ -827,17 +850,22 @@ def queue_join(
     resume: bool = False,
     feature: str | None = None,
     demand: Demand = NO_DEMAND,
+    tried: Collection[int] = (),
 ) -> Joined | None:
     """Put a request in its model's queue; None when the queue is full.
 
-    Turns make the queue round-robin across consumers: a consumer of priority ``p`` has up to
-    ``1 + p`` requests in each round (turn) and its requests come first within a round; a
-    request's turn is the round after its consumer's last full one, and never below the lowest
-    turn still waiting (the round being served). So a consumer arriving late neither waits
-    behind all of another's backlog nor jumps ahead of it by more than a round, and priority
-    is a larger share of each round, never a wait without end for the others. ``resume``: the
-    request already had a node that failed it; it takes the current round's turn, ahead of its
-    consumer's later requests.
+    Turns make the queue round-robin across consumers. The round being served
+    (``QueueRound``) is the highest turn a queued request has taken a slot in; it only moves
+    forward. A consumer of priority ``p`` has up to ``1 + p`` requests in each round, counted
+    in its account (``QueueAccount``) whether they were served already or still wait; its
+    requests come first within a round. A request's turn is the consumer's latest round while
+    that has room and is not over, else the next one, and never an earlier round than the one
+    being served. So a consumer arriving late neither waits behind all of another's backlog
+    nor jumps ahead of it by more than a round, and priority is a larger share of each round,
+    never an endless wait for the others, even for a consumer that always has one request
+    answering and one waiting. ``resume``: the request already had a node that failed it
+    (``tried``, which it holds back no longer); it takes the round being served, ahead of its
+    consumer's later requests, and uses no share of it.
 
     A full queue (``IDLECLAW_MAX_QUEUE``) still takes a request whose consumer holds at least
     two places fewer than the consumer holding the most: that one's last place is given up
@@ -847,7 +875,7 @@ def queue_join(
     with transaction.atomic():
         serialize_on(f"queue:{model}")
         where = {"model": model, "consumer": consumer}
-        total, held, lowest, last = _rows(_QUEUE_SQL, where)[0]
+        total, held = _rows(_QUEUE_SQL, where)[0]
         held = held or 0
         pushed_out = None
         if total >= settings.IDLECLAW_MAX_QUEUE:
@@ -855,15 +883,21 @@ def queue_join(
             if not longest or longest[0][1] < held + 2:
                 return None
             victim, channel = _rows(_LAST_PLACE_SQL, {"model": model, "consumer": longest[0][0]})[0]
-            _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": victim})
-            pushed_out = channel
-        current = lowest if lowest is not None else 0
-        if resume or last is None:
+            # Taken by a claim meanwhile (only joins hold the model's lock): then there is room.
+            if _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": victim}):
+                pushed_out = channel
+        served, last, used = _rows(_TURNS_SQL, where)[0]
+        current = served or 0
+        if resume:
             turn = current
-        elif priority > 0 and _rows(_IN_TURN_SQL, {**where, "turn": last})[0][0] <= priority:
-            turn = max(current, last)  # room for 1 + priority in its last round
         else:
-            turn = max(current, last + 1)
+            if last is None or last < current:
+                turn, used = current, 1
+            elif used < 1 + max(priority, 0):
+                turn, used = last, used + 1
+            else:
+                turn, used = last + 1, 1
+            _run(_ACCOUNT_SQL, {**where, "turn": turn, "used": used})
         QueuedRequest.objects.create(
             request_id=request_id,
             model=model,
@@ -876,6 +910,7 @@ def queue_join(
             feature=feature or "",
             num_ctx=demand.num_ctx,
             num_predict=demand.num_predict,
+            tried="".join(f",{session}" for session in sorted(tried)) + "," if tried else "",
         )
     return Joined(turn=turn, pushed_out=pushed_out)
 
@@ -907,17 +942,22 @@ JOIN (SELECT id, max_ctx, max_predict, CAST(features AS TEXT) AS features
 WHERE m.session_id = %(session)s
 """
 )
+_SESSION_MODEL_HEAD_SQL = _SESSION_HEADS_SQL.rstrip() + " AND m.name = %(model)s\n"
 
 
 def queue_heads(*, models: Iterable[str] = (), session_id: int | None = None) -> list[str]:
     """Reply channels of the requests allowed to claim next: for each model given, its first
     waiting request in the queue's fair order; for each model the session serves, the first
-    one that node could serve. One indexed read per model."""
-    if session_id is not None:
-        rows = _rows(_SESSION_HEADS_SQL, {"session": session_id})
-    else:
-        rows = [row for model in models for row in _rows(_HEAD_SQL, {"model": model})]
-    return [row[0] for row in rows if row[0] is not None]
+    one that node could serve (with ``models`` too, only for those). One indexed read per
+    model."""
+    names = list(models)
+    rows = [row for model in names for row in _rows(_HEAD_SQL, {"model": model})]
+    if session_id is not None and names:
+        for model in names:
+            rows += _rows(_SESSION_MODEL_HEAD_SQL, {"session": session_id, "model": model})
+    elif session_id is not None:
+        rows += _rows(_SESSION_HEADS_SQL, {"session": session_id})
+    return list(dict.fromkeys(row[0] for row in rows if row[0] is not None))
 
 
 def serialize_on(key: str) -> None:
@@ -1022,11 +1062,24 @@ def request_end(
     of queued requests that may now take the slot."""
     with transaction.atomic():
         wake = inflight_finish(request_id=attempt_id, outcome=outcome) if attempt_id else []
-        _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": request_id})
+        left = _rows(
+            _sql("DELETE FROM {T.queued} WHERE request_id = %(id)s RETURNING model"),
+            {"id": request_id},
+        )
+        if left:
+            # It may have held a free node back for itself: whoever could use it is next.
+            wake += [channel for channel in queue_heads(models=[left[0][0]]) if channel not in wake]
         _run(_sql("DELETE FROM {T.stream} WHERE request_id = %(id)s"), {"id": request_id})
         if record is not None:
             metrics.request_count(record=record)
     return wake
+
+
+# Accounts of rounds already over (``queue_join``) mean nothing any more.
+_STALE_ACCOUNTS_SQL = _sql("""
+DELETE FROM {T.account}
+WHERE turn < (SELECT r.turn FROM {T.round} r WHERE r.model = {T.account}.model)
+""")
 
 
 @dataclass(frozen=True)
@@ -1065,4 +1118,5 @@ def stale_requests_reap(*, worker_id: str) -> list[Leftover]:
         )
         QueuedRequest.objects.filter(request_id__in=old_streams.values("request_id")).delete()
         old_streams.delete()
+        _run(_STALE_ACCOUNTS_SQL, {})
     return leftovers

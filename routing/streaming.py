@@ -359,7 +359,11 @@ class Relay:
             self._claim_id = None
             if self.queued:
                 self.queued = False  # the claim removed the queue row
-                await self._wake(await db(services.queue_heads)(models=[self.model]))
+                # The next in line, and whoever could use the node's other free slots.
+                heads = await db(services.queue_heads)(
+                    models=[self.model], session_id=result.session_id
+                )
+                await self._wake(heads)
             return None
         self.attempts -= 1
         return result
@@ -383,6 +387,7 @@ class Relay:
             resume=resume,
             feature=self.feature,
             demand=self.demand,
+            tried=self.tried,
         )
         if joined is None:
             return False

@@ -320,6 +320,13 @@ def test_answers_to_the_contributor_itself_count_in_the_record_but_earn_no_prior
     someone = Outcome(kind="completed", tokens=30, consumer="ip:10.1.1.1", consumer_ip="10.1.1.1")
     inflight_finish(request_id=claim_on(opened.session_id).request_id, outcome=someone)
     assert ContributorHour.objects.get(contributor=record).tokens == 30
+    # The same address however it is spelt, and one IPv6 /64, are the node's own.
+    for node_ip, consumer_ip in (("::ffff:10.8.8.8", "10.8.8.8"), ("2001:db8::1", "2001:db8::2")):
+        NodeSession.objects.all().delete()  # one node at a time: the claim goes to it
+        other = open_node(key=KEY, ip=node_ip)
+        itself = Outcome(kind="completed", tokens=5, consumer="ip:x", consumer_ip=consumer_ip)
+        inflight_finish(request_id=claim_on(other.session_id).request_id, outcome=itself)
+    assert ContributorHour.objects.get(contributor=record).tokens == 30
 
 
 def test_an_anonymous_nodes_requests_touch_no_record(router_worker):

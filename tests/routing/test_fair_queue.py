@@ -13,7 +13,7 @@ from django.utils import timezone
 from nodes.models import Contributor, ContributorHour, RouterWorker
 from routing import identity
 from routing.identity import UnknownToken, consumer_resolve, token_hash
-from routing.models import ConsumerKey, QueuedRequest
+from routing.models import ConsumerKey, InflightRequest, QueuedRequest
 from routing.selectors import queue_position
 from routing.services import (
     Claim,
@@ -87,12 +87,14 @@ def test_a_consumer_with_many_waiting_requests_delays_another_by_one_turn(router
 
 
 def test_a_late_consumer_joins_the_round_being_served_not_the_first(router_worker):
+    make_node(router_worker, "three", max_concurrent=3)
     for i in range(6):
         join(f"x{i}", "ip:10.0.0.1")
-    QueuedRequest.objects.filter(request_id__in=["x0", "x1", "x2"]).delete()  # served
-    assert join("y0", "ip:10.0.0.2") == 3
-    assert join("y1", "ip:10.0.0.2") == 4
-    assert order() == ["x3", "y0", "x4", "y1", "x5"]
+    for i in range(3):  # served: rounds 0 to 2
+        assert claim(queued_as=f"x{i}", turn=i) is not None
+    assert join("y0", "ip:10.0.0.2") == 2
+    assert join("y1", "ip:10.0.0.2") == 3
+    assert order() == ["y0", "x3", "y1", "x4", "x5"]
 
 
 def test_a_request_that_failed_over_goes_back_to_the_front_of_its_consumers_line(router_worker):
@@ -125,6 +127,69 @@ def test_priority_is_a_larger_share_of_each_round_not_a_wait_without_end(router_
     assert [join(f"a{i}", "ip:10.0.0.1") for i in range(3)] == [0, 1, 2]
     assert order() == ["c0", "c1", "c2", "a0", "c3", "c4", "c5", "a1", "c6", "a2"]
     assert queue_position(request_id="a1") == 8
+
+
+def serve_head(session_id: int) -> str:
+    """Finish the node's one request, and let the queue's head (in fair order) claim the slot,
+    as a woken relay does; the request id served."""
+    InflightRequest.objects.filter(session_id=session_id).delete()
+    head = QueuedRequest.objects.filter(model=MODEL).first()
+    assert claim(queued_as=head.request_id, turn=head.turn, priority=head.priority) is not None
+    return head.request_id
+
+
+def test_a_priority_consumer_always_waiting_still_gets_only_its_share_of_each_round(
+    router_worker,
+):
+    """Red team 3 of issue 20: a contributor of priority 1 with one request answering and one
+    waiting at all times used to join the round being served again and again, ahead of an
+    anonymous request, which then waited for ever."""
+    node = make_node(router_worker, "one", max_concurrent=1)
+    assert claim() is not None  # someone's request answering
+    join("p0", "contributor:1", priority=1)
+    join("b", "ip:10.0.0.2")
+    served = []
+    for i in range(1, 6):
+        join(f"p{i}", "contributor:1", priority=1)  # P keeps one more waiting
+        served.append(serve_head(node.pk))
+        if "b" in served:
+            break
+    assert served.index("b") <= 2, served  # after at most 1 + 1 of P's
+
+
+def test_a_request_pinned_at_an_old_turn_does_not_let_newcomers_jump_the_round(router_worker):
+    """Red team 3 of issue 20: a request no free node fits may wait at an old turn; newcomers
+    join the round being served, not that old one."""
+    small = make_node(router_worker, "small", max_concurrent=1, max_ctx=4096)
+    make_node(router_worker, "big", max_concurrent=1, max_ctx=65536)
+    assert claim(demand=Demand(num_ctx=32768)) is not None  # the big node is busy
+    for i in range(3):
+        join(f"x{i}", "ip:10.0.0.1")
+    join("pin", "ip:10.0.0.9", demand=Demand(num_ctx=32768))
+    assert claim(queued_as="x0", turn=0) is not None
+    InflightRequest.objects.filter(session=small).delete()
+    assert claim(queued_as="x1", turn=1) is not None  # round 1 now
+    # Y's requests, one at a time, take the rounds' turns from 1 on, not the pin's 0.
+    assert join("y0", "ip:10.0.0.2") == 1
+    InflightRequest.objects.filter(session=small).delete()
+    assert claim(queued_as="x2", turn=2) is None  # y0 goes first in round 1
+    assert claim(queued_as="y0", turn=1) is not None
+    InflightRequest.objects.filter(session=small).delete()
+    assert join("y1", "ip:10.0.0.2") == 2
+    assert order() == ["pin", "x2", "y1"]
+
+
+def test_a_request_holds_back_no_node_that_already_failed_it(router_worker):
+    """Red team 3 of issue 20: a request that failed over on node N and waits for another
+    leaves N to the requests behind it."""
+    failed = make_node(router_worker, "failed", max_concurrent=1)
+    busy = make_node(router_worker, "busy", max_concurrent=1)
+    assert claim(exclude={failed.pk}) is not None  # takes the busy node's slot
+    joined("r", "ip:10.0.0.1", resume=True, tried={failed.pk})
+    joined("s", "ip:10.0.0.2")
+    assert queue_heads(session_id=failed.pk) == ["reply.s"]
+    assert queue_heads(session_id=busy.pk) == ["reply.r"]
+    assert claim(queued_as="s", turn=0) is not None
 
 
 def test_a_full_queue_takes_a_newcomer_in_place_of_the_largest_consumers_last(

@@ -104,11 +104,41 @@ async def test_trusted_proxy_passes_the_client_address(channel_layer, settings):
         ("10.0.0.2", "not-an-ip", ["10.0.0.0/8"], "10.0.0.2"),
         ("10.0.0.2", None, ["10.0.0.0/8"], "10.0.0.2"),
         ("203.0.113.5", "1.2.3.4", ["10.0.0.0/8"], "203.0.113.5"),
+        # One spelling: IPv4 mapped into IPv6 (a dual-stack socket, or a proxy's) is IPv4.
+        ("::ffff:203.0.113.5", None, [], "203.0.113.5"),
+        ("::1", "::ffff:1.2.3.4", ["::1/128"], "1.2.3.4"),
+        ("::1", "2001:DB8:0:0::7", ["::1/128"], "2001:db8::7"),
     ],
 )
 def test_client_ip_is_the_rightmost_untrusted_hop(settings, peer, header, trusted, expected):
     settings.IDLECLAW_TRUSTED_PROXIES = trusted
     assert client_ip(peer, header) == expected
+
+
+def test_an_anonymous_consumer_on_ipv6_is_its_64_not_each_address(settings):
+    """Red team 3 of issue 20: one host with a /64 must not be 2**64 consumers, each with its
+    own limits and turns."""
+    from routing import identity
+
+    settings.IDLECLAW_IPV6_CONSUMER_PREFIX = 64
+    first = identity.anonymous("2001:db8:1:2::1")
+    assert first.id == "ip:2001:db8:1:2::/64"
+    assert identity.anonymous("2001:db8:1:2:ffff::9").id == first.id
+    assert identity.anonymous("2001:db8:1:3::1").id != first.id
+    assert identity.anonymous("203.0.113.5").id == "ip:203.0.113.5"
+    settings.IDLECLAW_IPV6_CONSUMER_PREFIX = 128
+    assert identity.anonymous("2001:db8:1:2::1").id == "ip:2001:db8:1:2::1/128"
+
+
+async def test_one_ipv6_64_shares_one_open_requests_limit(channel_layer, settings):
+    settings.IDLECLAW_MAX_CONCURRENT_CHATS_PER_IP = 1
+    node = ScriptedNode()
+    await node.register(max_concurrent=10)
+    assert (await client("/api/chat", ip="2001:db8:5:5::1").start())[0] == 200
+    assert (await client("/api/chat", ip="2001:db8:5:5::2").start())[0] == 429
+    assert (await client("/api/chat", ip="2001:db8:5:6::1").start())[0] == 200
+    await node.disconnect()
+    await metrics.flush()  # the refusal, counted in memory: into this test's database
 
 
 # --- limits per consumer (issue 20) ---------------------------------------------------------
