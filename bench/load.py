@@ -112,6 +112,7 @@ TOKEN_ERRORS = ("lost", "duplicated", "reordered", "foreign", "garbled")
 # router: the benchmark may measure another checkout's.
 STREAM_ERRORS = (
     ("no node became free in time", "queue_timeout"),
+    ("too many requests are waiting", "queue_full"),
     ("part of the answer was lost", "lost_chunks"),
     ("not read fast enough", "consumer_stalled"),
     ("node serving this request disconnected", "node_disconnected"),
