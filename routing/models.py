@@ -48,7 +48,7 @@ class QueuedRequest(models.Model):
     # consumers; a consumer of priority p has 1 + p requests a round), and its priority
     # (first within its round).
     consumer = models.CharField(max_length=80, blank=True, default="", db_default="")
-    turn = models.PositiveIntegerField(default=0, db_default=0)
+    turn = models.PositiveBigIntegerField(default=0, db_default=0)
     priority = models.IntegerField(default=0, db_default=0)
     # What it needs of a node (``routing.services.Demand``, the extension in ``feature``): a
     # waiting request holds back only claims on nodes that could serve it.
@@ -74,7 +74,7 @@ class QueueRound(models.Model):
     and one waiting cannot keep joining a round it has already had its share of."""
 
     model = models.CharField(max_length=64, primary_key=True)
-    turn = models.PositiveIntegerField(default=0)
+    turn = models.PositiveBigIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"{self.model}: round {self.turn}"
@@ -87,7 +87,7 @@ class QueueAccount(models.Model):
 
     model = models.CharField(max_length=64)
     consumer = models.CharField(max_length=80, blank=True, default="")
-    turn = models.PositiveIntegerField()
+    turn = models.PositiveBigIntegerField()
     used = models.PositiveIntegerField()
 
     class Meta:

@@ -198,8 +198,10 @@ WHERE o.model = %(model)s AND o.request_id <> %(own)s
     + "\n"
 )
 
-# The turn of a request that has not joined the queue: after every queued one.
-LAST_TURN = 2**31 - 1
+# The turn of a request that has not joined the queue: after every queued one. Turns are 64-bit
+# (the round moves forward by one at most per request served from the queue: about 3 billion
+# years at 100 a second).
+LAST_TURN = 2**63 - 1
 
 # A node whose caps (``register.limits``) take the request's demand; a demand of 0 (the option
 # not set) fits every node.
