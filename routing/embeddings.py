@@ -23,8 +23,9 @@ from typing import Any
 
 from django.conf import settings
 
+from idleclaw_site.db import db
 from nodes.protocol import EMBED_STAT_KEYS, EventType, Feature
-from routing import identity, metrics
+from routing import identity, metrics, services
 from routing.identity import Consumer
 from routing.services import Demand, Outcome, OverLimit
 from routing.streaming import (
@@ -175,6 +176,9 @@ async def embed(
     """Embed ``embed_params["input"]`` with ``model`` on a node that declared the extension.
     Returns why it cannot start (404/503/429 for the front ends) or the whole answer; raises
     ``RelayError`` when every attempt failed."""
+    if ":" not in model:
+        model = await db(services.model_resolve)(model)
+        embed_params = {**embed_params, "model": model}
     relay = EmbedRelay(
         model=model, embed_params=embed_params, client_ip=client_ip, consumer=consumer, api=api
     )

@@ -536,6 +536,21 @@ def _over_limit(model: str, now: datetime, demand: Demand) -> OverLimit | None:
     return OverLimit(model=model, option="")
 
 
+_SERVED_NAME_SQL = _sql("SELECT 1 FROM {T.model} WHERE name = %(model)s LIMIT 1")
+
+
+def model_resolve(model: str) -> str:
+    """The model a request for ``model`` goes to: a name without a tag is the ``:latest`` tag,
+    as Ollama resolves it (``llama3.2`` is ``llama3.2:latest``), unless some node serves the
+    bare name itself. A name with a tag is itself; no read for it."""
+    if ":" in model:
+        return model
+    if _rows(_SERVED_NAME_SQL, {"model": model}):
+        return model
+    latest = f"{model}:latest"
+    return latest if _rows(_SERVED_NAME_SQL, {"model": latest}) else model
+
+
 def inflight_claim(
     *,
     model: str,

@@ -935,6 +935,9 @@ async def open_relay(
     if shutdown.draining():
         metrics.request_refused(model=model, api=api)
         return Unavailable(model=model, served=True, restarting=True)
+    if ":" not in model:
+        model = await db(services.model_resolve)(model)
+        ollama_params = {**ollama_params, "model": model}
     relay = Relay(
         model=model,
         ollama_params=ollama_params,

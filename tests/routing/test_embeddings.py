@@ -505,3 +505,15 @@ async def test_model_lists_show_embedding_models_with_their_capability(channel_l
     assert body["capabilities"] == ["embedding"]
     for node in (embedder, chatter):
         await node.disconnect()
+
+
+async def test_an_embedding_model_named_without_its_tag_is_its_latest(channel_layer):
+    node, _ = await embed_node()
+    assert EMBEDDER.endswith(":latest")
+    client = await ask("/ollama/api/embed", {"model": EMBEDDER.split(":")[0], "input": "hi"})
+    request = await node.recv()
+    assert request["embed_params"]["model"] == EMBEDDER
+    await vectors(node, request["request_id"], [[0.5]], done=True)
+    status, _, body = await answer_of(client)
+    assert status == 200 and body["embeddings"] == [[0.5]]
+    await node.disconnect()

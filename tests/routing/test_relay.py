@@ -593,3 +593,31 @@ async def test_a_chunk_lost_between_workers_ends_the_stream_with_an_error(channe
     assert events[-2]["choices"][0]["finish_reason"] == "error"
     assert await node.recv() == {"type": "cancel_request", "request_id": request["request_id"]}
     await node.disconnect()
+
+
+async def test_a_name_without_a_tag_is_its_latest_tag_as_ollama_resolves_it(channel_layer):
+    node = ScriptedNode()
+    await node.register(models=[{"name": "smollm2:latest", "size": 1}])
+    for path in ("/api/chat", "/ollama/api/chat", "/v1/chat/completions"):
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                "stream": True}
+        client = HttpClient("POST", path, body)
+        started = asyncio.ensure_future(client.start())
+        request = await node.recv()
+        assert request["ollama_params"]["model"] == "smollm2:latest"
+        await answer(node, request, ["hello"])
+        assert (await started)[0] == 200
+        assert b"hello" in await client.read_all()
+    await node.disconnect()
+
+
+async def test_a_node_serving_the_bare_name_gets_it_as_asked(channel_layer):
+    node = ScriptedNode()
+    await node.register(models=[{"name": "custom", "size": 1}])
+    client = chat(model="custom")
+    await client.start()
+    request = await node.recv()
+    assert request["ollama_params"]["model"] == "custom"
+    await answer(node, request, ["ok"])
+    assert text_of(sse_events(await client.read_all())) == "ok"
+    await node.disconnect()
