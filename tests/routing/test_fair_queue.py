@@ -352,3 +352,20 @@ def test_a_keys_last_use_is_written_at_most_once_a_minute():
     consumer_resolve(token=key, client_ip=None)
     row.refresh_from_db()
     assert row.last_used_at > first - timedelta(minutes=2)
+
+
+def test_accounts_of_rounds_already_over_are_pruned(router_worker):
+    from routing.models import QueueAccount
+    from routing.services import stale_requests_reap
+
+    make_node(router_worker, "three", max_concurrent=3)
+    join("x0", "ip:10.0.0.1")
+    join("z0", "ip:10.0.0.3")
+    join("z1", "ip:10.0.0.3")
+    for request_id, turn in (("x0", 0), ("z0", 0), ("z1", 1)):
+        assert claim(queued_as=request_id, turn=turn) is not None
+    assert QueueAccount.objects.count() == 2
+    stale_requests_reap(worker_id="w1")
+    assert list(QueueAccount.objects.values_list("consumer", "turn")) == [("ip:10.0.0.3", 1)]
+    # X's next request joins the round being served, as anyone's would.
+    assert join("x1", "ip:10.0.0.1") == 1
