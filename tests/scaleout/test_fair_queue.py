@@ -17,15 +17,17 @@ from tests.scaleout.cluster import MODEL
 pytestmark = [pytest.mark.scaleout, pytest.mark.e2e]
 
 
+# Both workers believe X-Forwarded-For from 127.0.0.1: it tells the test's consumers apart.
+FAIR_ENV = {
+    "IDLECLAW_TRUSTED_PROXIES": "127.0.0.1/32",
+    "IDLECLAW_QUEUE_NOTICE_INTERVAL": "0.5",
+    "IDLECLAW_QUEUE_TIMEOUT": "120",
+}
+
+
 @pytest.fixture
 def router_env(router_env: dict[str, str]) -> dict[str, str]:
-    # Both workers believe X-Forwarded-For from 127.0.0.1: it tells the test's consumers apart.
-    return {
-        **router_env,
-        "IDLECLAW_TRUSTED_PROXIES": "127.0.0.1/32",
-        "IDLECLAW_QUEUE_NOTICE_INTERVAL": "0.5",
-        "IDLECLAW_QUEUE_TIMEOUT": "120",
-    }
+    return {**router_env, **FAIR_ENV}
 
 
 @pytest.fixture

@@ -7,20 +7,14 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_fairness import Ask, address
-from tests.scaleout.test_fair_queue import one_slot, wait_queued  # noqa: F401 (a fixture)
+from tests.scaleout.test_fair_queue import FAIR_ENV, one_slot, wait_queued  # noqa: F401
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.e2e]
 
 
 @pytest.fixture
 def router_env(router_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **router_env,
-        "IDLECLAW_TRUSTED_PROXIES": "127.0.0.1/32",
-        "IDLECLAW_QUEUE_NOTICE_INTERVAL": "0.5",
-        "IDLECLAW_QUEUE_TIMEOUT": "120",
-        "IDLECLAW_MAX_QUEUE": "2",
-    }
+    return {**router_env, **FAIR_ENV, "IDLECLAW_MAX_QUEUE": "2"}
 
 
 def test_a_newcomer_on_worker_b_takes_the_last_place_of_the_consumer_filling_the_queue(
