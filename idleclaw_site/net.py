@@ -23,9 +23,11 @@ def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
 
 
 def in_networks(address: str, networks: Iterable[Network]) -> bool:
-    """Whether ``address`` is an IP address inside one of ``networks``."""
+    """Whether ``address`` is an IP address inside one of ``networks`` (in one spelling,
+    ``normalized``: a proxy at 127.0.0.1 reaching a dual-stack socket as ``::ffff:127.0.0.1``
+    is still 127.0.0.1)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(normalized(address))
     except ValueError:
         return False
     return any(ip in network for network in networks)
@@ -37,15 +39,24 @@ def is_trusted_proxy(address: str | None) -> bool:
     return bool(address) and in_networks(address, proxies)
 
 
+# The well-known NAT64 prefix (RFC 6052): an IPv4 client behind a NAT64 gateway appears in it.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def normalized(address: str) -> str:
     """``address`` in one spelling: an IPv4 address mapped into IPv6 (``::ffff:1.2.3.4``, what
-    a dual-stack socket reports) as plain IPv4, IPv6 compressed; anything else unchanged."""
+    a dual-stack socket reports) or translated by NAT64 (``64:ff9b::1.2.3.4``) as plain IPv4,
+    IPv6 compressed and without a zone (``fe80::1%eth0``, which no database column takes);
+    anything else unchanged."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return str(ip)
 
 

@@ -219,3 +219,8 @@ class NodeBan(models.Model):
                 validate_ipv46_address(self.value)
             except ValidationError:
                 raise ValidationError({"value": "Enter a valid IPv4 or IPv6 address."}) from None
+            # As nodes' addresses are stored (idleclaw_site.net.normalized), or the ban would
+            # never match: 2001:DB8::1 is 2001:db8::1, ::ffff:192.0.2.9 is 192.0.2.9.
+            from idleclaw_site.net import normalized
+
+            self.value = normalized(self.value)

@@ -20,6 +20,7 @@ from django.db.models import BigIntegerField, Case, DateTimeField, Q, Value, Whe
 from django.utils import timezone
 from django_ratelimit.core import get_usage
 
+from idleclaw_site.net import normalized
 from nodes import identity
 from nodes.models import (
     Contributor,
@@ -184,7 +185,7 @@ def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
     now = timezone.now()
     match = Q(kind=NodeBan.Kind.NODE_ID, value=node_id)
     if client_ip:
-        match |= Q(kind=NodeBan.Kind.IP, value=client_ip)
+        match |= Q(kind=NodeBan.Kind.IP, value=normalized(client_ip))
     return (
         NodeBan.objects.filter(match)
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
@@ -480,7 +481,9 @@ def banned_sessions(*, worker_id: str) -> list[str]:
     if not bans:
         return []
     # Plain lists, not subqueries: on PostgreSQL client_ip is inet and a ban's value is text.
-    banned_ips = [value for kind, value in bans if kind == NodeBan.Kind.IP and _is_ip(value)]
+    banned_ips = [
+        normalized(value) for kind, value in bans if kind == NodeBan.Kind.IP and _is_ip(value)
+    ]
     banned_ids = [value for kind, value in bans if kind == NodeBan.Kind.NODE_ID]
     return list(
         NodeSession.objects.filter(worker_id=worker_id)

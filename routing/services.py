@@ -624,7 +624,17 @@ def inflight_claim(
             if not taken:
                 continue
             if queued_as is not None:
-                _run(_sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": queued_as})
+                left = _run(
+                    _sql("DELETE FROM {T.queued} WHERE request_id = %(id)s"), {"id": queued_as}
+                )
+                if not left:
+                    # A full queue gave its place away meanwhile (``queue_join``): it is told so
+                    # and ends; the slot goes back.
+                    _run(
+                        _sql("DELETE FROM {T.inflight} WHERE request_id = %(id)s"),
+                        {"id": request_id},
+                    )
+                    return NoSlot(served=True, blocked=True)
                 _run(_ROUND_SQL, {"model": model, "turn": turn})
             return Claim(
                 request_id=request_id,
@@ -839,10 +849,13 @@ INSERT INTO {T.account} (model, consumer, turn, used)
 VALUES (%(model)s, %(consumer)s, %(turn)s, %(used)s)
 ON CONFLICT (model, consumer) DO UPDATE SET turn = excluded.turn, used = excluded.used
 """)
-# A queued request took a slot in round ``turn``: the round being served is at least that one.
+# A queued request took a slot in round ``turn``: the round being served moves toward it, one
+# step a claim. A claim far ahead (a request no waiting one could have had the node for) does
+# not carry everyone who joins next behind every backlog (red team 4 of issue 20).
 _ROUND_SQL = _sql("""
-INSERT INTO {T.round} (model, turn) VALUES (%(model)s, %(turn)s)
-ON CONFLICT (model) DO UPDATE SET turn = excluded.turn WHERE {T.round}.turn < excluded.turn
+INSERT INTO {T.round} (model, turn)
+VALUES (%(model)s, CASE WHEN %(turn)s > 0 THEN 1 ELSE 0 END)
+ON CONFLICT (model) DO UPDATE SET turn = {T.round}.turn + 1 WHERE {T.round}.turn < %(turn)s
 """)
 
 
@@ -905,6 +918,10 @@ def queue_join(
                 pushed_out = channel
         served, last, used = _rows(_TURNS_SQL, where)[0]
         current = served or 0
+        if last is not None and last > current + held:
+            # Ahead of the rounds its waiting requests explain (it joined and left again and
+            # again): its share of round ``current + held`` counts as used.
+            last, used = current + held, 1 + max(priority, 0)
         if resume:
             turn = current
         else:
@@ -1092,10 +1109,16 @@ def request_end(
     return wake
 
 
-# Accounts of rounds already over (``queue_join``) mean nothing any more.
+# Accounts of rounds already over (``queue_join``) mean nothing any more; nor do the rounds and
+# accounts of a model whose queue is empty: its next request starts afresh, as no one waits.
 _STALE_ACCOUNTS_SQL = _sql("""
 DELETE FROM {T.account}
 WHERE turn < (SELECT r.turn FROM {T.round} r WHERE r.model = {T.account}.model)
+   OR NOT EXISTS (SELECT 1 FROM {T.queued} q WHERE q.model = {T.account}.model)
+""")
+_STALE_ROUNDS_SQL = _sql("""
+DELETE FROM {T.round}
+WHERE NOT EXISTS (SELECT 1 FROM {T.queued} q WHERE q.model = {T.round}.model)
 """)
 
 
@@ -1136,4 +1159,5 @@ def stale_requests_reap(*, worker_id: str) -> list[Leftover]:
         QueuedRequest.objects.filter(request_id__in=old_streams.values("request_id")).delete()
         old_streams.delete()
         _run(_STALE_ACCOUNTS_SQL, {})
+        _run(_STALE_ROUNDS_SQL, {})
     return leftovers

@@ -131,6 +131,25 @@ async def test_banned_ip_and_node_id_are_refused(channel_layer):
     )
 
 
+async def test_an_ip_ban_in_another_spelling_still_refuses_the_node(channel_layer):
+    """Red team 4 of issue 20: a ban is stored as nodes' addresses are, so the spelling the
+    operator typed (upper case, uncompressed IPv6, IPv4 mapped into IPv6) does not matter; a
+    node reaching a dual-stack socket is its plain IPv4 address."""
+
+    def ban(value: str) -> None:
+        ban = NodeBan(kind="ip", value=value)
+        ban.full_clean()
+        ban.save()
+
+    await sync_to_async(ban)("2001:DB8:0:0:0:0:0:7")
+    await sync_to_async(ban)("::ffff:192.0.2.9")
+    for ip in ("2001:db8::7", "192.0.2.9", "::ffff:192.0.2.9"):
+        assert await refused_with(json.dumps(register_frame()), ip=ip) == (
+            1008,
+            CloseReason.BANNED,
+        ), ip
+
+
 async def test_expired_ban_no_longer_refuses(channel_layer):
     await sync_to_async(NodeBan.objects.create)(
         kind="ip", value="10.6.6.7", expires_at=timezone.now() - timezone.timedelta(seconds=1)

@@ -355,17 +355,76 @@ def test_a_keys_last_use_is_written_at_most_once_a_minute():
 
 
 def test_accounts_of_rounds_already_over_are_pruned(router_worker):
-    from routing.models import QueueAccount
+    from routing.models import QueueAccount, QueueRound
     from routing.services import stale_requests_reap
 
-    make_node(router_worker, "three", max_concurrent=3)
+    make_node(router_worker, "three", max_concurrent=4)
     join("x0", "ip:10.0.0.1")
     join("z0", "ip:10.0.0.3")
     join("z1", "ip:10.0.0.3")
-    for request_id, turn in (("x0", 0), ("z0", 0), ("z1", 1)):
+    join("w0", "ip:10.0.0.4")
+    join("w1", "ip:10.0.0.4")
+    for request_id, turn in (("x0", 0), ("z0", 0), ("w0", 0), ("z1", 1)):
         assert claim(queued_as=request_id, turn=turn) is not None
-    assert QueueAccount.objects.count() == 2
+    assert QueueAccount.objects.count() == 3
     stale_requests_reap(worker_id="w1")
-    assert list(QueueAccount.objects.values_list("consumer", "turn")) == [("ip:10.0.0.3", 1)]
+    accounts = sorted(QueueAccount.objects.values_list("consumer", "turn"))
+    assert accounts == [("ip:10.0.0.3", 1), ("ip:10.0.0.4", 1)]
     # X's next request joins the round being served, as anyone's would.
     assert join("x1", "ip:10.0.0.1") == 1
+    # A model whose queue is empty starts afresh: no rounds, no accounts.
+    InflightRequest.objects.all().delete()
+    for request_id, turn in (("w1", 1), ("x1", 1)):
+        assert claim(queued_as=request_id, turn=turn) is not None
+    stale_requests_reap(worker_id="w1")
+    assert not QueueAccount.objects.exists() and not QueueRound.objects.exists()
+    assert join("z2", "ip:10.0.0.3") == 0
+
+
+def test_a_claim_far_ahead_moves_the_round_one_step_and_pumped_accounts_count_as_used(
+    router_worker,
+):
+    """Red team 4 of issue 20: a consumer that joins and leaves again and again pushes its
+    account far ahead; one claim of it on a node nobody waiting fits used to carry the round
+    there, and every newcomer behind every backlog."""
+    from routing.models import QueueRound
+
+    small = make_node(router_worker, "small", max_concurrent=1, max_ctx=4096)
+    make_node(router_worker, "big", max_concurrent=1, max_ctx=65536)
+    assert claim(demand=Demand(num_ctx=32768)) is not None  # the big node is busy
+    for i in range(6):
+        join(f"w{i}", "ip:10.0.0.1", demand=Demand(num_ctx=32768))
+    for i in range(40):  # join and hang up, 40 times
+        join(f"p{i}", "ip:10.0.0.6")
+        QueuedRequest.objects.filter(request_id=f"p{i}").delete()
+    turn = join("pumped", "ip:10.0.0.6")
+    assert turn <= 6  # no further ahead than the rounds anyone's waiting requests explain
+    assert claim(queued_as="pumped", turn=turn) is not None  # the small node: nobody fits it
+    assert QueueRound.objects.get(model=MODEL).turn == 1
+    InflightRequest.objects.filter(session=small).delete()
+    # A newcomer needing the big node waits behind W's first two, not all six.
+    join("y", "ip:10.0.0.2", demand=Demand(num_ctx=32768))
+    assert order().index("y") <= 2, order()
+
+
+def test_a_request_pushed_out_while_it_claims_gives_the_slot_back(router_worker, settings):
+    settings.IDLECLAW_MAX_QUEUE = 2
+    make_node(router_worker, "one", max_concurrent=1, max_ctx=4096)
+    join("x0", "ip:10.0.0.1")
+    join("x1", "ip:10.0.0.1")
+    # Y's request needs a node larger than this one: x1 would be the node's next.
+    assert joined("y0", "ip:10.0.0.2", demand=Demand(num_ctx=32768)).pushed_out == "reply.x1"
+    QueuedRequest.objects.filter(request_id="x0").delete()  # answered meanwhile elsewhere
+    # x1's relay has not read its message yet and claims under its old place: refused.
+    result = inflight_claim(
+        model=MODEL,
+        request_id="x1-claim",
+        reply_channel="reply.x1",
+        worker_id="w1",
+        arrived_at=timezone.now(),
+        queued_as="x1",
+        turn=1,
+    )
+    assert not isinstance(result, Claim)
+    assert not InflightRequest.objects.exists()
+    assert claim() is not None  # the slot is free for whoever comes next

@@ -108,6 +108,12 @@ async def test_trusted_proxy_passes_the_client_address(channel_layer, settings):
         ("::ffff:203.0.113.5", None, [], "203.0.113.5"),
         ("::1", "::ffff:1.2.3.4", ["::1/128"], "1.2.3.4"),
         ("::1", "2001:DB8:0:0::7", ["::1/128"], "2001:db8::7"),
+        # A proxy at 127.0.0.1 reaching a dual-stack socket is still the trusted proxy.
+        ("::ffff:127.0.0.1", "203.0.113.9", ["127.0.0.1/32"], "203.0.113.9"),
+        ("10.0.0.2", "203.0.113.9, ::ffff:10.0.0.7", ["10.0.0.0/8"], "203.0.113.9"),
+        # No zone (no database column takes one); NAT64's IPv4 clients are their IPv4 address.
+        ("fe80::1%eth0", None, [], "fe80::1"),
+        ("10.0.0.2", "64:ff9b::192.0.2.9", ["10.0.0.0/8"], "192.0.2.9"),
     ],
 )
 def test_client_ip_is_the_rightmost_untrusted_hop(settings, peer, header, trusted, expected):
