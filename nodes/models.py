@@ -106,6 +106,11 @@ class NodeSession(models.Model):
     worker = models.ForeignKey(RouterWorker, on_delete=models.CASCADE, related_name="sessions")
     max_concurrent = models.PositiveSmallIntegerField(default=2)
     client_ip = models.GenericIPAddressField(null=True, blank=True, db_index=True)
+    # The address as a whole host is counted (``idleclaw_site.net.consumer_address``: an IPv6
+    # address by its /64): what IDLECLAW_MAX_NODES_PER_IP limits.
+    client_net = models.CharField(
+        max_length=64, blank=True, default="", db_default="", db_index=True
+    )
     ollama_version = models.CharField(max_length=32, blank=True)
     client = models.CharField(max_length=64, blank=True)
     protocol = models.PositiveSmallIntegerField(default=1)

@@ -20,7 +20,7 @@ from django.db.models import BigIntegerField, Case, DateTimeField, Q, Value, Whe
 from django.utils import timezone
 from django_ratelimit.core import get_usage
 
-from idleclaw_site.net import normalized
+from idleclaw_site.net import consumer_address, normalized
 from nodes import identity
 from nodes.models import (
     Contributor,
@@ -174,7 +174,7 @@ def node_registration_allowed(*, client_ip: str | None) -> bool:
     usage = get_usage(
         None,
         group="node-register",
-        key=lambda group, request: client_ip or "unknown",
+        key=lambda group, request: consumer_address(client_ip) if client_ip else "unknown",
         rate=settings.IDLECLAW_RATE_NODE_REGISTER,
         increment=True,
     )
@@ -251,12 +251,14 @@ def node_session_open(
                 evicted_channel = existing.channel_name
             orphans = _orphans_of_sessions(Q(session_id=existing.pk))
             existing.delete()
+        client_net = consumer_address(client_ip) if client_ip else ""
         if client_ip:
             from routing.services import serialize_on
 
-            serialize_on(f"node-ip:{client_ip}")
+            # One host: an IPv4 address, or an IPv6 /64 (IDLECLAW_IPV6_CONSUMER_PREFIX).
+            serialize_on(f"node-ip:{client_net}")
             same_ip = NodeSession.objects.filter(
-                client_ip=client_ip, last_seen__gte=live_cutoff(now)
+                client_net=client_net, last_seen__gte=live_cutoff(now)
             ).count()
             if same_ip >= settings.IDLECLAW_MAX_NODES_PER_IP:
                 raise ProtocolError(CloseReason.TOO_MANY_NODES)
@@ -270,6 +272,7 @@ def node_session_open(
             worker_id=worker_id,
             max_concurrent=registration.max_concurrent,
             client_ip=client_ip,
+            client_net=client_net,
             ollama_version=registration.ollama_version,
             client=registration.client,
             protocol=registration.protocol,

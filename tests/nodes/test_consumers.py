@@ -118,6 +118,22 @@ async def test_fourth_node_from_one_ip_is_refused(channel_layer, settings):
         await node.disconnect()
 
 
+async def test_nodes_from_one_ipv6_64_count_as_one_host(channel_layer, settings):
+    """Red team 4 of issue 20: one IPv6 host holds a whole /64."""
+    settings.IDLECLAW_MAX_NODES_PER_IP = 2
+    nodes = [ScriptedNode(ip=f"2001:db8:7:7::{i}") for i in range(1, 3)]
+    for node in nodes:
+        await node.register()
+    assert await refused_with(json.dumps(register_frame()), ip="2001:db8:7:7::99") == (
+        1008,
+        CloseReason.TOO_MANY_NODES,
+    )
+    other_prefix = ScriptedNode(ip="2001:db8:7:8::1")
+    await other_prefix.register()
+    for node in [*nodes, other_prefix]:
+        await node.disconnect()
+
+
 async def test_banned_ip_and_node_id_are_refused(channel_layer):
     await sync_to_async(NodeBan.objects.create)(kind="ip", value="10.6.6.6", reason="spam")
     await sync_to_async(NodeBan.objects.create)(kind="node_id", value="bad-node")
