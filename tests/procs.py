@@ -121,7 +121,9 @@ def http_json(url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, A
         return error.code, json.loads(error.read() or b"null")
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout: float = 20.0, what: str = "condition", every: float = 0.1
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -129,7 +131,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(every)
 
 
 class TcpRelay:

@@ -45,7 +45,9 @@ class Network:
         return details.get(MODEL, {}).get("queued", 0)
 
     def wait_queued(self, count: int) -> None:
-        procs.wait_until(lambda: self.queued() == count, timeout=30, what=f"{count} queued")
+        procs.wait_until(
+            lambda: self.queued() == count, timeout=30, what=f"{count} queued", every=0.02
+        )
 
     def consumer_key(self, **fields: Any) -> str:
         """A key as the admin issues it: only its hash is stored."""
@@ -184,8 +186,14 @@ def test_a_consumer_queuing_eight_delays_another_by_at_most_two_answers(network)
 
 def test_queue_notices_count_only_the_requests_ordered_ahead(network):
     served: list[str] = []
-    xs = [Ask(network, f"x{i}", served, **address("10.21.0.1")) for i in range(5)]
-    network.wait_queued(4)
+    # X's requests arrive one after another (threads started together may arrive in any
+    # order): the first is answered, each later one has joined the queue before the next comes
+    # (all within the first answer's second).
+    xs = [Ask(network, "x0", served, **address("10.21.0.1"))]
+    procs.wait_until(lambda: served == ["x0"], timeout=30, what="x0's first token")
+    for i in range(1, 5):
+        xs.append(Ask(network, f"x{i}", served, **address("10.21.0.1")))
+        network.wait_queued(i)
     y = Ask(network, "y", served, **address("10.21.0.2"))
     network.wait_queued(5)
     for ask in (*xs, y):
@@ -284,15 +292,22 @@ def test_the_official_clients_work_with_a_dummy_key_and_with_a_consumer_key(netw
 
 def test_a_consumer_keys_own_rate_applies_and_a_revoked_key_is_refused(network):
     key = network.consumer_key(name="two a minute", rate_per_minute=2)
-    statuses = []
-    for _ in range(3):
-        reply = requests.post(
-            f"{network.url}/api/chat", json=chat_body(), headers=bearer(key), timeout=30
+    # The three are sent back to back (streams, read once all have been answered): the rate's
+    # window is a fixed minute, and a boundary crossed between them would start a new count.
+    replies = [
+        requests.post(
+            f"{network.url}/api/chat",
+            json=chat_body(),
+            headers=bearer(key),
+            stream=True,
+            timeout=30,
         )
-        statuses.append(reply.status_code)
+        for _ in range(3)
+    ]
+    for reply in replies:
         assert reply.content  # the whole answer, or the refusal
-    assert statuses == [200, 200, 429]
-    assert "rate limit exceeded (2/m)" in reply.json()["detail"]
+    assert [reply.status_code for reply in replies] == [200, 200, 429]
+    assert "rate limit exceeded (2/m)" in replies[-1].json()["detail"]
     # The same address without the key is another consumer, at the anonymous rate.
     assert requests.post(f"{network.url}/api/chat", json=chat_body(), timeout=30).ok
     network.sql("UPDATE routing_consumerkey SET active = 0 WHERE key_hash = ?", (_hash(key),))
