@@ -103,7 +103,10 @@ def nodes_ban(
             for kind, values in ((NodeBan.Kind.NODE_ID, node_ids), (NodeBan.Kind.IP, ips))
             for value in sorted(set(values))
         ]
-    covered = NodeSession.objects.filter(Q(node_id__in=list(node_ids)) | Q(client_ip__in=list(ips)))
+    hosts = [ban.host for ban in bans if ban.host is not None]  # an IPv6 address's network
+    covered = NodeSession.objects.filter(
+        Q(node_id__in=list(node_ids)) | Q(client_ip__in=list(ips)) | Q(client_net__in=hosts)
+    )
     channels = covered.values_list("channel_name", flat=True)
     return Banned(bans=bans, disconnected=_send((c, {"type": BANNED}) for c in channels))
 

@@ -321,9 +321,14 @@ class RouterWorkerAdmin(ReadOnlyAdmin):
 
 @admin.register(NodeBan)
 class NodeBanAdmin(admin.ModelAdmin):
-    list_display = ("kind", "value", "reason", "created_at", "expires_at")
+    list_display = ("kind", "value", "covers", "reason", "created_at", "expires_at")
     list_filter = ("kind",)
     search_fields = ("value", "reason")
+
+    @admin.display(description="Covers")
+    def covers(self, ban: NodeBan) -> str:
+        """What the ban refuses: an IP ban holds for the address's host (``NodeBan.host``)."""
+        return ban.host or ban.value
 
 
 class ContributorModelInline(admin.TabularInline):

@@ -200,7 +200,9 @@ class ProbeLease(models.Model):
 
 
 class NodeBan(models.Model):
-    """An operator's ban of an IP address or a node id; registration is refused while it holds."""
+    """An operator's ban of an IP address or a node id; registration is refused while it holds.
+    An IP ban holds for the address's host as nodes are counted per host: an IPv4 address, or
+    the IPv6 network of ``IDLECLAW_IPV6_CONSUMER_PREFIX`` bits around it (``host``)."""
 
     class Kind(models.TextChoices):
         IP = "ip", "IP address"
@@ -213,7 +215,20 @@ class NodeBan(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
 
     def __str__(self) -> str:
+        host = self.host
+        if host is not None and host != self.value:
+            return f"{self.get_kind_display()} {self.value} (all of {host})"
         return f"{self.get_kind_display()} {self.value}"
+
+    @property
+    def host(self) -> str | None:
+        """What an IP ban holds for (``NodeSession.client_net`` spells a node's the same way);
+        None for a node id ban."""
+        if self.kind != self.Kind.IP:
+            return None
+        from idleclaw_site.net import consumer_address
+
+        return consumer_address(self.value)
 
     def clean(self) -> None:
         from django.core.exceptions import ValidationError

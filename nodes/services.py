@@ -182,15 +182,20 @@ def node_registration_allowed(*, client_ip: str | None) -> bool:
 
 
 def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
+    """The ban that holds for this node id or its address's host (``NodeBan.host``), if any."""
     now = timezone.now()
     match = Q(kind=NodeBan.Kind.NODE_ID, value=node_id)
+    host = None
     if client_ip:
         match |= Q(kind=NodeBan.Kind.IP, value=normalized(client_ip))
-    return (
-        NodeBan.objects.filter(match)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .first()
+        host = consumer_address(client_ip)
+        if ":" in host:
+            # Any address of its IPv6 network: compared below, as text cannot be.
+            match |= Q(kind=NodeBan.Kind.IP, value__contains=":")
+    active = NodeBan.objects.filter(match).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
     )
+    return next((ban for ban in active if ban.host in (None, host)), None)
 
 
 def _create_models(
@@ -487,10 +492,13 @@ def banned_sessions(*, worker_id: str) -> list[str]:
     banned_ips = [
         normalized(value) for kind, value in bans if kind == NodeBan.Kind.IP and _is_ip(value)
     ]
+    banned_hosts = [consumer_address(ip) for ip in banned_ips]
     banned_ids = [value for kind, value in bans if kind == NodeBan.Kind.NODE_ID]
     return list(
         NodeSession.objects.filter(worker_id=worker_id)
-        .filter(Q(client_ip__in=banned_ips) | Q(node_id__in=banned_ids))
+        .filter(
+            Q(client_ip__in=banned_ips) | Q(client_net__in=banned_hosts) | Q(node_id__in=banned_ids)
+        )
         .values_list("channel_name", flat=True)
     )
 

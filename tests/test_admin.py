@@ -78,6 +78,16 @@ def test_operator_can_add_a_ban(admin_client):
     assert NodeBan.objects.get().value == "10.6.6.6"
 
 
+def test_the_ban_list_shows_what_each_ban_covers(admin_client):
+    for value in ("2001:db8:9:9::1", "10.6.6.8"):
+        admin_client.post("/admin/nodes/nodeban/add/", {"kind": "ip", "value": value})
+    admin_client.post("/admin/nodes/nodeban/add/", {"kind": "node_id", "value": "bad-node"})
+    listing = admin_client.get("/admin/nodes/nodeban/").content.decode()
+    assert ">Covers<" in listing
+    for covered in ("2001:db8:9:9::/64", "10.6.6.8", "bad-node"):
+        assert f'<td class="field-covers">{covered}</td>' in listing
+
+
 def test_an_ip_ban_must_name_an_ip_address(admin_client):
     response = admin_client.post(
         "/admin/nodes/nodeban/add/", {"kind": "ip", "value": "not-an-ip", "reason": "typo"}

@@ -124,6 +124,33 @@ async def test_ban_asks_what_to_ban_then_bans_and_disconnects(channel_layer):
     assert ("operator", "node-banned", "Banned for a day and disconnected") in entries
 
 
+async def test_banning_an_ipv6_node_disconnects_every_node_of_its_network(channel_layer):
+    banned = ScriptedNode(ip="2001:db8:5:5::9")
+    await banned.register(node_id="node-v6")
+    same_host = ScriptedNode(ip="2001:db8:5:5::10")
+    await same_host.register(node_id="node-v6-twin")
+    other_host = ScriptedNode(ip="2001:db8:5:6::9")
+    await other_host.register(node_id="node-v6-other")
+    operator = await staff_client("operator")
+    pk = (await session_of("node-v6")).pk
+    response = await act(
+        operator, NODES, "ban", [pk], apply="1", node_ids=[], ips=["2001:db8:5:5::9"],
+        length="1h", reason="garbles answers",
+    )  # fmt: skip
+    assert response.status_code == 302
+    assert await banned.closed() == (1008, CloseReason.BANNED)
+    assert await same_host.closed() == (1008, CloseReason.BANNED)
+    assert await other_host.nothing_sent()
+    entries = await log()
+    assert (
+        "operator",
+        "IP address 2001:db8:5:5::9 (all of 2001:db8:5:5::/64)",
+        "Banned for an hour by an operator",
+    ) in entries
+    for node in (banned, same_host, other_host):
+        await node.disconnect()
+
+
 async def test_cancel_ends_the_request_for_the_consumer_and_the_node_and_frees_the_slot(
     channel_layer, monkeypatch
 ):

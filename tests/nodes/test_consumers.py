@@ -166,6 +166,24 @@ async def test_an_ip_ban_in_another_spelling_still_refuses_the_node(channel_laye
         ), ip
 
 
+async def test_an_ipv6_ban_holds_for_the_hosts_whole_network(channel_layer):
+    """Red team 4 of issue 20: nodes are counted per host (an IPv6 address by its /64), and an
+    IP ban holds for the same host, or the banned node would come back from the next address of
+    its prefix. Another /64 is another host."""
+    ban = NodeBan(kind="ip", value="2001:db8:1:2::1", reason="garbles answers")
+    await sync_to_async(ban.full_clean)()
+    await sync_to_async(ban.save)()
+    assert str(ban) == "IP address 2001:db8:1:2::1 (all of 2001:db8:1:2::/64)"
+    for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::abcd"):
+        assert await refused_with(json.dumps(register_frame()), ip=ip) == (
+            1008,
+            CloseReason.BANNED,
+        ), ip
+    neighbour = ScriptedNode(ip="2001:db8:1:3::1")
+    await neighbour.register()
+    await neighbour.disconnect()
+
+
 async def test_expired_ban_no_longer_refuses(channel_layer):
     await sync_to_async(NodeBan.objects.create)(
         kind="ip", value="10.6.6.7", expires_at=timezone.now() - timezone.timedelta(seconds=1)
@@ -420,6 +438,22 @@ async def test_a_ban_added_while_a_node_is_connected_closes_it(channel_layer):
     await node.disconnect()
     assert await bystander.nothing_sent()
     assert [s.node_id for s in await sessions()] == ["bystander"]
+    await bystander.disconnect()
+
+
+async def test_an_ipv6_ban_added_while_its_network_is_connected_closes_those_nodes(channel_layer):
+    from nodes import worker
+
+    node = ScriptedNode(ip="2001:db8:7:7::5")
+    await node.register(node_id="same-host")
+    bystander = ScriptedNode(ip="2001:db8:7:8::5")
+    await bystander.register(node_id="next-host")
+    await sync_to_async(NodeBan.objects.create)(kind="ip", value="2001:db8:7:7::1")
+    await worker._housekeeping_once(first=False)
+    assert await node.closed() == (1008, CloseReason.BANNED)
+    await node.disconnect()
+    assert await bystander.nothing_sent()
+    assert [s.node_id for s in await sessions()] == ["next-host"]
     await bystander.disconnect()
 
 
