@@ -5,6 +5,8 @@ Rows here exist only while the thing they describe is alive; nothing here is cha
 
 from __future__ import annotations
 
+import ipaddress
+
 from django.db import models
 from django.db.models.functions import Lower
 
@@ -223,11 +225,16 @@ class NodeBan(models.Model):
     @property
     def host(self) -> str | None:
         """What an IP ban holds for (``NodeSession.client_net`` spells a node's the same way);
-        None for a node id ban."""
-        if self.kind != self.Kind.IP:
-            return None
+        None for a node id ban, and for an IP ban whose value is no address (a row written
+        around ``clean``), which bans nothing."""
         from idleclaw_site.net import consumer_address
 
+        if self.kind != self.Kind.IP:
+            return None
+        try:
+            ipaddress.ip_address(self.value)
+        except ValueError:
+            return None
         return consumer_address(self.value)
 
     def clean(self) -> None:

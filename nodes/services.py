@@ -195,7 +195,9 @@ def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
     active = NodeBan.objects.filter(match).filter(
         Q(expires_at__isnull=True) | Q(expires_at__gt=now)
     )
-    return next((ban for ban in active if ban.host in (None, host)), None)
+    return next(
+        (ban for ban in active if ban.kind == NodeBan.Kind.NODE_ID or ban.host == host), None
+    )
 
 
 def _create_models(

@@ -133,6 +133,8 @@ async def test_banning_an_ipv6_node_disconnects_every_node_of_its_network(channe
     await other_host.register(node_id="node-v6-other")
     operator = await staff_client("operator")
     pk = (await session_of("node-v6")).pk
+    form = (await act(operator, NODES, "ban", [pk])).content.decode()
+    assert "2001:db8:5:5::9 (all of 2001:db8:5:5::/64)" in form  # said before it is done
     response = await act(
         operator, NODES, "ban", [pk], apply="1", node_ids=[], ips=["2001:db8:5:5::9"],
         length="1h", reason="garbles answers",

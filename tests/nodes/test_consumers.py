@@ -174,7 +174,7 @@ async def test_an_ipv6_ban_holds_for_the_hosts_whole_network(channel_layer):
     await sync_to_async(ban.full_clean)()
     await sync_to_async(ban.save)()
     assert str(ban) == "IP address 2001:db8:1:2::1 (all of 2001:db8:1:2::/64)"
-    for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::abcd"):
+    for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2:0:0:0:ABCD"):
         assert await refused_with(json.dumps(register_frame()), ip=ip) == (
             1008,
             CloseReason.BANNED,
@@ -182,6 +182,20 @@ async def test_an_ipv6_ban_holds_for_the_hosts_whole_network(channel_layer):
     neighbour = ScriptedNode(ip="2001:db8:1:3::1")
     await neighbour.register()
     await neighbour.disconnect()
+
+
+async def test_an_ip_ban_row_that_names_no_address_bans_nothing(channel_layer):
+    """A row written around the admin's check (a network typed in a shell) is no address: it
+    neither refuses nor cuts any node, and breaks neither registration nor housekeeping."""
+    from nodes import worker
+
+    await sync_to_async(NodeBan.objects.create)(kind="ip", value="2001:db8:4:4::/64")
+    node = ScriptedNode(ip="2001:db8:4:4::1")
+    await node.register(node_id="still-welcome")
+    await worker._housekeeping_once(first=False)
+    assert await node.nothing_sent()
+    assert [s.node_id for s in await sessions()] == ["still-welcome"]
+    await node.disconnect()
 
 
 async def test_expired_ban_no_longer_refuses(channel_layer):
