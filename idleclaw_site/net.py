@@ -22,6 +22,15 @@ def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
+def is_ip(value: str) -> bool:
+    """Whether ``value`` is one IP address as written (no network, no zone)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def in_networks(address: str, networks: Iterable[Network]) -> bool:
     """Whether ``address`` is an IP address inside one of ``networks`` (in one spelling,
     ``normalized``: a proxy at 127.0.0.1 reaching a dual-stack socket as ``::ffff:127.0.0.1``

@@ -23,7 +23,6 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.timesince import timesince
 
-from idleclaw_site.net import consumer_address
 from nodes import actions, identity
 from nodes.models import (
     Contributor,
@@ -128,11 +127,6 @@ BAN_LENGTHS = {
 }
 
 
-def _covering(ip: str) -> str:
-    host = consumer_address(ip)
-    return ip if host == ip else f"{ip} (all of {host})"
-
-
 class BanForm(forms.Form):
     """What a ban of the selected nodes covers (issue 17: the node id and/or the IP)."""
 
@@ -151,7 +145,9 @@ class BanForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["node_ids"].choices = [(value, value) for value in node_ids]
         # An IPv6 address is banned with its whole host network (``NodeBan.host``): say so.
-        self.fields["ips"].choices = [(value, _covering(value)) for value in ips]
+        self.fields["ips"].choices = [
+            (value, NodeBan(kind=NodeBan.Kind.IP, value=value).covering) for value in ips
+        ]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()

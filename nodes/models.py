@@ -5,8 +5,6 @@ Rows here exist only while the thing they describe is alive; nothing here is cha
 
 from __future__ import annotations
 
-import ipaddress
-
 from django.db import models
 from django.db.models.functions import Lower
 
@@ -217,23 +215,23 @@ class NodeBan(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
 
     def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.covering}"
+
+    @property
+    def covering(self) -> str:
+        """The value, with the network it stands for when that is more: ``2001:db8::1 (all of
+        2001:db8::/64)``."""
         host = self.host
-        if host is not None and host != self.value:
-            return f"{self.get_kind_display()} {self.value} (all of {host})"
-        return f"{self.get_kind_display()} {self.value}"
+        return self.value if host in (None, self.value) else f"{self.value} (all of {host})"
 
     @property
     def host(self) -> str | None:
         """What an IP ban holds for (``NodeSession.client_net`` spells a node's the same way);
         None for a node id ban, and for an IP ban whose value is no address (a row written
         around ``clean``), which bans nothing."""
-        from idleclaw_site.net import consumer_address
+        from idleclaw_site.net import consumer_address, is_ip
 
-        if self.kind != self.Kind.IP:
-            return None
-        try:
-            ipaddress.ip_address(self.value)
-        except ValueError:
+        if self.kind != self.Kind.IP or not is_ip(self.value):
             return None
         return consumer_address(self.value)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import socket
@@ -16,7 +15,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import BigIntegerField, Case, DateTimeField, Q, Value, When
+from django.db.models import BigIntegerField, Case, DateTimeField, Q, QuerySet, Value, When
 from django.utils import timezone
 from django_ratelimit.core import get_usage
 
@@ -181,9 +180,13 @@ def node_registration_allowed(*, client_ip: str | None) -> bool:
     return usage is None or not usage["should_limit"]
 
 
+def _active_bans() -> QuerySet[NodeBan]:
+    """The bans that hold now: those without an expiry, and those not yet expired."""
+    return NodeBan.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+
+
 def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
     """The ban that holds for this node id or its address's host (``NodeBan.host``), if any."""
-    now = timezone.now()
     match = Q(kind=NodeBan.Kind.NODE_ID, value=node_id)
     host = None
     if client_ip:
@@ -192,11 +195,13 @@ def _active_ban(*, node_id: str, client_ip: str | None) -> NodeBan | None:
         if ":" in host:
             # Any address of its IPv6 network: compared below, as text cannot be.
             match |= Q(kind=NodeBan.Kind.IP, value__contains=":")
-    active = NodeBan.objects.filter(match).filter(
-        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
-    )
     return next(
-        (ban for ban in active if ban.kind == NodeBan.Kind.NODE_ID or ban.host == host), None
+        (
+            ban
+            for ban in _active_bans().filter(match)
+            if ban.kind == NodeBan.Kind.NODE_ID or ban.host == host
+        ),
+        None,
     )
 
 
@@ -471,31 +476,17 @@ def node_session_close(*, session_id: int) -> list[Orphan]:
     return orphans
 
 
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
 def banned_sessions(*, worker_id: str) -> list[str]:
     """Channels of this worker's live sessions that an operator's ban now covers, so that a
     ban added in the admin also cuts a node already connected."""
-    now = timezone.now()
-    bans = list(
-        NodeBan.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).values_list(
-            "kind", "value"
-        )
-    )
+    bans = list(_active_bans())
     if not bans:
         return []
     # Plain lists, not subqueries: on PostgreSQL client_ip is inet and a ban's value is text.
-    banned_ips = [
-        normalized(value) for kind, value in bans if kind == NodeBan.Kind.IP and _is_ip(value)
-    ]
-    banned_hosts = [consumer_address(ip) for ip in banned_ips]
-    banned_ids = [value for kind, value in bans if kind == NodeBan.Kind.NODE_ID]
+    ip_bans = [ban for ban in bans if ban.host is not None]
+    banned_ips = [normalized(ban.value) for ban in ip_bans]
+    banned_hosts = [ban.host for ban in ip_bans]
+    banned_ids = [ban.value for ban in bans if ban.kind == NodeBan.Kind.NODE_ID]
     return list(
         NodeSession.objects.filter(worker_id=worker_id)
         .filter(
