@@ -4,8 +4,8 @@ it judges the answers, and what it writes.
 **What is sent.** An ordinary request, as an OpenAI client sends it to ``/v1/chat/completions``:
 one of ``PROMPTS`` (a few dozen everyday questions of varied length, no marker of any kind),
 sometimes after a short system message as API users write them, with ``temperature: 0`` (greedy
-decoding; no ``seed``, which would change nothing at temperature 0 and mark the probe) and
-``max_tokens`` drawn from ``MAX_TOKENS``. Real requests carry these fields too
+decoding), a fixed ``seed`` drawn from ``SEEDS`` (the same for every node a probe is compared
+across) and ``max_tokens`` drawn from ``MAX_TOKENS``. Real requests carry these fields too
 (routing/openai_api.py maps them to Ollama's ``options`` the same way), and the router sends a
 probe through the consumer's own relay (routing/probes.py), so the node sees nothing a
 consumer's request of the same shape would not show it. The prober sends a probe to a model's
@@ -75,6 +75,9 @@ AGREE_AT = 0.5
 MAX_COMPARE_WORDS = 2000
 # Answer lengths as API clients ask for them: the round figures people pick, short to long.
 MAX_TOKENS = (64, 100, 128, 150, 200, 250, 256, 300, 400, 500, 512, 600, 800, 1000, 1024)
+# Seeds as API users fix them for answers they can reproduce. A probe draws one, and every node
+# it is compared across gets the same (the issue's fixed seed): no single value marks probes.
+SEEDS = (0, 1, 7, 42, 123, 1234, 2024, 3407, 12345, 31337)
 
 PASS = "pass"
 FAIL = "fail"
@@ -187,7 +190,7 @@ THINKING_PROMPTS = (
 
 
 def text_probe(model: str, rng: random.Random) -> dict[str, Any]:
-    """An OpenAI ``chat/completions`` body: an ordinary prompt, temperature 0."""
+    """An OpenAI ``chat/completions`` body: an ordinary prompt, temperature 0, a fixed seed."""
     messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_MESSAGES)})
@@ -212,9 +215,9 @@ def _body(model: str, messages: list[dict[str, str]], rng: random.Random) -> dic
         "model": model,
         "messages": messages,
         "max_tokens": rng.choice(MAX_TOKENS),
-        # Greedy decoding: the same model gives the same answer. No ``seed``: at temperature 0
-        # it changes nothing, and a seed on every request would mark the probes.
+        # Greedy decoding with a fixed seed: the same model gives the same answer.
         "temperature": 0,
+        "seed": rng.choice(SEEDS),
         "stream": True,
     }
 

@@ -22,6 +22,7 @@ import pytest
 import requests
 import websocket
 
+from nodes.probes import SEEDS
 from routing.probes import probe_token
 from tests import procs
 
@@ -107,14 +108,17 @@ def test_an_honest_pair_agrees_passes_every_probe_and_gains_reputation(router, t
         assert "probes passed 6, failed 0" in result.stdout
         after = reputations(db)
         assert after[first] > 0.5 and after[second] > 0.5
-        # The probes reached the nodes' Ollama as ordinary requests, temperature 0, no seed.
+        # The probes reached the nodes' Ollama as ordinary requests, temperature 0, a fixed
+        # seed: the same for both nodes.
+        seeds = []
         for url in (first_url, second_url):
             bodies = emulator_stats(url)["requests"]
             assert len(bodies) == 3
-            assert all(b["options"]["temperature"] == 0 and "seed" not in b["options"]
-                       for b in bodies)
+            assert all(b["options"]["temperature"] == 0 for b in bodies)
+            seeds.append(sorted(b["options"]["seed"] for b in bodies))
             assert any(b.get("think") is True for b in bodies)
             assert any(b.get("tools") for b in bodies)
+        assert seeds[0] == seeds[1] and set(seeds[0]) <= set(SEEDS)
         # Counted for no consumer, and not in the nodes' own records of real traffic.
         assert query(db, "SELECT COUNT(*) FROM routing_requestcount") == [(0,)]
         assert query(db, "SELECT SUM(completed), SUM(failed) FROM nodes_nodesession") == [(0, 0)]
@@ -282,6 +286,7 @@ def test_a_probe_cannot_be_told_from_a_consumer_request_of_the_same_shape(router
             "messages": probes[0]["ollama_params"]["messages"],
             "max_tokens": options["num_predict"],
             "temperature": options["temperature"],
+            "seed": options["seed"],
         }
         response = requests.post(f"{router.url}/v1/chat/completions", json=body, timeout=30)
         assert response.status_code == 200
@@ -290,8 +295,8 @@ def test_a_probe_cannot_be_told_from_a_consumer_request_of_the_same_shape(router
         for node in nodes:
             node.close()
 
-    # No seed on a probe (a seed on every request would mark them).
-    assert "seed" not in options
+    # A fixed seed as API users pick one.
+    assert options["seed"] in SEEDS
     # Both nodes got the same probe; field by field it is what the consumer's request became:
     # the same keys in the same order, values of the same types, the same parameters ...
     assert probes[0]["ollama_params"] == probes[1]["ollama_params"]

@@ -19,6 +19,7 @@ from nodes.probes import (
     MAX_TOKENS,
     PASS,
     PROMPTS,
+    SEEDS,
     SPLIT,
     UNDECIDED,
     Tally,
@@ -114,20 +115,22 @@ def test_a_tool_probe_wants_a_call_to_the_offered_tool_with_object_arguments():
     assert tool_verdict({"tool_calls": [text_args]}, ["get_weather"]) == FAIL
 
 
-def test_every_probe_is_an_ordinary_openai_request_with_temperature_zero_and_no_seed():
+def test_every_probe_is_an_ordinary_openai_request_with_temperature_zero_and_a_fixed_seed():
     rng = random.Random(1)
-    lengths = set()
+    lengths, seeds = set(), set()
     for build in (text_probe, thinking_probe, tool_probe):
         for _ in range(40):
             body = build("qwen3:0.6b", rng)
             params = parse_completion_request(_json(body)).ollama_params
             assert params["options"]["temperature"] == 0
-            # A seed on every request would mark the probes (red team F5); at temperature 0 it
-            # changes nothing.
-            assert "seed" not in body and "seed" not in params["options"]
+            assert params["options"]["seed"] == body["seed"]
             assert params["options"]["num_predict"] in MAX_TOKENS
             lengths.add(params["options"]["num_predict"])
+            seeds.add(body["seed"])
     assert len(lengths) >= 10 and min(lengths) <= 64 and max(lengths) >= 1000
+    # A seed as API users pick one, not one value on every probe (red team F5: that would
+    # mark them).
+    assert seeds == set(SEEDS)
     # No marker: the same prompts appear, nothing else added.
     seen = {text_probe("m:1b", rng)["messages"][-1]["content"] for _ in range(300)}
     assert seen <= set(PROMPTS) and len(seen) > len(PROMPTS) // 2
